@@ -1,0 +1,46 @@
+"""Configuration of the coordinator, built once by the CLI."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True, slots=True)
+class CoordinatorConfig:
+    draft_addr: str
+    target_addr: str
+    redis_url: str
+    host: str = "127.0.0.1"
+    port: int = 50051
+    # Default draft length k (a request may override it up to max_speculative_tokens; 0 = no speculation).
+    num_speculative_tokens: int = 4
+    max_speculative_tokens: int = 16
+    max_new_tokens_limit: int = 4096
+    # Upper bound on one worker RPC; the client's own deadline is applied when shorter.
+    worker_timeout_s: float = 30.0
+    # How long start-up waits for the workers and the session store to answer.
+    startup_timeout_s: float = 300.0
+    session_ttl_s: int = 24 * 3600
+    session_key_prefix: str = "specpipe:session:"
+    shutdown_grace_s: float = 10.0
+
+    def __post_init__(self) -> None:
+        for name in ("draft_addr", "target_addr", "redis_url"):
+            if not getattr(self, name):
+                raise ValueError(f"{name} is required")
+        if not 0 <= self.port < 65536:
+            raise ValueError(f"port must be in [0, 65535], got {self.port}")
+        if self.max_speculative_tokens < 0:
+            raise ValueError(f"max_speculative_tokens must be >= 0, got {self.max_speculative_tokens}")
+        if not 0 <= self.num_speculative_tokens <= self.max_speculative_tokens:
+            raise ValueError(
+                f"num_speculative_tokens must be in [0, max_speculative_tokens={self.max_speculative_tokens}], "
+                f"got {self.num_speculative_tokens}"
+            )
+        if self.max_new_tokens_limit < 1:
+            raise ValueError(f"max_new_tokens_limit must be >= 1, got {self.max_new_tokens_limit}")
+        for name in ("worker_timeout_s", "startup_timeout_s", "shutdown_grace_s"):
+            if getattr(self, name) <= 0:
+                raise ValueError(f"{name} must be > 0, got {getattr(self, name)}")
+        if self.session_ttl_s < 1:
+            raise ValueError(f"session_ttl_s must be >= 1, got {self.session_ttl_s}")

@@ -1,0 +1,105 @@
+"""A validated Generate request and the chunks it streams back (the public API's domain types)."""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+
+from specpipe.errors import InvalidArgumentError
+from specpipe.sampling.params import SamplingParams
+from specpipe.v1 import coordinator_pb2
+
+SESSION_ID_PATTERN = re.compile(r"^[A-Za-z0-9_.:-]{1,128}$")
+
+FINISH_REASONS = {
+    "length": coordinator_pb2.FINISH_REASON_LENGTH,
+    "stop": coordinator_pb2.FINISH_REASON_STOP,
+    "eos": coordinator_pb2.FINISH_REASON_EOS,
+}
+
+
+@dataclass(frozen=True, slots=True)
+class RequestLimits:
+    max_new_tokens: int
+    max_speculative_tokens: int
+    default_speculative_tokens: int
+
+
+@dataclass(frozen=True, slots=True)
+class GenerationRequest:
+    prompt: str
+    prompt_token_ids: tuple[int, ...]
+    max_new_tokens: int
+    sampling: SamplingParams
+    stop: tuple[str, ...]
+    session_id: str  # empty = new session
+    num_speculative_tokens: int
+
+    @classmethod
+    def from_pb(cls, pb: coordinator_pb2.GenerateRequest, limits: RequestLimits) -> GenerationRequest:
+        if not pb.prompt and not pb.prompt_token_ids:
+            raise InvalidArgumentError("prompt must not be empty (set prompt or prompt_token_ids)")
+        if pb.prompt and pb.prompt_token_ids:
+            raise InvalidArgumentError("set only one of prompt and prompt_token_ids")
+        if not 1 <= pb.max_new_tokens <= limits.max_new_tokens:
+            raise InvalidArgumentError(
+                f"max_new_tokens must be in [1, {limits.max_new_tokens}], got {pb.max_new_tokens}"
+            )
+        if any(not s for s in pb.stop):
+            raise InvalidArgumentError("stop strings must not be empty")
+        if pb.session_id and not SESSION_ID_PATTERN.match(pb.session_id):
+            raise InvalidArgumentError(
+                "session_id must be 1-128 characters of letters, digits, '_', '.', ':' or '-'"
+            )
+        k = limits.default_speculative_tokens
+        if pb.HasField("num_speculative_tokens"):
+            k = pb.num_speculative_tokens
+            if k > limits.max_speculative_tokens:
+                raise InvalidArgumentError(
+                    f"num_speculative_tokens must be in [0, {limits.max_speculative_tokens}], got {k}"
+                )
+        return cls(
+            prompt=pb.prompt,
+            prompt_token_ids=tuple(pb.prompt_token_ids),
+            max_new_tokens=pb.max_new_tokens,
+            sampling=SamplingParams.from_pb(pb.sampling),
+            stop=tuple(pb.stop),
+            session_id=pb.session_id,
+            num_speculative_tokens=k,
+        )
+
+
+@dataclass(slots=True)
+class Usage:
+    prompt_tokens: int = 0
+    generated_tokens: int = 0
+    draft_tokens: int = 0
+    accepted_tokens: int = 0
+    target_passes: int = 0
+
+    def to_pb(self) -> coordinator_pb2.Usage:
+        return coordinator_pb2.Usage(
+            prompt_tokens=self.prompt_tokens,
+            generated_tokens=self.generated_tokens,
+            draft_tokens=self.draft_tokens,
+            accepted_tokens=self.accepted_tokens,
+            target_passes=self.target_passes,
+        )
+
+
+@dataclass(frozen=True, slots=True)
+class GenerationChunk:
+    session_id: str
+    token_ids: list[int]
+    text: str
+    finish_reason: str = ""  # "", "length", "stop" or "eos"
+    usage: Usage | None = field(default=None)
+
+    def to_pb(self) -> coordinator_pb2.GenerateResponse:
+        return coordinator_pb2.GenerateResponse(
+            session_id=self.session_id,
+            token_ids=self.token_ids,
+            text=self.text,
+            finish_reason=FINISH_REASONS.get(self.finish_reason, coordinator_pb2.FINISH_REASON_UNSPECIFIED),
+            usage=self.usage.to_pb() if self.usage is not None else None,
+        )

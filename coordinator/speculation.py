@@ -1,0 +1,204 @@
+"""The speculation loop: draft k tokens, verify them in one target pass, commit, stream.
+
+Each round:
+  1. the draft worker proposes k tokens (and q, unless greedy) for the committed history;
+  2. the target worker scores history + block in ONE forward pass and returns how many leading draft
+     tokens it accepted plus the next token (recovered after a rejection, bonus after full acceptance);
+  3. the accepted tokens (truncated at EOS, a stop string, max_new_tokens or the context) are committed to
+     the session store atomically (a stale version is rejected) and only then streamed to the client.
+Exactness lives in the target's acceptance rule; this loop only moves tokens, so any k (including 0, plain
+decoding) yields the target's own output.
+"""
+
+from __future__ import annotations
+
+import logging
+import uuid
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass
+
+from transformers import PreTrainedTokenizerBase
+
+from coordinator.request import GenerationChunk, GenerationRequest, Usage
+from coordinator.worker_clients import DraftClient, TargetClient
+from specpipe.errors import DeadlineExceededError, InvalidArgumentError
+from specpipe.store.session_store import SessionStats, SessionStore
+from specpipe.text.detokenizer import IncrementalDetokenizer
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True, slots=True)
+class ModelLimits:
+    """What the paired workers allow, read from their info RPCs at start-up."""
+
+    target_context: int
+    draft_context: int
+    vocab_size: int
+    eos_token_ids: frozenset[int]
+
+
+@dataclass(slots=True)
+class OpenSession:
+    session_id: str
+    history: list[int]  # committed tokens plus this turn's prompt
+    prompt_ids: list[int]  # this turn's prompt
+    version: int | None  # None until the first commit of a new session
+    is_new: bool
+    persisted: bool = False
+
+
+class SpeculativeGenerator:
+    def __init__(
+        self,
+        draft: DraftClient,
+        target: TargetClient,
+        store: SessionStore,
+        tokenizer: PreTrainedTokenizerBase,
+        limits: ModelLimits,
+        worker_timeout_s: float,
+        owner: str,
+    ) -> None:
+        self.draft = draft
+        self.target = target
+        self.store = store
+        self.tokenizer = tokenizer
+        self.limits = limits
+        self.worker_timeout_s = worker_timeout_s
+        self.owner = owner
+
+    def prompt_ids(self, request: GenerationRequest) -> list[int]:
+        if request.prompt_token_ids:
+            ids = list(request.prompt_token_ids)
+            if any(not 0 <= t < self.limits.vocab_size for t in ids):
+                raise InvalidArgumentError(f"prompt_token_ids must be in [0, {self.limits.vocab_size})")
+            return ids
+        ids = self.tokenizer(request.prompt, add_special_tokens=True)["input_ids"]
+        if not ids:
+            raise InvalidArgumentError("prompt encodes to no tokens")
+        return list(ids)
+
+    async def open_session(self, request: GenerationRequest) -> OpenSession:
+        prompt_ids = self.prompt_ids(request)
+        if request.session_id:
+            state = await self.store.load(request.session_id)  # NotFoundError names the id
+            session = OpenSession(
+                request.session_id, [*state.token_ids, *prompt_ids], prompt_ids, state.version, is_new=False
+            )
+        else:
+            await self.store.ping()  # fail fast (UNAVAILABLE) before any model work
+            session = OpenSession(uuid.uuid4().hex, list(prompt_ids), prompt_ids, None, is_new=True)
+        if len(session.history) >= self.limits.target_context:
+            raise InvalidArgumentError(
+                f"prompt too long: {len(session.history)} tokens (session history included) leave no room "
+                f"in the target context of {self.limits.target_context} tokens"
+            )
+        return session
+
+    def draft_length(self, requested: int, remaining: int, history_len: int) -> int:
+        """k for the next round: never drafts tokens that could not be kept."""
+        k = min(
+            requested,
+            remaining - 1,  # the round also yields one recovered/bonus token
+            self.limits.target_context - history_len - 1,  # history + block + next fit the target
+            self.limits.draft_context - history_len + 1,  # the draft feeds history + k - 1 tokens
+        )
+        return max(k, 0)
+
+    async def commit(self, session: OpenSession, request: GenerationRequest, new_ids: list[int], delta: SessionStats) -> None:
+        sampling = request.sampling.to_dict()
+        if not session.persisted:
+            # The session (or this turn's prompt) is written together with the first round, so a request
+            # that fails before producing a token leaves nothing behind.
+            if session.is_new:
+                state = await self.store.create(
+                    session.session_id, session.history, len(session.history), sampling, self.owner
+                )
+            else:
+                assert session.version is not None
+                state = await self.store.append_prompt(
+                    session.session_id, session.version, session.prompt_ids, sampling
+                )
+            session.version = state.version
+            session.persisted = True
+        assert session.version is not None
+        session.version = await self.store.commit_round(session.session_id, session.version, new_ids, delta)
+
+    async def generate(
+        self, request: GenerationRequest, time_remaining: Callable[[], float | None]
+    ) -> AsyncIterator[GenerationChunk]:
+        session = await self.open_session(request)
+        async for chunk in self._rounds(request, session, time_remaining):
+            yield chunk
+
+    def _timeout(self, time_remaining: Callable[[], float | None]) -> float:
+        remaining = time_remaining()
+        if remaining is None:
+            return self.worker_timeout_s
+        if remaining <= 0:
+            raise DeadlineExceededError("the request deadline passed")
+        return min(self.worker_timeout_s, remaining)
+
+    async def _rounds(
+        self, request: GenerationRequest, session: OpenSession, time_remaining: Callable[[], float | None]
+    ) -> AsyncIterator[GenerationChunk]:
+        sampling = request.sampling
+        usage = Usage(prompt_tokens=len(session.history))
+        detokenizer = IncrementalDetokenizer(self.tokenizer, stop=request.stop)
+        generated: list[int] = []
+        finish_reason = ""
+        while not finish_reason:
+            history = session.history
+            k = self.draft_length(request.num_speculative_tokens, request.max_new_tokens - len(generated), len(history))
+            draft_ids: list[int] = []
+            draft_probs = ()
+            if k > 0:
+                proposal = await self.draft.propose(
+                    session.session_id, history, k, sampling, self._timeout(time_remaining)
+                )
+                draft_ids, draft_probs = proposal.token_ids[:k], proposal.draft_probs
+            verdict = await self.target.verify(
+                session.session_id, history, draft_ids, draft_probs, sampling, self._timeout(time_remaining)
+            )
+            new_ids = [*draft_ids[: verdict.num_accepted], verdict.next_token_id]
+
+            for i, token in enumerate(new_ids):
+                if token in self.limits.eos_token_ids:
+                    new_ids, finish_reason = new_ids[: i + 1], "eos"
+                    break
+            remaining = request.max_new_tokens - len(generated)
+            if len(new_ids) >= remaining:
+                new_ids = new_ids[:remaining]
+                finish_reason = finish_reason or "length"
+            text = detokenizer.push(new_ids)
+            if detokenizer.stopped:
+                # Keep the tokens up to the one that completed the stop string.
+                keep = detokenizer.stop_token_index - len(generated)
+                new_ids, finish_reason = new_ids[:keep], "stop"
+            if not finish_reason and len(history) + len(new_ids) >= self.limits.target_context:
+                finish_reason = "length"
+
+            await self.commit(
+                session,
+                request,
+                new_ids,
+                SessionStats(
+                    generated_tokens=len(new_ids),
+                    draft_tokens=len(draft_ids),
+                    accepted_tokens=verdict.num_accepted,
+                    target_passes=1,
+                    rounds=1,
+                ),
+            )
+            session.history = [*history, *new_ids]
+            generated.extend(new_ids)
+            usage.generated_tokens = len(generated)
+            usage.draft_tokens += len(draft_ids)
+            usage.accepted_tokens += verdict.num_accepted
+            usage.target_passes += 1
+            if finish_reason:
+                if finish_reason != "stop":
+                    text += detokenizer.finish()
+                yield GenerationChunk(session.session_id, new_ids, text, finish_reason, usage)
+            else:
+                yield GenerationChunk(session.session_id, new_ids, text)

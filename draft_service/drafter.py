@@ -1,0 +1,108 @@
+"""Drafting with a small causal LM: k autoregressive steps on the session's KV cache."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from specpipe.errors import InvalidArgumentError
+from specpipe.runtime.model_runner import CausalLMRunner
+from specpipe.sampling.draft_sampling import compact_distribution, sample_draft_token
+from specpipe.sampling.params import SamplingParams
+from specpipe.sampling.processing import sampling_probs
+from specpipe.v1 import common_pb2, draft_pb2
+
+
+@dataclass(frozen=True, slots=True)
+class DraftRequest:
+    session_id: str
+    token_ids: tuple[int, ...]
+    num_tokens: int
+    sampling: SamplingParams
+
+    @classmethod
+    def from_pb(cls, pb: draft_pb2.ProposeRequest) -> DraftRequest:
+        return cls(
+            session_id=pb.session_id,
+            token_ids=tuple(pb.token_ids),
+            num_tokens=pb.num_tokens,
+            sampling=SamplingParams.from_pb(pb.sampling),
+        )
+
+
+@dataclass(frozen=True, slots=True)
+class DraftProposal:
+    token_ids: list[int]
+    # q per proposed token as (support ids, probs); None when every proposal is a point mass (greedy).
+    draft_probs: list[tuple[list[int], list[float]]] | None
+    forward_ns: int
+    cached_tokens: int
+
+    def to_pb(self) -> draft_pb2.ProposeResponse:
+        probs = [
+            common_pb2.TokenDistribution(token_ids=ids, probs=values) for ids, values in self.draft_probs or []
+        ]
+        return draft_pb2.ProposeResponse(
+            token_ids=self.token_ids,
+            draft_probs=probs,
+            forward_ns=self.forward_ns,
+            cached_tokens=self.cached_tokens,
+        )
+
+
+class ModelDrafter:
+    """Proposes tokens with the draft LM, sampling with the request's params keyed by (seed, position)."""
+
+    name = "model"
+
+    def __init__(self, runner: CausalLMRunner, max_draft_tokens: int) -> None:
+        self.runner = runner
+        self.max_draft_tokens = max_draft_tokens
+
+    def validate(self, request: DraftRequest) -> None:
+        if not request.session_id:
+            raise InvalidArgumentError("session_id must not be empty")
+        if not request.token_ids:
+            raise InvalidArgumentError("token_ids must not be empty")
+        if not 1 <= request.num_tokens <= self.max_draft_tokens:
+            raise InvalidArgumentError(
+                f"num_tokens must be in [1, {self.max_draft_tokens}], got {request.num_tokens}"
+            )
+        vocab = self.runner.vocab_size
+        if any(not 0 <= t < vocab for t in request.token_ids):
+            raise InvalidArgumentError(f"token_ids must be in [0, {vocab})")
+        # The last proposal is sampled, never fed, so the context must hold history + k - 1 tokens.
+        needed = len(request.token_ids) + request.num_tokens - 1
+        if needed > self.runner.max_context:
+            raise InvalidArgumentError(
+                f"token_ids ({len(request.token_ids)}) + num_tokens ({request.num_tokens}) exceed the draft "
+                f"context of {self.runner.max_context}"
+            )
+
+    def propose(self, request: DraftRequest) -> DraftProposal:
+        self.validate(request)
+        sampling = request.sampling
+        ids = list(request.token_ids)
+        proposed: list[int] = []
+        draft_probs: list[tuple[list[int], list[float]]] = []
+        forward_ns = 0
+        cached_tokens = 0
+        for step in range(request.num_tokens):
+            result = self.runner.forward(request.session_id, ids, num_rows=1)
+            if step == 0:
+                cached_tokens = result.cached_tokens
+            forward_ns += result.forward_ns
+            position = len(ids)
+            if sampling.is_greedy:
+                token = int(result.logits[0].argmax())
+            else:
+                probs = sampling_probs(result.logits, sampling)[0]  # [vocab_size]
+                token = sample_draft_token(probs, position, sampling.seed, is_greedy=False)
+                draft_probs.append(compact_distribution(probs))
+            proposed.append(token)
+            ids.append(token)
+        return DraftProposal(
+            token_ids=proposed,
+            draft_probs=None if sampling.is_greedy else draft_probs,
+            forward_ns=forward_ns,
+            cached_tokens=cached_tokens,
+        )

@@ -1,0 +1,51 @@
+"""The draft worker process: loads the draft model, then serves DraftService and grpc.health.v1."""
+
+from __future__ import annotations
+
+import asyncio
+import uuid
+from concurrent.futures import ThreadPoolExecutor
+
+from draft_service.drafter import DraftRequest, ModelDrafter
+from draft_service.servicer import DraftServicer
+from specpipe.config import WorkerConfig
+from specpipe.rpc.server import serve
+from specpipe.runtime.model_info import WorkerModelInfo
+from specpipe.runtime.model_runner import CausalLMRunner
+from specpipe.sampling.params import SamplingParams
+from specpipe.v1 import draft_pb2, draft_pb2_grpc
+
+SERVICE_NAME = draft_pb2.DESCRIPTOR.services_by_name["DraftService"].full_name
+
+
+def load_drafter(config: WorkerConfig) -> ModelDrafter:
+    runner = CausalLMRunner.load(
+        config.model_path, config.device, config.dtype, config.max_cached_sessions, config.max_context
+    )
+    drafter = ModelDrafter(runner, config.max_draft_tokens)
+    # Warm-up: one short greedy and one sampled proposal, so the first request pays no lazy initialisation.
+    session_id = f"warmup-{uuid.uuid4().hex}"
+    for sampling in (SamplingParams(), SamplingParams(temperature=1.0)):
+        drafter.propose(DraftRequest(session_id, (0,), min(2, config.max_draft_tokens), sampling))
+    runner.caches.release(session_id)
+    return drafter
+
+
+async def run_draft_worker(config: WorkerConfig, stop_event: asyncio.Event | None = None) -> None:
+    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="draft-model") as model_thread:
+        servicer = DraftServicer(model_thread)
+
+        async def warmup() -> None:
+            drafter = await asyncio.get_running_loop().run_in_executor(model_thread, load_drafter, config)
+            servicer.attach(drafter, WorkerModelInfo.from_runner(drafter.runner, "draft", drafter.name))
+
+        await serve(
+            name="draft",
+            host=config.host,
+            port=config.port,
+            register=lambda server: draft_pb2_grpc.add_DraftServiceServicer_to_server(servicer, server),
+            service_names=[SERVICE_NAME],
+            warmup=warmup,
+            shutdown_grace_s=config.shutdown_grace_s,
+            stop_event=stop_event,
+        )

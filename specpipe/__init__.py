@@ -1,0 +1,3 @@
+"""specpipe: distributed speculative decoding with exact outputs."""
+
+__version__ = "0.1.0"

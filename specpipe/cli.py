@@ -1,0 +1,207 @@
+"""The `specpipe` command: serve the pipeline (or one component) and generate from the terminal."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import os
+import sys
+import time
+from collections.abc import Sequence
+
+import grpc
+
+COMPONENTS = ("all", "coordinator", "draft", "target")
+
+
+def configure_logging(level: str) -> None:
+    logging.basicConfig(
+        level=getattr(logging, level.upper()),
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        stream=sys.stderr,
+    )
+
+
+def add_serve_parser(subparsers: argparse._SubParsersAction) -> None:
+    serve = subparsers.add_parser(
+        "serve",
+        help="run the whole pipeline (default) or one component",
+        description="With no component, starts the session store, a draft worker, a target worker and the "
+        "coordinator on this machine. With a component, starts only that one (multi-machine setups).",
+    )
+    serve.add_argument("component", nargs="?", choices=COMPONENTS, default="all")
+    serve.add_argument("--host", default="127.0.0.1", help="address to listen on (0.0.0.0 for all)")
+    serve.add_argument("--port", type=int, default=None, help="port (coordinator 50051, draft 50061, target 50062)")
+    serve.add_argument("--model", help="draft/target: local Hugging Face model directory")
+    serve.add_argument("--target-model", help="all: target model directory (default: a small local pair)")
+    serve.add_argument("--draft-model", help="all: draft model directory (default: a small local pair)")
+    serve.add_argument("--device", default="cpu", help="cpu or cuda[:N]")
+    serve.add_argument("--dtype", default="float32", choices=("float32", "float16", "bfloat16"))
+    serve.add_argument("--max-cached-sessions", type=int, default=64, help="draft/target: KV caches kept (LRU)")
+    serve.add_argument("--max-context", type=int, default=0, help="draft/target: 0 = the model's context")
+    serve.add_argument("--draft-addr", help="coordinator: draft worker host:port")
+    serve.add_argument("--target-addr", help="coordinator: target worker host:port")
+    serve.add_argument("--redis-url", default="", help="session store URL (all: default is an embedded server)")
+    serve.add_argument("--num-speculative-tokens", type=int, default=4, help="default draft length k")
+    serve.add_argument("--max-speculative-tokens", type=int, default=16, help="largest k a request may ask")
+    serve.add_argument("--max-new-tokens-limit", type=int, default=4096)
+    serve.add_argument("--worker-timeout", type=float, default=30.0, help="seconds per worker RPC")
+    serve.add_argument("--session-ttl", type=int, default=24 * 3600, help="seconds a session is kept")
+    serve.add_argument("--log-dir", default="", help="all: where component logs go (default: a temp dir)")
+    serve.add_argument("--log-level", default="INFO")
+
+
+def add_generate_parser(subparsers: argparse._SubParsersAction) -> None:
+    generate = subparsers.add_parser("generate", help="stream a completion from a running coordinator")
+    generate.add_argument("prompt")
+    generate.add_argument("--addr", default="127.0.0.1:50051")
+    generate.add_argument("--max-new-tokens", type=int, default=64)
+    generate.add_argument("--temperature", type=float, default=0.0)
+    generate.add_argument("--top-k", type=int, default=0)
+    generate.add_argument("--top-p", type=float, default=1.0)
+    generate.add_argument("--seed", type=int, default=0)
+    generate.add_argument("--stop", action="append", default=[])
+    generate.add_argument("--session-id", default="")
+    generate.add_argument("--num-speculative-tokens", type=int, default=None)
+    generate.add_argument("--timeout", type=float, default=300.0)
+
+
+def serve_component(args: argparse.Namespace) -> int:
+    configure_logging(args.log_level)
+    if args.component in ("draft", "target"):
+        from specpipe.config import WorkerConfig
+
+        if not args.model:
+            print(f"specpipe serve {args.component}: --model is required", file=sys.stderr)
+            return 2
+        config = WorkerConfig(
+            role=args.component,
+            model_path=args.model,
+            host=args.host,
+            port=args.port if args.port is not None else (50061 if args.component == "draft" else 50062),
+            device=args.device,
+            dtype=args.dtype,
+            max_cached_sessions=args.max_cached_sessions,
+            max_context=args.max_context,
+            max_draft_tokens=max(args.max_speculative_tokens, 1),
+        )
+        if args.component == "draft":
+            from draft_service.server import run_draft_worker
+
+            asyncio.run(run_draft_worker(config))
+        else:
+            from target_service.server import run_target_worker
+
+            asyncio.run(run_target_worker(config))
+        return 0
+    from coordinator.config import CoordinatorConfig
+    from coordinator.server import run_coordinator
+
+    missing = [f"--{n}" for n in ("draft-addr", "target-addr", "redis-url") if not getattr(args, n.replace("-", "_"))]
+    if missing:
+        print(f"specpipe serve coordinator: {', '.join(missing)} required", file=sys.stderr)
+        return 2
+    config = CoordinatorConfig(
+        draft_addr=args.draft_addr,
+        target_addr=args.target_addr,
+        redis_url=args.redis_url,
+        host=args.host,
+        port=args.port if args.port is not None else 50051,
+        num_speculative_tokens=args.num_speculative_tokens,
+        max_speculative_tokens=args.max_speculative_tokens,
+        max_new_tokens_limit=args.max_new_tokens_limit,
+        worker_timeout_s=args.worker_timeout,
+        session_ttl_s=args.session_ttl,
+    )
+    try:
+        asyncio.run(run_coordinator(config))
+    except Exception as exc:  # noqa: BLE001 - start-up failures end the process with their message
+        logging.getLogger("specpipe").error("coordinator failed: %s", exc)
+        return 1
+    return 0
+
+
+def serve_all(args: argparse.Namespace) -> int:
+    configure_logging(args.log_level)
+    from specpipe.launcher import PipelineConfig, run_pipeline
+
+    target_model, draft_model = args.target_model, args.draft_model
+    if not target_model or not draft_model:
+        from specpipe.default_models import default_model_dirs
+
+        default_target, default_draft = default_model_dirs()
+        target_model = target_model or str(default_target)
+        draft_model = draft_model or str(default_draft)
+    config = PipelineConfig(
+        target_model=target_model,
+        draft_model=draft_model,
+        host=args.host,
+        port=args.port if args.port is not None else 50051,
+        redis_url=args.redis_url,
+        device=args.device,
+        dtype=args.dtype,
+        num_speculative_tokens=args.num_speculative_tokens,
+        log_dir=args.log_dir,
+    )
+    extra = [
+        "--max-speculative-tokens", str(args.max_speculative_tokens),
+        "--max-new-tokens-limit", str(args.max_new_tokens_limit),
+        "--worker-timeout", str(args.worker_timeout),
+        "--session-ttl", str(args.session_ttl),
+    ]
+    return run_pipeline(config, extra)
+
+
+def generate(args: argparse.Namespace) -> int:
+    from specpipe.client import CoordinatorClient, GenerationResult, build_request
+
+    request = build_request(
+        args.prompt,
+        args.max_new_tokens,
+        temperature=args.temperature,
+        top_k=args.top_k,
+        top_p=args.top_p,
+        seed=args.seed,
+        stop=args.stop,
+        session_id=args.session_id,
+        num_speculative_tokens=args.num_speculative_tokens,
+    )
+    result = GenerationResult()
+    started = time.perf_counter()
+    with CoordinatorClient(args.addr) as client:
+        try:
+            sys.stdout.write(args.prompt)
+            for chunk in client.stream(request, timeout_s=args.timeout):
+                result.add(chunk)
+                sys.stdout.write(chunk.text)
+                sys.stdout.flush()
+        except grpc.RpcError as exc:
+            print(f"\nspecpipe generate: {exc.code().name}: {exc.details()}", file=sys.stderr)
+            return 1
+    elapsed = time.perf_counter() - started
+    sys.stdout.write("\n")
+    usage = result.usage
+    if usage is not None:
+        rate = usage.accepted_tokens / usage.draft_tokens if usage.draft_tokens else 0.0
+        per_pass = usage.generated_tokens / usage.target_passes if usage.target_passes else 0.0
+        print(
+            f"[session {result.session_id}] finish={result.finish_reason} "
+            f"tokens={usage.generated_tokens} in {elapsed:.2f}s ({usage.generated_tokens / elapsed:.1f} tok/s); "
+            f"target passes={usage.target_passes} ({per_pass:.2f} tokens/pass); "
+            f"draft tokens={usage.draft_tokens} accepted={usage.accepted_tokens} ({rate:.1%})",
+            file=sys.stderr,
+        )
+    return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="specpipe", description="Distributed speculative decoding.")
+    subparsers = parser.add_subparsers(dest="command", required=True)
+    add_serve_parser(subparsers)
+    add_generate_parser(subparsers)
+    args = parser.parse_args(argv)
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")  # models are local directories: never reach for a hub
+    if args.command == "serve":
+        return serve_all(args) if args.component == "all" else serve_component(args)
+    return generate(args)

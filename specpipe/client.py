@@ -1,0 +1,112 @@
+"""A small client for the public Coordinator API (used by `specpipe generate` and the tests)."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator, Iterator, Sequence
+from dataclasses import dataclass, field
+
+import grpc
+
+from specpipe.v1 import common_pb2, coordinator_pb2, coordinator_pb2_grpc
+
+
+def build_request(
+    prompt: str | Sequence[int],
+    max_new_tokens: int,
+    *,
+    temperature: float = 0.0,
+    top_k: int = 0,
+    top_p: float = 1.0,
+    seed: int = 0,
+    stop: Sequence[str] = (),
+    session_id: str = "",
+    num_speculative_tokens: int | None = None,
+) -> coordinator_pb2.GenerateRequest:
+    request = coordinator_pb2.GenerateRequest(
+        max_new_tokens=max_new_tokens,
+        sampling=common_pb2.SamplingParams(temperature=temperature, top_k=top_k, top_p=top_p, seed=seed),
+        stop=list(stop),
+        session_id=session_id,
+    )
+    if isinstance(prompt, str):
+        request.prompt = prompt
+    else:
+        request.prompt_token_ids.extend(prompt)
+    if num_speculative_tokens is not None:
+        request.num_speculative_tokens = num_speculative_tokens
+    return request
+
+
+@dataclass
+class GenerationResult:
+    """A whole Generate stream, gathered."""
+
+    session_id: str = ""
+    token_ids: list[int] = field(default_factory=list)
+    text: str = ""
+    chunks: int = 0
+    finish_reason: str = ""
+    usage: coordinator_pb2.Usage | None = None
+
+    def add(self, chunk: coordinator_pb2.GenerateResponse) -> None:
+        self.session_id = chunk.session_id
+        self.token_ids.extend(chunk.token_ids)
+        self.text += chunk.text
+        self.chunks += 1
+        if chunk.finish_reason:
+            self.finish_reason = coordinator_pb2.FinishReason.Name(chunk.finish_reason)
+            self.finish_reason = self.finish_reason.removeprefix("FINISH_REASON_").lower()
+            self.usage = chunk.usage
+
+
+class CoordinatorClient:
+    """Blocking client."""
+
+    def __init__(self, address: str) -> None:
+        self.channel = grpc.insecure_channel(address)
+        self.stub = coordinator_pb2_grpc.CoordinatorStub(self.channel)
+
+    def stream(
+        self, request: coordinator_pb2.GenerateRequest, timeout_s: float | None = None
+    ) -> Iterator[coordinator_pb2.GenerateResponse]:
+        yield from self.stub.Generate(request, timeout=timeout_s)
+
+    def generate(self, request: coordinator_pb2.GenerateRequest, timeout_s: float | None = None) -> GenerationResult:
+        result = GenerationResult()
+        for chunk in self.stream(request, timeout_s):
+            result.add(chunk)
+        return result
+
+    def close(self) -> None:
+        self.channel.close()
+
+    def __enter__(self) -> CoordinatorClient:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+class AsyncCoordinatorClient:
+    """asyncio client, for many concurrent streams from one process."""
+
+    def __init__(self, address: str) -> None:
+        self.channel = grpc.aio.insecure_channel(address)
+        self.stub = coordinator_pb2_grpc.CoordinatorStub(self.channel)
+
+    async def stream(
+        self, request: coordinator_pb2.GenerateRequest, timeout_s: float | None = None
+    ) -> AsyncIterator[coordinator_pb2.GenerateResponse]:
+        async for chunk in self.stub.Generate(request, timeout=timeout_s):
+            yield chunk
+
+    async def generate(
+        self, request: coordinator_pb2.GenerateRequest, timeout_s: float | None = None
+    ) -> GenerationResult:
+        result = GenerationResult()
+        async for chunk in self.stream(request, timeout_s):
+            result.add(chunk)
+        return result
+
+    async def close(self) -> None:
+        await self.channel.close()

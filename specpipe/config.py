@@ -1,0 +1,48 @@
+"""Configuration of a model worker (draft or target), built once by the CLI."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from specpipe.runtime.model_runner import DTYPES
+
+WORKER_ROLES = ("draft", "target")
+
+
+@dataclass(frozen=True, slots=True)
+class WorkerConfig:
+    role: str
+    model_path: str
+    host: str = "127.0.0.1"
+    port: int = 50061
+    device: str = "cpu"
+    dtype: str = "float32"
+    # Sessions whose KV cache is kept; the least recently used one is evicted (and rebuilt on its next call).
+    max_cached_sessions: int = 64
+    # 0 = the model's own context length.
+    max_context: int = 0
+    # The largest k a draft worker accepts in one Propose call.
+    max_draft_tokens: int = 32
+    shutdown_grace_s: float = 10.0
+
+    def __post_init__(self) -> None:
+        if self.role not in WORKER_ROLES:
+            raise ValueError(f"role must be one of {WORKER_ROLES}, got {self.role!r}")
+        if not self.model_path:
+            raise ValueError("model_path is required")
+        if not 0 <= self.port < 65536:
+            raise ValueError(f"port must be in [0, 65535], got {self.port}")
+        if self.dtype not in DTYPES:
+            raise ValueError(f"dtype must be one of {sorted(DTYPES)}, got {self.dtype!r}")
+        if not (self.device == "cpu" or self.device.startswith("cuda")):
+            raise ValueError(f"device must be 'cpu' or 'cuda[:N]', got {self.device!r}")
+        if self.max_cached_sessions < 1:
+            raise ValueError(f"max_cached_sessions must be >= 1, got {self.max_cached_sessions}")
+        if self.max_context < 0:
+            raise ValueError(f"max_context must be >= 0, got {self.max_context}")
+        if self.max_draft_tokens < 1:
+            raise ValueError(f"max_draft_tokens must be >= 1, got {self.max_draft_tokens}")
+
+    @property
+    def address(self) -> str:
+        return f"{self.host}:{self.port}"

@@ -1,0 +1,183 @@
+"""`specpipe serve` with no component: the whole pipeline on this machine, each part its own process.
+
+Starts a Redis-protocol server (unless --redis-url names one), a draft worker, a target worker and the
+coordinator, waits for each to report SERVING over grpc.health.v1, and stops them all together.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Sequence
+from contextlib import ExitStack
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import grpc
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+from specpipe.store.redis_server import RedisServerProcess
+
+logger = logging.getLogger(__name__)
+
+
+def free_port(host: str = "127.0.0.1") -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind((host, 0))
+        return int(sock.getsockname()[1])
+
+
+def health_status(address: str, timeout_s: float = 1.0) -> int:
+    """The overall grpc.health.v1 status of a server, or -1 if it does not answer."""
+    with grpc.insecure_channel(address) as channel:
+        try:
+            reply = health_pb2_grpc.HealthStub(channel).Check(
+                health_pb2.HealthCheckRequest(service=""), timeout=timeout_s
+            )
+        except grpc.RpcError:
+            return -1
+        return int(reply.status)
+
+
+@dataclass
+class ServiceProcess:
+    """One `specpipe serve <component>` child process, with its log file."""
+
+    name: str
+    address: str
+    args: list[str]
+    log_path: Path
+    popen: subprocess.Popen[bytes] | None = field(default=None, repr=False)
+
+    def start(self, env: dict[str, str] | None = None) -> None:
+        log = self.log_path.open("ab")
+        command = [sys.executable, "-m", "specpipe", "serve", self.name, *self.args]
+        logger.debug("starting %s: %s", self.name, " ".join(command))
+        self.popen = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, env=env)
+        log.close()
+
+    def log_tail(self, lines: int = 40) -> str:
+        try:
+            return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-lines:])
+        except OSError:
+            return ""
+
+    def wait_serving(self, timeout_s: float) -> None:
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            if self.popen is not None and self.popen.poll() is not None:
+                raise RuntimeError(
+                    f"{self.name} exited with code {self.popen.returncode}:\n{self.log_tail()}"
+                )
+            if health_status(self.address) == health_pb2.HealthCheckResponse.SERVING:
+                return
+            time.sleep(0.2)
+        raise TimeoutError(f"{self.name} not SERVING on {self.address} after {timeout_s:.0f}s:\n{self.log_tail()}")
+
+    def stop(self, timeout_s: float = 15.0) -> None:
+        if self.popen is None or self.popen.poll() is not None:
+            return
+        self.popen.send_signal(signal.SIGTERM)
+        try:
+            self.popen.wait(timeout_s)
+        except subprocess.TimeoutExpired:
+            self.popen.kill()
+            self.popen.wait()
+
+
+@dataclass(frozen=True, slots=True)
+class PipelineConfig:
+    target_model: str
+    draft_model: str
+    host: str = "127.0.0.1"
+    port: int = 50051
+    redis_url: str = ""  # empty = start an embedded Redis-protocol server
+    device: str = "cpu"
+    dtype: str = "float32"
+    num_speculative_tokens: int = 4
+    startup_timeout_s: float = 600.0
+    log_dir: str = ""  # empty = a temporary directory
+
+    def __post_init__(self) -> None:
+        if not self.target_model or not self.draft_model:
+            raise ValueError("target_model and draft_model are required")
+        if not 0 <= self.port < 65536:
+            raise ValueError(f"port must be in [0, 65535], got {self.port}")
+
+
+def worker_args(model: str, port: int, device: str, dtype: str) -> list[str]:
+    return ["--model", model, "--host", "127.0.0.1", "--port", str(port), "--device", device, "--dtype", dtype]
+
+
+def run_pipeline(config: PipelineConfig, extra_coordinator_args: Sequence[str] = ()) -> int:
+    """Runs until SIGINT/SIGTERM or until a component dies; returns the exit code."""
+    stop_requested = False
+
+    def request_stop(signum: int, frame: object) -> None:
+        nonlocal stop_requested
+        stop_requested = True
+
+    signal.signal(signal.SIGTERM, request_stop)
+    signal.signal(signal.SIGINT, request_stop)
+    log_dir = Path(config.log_dir or tempfile.mkdtemp(prefix="specpipe-logs-"))
+    log_dir.mkdir(parents=True, exist_ok=True)
+    with ExitStack() as stack:
+        redis_url = config.redis_url
+        if not redis_url:
+            redis_server = RedisServerProcess(data_dir=str(log_dir / "redis"))
+            redis_server.start()
+            stack.callback(redis_server.stop)
+            redis_url = redis_server.url
+            logger.info("session store: embedded Redis-protocol server at 127.0.0.1:%d", redis_server.port)
+        draft_port, target_port = free_port(), free_port()
+        draft = ServiceProcess(
+            "draft", f"127.0.0.1:{draft_port}",
+            worker_args(config.draft_model, draft_port, config.device, config.dtype), log_dir / "draft.log",
+        )
+        target = ServiceProcess(
+            "target", f"127.0.0.1:{target_port}",
+            worker_args(config.target_model, target_port, config.device, config.dtype), log_dir / "target.log",
+        )
+        coordinator = ServiceProcess(
+            "coordinator",
+            f"{config.host}:{config.port}",
+            [
+                "--host", config.host, "--port", str(config.port),
+                "--draft-addr", draft.address, "--target-addr", target.address,
+                "--redis-url", redis_url,
+                "--num-speculative-tokens", str(config.num_speculative_tokens),
+                *extra_coordinator_args,
+            ],
+            log_dir / "coordinator.log",
+        )
+        children = [draft, target, coordinator]
+        for child in reversed(children):
+            stack.callback(child.stop)
+        env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+        for child in children:
+            child.start(env)
+        try:
+            for child in children:
+                child.wait_serving(config.startup_timeout_s)
+        except (RuntimeError, TimeoutError) as exc:
+            print(f"specpipe: start-up failed: {exc}", file=sys.stderr)
+            return 1
+        print(
+            f"specpipe serving on {coordinator.address} "
+            f"(target {config.target_model}, draft {config.draft_model}; logs in {log_dir})",
+            flush=True,
+        )
+        while not stop_requested:
+            for child in children:
+                if child.popen is not None and child.popen.poll() is not None:
+                    print(f"specpipe: {child.name} exited:\n{child.log_tail()}", file=sys.stderr)
+                    return 1
+            time.sleep(0.5)
+        print("specpipe: stopping", file=sys.stderr, flush=True)
+    return 0

@@ -1,0 +1,104 @@
+"""A Hugging Face causal LM behind a per-session KV cache: the only place workers touch the model."""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer, DynamicCache, PreTrainedTokenizerBase
+
+from specpipe.runtime.kv_cache import SessionKVCacheStore, common_prefix_length
+
+logger = logging.getLogger(__name__)
+
+DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+
+
+@dataclass(frozen=True, slots=True)
+class ForwardResult:
+    logits: torch.Tensor  # [num_rows, vocab_size] float32, on the CPU
+    cached_tokens: int  # positions reused from the session's cache
+    forward_ns: int
+
+
+class CausalLMRunner:
+    """Computes next-token logits for a session's token ids, reusing its KV cache for the shared prefix.
+
+    Not thread-safe: the worker runs every call on one model thread.
+    """
+
+    def __init__(
+        self,
+        model: torch.nn.Module,
+        tokenizer: PreTrainedTokenizerBase,
+        model_name: str,
+        max_context: int,
+        max_cached_sessions: int,
+    ) -> None:
+        self.model = model
+        self.tokenizer = tokenizer
+        self.model_name = model_name
+        self.max_context = max_context
+        self.caches = SessionKVCacheStore(max_cached_sessions)
+        self.device = next(model.parameters()).device
+        self.dtype = next(model.parameters()).dtype
+        self.vocab_size = int(model.get_output_embeddings().weight.shape[0])
+
+    @classmethod
+    def load(
+        cls, model_path: str | Path, device: str, dtype: str, max_cached_sessions: int, max_context: int = 0
+    ) -> CausalLMRunner:
+        if dtype not in DTYPES:
+            raise ValueError(f"dtype must be one of {sorted(DTYPES)}, got {dtype!r}")
+        started = time.perf_counter()
+        tokenizer = AutoTokenizer.from_pretrained(model_path)
+        model = AutoModelForCausalLM.from_pretrained(model_path, dtype=DTYPES[dtype])
+        model = model.to(device).eval()
+        model_context = int(
+            getattr(model.config, "max_position_embeddings", 0) or getattr(model.config, "n_positions", 0)
+        )
+        context = min(max_context, model_context) if max_context and model_context else model_context
+        logger.info("loaded %s on %s/%s in %.1fs", model_path, device, dtype, time.perf_counter() - started)
+        return cls(model, tokenizer, str(model_path), context or max_context, max_cached_sessions)
+
+    def eos_token_ids(self) -> list[int]:
+        eos = self.model.generation_config.eos_token_id
+        if eos is None:
+            eos = self.tokenizer.eos_token_id
+        if eos is None:
+            return []
+        return [int(e) for e in eos] if isinstance(eos, list | tuple) else [int(eos)]
+
+    @torch.inference_mode()
+    def forward(self, session_id: str, token_ids: Sequence[int], num_rows: int) -> ForwardResult:
+        """Logits predicting the tokens after each of the last `num_rows` positions of `token_ids`.
+
+        Row i of the result is the distribution over the token at position len(token_ids) - num_rows + i + 1.
+        Afterwards the session's cache holds all of `token_ids`.
+        """
+        ids = list(token_ids)
+        if not 1 <= num_rows <= len(ids):
+            raise ValueError(f"num_rows must be in [1, {len(ids)}], got {num_rows}")
+        started = time.perf_counter_ns()
+        entry = self.caches.get_or_create(session_id)
+        # The last num_rows positions must be fed to get their logits, so they are never reused.
+        reuse = min(common_prefix_length(entry.token_ids, ids), len(ids) - num_rows)
+        if entry.past is None or reuse == 0:
+            entry.past = DynamicCache(config=self.model.config)
+            reuse = 0
+        elif entry.past.get_seq_length() > reuse:
+            entry.past.crop(reuse - entry.past.get_seq_length())  # negative: drop that many positions
+        entry.token_ids = ids[:reuse]
+        new_ids = torch.tensor([ids[reuse:]], dtype=torch.long, device=self.device)  # [1, n_new]
+        try:
+            out = self.model(input_ids=new_ids, past_key_values=entry.past, use_cache=True)
+        except BaseException:
+            self.caches.release(session_id)  # a failed forward may have left the cache half-updated
+            raise
+        entry.token_ids = ids
+        logits = out.logits[0, -num_rows:, :].float().cpu()  # [num_rows, vocab_size]
+        return ForwardResult(logits, reuse, time.perf_counter_ns() - started)

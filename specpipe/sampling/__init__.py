@@ -1,0 +1,1 @@
+"""Sampling math: pure torch, no grpc or redis imports."""

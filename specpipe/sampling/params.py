@@ -1,0 +1,46 @@
+"""Per-request sampling parameters, shared by the draft and the target so both see identical p and q."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+from specpipe.errors import InvalidArgumentError
+from specpipe.v1 import common_pb2
+
+
+@dataclass(frozen=True, slots=True)
+class SamplingParams:
+    """temperature 0 means greedy; top_k 0 and top_p 1 mean "off"; seed keys all randomness."""
+
+    temperature: float = 0.0
+    top_k: int = 0
+    top_p: float = 1.0
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        if not math.isfinite(self.temperature) or self.temperature < 0:
+            raise InvalidArgumentError(f"sampling.temperature must be >= 0, got {self.temperature}")
+        if self.top_k < 0:
+            raise InvalidArgumentError(f"sampling.top_k must be >= 0 (0 = off), got {self.top_k}")
+        if not math.isfinite(self.top_p) or not 0.0 < self.top_p <= 1.0:
+            raise InvalidArgumentError(f"sampling.top_p must be in (0, 1], got {self.top_p}")
+        if not 0 <= self.seed < 2**64:
+            raise InvalidArgumentError(f"sampling.seed must fit in uint64, got {self.seed}")
+
+    @property
+    def is_greedy(self) -> bool:
+        return self.temperature == 0.0
+
+    @classmethod
+    def from_pb(cls, pb: common_pb2.SamplingParams) -> SamplingParams:
+        top_p = pb.top_p if pb.HasField("top_p") else 1.0
+        return cls(temperature=pb.temperature, top_k=pb.top_k, top_p=top_p, seed=pb.seed)
+
+    def to_pb(self) -> common_pb2.SamplingParams:
+        return common_pb2.SamplingParams(
+            temperature=self.temperature, top_k=self.top_k, top_p=self.top_p, seed=self.seed
+        )
+
+    def to_dict(self) -> dict[str, float | int]:
+        return {"temperature": self.temperature, "top_k": self.top_k, "top_p": self.top_p, "seed": self.seed}

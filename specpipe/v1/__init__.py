@@ -1,0 +1,1 @@
+"""Generated protobuf/gRPC code; regenerate with tools/generate_protos.py."""

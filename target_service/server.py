@@ -1,0 +1,51 @@
+"""The target worker process: loads the target model, then serves TargetService and grpc.health.v1."""
+
+from __future__ import annotations
+
+import asyncio
+import uuid
+from concurrent.futures import ThreadPoolExecutor
+
+from specpipe.config import WorkerConfig
+from specpipe.rpc.server import serve
+from specpipe.runtime.model_info import WorkerModelInfo
+from specpipe.runtime.model_runner import CausalLMRunner
+from specpipe.sampling.params import SamplingParams
+from specpipe.v1 import target_pb2, target_pb2_grpc
+from target_service.servicer import TargetServicer
+from target_service.verifier import Verifier, VerifyBlock
+
+SERVICE_NAME = target_pb2.DESCRIPTOR.services_by_name["TargetService"].full_name
+
+
+def load_verifier(config: WorkerConfig) -> Verifier:
+    runner = CausalLMRunner.load(
+        config.model_path, config.device, config.dtype, config.max_cached_sessions, config.max_context
+    )
+    verifier = Verifier(runner)
+    # Warm-up: a greedy and a sampled verification, so the first request pays no lazy initialisation.
+    session_id = f"warmup-{uuid.uuid4().hex}"
+    for sampling in (SamplingParams(), SamplingParams(temperature=1.0)):
+        verifier.verify(VerifyBlock(session_id, (0,), (0, 0), None, sampling))
+    runner.caches.release(session_id)
+    return verifier
+
+
+async def run_target_worker(config: WorkerConfig, stop_event: asyncio.Event | None = None) -> None:
+    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="target-model") as model_thread:
+        servicer = TargetServicer(model_thread)
+
+        async def warmup() -> None:
+            verifier = await asyncio.get_running_loop().run_in_executor(model_thread, load_verifier, config)
+            servicer.attach(verifier, WorkerModelInfo.from_runner(verifier.runner, "target"))
+
+        await serve(
+            name="target",
+            host=config.host,
+            port=config.port,
+            register=lambda server: target_pb2_grpc.add_TargetServiceServicer_to_server(servicer, server),
+            service_names=[SERVICE_NAME],
+            warmup=warmup,
+            shutdown_grace_s=config.shutdown_grace_s,
+            stop_event=stop_event,
+        )

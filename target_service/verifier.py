@@ -1,0 +1,106 @@
+"""Verification: score the draft block in one target forward pass and apply the exact acceptance rule."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from specpipe.errors import InvalidArgumentError
+from specpipe.runtime.model_runner import CausalLMRunner
+from specpipe.sampling.draft_sampling import expand_distribution
+from specpipe.sampling.params import SamplingParams
+from specpipe.sampling.processing import sampling_probs
+from specpipe.sampling.rejection_sampler import verify_draft
+from specpipe.v1 import target_pb2
+
+
+@dataclass(frozen=True, slots=True)
+class VerifyBlock:
+    session_id: str
+    token_ids: tuple[int, ...]
+    draft_token_ids: tuple[int, ...]
+    # q per draft token as (support ids, probs) (empty ids = dense); None = point masses.
+    draft_probs: tuple[tuple[tuple[int, ...], tuple[float, ...]], ...] | None
+    sampling: SamplingParams
+
+    @classmethod
+    def from_pb(cls, pb: target_pb2.VerifyRequest) -> VerifyBlock:
+        probs = tuple((tuple(d.token_ids), tuple(d.probs)) for d in pb.draft_probs) or None
+        return cls(
+            session_id=pb.session_id,
+            token_ids=tuple(pb.token_ids),
+            draft_token_ids=tuple(pb.draft_token_ids),
+            draft_probs=probs,
+            sampling=SamplingParams.from_pb(pb.sampling),
+        )
+
+
+@dataclass(frozen=True, slots=True)
+class Verdict:
+    num_accepted: int
+    next_token_id: int
+    recovered: bool
+    forward_ns: int
+    cached_tokens: int
+
+    def to_pb(self) -> target_pb2.VerifyResponse:
+        return target_pb2.VerifyResponse(
+            num_accepted=self.num_accepted,
+            next_token_id=self.next_token_id,
+            recovered=self.recovered,
+            forward_ns=self.forward_ns,
+            cached_tokens=self.cached_tokens,
+        )
+
+
+class Verifier:
+    def __init__(self, runner: CausalLMRunner) -> None:
+        self.runner = runner
+
+    def validate(self, block: VerifyBlock) -> None:
+        if not block.session_id:
+            raise InvalidArgumentError("session_id must not be empty")
+        if not block.token_ids:
+            raise InvalidArgumentError("token_ids must not be empty")
+        vocab = self.runner.vocab_size
+        if any(not 0 <= t < vocab for t in block.token_ids):
+            raise InvalidArgumentError(f"token_ids must be in [0, {vocab})")
+        if any(not 0 <= t < vocab for t in block.draft_token_ids):
+            raise InvalidArgumentError(f"draft_token_ids must be in [0, {vocab})")
+        if block.draft_probs is not None and len(block.draft_probs) != len(block.draft_token_ids):
+            raise InvalidArgumentError(
+                f"draft_probs has {len(block.draft_probs)} entries for {len(block.draft_token_ids)} draft tokens"
+            )
+        length = len(block.token_ids) + len(block.draft_token_ids)
+        if length > self.runner.max_context:
+            raise InvalidArgumentError(
+                f"token_ids + draft_token_ids ({length}) exceed the target context of {self.runner.max_context}"
+            )
+
+    def verify(self, block: VerifyBlock) -> Verdict:
+        self.validate(block)
+        k = len(block.draft_token_ids)
+        ids = [*block.token_ids, *block.draft_token_ids]
+        result = self.runner.forward(block.session_id, ids, num_rows=k + 1)
+        target_probs = sampling_probs(result.logits, block.sampling)  # [k + 1, vocab_size]
+        draft_probs = None
+        if block.draft_probs is not None and not block.sampling.is_greedy:
+            draft_probs = torch.stack(
+                [expand_distribution(ids_, probs, self.runner.vocab_size) for ids_, probs in block.draft_probs]
+            )  # [k, vocab_size]
+        outcome = verify_draft(
+            target_probs,
+            list(block.draft_token_ids),
+            draft_probs,
+            first_position=len(block.token_ids),
+            seed=block.sampling.seed,
+            is_greedy=block.sampling.is_greedy,
+        )
+        return Verdict(
+            num_accepted=outcome.num_accepted,
+            next_token_id=outcome.next_token_id,
+            recovered=outcome.recovered,
+            forward_ns=result.forward_ns,
+            cached_tokens=result.cached_tokens,
+        )

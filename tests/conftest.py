@@ -1,0 +1,91 @@
+"""Shared fixtures: a locally built model pair, a real Redis-protocol server process, real gRPC services."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+from specpipe.launcher import ServiceProcess, free_port, worker_args  # noqa: E402
+from specpipe.models.tiny_pair import build_tiny_pair  # noqa: E402
+from specpipe.store.redis_server import RedisServerProcess  # noqa: E402
+
+
+@dataclass(frozen=True)
+class ModelPair:
+    target_dir: Path
+    draft_dir: Path
+
+
+@dataclass
+class Pipeline:
+    coordinator_addr: str
+    draft: ServiceProcess
+    target: ServiceProcess
+    coordinator: ServiceProcess
+    redis: RedisServerProcess
+    pair: ModelPair
+
+    def logs(self) -> str:
+        return "\n".join(f"--- {p.name} ---\n{p.log_tail(60)}" for p in (self.draft, self.target, self.coordinator))
+
+
+@pytest.fixture(scope="session")
+def model_pair(tmp_path_factory: pytest.TempPathFactory) -> ModelPair:
+    target_dir, draft_dir = build_tiny_pair(tmp_path_factory.mktemp("models") / "tiny-pair")
+    return ModelPair(target_dir, draft_dir)
+
+
+@pytest.fixture(scope="session")
+def redis_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RedisServerProcess]:
+    server = RedisServerProcess(data_dir=str(tmp_path_factory.mktemp("redis")))
+    server.start()
+    yield server
+    server.stop()
+
+
+def start_service(name: str, args: list[str], address: str, log_dir: Path) -> ServiceProcess:
+    process = ServiceProcess(name, address, args, log_dir / f"{name}.log")
+    process.start({**os.environ, "PYTHONUNBUFFERED": "1"})
+    return process
+
+
+def start_worker(role: str, model_dir: Path, log_dir: Path, extra: list[str] | None = None) -> ServiceProcess:
+    port = free_port()
+    args = [*worker_args(str(model_dir), port, "cpu", "float32"), *(extra or [])]
+    return start_service(role, args, f"127.0.0.1:{port}", log_dir)
+
+
+def start_coordinator(
+    draft_addr: str, target_addr: str, redis_url: str, log_dir: Path, extra: list[str] | None = None
+) -> ServiceProcess:
+    port = free_port()
+    args = [
+        "--port", str(port), "--draft-addr", draft_addr, "--target-addr", target_addr,
+        "--redis-url", redis_url, "--max-new-tokens-limit", "256", "--worker-timeout", "20",
+        *(extra or []),
+    ]  # fmt: skip
+    return start_service("coordinator", args, f"127.0.0.1:{port}", log_dir)
+
+
+@pytest.fixture(scope="session")
+def pipeline(
+    model_pair: ModelPair, redis_server: RedisServerProcess, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[Pipeline]:
+    log_dir = tmp_path_factory.mktemp("logs")
+    draft = start_worker("draft", model_pair.draft_dir, log_dir)
+    target = start_worker("target", model_pair.target_dir, log_dir)
+    coordinator = start_coordinator(draft.address, target.address, redis_server.url, log_dir)
+    services = [draft, target, coordinator]
+    try:
+        for service in services:
+            service.wait_serving(120)
+        yield Pipeline(coordinator.address, draft, target, coordinator, redis_server, model_pair)
+    finally:
+        for service in reversed(services):
+            service.stop()

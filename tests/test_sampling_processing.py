@@ -1,0 +1,195 @@
+"""Logits processing (must match Hugging Face's warpers) and the wire form of draft distributions."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from transformers.generation.logits_process import (
+    LogitsProcessorList,
+    TemperatureLogitsWarper,
+    TopKLogitsWarper,
+    TopPLogitsWarper,
+)
+
+from specpipe.errors import InvalidArgumentError
+from specpipe.sampling.draft_sampling import compact_distribution, expand_distribution
+from specpipe.sampling.params import SamplingParams
+from specpipe.sampling.processing import sampling_probs
+
+VOCAB_SIZE = 97
+
+
+def _random_logits(n: int, seed: int, vocab_size: int = VOCAB_SIZE) -> torch.Tensor:
+    generator = torch.Generator().manual_seed(seed)
+    return torch.randn(n, vocab_size, generator=generator) * 3.0
+
+
+def _hf_probs(logits: torch.Tensor, temperature: float, top_k: int, top_p: float) -> torch.Tensor:
+    """What `transformers` generate samples from, with its default warper order."""
+    warpers = LogitsProcessorList([TemperatureLogitsWarper(temperature)])
+    if top_k:
+        warpers.append(TopKLogitsWarper(top_k))
+    if top_p < 1.0:
+        warpers.append(TopPLogitsWarper(top_p))
+    input_ids = torch.zeros(logits.shape[0], 1, dtype=torch.long)
+    return torch.softmax(warpers(input_ids, logits.to(torch.float32)), dim=-1)
+
+
+# ---------------------------------------------------------------------------------------------- greedy
+
+
+def test_greedy_is_one_hot_at_argmax() -> None:
+    logits = _random_logits(5, seed=0)
+    probs = sampling_probs(logits, SamplingParams(temperature=0.0, top_k=3, top_p=0.5))
+    assert probs.dtype == torch.float32
+    assert probs.shape == logits.shape
+    expected = torch.zeros_like(probs)
+    expected[torch.arange(5), logits.argmax(dim=-1)] = 1.0
+    assert torch.equal(probs, expected)
+
+
+def test_greedy_tie_takes_first_maximum() -> None:
+    logits = torch.tensor([[0.0, 2.0, 1.0, 2.0], [3.0, 3.0, 3.0, 3.0]])
+    probs = sampling_probs(logits, SamplingParams())
+    assert probs.argmax(dim=-1).tolist() == [1, 0]
+    assert probs.sum(dim=-1).tolist() == [1.0, 1.0]
+
+
+def test_greedy_accepts_half_precision_logits() -> None:
+    logits = _random_logits(3, seed=1).to(torch.bfloat16)
+    probs = sampling_probs(logits, SamplingParams())
+    assert probs.dtype == torch.float32
+    assert probs.argmax(dim=-1).tolist() == logits.argmax(dim=-1).tolist()
+
+
+# ------------------------------------------------------------------------------ Hugging Face parity
+
+
+@pytest.mark.parametrize("temperature", [0.3, 1.0, 1.7])
+def test_temperature_matches_transformers(temperature: float) -> None:
+    logits = _random_logits(8, seed=2)
+    probs = sampling_probs(logits, SamplingParams(temperature=temperature))
+    assert probs.dtype == torch.float32
+    assert torch.equal(probs, _hf_probs(logits, temperature, 0, 1.0))
+
+
+@pytest.mark.parametrize("top_k", [1, 2, 10, 96])
+def test_top_k_matches_transformers(top_k: int) -> None:
+    logits = _random_logits(8, seed=3)
+    probs = sampling_probs(logits, SamplingParams(temperature=1.0, top_k=top_k))
+    assert torch.equal(probs, _hf_probs(logits, 1.0, top_k, 1.0))
+    assert ((probs > 0).sum(dim=-1) == top_k).all()
+
+
+@pytest.mark.parametrize("top_p", [0.01, 0.3, 0.9, 0.999])
+def test_top_p_matches_transformers(top_p: float) -> None:
+    logits = _random_logits(8, seed=4)
+    probs = sampling_probs(logits, SamplingParams(temperature=1.0, top_p=top_p))
+    assert torch.equal(probs, _hf_probs(logits, 1.0, 0, top_p))
+
+
+@pytest.mark.parametrize(("temperature", "top_k", "top_p"), [(0.7, 20, 0.8), (1.3, 5, 0.5), (0.9, 50, 0.95)])
+def test_combined_warpers_match_transformers(temperature: float, top_k: int, top_p: float) -> None:
+    logits = _random_logits(16, seed=5)
+    probs = sampling_probs(logits, SamplingParams(temperature=temperature, top_k=top_k, top_p=top_p))
+    assert torch.equal(probs, _hf_probs(logits, temperature, top_k, top_p))
+
+
+def test_half_precision_logits_match_transformers_on_float32_cast() -> None:
+    logits = _random_logits(4, seed=6).to(torch.float16)
+    probs = sampling_probs(logits, SamplingParams(temperature=0.8, top_k=30, top_p=0.9))
+    assert torch.equal(probs, _hf_probs(logits.float(), 0.8, 30, 0.9))
+
+
+# ------------------------------------------------------------------------------------ hand-checked edges
+
+
+def test_temperature_scaling_by_hand() -> None:
+    logits = torch.tensor([[0.0, 1.0, 2.0]])
+    probs = sampling_probs(logits, SamplingParams(temperature=0.5))
+    assert torch.allclose(probs, torch.softmax(torch.tensor([[0.0, 2.0, 4.0]]), dim=-1))
+
+
+def test_top_k_keeps_ties_at_kth_value() -> None:
+    logits = torch.tensor([[5.0, 3.0, 3.0, 1.0, 3.0]])
+    probs = sampling_probs(logits, SamplingParams(temperature=1.0, top_k=2))
+    assert (probs > 0).tolist() == [[True, True, True, False, True]]
+
+
+def test_top_k_off_or_at_least_vocab_is_plain_softmax() -> None:
+    logits = _random_logits(2, seed=7)
+    plain = torch.softmax(logits, dim=-1)
+    for top_k in (0, VOCAB_SIZE, VOCAB_SIZE + 5):
+        assert torch.equal(sampling_probs(logits, SamplingParams(temperature=1.0, top_k=top_k)), plain)
+
+
+def test_top_p_keeps_smallest_nucleus_and_at_least_one() -> None:
+    logits = torch.log(torch.tensor([[0.1, 0.5, 0.15, 0.25]]))
+    nucleus = sampling_probs(logits, SamplingParams(temperature=1.0, top_p=0.7))
+    assert (nucleus > 0).tolist() == [[False, True, False, True]]
+    assert torch.allclose(nucleus, torch.tensor([[0.0, 0.5 / 0.75, 0.0, 0.25 / 0.75]]))
+    tiny = sampling_probs(logits, SamplingParams(temperature=1.0, top_p=1e-9))
+    assert tiny.tolist() == [[0.0, 1.0, 0.0, 0.0]]
+
+
+def test_processing_is_deterministic_and_row_independent() -> None:
+    logits = _random_logits(12, seed=8)
+    params = SamplingParams(temperature=0.9, top_k=40, top_p=0.85)
+    batch = sampling_probs(logits, params)
+    assert torch.equal(batch, sampling_probs(logits.clone(), params))
+    for row in range(logits.shape[0]):
+        assert torch.equal(sampling_probs(logits[row : row + 1], params)[0], batch[row])
+
+
+# -------------------------------------------------------------------------------- compact / expand
+
+
+def test_compact_sparse_round_trip() -> None:
+    logits = _random_logits(1, seed=9)
+    probs = sampling_probs(logits, SamplingParams(temperature=1.0, top_k=5))[0]
+    token_ids, values = compact_distribution(probs)
+    assert len(token_ids) == len(values) == 5
+    assert token_ids == sorted(token_ids)
+    assert all(v > 0 for v in values)
+    assert torch.equal(expand_distribution(token_ids, values, VOCAB_SIZE), probs)
+
+
+def test_compact_dense_round_trip() -> None:
+    probs = sampling_probs(_random_logits(1, seed=10), SamplingParams(temperature=1.0))[0]
+    token_ids, values = compact_distribution(probs)
+    assert token_ids == []
+    assert len(values) == VOCAB_SIZE
+    restored = expand_distribution(token_ids, values, VOCAB_SIZE)
+    assert restored.dtype == torch.float32
+    assert torch.equal(restored, probs)
+
+
+def test_compact_threshold_is_half_the_vocabulary() -> None:
+    half = torch.tensor([0.25, 0.0, 0.75, 0.0])
+    assert compact_distribution(half) == ([0, 2], [0.25, 0.75])
+    more = torch.tensor([0.25, 0.25, 0.5, 0.0])
+    assert compact_distribution(more) == ([], [0.25, 0.25, 0.5, 0.0])
+    one_hot = torch.tensor([0.0, 0.0, 1.0])
+    assert compact_distribution(one_hot) == ([2], [1.0])
+    zeros = torch.zeros(4)
+    assert compact_distribution(zeros) == ([], [0.0, 0.0, 0.0, 0.0])
+    assert torch.equal(expand_distribution(*compact_distribution(zeros), 4), zeros)
+
+
+@pytest.mark.parametrize(
+    ("token_ids", "probs", "vocab_size", "message"),
+    [
+        ([1, 2], [0.5], 8, "2 token ids but 1 probabilities"),
+        ([1, 8], [0.5, 0.5], 8, "token id 8 is out of range"),
+        ([-1], [1.0], 8, "token id -1 is out of range"),
+        ([3, 3], [0.5, 0.5], 8, "duplicate"),
+        ([], [0.5, 0.5], 8, "2 probabilities, expected vocab_size=8"),
+        ([], [], 8, "0 probabilities, expected vocab_size=8"),
+        ([1], [-0.1], 8, "non-negative"),
+        ([1], [float("nan")], 8, "finite"),
+        ([0], [1.0], 0, "vocab_size must be positive"),
+    ],
+)
+def test_expand_rejects_bad_input(token_ids: list[int], probs: list[float], vocab_size: int, message: str) -> None:
+    with pytest.raises(InvalidArgumentError, match=message):
+        expand_distribution(token_ids, probs, vocab_size)
