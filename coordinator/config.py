@@ -34,7 +34,8 @@ class CoordinatorConfig:
             raise ValueError(f"max_speculative_tokens must be >= 0, got {self.max_speculative_tokens}")
         if not 0 <= self.num_speculative_tokens <= self.max_speculative_tokens:
             raise ValueError(
-                f"num_speculative_tokens must be in [0, max_speculative_tokens={self.max_speculative_tokens}], "
+                f"num_speculative_tokens must be in [0, {self.max_speculative_tokens}] "
+                "(max_speculative_tokens), "
                 f"got {self.num_speculative_tokens}"
             )
         if self.max_new_tokens_limit < 1:

@@ -9,7 +9,7 @@ from specpipe.errors import InvalidArgumentError
 from specpipe.sampling.params import SamplingParams
 from specpipe.v1 import coordinator_pb2
 
-SESSION_ID_PATTERN = re.compile(r"^[A-Za-z0-9_.:-]{1,128}$")
+SESSION_ID_PATTERN = re.compile(r"^[A-Za-z0-9_.-]{1,128}$")
 
 FINISH_REASONS = {
     "length": coordinator_pb2.FINISH_REASON_LENGTH,
@@ -49,7 +49,7 @@ class GenerationRequest:
             raise InvalidArgumentError("stop strings must not be empty")
         if pb.session_id and not SESSION_ID_PATTERN.match(pb.session_id):
             raise InvalidArgumentError(
-                "session_id must be 1-128 characters of letters, digits, '_', '.', ':' or '-'"
+                "session_id must be 1-128 characters of letters, digits, '_', '.' or '-'"
             )
         k = limits.default_speculative_tokens
         if pb.HasField("num_speculative_tokens"):

@@ -32,7 +32,8 @@ def check_pairing(draft: WorkerModelInfo, target: WorkerModelInfo) -> None:
     """Refuses a pair whose token ids mean different things: q and p must index the same vocabulary."""
     if draft.tokenizer_fingerprint != target.tokenizer_fingerprint:
         raise IncompatibleWorkersError(
-            f"draft model {draft.model_name!r} and target model {target.model_name!r} use different tokenizers "
+            f"draft model {draft.model_name!r} and target model {target.model_name!r} "
+            "use different tokenizers "
             f"(fingerprints {draft.tokenizer_fingerprint[:12]} vs {target.tokenizer_fingerprint[:12]})"
         )
     if draft.vocab_size != target.vocab_size:
@@ -42,7 +43,9 @@ def check_pairing(draft: WorkerModelInfo, target: WorkerModelInfo) -> None:
         )
 
 
-async def wait_for_info(client: WorkerClient, include_tokenizer_files: bool, deadline: float) -> WorkerModelInfo:
+async def wait_for_info(
+    client: WorkerClient, include_tokenizer_files: bool, deadline: float
+) -> WorkerModelInfo:
     while True:
         try:
             return await client.model_info(include_tokenizer_files, timeout_s=5.0)
@@ -81,7 +84,10 @@ async def pair_workers(
     )
     logger.info(
         "paired draft %s (%s) with target %s (%s)",
-        draft_info.model_name, draft.address, target_info.model_name, target.address,
+        draft_info.model_name,
+        draft.address,
+        target_info.model_name,
+        target.address,
     )
     owner = f"{socket.gethostname()}:{config.port}"
     return SpeculativeGenerator(draft, target, store, tokenizer, limits, config.worker_timeout_s, owner)

@@ -105,7 +105,9 @@ class SpeculativeGenerator:
         )
         return max(k, 0)
 
-    async def commit(self, session: OpenSession, request: GenerationRequest, new_ids: list[int], delta: SessionStats) -> None:
+    async def commit(
+        self, session: OpenSession, request: GenerationRequest, new_ids: list[int], delta: SessionStats
+    ) -> None:
         sampling = request.sampling.to_dict()
         if not session.persisted:
             # The session (or this turn's prompt) is written together with the first round, so a request
@@ -149,7 +151,9 @@ class SpeculativeGenerator:
         finish_reason = ""
         while not finish_reason:
             history = session.history
-            k = self.draft_length(request.num_speculative_tokens, request.max_new_tokens - len(generated), len(history))
+            k = self.draft_length(
+                request.num_speculative_tokens, request.max_new_tokens - len(generated), len(history)
+            )
             draft_ids: list[int] = []
             draft_probs = ()
             if k > 0:

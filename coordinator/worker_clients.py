@@ -76,7 +76,12 @@ class DraftClient(WorkerClient):
         self.stub = draft_pb2_grpc.DraftServiceStub(self.channel)
 
     async def propose(
-        self, session_id: str, token_ids: Sequence[int], num_tokens: int, sampling: SamplingParams, timeout_s: float
+        self,
+        session_id: str,
+        token_ids: Sequence[int],
+        num_tokens: int,
+        sampling: SamplingParams,
+        timeout_s: float,
     ) -> Proposal:
         request = draft_pb2.ProposeRequest(
             session_id=session_id, token_ids=token_ids, num_tokens=num_tokens, sampling=sampling.to_pb()

@@ -39,7 +39,8 @@ class DraftProposal:
 
     def to_pb(self) -> draft_pb2.ProposeResponse:
         probs = [
-            common_pb2.TokenDistribution(token_ids=ids, probs=values) for ids, values in self.draft_probs or []
+            common_pb2.TokenDistribution(token_ids=ids, probs=values)
+            for ids, values in self.draft_probs or []
         ]
         return draft_pb2.ProposeResponse(
             token_ids=self.token_ids,

@@ -19,9 +19,7 @@ SERVICE_NAME = draft_pb2.DESCRIPTOR.services_by_name["DraftService"].full_name
 
 
 def load_drafter(config: WorkerConfig) -> ModelDrafter:
-    runner = CausalLMRunner.load(
-        config.model_path, config.device, config.dtype, config.max_cached_sessions, config.max_context
-    )
+    runner = CausalLMRunner.from_config(config)
     drafter = ModelDrafter(runner, config.max_draft_tokens)
     # Warm-up: one short greedy and one sampled proposal, so the first request pays no lazy initialisation.
     session_id = f"warmup-{uuid.uuid4().hex}"

@@ -71,7 +71,9 @@ class CoordinatorClient:
     ) -> Iterator[coordinator_pb2.GenerateResponse]:
         yield from self.stub.Generate(request, timeout=timeout_s)
 
-    def generate(self, request: coordinator_pb2.GenerateRequest, timeout_s: float | None = None) -> GenerationResult:
+    def generate(
+        self, request: coordinator_pb2.GenerateRequest, timeout_s: float | None = None
+    ) -> GenerationResult:
         result = GenerationResult()
         for chunk in self.stream(request, timeout_s):
             result.add(chunk)

@@ -23,6 +23,8 @@ class WorkerConfig:
     max_context: int = 0
     # The largest k a draft worker accepts in one Propose call.
     max_draft_tokens: int = 32
+    # torch intra-op threads; 0 = torch's default. Small models on shared CPUs run best with 1.
+    torch_threads: int = 0
     shutdown_grace_s: float = 10.0
 
     def __post_init__(self) -> None:
@@ -40,6 +42,8 @@ class WorkerConfig:
             raise ValueError(f"max_cached_sessions must be >= 1, got {self.max_cached_sessions}")
         if self.max_context < 0:
             raise ValueError(f"max_context must be >= 0, got {self.max_context}")
+        if self.torch_threads < 0:
+            raise ValueError(f"torch_threads must be >= 0, got {self.torch_threads}")
         if self.max_draft_tokens < 1:
             raise ValueError(f"max_draft_tokens must be >= 1, got {self.max_draft_tokens}")
 

@@ -20,7 +20,10 @@ class NotFoundError(SpecpipeError):
 
 
 class FailedPreconditionError(SpecpipeError):
-    """The system is not in the state the request needs, e.g. a stale session version (FAILED_PRECONDITION)."""
+    """The system is not in the state the request needs, e.g. a stale session version.
+
+    Maps to FAILED_PRECONDITION.
+    """
 
 
 class ResourceExhaustedError(SpecpipeError):

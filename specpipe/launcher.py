@@ -78,7 +78,9 @@ class ServiceProcess:
             if health_status(self.address) == health_pb2.HealthCheckResponse.SERVING:
                 return
             time.sleep(0.2)
-        raise TimeoutError(f"{self.name} not SERVING on {self.address} after {timeout_s:.0f}s:\n{self.log_tail()}")
+        raise TimeoutError(
+            f"{self.name} not SERVING on {self.address} after {timeout_s:.0f}s:\n{self.log_tail()}"
+        )
 
     def stop(self, timeout_s: float = 15.0) -> None:
         if self.popen is None or self.popen.poll() is not None:
@@ -101,6 +103,7 @@ class PipelineConfig:
     device: str = "cpu"
     dtype: str = "float32"
     num_speculative_tokens: int = 4
+    torch_threads: int = 0
     startup_timeout_s: float = 600.0
     log_dir: str = ""  # empty = a temporary directory
 
@@ -111,8 +114,11 @@ class PipelineConfig:
             raise ValueError(f"port must be in [0, 65535], got {self.port}")
 
 
-def worker_args(model: str, port: int, device: str, dtype: str) -> list[str]:
-    return ["--model", model, "--host", "127.0.0.1", "--port", str(port), "--device", device, "--dtype", dtype]
+def worker_args(model: str, port: int, device: str, dtype: str, threads: int = 0) -> list[str]:
+    return [
+        "--model", model, "--host", "127.0.0.1", "--port", str(port),
+        "--device", device, "--dtype", dtype, "--threads", str(threads),
+    ]  # fmt: skip
 
 
 def run_pipeline(config: PipelineConfig, extra_coordinator_args: Sequence[str] = ()) -> int:
@@ -137,21 +143,33 @@ def run_pipeline(config: PipelineConfig, extra_coordinator_args: Sequence[str] =
             logger.info("session store: embedded Redis-protocol server at 127.0.0.1:%d", redis_server.port)
         draft_port, target_port = free_port(), free_port()
         draft = ServiceProcess(
-            "draft", f"127.0.0.1:{draft_port}",
-            worker_args(config.draft_model, draft_port, config.device, config.dtype), log_dir / "draft.log",
+            "draft",
+            f"127.0.0.1:{draft_port}",
+            worker_args(config.draft_model, draft_port, config.device, config.dtype, config.torch_threads),
+            log_dir / "draft.log",
         )
         target = ServiceProcess(
-            "target", f"127.0.0.1:{target_port}",
-            worker_args(config.target_model, target_port, config.device, config.dtype), log_dir / "target.log",
+            "target",
+            f"127.0.0.1:{target_port}",
+            worker_args(config.target_model, target_port, config.device, config.dtype, config.torch_threads),
+            log_dir / "target.log",
         )
         coordinator = ServiceProcess(
             "coordinator",
             f"{config.host}:{config.port}",
             [
-                "--host", config.host, "--port", str(config.port),
-                "--draft-addr", draft.address, "--target-addr", target.address,
-                "--redis-url", redis_url,
-                "--num-speculative-tokens", str(config.num_speculative_tokens),
+                "--host",
+                config.host,
+                "--port",
+                str(config.port),
+                "--draft-addr",
+                draft.address,
+                "--target-addr",
+                target.address,
+                "--redis-url",
+                redis_url,
+                "--num-speculative-tokens",
+                str(config.num_speculative_tokens),
                 *extra_coordinator_args,
             ],
             log_dir / "coordinator.log",

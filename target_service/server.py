@@ -19,9 +19,7 @@ SERVICE_NAME = target_pb2.DESCRIPTOR.services_by_name["TargetService"].full_name
 
 
 def load_verifier(config: WorkerConfig) -> Verifier:
-    runner = CausalLMRunner.load(
-        config.model_path, config.device, config.dtype, config.max_cached_sessions, config.max_context
-    )
+    runner = CausalLMRunner.from_config(config)
     verifier = Verifier(runner)
     # Warm-up: a greedy and a sampled verification, so the first request pays no lazy initialisation.
     session_id = f"warmup-{uuid.uuid4().hex}"

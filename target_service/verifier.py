@@ -70,12 +70,14 @@ class Verifier:
             raise InvalidArgumentError(f"draft_token_ids must be in [0, {vocab})")
         if block.draft_probs is not None and len(block.draft_probs) != len(block.draft_token_ids):
             raise InvalidArgumentError(
-                f"draft_probs has {len(block.draft_probs)} entries for {len(block.draft_token_ids)} draft tokens"
+                f"draft_probs has {len(block.draft_probs)} entries "
+                f"for {len(block.draft_token_ids)} draft tokens"
             )
         length = len(block.token_ids) + len(block.draft_token_ids)
         if length > self.runner.max_context:
             raise InvalidArgumentError(
-                f"token_ids + draft_token_ids ({length}) exceed the target context of {self.runner.max_context}"
+                f"token_ids + draft_token_ids ({length}) exceed "
+                f"the target context of {self.runner.max_context}"
             )
 
     def verify(self, block: VerifyBlock) -> Verdict:
@@ -87,7 +89,10 @@ class Verifier:
         draft_probs = None
         if block.draft_probs is not None and not block.sampling.is_greedy:
             draft_probs = torch.stack(
-                [expand_distribution(ids_, probs, self.runner.vocab_size) for ids_, probs in block.draft_probs]
+                [
+                    expand_distribution(ids_, probs, self.runner.vocab_size)
+                    for ids_, probs in block.draft_probs
+                ]
             )  # [k, vocab_size]
         outcome = verify_draft(
             target_probs,

@@ -32,7 +32,9 @@ class Pipeline:
     pair: ModelPair
 
     def logs(self) -> str:
-        return "\n".join(f"--- {p.name} ---\n{p.log_tail(60)}" for p in (self.draft, self.target, self.coordinator))
+        return "\n".join(
+            f"--- {p.name} ---\n{p.log_tail(60)}" for p in (self.draft, self.target, self.coordinator)
+        )
 
 
 @pytest.fixture(scope="session")
@@ -57,7 +59,8 @@ def start_service(name: str, args: list[str], address: str, log_dir: Path) -> Se
 
 def start_worker(role: str, model_dir: Path, log_dir: Path, extra: list[str] | None = None) -> ServiceProcess:
     port = free_port()
-    args = [*worker_args(str(model_dir), port, "cpu", "float32"), *(extra or [])]
+    # One torch thread: tiny models gain nothing from more, and the 2-core machine runs 4 processes.
+    args = [*worker_args(str(model_dir), port, "cpu", "float32", threads=1), *(extra or [])]
     return start_service(role, args, f"127.0.0.1:{port}", log_dir)
 
 

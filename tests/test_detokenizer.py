@@ -90,6 +90,19 @@ def test_context_dependent_decoder(metaspace_tok: PreTrainedTokenizerFast) -> No
             assert "".join(stream(det, random_chunks(ids, random.Random(seed), 3))) == expected
 
 
+def test_random_ids_with_invalid_utf8(tok: PreTrainedTokenizerFast) -> None:
+    # Random ids, many of them single bytes of multi-byte characters: lone, truncated or invalid
+    # sequences must come out exactly as a one-shot decode renders them.
+    byte_ids = [i for i in range(len(tok)) if FFFD in decode(tok, [i])]
+    assert byte_ids
+    for seed in range(200):
+        rng = random.Random(seed)
+        ids = [rng.choice(byte_ids) if rng.random() < 0.6 else rng.randrange(len(tok)) for _ in range(30)]
+        skip = seed % 2 == 0
+        det = IncrementalDetokenizer(tok, skip_special_tokens=skip)
+        assert "".join(stream(det, random_chunks(ids, rng))) == decode(tok, ids, skip)
+
+
 def test_split_multibyte_chars_never_stream_replacement(tok: PreTrainedTokenizerFast) -> None:
     text = "日本語のテキスト 🙂 Ünïcödé"
     ids = tok(text)["input_ids"]
@@ -135,9 +148,8 @@ def check_stop(tok: PreTrainedTokenizerFast, text: str, stop: str, max_chunk: in
                 if so_far.endswith(stop[:n]):
                     assert len(det.text) <= len(so_far) - n
         assert det.stopped
-        det.finish()
-        assert det.text == text[:cut]
         assert det.push(ids) == "" and det.finish() == ""
+        assert det.text == text[:cut]
         k = det.stop_token_index
         assert k is not None and k <= len(pushed)
         assert stop in decode(tok, ids[:k]) and stop not in decode(tok, ids[: k - 1])
@@ -169,7 +181,7 @@ def test_stop_at_very_beginning(tok: PreTrainedTokenizerFast) -> None:
     assert out == [""] * len(ids)
     assert det.stopped and det.text == "" and det.finish() == ""
     k = det.stop_token_index
-    assert k is not None and decode(tok, ids[:k]) .startswith("STOP")
+    assert k is not None and decode(tok, ids[:k]).startswith("STOP")
     assert not decode(tok, ids[: k - 1]).startswith("STOP")
 
 

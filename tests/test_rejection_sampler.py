@@ -12,7 +12,7 @@ from __future__ import annotations
 import math
 import random
 from collections import Counter
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 
 import pytest
 import torch
@@ -31,6 +31,16 @@ from specpipe.sampling.rejection_sampler import (
 
 VOCAB_SIZE = 8
 FIRST_POSITION = 11
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _single_torch_thread() -> Iterator[None]:
+    """Thousands of tiny tensor ops: intra-op threads only add synchronisation (ms under CPU contention)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
 
 # ------------------------------------------------------------------------------------------- reference
 
@@ -271,7 +281,13 @@ def _random_case(rng: random.Random) -> tuple[torch.Tensor, list[int], torch.Ten
     target = _random_probs(k + 1, generator, params)
     kind = rng.choice(["sampled", "sampled", "random_ids", "point_mass", "equal", "half"])
     if kind == "point_mass":
-        return target, [rng.randrange(VOCAB_SIZE) for _ in range(k)], None, rng.randrange(1000), rng.randrange(2**64)
+        return (
+            target,
+            [rng.randrange(VOCAB_SIZE) for _ in range(k)],
+            None,
+            rng.randrange(1000),
+            rng.randrange(2**64),
+        )
     if kind == "equal":
         draft_probs = target[:k].clone()
     elif kind == "half":
@@ -330,7 +346,7 @@ def test_rejection_does_not_depend_on_later_draft_tokens() -> None:
 # ------------------------------------------------------------------- (3) statistical exactness, k = 1
 
 
-ROUNDS = 8_000
+ROUNDS = 4_000
 
 
 @pytest.mark.parametrize(
@@ -338,13 +354,14 @@ ROUNDS = 8_000
     [
         ("temperature_1", SamplingParams(temperature=1.0)),
         ("top_k", SamplingParams(temperature=0.8, top_k=4)),
-        ("top_p", SamplingParams(temperature=1.0, top_p=0.7)),
+        ("top_p", SamplingParams(temperature=2.0, top_p=0.8)),
     ],
 )
 def test_output_is_distributed_as_p_for_random_q(name: str, params: SamplingParams) -> None:
     generator = torch.Generator().manual_seed(sum(map(ord, name)))
     target = _random_probs(2, generator, params)
     draft_probs = _random_probs(1, generator, params)
+    assert int((target[0] > 0).sum()) >= 3
     results = _run_rounds(target, draft_probs, ROUNDS, seed_base=1_000_000)
     _assert_distributed_as(Counter(r.output_token_ids[0] for r in results), target[0], draft_probs[0])
     accept_rate = sum(r.num_accepted for r in results) / ROUNDS
@@ -387,7 +404,9 @@ def test_output_is_distributed_as_p_for_draft_outside_q_support() -> None:
     target = _random_probs(2, generator, SamplingParams(temperature=1.0))
     draft_probs = _random_probs(1, generator, SamplingParams(temperature=1.0, top_k=3))
     outside = int(torch.nonzero(draft_probs[0] == 0)[0, 0])
-    results = _run_rounds(target, draft_probs, ROUNDS // 2, seed_base=5_000_000, draft_tokens=lambda _: [outside])
+    results = _run_rounds(
+        target, draft_probs, ROUNDS // 2, seed_base=5_000_000, draft_tokens=lambda _: [outside]
+    )
     _assert_distributed_as(Counter(r.output_token_ids[0] for r in results), target[0])
 
 
@@ -410,14 +429,14 @@ def test_second_position_is_distributed_as_p_given_first_accepted() -> None:
 def test_matches_reference_implementation() -> None:
     rng = random.Random(10)
     outcomes: Counter[str] = Counter()
-    for _ in range(1_500):
+    for _ in range(800):
         case = _random_case(rng)
         result = rejection_sample(*case)
         assert result == reference_rejection_sample(*case), case
         assert result.output_token_ids[-1] == result.next_token_id
         assert len(result.output_token_ids) == result.num_accepted + 1
         outcomes["recovered" if result.recovered else "bonus"] += 1
-    assert outcomes["recovered"] > 200 and outcomes["bonus"] > 200
+    assert outcomes["recovered"] > 100 and outcomes["bonus"] > 100
 
 
 def test_reference_and_module_agree_on_large_vocab() -> None:

@@ -190,6 +190,8 @@ def test_compact_threshold_is_half_the_vocabulary() -> None:
         ([0], [1.0], 0, "vocab_size must be positive"),
     ],
 )
-def test_expand_rejects_bad_input(token_ids: list[int], probs: list[float], vocab_size: int, message: str) -> None:
+def test_expand_rejects_bad_input(
+    token_ids: list[int], probs: list[float], vocab_size: int, message: str
+) -> None:
     with pytest.raises(InvalidArgumentError, match=message):
         expand_distribution(token_ids, probs, vocab_size)

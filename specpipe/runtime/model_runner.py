@@ -7,11 +7,15 @@ import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, DynamicCache, PreTrainedTokenizerBase
 
 from specpipe.runtime.kv_cache import SessionKVCacheStore, common_prefix_length
+
+if TYPE_CHECKING:
+    from specpipe.config import WorkerConfig
 
 logger = logging.getLogger(__name__)
 
@@ -47,6 +51,14 @@ class CausalLMRunner:
         self.device = next(model.parameters()).device
         self.dtype = next(model.parameters()).dtype
         self.vocab_size = int(model.get_output_embeddings().weight.shape[0])
+
+    @classmethod
+    def from_config(cls, config: WorkerConfig) -> CausalLMRunner:
+        if config.torch_threads:
+            torch.set_num_threads(config.torch_threads)
+        return cls.load(
+            config.model_path, config.device, config.dtype, config.max_cached_sessions, config.max_context
+        )
 
     @classmethod
     def load(

@@ -53,7 +53,9 @@ def keyed_uniform(seed: int, position: int, stream: RandomStream) -> float:
         raise InvalidArgumentError(f"seed must fit in uint64, got {seed}")
     if not 0 <= position < _UINT64_LIMIT:
         raise InvalidArgumentError(f"token position must be a non-negative uint64, got {position}")
-    stream_id = int(RandomStream(stream))
+    if stream not in RandomStream.__members__.values():
+        raise InvalidArgumentError(f"unknown random stream {stream!r}")
+    stream_id = int(stream)
     key = seed.to_bytes(8, "little") + position.to_bytes(8, "little") + stream_id.to_bytes(4, "little")
     digest = hashlib.blake2b(key, digest_size=8, person=_PERSON).digest()
     x = int.from_bytes(digest, "little") >> (64 - _MANTISSA_BITS)

@@ -21,7 +21,7 @@ depend on batching, on the number of draft tokens per round, or on which worker 
 Choices that make the rule exact in floating point:
 
 - p_i(x_i) and q_i(x_i) are float32 values widened to float64. If `q_i(x_i) <= p_i(x_i)` the token is
-  accepted without a draw's comparison (u < 1 always holds); otherwise accept iff `u < p / q` in float64.
+  always accepted (every u is < 1); otherwise it is accepted iff `u < p_i(x_i) / q_i(x_i)` in float64.
 - `draft_probs=None` means every draft is a point mass on its token (model-free drafters such as n-gram or
   prompt lookup): q_i = one-hot(x_i), so the token is accepted iff `u < p_i(x_i)` and the residual is p_i with
   x_i removed.
@@ -94,9 +94,13 @@ def rejection_sample(
     if first_position < 0:
         raise InvalidArgumentError(f"first_position must be non-negative, got {first_position}")
 
-    ids = torch.tensor(draft, dtype=torch.long).unsqueeze(1)  # [k, 1]
-    p_draft: list[float] = target_probs[:k].gather(1, ids).view(-1).tolist()  # [k], p_i(x_i)
-    q_draft: list[float] = [0.0] * k if draft_probs is None else draft_probs.gather(1, ids).view(-1).tolist()
+    p_draft: list[float] = []  # [k], p_i(x_i)
+    q_draft: list[float] = [0.0] * k  # [k], q_i(x_i); 0 marks a point-mass proposal
+    if k > 0:
+        ids = torch.tensor([[token_id] for token_id in draft], dtype=torch.long)  # [k, 1]
+        p_draft = [row[0] for row in target_probs[:k].gather(1, ids).tolist()]
+        if draft_probs is not None:
+            q_draft = [row[0] for row in draft_probs.gather(1, ids).tolist()]
     for i, token_id in enumerate(draft):
         position = first_position + i
         p_x, q_x = p_draft[i], q_draft[i]

@@ -182,25 +182,28 @@ class RedisServerProcess:
             time.sleep(0.02)
 
     def _ping(self) -> bool:
-        """True once the server answers PING (after AUTH when a password is set)."""
+        """True once our child answers PING (after AUTH when a password is set).
+
+        INFO's process_id must be the child's pid: when the port is taken, the process that holds it may
+        answer PING while our child is still on its way to exiting with "Address already in use".
+        """
+        assert self._proc is not None
+        wanted = b"process_id:%d\r\n" % self._proc.pid
+        request = _resp_command("AUTH", self._password) if self._password else b""
+        request += _resp_command("PING") + _resp_command("INFO", "server")
+        data = b""
         try:
             with socket.create_connection((self._host, self._port), timeout=0.5) as sock:
-                request = b""
-                if self._password:
-                    request += _resp_command("AUTH", self._password)
-                request += _resp_command("PING")
                 sock.sendall(request)
-                expected_replies = 2 if self._password else 1
-                data = b""
-                while data.count(b"\r\n") < expected_replies:
-                    chunk = sock.recv(4096)
+                # Stop at our pid, or at an error reply (-LOADING, -NOAUTH, ...): not ready, or not ours.
+                while wanted not in data and not data.startswith(b"-") and b"\r\n-" not in data:
+                    chunk = sock.recv(65536)
                     if not chunk:
-                        return False
+                        break
                     data += chunk
         except OSError:
             return False
-        # A -LOADING or -NOAUTH reply means the server is up but not usable yet (or misconfigured).
-        return data.split(b"\r\n")[expected_replies - 1] == b"+PONG"
+        return b"+PONG\r\n" in data and wanted in data
 
     def stop(self, timeout_s: float = 5.0) -> None:
         """SIGTERM, then SIGKILL after timeout_s; removes the temp data dir if this object created it."""

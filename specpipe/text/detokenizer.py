@@ -70,7 +70,7 @@ class IncrementalDetokenizer:
         """Adds generated ids; returns the text delta that is now safe to send (maybe "")."""
         if self._finished:
             raise RuntimeError("push() after finish()")
-        if self._stopped or not token_ids:
+        if self._stopped or len(token_ids) == 0:
             return ""
         read_before = self._read_offset
         self._ids.extend(int(t) for t in token_ids)

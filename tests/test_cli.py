@@ -1,0 +1,64 @@
+"""The main job: `specpipe serve` with no flags runs everything; `specpipe generate` streams from it."""
+
+from __future__ import annotations
+
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from specpipe.launcher import free_port, health_status
+
+
+def test_serve_with_no_flags_then_generate(tmp_path: Path) -> None:
+    env = {**os.environ, "SPECPIPE_CACHE_DIR": str(tmp_path / "cache"), "PYTHONUNBUFFERED": "1"}
+    port = free_port()
+    # No flags but the port, so this test does not collide with a developer's running server on 50051.
+    serve = subprocess.Popen(
+        [sys.executable, "-m", "specpipe", "serve", "--port", str(port), "--threads", "1",
+         "--log-dir", str(tmp_path / "logs")],
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env,
+    )  # fmt: skip
+    try:
+        assert serve.stdout is not None
+        deadline = time.monotonic() + 180
+        banner = ""
+        while time.monotonic() < deadline and "specpipe serving on" not in banner:
+            line = serve.stdout.readline()
+            if not line and serve.poll() is not None:
+                break
+            banner = line
+        assert f"specpipe serving on 127.0.0.1:{port}" in banner, banner
+        out = subprocess.run(
+            [sys.executable, "-m", "specpipe", "generate", "def fibonacci(n):", "--addr", f"127.0.0.1:{port}",
+             "--max-new-tokens", "16"],
+            capture_output=True, text=True, env=env, timeout=120,
+        )  # fmt: skip
+        assert out.returncode == 0, out.stderr
+        assert out.stdout.startswith("def fibonacci(n):")
+        stats = re.search(
+            r"tokens=(\d+) .*target passes=(\d+) .*draft tokens=(\d+) accepted=(\d+)", out.stderr
+        )
+        assert stats, out.stderr
+        assert int(stats.group(1)) == 16
+        bad = subprocess.run(
+            [sys.executable, "-m", "specpipe", "generate", "x", "--addr", f"127.0.0.1:{port}",
+             "--top-p", "2"],
+            capture_output=True, text=True, env=env, timeout=60,
+        )  # fmt: skip
+        assert bad.returncode == 1 and "INVALID_ARGUMENT" in bad.stderr and "top_p" in bad.stderr
+    finally:
+        serve.send_signal(signal.SIGINT)
+        try:
+            serve.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            serve.kill()
+            serve.wait()
+    assert serve.returncode == 0
+    # Every component stopped with it (no orphaned coordinator, workers or Redis left behind).
+    assert health_status(f"127.0.0.1:{port}") == -1
+    leftovers = subprocess.run(["pgrep", "-f", str(tmp_path / "logs")], capture_output=True, text=True)
+    assert leftovers.stdout.strip() == ""

@@ -1,0 +1,96 @@
+"""Bad input gets a clear status naming the field; nothing is written for a failed request."""
+
+from __future__ import annotations
+
+import grpc
+import pytest
+import redis
+
+from specpipe.client import CoordinatorClient, build_request
+from specpipe.v1 import coordinator_pb2
+from tests.conftest import Pipeline
+
+
+def session_keys(pipeline: Pipeline) -> set[bytes]:
+    return set(redis.Redis.from_url(pipeline.redis.url).scan_iter(match="specpipe:session:*"))
+
+
+def call_error(pipeline: Pipeline, request: coordinator_pb2.GenerateRequest) -> grpc.RpcError:
+    with CoordinatorClient(pipeline.coordinator_addr) as client:
+        with pytest.raises(grpc.RpcError) as caught:
+            client.generate(request, timeout_s=30)
+    return caught.value
+
+
+@pytest.mark.parametrize(
+    ("request_", "code", "field"),
+    [
+        (build_request("", 8), grpc.StatusCode.INVALID_ARGUMENT, "prompt"),
+        (build_request("hi", 0), grpc.StatusCode.INVALID_ARGUMENT, "max_new_tokens"),
+        (build_request("hi", 257), grpc.StatusCode.INVALID_ARGUMENT, "max_new_tokens"),
+        (build_request("hi", 8, temperature=-0.5), grpc.StatusCode.INVALID_ARGUMENT, "temperature"),
+        (build_request("hi", 8, temperature=float("nan")), grpc.StatusCode.INVALID_ARGUMENT, "temperature"),
+        (build_request("hi", 8, top_p=0.0), grpc.StatusCode.INVALID_ARGUMENT, "top_p"),
+        (build_request("hi", 8, top_p=1.5), grpc.StatusCode.INVALID_ARGUMENT, "top_p"),
+        (build_request([1] * 600, 8), grpc.StatusCode.INVALID_ARGUMENT, "prompt too long"),
+        (build_request([10**6], 8), grpc.StatusCode.INVALID_ARGUMENT, "prompt_token_ids"),
+        (
+            build_request("hi", 8, num_speculative_tokens=99),
+            grpc.StatusCode.INVALID_ARGUMENT,
+            "num_speculative",
+        ),
+        (build_request("hi", 8, stop=[""]), grpc.StatusCode.INVALID_ARGUMENT, "stop"),
+        (build_request("hi", 8, session_id="bad id!"), grpc.StatusCode.INVALID_ARGUMENT, "session_id"),
+        (build_request("hi", 8, session_id="no-such-session"), grpc.StatusCode.NOT_FOUND, "no-such-session"),
+    ],
+    ids=[
+        "empty-prompt",
+        "zero-tokens",
+        "too-many-tokens",
+        "negative-temperature",
+        "nan-temperature",
+        "top-p-zero",
+        "top-p-above-one",
+        "prompt-too-long",
+        "token-id-out-of-range",
+        "k-too-large",
+        "empty-stop",
+        "malformed-session-id",
+        "unknown-session-id",
+    ],  # fmt: skip
+)
+def test_bad_input_status(
+    pipeline: Pipeline, request_: coordinator_pb2.GenerateRequest, code: grpc.StatusCode, field: str
+) -> None:
+    before = session_keys(pipeline)
+    error = call_error(pipeline, request_)
+    assert error.code() == code, error.details()
+    assert field in error.details()
+    assert session_keys(pipeline) == before, "a rejected request must not write a session"
+
+
+def test_both_prompt_forms_rejected(pipeline: Pipeline) -> None:
+    request = build_request("hi", 8)
+    request.prompt_token_ids.extend([1, 2])
+    error = call_error(pipeline, request)
+    assert error.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert "prompt" in error.details()
+
+
+def test_prompt_filling_the_context_is_rejected(pipeline: Pipeline) -> None:
+    error = call_error(pipeline, build_request([1] * 512, 4))
+    assert error.code() == grpc.StatusCode.INVALID_ARGUMENT
+
+
+def test_generation_stops_at_the_context_limit(pipeline: Pipeline) -> None:
+    with CoordinatorClient(pipeline.coordinator_addr) as client:
+        result = client.generate(build_request([5] * 500, 64, num_speculative_tokens=8), timeout_s=60)
+    assert result.finish_reason in ("length", "eos")
+    assert 500 + len(result.token_ids) <= 512
+
+
+def test_deadline_exceeded(pipeline: Pipeline) -> None:
+    with CoordinatorClient(pipeline.coordinator_addr) as client:
+        with pytest.raises(grpc.RpcError) as caught:
+            client.generate(build_request("hi", 256), timeout_s=0.05)
+    assert caught.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED

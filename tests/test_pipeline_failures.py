@@ -1,0 +1,118 @@
+"""Workers that die or disagree: UNAVAILABLE within the deadline, no hang, no corrupted session."""
+
+from __future__ import annotations
+
+import signal
+import subprocess
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import grpc
+import pytest
+import redis
+from grpc_health.v1 import health_pb2
+
+from specpipe.client import CoordinatorClient, build_request
+from specpipe.launcher import ServiceProcess, health_status
+from specpipe.models.tiny_pair import TinyPairSpec, build_tiny_pair
+from specpipe.store.redis_server import RedisServerProcess
+from tests.conftest import ModelPair, Pipeline, start_coordinator, start_worker
+
+
+@pytest.fixture
+def own_pipeline(
+    model_pair: ModelPair, redis_server: RedisServerProcess, tmp_path: Path
+) -> Iterator[Pipeline]:
+    """A pipeline this test may break."""
+    draft = start_worker("draft", model_pair.draft_dir, tmp_path)
+    target = start_worker("target", model_pair.target_dir, tmp_path)
+    coordinator = start_coordinator(draft.address, target.address, redis_server.url, tmp_path)
+    services = [draft, target, coordinator]
+    try:
+        for service in services:
+            service.wait_serving(120)
+        yield Pipeline(coordinator.address, draft, target, coordinator, redis_server, model_pair)
+    finally:
+        for service in reversed(services):
+            service.stop()
+
+
+def kill(service: ServiceProcess) -> None:
+    assert service.popen is not None
+    service.popen.kill()
+    service.popen.wait()
+
+
+def session_snapshot(pipeline: Pipeline, session_id: str) -> tuple[bytes | None, bytes | None]:
+    store = redis.Redis.from_url(pipeline.redis.url)
+    key = f"specpipe:session:{session_id}"
+    return store.hget(key, "version"), store.get(f"{key}:tokens")
+
+
+def test_health_serving_on_every_service(pipeline: Pipeline) -> None:
+    for service in (pipeline.draft, pipeline.target, pipeline.coordinator):
+        assert health_status(service.address) == health_pb2.HealthCheckResponse.SERVING
+
+
+def test_dead_workers_give_unavailable_and_keep_sessions(own_pipeline: Pipeline) -> None:
+    with CoordinatorClient(own_pipeline.coordinator_addr) as client:
+        session = client.generate(build_request("def f(x):", 12), timeout_s=60)
+        before = session_snapshot(own_pipeline, session.session_id)
+        keys_before = set(redis.Redis.from_url(own_pipeline.redis.url).scan_iter(match="specpipe:session:*"))
+
+        kill(own_pipeline.draft)
+        for request in (build_request("hello", 16), build_request("more", 16, session_id=session.session_id)):
+            started = time.monotonic()
+            with pytest.raises(grpc.RpcError) as caught:
+                client.generate(request, timeout_s=30)
+            assert caught.value.code() == grpc.StatusCode.UNAVAILABLE
+            assert "draft worker" in caught.value.details()
+            assert time.monotonic() - started < 10, "a dead worker must fail fast, not hang"
+
+        # k = 0 needs only the target, which is still alive.
+        plain = client.generate(build_request("hello", 8, num_speculative_tokens=0), timeout_s=60)
+        assert len(plain.token_ids) == 8
+
+        kill(own_pipeline.target)
+        with pytest.raises(grpc.RpcError) as caught:
+            client.generate(build_request("hello", 8, num_speculative_tokens=0), timeout_s=30)
+        assert caught.value.code() == grpc.StatusCode.UNAVAILABLE
+        assert "target worker" in caught.value.details()
+
+    # The committed session is untouched; failed new sessions left nothing (the k = 0 one completed).
+    assert session_snapshot(own_pipeline, session.session_id) == before
+    keys_after = set(redis.Redis.from_url(own_pipeline.redis.url).scan_iter(match="specpipe:session:*"))
+    assert len(keys_after - keys_before) == 2  # the plain request's hash and tokens keys
+
+
+def test_sigterm_drains_and_exits_cleanly(own_pipeline: Pipeline) -> None:
+    for service in (own_pipeline.coordinator, own_pipeline.draft, own_pipeline.target):
+        assert service.popen is not None
+        service.popen.send_signal(signal.SIGTERM)
+        assert service.popen.wait(timeout=30) == 0, service.log_tail()
+
+
+def test_coordinator_refuses_workers_with_different_tokenizers(
+    model_pair: ModelPair, redis_server: RedisServerProcess, tmp_path: Path
+) -> None:
+    other_target, other_draft = build_tiny_pair(tmp_path / "other", TinyPairSpec(vocab_size=400))
+    draft = start_worker("draft", other_draft, tmp_path)
+    target = start_worker("target", model_pair.target_dir, tmp_path)
+    try:
+        draft.wait_serving(120)
+        target.wait_serving(120)
+        coordinator = start_coordinator(draft.address, target.address, redis_server.url, tmp_path)
+        assert coordinator.popen is not None
+        try:
+            code = coordinator.popen.wait(timeout=120)
+        except subprocess.TimeoutExpired:
+            coordinator.stop()
+            pytest.fail("the coordinator started with mismatched workers")
+        log = coordinator.log_tail()
+        assert code != 0
+        assert "different tokenizers" in log
+        assert str(other_draft) in log and str(model_pair.target_dir) in log
+    finally:
+        draft.stop()
+        target.stop()

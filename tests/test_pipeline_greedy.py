@@ -1,0 +1,55 @@
+"""Greedy output through the running services equals the target decoding alone, token for token."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from specpipe.client import CoordinatorClient, build_request
+from tests.conftest import Pipeline
+from tests.prompts import PROMPTS
+
+MAX_NEW_TOKENS = 24
+
+
+@pytest.fixture(scope="module")
+def target_greedy(pipeline: Pipeline) -> dict[str, list[int]]:
+    """Reference: the target model alone, `generate(do_sample=False)`, float32 on the CPU."""
+    tokenizer = AutoTokenizer.from_pretrained(pipeline.pair.target_dir)
+    model = AutoModelForCausalLM.from_pretrained(pipeline.pair.target_dir, dtype=torch.float32).eval()
+    expected = {}
+    for prompt in PROMPTS:
+        ids = tokenizer(prompt, return_tensors="pt")["input_ids"]
+        with torch.inference_mode():
+            out = model.generate(ids, max_new_tokens=MAX_NEW_TOKENS, do_sample=False)
+        expected[prompt] = out[0, ids.shape[1] :].tolist()
+    return expected
+
+
+@pytest.mark.parametrize("k", [0, 1, 3, 8])
+def test_greedy_equals_target_alone(pipeline: Pipeline, target_greedy: dict[str, list[int]], k: int) -> None:
+    drafted = accepted = 0
+    with CoordinatorClient(pipeline.coordinator_addr) as client:
+        for prompt in PROMPTS:
+            result = client.generate(
+                build_request(prompt, MAX_NEW_TOKENS, num_speculative_tokens=k), timeout_s=60
+            )
+            assert result.token_ids == target_greedy[prompt], f"k={k} prompt={prompt!r}"
+            assert result.usage is not None
+            assert result.usage.generated_tokens == len(result.token_ids)
+            drafted += result.usage.draft_tokens
+            accepted += result.usage.accepted_tokens
+    if k == 0:
+        assert drafted == 0
+    else:
+        # Both paths of the acceptance rule ran: some drafts accepted, some rejected.
+        assert 0 < accepted < drafted, (accepted, drafted)
+
+
+def test_prompt_token_ids_equal_text_prompt(pipeline: Pipeline, target_greedy: dict[str, list[int]]) -> None:
+    tokenizer = AutoTokenizer.from_pretrained(pipeline.pair.target_dir)
+    prompt = PROMPTS[0]
+    with CoordinatorClient(pipeline.coordinator_addr) as client:
+        result = client.generate(build_request(tokenizer(prompt)["input_ids"], MAX_NEW_TOKENS), timeout_s=60)
+    assert result.token_ids == target_greedy[prompt]
