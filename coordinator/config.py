@@ -12,9 +12,14 @@ class CoordinatorConfig:
     redis_url: str
     host: str = "127.0.0.1"
     port: int = 50051
-    # Default draft length k (a request may override it up to max_speculative_tokens; 0 = no speculation).
+    # Draft length k for requests that do not set one (0 = no speculation); ignored when adaptive_k is on.
     num_speculative_tokens: int = 4
+    # The largest k a request may ask for, and the bound of the adaptive policy.
     max_speculative_tokens: int = 16
+    # Choose k per round from the session's acceptance rate and the measured costs.
+    adaptive_k: bool = True
+    # Draft the next block while the target verifies the current one.
+    pipelining: bool = True
     max_new_tokens_limit: int = 4096
     # Upper bound on one worker RPC; the client's own deadline is applied when shorter.
     worker_timeout_s: float = 30.0

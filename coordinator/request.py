@@ -22,7 +22,8 @@ FINISH_REASONS = {
 class RequestLimits:
     max_new_tokens: int
     max_speculative_tokens: int
-    default_speculative_tokens: int
+    # None = the adaptive policy chooses k each round.
+    default_speculative_tokens: int | None
 
 
 @dataclass(frozen=True, slots=True)
@@ -33,7 +34,7 @@ class GenerationRequest:
     sampling: SamplingParams
     stop: tuple[str, ...]
     session_id: str  # empty = new session
-    num_speculative_tokens: int
+    num_speculative_tokens: int | None  # None = adaptive
 
     @classmethod
     def from_pb(cls, pb: coordinator_pb2.GenerateRequest, limits: RequestLimits) -> GenerationRequest:

@@ -8,6 +8,7 @@ import socket
 import time
 
 from coordinator.config import CoordinatorConfig
+from coordinator.cost_profile import measure_cost_profile
 from coordinator.request import RequestLimits
 from coordinator.servicer import CoordinatorServicer
 from coordinator.speculation import ModelLimits, SpeculativeGenerator
@@ -89,8 +90,23 @@ async def pair_workers(
         target_info.model_name,
         target.address,
     )
+    costs = None
+    if config.adaptive_k and config.max_speculative_tokens > 0:
+        context = min(limits.target_context, limits.draft_context)
+        costs = await measure_cost_profile(draft, target, config.max_speculative_tokens, context)
     owner = f"{socket.gethostname()}:{config.port}"
-    return SpeculativeGenerator(draft, target, store, tokenizer, limits, config.worker_timeout_s, owner)
+    return SpeculativeGenerator(
+        draft,
+        target,
+        store,
+        tokenizer,
+        limits,
+        config.worker_timeout_s,
+        owner,
+        max_speculative_tokens=config.max_speculative_tokens,
+        costs=costs,
+        pipelining=config.pipelining,
+    )
 
 
 async def run_coordinator(config: CoordinatorConfig, stop_event: asyncio.Event | None = None) -> None:
@@ -103,7 +119,7 @@ async def run_coordinator(config: CoordinatorConfig, stop_event: asyncio.Event |
         RequestLimits(
             max_new_tokens=config.max_new_tokens_limit,
             max_speculative_tokens=config.max_speculative_tokens,
-            default_speculative_tokens=config.num_speculative_tokens,
+            default_speculative_tokens=None if config.adaptive_k else config.num_speculative_tokens,
         )
     )
 

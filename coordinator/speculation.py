@@ -12,6 +12,7 @@ decoding) yields the target's own output.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import uuid
 from collections.abc import AsyncIterator, Callable
@@ -19,8 +20,9 @@ from dataclasses import dataclass
 
 from transformers import PreTrainedTokenizerBase
 
+from coordinator.adaptive_k import CostProfile, DraftLengthPolicy
 from coordinator.request import GenerationChunk, GenerationRequest, Usage
-from coordinator.worker_clients import DraftClient, TargetClient
+from coordinator.worker_clients import DraftClient, Proposal, TargetClient
 from specpipe.errors import DeadlineExceededError, InvalidArgumentError
 from specpipe.store.session_store import SessionStats, SessionStore
 from specpipe.text.detokenizer import IncrementalDetokenizer
@@ -58,6 +60,9 @@ class SpeculativeGenerator:
         limits: ModelLimits,
         worker_timeout_s: float,
         owner: str,
+        max_speculative_tokens: int,
+        costs: CostProfile | None,
+        pipelining: bool,
     ) -> None:
         self.draft = draft
         self.target = target
@@ -66,6 +71,9 @@ class SpeculativeGenerator:
         self.limits = limits
         self.worker_timeout_s = worker_timeout_s
         self.owner = owner
+        self.max_speculative_tokens = max_speculative_tokens
+        self.costs = costs  # None = no adaptive k: requests without a k use max_speculative_tokens
+        self.pipelining = pipelining
 
     def prompt_ids(self, request: GenerationRequest) -> list[int]:
         if request.prompt_token_ids:
@@ -145,64 +153,96 @@ class SpeculativeGenerator:
         self, request: GenerationRequest, session: OpenSession, time_remaining: Callable[[], float | None]
     ) -> AsyncIterator[GenerationChunk]:
         sampling = request.sampling
+        sid = session.session_id
         usage = Usage(prompt_tokens=len(session.history))
         detokenizer = IncrementalDetokenizer(self.tokenizer, stop=request.stop)
+        policy = DraftLengthPolicy(request.num_speculative_tokens, self.costs, self.max_speculative_tokens)
         generated: list[int] = []
         finish_reason = ""
-        while not finish_reason:
-            history = session.history
-            k = self.draft_length(
-                request.num_speculative_tokens, request.max_new_tokens - len(generated), len(history)
-            )
-            draft_ids: list[int] = []
-            draft_probs = ()
-            if k > 0:
-                proposal = await self.draft.propose(
-                    session.session_id, history, k, sampling, self._timeout(time_remaining)
+        # A block drafted during the previous verify, valid if that verify accepted everything.
+        ready: Proposal | None = None
+        draft_stream = self.draft.open_stream(time_remaining())
+        target_stream = self.target.open_stream(time_remaining())
+        speculative: asyncio.Future[Proposal] | None = None
+        try:
+            while not finish_reason:
+                history = session.history
+                remaining = request.max_new_tokens - len(generated)
+                k = self.draft_length(policy.next_k(), remaining, len(history))
+                proposal = Proposal([], (), 0)
+                if k > 0 and ready is not None:
+                    k = min(k, len(ready.token_ids))
+                    proposal = Proposal(ready.token_ids[:k], list(ready.draft_probs)[:k], ready.forward_ns)
+                elif k > 0:
+                    proposal = await draft_stream.propose(
+                        sid, history, k, sampling, self._timeout(time_remaining)
+                    )
+                ready = None
+                draft_ids = proposal.token_ids[:k]
+                verify = asyncio.ensure_future(
+                    target_stream.verify(
+                        sid, history, draft_ids, proposal.draft_probs, sampling, self._timeout(time_remaining)
+                    )
                 )
-                draft_ids, draft_probs = proposal.token_ids[:k], proposal.draft_probs
-            verdict = await self.target.verify(
-                session.session_id, history, draft_ids, draft_probs, sampling, self._timeout(time_remaining)
-            )
-            new_ids = [*draft_ids[: verdict.num_accepted], verdict.next_token_id]
+                # The guess feeds history + block + k more tokens to the draft: it must fit its context.
+                if self.pipelining and k > 0 and len(history) + 2 * k <= self.limits.draft_context:
+                    # Assume the whole block is accepted: the draft's first token guesses the bonus token,
+                    # the next k are the following block. Costs draft time only while the target verifies.
+                    speculative = asyncio.ensure_future(
+                        draft_stream.propose(
+                            sid, [*history, *draft_ids], k + 1, sampling, self._timeout(time_remaining)
+                        )
+                    )
+                verdict = await verify
+                if speculative is not None:
+                    guess = await speculative
+                    speculative = None
+                    if verdict.num_accepted == k and guess.token_ids[:1] == [verdict.next_token_id]:
+                        ready = Proposal(guess.token_ids[1:], list(guess.draft_probs)[1:], guess.forward_ns)
+                policy.record(len(draft_ids), verdict.num_accepted)
+                new_ids = [*draft_ids[: verdict.num_accepted], verdict.next_token_id]
 
-            for i, token in enumerate(new_ids):
-                if token in self.limits.eos_token_ids:
-                    new_ids, finish_reason = new_ids[: i + 1], "eos"
-                    break
-            remaining = request.max_new_tokens - len(generated)
-            if len(new_ids) >= remaining:
-                new_ids = new_ids[:remaining]
-                finish_reason = finish_reason or "length"
-            text = detokenizer.push(new_ids)
-            if detokenizer.stopped:
-                # Keep the tokens up to the one that completed the stop string.
-                keep = detokenizer.stop_token_index - len(generated)
-                new_ids, finish_reason = new_ids[:keep], "stop"
-            if not finish_reason and len(history) + len(new_ids) >= self.limits.target_context:
-                finish_reason = "length"
+                for i, token in enumerate(new_ids):
+                    if token in self.limits.eos_token_ids:
+                        new_ids, finish_reason = new_ids[: i + 1], "eos"
+                        break
+                if len(new_ids) >= remaining:
+                    new_ids = new_ids[:remaining]
+                    finish_reason = finish_reason or "length"
+                text = detokenizer.push(new_ids)
+                if detokenizer.stopped:
+                    # Keep the tokens up to the one that completed the stop string.
+                    keep = detokenizer.stop_token_index - len(generated)
+                    new_ids, finish_reason = new_ids[:keep], "stop"
+                if not finish_reason and len(history) + len(new_ids) >= self.limits.target_context:
+                    finish_reason = "length"
 
-            await self.commit(
-                session,
-                request,
-                new_ids,
-                SessionStats(
-                    generated_tokens=len(new_ids),
-                    draft_tokens=len(draft_ids),
-                    accepted_tokens=verdict.num_accepted,
-                    target_passes=1,
-                    rounds=1,
-                ),
-            )
-            session.history = [*history, *new_ids]
-            generated.extend(new_ids)
-            usage.generated_tokens = len(generated)
-            usage.draft_tokens += len(draft_ids)
-            usage.accepted_tokens += verdict.num_accepted
-            usage.target_passes += 1
-            if finish_reason:
-                if finish_reason != "stop":
-                    text += detokenizer.finish()
-                yield GenerationChunk(session.session_id, new_ids, text, finish_reason, usage)
-            else:
-                yield GenerationChunk(session.session_id, new_ids, text)
+                await self.commit(
+                    session,
+                    request,
+                    new_ids,
+                    SessionStats(
+                        generated_tokens=len(new_ids),
+                        draft_tokens=len(draft_ids),
+                        accepted_tokens=verdict.num_accepted,
+                        target_passes=1,
+                        rounds=1,
+                    ),
+                )
+                session.history = [*history, *new_ids]
+                generated.extend(new_ids)
+                usage.generated_tokens = len(generated)
+                usage.draft_tokens += len(draft_ids)
+                usage.accepted_tokens += verdict.num_accepted
+                usage.target_passes += 1
+                if finish_reason:
+                    if finish_reason != "stop":
+                        text += detokenizer.finish()
+                    yield GenerationChunk(sid, new_ids, text, finish_reason, usage)
+                else:
+                    yield GenerationChunk(sid, new_ids, text)
+        finally:
+            if speculative is not None:
+                speculative.cancel()
+            draft_stream.close()
+            target_stream.close()

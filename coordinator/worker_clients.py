@@ -2,13 +2,16 @@
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import grpc
 
 from specpipe import errors
 from specpipe.rpc.server import server_options
+from specpipe.runtime.kv_cache import common_prefix_length
 from specpipe.runtime.model_info import WorkerModelInfo
 from specpipe.sampling.params import SamplingParams
 from specpipe.v1 import common_pb2, draft_pb2, draft_pb2_grpc, target_pb2, target_pb2_grpc
@@ -34,6 +37,95 @@ class Verification:
     num_accepted: int
     next_token_id: int
     forward_ns: int
+
+
+class WorkerStream:
+    """One session's bidirectional stream to a worker, answering requests in order.
+
+    It mirrors the history the worker holds for this stream, so each request carries only the tokens the
+    worker has not seen (from the first position where the new history differs). After any failure the
+    stream is unusable: the caller opens a new one, which starts from the whole history again.
+    """
+
+    def __init__(self, client: WorkerClient, call: Any) -> None:
+        self.client = client
+        self.call = call
+        self.sent: list[int] = []
+        self.broken = False
+
+    def delta(self, history: Sequence[int]) -> tuple[int, Sequence[int]]:
+        start = common_prefix_length(self.sent, history)
+        self.sent = list(history)
+        return start, history[start:]
+
+    async def exchange(self, request: Any, timeout_s: float) -> Any:
+        if self.broken:
+            raise errors.UnavailableError(
+                f"{self.client.role} worker at {self.client.address}: stream failed"
+            )
+        self.broken = True  # until the reply arrives: a half-finished exchange leaves the state unknown
+        try:
+            await self.call.write(request)
+            reply = await asyncio.wait_for(self.call.read(), timeout_s)
+        except grpc.aio.AioRpcError as exc:
+            raise self.client._error(exc) from exc
+        except asyncio.TimeoutError as exc:
+            raise errors.DeadlineExceededError(
+                f"{self.client.role} worker at {self.client.address} did not answer within {timeout_s:.1f}s"
+            ) from exc
+        if reply is grpc.aio.EOF:
+            raise errors.UnavailableError(
+                f"{self.client.role} worker at {self.client.address} closed the stream"
+            )
+        self.broken = False
+        return reply
+
+    def close(self) -> None:
+        self.call.cancel()
+
+
+class DraftStream(WorkerStream):
+    async def propose(
+        self,
+        session_id: str,
+        history: Sequence[int],
+        num_tokens: int,
+        sampling: SamplingParams,
+        timeout_s: float,
+    ) -> Proposal:
+        start, new_ids = self.delta(history)
+        request = draft_pb2.ProposeRequest(
+            session_id=session_id,
+            token_ids=new_ids,
+            num_tokens=num_tokens,
+            sampling=sampling.to_pb(),
+            start_position=start,
+        )
+        reply = await self.exchange(request, timeout_s)
+        return Proposal(list(reply.token_ids), reply.draft_probs, reply.forward_ns)
+
+
+class TargetStream(WorkerStream):
+    async def verify(
+        self,
+        session_id: str,
+        history: Sequence[int],
+        draft_token_ids: Sequence[int],
+        draft_probs: Sequence[common_pb2.TokenDistribution],
+        sampling: SamplingParams,
+        timeout_s: float,
+    ) -> Verification:
+        start, new_ids = self.delta(history)
+        request = target_pb2.VerifyRequest(
+            session_id=session_id,
+            token_ids=new_ids,
+            draft_token_ids=draft_token_ids,
+            draft_probs=draft_probs,
+            sampling=sampling.to_pb(),
+            start_position=start,
+        )
+        reply = await self.exchange(request, timeout_s)
+        return Verification(reply.num_accepted, reply.next_token_id, reply.forward_ns)
 
 
 class WorkerClient:
@@ -75,22 +167,8 @@ class DraftClient(WorkerClient):
         super().__init__(address)
         self.stub = draft_pb2_grpc.DraftServiceStub(self.channel)
 
-    async def propose(
-        self,
-        session_id: str,
-        token_ids: Sequence[int],
-        num_tokens: int,
-        sampling: SamplingParams,
-        timeout_s: float,
-    ) -> Proposal:
-        request = draft_pb2.ProposeRequest(
-            session_id=session_id, token_ids=token_ids, num_tokens=num_tokens, sampling=sampling.to_pb()
-        )
-        try:
-            reply = await self.stub.Propose(request, timeout=timeout_s)
-        except grpc.aio.AioRpcError as exc:
-            raise self._error(exc) from exc
-        return Proposal(list(reply.token_ids), reply.draft_probs, reply.forward_ns)
+    def open_stream(self, timeout_s: float | None) -> DraftStream:
+        return DraftStream(self, self.stub.ProposeStream(timeout=timeout_s))
 
 
 class TargetClient(WorkerClient):
@@ -100,24 +178,5 @@ class TargetClient(WorkerClient):
         super().__init__(address)
         self.stub = target_pb2_grpc.TargetServiceStub(self.channel)
 
-    async def verify(
-        self,
-        session_id: str,
-        token_ids: Sequence[int],
-        draft_token_ids: Sequence[int],
-        draft_probs: Sequence[common_pb2.TokenDistribution],
-        sampling: SamplingParams,
-        timeout_s: float,
-    ) -> Verification:
-        request = target_pb2.VerifyRequest(
-            session_id=session_id,
-            token_ids=token_ids,
-            draft_token_ids=draft_token_ids,
-            draft_probs=draft_probs,
-            sampling=sampling.to_pb(),
-        )
-        try:
-            reply = await self.stub.Verify(request, timeout=timeout_s)
-        except grpc.aio.AioRpcError as exc:
-            raise self._error(exc) from exc
-        return Verification(reply.num_accepted, reply.next_token_id, reply.forward_ns)
+    def open_stream(self, timeout_s: float | None) -> TargetStream:
+        return TargetStream(self, self.stub.VerifyStream(timeout=timeout_s))

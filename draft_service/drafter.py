@@ -6,6 +6,7 @@ from dataclasses import dataclass
 
 from specpipe.errors import InvalidArgumentError
 from specpipe.runtime.model_runner import CausalLMRunner
+from specpipe.runtime.stream_history import StreamHistory, resolve_history
 from specpipe.sampling.draft_sampling import compact_distribution, sample_draft_token
 from specpipe.sampling.params import SamplingParams
 from specpipe.sampling.processing import sampling_probs
@@ -20,10 +21,10 @@ class DraftRequest:
     sampling: SamplingParams
 
     @classmethod
-    def from_pb(cls, pb: draft_pb2.ProposeRequest) -> DraftRequest:
+    def from_pb(cls, pb: draft_pb2.ProposeRequest, history: StreamHistory | None = None) -> DraftRequest:
         return cls(
             session_id=pb.session_id,
-            token_ids=tuple(pb.token_ids),
+            token_ids=resolve_history(pb.start_position, pb.token_ids, history),
             num_tokens=pb.num_tokens,
             sampling=SamplingParams.from_pb(pb.sampling),
         )

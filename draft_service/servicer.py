@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+from collections.abc import AsyncIterator
 from concurrent.futures import ThreadPoolExecutor
 
 import grpc
@@ -10,6 +11,7 @@ import grpc
 from draft_service.drafter import DraftRequest, ModelDrafter
 from specpipe.errors import UnavailableError
 from specpipe.runtime.model_info import WorkerModelInfo
+from specpipe.runtime.stream_history import StreamHistory
 from specpipe.v1 import common_pb2, draft_pb2, draft_pb2_grpc
 
 
@@ -46,6 +48,16 @@ class DraftServicer(draft_pb2_grpc.DraftServiceServicer):
         loop = asyncio.get_running_loop()
         proposal = await loop.run_in_executor(self.model_thread, self.drafter.propose, draft_request)
         return proposal.to_pb()
+
+    async def ProposeStream(
+        self, request_iterator: AsyncIterator[draft_pb2.ProposeRequest], context: grpc.aio.ServicerContext
+    ) -> AsyncIterator[draft_pb2.ProposeResponse]:
+        history = StreamHistory()
+        loop = asyncio.get_running_loop()
+        async for request in request_iterator:
+            draft_request = DraftRequest.from_pb(request, history)
+            proposal = await loop.run_in_executor(self.model_thread, self.drafter.propose, draft_request)
+            yield proposal.to_pb()
 
     async def ReleaseSession(
         self, request: common_pb2.ReleaseSessionRequest, context: grpc.aio.ServicerContext

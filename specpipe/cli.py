@@ -50,7 +50,15 @@ def add_serve_parser(subparsers: argparse._SubParsersAction) -> None:
     serve.add_argument(
         "--redis-url", default="", help="session store URL (all: default is an embedded server)"
     )
-    serve.add_argument("--num-speculative-tokens", type=int, default=4, help="default draft length k")
+    serve.add_argument("--num-speculative-tokens", type=int, default=4, help="k when --no-adaptive-k")
+    serve.add_argument(
+        "--adaptive-k", action=argparse.BooleanOptionalAction, default=True,
+        help="choose k per round from acceptance and measured costs (requests may still fix k)",
+    )  # fmt: skip
+    serve.add_argument(
+        "--pipelining", action=argparse.BooleanOptionalAction, default=True,
+        help="draft the next block while the target verifies the current one",
+    )  # fmt: skip
     serve.add_argument("--max-speculative-tokens", type=int, default=16, help="largest k a request may ask")
     serve.add_argument("--max-new-tokens-limit", type=int, default=4096)
     serve.add_argument("--worker-timeout", type=float, default=30.0, help="seconds per worker RPC")
@@ -91,7 +99,8 @@ def serve_component(args: argparse.Namespace) -> int:
             dtype=args.dtype,
             max_cached_sessions=args.max_cached_sessions,
             max_context=args.max_context,
-            max_draft_tokens=max(args.max_speculative_tokens, 1),
+            # +1: a pipelined round asks for the bonus-token guess plus the next block.
+            max_draft_tokens=args.max_speculative_tokens + 1,
             torch_threads=args.threads,
         )
         if args.component == "draft":
@@ -120,6 +129,8 @@ def serve_component(args: argparse.Namespace) -> int:
         port=args.port if args.port is not None else 50051,
         num_speculative_tokens=args.num_speculative_tokens,
         max_speculative_tokens=args.max_speculative_tokens,
+        adaptive_k=args.adaptive_k,
+        pipelining=args.pipelining,
         max_new_tokens_limit=args.max_new_tokens_limit,
         worker_timeout_s=args.worker_timeout,
         session_ttl_s=args.session_ttl,

@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import asyncio
+from collections.abc import AsyncIterator
 from concurrent.futures import ThreadPoolExecutor
 
 import grpc
 
 from specpipe.errors import UnavailableError
 from specpipe.runtime.model_info import WorkerModelInfo
+from specpipe.runtime.stream_history import StreamHistory
 from specpipe.v1 import common_pb2, target_pb2, target_pb2_grpc
 from target_service.verifier import Verifier, VerifyBlock
 
@@ -46,6 +48,16 @@ class TargetServicer(target_pb2_grpc.TargetServiceServicer):
         loop = asyncio.get_running_loop()
         verdict = await loop.run_in_executor(self.model_thread, self.verifier.verify, block)
         return verdict.to_pb()
+
+    async def VerifyStream(
+        self, request_iterator: AsyncIterator[target_pb2.VerifyRequest], context: grpc.aio.ServicerContext
+    ) -> AsyncIterator[target_pb2.VerifyResponse]:
+        history = StreamHistory()
+        loop = asyncio.get_running_loop()
+        async for request in request_iterator:
+            block = VerifyBlock.from_pb(request, history)
+            verdict = await loop.run_in_executor(self.model_thread, self.verifier.verify, block)
+            yield verdict.to_pb()
 
     async def ReleaseSession(
         self, request: common_pb2.ReleaseSessionRequest, context: grpc.aio.ServicerContext

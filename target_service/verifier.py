@@ -8,6 +8,7 @@ import torch
 
 from specpipe.errors import InvalidArgumentError
 from specpipe.runtime.model_runner import CausalLMRunner
+from specpipe.runtime.stream_history import StreamHistory, resolve_history
 from specpipe.sampling.draft_sampling import expand_distribution
 from specpipe.sampling.params import SamplingParams
 from specpipe.sampling.processing import sampling_probs
@@ -25,11 +26,11 @@ class VerifyBlock:
     sampling: SamplingParams
 
     @classmethod
-    def from_pb(cls, pb: target_pb2.VerifyRequest) -> VerifyBlock:
+    def from_pb(cls, pb: target_pb2.VerifyRequest, history: StreamHistory | None = None) -> VerifyBlock:
         probs = tuple((tuple(d.token_ids), tuple(d.probs)) for d in pb.draft_probs) or None
         return cls(
             session_id=pb.session_id,
-            token_ids=tuple(pb.token_ids),
+            token_ids=resolve_history(pb.start_position, pb.token_ids, history),
             draft_token_ids=tuple(pb.draft_token_ids),
             draft_probs=probs,
             sampling=SamplingParams.from_pb(pb.sampling),

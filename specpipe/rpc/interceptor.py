@@ -38,6 +38,21 @@ async def _abort_for(exc: Exception, context: grpc.aio.ServicerContext, method: 
     await context.abort(grpc.StatusCode.INTERNAL, f"internal error in {method}: {type(exc).__name__}: {exc}")
 
 
+def _streaming(
+    behavior: Callable[[Any, grpc.aio.ServicerContext], AsyncIterator[Any]], method: str
+) -> Callable[[Any, grpc.aio.ServicerContext], AsyncIterator[Any]]:
+    async def wrapped(request: Any, context: grpc.aio.ServicerContext) -> AsyncIterator[Any]:
+        try:
+            async for response in behavior(request, context):
+                yield response
+        except Exception as exc:  # noqa: BLE001
+            if isinstance(exc, grpc.aio.AbortError):
+                raise
+            await _abort_for(exc, context, method)
+
+    return wrapped
+
+
 class ErrorMappingInterceptor(grpc.aio.ServerInterceptor):
     """Maps SpecpipeError subclasses to their status and anything else to INTERNAL, with the message."""
 
@@ -62,17 +77,9 @@ class ErrorMappingInterceptor(grpc.aio.ServerInterceptor):
                     await _abort_for(exc, context, method)
 
             return handler._replace(unary_unary=unary_unary)
-        if handler.unary_stream is not None:
-            stream_behavior = handler.unary_stream
-
-            async def unary_stream(request: Any, context: grpc.aio.ServicerContext) -> AsyncIterator[Any]:
-                try:
-                    async for response in stream_behavior(request, context):
-                        yield response
-                except Exception as exc:  # noqa: BLE001
-                    if isinstance(exc, grpc.aio.AbortError):
-                        raise
-                    await _abort_for(exc, context, method)
-
-            return handler._replace(unary_stream=unary_stream)
+        # Server-streaming and bidirectional behaviours have the same shape: (request or iterator, context).
+        for kind in ("unary_stream", "stream_stream"):
+            stream_behavior = getattr(handler, kind)
+            if stream_behavior is not None:
+                return handler._replace(**{kind: _streaming(stream_behavior, method)})
         return handler

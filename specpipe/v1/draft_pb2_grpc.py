@@ -45,6 +45,11 @@ class DraftServiceStub:
                 request_serializer=specpipe_dot_v1_dot_draft__pb2.ProposeRequest.SerializeToString,
                 response_deserializer=specpipe_dot_v1_dot_draft__pb2.ProposeResponse.FromString,
                 _registered_method=True)
+        self.ProposeStream = channel.stream_stream(
+                '/specpipe.v1.DraftService/ProposeStream',
+                request_serializer=specpipe_dot_v1_dot_draft__pb2.ProposeRequest.SerializeToString,
+                response_deserializer=specpipe_dot_v1_dot_draft__pb2.ProposeResponse.FromString,
+                _registered_method=True)
         self.ReleaseSession = channel.unary_unary(
                 '/specpipe.v1.DraftService/ReleaseSession',
                 request_serializer=specpipe_dot_v1_dot_common__pb2.ReleaseSessionRequest.SerializeToString,
@@ -67,6 +72,14 @@ class DraftServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def ProposeStream(self, request_iterator, context):
+        """One long-lived stream per session: each request carries only the history tokens the worker has not
+        seen (start_position), and the worker answers each request in order.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
     def ReleaseSession(self, request, context):
         """Frees the session's KV cache (called when a session ends or is deleted).
         """
@@ -84,6 +97,11 @@ def add_DraftServiceServicer_to_server(servicer, server):
             ),
             'Propose': grpc.unary_unary_rpc_method_handler(
                     servicer.Propose,
+                    request_deserializer=specpipe_dot_v1_dot_draft__pb2.ProposeRequest.FromString,
+                    response_serializer=specpipe_dot_v1_dot_draft__pb2.ProposeResponse.SerializeToString,
+            ),
+            'ProposeStream': grpc.stream_stream_rpc_method_handler(
+                    servicer.ProposeStream,
                     request_deserializer=specpipe_dot_v1_dot_draft__pb2.ProposeRequest.FromString,
                     response_serializer=specpipe_dot_v1_dot_draft__pb2.ProposeResponse.SerializeToString,
             ),
@@ -145,6 +163,33 @@ class DraftService:
             request,
             target,
             '/specpipe.v1.DraftService/Propose',
+            specpipe_dot_v1_dot_draft__pb2.ProposeRequest.SerializeToString,
+            specpipe_dot_v1_dot_draft__pb2.ProposeResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ProposeStream(request_iterator,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.stream_stream(
+            request_iterator,
+            target,
+            '/specpipe.v1.DraftService/ProposeStream',
             specpipe_dot_v1_dot_draft__pb2.ProposeRequest.SerializeToString,
             specpipe_dot_v1_dot_draft__pb2.ProposeResponse.FromString,
             options,

@@ -45,6 +45,11 @@ class TargetServiceStub:
                 request_serializer=specpipe_dot_v1_dot_target__pb2.VerifyRequest.SerializeToString,
                 response_deserializer=specpipe_dot_v1_dot_target__pb2.VerifyResponse.FromString,
                 _registered_method=True)
+        self.VerifyStream = channel.stream_stream(
+                '/specpipe.v1.TargetService/VerifyStream',
+                request_serializer=specpipe_dot_v1_dot_target__pb2.VerifyRequest.SerializeToString,
+                response_deserializer=specpipe_dot_v1_dot_target__pb2.VerifyResponse.FromString,
+                _registered_method=True)
         self.ReleaseSession = channel.unary_unary(
                 '/specpipe.v1.TargetService/ReleaseSession',
                 request_serializer=specpipe_dot_v1_dot_common__pb2.ReleaseSessionRequest.SerializeToString,
@@ -67,6 +72,13 @@ class TargetServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def VerifyStream(self, request_iterator, context):
+        """One long-lived stream per session; requests carry only unseen history tokens (start_position).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
     def ReleaseSession(self, request, context):
         """Missing associated documentation comment in .proto file."""
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
@@ -83,6 +95,11 @@ def add_TargetServiceServicer_to_server(servicer, server):
             ),
             'Verify': grpc.unary_unary_rpc_method_handler(
                     servicer.Verify,
+                    request_deserializer=specpipe_dot_v1_dot_target__pb2.VerifyRequest.FromString,
+                    response_serializer=specpipe_dot_v1_dot_target__pb2.VerifyResponse.SerializeToString,
+            ),
+            'VerifyStream': grpc.stream_stream_rpc_method_handler(
+                    servicer.VerifyStream,
                     request_deserializer=specpipe_dot_v1_dot_target__pb2.VerifyRequest.FromString,
                     response_serializer=specpipe_dot_v1_dot_target__pb2.VerifyResponse.SerializeToString,
             ),
@@ -144,6 +161,33 @@ class TargetService:
             request,
             target,
             '/specpipe.v1.TargetService/Verify',
+            specpipe_dot_v1_dot_target__pb2.VerifyRequest.SerializeToString,
+            specpipe_dot_v1_dot_target__pb2.VerifyResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def VerifyStream(request_iterator,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.stream_stream(
+            request_iterator,
+            target,
+            '/specpipe.v1.TargetService/VerifyStream',
             specpipe_dot_v1_dot_target__pb2.VerifyRequest.SerializeToString,
             specpipe_dot_v1_dot_target__pb2.VerifyResponse.FromString,
             options,

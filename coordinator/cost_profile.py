@@ -1,0 +1,85 @@
+"""Measuring the draft and verify costs once, at pairing time, for the adaptive-k policy."""
+
+from __future__ import annotations
+
+import logging
+import statistics
+import time
+import uuid
+
+from coordinator.adaptive_k import CostProfile
+from coordinator.worker_clients import DraftClient, TargetClient
+from specpipe.errors import SpecpipeError
+from specpipe.sampling.params import SamplingParams
+
+logger = logging.getLogger(__name__)
+
+
+def fit_line(points: list[tuple[float, float]]) -> tuple[float, float]:
+    """Least-squares (intercept, slope) of y over x."""
+    n = len(points)
+    mean_x = sum(x for x, _ in points) / n
+    mean_y = sum(y for _, y in points) / n
+    var_x = sum((x - mean_x) ** 2 for x, _ in points)
+    if var_x == 0:
+        return mean_y, 0.0
+    slope = sum((x - mean_x) * (y - mean_y) for x, y in points) / var_x
+    return mean_y - slope * mean_x, slope
+
+
+async def measure_cost_profile(
+    draft: DraftClient, target: TargetClient, max_k: int, context: int, repetitions: int = 4
+) -> CostProfile:
+    """Runs a few greedy rounds for k in {1, max_k / 2, max_k} on a throwaway session and fits the costs."""
+    ks = sorted({1, max(1, max_k // 2), max(1, max_k)})
+    prompt = [1 + i % 200 for i in range(32)]
+    session_id = f"profile-{uuid.uuid4().hex}"
+    draft_stream, target_stream = draft.open_stream(120.0), target.open_stream(120.0)
+    greedy = SamplingParams()
+    draft_token_s: list[float] = []
+    verify_points: list[tuple[float, float]] = []
+    overheads: list[float] = []
+    history = list(prompt)
+    try:
+        for _ in range(repetitions):
+            for k in ks:
+                if len(history) + 2 * k + 2 > context:
+                    history = list(prompt)
+                started = time.perf_counter()
+                proposal = await draft_stream.propose(session_id, history, k, greedy, 60.0)
+                verdict = await target_stream.verify(
+                    session_id, history, proposal.token_ids, (), greedy, 60.0
+                )
+                wall = time.perf_counter() - started
+                draft_s, verify_s = proposal.forward_ns / 1e9, verdict.forward_ns / 1e9
+                draft_token_s.append(draft_s / k)
+                verify_points.append((float(k), verify_s))
+                overheads.append(max(wall - draft_s - verify_s, 0.0))
+                history += [*proposal.token_ids[: verdict.num_accepted], verdict.next_token_id]
+    finally:
+        draft_stream.close()
+        target_stream.close()
+        for client in (draft, target):
+            try:
+                await client.release_session(session_id, timeout_s=5.0)
+            except SpecpipeError:
+                pass
+    # The first repetition pays cold caches; drop it when there are enough samples.
+    skip = len(ks) if repetitions > 1 else 0
+    base, per_token = fit_line(verify_points[skip:])
+    profile = CostProfile(
+        draft_token_s=statistics.median(draft_token_s[skip:]),
+        verify_base_s=max(base, 1e-6),
+        verify_token_s=max(per_token, 0.0),
+        round_overhead_s=statistics.median(overheads[skip:]),
+    )
+    logger.info(
+        "cost profile: draft %.3f ms/token, verify %.3f ms + %.3f ms/token, "
+        "overhead %.3f ms/round (c = %.3f)",
+        profile.draft_token_s * 1e3,
+        profile.verify_base_s * 1e3,
+        profile.verify_token_s * 1e3,
+        profile.round_overhead_s * 1e3,
+        profile.draft_cost_ratio,
+    )
+    return profile

@@ -1,0 +1,102 @@
+"""The draft-length policy: hand-checked optima, the estimator, and a comparison with HF's +2/-1 rule."""
+
+from __future__ import annotations
+
+import random
+
+import pytest
+
+from coordinator.adaptive_k import (
+    AcceptanceEstimator,
+    CostProfile,
+    DraftLengthPolicy,
+    best_draft_length,
+    expected_tokens,
+)
+
+
+def test_expected_tokens_matches_the_formula() -> None:
+    assert expected_tokens(0.0, 5) == 1.0
+    assert expected_tokens(1.0, 5) == 6.0
+    assert expected_tokens(0.5, 2) == pytest.approx(1 + 0.5 + 0.25)
+
+
+def test_free_draft_and_perfect_acceptance_use_max_k() -> None:
+    costs = CostProfile(draft_token_s=0.0, verify_base_s=1.0, verify_token_s=0.0, round_overhead_s=0.0)
+    assert best_draft_length(0.99, costs, 8) == 8
+
+
+def test_costly_draft_with_poor_acceptance_means_plain_decoding() -> None:
+    costs = CostProfile(draft_token_s=0.5, verify_base_s=1.0, verify_token_s=0.1, round_overhead_s=0.0)
+    assert best_draft_length(0.1, costs, 8) == 0
+
+
+def test_hand_computed_optimum() -> None:
+    # c = 0.1, verify grows 5% per token: rates for k = 0..3 at alpha = 0.7 are 1.0, 1.478, 1.741, 1.853...
+    costs = CostProfile(draft_token_s=0.1, verify_base_s=1.0, verify_token_s=0.05, round_overhead_s=0.0)
+    rates = [expected_tokens(0.7, k) / costs.round_time(k) for k in range(9)]
+    assert best_draft_length(0.7, costs, 8) == max(range(9), key=rates.__getitem__)
+    assert 3 <= best_draft_length(0.7, costs, 8) <= 6
+
+
+def test_estimator_converges_to_the_true_acceptance() -> None:
+    rng = random.Random(0)
+    estimator = AcceptanceEstimator(decay=0.98)
+    for _ in range(2000):
+        k = 4
+        accepted = 0
+        while accepted < k and rng.random() < 0.8:
+            accepted += 1
+        estimator.record(k, accepted)
+    assert estimator.alpha == pytest.approx(0.8, abs=0.05)
+
+
+def simulate(policy_next, policy_record, alpha_of_round, costs: CostProfile, rounds: int, seed: int) -> float:
+    """Tokens per unit time of a policy on a simulated session whose acceptance varies."""
+    rng = random.Random(seed)
+    tokens = 0
+    elapsed = 0.0
+    for i in range(rounds):
+        k = policy_next()
+        accepted = 0
+        while accepted < k and rng.random() < alpha_of_round(i):
+            accepted += 1
+        tokens += accepted + 1
+        elapsed += costs.round_time(k)
+        policy_record(k, accepted)
+    return tokens / elapsed
+
+
+class HfHeuristic:
+    """Hugging Face's candidate_generator schedule: +2 after a fully accepted block, -1 otherwise."""
+
+    def __init__(self, initial_k: int, max_k: int) -> None:
+        self.k = initial_k
+        self.max_k = max_k
+
+    def next_k(self) -> int:
+        return self.k
+
+    def record(self, k: int, accepted: int) -> None:
+        self.k = min(self.max_k, k + 2) if accepted == k else max(1, k - 1)
+
+
+SCENARIOS = {
+    "constant-0.7": lambda i: 0.7,
+    "constant-0.5": lambda i: 0.5,
+    "alternating-10": lambda i: 0.9 if (i // 10) % 2 == 0 else 0.35,
+    "alternating-50": lambda i: 0.9 if (i // 50) % 2 == 0 else 0.35,
+}
+
+
+def test_adaptive_policy_beats_the_hf_heuristic() -> None:
+    """HF candidate_generator: k += 2 after a fully accepted block, k -= 1 otherwise (min 1)."""
+    costs = CostProfile(draft_token_s=0.09, verify_base_s=1.0, verify_token_s=0.06, round_overhead_s=0.05)
+    ours = theirs = 0.0
+    for phases in SCENARIOS.values():
+        for seed in range(5):
+            policy = DraftLengthPolicy(None, costs, max_k=12)
+            ours += simulate(policy.next_k, policy.record, phases, costs, 400, seed)
+            hf = HfHeuristic(initial_k=5, max_k=12)
+            theirs += simulate(hf.next_k, hf.record, phases, costs, 400, seed)
+    assert ours > theirs * 1.005, (ours, theirs)
