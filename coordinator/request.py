@@ -77,6 +77,8 @@ class Usage:
     draft_tokens: int = 0
     accepted_tokens: int = 0
     target_passes: int = 0
+    target_forward_ns: int = 0
+    draft_forward_ns: int = 0
 
     def to_pb(self) -> coordinator_pb2.Usage:
         return coordinator_pb2.Usage(
@@ -85,6 +87,8 @@ class Usage:
             draft_tokens=self.draft_tokens,
             accepted_tokens=self.accepted_tokens,
             target_passes=self.target_passes,
+            target_forward_ns=self.target_forward_ns,
+            draft_forward_ns=self.draft_forward_ns,
         )
 
 

@@ -177,6 +177,7 @@ class SpeculativeGenerator:
                     proposal = await draft_stream.propose(
                         sid, history, k, sampling, self._timeout(time_remaining)
                     )
+                    usage.draft_forward_ns += proposal.forward_ns
                 ready = None
                 draft_ids = proposal.token_ids[:k]
                 verify = asyncio.ensure_future(
@@ -235,6 +236,7 @@ class SpeculativeGenerator:
                 usage.draft_tokens += len(draft_ids)
                 usage.accepted_tokens += verdict.num_accepted
                 usage.target_passes += 1
+                usage.target_forward_ns += verdict.forward_ns
                 if finish_reason:
                     if finish_reason != "stop":
                         text += detokenizer.finish()
