@@ -43,6 +43,10 @@ def add_serve_parser(subparsers: argparse._SubParsersAction) -> None:
     serve.add_argument(
         "--max-cached-sessions", type=int, default=64, help="draft/target: KV caches kept (LRU)"
     )
+    serve.add_argument(
+        "--kv-cache-budget-mb", type=float, default=0.0,
+        help="draft/target: KV cache memory kept across sessions, LRU-evicted (0 = unlimited)",
+    )  # fmt: skip
     serve.add_argument("--max-context", type=int, default=0, help="draft/target: 0 = the model's context")
     serve.add_argument("--threads", type=int, default=0, help="draft/target: torch threads (0 = default)")
     serve.add_argument("--draft-addr", help="coordinator: draft worker host:port")
@@ -98,6 +102,7 @@ def serve_component(args: argparse.Namespace) -> int:
             device=args.device,
             dtype=args.dtype,
             max_cached_sessions=args.max_cached_sessions,
+            max_cache_bytes=int(args.kv_cache_budget_mb * 2**20),
             max_context=args.max_context,
             # +1: a pipelined round asks for the bonus-token guess plus the next block.
             max_draft_tokens=args.max_speculative_tokens + 1,

@@ -19,6 +19,8 @@ class WorkerConfig:
     dtype: str = "float32"
     # Sessions whose KV cache is kept; the least recently used one is evicted (and rebuilt on its next call).
     max_cached_sessions: int = 64
+    # Bytes of KV cache kept across sessions (0 = unlimited); least recently used sessions are evicted.
+    max_cache_bytes: int = 0
     # 0 = the model's own context length.
     max_context: int = 0
     # The largest k a draft worker accepts in one Propose call.
@@ -40,6 +42,8 @@ class WorkerConfig:
             raise ValueError(f"device must be 'cpu' or 'cuda[:N]', got {self.device!r}")
         if self.max_cached_sessions < 1:
             raise ValueError(f"max_cached_sessions must be >= 1, got {self.max_cached_sessions}")
+        if self.max_cache_bytes < 0:
+            raise ValueError(f"max_cache_bytes must be >= 0, got {self.max_cache_bytes}")
         if self.max_context < 0:
             raise ValueError(f"max_context must be >= 0, got {self.max_context}")
         if self.torch_threads < 0:

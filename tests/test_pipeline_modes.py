@@ -16,7 +16,9 @@ from tests.prompts import PROMPTS
 
 
 @pytest.fixture(scope="module")
-def plain_coordinator(pipeline: Pipeline, tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServiceProcess]:
+def plain_coordinator(
+    pipeline: Pipeline, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[ServiceProcess]:
     log_dir: Path = tmp_path_factory.mktemp("plain-coordinator")
     coordinator = start_coordinator(
         pipeline.draft.address,

@@ -20,6 +20,17 @@ class SessionKV:
 
     token_ids: list[int] = field(default_factory=list)
     past: Any = None
+    nbytes: int = 0
+
+
+def cache_nbytes(past: Any) -> int:
+    """Bytes held by a transformers Cache's key and value tensors."""
+    total = 0
+    for layer in getattr(past, "layers", ()):
+        for tensor in (getattr(layer, "keys", None), getattr(layer, "values", None)):
+            if tensor is not None:
+                total += tensor.numel() * tensor.element_size()
+    return total
 
 
 def common_prefix_length(a: list[int], b: list[int]) -> int:
@@ -37,13 +48,22 @@ def common_prefix_length(a: list[int], b: list[int]) -> int:
 
 
 class SessionKVCacheStore:
-    """LRU map session id -> SessionKV, bounded by a number of sessions."""
+    """LRU map session id -> SessionKV, bounded by a number of sessions and a memory budget.
 
-    def __init__(self, max_sessions: int) -> None:
+    The budget is enforced after each forward (`account`): least recently used sessions are evicted until
+    the total fits, never the session just used, so one session longer than the budget still works.
+    """
+
+    def __init__(self, max_sessions: int, max_bytes: int = 0) -> None:
         if max_sessions < 1:
             raise ValueError(f"max_sessions must be >= 1, got {max_sessions}")
+        if max_bytes < 0:
+            raise ValueError(f"max_bytes must be >= 0 (0 = unlimited), got {max_bytes}")
         self._max_sessions = max_sessions
+        self._max_bytes = max_bytes
         self._sessions: OrderedDict[str, SessionKV] = OrderedDict()
+        self.total_bytes = 0
+        self.evictions = 0
 
     def get_or_create(self, session_id: str) -> SessionKV:
         entry = self._sessions.get(session_id)
@@ -51,13 +71,36 @@ class SessionKVCacheStore:
             entry = SessionKV()
             self._sessions[session_id] = entry
             while len(self._sessions) > self._max_sessions:
-                self._sessions.popitem(last=False)
+                self._evict_oldest()
         else:
             self._sessions.move_to_end(session_id)
         return entry
 
+    def account(self, session_id: str) -> None:
+        """Re-measures a session's cache after a forward and evicts others to respect the budget."""
+        entry = self._sessions.get(session_id)
+        if entry is None:
+            return
+        nbytes = cache_nbytes(entry.past)
+        self.total_bytes += nbytes - entry.nbytes
+        entry.nbytes = nbytes
+        while self._max_bytes and self.total_bytes > self._max_bytes and len(self._sessions) > 1:
+            oldest = next(iter(self._sessions))
+            if oldest == session_id:
+                break
+            self._evict_oldest()
+
     def release(self, session_id: str) -> bool:
-        return self._sessions.pop(session_id, None) is not None
+        entry = self._sessions.pop(session_id, None)
+        if entry is None:
+            return False
+        self.total_bytes -= entry.nbytes
+        return True
+
+    def _evict_oldest(self) -> None:
+        _, entry = self._sessions.popitem(last=False)
+        self.total_bytes -= entry.nbytes
+        self.evictions += 1
 
     def __len__(self) -> int:
         return len(self._sessions)

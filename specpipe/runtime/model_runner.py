@@ -42,12 +42,13 @@ class CausalLMRunner:
         model_name: str,
         max_context: int,
         max_cached_sessions: int,
+        max_cache_bytes: int = 0,
     ) -> None:
         self.model = model
         self.tokenizer = tokenizer
         self.model_name = model_name
         self.max_context = max_context
-        self.caches = SessionKVCacheStore(max_cached_sessions)
+        self.caches = SessionKVCacheStore(max_cached_sessions, max_cache_bytes)
         self.device = next(model.parameters()).device
         self.dtype = next(model.parameters()).dtype
         self.vocab_size = int(model.get_output_embeddings().weight.shape[0])
@@ -57,12 +58,23 @@ class CausalLMRunner:
         if config.torch_threads:
             torch.set_num_threads(config.torch_threads)
         return cls.load(
-            config.model_path, config.device, config.dtype, config.max_cached_sessions, config.max_context
+            config.model_path,
+            config.device,
+            config.dtype,
+            config.max_cached_sessions,
+            config.max_context,
+            max_cache_bytes=config.max_cache_bytes,
         )
 
     @classmethod
     def load(
-        cls, model_path: str | Path, device: str, dtype: str, max_cached_sessions: int, max_context: int = 0
+        cls,
+        model_path: str | Path,
+        device: str,
+        dtype: str,
+        max_cached_sessions: int,
+        max_context: int = 0,
+        max_cache_bytes: int = 0,
     ) -> CausalLMRunner:
         if dtype not in DTYPES:
             raise ValueError(f"dtype must be one of {sorted(DTYPES)}, got {dtype!r}")
@@ -75,7 +87,9 @@ class CausalLMRunner:
         )
         context = min(max_context, model_context) if max_context and model_context else model_context
         logger.info("loaded %s on %s/%s in %.1fs", model_path, device, dtype, time.perf_counter() - started)
-        return cls(model, tokenizer, str(model_path), context or max_context, max_cached_sessions)
+        return cls(
+            model, tokenizer, str(model_path), context or max_context, max_cached_sessions, max_cache_bytes
+        )
 
     def eos_token_ids(self) -> list[int]:
         eos = self.model.generation_config.eos_token_id
@@ -112,5 +126,6 @@ class CausalLMRunner:
             self.caches.release(session_id)  # a failed forward may have left the cache half-updated
             raise
         entry.token_ids = ids
+        self.caches.account(session_id)
         logits = out.logits[0, -num_rows:, :].float().cpu()  # [num_rows, vocab_size]
         return ForwardResult(logits, reuse, time.perf_counter_ns() - started)

@@ -1,0 +1,72 @@
+"""The per-session KV cache: prefix reuse, rollback of rejected tokens, and LRU eviction under a budget."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+import pytest
+import torch
+
+from specpipe.runtime.kv_cache import SessionKVCacheStore, common_prefix_length
+from specpipe.runtime.model_runner import CausalLMRunner
+from tests.conftest import ModelPair
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread() -> Iterator[None]:
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(previous)
+
+
+def fresh_logits(runner: CausalLMRunner, ids: list[int], rows: int) -> torch.Tensor:
+    with torch.inference_mode():
+        return runner.model(torch.tensor([ids])).logits[0, -rows:].float()
+
+
+def test_common_prefix_length() -> None:
+    assert common_prefix_length([], [1]) == 0
+    assert common_prefix_length([1, 2, 3], [1, 2, 3, 4]) == 3
+    assert common_prefix_length([1, 2, 3, 4], [1, 2]) == 2
+    assert common_prefix_length([1, 2, 9, 4], [1, 2, 3, 4]) == 2
+    assert common_prefix_length([7], [1]) == 0
+
+
+def test_prefix_reuse_and_rollback_match_a_fresh_forward(model_pair: ModelPair) -> None:
+    runner = CausalLMRunner.load(model_pair.target_dir, "cpu", "float32", max_cached_sessions=4)
+    ids = list(range(3, 40))
+    first = runner.forward("s", ids, num_rows=1)
+    assert first.cached_tokens == 0
+    extended = [*ids, 50, 51, 52]
+    second = runner.forward("s", extended, num_rows=4)
+    assert second.cached_tokens == len(extended) - 4  # everything before the 4 scored positions
+    torch.testing.assert_close(second.logits, fresh_logits(runner, extended, 4), rtol=1e-4, atol=1e-4)
+    rolled_back = [*ids, 60]  # the draft suffix 50, 51, 52 was rejected
+    third = runner.forward("s", rolled_back, num_rows=2)
+    assert third.cached_tokens == len(ids) - 1
+    torch.testing.assert_close(third.logits, fresh_logits(runner, rolled_back, 2), rtol=1e-4, atol=1e-4)
+
+
+def test_budget_evicts_least_recently_used_and_stays_exact(model_pair: ModelPair) -> None:
+    probe = CausalLMRunner.load(model_pair.target_dir, "cpu", "float32", max_cached_sessions=8)
+    probe.forward("probe", list(range(3, 67)), num_rows=1)
+    one_session = probe.caches.total_bytes
+    budget = int(one_session * 1.5)  # room for one 64-token session, not two
+    runner = CausalLMRunner.load(model_pair.target_dir, "cpu", "float32", 8, max_cache_bytes=budget)
+    histories = {name: list(range(start, start + 64)) for name, start in (("a", 3), ("b", 100), ("c", 200))}
+    for step in range(3):
+        for name, history in histories.items():
+            history.append(5 + step)
+            result = runner.forward(name, history, num_rows=1)
+            torch.testing.assert_close(result.logits, fresh_logits(runner, history, 1), rtol=1e-4, atol=1e-4)
+            assert len(runner.caches) == 1 or runner.caches.total_bytes <= budget
+    assert runner.caches.evictions >= 6
+    assert runner.caches.release("c") and runner.caches.total_bytes == 0
+
+
+def test_session_count_bound() -> None:
+    store = SessionKVCacheStore(max_sessions=2)
+    for name in ("a", "b", "c"):
+        store.get_or_create(name)
+    assert "a" not in store and "b" in store and "c" in store and store.evictions == 1
