@@ -91,7 +91,7 @@ async def pair_workers(
         target.address,
     )
     costs = None
-    if config.adaptive_k and config.max_speculative_tokens > 0:
+    if config.max_speculative_tokens > 0:  # for adaptive k, and to decide where pipelining is free
         context = min(limits.target_context, limits.draft_context)
         costs = await measure_cost_profile(draft, target, config.max_speculative_tokens, context)
     owner = f"{socket.gethostname()}:{config.port}"

@@ -16,7 +16,7 @@ import asyncio
 import logging
 import uuid
 from collections.abc import AsyncIterator, Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from transformers import PreTrainedTokenizerBase
 
@@ -48,6 +48,12 @@ class OpenSession:
     version: int | None  # None until the first commit of a new session
     is_new: bool
     persisted: bool = False
+    # The history when the request began: what a new session is created with, whatever the rounds that
+    # ran since (commits overlap the next round, so `history` may already be ahead).
+    opening_history: list[int] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        self.opening_history = list(self.history)
 
 
 class SpeculativeGenerator:
@@ -122,7 +128,11 @@ class SpeculativeGenerator:
             # that fails before producing a token leaves nothing behind.
             if session.is_new:
                 state = await self.store.create(
-                    session.session_id, session.history, len(session.history), sampling, self.owner
+                    session.session_id,
+                    session.opening_history,
+                    len(session.opening_history),
+                    sampling,
+                    self.owner,
                 )
             else:
                 assert session.version is not None
@@ -149,6 +159,16 @@ class SpeculativeGenerator:
             raise DeadlineExceededError("the request deadline passed")
         return min(self.worker_timeout_s, remaining)
 
+    def should_pipeline(self, k: int, history_len: int) -> bool:
+        """Draft the next block during this verify only where it is free: it must fit the draft context
+        and, by the measured profile, finish before the verify does (else waiting for it costs time)."""
+        if not self.pipelining or k == 0 or history_len + 2 * k > self.limits.draft_context:
+            return False
+        if self.costs is None:
+            return True
+        verify_s = self.costs.verify_base_s + k * self.costs.verify_token_s
+        return (k + 1) * self.costs.draft_token_s <= verify_s
+
     async def _rounds(
         self, request: GenerationRequest, session: OpenSession, time_remaining: Callable[[], float | None]
     ) -> AsyncIterator[GenerationChunk]:
@@ -161,9 +181,12 @@ class SpeculativeGenerator:
         finish_reason = ""
         # A block drafted during the previous verify, valid if that verify accepted everything.
         ready: Proposal | None = None
+        # The previous round's commit and chunk: the commit overlaps this round's first worker call, and
+        # the chunk is sent only once its commit succeeded.
+        pending: tuple[asyncio.Future[None], GenerationChunk] | None = None
+        speculative: asyncio.Future[Proposal] | None = None
         draft_stream = self.draft.open_stream(time_remaining())
         target_stream = self.target.open_stream(time_remaining())
-        speculative: asyncio.Future[Proposal] | None = None
         try:
             while not finish_reason:
                 history = session.history
@@ -174,9 +197,13 @@ class SpeculativeGenerator:
                     k = min(k, len(ready.token_ids))
                     proposal = Proposal(ready.token_ids[:k], list(ready.draft_probs)[:k], ready.forward_ns)
                 elif k > 0:
-                    proposal = await draft_stream.propose(
-                        sid, history, k, sampling, self._timeout(time_remaining)
+                    drafting = asyncio.ensure_future(
+                        draft_stream.propose(sid, history, k, sampling, self._timeout(time_remaining))
                     )
+                    if pending is not None:
+                        yield await flush(pending)
+                        pending = None
+                    proposal = await drafting
                     usage.draft_forward_ns += proposal.forward_ns
                 ready = None
                 draft_ids = proposal.token_ids[:k]
@@ -185,15 +212,17 @@ class SpeculativeGenerator:
                         sid, history, draft_ids, proposal.draft_probs, sampling, self._timeout(time_remaining)
                     )
                 )
-                # The guess feeds history + block + k more tokens to the draft: it must fit its context.
-                if self.pipelining and k > 0 and len(history) + 2 * k <= self.limits.draft_context:
+                if self.should_pipeline(k, len(history)):
                     # Assume the whole block is accepted: the draft's first token guesses the bonus token,
-                    # the next k are the following block. Costs draft time only while the target verifies.
+                    # the next k are the following block.
                     speculative = asyncio.ensure_future(
                         draft_stream.propose(
                             sid, [*history, *draft_ids], k + 1, sampling, self._timeout(time_remaining)
                         )
                     )
+                if pending is not None:
+                    yield await flush(pending)
+                    pending = None
                 verdict = await verify
                 if speculative is not None:
                     guess = await speculative
@@ -201,35 +230,28 @@ class SpeculativeGenerator:
                     if verdict.num_accepted == k and guess.token_ids[:1] == [verdict.next_token_id]:
                         ready = Proposal(guess.token_ids[1:], list(guess.draft_probs)[1:], guess.forward_ns)
                 policy.record(len(draft_ids), verdict.num_accepted)
-                new_ids = [*draft_ids[: verdict.num_accepted], verdict.next_token_id]
 
-                for i, token in enumerate(new_ids):
-                    if token in self.limits.eos_token_ids:
-                        new_ids, finish_reason = new_ids[: i + 1], "eos"
-                        break
-                if len(new_ids) >= remaining:
-                    new_ids = new_ids[:remaining]
-                    finish_reason = finish_reason or "length"
+                new_ids, finish_reason = self.truncate(
+                    [*draft_ids[: verdict.num_accepted], verdict.next_token_id], remaining
+                )
                 text = detokenizer.push(new_ids)
                 if detokenizer.stopped:
                     # Keep the tokens up to the one that completed the stop string.
-                    keep = detokenizer.stop_token_index - len(generated)
-                    new_ids, finish_reason = new_ids[:keep], "stop"
+                    new_ids = new_ids[: detokenizer.stop_token_index - len(generated)]
+                    finish_reason = "stop"
                 if not finish_reason and len(history) + len(new_ids) >= self.limits.target_context:
                     finish_reason = "length"
+                if finish_reason and finish_reason != "stop":
+                    text += detokenizer.finish()
 
-                await self.commit(
-                    session,
-                    request,
-                    new_ids,
-                    SessionStats(
-                        generated_tokens=len(new_ids),
-                        draft_tokens=len(draft_ids),
-                        accepted_tokens=verdict.num_accepted,
-                        target_passes=1,
-                        rounds=1,
-                    ),
+                delta = SessionStats(
+                    generated_tokens=len(new_ids),
+                    draft_tokens=len(draft_ids),
+                    accepted_tokens=verdict.num_accepted,
+                    target_passes=1,
+                    rounds=1,
                 )
+                commit = asyncio.ensure_future(self.commit(session, request, new_ids, delta))
                 session.history = [*history, *new_ids]
                 generated.extend(new_ids)
                 usage.generated_tokens = len(generated)
@@ -238,13 +260,31 @@ class SpeculativeGenerator:
                 usage.target_passes += 1
                 usage.target_forward_ns += verdict.forward_ns
                 if finish_reason:
-                    if finish_reason != "stop":
-                        text += detokenizer.finish()
-                    yield GenerationChunk(sid, new_ids, text, finish_reason, usage)
+                    chunk = GenerationChunk(sid, new_ids, text, finish_reason, usage)
                 else:
-                    yield GenerationChunk(sid, new_ids, text)
+                    chunk = GenerationChunk(sid, new_ids, text)
+                pending = (commit, chunk)
+            if pending is not None:
+                yield await flush(pending)
+                pending = None
         finally:
-            if speculative is not None:
-                speculative.cancel()
+            for task in (speculative, pending[0] if pending else None):
+                if task is not None:
+                    task.cancel()
             draft_stream.close()
             target_stream.close()
+
+    def truncate(self, new_ids: list[int], remaining: int) -> tuple[list[int], str]:
+        """Cuts a round's tokens after EOS or at max_new_tokens; returns them and the finish reason."""
+        kept = new_ids[:remaining]
+        for i, token in enumerate(kept):
+            if token in self.limits.eos_token_ids:
+                return kept[: i + 1], "eos"
+        return kept, "length" if len(kept) == remaining else ""
+
+
+async def flush(pending: tuple[asyncio.Future[None], GenerationChunk]) -> GenerationChunk:
+    """Waits for a round's commit, then hands over its chunk: nothing reaches a client uncommitted."""
+    commit, chunk = pending
+    await commit
+    return chunk

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import array
+
 import pytest
 import redis
 from transformers import AutoTokenizer
@@ -61,6 +63,15 @@ def test_session_is_stored_and_continued(pipeline: Pipeline, tokenizer) -> None:
         # The second turn's prompt is the whole history plus the new text.
         assert second.usage.prompt_tokens == prompt_len + 10 + len(tokenizer("\n")["input_ids"])
         assert int(store.hget(key, "generated_tokens")) == 20
+        # The stored history is exactly prompt, reply, prompt, reply: no token lost or written twice.
+        stored = list(array.array("i", store.get(f"{key}:tokens")))
+        expected = [
+            *tokenizer("def f(x):")["input_ids"],
+            *first.token_ids,
+            *tokenizer("\n")["input_ids"],
+            *second.token_ids,
+        ]
+        assert stored == expected
 
 
 def test_stop_string_ends_generation(pipeline: Pipeline, tokenizer) -> None:
