@@ -57,8 +57,8 @@ async def measure_cost_profile(
                 overheads.append(max(wall - draft_s - verify_s, 0.0))
                 history += [*proposal.token_ids[: verdict.num_accepted], verdict.next_token_id]
     finally:
-        draft_stream.close()
-        target_stream.close()
+        draft_stream.cancel()  # a cancelled stream also frees the throwaway session's caches
+        target_stream.cancel()
         for client in (draft, target):
             try:
                 await client.release_session(session_id, timeout_s=5.0)

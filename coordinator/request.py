@@ -18,6 +18,12 @@ FINISH_REASONS = {
 }
 
 
+def validate_session_id(session_id: str) -> str:
+    if not SESSION_ID_PATTERN.match(session_id):
+        raise InvalidArgumentError("session_id must be 1-128 characters of letters, digits, '_', '.' or '-'")
+    return session_id
+
+
 @dataclass(frozen=True, slots=True)
 class RequestLimits:
     max_new_tokens: int
@@ -38,8 +44,11 @@ class GenerationRequest:
 
     @classmethod
     def from_pb(cls, pb: coordinator_pb2.GenerateRequest, limits: RequestLimits) -> GenerationRequest:
-        if not pb.prompt and not pb.prompt_token_ids:
-            raise InvalidArgumentError("prompt must not be empty (set prompt or prompt_token_ids)")
+        if not pb.prompt and not pb.prompt_token_ids and not pb.session_id:
+            raise InvalidArgumentError(
+                "prompt must not be empty (set prompt or prompt_token_ids, "
+                "or session_id to continue a session)"
+            )
         if pb.prompt and pb.prompt_token_ids:
             raise InvalidArgumentError("set only one of prompt and prompt_token_ids")
         if not 1 <= pb.max_new_tokens <= limits.max_new_tokens:
@@ -48,10 +57,8 @@ class GenerationRequest:
             )
         if any(not s for s in pb.stop):
             raise InvalidArgumentError("stop strings must not be empty")
-        if pb.session_id and not SESSION_ID_PATTERN.match(pb.session_id):
-            raise InvalidArgumentError(
-                "session_id must be 1-128 characters of letters, digits, '_', '.' or '-'"
-            )
+        if pb.session_id:
+            validate_session_id(pb.session_id)
         k = limits.default_speculative_tokens
         if pb.HasField("num_speculative_tokens"):
             k = pb.num_speculative_tokens

@@ -11,6 +11,7 @@ from coordinator.config import CoordinatorConfig
 from coordinator.cost_profile import measure_cost_profile
 from coordinator.request import RequestLimits
 from coordinator.servicer import CoordinatorServicer
+from coordinator.sessions import SessionService
 from coordinator.speculation import ModelLimits, SpeculativeGenerator
 from coordinator.worker_clients import DraftClient, TargetClient, WorkerClient
 from specpipe.errors import SpecpipeError
@@ -124,7 +125,8 @@ async def run_coordinator(config: CoordinatorConfig, stop_event: asyncio.Event |
     )
 
     async def warmup() -> None:
-        servicer.attach(await pair_workers(config, draft, target, store))
+        generator = await pair_workers(config, draft, target, store)
+        servicer.attach(generator, SessionService(store, generator.tokenizer, (draft, target)))
 
     try:
         await serve(

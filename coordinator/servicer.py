@@ -6,7 +6,8 @@ from collections.abc import AsyncIterator
 
 import grpc
 
-from coordinator.request import GenerationRequest, RequestLimits
+from coordinator.request import GenerationRequest, RequestLimits, validate_session_id
+from coordinator.sessions import SessionService
 from coordinator.speculation import SpeculativeGenerator
 from specpipe.errors import UnavailableError
 from specpipe.v1 import coordinator_pb2, coordinator_pb2_grpc
@@ -17,15 +18,40 @@ class CoordinatorServicer(coordinator_pb2_grpc.CoordinatorServicer):
         self.limits = limits
         self._generator: SpeculativeGenerator | None = None
 
-    def attach(self, generator: SpeculativeGenerator) -> None:
-        """Called once the workers are paired; until then Generate answers UNAVAILABLE."""
+        self._sessions: SessionService | None = None
+
+    def attach(self, generator: SpeculativeGenerator, sessions: SessionService) -> None:
+        """Called once the workers are paired; until then every RPC answers UNAVAILABLE."""
         self._generator = generator
+        self._sessions = sessions
+
+    @property
+    def generator(self) -> SpeculativeGenerator:
+        if self._generator is None:
+            raise UnavailableError("the coordinator is still starting (waiting for its workers)")
+        return self._generator
+
+    @property
+    def sessions(self) -> SessionService:
+        if self._sessions is None:
+            raise UnavailableError("the coordinator is still starting (waiting for its workers)")
+        return self._sessions
 
     async def Generate(
         self, request: coordinator_pb2.GenerateRequest, context: grpc.aio.ServicerContext
     ) -> AsyncIterator[coordinator_pb2.GenerateResponse]:
-        if self._generator is None:
-            raise UnavailableError("the coordinator is still starting (waiting for its workers)")
         generation = GenerationRequest.from_pb(request, self.limits)
-        async for chunk in self._generator.generate(generation, context.time_remaining):
+        async for chunk in self.generator.generate(generation, context.time_remaining):
             yield chunk.to_pb()
+
+    async def GetSession(
+        self, request: coordinator_pb2.GetSessionRequest, context: grpc.aio.ServicerContext
+    ) -> coordinator_pb2.SessionInfo:
+        view = await self.sessions.get(validate_session_id(request.session_id))
+        return view.to_pb()
+
+    async def DeleteSession(
+        self, request: coordinator_pb2.DeleteSessionRequest, context: grpc.aio.ServicerContext
+    ) -> coordinator_pb2.DeleteSessionResponse:
+        deleted = await self.sessions.delete(validate_session_id(request.session_id))
+        return coordinator_pb2.DeleteSessionResponse(deleted=deleted)

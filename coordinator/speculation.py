@@ -21,9 +21,10 @@ from dataclasses import dataclass, field
 from transformers import PreTrainedTokenizerBase
 
 from coordinator.adaptive_k import CostProfile, DraftLengthPolicy
+from coordinator.draft_link import DraftLink
 from coordinator.request import GenerationChunk, GenerationRequest, Usage
 from coordinator.worker_clients import DraftClient, Proposal, TargetClient
-from specpipe.errors import DeadlineExceededError, InvalidArgumentError
+from specpipe.errors import DeadlineExceededError, InvalidArgumentError, SpecpipeError
 from specpipe.store.session_store import SessionStats, SessionStore
 from specpipe.text.detokenizer import IncrementalDetokenizer
 
@@ -80,6 +81,7 @@ class SpeculativeGenerator:
         self.max_speculative_tokens = max_speculative_tokens
         self.costs = costs  # None = no adaptive k: requests without a k use max_speculative_tokens
         self.pipelining = pipelining
+        self._background: set[asyncio.Future[None]] = set()  # keeps fire-and-forget tasks referenced
 
     def prompt_ids(self, request: GenerationRequest) -> list[int]:
         if request.prompt_token_ids:
@@ -87,6 +89,8 @@ class SpeculativeGenerator:
             if any(not 0 <= t < self.limits.vocab_size for t in ids):
                 raise InvalidArgumentError(f"prompt_token_ids must be in [0, {self.limits.vocab_size})")
             return ids
+        if not request.prompt:
+            return []  # a continued session without a new turn
         ids = self.tokenizer(request.prompt, add_special_tokens=True)["input_ids"]
         if not ids:
             raise InvalidArgumentError("prompt encodes to no tokens")
@@ -99,6 +103,8 @@ class SpeculativeGenerator:
             session = OpenSession(
                 request.session_id, [*state.token_ids, *prompt_ids], prompt_ids, state.version, is_new=False
             )
+            # No new prompt: continue the history as it is (resume); the first commit needs no prompt write.
+            session.persisted = not prompt_ids
         else:
             await self.store.ping()  # fail fast (UNAVAILABLE) before any model work
             session = OpenSession(uuid.uuid4().hex, list(prompt_ids), prompt_ids, None, is_new=True)
@@ -185,38 +191,42 @@ class SpeculativeGenerator:
         # the chunk is sent only once its commit succeeded.
         pending: tuple[asyncio.Future[None], GenerationChunk] | None = None
         speculative: asyncio.Future[Proposal] | None = None
-        draft_stream = self.draft.open_stream(time_remaining())
+        draft = DraftLink(self.draft, time_remaining())
         target_stream = self.target.open_stream(time_remaining())
+        completed = False
         try:
             while not finish_reason:
                 history = session.history
                 remaining = request.max_new_tokens - len(generated)
                 k = self.draft_length(policy.next_k(), remaining, len(history))
+                if k > 0 and not draft.available():
+                    k, ready = 0, None
                 proposal = Proposal([], (), 0)
                 if k > 0 and ready is not None:
                     k = min(k, len(ready.token_ids))
                     proposal = Proposal(ready.token_ids[:k], list(ready.draft_probs)[:k], ready.forward_ns)
                 elif k > 0:
                     drafting = asyncio.ensure_future(
-                        draft_stream.propose(sid, history, k, sampling, self._timeout(time_remaining))
+                        draft.propose(sid, history, k, sampling, self._timeout(time_remaining))
                     )
                     if pending is not None:
                         yield await flush(pending)
                         pending = None
-                    proposal = await drafting
+                    proposal = await drafting or Proposal([], (), 0)  # None: the draft failed, k = 0
                     usage.draft_forward_ns += proposal.forward_ns
                 ready = None
                 draft_ids = proposal.token_ids[:k]
+                k = len(draft_ids)
                 verify = asyncio.ensure_future(
                     target_stream.verify(
                         sid, history, draft_ids, proposal.draft_probs, sampling, self._timeout(time_remaining)
                     )
                 )
-                if self.should_pipeline(k, len(history)):
+                if self.should_pipeline(k, len(history)) and draft.available():
                     # Assume the whole block is accepted: the draft's first token guesses the bonus token,
                     # the next k are the following block.
                     speculative = asyncio.ensure_future(
-                        draft_stream.propose(
+                        draft.propose(
                             sid, [*history, *draft_ids], k + 1, sampling, self._timeout(time_remaining)
                         )
                     )
@@ -227,7 +237,11 @@ class SpeculativeGenerator:
                 if speculative is not None:
                     guess = await speculative
                     speculative = None
-                    if verdict.num_accepted == k and guess.token_ids[:1] == [verdict.next_token_id]:
+                    if (
+                        guess is not None
+                        and verdict.num_accepted == k
+                        and guess.token_ids[:1] == [verdict.next_token_id]
+                    ):
                         ready = Proposal(guess.token_ids[1:], list(guess.draft_probs)[1:], guess.forward_ns)
                 policy.record(len(draft_ids), verdict.num_accepted)
 
@@ -267,12 +281,29 @@ class SpeculativeGenerator:
             if pending is not None:
                 yield await flush(pending)
                 pending = None
+            completed = True
         finally:
             for task in (speculative, pending[0] if pending else None):
                 if task is not None:
                     task.cancel()
-            draft_stream.close()
-            target_stream.close()
+            # A finished request keeps the workers' caches warm for the next turn; a cancelled or failed
+            # one frees them at once (the workers release a session whose stream is cancelled).
+            await draft.close(completed)
+            if completed:
+                await target_stream.finish()
+            else:
+                target_stream.cancel()
+                # Explicitly too: the workers cannot always tell a cancelled stream from a finished one.
+                release = asyncio.ensure_future(self.release_worker_caches(sid))
+                self._background.add(release)
+                release.add_done_callback(self._background.discard)
+
+    async def release_worker_caches(self, session_id: str) -> None:
+        for worker in (self.draft, self.target):
+            try:
+                await worker.release_session(session_id, timeout_s=2.0)
+            except SpecpipeError as exc:
+                logger.debug("could not free %s's cache for %s: %s", worker.role, session_id, exc)
 
     def truncate(self, new_ids: list[int], remaining: int) -> tuple[list[int], str]:
         """Cuts a round's tokens after EOS or at max_new_tokens; returns them and the finish reason."""

@@ -69,6 +69,8 @@ class WorkerStream:
             reply = await asyncio.wait_for(self.call.read(), timeout_s)
         except grpc.aio.AioRpcError as exc:
             raise self.client._error(exc) from exc
+        except asyncio.InvalidStateError as exc:  # writing to a stream whose RPC already ended
+            raise self.client.error_for(await self.call.code(), await self.call.details()) from exc
         except asyncio.TimeoutError as exc:
             raise errors.DeadlineExceededError(
                 f"{self.client.role} worker at {self.client.address} did not answer within {timeout_s:.1f}s"
@@ -80,7 +82,16 @@ class WorkerStream:
         self.broken = False
         return reply
 
-    def close(self) -> None:
+    async def finish(self) -> None:
+        """Ends the stream normally: the worker keeps the session's cache warm for a next turn."""
+        if not self.broken:
+            try:
+                await self.call.done_writing()
+            except grpc.aio.AioRpcError:
+                pass
+
+    def cancel(self) -> None:
+        """Aborts the stream: the worker frees the session's cache at once."""
         self.call.cancel()
 
 
@@ -133,11 +144,21 @@ class WorkerClient:
 
     def __init__(self, address: str) -> None:
         self.address = address
-        self.channel = grpc.aio.insecure_channel(address, options=server_options())
+        # Reconnect quickly after a worker restarts (gRPC's default backoff grows to two minutes).
+        options = [
+            *server_options(),
+            ("grpc.initial_reconnect_backoff_ms", 200),
+            ("grpc.min_reconnect_backoff_ms", 200),
+            ("grpc.max_reconnect_backoff_ms", 2000),
+        ]
+        self.channel = grpc.aio.insecure_channel(address, options=options)
 
     def _error(self, exc: grpc.aio.AioRpcError) -> errors.SpecpipeError:
-        error_type = ERROR_BY_STATUS.get(exc.code(), errors.UnavailableError)
-        return error_type(f"{self.role} worker at {self.address}: {exc.code().name}: {exc.details()}")
+        return self.error_for(exc.code(), exc.details())
+
+    def error_for(self, code: grpc.StatusCode, details: str | None) -> errors.SpecpipeError:
+        error_type = ERROR_BY_STATUS.get(code, errors.UnavailableError)
+        return error_type(f"{self.role} worker at {self.address}: {code.name}: {details}")
 
     async def model_info(self, include_tokenizer_files: bool, timeout_s: float) -> WorkerModelInfo:
         request = common_pb2.GetModelInfoRequest(include_tokenizer_files=include_tokenizer_files)
@@ -155,6 +176,14 @@ class WorkerClient:
         except grpc.aio.AioRpcError as exc:
             raise self._error(exc) from exc
         return reply.released
+
+    async def stats(self, session_id: str = "", timeout_s: float = 5.0) -> common_pb2.WorkerStats:
+        try:
+            return await self.stub.GetStats(
+                common_pb2.GetStatsRequest(session_id=session_id), timeout=timeout_s
+            )
+        except grpc.aio.AioRpcError as exc:
+            raise self._error(exc) from exc
 
     async def close(self) -> None:
         await self.channel.close()

@@ -79,6 +79,15 @@ class CoordinatorClient:
             result.add(chunk)
         return result
 
+    def get_session(self, session_id: str, timeout_s: float = 10.0) -> coordinator_pb2.SessionInfo:
+        return self.stub.GetSession(
+            coordinator_pb2.GetSessionRequest(session_id=session_id), timeout=timeout_s
+        )
+
+    def delete_session(self, session_id: str, timeout_s: float = 10.0) -> bool:
+        request = coordinator_pb2.DeleteSessionRequest(session_id=session_id)
+        return self.stub.DeleteSession(request, timeout=timeout_s).deleted
+
     def close(self) -> None:
         self.channel.close()
 

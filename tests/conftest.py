@@ -80,15 +80,42 @@ def start_coordinator(
 def pipeline(
     model_pair: ModelPair, redis_server: RedisServerProcess, tmp_path_factory: pytest.TempPathFactory
 ) -> Iterator[Pipeline]:
-    log_dir = tmp_path_factory.mktemp("logs")
-    draft = start_worker("draft", model_pair.draft_dir, log_dir)
-    target = start_worker("target", model_pair.target_dir, log_dir)
-    coordinator = start_coordinator(draft.address, target.address, redis_server.url, log_dir)
-    services = [draft, target, coordinator]
+    """The shared pipeline: tests must not break it."""
+    pipeline = start_pipeline(model_pair, redis_server, tmp_path_factory.mktemp("logs"))
+    yield pipeline
+    stop_pipeline(pipeline)
+
+
+def start_pipeline(pair: ModelPair, redis: RedisServerProcess, log_dir: Path) -> Pipeline:
+    draft = start_worker("draft", pair.draft_dir, log_dir)
+    target = start_worker("target", pair.target_dir, log_dir)
+    coordinator = start_coordinator(draft.address, target.address, redis.url, log_dir)
+    pipeline = Pipeline(coordinator.address, draft, target, coordinator, redis, pair)
     try:
-        for service in services:
+        for service in (draft, target, coordinator):
             service.wait_serving(120)
-        yield Pipeline(coordinator.address, draft, target, coordinator, redis_server, model_pair)
-    finally:
-        for service in reversed(services):
-            service.stop()
+    except BaseException:
+        stop_pipeline(pipeline)
+        raise
+    return pipeline
+
+
+def stop_pipeline(pipeline: Pipeline) -> None:
+    for service in (pipeline.coordinator, pipeline.target, pipeline.draft):
+        service.stop()
+
+
+@pytest.fixture
+def own_pipeline(
+    model_pair: ModelPair, redis_server: RedisServerProcess, tmp_path: Path
+) -> Iterator[Pipeline]:
+    """A pipeline this test may break (its workers and coordinator are its own)."""
+    pipeline = start_pipeline(model_pair, redis_server, tmp_path)
+    yield pipeline
+    stop_pipeline(pipeline)
+
+
+def restart(service: ServiceProcess) -> None:
+    """Starts a stopped or killed service again with the same arguments (same port)."""
+    service.start({**os.environ, "PYTHONUNBUFFERED": "1"})
+    service.wait_serving(120)

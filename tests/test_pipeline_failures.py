@@ -5,7 +5,6 @@ from __future__ import annotations
 import signal
 import subprocess
 import time
-from collections.abc import Iterator
 from pathlib import Path
 
 import grpc
@@ -18,24 +17,6 @@ from specpipe.launcher import ServiceProcess, health_status
 from specpipe.models.tiny_pair import TinyPairSpec, build_tiny_pair
 from specpipe.store.redis_server import RedisServerProcess
 from tests.conftest import ModelPair, Pipeline, start_coordinator, start_worker
-
-
-@pytest.fixture
-def own_pipeline(
-    model_pair: ModelPair, redis_server: RedisServerProcess, tmp_path: Path
-) -> Iterator[Pipeline]:
-    """A pipeline this test may break."""
-    draft = start_worker("draft", model_pair.draft_dir, tmp_path)
-    target = start_worker("target", model_pair.target_dir, tmp_path)
-    coordinator = start_coordinator(draft.address, target.address, redis_server.url, tmp_path)
-    services = [draft, target, coordinator]
-    try:
-        for service in services:
-            service.wait_serving(120)
-        yield Pipeline(coordinator.address, draft, target, coordinator, redis_server, model_pair)
-    finally:
-        for service in reversed(services):
-            service.stop()
 
 
 def kill(service: ServiceProcess) -> None:
@@ -55,35 +36,31 @@ def test_health_serving_on_every_service(pipeline: Pipeline) -> None:
         assert health_status(service.address) == health_pb2.HealthCheckResponse.SERVING
 
 
-def test_dead_workers_give_unavailable_and_keep_sessions(own_pipeline: Pipeline) -> None:
+def test_dead_workers_keep_sessions_intact(own_pipeline: Pipeline) -> None:
+    """A dead draft means plain target decoding; a dead target means UNAVAILABLE, fast; sessions intact."""
     with CoordinatorClient(own_pipeline.coordinator_addr) as client:
         session = client.generate(build_request("def f(x):", 12), timeout_s=60)
         before = session_snapshot(own_pipeline, session.session_id)
-        keys_before = set(redis.Redis.from_url(own_pipeline.redis.url).scan_iter(match="specpipe:session:*"))
+        expected = client.generate(build_request("hello", 16, num_speculative_tokens=3), timeout_s=60)
 
         kill(own_pipeline.draft)
+        started = time.monotonic()
+        without_draft = client.generate(build_request("hello", 16, num_speculative_tokens=3), timeout_s=30)
+        assert without_draft.token_ids == expected.token_ids  # greedy never depends on the draft
+        assert without_draft.usage is not None and without_draft.usage.draft_tokens == 0
+        assert time.monotonic() - started < 10, "a dead draft must not stall the request"
+
+        kill(own_pipeline.target)
         for request in (build_request("hello", 16), build_request("more", 16, session_id=session.session_id)):
             started = time.monotonic()
             with pytest.raises(grpc.RpcError) as caught:
                 client.generate(request, timeout_s=30)
             assert caught.value.code() == grpc.StatusCode.UNAVAILABLE
-            assert "draft worker" in caught.value.details()
+            assert "target worker" in caught.value.details()
             assert time.monotonic() - started < 10, "a dead worker must fail fast, not hang"
 
-        # k = 0 needs only the target, which is still alive.
-        plain = client.generate(build_request("hello", 8, num_speculative_tokens=0), timeout_s=60)
-        assert len(plain.token_ids) == 8
-
-        kill(own_pipeline.target)
-        with pytest.raises(grpc.RpcError) as caught:
-            client.generate(build_request("hello", 8, num_speculative_tokens=0), timeout_s=30)
-        assert caught.value.code() == grpc.StatusCode.UNAVAILABLE
-        assert "target worker" in caught.value.details()
-
-    # The committed session is untouched; failed new sessions left nothing (the k = 0 one completed).
+    # The committed session is untouched by the failed continuation.
     assert session_snapshot(own_pipeline, session.session_id) == before
-    keys_after = set(redis.Redis.from_url(own_pipeline.redis.url).scan_iter(match="specpipe:session:*"))
-    assert len(keys_after - keys_before) == 2  # the plain request's hash and tokens keys
 
 
 def test_sigterm_drains_and_exits_cleanly(own_pipeline: Pipeline) -> None:

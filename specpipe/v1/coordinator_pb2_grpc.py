@@ -39,6 +39,16 @@ class CoordinatorStub:
                 request_serializer=specpipe_dot_v1_dot_coordinator__pb2.GenerateRequest.SerializeToString,
                 response_deserializer=specpipe_dot_v1_dot_coordinator__pb2.GenerateResponse.FromString,
                 _registered_method=True)
+        self.GetSession = channel.unary_unary(
+                '/specpipe.v1.Coordinator/GetSession',
+                request_serializer=specpipe_dot_v1_dot_coordinator__pb2.GetSessionRequest.SerializeToString,
+                response_deserializer=specpipe_dot_v1_dot_coordinator__pb2.SessionInfo.FromString,
+                _registered_method=True)
+        self.DeleteSession = channel.unary_unary(
+                '/specpipe.v1.Coordinator/DeleteSession',
+                request_serializer=specpipe_dot_v1_dot_coordinator__pb2.DeleteSessionRequest.SerializeToString,
+                response_deserializer=specpipe_dot_v1_dot_coordinator__pb2.DeleteSessionResponse.FromString,
+                _registered_method=True)
 
 
 class CoordinatorServicer:
@@ -51,6 +61,20 @@ class CoordinatorServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def GetSession(self, request, context):
+        """A session's committed tokens, text, counters and remaining TTL.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def DeleteSession(self, request, context):
+        """Removes a session from the store and frees the workers' caches for it.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_CoordinatorServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -58,6 +82,16 @@ def add_CoordinatorServicer_to_server(servicer, server):
                     servicer.Generate,
                     request_deserializer=specpipe_dot_v1_dot_coordinator__pb2.GenerateRequest.FromString,
                     response_serializer=specpipe_dot_v1_dot_coordinator__pb2.GenerateResponse.SerializeToString,
+            ),
+            'GetSession': grpc.unary_unary_rpc_method_handler(
+                    servicer.GetSession,
+                    request_deserializer=specpipe_dot_v1_dot_coordinator__pb2.GetSessionRequest.FromString,
+                    response_serializer=specpipe_dot_v1_dot_coordinator__pb2.SessionInfo.SerializeToString,
+            ),
+            'DeleteSession': grpc.unary_unary_rpc_method_handler(
+                    servicer.DeleteSession,
+                    request_deserializer=specpipe_dot_v1_dot_coordinator__pb2.DeleteSessionRequest.FromString,
+                    response_serializer=specpipe_dot_v1_dot_coordinator__pb2.DeleteSessionResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -87,6 +121,60 @@ class Coordinator:
             '/specpipe.v1.Coordinator/Generate',
             specpipe_dot_v1_dot_coordinator__pb2.GenerateRequest.SerializeToString,
             specpipe_dot_v1_dot_coordinator__pb2.GenerateResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def GetSession(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/specpipe.v1.Coordinator/GetSession',
+            specpipe_dot_v1_dot_coordinator__pb2.GetSessionRequest.SerializeToString,
+            specpipe_dot_v1_dot_coordinator__pb2.SessionInfo.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def DeleteSession(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/specpipe.v1.Coordinator/DeleteSession',
+            specpipe_dot_v1_dot_coordinator__pb2.DeleteSessionRequest.SerializeToString,
+            specpipe_dot_v1_dot_coordinator__pb2.DeleteSessionResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -55,6 +55,11 @@ class DraftServiceStub:
                 request_serializer=specpipe_dot_v1_dot_common__pb2.ReleaseSessionRequest.SerializeToString,
                 response_deserializer=specpipe_dot_v1_dot_common__pb2.ReleaseSessionResponse.FromString,
                 _registered_method=True)
+        self.GetStats = channel.unary_unary(
+                '/specpipe.v1.DraftService/GetStats',
+                request_serializer=specpipe_dot_v1_dot_common__pb2.GetStatsRequest.SerializeToString,
+                response_deserializer=specpipe_dot_v1_dot_common__pb2.WorkerStats.FromString,
+                _registered_method=True)
 
 
 class DraftServiceServicer:
@@ -87,6 +92,12 @@ class DraftServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def GetStats(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_DraftServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -109,6 +120,11 @@ def add_DraftServiceServicer_to_server(servicer, server):
                     servicer.ReleaseSession,
                     request_deserializer=specpipe_dot_v1_dot_common__pb2.ReleaseSessionRequest.FromString,
                     response_serializer=specpipe_dot_v1_dot_common__pb2.ReleaseSessionResponse.SerializeToString,
+            ),
+            'GetStats': grpc.unary_unary_rpc_method_handler(
+                    servicer.GetStats,
+                    request_deserializer=specpipe_dot_v1_dot_common__pb2.GetStatsRequest.FromString,
+                    response_serializer=specpipe_dot_v1_dot_common__pb2.WorkerStats.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -219,6 +235,33 @@ class DraftService:
             '/specpipe.v1.DraftService/ReleaseSession',
             specpipe_dot_v1_dot_common__pb2.ReleaseSessionRequest.SerializeToString,
             specpipe_dot_v1_dot_common__pb2.ReleaseSessionResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def GetStats(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/specpipe.v1.DraftService/GetStats',
+            specpipe_dot_v1_dot_common__pb2.GetStatsRequest.SerializeToString,
+            specpipe_dot_v1_dot_common__pb2.WorkerStats.FromString,
             options,
             channel_credentials,
             insecure,

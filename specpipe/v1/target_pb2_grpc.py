@@ -55,6 +55,11 @@ class TargetServiceStub:
                 request_serializer=specpipe_dot_v1_dot_common__pb2.ReleaseSessionRequest.SerializeToString,
                 response_deserializer=specpipe_dot_v1_dot_common__pb2.ReleaseSessionResponse.FromString,
                 _registered_method=True)
+        self.GetStats = channel.unary_unary(
+                '/specpipe.v1.TargetService/GetStats',
+                request_serializer=specpipe_dot_v1_dot_common__pb2.GetStatsRequest.SerializeToString,
+                response_deserializer=specpipe_dot_v1_dot_common__pb2.WorkerStats.FromString,
+                _registered_method=True)
 
 
 class TargetServiceServicer:
@@ -85,6 +90,12 @@ class TargetServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def GetStats(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_TargetServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -107,6 +118,11 @@ def add_TargetServiceServicer_to_server(servicer, server):
                     servicer.ReleaseSession,
                     request_deserializer=specpipe_dot_v1_dot_common__pb2.ReleaseSessionRequest.FromString,
                     response_serializer=specpipe_dot_v1_dot_common__pb2.ReleaseSessionResponse.SerializeToString,
+            ),
+            'GetStats': grpc.unary_unary_rpc_method_handler(
+                    servicer.GetStats,
+                    request_deserializer=specpipe_dot_v1_dot_common__pb2.GetStatsRequest.FromString,
+                    response_serializer=specpipe_dot_v1_dot_common__pb2.WorkerStats.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -217,6 +233,33 @@ class TargetService:
             '/specpipe.v1.TargetService/ReleaseSession',
             specpipe_dot_v1_dot_common__pb2.ReleaseSessionRequest.SerializeToString,
             specpipe_dot_v1_dot_common__pb2.ReleaseSessionResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def GetStats(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/specpipe.v1.TargetService/GetStats',
+            specpipe_dot_v1_dot_common__pb2.GetStatsRequest.SerializeToString,
+            specpipe_dot_v1_dot_common__pb2.WorkerStats.FromString,
             options,
             channel_credentials,
             insecure,
