@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 
 @dataclass(frozen=True, slots=True)
@@ -27,6 +27,10 @@ class CoordinatorConfig:
     startup_timeout_s: float = 300.0
     session_ttl_s: int = 24 * 3600
     session_key_prefix: str = "specpipe:session:"
+    # Credentials and TLS for the store, kept out of redis_url so no command line shows them.
+    redis_username: str = ""
+    redis_password: str = field(default="", repr=False)
+    redis_ca_file: str = ""
     shutdown_grace_s: float = 10.0
 
     def __post_init__(self) -> None:

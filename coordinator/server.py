@@ -114,7 +114,12 @@ async def run_coordinator(config: CoordinatorConfig, stop_event: asyncio.Event |
     draft = DraftClient(config.draft_addr)
     target = TargetClient(config.target_addr)
     store = SessionStore.from_url(
-        config.redis_url, key_prefix=config.session_key_prefix, ttl_s=config.session_ttl_s
+        config.redis_url,
+        key_prefix=config.session_key_prefix,
+        ttl_s=config.session_ttl_s,
+        username=config.redis_username or None,
+        password=config.redis_password or None,
+        ssl_ca_certs=config.redis_ca_file or None,
     )
     servicer = CoordinatorServicer(
         RequestLimits(

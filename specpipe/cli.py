@@ -52,8 +52,16 @@ def add_serve_parser(subparsers: argparse._SubParsersAction) -> None:
     serve.add_argument("--draft-addr", help="coordinator: draft worker host:port")
     serve.add_argument("--target-addr", help="coordinator: target worker host:port")
     serve.add_argument(
-        "--redis-url", default="", help="session store URL (all: default is an embedded server)"
-    )
+        "--redis-url", default=os.environ.get("SPECPIPE_REDIS_URL", ""),
+        help="session store URL, redis:// or rediss:// (env SPECPIPE_REDIS_URL; all: default is embedded)",
+    )  # fmt: skip
+    serve.add_argument("--redis-username", default=os.environ.get("SPECPIPE_REDIS_USERNAME", ""))
+    serve.add_argument(
+        "--redis-password-file", default="",
+        help="file holding the store password (else env SPECPIPE_REDIS_PASSWORD); never logged",
+    )  # fmt: skip
+    serve.add_argument("--redis-ca-file", default="", help="CA bundle for a rediss:// (TLS) store")
+    serve.add_argument("--session-key-prefix", default="specpipe:session:")
     serve.add_argument("--num-speculative-tokens", type=int, default=4, help="k when --no-adaptive-k")
     serve.add_argument(
         "--adaptive-k", action=argparse.BooleanOptionalAction, default=True,
@@ -84,6 +92,28 @@ def add_generate_parser(subparsers: argparse._SubParsersAction) -> None:
     generate.add_argument("--session-id", default="")
     generate.add_argument("--num-speculative-tokens", type=int, default=None)
     generate.add_argument("--timeout", type=float, default=300.0)
+
+
+def add_bench_parser(subparsers: argparse._SubParsersAction) -> None:
+    bench = subparsers.add_parser("bench", help="run a benchmark (latency)", add_help=False)
+    bench.add_argument("benchmark", choices=("latency",))
+    bench.add_argument("bench_args", nargs=argparse.REMAINDER, help="the benchmark's options (see --help)")
+
+
+def bench(args: argparse.Namespace) -> int:
+    try:
+        from benchmarks.latency import main as latency_main
+    except ImportError:  # benchmarks/ lives next to specpipe/ in a source checkout, not in the wheel
+        sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+        from benchmarks.latency import main as latency_main
+    return latency_main(args.bench_args)
+
+
+def redis_password(args: argparse.Namespace) -> str:
+    if args.redis_password_file:
+        with open(args.redis_password_file, encoding="utf-8") as handle:
+            return handle.read().strip()
+    return os.environ.get("SPECPIPE_REDIS_PASSWORD", "")
 
 
 def serve_component(args: argparse.Namespace) -> int:
@@ -139,6 +169,10 @@ def serve_component(args: argparse.Namespace) -> int:
         max_new_tokens_limit=args.max_new_tokens_limit,
         worker_timeout_s=args.worker_timeout,
         session_ttl_s=args.session_ttl,
+        session_key_prefix=args.session_key_prefix,
+        redis_username=args.redis_username,
+        redis_password=redis_password(args),
+        redis_ca_file=args.redis_ca_file,
     )
     try:
         asyncio.run(run_coordinator(config))
@@ -232,6 +266,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     subparsers = parser.add_subparsers(dest="command", required=True)
     add_serve_parser(subparsers)
     add_generate_parser(subparsers)
+    add_bench_parser(subparsers)
     args = parser.parse_args(argv)
     os.environ.setdefault("HF_HUB_OFFLINE", "1")  # models are local directories: never reach for a hub
     # Idle OpenMP threads otherwise spin for a while after each op, stealing the cores of the other worker
@@ -239,4 +274,6 @@ def main(argv: Sequence[str] | None = None) -> int:
     os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
     if args.command == "serve":
         return serve_all(args) if args.component == "all" else serve_component(args)
+    if args.command == "bench":
+        return bench(args)
     return generate(args)

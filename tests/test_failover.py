@@ -95,3 +95,53 @@ def test_concurrent_sessions_equal_each_alone(pipeline: Pipeline, temperature: f
             await client.close()
 
     assert asyncio.run(all_at_once()) == alone
+
+
+def test_coordinator_killed_mid_stream_then_resumed(own_pipeline: Pipeline) -> None:
+    """A new coordinator continues the session from its committed prefix: the tokens equal one run."""
+    request = build_request(PROMPTS[5], 120, num_speculative_tokens=2)
+    with CoordinatorClient(own_pipeline.coordinator_addr) as client:
+        expected = client.generate(request, 60).token_ids
+        stream = client.stream(request, 60)
+        session_id = next(stream).session_id
+        kill(own_pipeline.coordinator)
+        with pytest.raises(grpc.RpcError):
+            for _ in stream:
+                pass
+    restart(own_pipeline.coordinator)
+    with CoordinatorClient(own_pipeline.coordinator_addr) as client:
+        info = client.get_session(session_id)
+        committed = list(info.token_ids[info.prompt_tokens :])
+        assert 0 < len(committed) < 120 and committed == expected[: len(committed)]
+        rest = client.generate(build_request("", 120 - len(committed), session_id=session_id,
+                                             num_speculative_tokens=2), 60)  # fmt: skip
+    assert committed + rest.token_ids == expected
+
+
+def test_store_password_from_a_file_is_never_shown(model_pair: ModelPair, tmp_path: Path) -> None:
+    secret = "s3cret-Pa55"
+    redis = RedisServerProcess(password=secret, data_dir=str(tmp_path / "redis"))
+    redis.start()
+    password_file = tmp_path / "redis-password"
+    password_file.write_text(secret + "\n")
+    from tests.conftest import start_coordinator, start_worker
+
+    draft = start_worker("draft", model_pair.draft_dir, tmp_path)
+    target = start_worker("target", model_pair.target_dir, tmp_path)
+    url = f"redis://127.0.0.1:{redis.port}/0"
+    coordinator = start_coordinator(
+        draft.address, target.address, url, tmp_path, ["--redis-password-file", str(password_file)]
+    )
+    try:
+        for service in (draft, target, coordinator):
+            service.wait_serving(120)
+        with CoordinatorClient(coordinator.address) as client:
+            assert len(client.generate(build_request(PROMPTS[0], 6), 60).token_ids) == 6
+        assert coordinator.popen is not None
+        cmdline = Path(f"/proc/{coordinator.popen.pid}/cmdline").read_bytes().decode()
+        assert secret not in cmdline
+    finally:
+        for service in (coordinator, target, draft):
+            service.stop()
+        redis.stop()
+    assert secret not in coordinator.log_path.read_text()

@@ -195,13 +195,28 @@ class SessionStore:
         key_prefix: str = DEFAULT_KEY_PREFIX,
         ttl_s: int = DEFAULT_TTL_S,
         socket_timeout_s: float = 5.0,
+        username: str | None = None,
+        password: str | None = None,
+        ssl_ca_certs: str | None = None,
     ) -> SessionStore:
-        """Connect lazily to ``redis://[:password@]host:port/db``; nothing is sent until the first call."""
+        """Connect lazily to ``redis://`` or ``rediss://`` (TLS) ``[user:password@]host:port/db``.
+
+        `username`/`password` (an ACL user, or AUTH with a password) override the URL's, so the secret can
+        come from a file or the environment instead of a command line. Nothing is sent until the first call.
+        """
+        options: dict[str, object] = {}
+        if username:
+            options["username"] = username
+        if password:
+            options["password"] = password
+        if ssl_ca_certs:
+            options["ssl_ca_certs"] = ssl_ca_certs
         client = redis.asyncio.Redis.from_url(
             url,
             socket_timeout=socket_timeout_s,
             socket_connect_timeout=socket_timeout_s,
             decode_responses=False,
+            **options,
         )
         return cls(client, key_prefix=key_prefix, ttl_s=ttl_s)
 
