@@ -7,6 +7,7 @@ from dataclasses import dataclass
 from specpipe.errors import InvalidArgumentError
 from specpipe.runtime.model_runner import CausalLMRunner
 from specpipe.runtime.stream_history import StreamHistory, resolve_history
+from specpipe.sampling.coupled import coupled_sample
 from specpipe.sampling.draft_sampling import compact_distribution, sample_draft_token
 from specpipe.sampling.params import SamplingParams
 from specpipe.sampling.processing import sampling_probs
@@ -96,6 +97,9 @@ class ModelDrafter:
             position = len(ids)
             if sampling.is_greedy:
                 token = int(result.logits[0].argmax())
+            elif sampling.acceptance == "coupled":
+                # The target needs no q under the coupled rule: it compares with its own coupled sample.
+                token = coupled_sample(sampling_probs(result.logits, sampling)[0], sampling.seed, position)
             else:
                 probs = sampling_probs(result.logits, sampling)[0]  # [vocab_size]
                 token = sample_draft_token(probs, position, sampling.seed, is_greedy=False)
@@ -104,7 +108,7 @@ class ModelDrafter:
             ids.append(token)
         return DraftProposal(
             token_ids=proposed,
-            draft_probs=None if sampling.is_greedy else draft_probs,
+            draft_probs=draft_probs or None,
             forward_ns=forward_ns,
             cached_tokens=cached_tokens,
         )

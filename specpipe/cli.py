@@ -88,6 +88,10 @@ def add_generate_parser(subparsers: argparse._SubParsersAction) -> None:
     generate.add_argument("--top-k", type=int, default=0)
     generate.add_argument("--top-p", type=float, default=1.0)
     generate.add_argument("--seed", type=int, default=0)
+    generate.add_argument(
+        "--acceptance", choices=("leviathan", "coupled"), default="leviathan",
+        help="acceptance rule for sampled tokens (coupled: the tokens of plain seeded sampling, any k)",
+    )  # fmt: skip
     generate.add_argument("--stop", action="append", default=[])
     generate.add_argument("--session-id", default="")
     generate.add_argument("--num-speculative-tokens", type=int, default=None)
@@ -231,6 +235,7 @@ def generate(args: argparse.Namespace) -> int:
         stop=args.stop,
         session_id=args.session_id,
         num_speculative_tokens=args.num_speculative_tokens,
+        acceptance=args.acceptance,
     )
     result = GenerationResult()
     started = time.perf_counter()

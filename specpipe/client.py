@@ -21,10 +21,18 @@ def build_request(
     stop: Sequence[str] = (),
     session_id: str = "",
     num_speculative_tokens: int | None = None,
+    acceptance: str = "leviathan",
 ) -> coordinator_pb2.GenerateRequest:
+    rule = (
+        common_pb2.ACCEPTANCE_RULE_COUPLED
+        if acceptance == "coupled"
+        else common_pb2.ACCEPTANCE_RULE_LEVIATHAN
+    )
     request = coordinator_pb2.GenerateRequest(
         max_new_tokens=max_new_tokens,
-        sampling=common_pb2.SamplingParams(temperature=temperature, top_k=top_k, top_p=top_p, seed=seed),
+        sampling=common_pb2.SamplingParams(
+            temperature=temperature, top_k=top_k, top_p=top_p, seed=seed, acceptance=rule
+        ),
         stop=list(stop),
         session_id=session_id,
     )

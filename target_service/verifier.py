@@ -9,6 +9,7 @@ import torch
 from specpipe.errors import InvalidArgumentError
 from specpipe.runtime.model_runner import CausalLMRunner
 from specpipe.runtime.stream_history import StreamHistory, resolve_history
+from specpipe.sampling.coupled import verify_coupled
 from specpipe.sampling.draft_sampling import expand_distribution
 from specpipe.sampling.params import SamplingParams
 from specpipe.sampling.processing import sampling_probs
@@ -87,6 +88,17 @@ class Verifier:
         ids = [*block.token_ids, *block.draft_token_ids]
         result = self.runner.forward(block.session_id, ids, num_rows=k + 1)
         target_probs = sampling_probs(result.logits, block.sampling)  # [k + 1, vocab_size]
+        if block.sampling.acceptance == "coupled" and not block.sampling.is_greedy:
+            outcome = verify_coupled(
+                target_probs, list(block.draft_token_ids), len(block.token_ids), block.sampling.seed
+            )
+            return Verdict(
+                outcome.num_accepted,
+                outcome.next_token_id,
+                outcome.recovered,
+                result.forward_ns,
+                result.cached_tokens,
+            )
         draft_probs = None
         if block.draft_probs is not None and not block.sampling.is_greedy:
             draft_probs = torch.stack(

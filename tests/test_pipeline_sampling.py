@@ -47,7 +47,7 @@ async def first_tokens(address: str, prompt_ids: list[int], sampling: SamplingPa
         async with limit:
             request = build_request(
                 prompt_ids, 2, temperature=sampling.temperature, top_k=sampling.top_k, top_p=sampling.top_p,
-                seed=seed, num_speculative_tokens=2,
+                seed=seed, num_speculative_tokens=2, acceptance=sampling.acceptance,
             )  # fmt: skip
             result = await client.generate(request, timeout_s=60)
             return result.token_ids[0]
@@ -80,3 +80,31 @@ def test_first_token_follows_the_target_distribution(pipeline: Pipeline, samplin
     scale = n / sum(expected)  # float32 probabilities sum to 1 only up to rounding
     result = stats.chisquare(observed, [e * scale for e in expected])
     assert result.pvalue > 1e-3, (observed, expected)
+
+
+def test_coupled_rule_gives_the_same_tokens_for_any_k(pipeline: Pipeline) -> None:
+    """Under the coupled rule a seeded request yields plain seeded sampling's tokens, whatever k."""
+    with CoordinatorClient(pipeline.coordinator_addr) as client:
+        for seed in range(4):
+            runs = {
+                k: client.generate(
+                    build_request(PROMPT, 32, temperature=0.9, top_p=0.95, seed=seed,
+                                  num_speculative_tokens=k, acceptance="coupled"),
+                    timeout_s=60,
+                )  # fmt: skip
+                for k in (0, 1, 3, 8, None)
+            }
+            assert len({tuple(r.token_ids) for r in runs.values()}) == 1, seed
+            assert runs[3].usage is not None and runs[3].usage.accepted_tokens > 0
+
+
+def test_coupled_first_token_follows_the_target_distribution(pipeline: Pipeline) -> None:
+    sampling = SamplingParams(temperature=1.0, top_k=6, acceptance="coupled")
+    prompt_ids, p = target_first_token_probs(pipeline, sampling)
+    support = [int(t) for t in torch.nonzero(p).flatten()]
+    n = 600
+    counts = Counter(asyncio.run(first_tokens(pipeline.coordinator_addr, prompt_ids, sampling, n)))
+    observed = [counts.get(t, 0) for t in support]
+    expected = [float(p[t]) * n for t in support]
+    scale = n / sum(expected)
+    assert stats.chisquare(observed, [e * scale for e in expected]).pvalue > 1e-3

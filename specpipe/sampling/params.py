@@ -8,6 +8,13 @@ from dataclasses import dataclass
 from specpipe.errors import InvalidArgumentError
 from specpipe.v1 import common_pb2
 
+ACCEPTANCE_RULES = ("leviathan", "coupled")
+_RULE_TO_PB = {
+    "leviathan": common_pb2.ACCEPTANCE_RULE_LEVIATHAN,
+    "coupled": common_pb2.ACCEPTANCE_RULE_COUPLED,
+}
+_PB_TO_RULE = {value: key for key, value in _RULE_TO_PB.items()}
+
 
 @dataclass(frozen=True, slots=True)
 class SamplingParams:
@@ -17,6 +24,8 @@ class SamplingParams:
     top_k: int = 0
     top_p: float = 1.0
     seed: int = 0
+    # "leviathan" (rejection sampling) or "coupled" (shared noise; see specpipe/sampling/coupled.py).
+    acceptance: str = "leviathan"
 
     def __post_init__(self) -> None:
         if not math.isfinite(self.temperature) or self.temperature < 0:
@@ -25,6 +34,10 @@ class SamplingParams:
             raise InvalidArgumentError(f"sampling.top_k must be >= 0 (0 = off), got {self.top_k}")
         if not math.isfinite(self.top_p) or not 0.0 < self.top_p <= 1.0:
             raise InvalidArgumentError(f"sampling.top_p must be in (0, 1], got {self.top_p}")
+        if self.acceptance not in ACCEPTANCE_RULES:
+            raise InvalidArgumentError(
+                f"sampling.acceptance must be one of {ACCEPTANCE_RULES}, got {self.acceptance!r}"
+            )
         if not 0 <= self.seed < 2**64:
             raise InvalidArgumentError(f"sampling.seed must fit in uint64, got {self.seed}")
 
@@ -35,12 +48,27 @@ class SamplingParams:
     @classmethod
     def from_pb(cls, pb: common_pb2.SamplingParams) -> SamplingParams:
         top_p = pb.top_p if pb.HasField("top_p") else 1.0
-        return cls(temperature=pb.temperature, top_k=pb.top_k, top_p=top_p, seed=pb.seed)
+        acceptance = _PB_TO_RULE.get(pb.acceptance)
+        if acceptance is None:
+            raise InvalidArgumentError(f"sampling.acceptance: unknown rule {pb.acceptance}")
+        return cls(
+            temperature=pb.temperature, top_k=pb.top_k, top_p=top_p, seed=pb.seed, acceptance=acceptance
+        )
 
     def to_pb(self) -> common_pb2.SamplingParams:
         return common_pb2.SamplingParams(
-            temperature=self.temperature, top_k=self.top_k, top_p=self.top_p, seed=self.seed
+            temperature=self.temperature,
+            top_k=self.top_k,
+            top_p=self.top_p,
+            seed=self.seed,
+            acceptance=_RULE_TO_PB[self.acceptance],
         )
 
     def to_dict(self) -> dict[str, float | int]:
-        return {"temperature": self.temperature, "top_k": self.top_k, "top_p": self.top_p, "seed": self.seed}
+        return {
+            "temperature": self.temperature,
+            "top_k": self.top_k,
+            "top_p": self.top_p,
+            "seed": self.seed,
+            "acceptance": self.acceptance,
+        }

@@ -13,6 +13,7 @@ Streams (one independent uniform per stream per position):
 - `ACCEPT`: the uniform of the accept test for the draft token at a position.
 - `TARGET_SAMPLE`: a sample from a target-derived distribution at a position: the recovered token after a
   rejection, the bonus token after a fully accepted block, or a plain (non-speculative) decoding step.
+- `COUPLED_NOISE`: seeds the per-token noise vector of the coupled rule (`specpipe/sampling/coupled.py`).
 """
 
 from __future__ import annotations
@@ -39,6 +40,8 @@ class RandomStream(enum.IntEnum):
     DRAFT = 0
     ACCEPT = 1
     TARGET_SAMPLE = 2
+    # Seeds the per-token exponential noise shared by draft and target under the coupled rule.
+    COUPLED_NOISE = 3
 
 
 def keyed_uniform(seed: int, position: int, stream: RandomStream) -> float:
