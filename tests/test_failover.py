@@ -109,7 +109,7 @@ def test_concurrent_sessions_equal_each_alone(pipeline: Pipeline, temperature: f
 
 def test_coordinator_killed_mid_stream_then_resumed(own_pipeline: Pipeline) -> None:
     """A new coordinator continues the session from its committed prefix: the tokens equal one run."""
-    request = build_request(PROMPTS[5], 120, num_speculative_tokens=2)
+    request = build_request(PROMPTS[5], 250, num_speculative_tokens=2)
     with CoordinatorClient(own_pipeline.coordinator_addr) as client:
         expected = client.generate(request, 60).token_ids
         stream = client.stream(request, 60)
@@ -122,8 +122,8 @@ def test_coordinator_killed_mid_stream_then_resumed(own_pipeline: Pipeline) -> N
     with CoordinatorClient(own_pipeline.coordinator_addr) as client:
         info = client.get_session(session_id)
         committed = list(info.token_ids[info.prompt_tokens :])
-        assert 0 < len(committed) < 120 and committed == expected[: len(committed)]
-        rest = client.generate(build_request("", 120 - len(committed), session_id=session_id,
+        assert 0 < len(committed) < 250 and committed == expected[: len(committed)]
+        rest = client.generate(build_request("", 250 - len(committed), session_id=session_id,
                                              num_speculative_tokens=2), 60)  # fmt: skip
     assert committed + rest.token_ids == expected
 
@@ -155,3 +155,30 @@ def test_store_password_from_a_file_is_never_shown(model_pair: ModelPair, tmp_pa
             service.stop()
         redis.stop()
     assert secret not in coordinator.log_path.read_text()
+
+
+@pytest.mark.parametrize("temperature", [0.0, 0.9], ids=["greedy", "seeded-coupled"])
+def test_target_killed_mid_generation_then_resumed(own_pipeline: Pipeline, temperature: float) -> None:
+    """UNAVAILABLE while no target is left; the committed prefix stays; resuming finishes identically."""
+    request = build_request(
+        PROMPTS[7], 250, temperature=temperature, seed=3, num_speculative_tokens=2, acceptance="coupled"
+    )
+    with CoordinatorClient(own_pipeline.coordinator_addr) as client:
+        expected = client.generate(request, 60).token_ids
+        stream = client.stream(request, 60)
+        session_id = next(stream).session_id
+        kill(own_pipeline.target)
+        with pytest.raises(grpc.RpcError) as caught:
+            for _ in stream:
+                pass
+        assert caught.value.code() == grpc.StatusCode.UNAVAILABLE
+        restart(own_pipeline.target)
+        info = client.get_session(session_id)
+        committed = list(info.token_ids[info.prompt_tokens :])
+        assert committed == expected[: len(committed)]
+        resume = build_request(
+            "", 250 - len(committed), temperature=temperature, seed=3, session_id=session_id,
+            num_speculative_tokens=2, acceptance="coupled",
+        )  # fmt: skip
+        rest = client.generate(resume, 60)
+    assert committed + rest.token_ids == expected
