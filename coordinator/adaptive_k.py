@@ -113,3 +113,14 @@ class DraftLengthPolicy:
 
     def record(self, drafted: int, accepted: int) -> None:
         self.acceptance.record(drafted, accepted)
+
+    def next_k_if_accepted(self, drafted: int) -> int:
+        """The k the policy will choose after a round whose `drafted` tokens are all accepted: the size of
+        the block a pipelined draft prepares during that round's verify."""
+        if not self.adaptive:
+            return self.next_k()
+        saved = (self.acceptance.accepted, self.acceptance.rejected)
+        self.acceptance.record(drafted, drafted)
+        k = self.next_k()
+        self.acceptance.accepted, self.acceptance.rejected = saved
+        return k

@@ -165,15 +165,16 @@ class SpeculativeGenerator:
             raise DeadlineExceededError("the request deadline passed")
         return min(self.worker_timeout_s, remaining)
 
-    def should_pipeline(self, k: int, history_len: int) -> bool:
-        """Draft the next block during this verify only where it is free: it must fit the draft context
-        and, by the measured profile, finish before the verify does (else waiting for it costs time)."""
-        if not self.pipelining or k == 0 or history_len + 2 * k > self.limits.draft_context:
+    def should_pipeline(self, k: int, next_k: int, history_len: int) -> bool:
+        """Draft the next block (next_k + 1 tokens) during this round's verify (of k tokens) only where it
+        is free: it must fit the draft context and, by the measured profile, finish before the verify does
+        (else waiting for it costs time)."""
+        if not self.pipelining or k == 0 or history_len + k + next_k > self.limits.draft_context:
             return False
         if self.costs is None:
             return True
         verify_s = self.costs.verify_base_s + k * self.costs.verify_token_s
-        return (k + 1) * self.costs.draft_token_s <= verify_s
+        return (next_k + 1) * self.costs.draft_token_s <= verify_s
 
     async def _rounds(
         self, request: GenerationRequest, session: OpenSession, time_remaining: Callable[[], float | None]
@@ -222,12 +223,15 @@ class SpeculativeGenerator:
                         sid, history, draft_ids, proposal.draft_probs, sampling, self._timeout(time_remaining)
                     )
                 )
-                if self.should_pipeline(k, len(history)) and draft.available():
-                    # Assume the whole block is accepted: the draft's first token guesses the bonus token,
-                    # the next k are the following block.
+                # Assume the whole block is accepted: the draft's first token guesses the bonus token, the
+                # next ones are the following block, sized as the policy will size it after that outcome.
+                next_k = self.draft_length(
+                    policy.next_k_if_accepted(k), remaining - k - 1, len(history) + k + 1
+                )
+                if next_k > 0 and self.should_pipeline(k, next_k, len(history)) and draft.available():
                     speculative = asyncio.ensure_future(
                         draft.propose(
-                            sid, [*history, *draft_ids], k + 1, sampling, self._timeout(time_remaining)
+                            sid, [*history, *draft_ids], next_k + 1, sampling, self._timeout(time_remaining)
                         )
                     )
                 if pending is not None:
@@ -244,6 +248,10 @@ class SpeculativeGenerator:
                     ):
                         ready = Proposal(guess.token_ids[1:], list(guess.draft_probs)[1:], guess.forward_ns)
                 policy.record(len(draft_ids), verdict.num_accepted)
+                logger.debug(
+                    "round: k=%d accepted=%d alpha=%.2f ready=%s", k, verdict.num_accepted,
+                    policy.acceptance.alpha, ready is not None,
+                )  # fmt: skip
 
                 new_ids, finish_reason = self.truncate(
                     [*draft_ids[: verdict.num_accepted], verdict.next_token_id], remaining

@@ -100,3 +100,19 @@ def test_adaptive_policy_beats_the_hf_heuristic() -> None:
             hf = HfHeuristic(initial_k=5, max_k=12)
             theirs += simulate(hf.next_k, hf.record, phases, costs, 400, seed)
     assert ours > theirs * 1.005, (ours, theirs)
+
+
+def test_block_prepared_during_verify_is_sized_for_the_next_round() -> None:
+    """A pipelined draft prepares the k the policy picks after full acceptance, so k can grow."""
+    costs = CostProfile(draft_token_s=0.01, verify_base_s=1.0, verify_token_s=0.01, round_overhead_s=0.0)
+    policy = DraftLengthPolicy(None, costs, max_k=16)
+    k = 1
+    for _ in range(6):
+        k_next = policy.next_k_if_accepted(k)
+        assert k_next >= k
+        policy.record(k, k)
+        assert policy.next_k() == k_next
+        k = k_next
+    assert k > 4
+    fixed = DraftLengthPolicy(3, costs, max_k=16)
+    assert fixed.next_k_if_accepted(3) == 3
