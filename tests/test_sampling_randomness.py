@@ -28,8 +28,8 @@ def _single_torch_thread() -> Iterator[None]:
 
 
 def test_stream_values_are_part_of_the_contract() -> None:
-    assert [int(s) for s in RandomStream] == [0, 1, 2]
-    assert [s.name for s in RandomStream] == ["DRAFT", "ACCEPT", "TARGET_SAMPLE"]
+    assert [int(s) for s in RandomStream] == [0, 1, 2, 3]
+    assert [s.name for s in RandomStream] == ["DRAFT", "ACCEPT", "TARGET_SAMPLE", "COUPLED_NOISE"]
 
 
 @pytest.mark.parametrize(
@@ -80,7 +80,7 @@ def test_keyed_uniform_is_uniform() -> None:
 
 @pytest.mark.parametrize(
     ("seed", "position", "stream"),
-    [(-1, 0, RandomStream.DRAFT), (2**64, 0, RandomStream.DRAFT), (0, -1, RandomStream.DRAFT), (0, 0, 3)],
+    [(-1, 0, RandomStream.DRAFT), (2**64, 0, RandomStream.DRAFT), (0, -1, RandomStream.DRAFT), (0, 0, 4)],
 )
 def test_keyed_uniform_rejects_bad_keys(seed: int, position: int, stream: int) -> None:
     with pytest.raises(InvalidArgumentError):
