@@ -4,11 +4,13 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import torch
+
 from specpipe.errors import InvalidArgumentError
 from specpipe.runtime.model_runner import CausalLMRunner
 from specpipe.runtime.stream_history import StreamHistory, resolve_history
 from specpipe.sampling.coupled import coupled_sample
-from specpipe.sampling.draft_sampling import compact_distribution, sample_draft_token
+from specpipe.sampling.draft_sampling import compact_support, sample_draft_token
 from specpipe.sampling.params import SamplingParams
 from specpipe.sampling.processing import sampling_probs
 from specpipe.v1 import common_pb2, draft_pb2
@@ -35,13 +37,14 @@ class DraftRequest:
 class DraftProposal:
     token_ids: list[int]
     # q per proposed token as (support ids, probs); None when every proposal is a point mass (greedy).
-    draft_probs: list[tuple[list[int], list[float]]] | None
+    draft_probs: list[tuple[list[int], torch.Tensor]] | None
     forward_ns: int
     cached_tokens: int
 
     def to_pb(self) -> draft_pb2.ProposeResponse:
         probs = [
-            common_pb2.TokenDistribution(token_ids=ids, probs=values)
+            # Packed little-endian float32: far cheaper to encode and decode than a repeated float field.
+            common_pb2.TokenDistribution(token_ids=ids, packed_probs=values.numpy().astype("<f4").tobytes())
             for ids, values in self.draft_probs or []
         ]
         return draft_pb2.ProposeResponse(
@@ -86,7 +89,7 @@ class ModelDrafter:
         sampling = request.sampling
         ids = list(request.token_ids)
         proposed: list[int] = []
-        draft_probs: list[tuple[list[int], list[float]]] = []
+        draft_probs: list[tuple[list[int], torch.Tensor]] = []
         forward_ns = 0
         cached_tokens = 0
         for step in range(request.num_tokens):
@@ -103,7 +106,7 @@ class ModelDrafter:
             else:
                 probs = sampling_probs(result.logits, sampling)[0]  # [vocab_size]
                 token = sample_draft_token(probs, position, sampling.seed, is_greedy=False)
-                draft_probs.append(compact_distribution(probs))
+                draft_probs.append(compact_support(probs))
             proposed.append(token)
             ids.append(token)
         return DraftProposal(

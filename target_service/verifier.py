@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import numpy
 import torch
 
 from specpipe.errors import InvalidArgumentError
@@ -14,7 +15,19 @@ from specpipe.sampling.draft_sampling import expand_distribution
 from specpipe.sampling.params import SamplingParams
 from specpipe.sampling.processing import sampling_probs
 from specpipe.sampling.rejection_sampler import verify_draft
-from specpipe.v1 import target_pb2
+from specpipe.v1 import common_pb2, target_pb2
+
+
+def distribution_values(distribution: common_pb2.TokenDistribution) -> torch.Tensor | tuple[float, ...]:
+    """The probabilities of a TokenDistribution: the packed float32 bytes when set, else the floats."""
+    if distribution.packed_probs:
+        if len(distribution.packed_probs) % 4:
+            raise InvalidArgumentError(
+                "packed_probs must hold little-endian float32 values (a multiple of 4 bytes)"
+            )
+        packed = numpy.frombuffer(distribution.packed_probs, dtype="<f4")  # explicit byte order
+        return torch.from_numpy(packed.astype(numpy.float32))
+    return tuple(distribution.probs)
 
 
 @dataclass(frozen=True, slots=True)
@@ -23,12 +36,12 @@ class VerifyBlock:
     token_ids: tuple[int, ...]
     draft_token_ids: tuple[int, ...]
     # q per draft token as (support ids, probs) (empty ids = dense); None = point masses.
-    draft_probs: tuple[tuple[tuple[int, ...], tuple[float, ...]], ...] | None
+    draft_probs: tuple[tuple[tuple[int, ...], torch.Tensor | tuple[float, ...]], ...] | None
     sampling: SamplingParams
 
     @classmethod
     def from_pb(cls, pb: target_pb2.VerifyRequest, history: StreamHistory | None = None) -> VerifyBlock:
-        probs = tuple((tuple(d.token_ids), tuple(d.probs)) for d in pb.draft_probs) or None
+        probs = tuple((tuple(d.token_ids), distribution_values(d)) for d in pb.draft_probs) or None
         return cls(
             session_id=pb.session_id,
             token_ids=resolve_history(pb.start_position, pb.token_ids, history),

@@ -68,3 +68,22 @@ def test_stream_history_applies_deltas() -> None:
     assert resolve_history(0, [5, 6], None) == (5, 6)
     with pytest.raises(InvalidArgumentError):
         resolve_history(1, [5, 6], None)
+
+
+def test_packed_and_listed_draft_probabilities_decode_alike() -> None:
+    import torch
+
+    from specpipe.sampling.draft_sampling import compact_support, expand_distribution
+    from specpipe.v1 import common_pb2
+    from target_service.verifier import distribution_values
+
+    probs = torch.softmax(torch.randn(64, generator=torch.Generator().manual_seed(0)), dim=0)
+    for q in (probs, torch.where(probs > probs.median(), probs, torch.zeros(()))):  # dense, then sparse
+        ids, values = compact_support(q)
+        packed = common_pb2.TokenDistribution(token_ids=ids, packed_probs=values.numpy().astype("<f4").tobytes())
+        listed = common_pb2.TokenDistribution(token_ids=ids, probs=values.tolist())
+        a = expand_distribution(ids, distribution_values(packed), 64)
+        b = expand_distribution(ids, distribution_values(listed), 64)
+        assert torch.equal(a, b) and torch.equal(a, q.to(torch.float32))
+    with pytest.raises(InvalidArgumentError):
+        distribution_values(common_pb2.TokenDistribution(packed_probs=b"\x00\x00\x00"))

@@ -34,10 +34,10 @@ def sample_draft_token(
     return sample_from_probs(probs, keyed_uniform(seed, position, RandomStream.DRAFT))
 
 
-def compact_distribution(
+def compact_support(
     probs: torch.Tensor,  # [vocab_size]
-) -> tuple[list[int], list[float]]:
-    """(token_ids, probs) of the support if it is at most half the vocabulary, else ([], dense probs).
+) -> tuple[list[int], torch.Tensor]:
+    """(token_ids, float32 values) of the support if it is at most half the vocabulary, else ([], dense).
 
     Empty token_ids always means "dense": an all-zero distribution is therefore sent dense too.
     """
@@ -46,19 +46,30 @@ def compact_distribution(
     support = torch.nonzero(probs, as_tuple=True)[0]  # [support_size]
     support_size = int(support.numel())
     if 0 < support_size and 2 * support_size <= probs.numel():
-        return support.tolist(), probs[support].tolist()
-    return [], probs.tolist()
+        return support.tolist(), probs[support].to(torch.float32)
+    return [], probs.to(torch.float32)
+
+
+def compact_distribution(
+    probs: torch.Tensor,  # [vocab_size]
+) -> tuple[list[int], list[float]]:
+    """`compact_support` with the values as a list of floats."""
+    token_ids, values = compact_support(probs)
+    return token_ids, values.tolist()
 
 
 def expand_distribution(
     token_ids: Sequence[int],
-    probs: Sequence[float],
+    probs: Sequence[float] | torch.Tensor,
     vocab_size: int,
 ) -> torch.Tensor:  # [vocab_size] float32
     """Inverse of `compact_distribution`: the dense float32 distribution over the vocabulary."""
     if vocab_size <= 0:
         raise InvalidArgumentError(f"vocab_size must be positive, got {vocab_size}")
-    values = torch.tensor(list(probs), dtype=torch.float32)  # [len(probs)]
+    if isinstance(probs, torch.Tensor):
+        values = probs.to(torch.float32).flatten()  # [len(probs)]
+    else:
+        values = torch.tensor(list(probs), dtype=torch.float32)  # [len(probs)]
     if not bool(torch.isfinite(values).all()) or bool((values < 0).any()):
         raise InvalidArgumentError("draft probabilities must be finite and non-negative")
     if len(token_ids) == 0:
