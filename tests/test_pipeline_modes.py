@@ -80,7 +80,9 @@ def test_packed_and_listed_draft_probabilities_decode_alike() -> None:
     probs = torch.softmax(torch.randn(64, generator=torch.Generator().manual_seed(0)), dim=0)
     for q in (probs, torch.where(probs > probs.median(), probs, torch.zeros(()))):  # dense, then sparse
         ids, values = compact_support(q)
-        packed = common_pb2.TokenDistribution(token_ids=ids, packed_probs=values.numpy().astype("<f4").tobytes())
+        packed = common_pb2.TokenDistribution(
+            token_ids=ids, packed_probs=values.numpy().astype("<f4").tobytes()
+        )
         listed = common_pb2.TokenDistribution(token_ids=ids, probs=values.tolist())
         a = expand_distribution(ids, distribution_values(packed), 64)
         b = expand_distribution(ids, distribution_values(listed), 64)
