@@ -1,0 +1,1 @@
+"""Benchmarks for specpipe (`specpipe bench latency`, or `python -m benchmarks.latency`)."""

@@ -1,0 +1,262 @@
+"""In-process baselines (plain KV-cache decoding, Hugging Face generate) and forward-cost measurement.
+
+Every model call is counted and timed by forward hooks (`ForwardMeter`), so the in-process variants report
+target passes, draft forwards and the time spent outside the models just like specpipe's Usage does.
+"""
+
+from __future__ import annotations
+
+import statistics
+import time
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer, DynamicCache, PreTrainedTokenizerBase
+
+from benchmarks import cpu
+from benchmarks.prompts import Prompt
+from benchmarks.results import Mode, VariantRun
+from specpipe.sampling.params import SamplingParams
+from specpipe.sampling.processing import sampling_probs
+from specpipe.sampling.randomness import RandomStream, keyed_uniform, sample_from_probs
+
+WARMUP_TOKENS = 8
+PROMPT_LOOKUP_TOKENS = 10
+
+
+@dataclass(frozen=True, slots=True)
+class ModelPair:
+    target: torch.nn.Module
+    draft: torch.nn.Module
+    tokenizer: PreTrainedTokenizerBase
+    eos_ids: frozenset[int]
+
+
+def load_pair(target_dir: Path, draft_dir: Path) -> ModelPair:
+    """Both models in float32 (as the workers run them) and the target's tokenizer."""
+    target = AutoModelForCausalLM.from_pretrained(target_dir, dtype=torch.float32).eval()
+    draft = AutoModelForCausalLM.from_pretrained(draft_dir, dtype=torch.float32).eval()
+    tokenizer = AutoTokenizer.from_pretrained(target_dir)
+    eos = target.generation_config.eos_token_id
+    if eos is None:
+        eos = tokenizer.eos_token_id
+    eos_ids = frozenset() if eos is None else frozenset(eos if isinstance(eos, list | tuple) else [eos])
+    return ModelPair(target, draft, tokenizer, frozenset(int(e) for e in eos_ids))
+
+
+class ForwardMeter:
+    """Counts and times a model's top-level forward calls through hooks."""
+
+    def __init__(self, model: torch.nn.Module) -> None:
+        self.calls = 0
+        self.seconds = 0.0
+        self._started = 0.0
+        self._handles = [
+            model.register_forward_pre_hook(self._before),
+            model.register_forward_hook(self._after),
+        ]
+
+    def _before(self, module: torch.nn.Module, args: object) -> None:
+        self._started = time.perf_counter()
+
+    def _after(self, module: torch.nn.Module, args: object, output: object) -> None:
+        self.seconds += time.perf_counter() - self._started
+        self.calls += 1
+
+    def close(self) -> None:
+        for handle in self._handles:
+            handle.remove()
+
+
+@contextmanager
+def metered(*models: torch.nn.Module) -> Iterator[list[ForwardMeter]]:
+    meters = [ForwardMeter(m) for m in models]
+    try:
+        yield meters
+    finally:
+        for meter in meters:
+            meter.close()
+
+
+@contextmanager
+def torch_threads(n: int) -> Iterator[None]:
+    before = torch.get_num_threads()
+    torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
+def sampling_params(mode: Mode, prompt_index: int) -> SamplingParams:
+    return SamplingParams(temperature=mode.temperature, seed=mode.seed(prompt_index))
+
+
+@torch.inference_mode()
+def plain_decode(
+    model: torch.nn.Module, prompt: Sequence[int], max_new: int, params: SamplingParams, eos: frozenset[int]
+) -> list[int]:
+    """One target forward per token on a DynamicCache. Sampling draws exactly as specpipe's k = 0 does:
+    `sampling_probs`, then an inverse-CDF draw with the keyed uniform (seed, position, TARGET_SAMPLE)."""
+    cache = DynamicCache(config=model.config)
+    feed = torch.tensor([list(prompt)], dtype=torch.long)
+    out: list[int] = []
+    for _ in range(max_new):
+        logits = model(input_ids=feed, past_key_values=cache, use_cache=True, logits_to_keep=1).logits[0, -1:]
+        if params.is_greedy:
+            token = int(logits.argmax())
+        else:
+            u = keyed_uniform(params.seed, len(prompt) + len(out), RandomStream.TARGET_SAMPLE)
+            token = sample_from_probs(sampling_probs(logits, params)[0], u)
+        out.append(token)
+        if token in eos:
+            break
+        feed = torch.tensor([[token]], dtype=torch.long)
+    return out
+
+
+def hf_kwargs(kind: str, pair: ModelPair, mode: Mode) -> dict[str, object]:
+    """generate() arguments: plain, with the draft as assistant (HF's default schedule), or prompt lookup."""
+    kwargs: dict[str, object] = {"do_sample": not mode.greedy}
+    if not mode.greedy:
+        kwargs.update(temperature=mode.temperature, top_k=0, top_p=1.0)
+    if kind == "assisted":
+        kwargs["assistant_model"] = pair.draft
+    elif kind == "lookup":
+        kwargs["prompt_lookup_num_tokens"] = PROMPT_LOOKUP_TOKENS
+    return kwargs
+
+
+@torch.inference_mode()
+def hf_decode(
+    pair: ModelPair, prompt: Sequence[int], max_new: int, kind: str, mode: Mode, seed: int
+) -> list[int]:
+    ids = torch.tensor([list(prompt)], dtype=torch.long)
+    if not mode.greedy:
+        torch.manual_seed(seed)
+    out = pair.target.generate(
+        input_ids=ids,
+        attention_mask=torch.ones_like(ids),
+        max_new_tokens=max_new,
+        pad_token_id=pair.target.generation_config.pad_token_id,
+        **hf_kwargs(kind, pair, mode),
+    )
+    return out[0, ids.shape[1] :].tolist()
+
+
+VARIANT_KINDS = {
+    "hf-generate": ("generate", "HF model.generate(), plain"),
+    "hf-assisted": ("assisted", "HF model.generate(assistant_model=draft), HF's default schedule"),
+    "hf-prompt-lookup": ("lookup", f"HF model.generate(prompt_lookup_num_tokens={PROMPT_LOOKUP_TOKENS})"),
+}
+
+
+def run_inprocess(
+    variant: str, pair: ModelPair, prompts: Sequence[Prompt], mode: Mode, max_new: int, threads: int
+) -> VariantRun:
+    """Warms up on a short request, then times every prompt; forwards are counted and timed by hooks."""
+    if variant.startswith("plain"):
+        when = ", measured again after the services" if variant.endswith("-end") else ""
+        run = VariantRun(variant, mode.name, "plain", f"target alone, KV cache, {threads} thread(s){when}")
+        kind = ""
+    else:
+        kind, description = VARIANT_KINDS[variant]
+        run = VariantRun(variant, mode.name, "hf", description)
+    run.threads = threads
+
+    def decode(i: int, n: int) -> list[int]:
+        if not kind:
+            return plain_decode(pair.target, prompts[i].token_ids, n, sampling_params(mode, i), pair.eos_ids)
+        return hf_decode(pair, prompts[i].token_ids, n, kind, mode, mode.seed(i))
+
+    with torch_threads(threads):
+        try:
+            decode(0, WARMUP_TOKENS)
+        except Exception as exc:  # noqa: BLE001 - an unsupported combination is reported, not fatal
+            run.error = f"failed: {type(exc).__name__}: {exc}"
+            return run
+        before = cpu.sample()
+        with metered(pair.target, pair.draft) as (target_meter, draft_meter):
+            for i in range(len(prompts)):
+                started = time.perf_counter()
+                run.outputs.append(decode(i, max_new))
+                run.wall_s += time.perf_counter() - started
+        run.background = cpu.background(before, cpu.sample())
+    run.target_passes = target_meter.calls
+    run.target_forward_s = target_meter.seconds
+    run.draft_forward_s = draft_meter.seconds
+    if variant == "hf-assisted":
+        # The assistant generates one candidate token per forward call.
+        run.drafted = draft_meter.calls
+        run.accepted = run.tokens - run.target_passes
+    return run
+
+
+@dataclass(frozen=True, slots=True)
+class Costs:
+    """Median forward times (ms) at one context length, with the KV cache holding the rest."""
+
+    context: int
+    runs: int
+    target_ms: float  # one new token
+    draft_ms: float  # one new token
+    verify_ms: list[float]  # index k: k + 1 new tokens through the target
+
+    @property
+    def c(self) -> float:
+        return self.draft_ms / self.target_ms
+
+    def v(self, k: float) -> float:
+        """Verify cost of k + 1 tokens over one token's, linearly interpolated for a fractional (mean) k."""
+        k = min(max(k, 0.0), len(self.verify_ms) - 1.0)
+        lo = int(k)
+        hi = min(lo + 1, len(self.verify_ms) - 1)
+        ms = self.verify_ms[lo] + (k - lo) * (self.verify_ms[hi] - self.verify_ms[lo])
+        return ms / self.target_ms
+
+    def to_dict(self) -> dict[str, object]:
+        return {
+            "context_tokens": self.context,
+            "runs": self.runs,
+            "target_ms": round(self.target_ms, 4),
+            "draft_ms": round(self.draft_ms, 4),
+            "c": round(self.c, 4),
+            "verify_ms": [round(v, 4) for v in self.verify_ms],
+            "v_k": [round(v / self.target_ms, 4) for v in self.verify_ms],
+        }
+
+
+def _timed_forward(model: torch.nn.Module, cache: DynamicCache, ids: torch.Tensor) -> float:
+    started = time.perf_counter()
+    model(input_ids=ids, past_key_values=cache, use_cache=True)
+    elapsed = time.perf_counter() - started
+    cache.crop(-ids.shape[1])  # negative: drop the tokens just appended
+    return elapsed * 1000.0
+
+
+@torch.inference_mode()
+def measure_costs(pair: ModelPair, seed_ids: Sequence[int], context: int, max_k: int, runs: int) -> Costs:
+    """Target 1-token and (k+1)-token forwards and draft 1-token forwards after `context` cached tokens.
+
+    The forwards are timed in alternation (one of each per run), so load from other processes hits all of
+    them alike and their ratios (c, v_k) hold up better than the absolute milliseconds.
+    """
+    ids = (list(seed_ids) * (context // max(1, len(seed_ids)) + 2))[: context + max_k + 1]
+    history = torch.tensor([ids[:context]], dtype=torch.long)
+    block = torch.tensor([ids[context:]], dtype=torch.long)  # [1, max_k + 1]
+    caches = [m(input_ids=history, use_cache=True).past_key_values for m in (pair.target, pair.draft)]
+    verify: list[list[float]] = [[] for _ in range(max_k + 1)]
+    draft: list[float] = []
+    warmup = 3
+    for run in range(runs + warmup):
+        times = [_timed_forward(pair.target, caches[0], block[:, : k + 1]) for k in range(max_k + 1)]
+        d = _timed_forward(pair.draft, caches[1], block[:, :1])
+        if run >= warmup:
+            for k, t in enumerate(times):
+                verify[k].append(t)
+            draft.append(d)
+    verify_ms = [statistics.median(v) for v in verify]
+    return Costs(context, runs, verify_ms[0], statistics.median(draft), verify_ms)

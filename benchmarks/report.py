@@ -1,0 +1,247 @@
+"""Derived metrics (speedups, acceptance, alpha, overhead, analytical speedup, efficiency), the table, the
+JSON and the PNG chart. Definitions: docs/benchmarks.md."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Sequence
+from pathlib import Path
+
+from benchmarks.inprocess import Costs
+from benchmarks.results import VariantRun
+
+BASELINE_VARIANTS = ("plain-1t", "plain-2t", "plain-1t-end")
+HF_ASSISTED = "hf-assisted"
+TARGETS = {"speedup_vs_plain": 1.6, "overhead_ms": 1.0, "efficiency": 0.85}
+
+
+def expected_tokens(alpha: float, k: float) -> float:
+    """E(alpha, k) = (1 - alpha^(k+1)) / (1 - alpha): tokens per round with k drafted (Leviathan et al.)."""
+    if alpha >= 1.0:
+        return k + 1.0
+    return (1.0 - alpha ** (k + 1.0)) / (1.0 - alpha)
+
+
+def solve_alpha(mean_tokens: float, k: float) -> float:
+    """The per-token acceptance alpha with E(alpha, k) = mean_tokens (bisection; E rises with alpha)."""
+    if k <= 0 or mean_tokens <= 1.0:
+        return 0.0
+    if mean_tokens >= k + 1.0:
+        return 1.0
+    lo, hi = 0.0, 1.0
+    for _ in range(60):
+        mid = (lo + hi) / 2
+        if expected_tokens(mid, k) < mean_tokens:
+            lo = mid
+        else:
+            hi = mid
+    return (lo + hi) / 2
+
+
+def best_baseline(runs: Sequence[VariantRun], mode: str) -> VariantRun | None:
+    """The fastest plain in-process run of a mode: the honest baseline."""
+    plain = [
+        r for r in runs if r.mode == mode and r.variant in BASELINE_VARIANTS and not r.error and r.wall_s
+    ]
+    return max(plain, key=lambda r: r.tokens / r.wall_s, default=None)
+
+
+def reference(runs: Sequence[VariantRun], mode: str) -> VariantRun | None:
+    """plain-1t of a mode: the outputs every other variant is compared with."""
+    return next((r for r in runs if r.mode == mode and r.variant == "plain-1t" and not r.error), None)
+
+
+def _rate(run: VariantRun | None) -> float | None:
+    if run is None or run.error or not run.wall_s:
+        return None
+    return run.tokens / run.wall_s
+
+
+def _ratio(a: float | None, b: float | None) -> float | None:
+    return a / b if a is not None and b else None
+
+
+def metrics(run: VariantRun, runs: Sequence[VariantRun], costs: Costs) -> dict[str, object]:
+    """Every reported column of one run (None where it does not apply)."""
+    row: dict[str, object] = {
+        "variant": run.variant,
+        "mode": run.mode,
+        "family": run.family,
+        "description": run.description,
+        "threads": run.threads,
+        "prompts": len(run.outputs),
+        "error": run.error or None,
+    }
+    rate = _rate(run)
+    if rate is None:
+        return row
+    base = best_baseline(runs, run.mode)
+    assisted = next((r for r in runs if r.mode == run.mode and r.variant == HF_ASSISTED), None)
+    passes = max(run.target_passes, 1)
+    mean_tokens = run.tokens / passes
+    mean_k = (run.drafted or 0) / passes
+    alpha = solve_alpha(mean_tokens, mean_k) if run.drafted else None
+    analytical = None
+    if run.drafted is not None or run.family == "plain" or run.variant in ("hf-generate", "specpipe-k0"):
+        analytical = expected_tokens(alpha or 0.0, mean_k) / (mean_k * costs.c + costs.v(mean_k))
+    speedup = _ratio(rate, _rate(base))
+    overhead_s = run.wall_s - run.target_forward_s - run.draft_forward_s
+    row.update(
+        tokens=run.tokens,
+        wall_s=run.wall_s,
+        tokens_per_s=rate,
+        speedup_vs_plain=speedup,
+        speedup_vs_hf_assisted=_ratio(rate, _rate(assisted)),
+        target_passes=run.target_passes,
+        drafted=run.drafted,
+        accepted=run.accepted,
+        acceptance_rate=_ratio(run.accepted, run.drafted) if run.drafted else None,
+        mean_accepted_length=mean_tokens,
+        mean_k=mean_k,
+        alpha=alpha,
+        target_forward_s=run.target_forward_s,
+        draft_forward_s=run.draft_forward_s,
+        overhead_ms_per_round=overhead_s / passes * 1000.0,
+        # Target forward time per pass over what the in-process cost measurement predicts for that block.
+        target_forward_inflation=run.target_forward_s * 1000.0 / passes / (costs.v(mean_k) * costs.target_ms),
+        analytical_speedup=analytical,
+        efficiency=_ratio(speedup, analytical),
+        background_other_cores=run.background.get("other_cores"),
+        background_steal_cores=run.background.get("steal_cores"),
+    )
+    ref = reference(runs, run.mode)
+    if ref is not None and len(ref.outputs) == len(run.outputs):
+        same = sum(a == b for a, b in zip(ref.outputs, run.outputs, strict=True))
+        row["match_vs_plain"] = f"{same}/{len(run.outputs)}"
+        row["identical_to_plain"] = same == len(run.outputs)
+    return row
+
+
+def _fmt(value: object, spec: str, suffix: str = "") -> str:
+    if value is None:
+        return "-"
+    return f"{value:{spec}}{suffix}"
+
+
+COLUMNS = (
+    ("variant", 22), ("tok/s", 8), ("x plain", 8), ("x HF-asst", 9), ("accept", 7), ("E", 5), ("mean k", 6),
+    ("alpha", 5), ("ovh ms", 6), ("tfwd x", 6), ("S", 5), ("eff", 5), ("match", 7), ("bg", 4),
+)  # fmt: skip
+
+
+def _background(row: dict[str, object]) -> float | None:
+    other, steal = row.get("background_other_cores"), row.get("background_steal_cores")
+    if other is None or steal is None:
+        return None
+    return float(other) + float(steal)  # type: ignore[arg-type]
+
+
+def table(rows: Sequence[dict[str, object]], mode: str) -> str:
+    """A fixed-width table of one mode's rows."""
+    lines = [
+        "  ".join(f"{name:>{width}}" if i else f"{name:<{width}}" for i, (name, width) in enumerate(COLUMNS))
+    ]
+    for row in (r for r in rows if r["mode"] == mode):
+        if row.get("error"):
+            lines.append(f"{row['variant']:<22}  {row['error']}")
+            continue
+        cells = [
+            row["variant"],
+            _fmt(row["tokens_per_s"], ".1f"),
+            _fmt(row["speedup_vs_plain"], ".2f", "x"),
+            _fmt(row["speedup_vs_hf_assisted"], ".2f", "x"),
+            _fmt(row["acceptance_rate"], ".0%"),
+            _fmt(row["mean_accepted_length"], ".2f"),
+            _fmt(row["mean_k"], ".1f"),
+            _fmt(row["alpha"], ".2f"),
+            _fmt(row["overhead_ms_per_round"], ".2f"),
+            _fmt(row["target_forward_inflation"], ".2f"),
+            _fmt(row["analytical_speedup"], ".2f"),
+            _fmt(row["efficiency"], ".0%"),
+            str(row.get("match_vs_plain", "-")),
+            _fmt(_background(row), ".2f"),
+        ]
+        lines.append(
+            "  ".join(
+                f"{c:>{w}}" if i else f"{c:<{w}}"
+                for i, (c, (_, w)) in enumerate(zip(cells, COLUMNS, strict=True))
+            )
+        )
+    return "\n".join(lines)
+
+
+def check_targets(rows: Sequence[dict[str, object]], mode: str) -> dict[str, object]:
+    """The issue's targets for the fastest specpipe configuration of a mode."""
+    spec = [r for r in rows if r["mode"] == mode and r["family"] == "specpipe" and r.get("tokens_per_s")]
+    if not spec:
+        return {}
+    best = max(spec, key=lambda r: r["tokens_per_s"])  # type: ignore[arg-type, return-value]
+    assisted = best.get("speedup_vs_hf_assisted")
+    checks = {
+        "best_variant": best["variant"],
+        "speedup_vs_plain": best["speedup_vs_plain"],
+        "speedup_vs_plain_met": (best["speedup_vs_plain"] or 0) >= TARGETS["speedup_vs_plain"],
+        "faster_than_hf_assisted": None if assisted is None else assisted > 1.0,
+        "overhead_ms_per_round": best["overhead_ms_per_round"],
+        "overhead_met": best["overhead_ms_per_round"] <= TARGETS["overhead_ms"],  # type: ignore[operator]
+        "efficiency": best["efficiency"],
+        "efficiency_met": (best["efficiency"] or 0) >= TARGETS["efficiency"],
+    }
+    return checks
+
+
+def _round(value: object) -> object:
+    if isinstance(value, float):
+        return round(value, 5)
+    if isinstance(value, dict):
+        return {k: _round(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_round(v) for v in value]
+    return value
+
+
+def write_json(path: Path, payload: dict[str, object]) -> None:
+    path.write_text(json.dumps(_round(payload), indent=2) + "\n", encoding="utf-8")
+
+
+def write_chart(path: Path, rows: Sequence[dict[str, object]], modes: Sequence[str], title: str) -> None:
+    """Horizontal bars of tokens/s per variant, one panel per mode; the baseline's rate is a dashed line."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    colors = {"plain": "#7f7f7f", "hf": "#ff7f0e", "specpipe": "#1f77b4"}
+    fig, axes = plt.subplots(1, len(modes), figsize=(6.5 * len(modes), 0.42 * 14 + 1.8), squeeze=False)
+    for ax, mode in zip(axes[0], modes, strict=True):
+        done = [r for r in rows if r["mode"] == mode and r.get("tokens_per_s")]
+        names = [str(r["variant"]) for r in done]
+        rates = [float(r["tokens_per_s"]) for r in done]  # type: ignore[arg-type]
+        bars = ax.barh(names, rates, color=[colors[str(r["family"])] for r in done])
+        base = next((r for r in done if r.get("speedup_vs_plain") == 1.0 and r["family"] == "plain"), None)
+        if base is not None:
+            bars[done.index(base)].set_hatch("//")
+            ax.axvline(
+                float(base["tokens_per_s"]),
+                color="black",
+                linestyle="--",
+                linewidth=1,  # type: ignore[arg-type]
+                label=f"baseline {base['variant']}",
+            )
+            ax.legend(loc="lower right")
+        for bar, row in zip(bars, done, strict=True):
+            ax.text(
+                bar.get_width(),
+                bar.get_y() + bar.get_height() / 2,
+                f" {bar.get_width():.0f} ({row['speedup_vs_plain']:.2f}x)",
+                va="center",
+                fontsize=8,
+            )
+        ax.invert_yaxis()
+        ax.set_xlabel("tokens/s (higher is better)")
+        ax.set_title(mode)
+        ax.set_xlim(0, max(rates, default=1.0) * 1.3)
+    fig.suptitle(title, fontsize=10)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)

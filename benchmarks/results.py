@@ -1,0 +1,48 @@
+"""What one timed variant produced: tokens, wall time, forward counts and times (plain data, no math)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+GREEDY = "greedy"
+SAMPLE = "sample"
+
+
+@dataclass(frozen=True, slots=True)
+class Mode:
+    """A decoding mode: greedy (temperature 0) or sampling at `temperature` with seed base + prompt index."""
+
+    name: str
+    temperature: float
+    seed_base: int = 1000
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature == 0.0
+
+    def seed(self, prompt_index: int) -> int:
+        return self.seed_base + prompt_index
+
+
+@dataclass(slots=True)
+class VariantRun:
+    """Totals over all prompts of one variant in one mode."""
+
+    variant: str
+    mode: str
+    family: str  # "plain", "hf" or "specpipe"
+    description: str
+    outputs: list[list[int]] = field(default_factory=list)
+    wall_s: float = 0.0
+    target_passes: int = 0
+    drafted: int | None = None  # None where the variant has no draft model (or it cannot be counted)
+    accepted: int | None = None
+    target_forward_s: float = 0.0
+    draft_forward_s: float = 0.0
+    threads: int = 1
+    error: str = ""
+    background: dict[str, float] = field(default_factory=dict)  # benchmarks.cpu.background over the timing
+
+    @property
+    def tokens(self) -> int:
+        return sum(len(o) for o in self.outputs)
