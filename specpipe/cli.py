@@ -52,6 +52,11 @@ def add_serve_parser(subparsers: argparse._SubParsersAction) -> None:
     serve.add_argument("--draft-addr", help="coordinator: draft worker host:port")
     serve.add_argument("--target-addr", help="coordinator: target worker host:port")
     serve.add_argument(
+        "--cluster-config", default=os.environ.get("SPECPIPE_CLUSTER_CONFIG", ""),
+        help="coordinator: YAML file of pools, discovery and routing (replaces --draft-addr/--target-addr; "
+        "env SPECPIPE_CLUSTER_CONFIG; see docs/deploy.md)",
+    )  # fmt: skip
+    serve.add_argument(
         "--redis-url", default=os.environ.get("SPECPIPE_REDIS_URL", ""),
         help="session store URL, redis:// or rediss:// (env SPECPIPE_REDIS_URL; all: default is embedded)",
     )  # fmt: skip
