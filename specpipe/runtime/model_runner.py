@@ -79,8 +79,11 @@ class CausalLMRunner:
         if dtype not in DTYPES:
             raise ValueError(f"dtype must be one of {sorted(DTYPES)}, got {dtype!r}")
         started = time.perf_counter()
-        tokenizer = AutoTokenizer.from_pretrained(model_path)
-        model = AutoModelForCausalLM.from_pretrained(model_path, dtype=DTYPES[dtype])
+        # A local directory never touches a hub; anything else is a hub id, fetched where the network allows
+        # (and from the local cache with HF_HUB_OFFLINE=1).
+        local = Path(model_path).is_dir()
+        tokenizer = AutoTokenizer.from_pretrained(model_path, local_files_only=local)
+        model = AutoModelForCausalLM.from_pretrained(model_path, dtype=DTYPES[dtype], local_files_only=local)
         model = model.to(device).eval()
         model_context = int(
             getattr(model.config, "max_position_embeddings", 0) or getattr(model.config, "n_positions", 0)
