@@ -279,7 +279,7 @@ def test_gpu_pool_settings_land_on_the_right_deployments() -> None:
     assert "affinity" not in spec
     c = container(l4)
     assert gpu_count(c) == (1, 1)
-    assert args_of(c)["--dtype"] == "float16" and args_of(c)["--kv-cache-budget-mb"] == "8192"
+    assert args_of(c)["--dtype"] == "bfloat16" and args_of(c)["--kv-cache-budget-mb"] == "8192"
     # The download source: an init container fills an emptyDir the server mounts read-only.
     (init,) = spec["initContainers"]
     init_env = env_of(init)
@@ -424,8 +424,7 @@ def test_cluster_config_kubernetes_discovery() -> None:
     assert config.discovery.backend == "kubernetes"
     k8s = config.discovery.kubernetes
     assert k8s.namespace == NAMESPACE
-    assert "app.kubernetes.io/name=specpipe" in k8s.label_selector
-    assert f"app.kubernetes.io/instance={RELEASE}" in k8s.label_selector
+    assert k8s.label_selector == f"app.kubernetes.io/name=specpipe,app.kubernetes.io/instance={RELEASE}"
     assert k8s.role_label == "app.kubernetes.io/component"
     assert k8s.pool_label == "specpipe.io/pool"
     assert k8s.port_name == "grpc"
@@ -792,6 +791,7 @@ def test_pool_overrides_component_defaults_including_zero_values() -> None:
     cpu = one(docs, "Deployment", f"{FULLNAME}-target-cpu")
     assert gpu_count(container(cpu)) == (None, None) and "tolerations" not in pod_spec(cpu)
     assert container(cpu)["image"] == "ghcr.io/specpipe/specpipe:0.1.0"
+    assert args_of(container(cpu))["--device"] == "cpu" and args_of(container(cpu))["--dtype"] == "float32"
     a100 = one(docs, "Deployment", f"{FULLNAME}-target-a100")
     assert a100["spec"]["replicas"] == 0
     assert container(a100)["image"] == "ghcr.io/specpipe/specpipe:custom"  # an own tag gets no suffix

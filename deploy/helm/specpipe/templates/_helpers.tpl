@@ -240,7 +240,8 @@ key: password
 {{- if eq .Values.coordinator.discovery.backend "dns" }}
 {{- $_ := set $discovery "dns" $dns }}
 {{- else }}
-{{- $selector := printf "app.kubernetes.io/name=%s,app.kubernetes.io/instance=%s,app.kubernetes.io/component in (draft,target)" (include "specpipe.name" .) .Release.Name }}
+{{- /* Matches the coordinator's own Service too: discovery ignores slices whose role is not draft/target. */}}
+{{- $selector := printf "app.kubernetes.io/name=%s,app.kubernetes.io/instance=%s" (include "specpipe.name" .) .Release.Name }}
 {{- $_ := set $discovery "kubernetes" (dict "namespace" .Release.Namespace "label_selector" $selector "role_label" "app.kubernetes.io/component" "pool_label" "specpipe.io/pool" "port_name" "grpc") }}
 {{- end }}
 {{- $config := dict "pools" $weights "discovery" $discovery }}

@@ -164,8 +164,6 @@ spec:
               value: "1"
             - name: TRANSFORMERS_OFFLINE
               value: "1"
-            - name: SPECPIPE_POOL
-              value: {{ $pool.name | quote }}
             {{- with $pool.extraEnv }}
             {{- toYaml . | nindent 12 }}
             {{- end }}
