@@ -249,7 +249,7 @@ class _SliceWatcher:
 
     def _watch(self, resource_version: str) -> str:
         """Streams events until the server ends the watch; returns the resourceVersion to resume from."""
-        timeout_s = self._owner.watch_timeout_s
+        timeout_s = int(self._owner.watch_timeout_s)  # the API (and the client's validation) wants an int
         response = self._discovery_api.list_namespaced_endpoint_slice(
             self._namespace,
             watch=True,
