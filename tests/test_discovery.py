@@ -32,7 +32,14 @@ from coordinator.discovery.static import StaticDiscovery
 
 DATA = Path(__file__).parent / "data" / "k8s"
 NAMESPACE = "specpipe"
-SELECTOR = "app.kubernetes.io/name=specpipe,app.kubernetes.io/instance=rel"
+# What the Helm chart renders (a set-based requirement included).
+SELECTOR = ",".join(
+    [
+        "app.kubernetes.io/name=specpipe",
+        "app.kubernetes.io/instance=rel",
+        "app.kubernetes.io/component in (draft,target)",
+    ]
+)
 SLICES_PATH = f"/apis/discovery.k8s.io/v1/namespaces/{NAMESPACE}/endpointslices"
 STEP_S = 5.0  # how long any single expected step may take
 
@@ -171,6 +178,25 @@ def test_dns_name_that_never_resolved_contributes_nothing_until_it_does() -> Non
         {target("10.0.0.1:1")},
         {target("10.0.0.1:1"), draft("10.0.0.2:2")},
     ]
+
+
+def test_dns_lookup_that_hangs_times_out_and_keeps_the_last_addresses() -> None:
+    calls = 0
+
+    async def resolver(host: str, port: int) -> list[str]:
+        nonlocal calls
+        calls += 1
+        if calls == 2:
+            await asyncio.sleep(3600)  # a DNS server that never answers
+        return ["10.0.0.1"] if calls < 4 else ["10.0.0.2"]
+
+    async def main() -> list[frozenset[Endpoint]]:
+        discovery = DnsDiscovery([DnsName("target", "t", 1)], 0.01, resolver=resolver, timeout_s=0.05)
+        async with contextlib.aclosing(discovery.watch()) as updates:
+            return [await next_set(updates) for _ in range(2)]
+
+    assert run(main) == [{target("10.0.0.1:1")}, {target("10.0.0.2:1")}]
+    assert calls >= 4
 
 
 def test_dns_resolves_localhost_through_the_system_resolver() -> None:
@@ -381,7 +407,8 @@ def test_kubernetes_lists_then_follows_watch_events(kube_api: FakeKubeApi) -> No
     async def main() -> None:
         async with contextlib.aclosing(k8s_discovery(kube_api.url).watch()) as updates:
             # The list: ready endpoints only (w9lmx is still starting); the coordinator's slice is not a
-            # worker role; pools from the pods' labels, "default" for the draft pod that has none.
+            # worker role; pools from the pods' labels, "default" for the draft pod, which has none (it
+            # is behind a hand-written Service, not one of the chart's per-pool ones).
             assert await next_set(updates) == {
                 draft("10.244.1.17:50061"),
                 target("10.244.2.31:50062", "h100"),
@@ -412,12 +439,12 @@ def test_kubernetes_lists_then_follows_watch_events(kube_api: FakeKubeApi) -> No
             stream.end()
             stream = await kube_api.next_watch()
             assert stream.request.query["resourceVersion"] == "48390"
-            stream.send(watch_2[0])  # the draft slice is deleted
+            stream.send(watch_2[0])  # the hand-written draft Service is deleted, and its slice
             assert await next_set(updates) == {
                 target("10.244.2.40:50062", "h100"),
                 target("10.244.3.12:50062", "a10g"),
             }
-            stream.send(watch_2[1])  # 410 Gone: re-list, watch from the new list
+            stream.send(watch_2[1])  # 410 Gone: re-list (now with the chart's draft pool), watch from it
             assert await next_set(updates) == {
                 draft("10.244.1.23:50061", "cpu"),
                 target("10.244.2.40:50062", "h100"),
