@@ -32,14 +32,8 @@ from coordinator.discovery.static import StaticDiscovery
 
 DATA = Path(__file__).parent / "data" / "k8s"
 NAMESPACE = "specpipe"
-# What the Helm chart renders (a set-based requirement included).
-SELECTOR = ",".join(
-    [
-        "app.kubernetes.io/name=specpipe",
-        "app.kubernetes.io/instance=rel",
-        "app.kubernetes.io/component in (draft,target)",
-    ]
-)
+# As the Helm chart renders it: the release's slices, the coordinator's included (its role is ignored).
+SELECTOR = "app.kubernetes.io/name=specpipe,app.kubernetes.io/instance=rel"
 SLICES_PATH = f"/apis/discovery.k8s.io/v1/namespaces/{NAMESPACE}/endpointslices"
 STEP_S = 5.0  # how long any single expected step may take
 
