@@ -261,7 +261,7 @@ def test_gpu_pool_settings_land_on_the_right_deployments() -> None:
     c = container(h100)
     assert gpu_count(c) == (1, 1)
     assert args_of(c)["--device"] == "cuda" and args_of(c)["--dtype"] == "bfloat16"
-    assert args_of(c)["--model"] == "/models/qwen2.5-7b-instruct"
+    assert args_of(c)["--model"] == "/models/qwen2.5-3b-instruct"
     assert c["resources"]["requests"]["cpu"] == "8"
     assert c["image"] == "registry.example.com/ml/specpipe:0.1.0-cuda"
     models = next(v for v in spec["volumes"] if v["name"] == "models")
@@ -283,11 +283,11 @@ def test_gpu_pool_settings_land_on_the_right_deployments() -> None:
     # The download source: an init container fills an emptyDir the server mounts read-only.
     (init,) = spec["initContainers"]
     init_env = env_of(init)
-    assert init_env["SPECPIPE_MODEL_REPO"] == "Qwen/Qwen2.5-7B-Instruct"
+    assert init_env["SPECPIPE_MODEL_REPO"] == "Qwen/Qwen2.5-3B-Instruct"
     assert init_env["HF_TOKEN"] == {"secretKeyRef": {"name": "hf-token", "key": "token"}}
     assert init_env["HF_HUB_OFFLINE"] == "0"  # the image defaults to offline; this one downloads
     assert gpu_count(init) == (None, None)
-    assert next(v for v in spec["volumes"] if v["name"] == "models")["emptyDir"] == {"sizeLimit": "40Gi"}
+    assert next(v for v in spec["volumes"] if v["name"] == "models")["emptyDir"] == {"sizeLimit": "20Gi"}
     assert args_of(c)["--model"] == init_env["SPECPIPE_MODEL_DIR"] == "/models"
 
     # The CPU draft pool gets none of the GPU settings.
@@ -825,3 +825,32 @@ def test_default_model_paths_match_the_dockerfile() -> None:
     assert values["draft"]["pools"][0]["model"]["path"] == f"{site}/draft"
     assert re.search(r"^USER 10001", dockerfile, re.MULTILINE)
     assert 'ENTRYPOINT ["specpipe"]' in dockerfile
+
+
+# --- docs/deploy.md --------------------------------------------------------------------------------------
+
+
+def test_values_examples_in_the_deploy_guide_render_and_validate() -> None:
+    guide = (REPO / "docs" / "deploy.md").read_text(encoding="utf-8")
+    examples = [
+        block
+        for text in re.findall(r"```yaml\n(.*?)```", guide, re.DOTALL)
+        for block in yaml.safe_load_all(text)
+        if isinstance(block, dict) and {"target", "draft", "redis"} & set(block)
+    ]
+    assert len(examples) >= 2
+    # The guide's own manifests (the model PVC and the Pod that fills it) are valid too.
+    manifests = [
+        block
+        for text in re.findall(r"```yaml\n(.*?)```", guide, re.DOTALL)
+        for block in yaml.safe_load_all(text)
+        if isinstance(block, dict) and "kind" in block
+    ]
+    assert {m["kind"] for m in manifests} >= {"PersistentVolumeClaim", "Pod"}
+    for doc in manifests:
+        kubernetes_validate.validate(doc, KUBE_VERSION, strict=True)
+    for values in examples:
+        for doc in render(values):
+            kubernetes_validate.validate(manifest(doc), KUBE_VERSION, strict=True)
+    two_pools = next(v for v in examples if "target" in v)
+    assert [p["name"] for p in two_pools["target"]["pools"]] == ["h100", "l4"]
