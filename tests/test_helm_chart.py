@@ -8,11 +8,13 @@ kubernetes_validate are dev dependencies: a missing one fails these tests, it do
 from __future__ import annotations
 
 import functools
+import json
 import re
 from pathlib import Path
 from typing import Any
 
 import helm_python
+import jsonschema
 import kubernetes_validate
 import pytest
 import yaml
@@ -689,6 +691,20 @@ def test_helm_test_hook_checks_health_and_generates() -> None:
 
 
 # --- schema and template validation ----------------------------------------------------------------------
+
+
+def test_schema_is_valid_draft_07_and_accepts_every_values_file() -> None:
+    # draft-07 (not 2020-12): the dialect both Helm 3 (gojsonschema) and Helm 4 validate.
+    schema = json.loads((CHART / "values.schema.json").read_text(encoding="utf-8"))
+    assert schema["$schema"] == "http://json-schema.org/draft-07/schema#"
+    jsonschema.Draft7Validator.check_schema(schema)
+    validator = jsonschema.Draft7Validator(schema)
+    defaults = yaml.safe_load((CHART / "values.yaml").read_text(encoding="utf-8"))
+    for value_set in VALUE_SETS:
+        chart().validate_schema(values_of(value_set))
+        merged = chart().merge_values(values_of(value_set))
+        assert not [e.message for e in validator.iter_errors(merged)], value_set
+    assert not list(validator.iter_errors(defaults))
 
 
 def test_schema_rejects_negative_replicas() -> None:
