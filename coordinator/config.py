@@ -4,11 +4,13 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from coordinator.cluster_config import ClusterConfig
+
 
 @dataclass(frozen=True, slots=True)
 class CoordinatorConfig:
-    draft_addr: str
-    target_addr: str
+    # Where the draft and target replicas are and how sessions are routed to them.
+    cluster: ClusterConfig
     redis_url: str
     host: str = "127.0.0.1"
     port: int = 50051
@@ -34,9 +36,8 @@ class CoordinatorConfig:
     shutdown_grace_s: float = 10.0
 
     def __post_init__(self) -> None:
-        for name in ("draft_addr", "target_addr", "redis_url"):
-            if not getattr(self, name):
-                raise ValueError(f"{name} is required")
+        if not self.redis_url:
+            raise ValueError("redis_url is required")
         if not 0 <= self.port < 65536:
             raise ValueError(f"port must be in [0, 65535], got {self.port}")
         if self.max_speculative_tokens < 0:

@@ -7,13 +7,15 @@ import logging
 import socket
 import time
 
+from coordinator.cluster import Cluster
 from coordinator.config import CoordinatorConfig
 from coordinator.cost_profile import measure_cost_profile
+from coordinator.discovery.factory import make_discovery
+from coordinator.replicas import Compatibility
 from coordinator.request import RequestLimits
 from coordinator.servicer import CoordinatorServicer
 from coordinator.sessions import SessionService
 from coordinator.speculation import ModelLimits, SpeculativeGenerator
-from coordinator.worker_clients import DraftClient, TargetClient, WorkerClient
 from specpipe.errors import SpecpipeError
 from specpipe.rpc.server import serve
 from specpipe.runtime.model_info import WorkerModelInfo
@@ -45,18 +47,6 @@ def check_pairing(draft: WorkerModelInfo, target: WorkerModelInfo) -> None:
         )
 
 
-async def wait_for_info(
-    client: WorkerClient, include_tokenizer_files: bool, deadline: float
-) -> WorkerModelInfo:
-    while True:
-        try:
-            return await client.model_info(include_tokenizer_files, timeout_s=5.0)
-        except SpecpipeError as exc:
-            if time.monotonic() >= deadline:
-                raise TimeoutError(f"{client.role} worker at {client.address} not ready: {exc}") from exc
-            await asyncio.sleep(0.5)
-
-
 async def wait_for_store(store: SessionStore, deadline: float) -> None:
     while True:
         try:
@@ -68,13 +58,41 @@ async def wait_for_store(store: SessionStore, deadline: float) -> None:
             await asyncio.sleep(0.5)
 
 
+def replica_compatibility(role: str, reference: WorkerModelInfo, context: int) -> Compatibility:
+    """Whether a replica can join: the same token ids as the pair the coordinator started with, and at
+    least the context the coordinator assumes for its role."""
+
+    def check(info: WorkerModelInfo) -> str:
+        if (
+            info.tokenizer_fingerprint != reference.tokenizer_fingerprint
+            or info.vocab_size != reference.vocab_size
+        ):
+            return (
+                f"model {info.model_name!r} uses another tokenizer or vocabulary than the target "
+                f"{reference.model_name!r} the coordinator paired with"
+            )
+        if role == "target" and tuple(info.eos_token_ids) != tuple(reference.eos_token_ids):
+            return f"model {info.model_name!r} has other EOS tokens than {reference.model_name!r}"
+        if info.max_context < context:
+            return f"model {info.model_name!r} has a context of {info.max_context} tokens, below {context}"
+        return ""
+
+    return check
+
+
 async def pair_workers(
-    config: CoordinatorConfig, draft: DraftClient, target: TargetClient, store: SessionStore
+    config: CoordinatorConfig, cluster: Cluster, store: SessionStore
 ) -> SpeculativeGenerator:
-    deadline = time.monotonic() + config.startup_timeout_s
-    draft_info, target_info = await asyncio.gather(
-        wait_for_info(draft, False, deadline), wait_for_info(target, True, deadline)
+    """Waits for a draft and a target replica in rotation, checks they pair, and measures their costs; other
+    replicas join rotation later only if they match this pair."""
+    timeout = config.startup_timeout_s
+    deadline = time.monotonic() + timeout
+    draft, target = await asyncio.gather(
+        cluster.drafts.wait_healthy(timeout), cluster.targets.wait_healthy(timeout)
     )
+    assert draft.info is not None
+    target_info = await target.client.model_info(True, timeout_s=30.0)  # with the tokenizer files
+    draft_info = draft.info
     check_pairing(draft_info, target_info)
     await wait_for_store(store, deadline)
     tokenizer = tokenizer_from_files(target_info.tokenizer_files)
@@ -84,6 +102,8 @@ async def pair_workers(
         vocab_size=target_info.vocab_size,
         eos_token_ids=frozenset(target_info.eos_token_ids),
     )
+    cluster.targets.recheck(replica_compatibility("target", target_info, limits.target_context))
+    cluster.drafts.recheck(replica_compatibility("draft", target_info, limits.draft_context))
     logger.info(
         "paired draft %s (%s) with target %s (%s)",
         draft_info.model_name,
@@ -94,11 +114,16 @@ async def pair_workers(
     costs = None
     if config.max_speculative_tokens > 0:  # for adaptive k, and to decide where pipelining is free
         context = min(limits.target_context, limits.draft_context)
-        costs = await measure_cost_profile(draft, target, config.max_speculative_tokens, context)
+        costs = await measure_cost_profile(
+            draft.client,  # type: ignore[arg-type]
+            target.client,  # type: ignore[arg-type]
+            config.max_speculative_tokens,
+            context,
+        )
     owner = f"{socket.gethostname()}:{config.port}"
     return SpeculativeGenerator(
-        draft,
-        target,
+        cluster.drafts,
+        cluster.targets,
         store,
         tokenizer,
         limits,
@@ -111,8 +136,7 @@ async def pair_workers(
 
 
 async def run_coordinator(config: CoordinatorConfig, stop_event: asyncio.Event | None = None) -> None:
-    draft = DraftClient(config.draft_addr)
-    target = TargetClient(config.target_addr)
+    cluster = Cluster(config.cluster, make_discovery(config.cluster.discovery))
     store = SessionStore.from_url(
         config.redis_url,
         key_prefix=config.session_key_prefix,
@@ -130,8 +154,12 @@ async def run_coordinator(config: CoordinatorConfig, stop_event: asyncio.Event |
     )
 
     async def warmup() -> None:
-        generator = await pair_workers(config, draft, target, store)
-        servicer.attach(generator, SessionService(store, generator.tokenizer, (draft, target)))
+        cluster.start()
+        generator = await pair_workers(config, cluster, store)
+        sessions = SessionService(
+            store, generator.tokenizer, lambda: [*cluster.drafts.clients(), *cluster.targets.clients()]
+        )
+        servicer.attach(generator, sessions)
 
     try:
         await serve(
@@ -145,7 +173,7 @@ async def run_coordinator(config: CoordinatorConfig, stop_event: asyncio.Event |
             stop_event=stop_event,
         )
     finally:
-        await asyncio.gather(draft.close(), target.close(), return_exceptions=True)
+        await cluster.close()
         try:
             await store.close()
         except SpecpipeError:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 from transformers import PreTrainedTokenizerBase
@@ -46,7 +47,10 @@ class SessionView:
 
 class SessionService:
     def __init__(
-        self, store: SessionStore, tokenizer: PreTrainedTokenizerBase, workers: tuple[WorkerClient, ...]
+        self,
+        store: SessionStore,
+        tokenizer: PreTrainedTokenizerBase,
+        workers: Callable[[], Sequence[WorkerClient]],  # the replicas in rotation now
     ) -> None:
         self.store = store
         self.tokenizer = tokenizer
@@ -61,12 +65,14 @@ class SessionService:
 
     async def delete(self, session_id: str) -> bool:
         deleted = await self.store.delete(session_id)
-        # Free the workers' caches too; an unreachable worker's cache ages out of its LRU anyway.
+        # Free the workers' caches too (any replica may hold one); an unreachable worker's cache ages out of
+        # its LRU anyway.
+        workers = list(self.workers())
         results = await asyncio.gather(
-            *(worker.release_session(session_id, timeout_s=5.0) for worker in self.workers),
+            *(worker.release_session(session_id, timeout_s=5.0) for worker in workers),
             return_exceptions=True,
         )
-        for worker, result in zip(self.workers, results, strict=True):
+        for worker, result in zip(workers, results, strict=True):
             if isinstance(result, SpecpipeError):
                 logger.warning(
                     "could not free %s's cache for session %s: %s", worker.role, session_id, result

@@ -21,9 +21,10 @@ from dataclasses import dataclass, field
 from transformers import PreTrainedTokenizerBase
 
 from coordinator.adaptive_k import CostProfile, DraftLengthPolicy
-from coordinator.draft_link import DraftLink
+from coordinator.replicas import ReplicaSet
 from coordinator.request import GenerationChunk, GenerationRequest, Usage
-from coordinator.worker_clients import DraftClient, Proposal, TargetClient
+from coordinator.worker_clients import Proposal, WorkerClient
+from coordinator.worker_links import DraftLink, TargetLink
 from specpipe.errors import DeadlineExceededError, InvalidArgumentError, SpecpipeError
 from specpipe.store.session_store import SessionStats, SessionStore
 from specpipe.text.detokenizer import IncrementalDetokenizer
@@ -60,8 +61,8 @@ class OpenSession:
 class SpeculativeGenerator:
     def __init__(
         self,
-        draft: DraftClient,
-        target: TargetClient,
+        drafts: ReplicaSet,
+        targets: ReplicaSet,
         store: SessionStore,
         tokenizer: PreTrainedTokenizerBase,
         limits: ModelLimits,
@@ -71,8 +72,8 @@ class SpeculativeGenerator:
         costs: CostProfile | None,
         pipelining: bool,
     ) -> None:
-        self.draft = draft
-        self.target = target
+        self.drafts = drafts
+        self.targets = targets
         self.store = store
         self.tokenizer = tokenizer
         self.limits = limits
@@ -192,15 +193,17 @@ class SpeculativeGenerator:
         # the chunk is sent only once its commit succeeded.
         pending: tuple[asyncio.Future[None], GenerationChunk] | None = None
         speculative: asyncio.Future[Proposal] | None = None
-        draft = DraftLink(self.draft, time_remaining())
-        target_stream = self.target.open_stream(time_remaining())
+        draft = DraftLink(self.drafts, sid, time_remaining())
+        target = TargetLink(self.targets, sid, time_remaining())
+        timeout = lambda: self._timeout(time_remaining)  # noqa: E731 - evaluated per worker call
         completed = False
         try:
+            await target.connect()  # no target in rotation: UNAVAILABLE before any work
             while not finish_reason:
                 history = session.history
                 remaining = request.max_new_tokens - len(generated)
                 k = self.draft_length(policy.next_k(), remaining, len(history))
-                if k > 0 and not draft.available():
+                if k > 0 and not await draft.available():
                     k, ready = 0, None
                 proposal = Proposal([], (), 0)
                 if k > 0 and ready is not None:
@@ -208,7 +211,7 @@ class SpeculativeGenerator:
                     proposal = Proposal(ready.token_ids[:k], list(ready.draft_probs)[:k], ready.forward_ns)
                 elif k > 0:
                     drafting = asyncio.ensure_future(
-                        draft.propose(sid, history, k, sampling, self._timeout(time_remaining))
+                        draft.propose(history, k, sampling, timeout, time_remaining)
                     )
                     if pending is not None:
                         yield await flush(pending)
@@ -219,20 +222,16 @@ class SpeculativeGenerator:
                 draft_ids = proposal.token_ids[:k]
                 k = len(draft_ids)
                 verify = asyncio.ensure_future(
-                    target_stream.verify(
-                        sid, history, draft_ids, proposal.draft_probs, sampling, self._timeout(time_remaining)
-                    )
+                    target.verify(history, draft_ids, proposal.draft_probs, sampling, timeout, time_remaining)
                 )
                 # Assume the whole block is accepted: the draft's first token guesses the bonus token, the
                 # next ones are the following block, sized as the policy will size it after that outcome.
                 next_k = self.draft_length(
                     policy.next_k_if_accepted(k), remaining - k - 1, len(history) + k + 1
                 )
-                if next_k > 0 and self.should_pipeline(k, next_k, len(history)) and draft.available():
+                if next_k > 0 and self.should_pipeline(k, next_k, len(history)) and await draft.available():
                     speculative = asyncio.ensure_future(
-                        draft.propose(
-                            sid, [*history, *draft_ids], next_k + 1, sampling, self._timeout(time_remaining)
-                        )
+                        draft.propose([*history, *draft_ids], next_k + 1, sampling, timeout, time_remaining)
                     )
                 if pending is not None:
                     yield await flush(pending)
@@ -297,17 +296,15 @@ class SpeculativeGenerator:
             # A finished request keeps the workers' caches warm for the next turn; a cancelled or failed
             # one frees them at once (the workers release a session whose stream is cancelled).
             await draft.close(completed)
-            if completed:
-                await target_stream.finish()
-            else:
-                target_stream.cancel()
+            await target.close(completed)
+            if not completed:
                 # Explicitly too: the workers cannot always tell a cancelled stream from a finished one.
-                release = asyncio.ensure_future(self.release_worker_caches(sid))
+                release = asyncio.ensure_future(self.release_worker_caches(sid, draft.used | target.used))
                 self._background.add(release)
                 release.add_done_callback(self._background.discard)
 
-    async def release_worker_caches(self, session_id: str) -> None:
-        for worker in (self.draft, self.target):
+    async def release_worker_caches(self, session_id: str, workers: set[WorkerClient]) -> None:
+        for worker in workers:
             try:
                 await worker.release_session(session_id, timeout_s=2.0)
             except SpecpipeError as exc:

@@ -79,6 +79,10 @@ def add_serve_parser(subparsers: argparse._SubParsersAction) -> None:
     serve.add_argument("--max-speculative-tokens", type=int, default=16, help="largest k a request may ask")
     serve.add_argument("--max-new-tokens-limit", type=int, default=4096)
     serve.add_argument("--worker-timeout", type=float, default=30.0, help="seconds per worker RPC")
+    serve.add_argument(
+        "--startup-timeout", type=float, default=300.0,
+        help="coordinator: seconds to wait for a draft and a target in rotation and for the store",
+    )  # fmt: skip
     serve.add_argument("--session-ttl", type=int, default=24 * 3600, help="seconds a session is kept")
     serve.add_argument("--log-dir", default="", help="all: where component logs go (default: a temp dir)")
     serve.add_argument("--log-level", default="INFO")
@@ -156,18 +160,28 @@ def serve_component(args: argparse.Namespace) -> int:
 
             asyncio.run(run_target_worker(config))
         return 0
+    from coordinator.cluster_config import ClusterConfig, ClusterConfigError
     from coordinator.config import CoordinatorConfig
     from coordinator.server import run_coordinator
 
-    missing = [
-        f"--{n}" for n in ("draft-addr", "target-addr", "redis-url") if not getattr(args, n.replace("-", "_"))
-    ]
+    needed = ("redis-url",) if args.cluster_config else ("draft-addr", "target-addr", "redis-url")
+    missing = [f"--{n}" for n in needed if not getattr(args, n.replace("-", "_"))]
     if missing:
-        print(f"specpipe serve coordinator: {', '.join(missing)} required", file=sys.stderr)
+        print(
+            f"specpipe serve coordinator: {', '.join(missing)} required (or --cluster-config for replicas)",
+            file=sys.stderr,
+        )
+        return 2
+    try:
+        if args.cluster_config:
+            cluster = ClusterConfig.load(args.cluster_config)
+        else:
+            cluster = ClusterConfig.single(args.draft_addr, args.target_addr)
+    except (OSError, ClusterConfigError) as exc:
+        print(f"specpipe serve coordinator: --cluster-config: {exc}", file=sys.stderr)
         return 2
     config = CoordinatorConfig(
-        draft_addr=args.draft_addr,
-        target_addr=args.target_addr,
+        cluster=cluster,
         redis_url=args.redis_url,
         host=args.host,
         port=args.port if args.port is not None else 50051,
@@ -177,6 +191,7 @@ def serve_component(args: argparse.Namespace) -> int:
         pipelining=args.pipelining,
         max_new_tokens_limit=args.max_new_tokens_limit,
         worker_timeout_s=args.worker_timeout,
+        startup_timeout_s=args.startup_timeout,
         session_ttl_s=args.session_ttl,
         session_key_prefix=args.session_key_prefix,
         redis_username=args.redis_username,

@@ -1,0 +1,167 @@
+"""A request's links to its draft and target replicas, which may fail and be replaced mid-request.
+
+Each link holds one bidirectional stream to the replica routing chose for the session. A stream to a new
+replica starts from the whole history, so the new replica rebuilds the session's KV cache from the committed
+tokens and answers exactly what the failed one would have: the verify and propose results depend only on
+the history, the block and the request's seed, never on which replica computed them.
+
+- Target: a failed verify (UNAVAILABLE, or no answer within the worker timeout while the request still has
+  time) takes the replica out of rotation and repeats the same verify on another replica. Only when no
+  healthy target is left does the request fail with UNAVAILABLE; the client resumes the session later.
+- Draft: a failed propose moves to another draft replica and repeats the same propose there, so the block
+  boundaries (and with them seeded sampled tokens) are unchanged. With no draft replica left, the request
+  goes on with plain target decoding (k = 0) and tries again every `retry_s`; greedy output never depends
+  on the draft.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import time
+from collections.abc import Callable, Sequence
+
+from coordinator.replicas import Replica, ReplicaSet
+from coordinator.worker_clients import (
+    DraftStream,
+    Proposal,
+    TargetStream,
+    Verification,
+    WorkerClient,
+    WorkerStream,
+)
+from specpipe.errors import DeadlineExceededError, UnavailableError
+from specpipe.sampling.params import SamplingParams
+from specpipe.v1 import common_pb2
+
+logger = logging.getLogger(__name__)
+
+# Replicas one call tries before giving up (each failed one leaves rotation, so a retry never repeats one).
+MAX_ATTEMPTS = 3
+
+
+class WorkerLink:
+    def __init__(self, replicas: ReplicaSet, session_id: str, stream_timeout_s: float | None) -> None:
+        self.replicas = replicas
+        self.session_id = session_id
+        self.stream_timeout_s = stream_timeout_s
+        self.replica: Replica | None = None
+        self.stream: WorkerStream | None = None
+        self.used: set[WorkerClient] = set()  # every replica this request touched (to free its caches)
+        self.moves = 0
+        self._lease = contextlib.ExitStack()
+
+    async def connect(self) -> None:
+        """Opens a stream to the session's replica; UnavailableError when none is in rotation."""
+        replica = await self.replicas.pick_or_recheck(self.session_id)
+        self._lease.enter_context(self.replicas.lease(replica))
+        self.replica = replica
+        self.stream = replica.client.open_stream(self.stream_timeout_s)
+        self.used.add(replica.client)
+
+    def disconnect(self, completed: bool) -> None:
+        """Ends the stream: a finished one keeps the replica's cache warm, a failed one frees it."""
+        if self.stream is not None and not completed:
+            self.stream.cancel()
+        self.stream = None
+        self.replica = None
+        self._lease.close()
+        self._lease = contextlib.ExitStack()
+
+    def fail_over(self, exc: Exception) -> None:
+        """Takes the current replica out of rotation and drops its stream."""
+        assert self.replica is not None
+        self.replicas.mark_down(self.replica, exc)
+        self.moves += 1
+        self.disconnect(completed=False)
+
+    async def close(self, completed: bool) -> None:
+        if self.stream is not None and completed:
+            await self.stream.finish()
+        self.disconnect(completed)
+
+
+def replica_failed(exc: Exception, time_remaining: Callable[[], float | None]) -> bool:
+    """Whether an error blames the replica (rather than the request's own deadline)."""
+    if isinstance(exc, UnavailableError):
+        return True
+    remaining = time_remaining()
+    return isinstance(exc, DeadlineExceededError) and (remaining is None or remaining > 0.05)
+
+
+class TargetLink(WorkerLink):
+    async def verify(
+        self,
+        history: Sequence[int],
+        draft_token_ids: Sequence[int],
+        draft_probs: Sequence[common_pb2.TokenDistribution],
+        sampling: SamplingParams,
+        timeout: Callable[[], float],
+        time_remaining: Callable[[], float | None],
+    ) -> Verification:
+        for attempt in range(MAX_ATTEMPTS):
+            if self.stream is None:
+                await self.connect()  # UnavailableError: no healthy target left
+            assert isinstance(self.stream, TargetStream) and self.replica is not None
+            try:
+                return await self.stream.verify(
+                    self.session_id, history, draft_token_ids, draft_probs, sampling, timeout()
+                )
+            except (UnavailableError, DeadlineExceededError) as exc:
+                if not replica_failed(exc, time_remaining) or attempt == MAX_ATTEMPTS - 1:
+                    raise
+                failed = self.replica.address
+                self.fail_over(exc)
+                logger.warning("session %s: target %s failed, verifying on another replica: %s",
+                               self.session_id, failed, exc)  # fmt: skip
+        raise AssertionError("unreachable")
+
+
+class DraftLink(WorkerLink):
+    def __init__(
+        self,
+        replicas: ReplicaSet,
+        session_id: str,
+        stream_timeout_s: float | None,
+        retry_s: float = 1.0,
+    ) -> None:
+        super().__init__(replicas, session_id, stream_timeout_s)
+        self.retry_s = retry_s
+        self.retry_at = 0.0
+        self.failures = 0
+
+    async def available(self) -> bool:
+        if self.stream is None and time.monotonic() >= self.retry_at:
+            try:
+                await self.connect()
+            except UnavailableError:
+                self.retry_at = time.monotonic() + self.retry_s
+        return self.stream is not None
+
+    async def propose(
+        self,
+        history: Sequence[int],
+        k: int,
+        sampling: SamplingParams,
+        timeout: Callable[[], float],
+        time_remaining: Callable[[], float | None],
+    ) -> Proposal | None:
+        """The proposal, or None when no draft replica could make it (the caller decodes without it)."""
+        for _ in range(MAX_ATTEMPTS):
+            if not await self.available():
+                return None
+            assert isinstance(self.stream, DraftStream) and self.replica is not None
+            try:
+                return await self.stream.propose(self.session_id, history, k, sampling, timeout())
+            except (UnavailableError, DeadlineExceededError) as exc:
+                if not replica_failed(exc, time_remaining):
+                    # The request's own deadline: the replica is fine, but this stream's state is unknown.
+                    self.disconnect(completed=False)
+                    self.retry_at = time.monotonic() + self.retry_s
+                    return None
+                self.failures += 1
+                logger.warning("session %s: draft %s failed: %s", self.session_id, self.replica.address, exc)
+                self.fail_over(exc)
+        logger.warning("session %s: no draft replica answered, continuing with plain target decoding",
+                       self.session_id)  # fmt: skip
+        return None
