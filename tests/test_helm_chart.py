@@ -870,3 +870,11 @@ def test_values_examples_in_the_deploy_guide_render_and_validate() -> None:
             kubernetes_validate.validate(manifest(doc), KUBE_VERSION, strict=True)
     two_pools = next(v for v in examples if "target" in v)
     assert [p["name"] for p in two_pools["target"]["pools"]] == ["h100", "l4"]
+
+
+def test_coordinator_waits_for_workers_as_long_as_its_startup_probe_allows() -> None:
+    docs = rendered("default")
+    deployment = one(docs, "Deployment", f"{FULLNAME}-coordinator")
+    c = container(deployment, "coordinator")
+    probe = c["startupProbe"]
+    assert args_of(c)["--startup-timeout"] == str(probe["periodSeconds"] * probe["failureThreshold"])
