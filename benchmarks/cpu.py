@@ -1,16 +1,24 @@
 """Background load during a timed section: CPU used by processes outside the benchmark, and steal time.
 
 A shared machine makes timings drift; these numbers say whether a row was measured on a quiet machine.
-`other_cores` is the machine's busy CPU time minus what the benchmark's own process tree used, over the wall
-time (in cores); `steal_cores` is CPU time the hypervisor gave to other guests (Linux /proc/stat "steal").
+`timed` runs one request and adds to its VariantRun the machine's busy CPU time minus what the benchmark's own
+process tree (itself and the services it started) used, and the CPU time the hypervisor gave to other guests
+(Linux /proc/stat "steal"); `VariantRun.background_cores` divides both by the wall time they were taken over.
+The samples (a walk over /proc, a few ms) are taken outside the timed call.
 """
 
 from __future__ import annotations
 
 import os
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TypeVar
+
+from benchmarks.results import VariantRun
+
+T = TypeVar("T")
 
 TICK_S = 1.0 / os.sysconf("SC_CLK_TCK")
 
@@ -63,10 +71,14 @@ def sample() -> CpuSample | None:
     return CpuSample(time.perf_counter(), busy, steal * TICK_S, _tree_cpu_s(os.getpid()))
 
 
-def background(start: CpuSample | None, end: CpuSample | None) -> dict[str, float]:
-    """{"other_cores": ..., "steal_cores": ...} between two samples (empty without /proc)."""
-    if start is None or end is None or end.wall <= start.wall:
-        return {}
-    wall = end.wall - start.wall
-    other = (end.busy_s - start.busy_s) - (end.mine_s - start.mine_s)
-    return {"other_cores": max(other, 0.0) / wall, "steal_cores": (end.steal_s - start.steal_s) / wall}
+def timed(run: VariantRun, call: Callable[[], T]) -> T:
+    """Runs `call`, adding its wall time to `run.wall_s` and the background load around it to `run`."""
+    before = sample()
+    started = time.perf_counter()
+    result = call()
+    run.wall_s += time.perf_counter() - started
+    after = sample()
+    if before is not None and after is not None:
+        other = (after.busy_s - before.busy_s) - (after.mine_s - before.mine_s)
+        run.add_background(max(other, 0.0), after.steal_s - before.steal_s, after.wall - before.wall)
+    return result

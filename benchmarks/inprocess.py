@@ -154,45 +154,54 @@ VARIANT_KINDS = {
 }
 
 
-def run_inprocess(
-    variant: str, pair: ModelPair, prompts: Sequence[Prompt], mode: Mode, max_new: int, threads: int
-) -> VariantRun:
-    """Warms up on a short request, then times every prompt; forwards are counted and timed by hooks."""
-    if variant.startswith("plain"):
-        when = ", measured again after the services" if variant.endswith("-end") else ""
-        run = VariantRun(variant, mode.name, "plain", f"target alone, KV cache, {threads} thread(s){when}")
-        kind = ""
-    else:
-        kind, description = VARIANT_KINDS[variant]
-        run = VariantRun(variant, mode.name, "hf", description)
-    run.threads = threads
+class InProcessVariant:
+    """One in-process variant, run prompt by prompt; forwards are counted and timed by hooks per call."""
 
-    def decode(i: int, n: int) -> list[int]:
-        if not kind:
-            return plain_decode(pair.target, prompts[i].token_ids, n, sampling_params(mode, i), pair.eos_ids)
-        return hf_decode(pair, prompts[i].token_ids, n, kind, mode, mode.seed(i))
+    def __init__(self, variant: str, pair: ModelPair, prompts: Sequence[Prompt], max_new: int) -> None:
+        self.variant = variant
+        self.pair = pair
+        self.prompts = prompts
+        self.max_new = max_new
+        self.threads = 2 if variant == "plain-2t" else 1
+        if variant.startswith("plain"):
+            self.family, self.kind = "plain", ""
+            self.description = f"target alone, KV cache, {self.threads} thread(s)"
+        else:
+            self.family = "hf"
+            self.kind, self.description = VARIANT_KINDS[variant]
 
-    with torch_threads(threads):
+    def new_run(self, mode: Mode) -> VariantRun:
+        return VariantRun(self.variant, mode.name, self.family, self.description, threads=self.threads)
+
+    def _decode(self, i: int, n: int, mode: Mode) -> list[int]:
+        prompt = self.prompts[i].token_ids
+        with torch_threads(self.threads):
+            if not self.kind:
+                return plain_decode(self.pair.target, prompt, n, sampling_params(mode, i), self.pair.eos_ids)
+            return hf_decode(self.pair, prompt, n, self.kind, mode, mode.seed(i))
+
+    def warmup(self, mode: Mode) -> str:
+        """One short request; returns the error of an unsupported combination ("" when it works)."""
         try:
-            decode(0, WARMUP_TOKENS)
+            self._decode(0, WARMUP_TOKENS, mode)
         except Exception as exc:  # noqa: BLE001 - an unsupported combination is reported, not fatal
-            run.error = f"failed: {type(exc).__name__}: {exc}"
-            return run
-        before = cpu.sample()
-        with metered(pair.target, pair.draft) as (target_meter, draft_meter):
-            for i in range(len(prompts)):
-                started = time.perf_counter()
-                run.outputs.append(decode(i, max_new))
-                run.wall_s += time.perf_counter() - started
-        run.background = cpu.background(before, cpu.sample())
-    run.target_passes = target_meter.calls
-    run.target_forward_s = target_meter.seconds
-    run.draft_forward_s = draft_meter.seconds
-    if variant == "hf-assisted":
-        # The assistant generates one candidate token per forward call.
-        run.drafted = draft_meter.calls
-        run.accepted = run.tokens - run.target_passes
-    return run
+            return f"failed: {type(exc).__name__}: {exc}"
+        return ""
+
+    def run_prompt(self, i: int, mode: Mode, run: VariantRun) -> None:
+        with metered(self.pair.target, self.pair.draft) as (target_meter, draft_meter):
+            out = cpu.timed(run, lambda: self._decode(i, self.max_new, mode))
+        run.outputs.append(out)
+        run.target_passes += target_meter.calls
+        run.target_forward_s += target_meter.seconds
+        run.draft_forward_s += draft_meter.seconds
+        if self.variant == "hf-assisted":
+            # The assistant generates one candidate token per forward call.
+            run.drafted = (run.drafted or 0) + draft_meter.calls
+            run.accepted = (run.accepted or 0) + len(out) - target_meter.calls
+
+    def close(self) -> None:
+        pass
 
 
 @dataclass(frozen=True, slots=True)

@@ -9,6 +9,10 @@ prompt). Variants:
 - ``specpipe-*``: the real services (Redis-protocol store, draft and target workers, one coordinator per
   configuration) over loopback: k = 0, fixed k with and without pipelining, adaptive k.
 
+Every variant runs prompt by prompt, interleaved with the others in a rotating order (`Interleaved`), so that
+drift of the machine's speed during the run hits all of them alike. A few pilot prompts decide which fixed k
+also runs pipelined and whether ``plain-2t`` is worth measuring on the remaining prompts.
+
 Run ``specpipe bench latency --help``; definitions of every column: docs/benchmarks.md.
 """
 
@@ -26,6 +30,7 @@ import sys
 import tempfile
 import time
 from collections.abc import Sequence
+from contextlib import ExitStack
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -38,8 +43,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 REPO = Path(__file__).resolve().parent.parent
 SHIPPED_PAIR = REPO / "specpipe" / "assets" / "demo-pair"
 IN_PROCESS = ("plain-1t", "plain-2t", "hf-generate", "hf-assisted", "hf-prompt-lookup")
-# plain-1t again once the services have stopped: the baseline is the faster of the plain measurements.
-IN_PROCESS_END = ("plain-1t-end",)
+PLAIN_2T_KEEP = 0.95  # plain-2t goes on after the pilot only within 5% of plain-1t's tokens/s
 
 logger = logging.getLogger("benchmarks.latency")
 
@@ -52,12 +56,12 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     )
     p.add_argument("--target-model", type=Path, help="default: the shipped demo pair, else the tiny pair")
     p.add_argument("--draft-model", type=Path)
-    p.add_argument("--num-prompts", type=int, default=16)
+    p.add_argument("--num-prompts", type=int, default=12)
     p.add_argument("--max-new-tokens", type=int, default=128)
     p.add_argument(
         "--variants",
         default="",
-        help="comma-separated subset (plain-1t always runs); names: see --list-variants",
+        help="comma-separated subset, run exactly (plain-1t always runs); names: see --list-variants",
     )
     p.add_argument("--list-variants", action="store_true", help="print the variant names and exit")
     p.add_argument("--modes", default="greedy,sample", help="greedy, sample or both")
@@ -66,14 +70,18 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     p.add_argument("--fixed-k", default="2,4,6", help="the fixed draft lengths to run")
     p.add_argument(
         "--pipelined-k", choices=("best", "all"), default="best",
-        help="fixed k run with pipelining: the best non-pipelined one, or all",
+        help="default variant set: pipelining for the best non-pipelined fixed k only, or for all",
     )  # fmt: skip
     p.add_argument(
-        "--all-baseline-modes", action="store_true",
-        help="run plain-2t in every mode (default: later modes only if within 5%% of plain-1t in the first)",
+        "--pilot-prompts", type=int, default=4,
+        help="default variant set: prompts run before the pipelined fixed k and plain-2t are decided",
+    )  # fmt: skip
+    p.add_argument(
+        "--all-baselines", action="store_true",
+        help="default variant set: measure plain-2t on every prompt even if it was slower on the pilot",
     )  # fmt: skip
     p.add_argument("--max-speculative-tokens", type=int, default=16, help="coordinators' bound on k")
-    p.add_argument("--cost-runs", type=int, default=40, help="timed forwards per cost measurement")
+    p.add_argument("--cost-runs", type=int, default=30, help="timed forwards per cost measurement")
     p.add_argument(
         "--cost-context",
         type=int,
@@ -81,13 +89,16 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         help="cached tokens for the cost measurement (0: mean prompt length + max_new_tokens/2)",
     )
     p.add_argument("--out-dir", type=Path, help="default: a new directory under /tmp/specpipe-bench/")
-    p.add_argument("--quick", action="store_true", help="tiny settings for smoke tests: 2 prompts, 8 tokens")
+    p.add_argument(
+        "--quick", action="store_true", help="tiny settings for smoke tests: 2 prompts (1 pilot), 8 tokens"
+    )
     p.add_argument("--log-level", default="WARNING")
     args = p.parse_args(argv)
     if args.quick:
         args.num_prompts = min(args.num_prompts, 2)
         args.max_new_tokens = min(args.max_new_tokens, 8)
         args.cost_runs = min(args.cost_runs, 5)
+        args.pilot_prompts = min(args.pilot_prompts, 1)
     return args
 
 
@@ -104,7 +115,7 @@ def model_dirs(args: argparse.Namespace) -> tuple[Path, Path]:
 
 
 def all_variants(fixed_ks: Sequence[int]) -> list[str]:
-    return [*IN_PROCESS, *services.spec_configs(fixed_ks), *IN_PROCESS_END]
+    return [*IN_PROCESS, *services.spec_configs(fixed_ks)]
 
 
 def chosen_variants(args: argparse.Namespace, fixed_ks: Sequence[int]) -> list[str]:
@@ -140,8 +151,15 @@ def machine() -> dict[str, object]:
     }
 
 
+STARTED = time.perf_counter()  # reset by main(); progress lines carry the time since
+
+
+def elapsed_s() -> float:
+    return time.perf_counter() - STARTED
+
+
 def progress(message: str) -> None:
-    print(message, file=sys.stderr, flush=True)
+    print(f"[{elapsed_s():6.1f}s] {message}", file=sys.stderr, flush=True)
 
 
 @dataclass
@@ -189,74 +207,183 @@ def rate(run: VariantRun) -> float:
     return run.tokens / run.wall_s if run.wall_s else 0.0
 
 
-def skip_reason(variant: str, mode: Mode, runs: Sequence[VariantRun], args: argparse.Namespace) -> str:
-    """plain-2t runs in the later modes only if it was within 5% of plain-1t in the first one (the thread
-    count changes the forward cost, not the decoding), unless --all-baseline-modes."""
-    if variant != "plain-2t" or args.all_baseline_modes:
-        return ""
-    earlier = {r.variant: r for r in runs if r.variant in ("plain-1t", "plain-2t") and r.mode != mode.name}
-    one, two = earlier.get("plain-1t"), earlier.get("plain-2t")
-    if one is None or two is None or rate(two) >= 0.95 * rate(one):
-        return ""
-    return f"skipped: {rate(two) / rate(one):.0%} of plain-1t's tokens/s in {one.mode}"
+Runner = inprocess.InProcessVariant | services.SpecpipeVariant
 
 
-def inprocess_phase(st: Setup, names: Sequence[str], runs: list[VariantRun]) -> None:
-    for variant in (v for v in st.variants if v in names):
-        for mode in st.modes:
-            threads = 2 if variant == "plain-2t" else 1
-            reason = skip_reason(variant, mode, runs, st.args)
-            if reason:
-                run = VariantRun(
-                    variant, mode.name, "plain", "target alone, KV cache, 2 threads", error=reason
-                )
-            else:
-                run = inprocess.run_inprocess(
-                    variant, st.pair, st.prompts, mode, st.args.max_new_tokens, threads
-                )
-            runs.append(run)
-            progress(f"{variant:<22} {mode.name:<6} " + (run.error or f"{rate(run):8.1f} tok/s"))
+class Interleaved:
+    """Runs every variant prompt by prompt, rotating the variant order, so that drift of the machine's speed
+    during the run (a shared VM drifts by 20% over minutes) hits every variant alike.
+
+    A variant that fails (warm-up or any prompt) gets the error in its run and is skipped from then on; the
+    other variants go on."""
+
+    def __init__(self, modes: Sequence[Mode]) -> None:
+        self.modes = list(modes)
+        self.runners: dict[str, Runner] = {}
+        self.runs: dict[tuple[str, str], VariantRun] = {}
+
+    def add(self, runner: Runner) -> None:
+        """Registers a runner and warms it up in every mode (one short request)."""
+        self.runners[runner.variant] = runner
+        for mode in self.modes:
+            run = runner.new_run(mode)
+            try:
+                run.error = runner.warmup(mode)
+            except Exception as exc:  # noqa: BLE001 - reported in the variant's row, the others go on
+                run.error = f"warm-up failed: {type(exc).__name__}: {exc}"
+            self.runs[(runner.variant, mode.name)] = run
+            if run.error:
+                progress(f"{runner.variant} {mode.name}: {run.error}")
+
+    def fail(self, variant: str, family: str, description: str, error: str) -> None:
+        """Records a variant that could not be started at all."""
+        for mode in self.modes:
+            self.runs[(variant, mode.name)] = VariantRun(variant, mode.name, family, description, error=error)
+        progress(f"{variant}: {error}")
+
+    def stop(self, variant: str, reason: str) -> None:
+        """Takes a variant out of the rest of the run; its rows report `reason` instead of figures."""
+        for mode in self.modes:
+            run = self.runs.get((variant, mode.name))
+            if run is not None and not run.error:
+                run.error = reason
+
+    def run_prompts(self, indices: Sequence[int], only: Sequence[str] | None = None) -> None:
+        names = [n for n in self.runners if only is None or n in only]
+        for i in indices:
+            shift = i % max(1, len(names))
+            for mode in self.modes:
+                for name in names[shift:] + names[:shift]:
+                    run = self.runs[(name, mode.name)]
+                    if run.error:
+                        continue
+                    try:
+                        self.runners[name].run_prompt(i, mode, run)
+                    except Exception as exc:  # noqa: BLE001 - reported in the variant's row
+                        run.error = f"failed at prompt {i + 1}: {type(exc).__name__}: {exc}"
+                        progress(f"{name} {mode.name}: {run.error}")
+            progress(f"prompt {i + 1} done ({len(names)} variants x {len(self.modes)} modes)")
+
+    def rate_of(self, variant: str, mode: str) -> float | None:
+        run = self.runs.get((variant, mode))
+        return None if run is None or run.error or not run.wall_s else rate(run)
+
+    def ordered_runs(self, order: Sequence[str]) -> list[VariantRun]:
+        rank = {name: i for i, name in enumerate(order)}
+        mode_rank = {mode.name: i for i, mode in enumerate(self.modes)}
+        keys = sorted(self.runs, key=lambda key: (rank.get(key[0], len(rank)), mode_rank.get(key[1], 0)))
+        return [self.runs[key] for key in keys]
 
 
-def best_fixed_k(runs: Sequence[VariantRun], configs: dict[str, services.SpecConfig]) -> int | None:
-    """The fixed k whose non-pipelined run was fastest in the first mode measured."""
-    fixed = [r for r in runs if r.variant in configs and not configs[r.variant].pipelining]
-    fixed = [r for r in fixed if not configs[r.variant].adaptive and configs[r.variant].request_k is None]
+def best_fixed_k(bench: Interleaved, configs: dict[str, services.SpecConfig], mode: str) -> int | None:
+    """The fixed k whose non-pipelined variant has been fastest so far in `mode`."""
+    fixed = [
+        run for (name, run_mode), run in bench.runs.items()
+        if run_mode == mode and name in configs and not run.error and run.wall_s
+        and not configs[name].pipelining and not configs[name].adaptive and configs[name].request_k is None
+    ]  # fmt: skip
     if not fixed:
         return None
-    first_mode = fixed[0].mode
-    return configs[max((r for r in fixed if r.mode == first_mode), key=rate).variant].k
+    return configs[max(fixed, key=rate).variant].k
 
 
-def services_phase(st: Setup, out_dir: Path, runs: list[VariantRun]) -> tuple[dict, dict]:
-    """Runs every specpipe variant against one pair of workers; returns (round-trip probes, cost profiles)."""
-    from specpipe.client import CoordinatorClient
+def pipelined_later(st: Setup, configs: dict[str, services.SpecConfig]) -> list[str]:
+    """Fixed-k pipelined variants whose k is chosen after the pilot prompts (default variant set only)."""
+    if st.args.variants or st.args.pipelined_k == "all":
+        return []
+    return [v for v in st.variants if v in configs and configs[v].pipelining and not configs[v].adaptive]
 
+
+def plain_2t_on_pilot(st: Setup) -> bool:
+    """Whether plain-2t runs on the pilot prompts only unless it keeps up with plain-1t there."""
+    return not (st.args.variants or st.args.all_baselines) and "plain-2t" in st.variants
+
+
+def decide_plain_2t(bench: Interleaved, mode: str, remaining: int) -> dict[str, object]:
+    """After the pilot: plain-2t goes on only within 5% of plain-1t (the thread count changes the forward
+    cost, not the decoding, so a clearly slower plain-2t cannot become the baseline)."""
+    one, two = bench.rate_of("plain-1t", mode), bench.rate_of("plain-2t", mode)
+    if one is None or two is None:
+        return {}
+    ratio = two / one
+    kept = ratio >= PLAIN_2T_KEEP or remaining == 0
+    if not kept:
+        bench.stop("plain-2t", f"stopped after the pilot: {ratio:.0%} of plain-1t's tokens/s ({mode})")
+    return {"plain_2t_vs_plain_1t": round(ratio, 3), "plain_2t_kept": kept}
+
+
+def start_services(st: Setup, out_dir: Path, stack: ExitStack) -> services.Services | None:
+    """The store and both workers, when any specpipe variant is to run."""
+    if not any(v in services.spec_configs(st.fixed_ks) for v in st.variants):
+        return None
+    logs = out_dir / "logs"
+    return stack.enter_context(
+        services.Services(st.target_dir, st.draft_dir, logs, st.args.max_speculative_tokens)
+    )
+
+
+def add_specpipe(bench: Interleaved, svc: services.Services, config: services.SpecConfig, st: Setup) -> None:
+    """Starts the coordinator of `config` and registers it; one that fails to start is reported, not fatal."""
+    try:
+        runner = svc.start_variant(config, st.prompts, st.args.max_new_tokens)
+    except Exception as exc:  # noqa: BLE001
+        error = f"start failed: {type(exc).__name__}: {exc}"
+        bench.fail(config.variant, "specpipe", config.describe(), error)
+        return
+    bench.add(runner)
+
+
+def run_variants(st: Setup, out_dir: Path) -> tuple[list[VariantRun], dict, dict, dict]:
+    """Every variant, interleaved; returns (runs, round-trip probes, coordinator cost profiles, pilot)."""
     configs = services.spec_configs(st.fixed_ks)
-    wanted = [configs[v] for v in st.variants if v in configs]
-    if not wanted:
-        return {}, {}
-    profiles: dict[str, dict[str, float]] = {}
-    with services.Services(
-        st.target_dir, st.draft_dir, out_dir / "logs", st.args.max_speculative_tokens
-    ) as svc:
-        vocab = int(st.pair.target.get_output_embeddings().weight.shape[0])
-        repeats = 20 if st.args.quick else 100
-        round_trips = probes.probe_round_trips(svc, st.prompts[0].token_ids, vocab, repeats)
-        for config in wanted:
-            if config.pipelining and not config.adaptive and st.args.pipelined_k == "best":
-                best = best_fixed_k(runs, configs)
-                if best is not None and config.k != best:
-                    continue
-            with svc.coordinator(config) as coordinator, CoordinatorClient(coordinator.address) as client:
-                for mode in st.modes:
-                    run = services.run_specpipe(client, config, st.prompts, mode, st.args.max_new_tokens)
-                    runs.append(run)
-                    progress(f"{config.variant:<22} {mode.name:<6} {rate(run):8.1f} tok/s")
-                profile = services.cost_profile(coordinator.log_path)
-                if profile is not None:
-                    profiles[config.variant] = profile
-    return round_trips, profiles
+    later = pipelined_later(st, configs)
+    decide_2t = plain_2t_on_pilot(st)
+    bench = Interleaved(st.modes)
+    round_trips: dict[str, float] = {}
+    pilot_record: dict[str, object] = {}
+    with ExitStack() as stack:
+        svc = start_services(st, out_dir, stack)
+        if svc is not None:
+            progress("services serving; round-trip probes")
+            vocab = int(st.pair.target.get_output_embeddings().weight.shape[0])
+            repeats = 20 if st.args.quick else 50
+            round_trips = probes.probe_round_trips(svc, st.prompts[0].token_ids, vocab, repeats)
+        for name in st.variants:
+            if name in IN_PROCESS:
+                bench.add(inprocess.InProcessVariant(name, st.pair, st.prompts, st.args.max_new_tokens))
+            elif svc is not None and name in configs and name not in later:
+                add_specpipe(bench, svc, configs[name], st)
+        progress(f"{len(bench.runners)} variants started and warmed up")
+        pilot_size = st.args.pilot_prompts if later or decide_2t else 0
+        pilot = list(range(min(len(st.prompts), max(pilot_size, 0))))
+        bench.run_prompts(pilot)
+        remaining = len(st.prompts) - len(pilot)
+        if later or decide_2t:
+            pilot_record["prompts"] = len(pilot)
+        if decide_2t and pilot:
+            pilot_record.update(decide_plain_2t(bench, st.modes[0].name, remaining))
+        if later:
+            best = best_fixed_k(bench, configs, st.modes[0].name)
+            chosen = [v for v in later if best is None or configs[v].k == best]
+            pilot_record.update(best_fixed_k=best, pipelined=chosen)
+            if svc is not None and chosen:
+                for name in chosen:
+                    add_specpipe(bench, svc, configs[name], st)
+                progress(f"pipelining: {', '.join(chosen)}" + ("; catching up the pilot" if pilot else ""))
+                bench.run_prompts(pilot, only=chosen)
+        if pilot_record:
+            progress(f"after the pilot: {pilot_record}")
+        bench.run_prompts(range(len(pilot), len(st.prompts)))
+        profiles = {
+            name: profile
+            for name, runner in bench.runners.items()
+            if isinstance(runner, services.SpecpipeVariant)
+            and (profile := services.cost_profile(runner.coordinator.log_path)) is not None
+        }
+    runs = bench.ordered_runs(st.variants)
+    for run in runs:
+        progress(f"{run.variant:<22} {run.mode:<6} " + (run.error or f"{rate(run):8.1f} tok/s"))
+    return runs, round_trips, profiles, pilot_record
 
 
 def run_all(args: argparse.Namespace, out_dir: Path) -> dict[str, object]:
@@ -274,10 +401,7 @@ def run_all(args: argparse.Namespace, out_dir: Path) -> dict[str, object]:
         f"costs at {context} cached tokens: target {costs.target_ms:.3f} ms, draft {costs.draft_ms:.3f} ms "
         f"(c = {costs.c:.3f}), v_4 = {costs.v(4):.2f}"
     )
-    runs: list[VariantRun] = []
-    inprocess_phase(st, IN_PROCESS, runs)
-    round_trips, profiles = services_phase(st, out_dir, runs)
-    inprocess_phase(st, IN_PROCESS_END, runs)
+    runs, round_trips, profiles, pilot = run_variants(st, out_dir)
     rows = [report.metrics(run, runs, costs) for run in runs]
     baselines = {m.name: (b.variant if (b := report.best_baseline(runs, m.name)) else None) for m in st.modes}
     return {
@@ -297,6 +421,8 @@ def run_all(args: argparse.Namespace, out_dir: Path) -> dict[str, object]:
             "prompts": [{"source": p.source, "tokens": len(p.token_ids)} for p in st.prompts],
             "fixed_k": st.fixed_ks,
             "pipelined_k": args.pipelined_k,
+            "method": "interleaved: prompt by prompt, every variant and mode per prompt, rotating order",
+            "pilot": pilot,
             "max_speculative_tokens": args.max_speculative_tokens,
             "baseline": baselines,
             "load_average_before": [round(x, 2) for x in load_before],
@@ -338,11 +464,24 @@ def summary(payload: dict[str, object]) -> str:
         f"{costs['target_ms']:.3f} ms, draft {costs['draft_ms']:.3f} ms, c = {costs['c']:.3f}, "
         f"v_k (k=0..6) = {', '.join(f'{v:.2f}' for v in costs['v_k'][:7])}",
     ]
+    pilot = dict(meta.get("pilot") or {})
+    method = "variants interleaved prompt by prompt (rotating order)"
+    if pilot:
+        chosen = []
+        if "best_fixed_k" in pilot:
+            names = ", ".join(pilot["pipelined"]) or "none"
+            best = pilot["best_fixed_k"]
+            chosen.append(f"pipelining for {'every fixed k' if best is None else f'k = {best}'} ({names})")
+        if "plain_2t_vs_plain_1t" in pilot:
+            verdict = "kept" if pilot["plain_2t_kept"] else "stopped"
+            chosen.append(f"plain-2t at {pilot['plain_2t_vs_plain_1t']:.0%} of plain-1t: {verdict}")
+        method += f"; after {pilot['prompts']} pilot prompt(s): {'; '.join(chosen) or 'nothing to decide'}"
+    parts.append(f"{method}; measured in {meta['wall_time_s']:.0f} s")
     if payload.get("round_trip_probes"):
         parts.append(f"loopback round trips: {payload['round_trip_probes']}")
     profiles = list(dict(payload.get("coordinator_cost_profiles") or {}).values())
     if profiles:
-        medians = {key: statistics.median(p[key] for p in profiles) for key in profiles[0]}
+        medians = {key: round(statistics.median(p[key] for p in profiles), 3) for key in profiles[0]}
         parts.append(f"coordinators' start-up cost profiles (median of {len(profiles)}): {medians}")
     for mode, baseline in meta["baseline"].items():
         parts.append("")
@@ -368,6 +507,8 @@ def default_out_dir() -> Path:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    global STARTED
+    STARTED = time.perf_counter()
     argv = list(sys.argv[1:] if argv is None else argv)
     args = parse_args(argv)
     logging.basicConfig(level=getattr(logging, args.log_level.upper()), stream=sys.stderr)
@@ -380,11 +521,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     out_dir = args.out_dir or default_out_dir()
     out_dir.mkdir(parents=True, exist_ok=True)
     payload = run_all(args, out_dir)
-    payload["meta"]["command"] = " ".join(["specpipe", "bench", "latency", *argv])  # type: ignore[index]
+    meta: dict = payload["meta"]  # type: ignore[assignment]
+    meta["command"] = " ".join(["specpipe", "bench", "latency", *argv])
+    meta["total_wall_time_s"] = round(elapsed_s(), 1)  # everything but writing the files
     text = summary(payload)
     print(text, flush=True)
     report.write_json(out_dir / "latency.json", payload)
-    meta: dict = payload["meta"]  # type: ignore[assignment]
     report.write_chart(
         out_dir / "latency.png",
         payload["results"],
@@ -394,6 +536,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     (out_dir / "latency.txt").write_text(text + "\n", encoding="utf-8")
     print(f"results: {out_dir / 'latency.json'}, {out_dir / 'latency.png'}", flush=True)
+    total = elapsed_s()
+    print(f"total wall time: {total:.0f} s ({total / 60:.1f} min)", flush=True)
     return 0
 
 

@@ -10,7 +10,7 @@ from pathlib import Path
 from benchmarks.inprocess import Costs
 from benchmarks.results import VariantRun
 
-BASELINE_VARIANTS = ("plain-1t", "plain-2t", "plain-1t-end")
+BASELINE_VARIANTS = ("plain-1t", "plain-2t")
 HF_ASSISTED = "hf-assisted"
 TARGETS = {"speedup_vs_plain": 1.6, "overhead_ms": 1.0, "efficiency": 0.85}
 
@@ -106,8 +106,8 @@ def metrics(run: VariantRun, runs: Sequence[VariantRun], costs: Costs) -> dict[s
         target_forward_inflation=run.target_forward_s * 1000.0 / passes / (costs.v(mean_k) * costs.target_ms),
         analytical_speedup=analytical,
         efficiency=_ratio(speedup, analytical),
-        background_other_cores=run.background.get("other_cores"),
-        background_steal_cores=run.background.get("steal_cores"),
+        background_other_cores=None if (bg := run.background_cores()) is None else bg[0],
+        background_steal_cores=None if bg is None else bg[1],
     )
     ref = reference(runs, run.mode)
     if ref is not None and len(ref.outputs) == len(run.outputs):

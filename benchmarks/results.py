@@ -41,8 +41,26 @@ class VariantRun:
     draft_forward_s: float = 0.0
     threads: int = 1
     error: str = ""
-    background: dict[str, float] = field(default_factory=dict)  # benchmarks.cpu.background over the timing
+    # Background load accumulated over the timed calls (benchmarks.cpu): other processes' CPU seconds,
+    # hypervisor steal seconds, and the wall seconds they were measured over.
+    background_other_s: float = 0.0
+    background_steal_s: float = 0.0
+    background_wall_s: float = 0.0
 
     @property
     def tokens(self) -> int:
         return sum(len(o) for o in self.outputs)
+
+    def add_background(self, other_s: float, steal_s: float, wall_s: float) -> None:
+        self.background_other_s += other_s
+        self.background_steal_s += steal_s
+        self.background_wall_s += wall_s
+
+    def background_cores(self) -> tuple[float, float] | None:
+        """(other processes, steal) in cores on average over the timed calls; None if not measured."""
+        if self.background_wall_s <= 0:
+            return None
+        return (
+            self.background_other_s / self.background_wall_s,
+            self.background_steal_s / self.background_wall_s,
+        )

@@ -5,9 +5,9 @@ from __future__ import annotations
 
 import os
 import re
-import time
-from collections.abc import Iterator, Sequence
-from contextlib import ExitStack, contextmanager
+from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import ExitStack
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -17,6 +17,7 @@ from benchmarks.results import Mode, VariantRun
 from specpipe.client import CoordinatorClient, build_request
 from specpipe.launcher import ServiceProcess, free_port, worker_args
 from specpipe.store.redis_server import RedisServerProcess
+from specpipe.v1 import coordinator_pb2
 
 REPO = Path(__file__).resolve().parent.parent
 STARTUP_TIMEOUT_S = 300.0
@@ -90,6 +91,8 @@ class Services:
         self.redis = RedisServerProcess(data_dir=str(log_dir / "redis"))
         self.draft = self._worker("draft", draft_dir, threads)
         self.target = self._worker("target", target_dir, threads)
+        self.coordinators: list[ServiceProcess] = []
+        self.variants: list[SpecpipeVariant] = []
 
     def _worker(self, role: str, model: Path, threads: int) -> ServiceProcess:
         port = free_port()
@@ -102,20 +105,27 @@ class Services:
 
     def __enter__(self) -> Services:
         self.log_dir.mkdir(parents=True, exist_ok=True)
-        self.redis.start()
+        # Stopped in reverse: clients, coordinators (all at once), workers (both at once), the store.
         self.stack.callback(self.redis.stop)
-        for worker in (self.draft, self.target):
-            worker.start(child_env())
-            self.stack.callback(worker.stop)
-        for worker in (self.draft, self.target):
-            worker.wait_serving(STARTUP_TIMEOUT_S)
+        self.stack.callback(stop_all, [self.draft, self.target])
+        self.stack.callback(stop_all, self.coordinators)
+        self.stack.callback(lambda: [variant.close() for variant in self.variants])
+        try:
+            self.redis.start()
+            for worker in (self.draft, self.target):
+                worker.start(child_env())
+            for worker in (self.draft, self.target):
+                worker.wait_serving(STARTUP_TIMEOUT_S)
+        except BaseException:
+            self.stack.close()
+            raise
         return self
 
     def __exit__(self, *exc: object) -> None:
         self.stack.close()
 
-    @contextmanager
-    def coordinator(self, config: SpecConfig) -> Iterator[ServiceProcess]:
+    def start_variant(self, config: SpecConfig, prompts: Sequence[Prompt], max_new: int) -> SpecpipeVariant:
+        """A coordinator for `config`, SERVING, and a client to it; both stop with the services."""
         port = free_port()
         args = [
             "--port", str(port), "--draft-addr", self.draft.address, "--target-addr", self.target.address,
@@ -123,12 +133,23 @@ class Services:
         ]  # fmt: skip
         log = self.log_dir / f"coordinator-{config.variant}.log"
         process = ServiceProcess("coordinator", f"127.0.0.1:{port}", args, log)
+        self.coordinators.append(process)
         process.start(child_env())
         try:
             process.wait_serving(STARTUP_TIMEOUT_S)
-            yield process
-        finally:
-            process.stop()
+        except BaseException:
+            process.stop()  # now: a coordinator stuck starting must not load the machine during the run
+            raise
+        variant = SpecpipeVariant(config, process, prompts, max_new)
+        self.variants.append(variant)
+        return variant
+
+
+def stop_all(processes: Sequence[ServiceProcess]) -> None:
+    """Stops the processes concurrently (each takes about a second to drain and exit)."""
+    if processes:
+        with ThreadPoolExecutor(len(processes)) as pool:
+            list(pool.map(lambda process: process.stop(), processes))
 
 
 def cost_profile(log_path: Path) -> dict[str, float] | None:
@@ -143,40 +164,47 @@ def cost_profile(log_path: Path) -> dict[str, float] | None:
     return {key: float(value) for key, value in zip(keys, match.groups(), strict=True)}
 
 
-def run_specpipe(
-    client: CoordinatorClient, config: SpecConfig, prompts: Sequence[Prompt], mode: Mode, max_new: int
-) -> VariantRun:
-    """One short warm-up request, then every prompt, timed from the call to the last chunk."""
-    run = VariantRun(config.variant, mode.name, "specpipe", config.describe())
-    run.drafted = run.accepted = 0
-    target_ns = draft_ns = 0
+class SpecpipeVariant:
+    """One specpipe configuration: its own coordinator process and client, run prompt by prompt."""
 
-    def request(i: int, n: int):  # -> coordinator_pb2.GenerateRequest
+    def __init__(
+        self, config: SpecConfig, coordinator: ServiceProcess, prompts: Sequence[Prompt], max_new: int
+    ) -> None:
+        self.variant = config.variant
+        self.config = config
+        self.coordinator = coordinator
+        self.prompts = prompts
+        self.max_new = max_new
+        self.client = CoordinatorClient(coordinator.address)
+
+    def new_run(self, mode: Mode) -> VariantRun:
+        run = VariantRun(self.variant, mode.name, "specpipe", self.config.describe())
+        run.drafted = run.accepted = 0
+        return run
+
+    def _request(self, i: int, n: int, mode: Mode) -> coordinator_pb2.GenerateRequest:
         return build_request(
-            list(prompts[i].token_ids),
-            n,
-            temperature=mode.temperature,
-            seed=mode.seed(i),
-            num_speculative_tokens=config.request_k,
-        )
+            list(self.prompts[i].token_ids), n, temperature=mode.temperature, seed=mode.seed(i),
+            num_speculative_tokens=self.config.request_k,
+        )  # fmt: skip
 
-    client.generate(request(0, WARMUP_TOKENS), REQUEST_TIMEOUT_S)
-    before = cpu.sample()
-    for i in range(len(prompts)):
-        req = request(i, max_new)
-        started = time.perf_counter()
-        result = client.generate(req, REQUEST_TIMEOUT_S)
-        run.wall_s += time.perf_counter() - started
-        run.outputs.append(result.token_ids)
+    def warmup(self, mode: Mode) -> str:
+        self.client.generate(self._request(0, WARMUP_TOKENS, mode), REQUEST_TIMEOUT_S)
+        return ""
+
+    def run_prompt(self, i: int, mode: Mode, run: VariantRun) -> None:
+        """One request, timed from the call to the last chunk; its usage comes from the final chunk."""
+        request = self._request(i, self.max_new, mode)
+        result = cpu.timed(run, lambda: self.client.generate(request, REQUEST_TIMEOUT_S))
         usage = result.usage
         if usage is None:
-            raise RuntimeError(f"{config.variant}: the stream ended without usage")
+            raise RuntimeError(f"{self.variant}: the stream ended without usage")
+        run.outputs.append(result.token_ids)
         run.target_passes += usage.target_passes
-        run.drafted += usage.draft_tokens
-        run.accepted += usage.accepted_tokens
-        target_ns += usage.target_forward_ns
-        draft_ns += usage.draft_forward_ns
-    run.background = cpu.background(before, cpu.sample())
-    run.target_forward_s = target_ns / 1e9
-    run.draft_forward_s = draft_ns / 1e9
-    return run
+        run.drafted = (run.drafted or 0) + usage.draft_tokens
+        run.accepted = (run.accepted or 0) + usage.accepted_tokens
+        run.target_forward_s += usage.target_forward_ns / 1e9
+        run.draft_forward_s += usage.draft_forward_ns / 1e9
+
+    def close(self) -> None:
+        self.client.close()

@@ -1,4 +1,5 @@
-"""Smoke test of `specpipe bench latency --quick`: the real services and baselines on a tiny pair."""
+"""Smoke test of `specpipe bench latency --quick` (the real services and baselines on a tiny pair), and the
+interleaving and pilot decisions of benchmarks.latency with fake variants."""
 
 from __future__ import annotations
 
@@ -35,15 +36,17 @@ def test_bench_latency_quick(tmp_path: Path) -> None:
     proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=240)
     assert proc.returncode == 0, proc.stderr[-4000:]
     assert "greedy outputs vs plain-1t: every variant 2/2 identical" in proc.stdout, proc.stdout
+    assert "total wall time:" in proc.stdout, proc.stdout
 
     payload = json.loads((out_dir / "latency.json").read_text(encoding="utf-8"))
     assert {"meta", "costs", "results", "targets", "round_trip_probes"} <= payload.keys()
     assert payload["meta"]["num_prompts"] == 2 and payload["meta"]["max_new_tokens"] == 8
+    assert payload["meta"]["method"].startswith("interleaved") and payload["meta"]["pilot"] == {}
     assert payload["costs"]["target_ms"] > 0 and payload["costs"]["c"] > 0
     rows = {(r["variant"], r["mode"]): r for r in payload["results"]}
     assert set(rows) == {(v, m) for v in VARIANTS for m in ("greedy", "sample")}
     for row in rows.values():
-        assert row["error"] is None
+        assert row["error"] is None, (row["variant"], row["mode"], row["error"])
         assert ROW_KEYS <= row.keys()
         assert 0 < row["tokens"] <= 16  # EOS may end a prompt early
         assert row["tokens_per_s"] > 0
@@ -55,3 +58,74 @@ def test_bench_latency_quick(tmp_path: Path) -> None:
     assert spec["mean_k"] > 0 and 0 <= spec["acceptance_rate"] <= 1 and spec["analytical_speedup"] > 0
     assert rows[("plain-1t", "greedy")]["speedup_vs_plain"] == 1.0
     assert (out_dir / "latency.png").stat().st_size > 0
+
+
+class FakeVariant:
+    """Stands in for InProcessVariant / SpecpipeVariant: logs its calls, `rate` tokens/s, fails on request."""
+
+    def __init__(self, variant: str, log: list, rate: float = 100.0, fail_at: int | None = None) -> None:
+        self.variant, self.log, self.rate, self.fail_at = variant, log, rate, fail_at
+
+    def new_run(self, mode):  # -> VariantRun
+        from benchmarks.results import VariantRun
+
+        return VariantRun(self.variant, mode.name, "plain", "fake")
+
+    def warmup(self, mode) -> str:
+        return ""
+
+    def run_prompt(self, i: int, mode, run) -> None:
+        self.log.append((i, mode.name, self.variant))
+        if i == self.fail_at:
+            raise RuntimeError("boom")
+        run.outputs.append([1] * 10)
+        run.wall_s += 10 / self.rate
+
+    def close(self) -> None:
+        pass
+
+
+def _bench(*variants: FakeVariant):
+    from benchmarks.latency import Interleaved
+    from benchmarks.results import GREEDY, SAMPLE, Mode
+
+    bench = Interleaved([Mode(GREEDY, 0.0), Mode(SAMPLE, 0.8)])
+    for variant in variants:
+        bench.add(variant)
+    return bench
+
+
+def test_interleaved_rotates_and_survives_a_failing_variant() -> None:
+    log: list = []
+    bench = _bench(FakeVariant("a", log), FakeVariant("b", log, fail_at=1), FakeVariant("c", log))
+    bench.run_prompts(range(3))
+    order = log
+    assert order[:6] == [(0, m, n) for m in ("greedy", "sample") for n in "abc"]
+    assert order[6:12] == [(1, m, n) for m in ("greedy", "sample") for n in "bca"]
+    assert order[12:] == [(2, m, n) for m in ("greedy", "sample") for n in "ca"]  # b failed: skipped
+    runs = {(r.variant, r.mode): r for r in bench.ordered_runs(["c", "b", "a"])}
+    assert [r.variant for r in bench.ordered_runs(["c", "b", "a"])] == ["c", "c", "b", "b", "a", "a"]
+    assert runs[("b", "greedy")].error == "failed at prompt 2: RuntimeError: boom"
+    assert len(runs[("a", "sample")].outputs) == 3 and not runs[("a", "sample")].error
+
+
+def test_pilot_decisions() -> None:
+    from benchmarks import latency, services
+
+    log: list = []
+    bench = _bench(
+        FakeVariant("plain-1t", log, rate=100.0),
+        FakeVariant("plain-2t", log, rate=80.0),
+        FakeVariant("specpipe-k2", log, rate=120.0),
+        FakeVariant("specpipe-k4", log, rate=150.0),
+    )
+    bench.run_prompts(range(2))
+    configs = services.spec_configs([2, 4])
+    assert latency.best_fixed_k(bench, configs, "greedy") == 4
+    assert latency.decide_plain_2t(bench, "greedy", remaining=0) == {
+        "plain_2t_vs_plain_1t": 0.8, "plain_2t_kept": True,
+    }  # fmt: skip
+    assert latency.decide_plain_2t(bench, "greedy", remaining=3)["plain_2t_kept"] is False
+    assert bench.runs[("plain-2t", "sample")].error.startswith("stopped after the pilot: 80%")
+    bench.run_prompts([2])
+    assert (2, "greedy", "plain-2t") not in log and (2, "sample", "plain-1t") in log
