@@ -129,3 +129,9 @@ class AsyncCoordinatorClient:
 
     async def close(self) -> None:
         await self.channel.close()
+
+    async def __aenter__(self) -> AsyncCoordinatorClient:
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.close()

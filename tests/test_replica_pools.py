@@ -1,0 +1,252 @@
+"""Two draft and two target replicas as real processes behind one coordinator: routing and failover.
+
+Sessions spread over the replicas and stick to theirs; SIGKILL one target and one draft under load and
+every request either completes with exactly the tokens it produces on the intact cluster, or fails with
+UNAVAILABLE and resumes from its session to exactly those tokens; the killed replicas come back into
+rotation once restarted.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import grpc
+import pytest
+import yaml
+
+from coordinator.worker_clients import TargetClient
+from specpipe.client import AsyncCoordinatorClient, CoordinatorClient, GenerationResult, build_request
+from specpipe.launcher import ServiceProcess, free_port, worker_args
+from specpipe.store.redis_server import RedisServerProcess
+from tests.conftest import ModelPair
+from tests.prompts import PROMPTS
+
+ENV = {**os.environ, "PYTHONUNBUFFERED": "1"}
+
+
+@dataclass
+class PoolCluster:
+    drafts: list[ServiceProcess]
+    targets: list[ServiceProcess]
+    coordinator: ServiceProcess
+
+    def services(self) -> list[ServiceProcess]:
+        return [self.coordinator, *self.targets, *self.drafts]
+
+    def logs(self) -> str:
+        return "\n".join(f"--- {s.log_path.name} ---\n{s.log_tail(40)}" for s in self.services())
+
+
+def worker(role: str, index: int, model_dir: Path, log_dir: Path) -> ServiceProcess:
+    port = free_port()
+    args = worker_args(str(model_dir), port, "cpu", "float32", threads=1)
+    return ServiceProcess(role, f"127.0.0.1:{port}", args, log_dir / f"{role}-{index}.log")
+
+
+def start_cluster(pair: ModelPair, redis: RedisServerProcess, log_dir: Path) -> PoolCluster:
+    drafts = [worker("draft", i, pair.draft_dir, log_dir) for i in range(2)]
+    targets = [worker("target", i, pair.target_dir, log_dir) for i in range(2)]
+    cluster_file = log_dir / "cluster.yaml"
+    cluster_file.write_text(
+        yaml.safe_dump(
+            {
+                "pools": {"gpu-a": {"weight": 1}, "gpu-b": {"weight": 1}, "cpu": {"weight": 1}},
+                "discovery": {
+                    "backend": "static",
+                    "static": [
+                        {"role": "target", "address": targets[0].address, "pool": "gpu-a"},
+                        {"role": "target", "address": targets[1].address, "pool": "gpu-b"},
+                        *({"role": "draft", "address": d.address, "pool": "cpu"} for d in drafts),
+                    ],
+                },
+                "health": {"interval_s": 0.5, "timeout_s": 1.0},
+            }
+        )
+    )
+    port = free_port()
+    args = [
+        "--port", str(port), "--cluster-config", str(cluster_file), "--redis-url", redis.url,
+        "--max-new-tokens-limit", "256", "--worker-timeout", "20",
+    ]  # fmt: skip
+    coordinator = ServiceProcess("coordinator", f"127.0.0.1:{port}", args, log_dir / "coordinator.log")
+    cluster = PoolCluster(drafts, targets, coordinator)
+    try:
+        for service in (*drafts, *targets):
+            service.start(ENV)
+        for service in (*drafts, *targets):
+            service.wait_serving(120)
+        coordinator.start(ENV)
+        coordinator.wait_serving(120)
+        wait_in_rotation(cluster)
+    except BaseException:
+        stop_cluster(cluster)
+        raise
+    return cluster
+
+
+def stop_cluster(cluster: PoolCluster) -> None:
+    for service in cluster.services():
+        service.stop()
+
+
+def wait_in_rotation(cluster: PoolCluster, timeout_s: float = 30.0) -> None:
+    """Until the coordinator's log shows every worker replica in rotation (health checks run every 0.5 s)."""
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        log = cluster.coordinator.log_path.read_text(errors="replace")
+        if all(
+            f"replica {s.address} " in log and "in rotation" in log
+            for s in (*cluster.drafts, *cluster.targets)
+        ):
+            return
+        time.sleep(0.2)
+    raise TimeoutError(cluster.logs())
+
+
+@pytest.fixture
+def cluster(model_pair: ModelPair, redis_server: RedisServerProcess, tmp_path: Path) -> Iterator[PoolCluster]:
+    cluster = start_cluster(model_pair, redis_server, tmp_path)
+    yield cluster
+    stop_cluster(cluster)
+
+
+def holders(cluster: PoolCluster, session_id: str) -> list[int]:
+    """Indices of the target replicas that hold a KV cache for the session."""
+
+    async def query() -> list[int]:
+        found = []
+        for i, target in enumerate(cluster.targets):
+            client = TargetClient(target.address)
+            try:
+                if (await client.stats(session_id)).session_cached:
+                    found.append(i)
+            finally:
+                await client.close()
+        return found
+
+    return asyncio.run(query())
+
+
+def test_sessions_spread_over_replicas_and_stick_to_theirs(cluster: PoolCluster) -> None:
+    homes: dict[str, int] = {}
+    with CoordinatorClient(cluster.coordinator.address) as client:
+        for i in range(12):
+            result = client.generate(build_request(PROMPTS[i % len(PROMPTS)], 8), 60)
+            (home,) = holders(cluster, result.session_id)
+            homes[result.session_id] = home
+        assert set(homes.values()) == {0, 1}, "both target replicas serve sessions"
+        # A session's next turn goes back to its replica (its cache is warm there).
+        for session_id, home in homes.items():
+            client.generate(build_request(" more", 4, session_id=session_id), 60)
+            assert holders(cluster, session_id) == [home]
+
+
+MODES = [
+    {"temperature": 0.0},
+    {"temperature": 0.9, "seed": 7, "acceptance": "coupled"},
+    {"temperature": 0.9, "seed": 7, "acceptance": "leviathan"},
+]
+
+
+def requests(n: int) -> list[dict]:
+    return [
+        {"prompt": PROMPTS[i % len(PROMPTS)], "max_new_tokens": 160, **MODES[i % len(MODES)]}
+        for i in range(n)
+    ]
+
+
+async def run_all(address: str, specs: list[dict], on_first_chunks: asyncio.Event | None = None) -> list:
+    """Runs every request concurrently; each result is a GenerationResult or the grpc error it ended with."""
+    started = 0
+    all_started = asyncio.Event()
+
+    async def one(spec: dict) -> GenerationResult | grpc.aio.AioRpcError:
+        nonlocal started
+        spec = dict(spec)
+        request = build_request(spec.pop("prompt"), spec.pop("max_new_tokens"), **spec)
+        result = GenerationResult()
+        first = True
+        async with AsyncCoordinatorClient(address) as client:
+            try:
+                async for chunk in client.stream(request, 120):
+                    result.add(chunk)
+                    if first:
+                        first = False
+                        started += 1
+                        if started == len(specs):
+                            all_started.set()
+                    await asyncio.sleep(0.005)  # a slow reader
+            except grpc.aio.AioRpcError as exc:
+                exc.partial = result  # type: ignore[attr-defined]
+                return exc
+        return result
+
+    tasks = [asyncio.create_task(one(s)) for s in specs]
+    if on_first_chunks is not None:
+        await all_started.wait()
+        on_first_chunks.set()
+    return await asyncio.gather(*tasks)
+
+
+def test_sigkill_a_target_and_a_draft_under_load(cluster: PoolCluster) -> None:
+    specs = requests(12)
+    expected = asyncio.run(run_all(cluster.coordinator.address, specs))
+    assert all(isinstance(r, GenerationResult) and r.finish_reason for r in expected), cluster.logs()
+
+    async def with_kills() -> list:
+        kill_now = asyncio.Event()
+
+        async def killer() -> None:
+            await kill_now.wait()
+            for service in (cluster.targets[0], cluster.drafts[0]):
+                assert service.popen is not None
+                service.popen.kill()
+
+        results, _ = await asyncio.gather(run_all(cluster.coordinator.address, specs, kill_now), killer())
+        return results
+
+    results = asyncio.run(with_kills())
+    for service in (cluster.targets[0], cluster.drafts[0]):
+        assert service.popen is not None
+        service.popen.wait()
+
+    failed = 0
+    with CoordinatorClient(cluster.coordinator.address) as client:
+        for spec, want, got in zip(specs, expected, results, strict=True):
+            if isinstance(got, GenerationResult):
+                assert got.token_ids == want.token_ids, (spec, cluster.logs())
+                continue
+            # Failed: UNAVAILABLE, and its session resumes to exactly the same tokens.
+            failed += 1
+            assert got.code() == grpc.StatusCode.UNAVAILABLE, got.details()
+            partial: GenerationResult = got.partial  # type: ignore[attr-defined]
+            info = client.get_session(partial.session_id)
+            committed = list(info.token_ids[info.prompt_tokens :])
+            sampling = {k: v for k, v in spec.items() if k not in ("prompt", "max_new_tokens")}
+            resume = build_request(
+                "", spec["max_new_tokens"] - len(committed), session_id=partial.session_id, **sampling
+            )
+            assert committed + client.generate(resume, 60).token_ids == want.token_ids
+    log = cluster.coordinator.log_path.read_text(errors="replace")
+    target_moves = log.count("failed, verifying on another replica")
+    draft_moves = log.count(f"draft {cluster.drafts[0].address} failed")
+    assert target_moves + failed > 0 and draft_moves + failed > 0, "the kills hit no request in flight"
+
+    # The killed replicas come back into rotation once they serve again, and take new sessions.
+    for service in (cluster.targets[0], cluster.drafts[0]):
+        service.start(ENV)
+        service.wait_serving(120)
+    deadline = time.monotonic() + 30
+    with CoordinatorClient(cluster.coordinator.address) as client:
+        while time.monotonic() < deadline:
+            result = client.generate(build_request(PROMPTS[0], 4), 60)
+            if holders(cluster, result.session_id) == [0]:
+                break
+            time.sleep(0.2)
+        else:
+            pytest.fail("the restarted target never took a session:\n" + cluster.logs())
