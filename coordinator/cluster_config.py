@@ -26,6 +26,7 @@ describe a one-replica static cluster in pool "default". Example (YAML; JSON is 
     health:
       interval_s: 2.0       # grpc.health.v1 Check period per replica
       timeout_s: 1.0
+      failure_threshold: 2  # consecutive failed checks that take a replica out
 """
 
 from __future__ import annotations
@@ -146,11 +147,16 @@ class RoutingConfig:
 class HealthConfig:
     interval_s: float = 2.0
     timeout_s: float = 1.0
+    # Consecutive failed checks that take a replica out of rotation (one slow answer on a loaded machine
+    # must not); a request that sees the replica fail takes it out at once.
+    failure_threshold: int = 2
 
     def __post_init__(self) -> None:
         for name in ("interval_s", "timeout_s"):
             if not getattr(self, name) > 0:
                 raise ClusterConfigError(f"health.{name} must be > 0, got {getattr(self, name)}")
+        if self.failure_threshold < 1:
+            raise ClusterConfigError(f"health.failure_threshold must be >= 1, got {self.failure_threshold}")
 
 
 @dataclass(frozen=True, slots=True)
@@ -231,10 +237,12 @@ def _from_dict(data: Mapping[str, Any]) -> ClusterConfig:
     routing_raw = dict(data.get("routing") or {})
     _known(routing_raw, {"imbalance_factor"}, "routing")
     health_raw = dict(data.get("health") or {})
-    _known(health_raw, {"interval_s", "timeout_s"}, "health")
+    _known(health_raw, {"interval_s", "timeout_s", "failure_threshold"}, "health")
     return ClusterConfig(
         discovery=discovery,
         pools=pools,
         routing=RoutingConfig(**{k: float(v) for k, v in routing_raw.items()}),
-        health=HealthConfig(**{k: float(v) for k, v in health_raw.items()}),
+        health=HealthConfig(
+            **{k: int(v) if k == "failure_threshold" else float(v) for k, v in health_raw.items()}
+        ),
     )

@@ -42,6 +42,7 @@ class Replica:
     state: str = NEW
     info: WorkerModelInfo | None = None
     outstanding: int = 0
+    failed_checks: int = 0  # consecutive
     retired: bool = False  # no longer discovered: closed once its last request ends
 
     @property
@@ -151,17 +152,19 @@ class ReplicaSet:
         except grpc.aio.AioRpcError:
             serving = False
         if not serving:
+            replica.failed_checks += 1
+            if replica.state == HEALTHY and replica.failed_checks < self.cluster.health.failure_threshold:
+                return  # one miss on a loaded machine; the next check decides
             if replica.state == HEALTHY:
                 logger.warning(
-                    "%s replica %s (pool %s) failed its health check",
-                    self.role,
-                    replica.address,
-                    replica.pool,
-                )
+                    "%s replica %s (pool %s) failed %d health checks",
+                    self.role, replica.address, replica.pool, replica.failed_checks,
+                )  # fmt: skip
             if replica.state != INCOMPATIBLE:
                 replica.state = DOWN
             replica.info = None  # a restarted worker may serve another model: read its info again
             return
+        replica.failed_checks = 0
         if replica.state == HEALTHY:
             return
         try:

@@ -246,6 +246,6 @@ key: password
 {{- end }}
 {{- $config := dict "pools" $weights "discovery" $discovery }}
 {{- $_ := set $config "routing" (dict "imbalance_factor" .Values.coordinator.routing.imbalanceFactor) }}
-{{- $_ := set $config "health" (dict "interval_s" .Values.coordinator.health.intervalSeconds "timeout_s" .Values.coordinator.health.timeoutSeconds) }}
+{{- $_ := set $config "health" (dict "interval_s" .Values.coordinator.health.intervalSeconds "timeout_s" .Values.coordinator.health.timeoutSeconds "failure_threshold" (int (.Values.coordinator.health.failureThreshold | default 2))) }}
 {{- toYaml $config }}
 {{- end }}
