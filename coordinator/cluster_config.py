@@ -175,10 +175,14 @@ class ClusterConfig:
 
     @classmethod
     def single(cls, draft_addr: str, target_addr: str) -> ClusterConfig:
-        """One draft and one target replica in pool "default" (the --draft-addr/--target-addr case)."""
-        return cls(
-            DiscoveryConfig(static=(StaticReplica("draft", draft_addr), StaticReplica("target", target_addr)))
-        )
+        """The --draft-addr/--target-addr case: comma-separated host:port lists, all in pool "default"."""
+        replicas = [
+            StaticReplica(role, address.strip())
+            for role, addresses in (("draft", draft_addr), ("target", target_addr))
+            for address in addresses.split(",")
+            if address.strip()
+        ]
+        return cls(DiscoveryConfig(static=tuple(replicas)))
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> ClusterConfig:

@@ -49,8 +49,10 @@ def add_serve_parser(subparsers: argparse._SubParsersAction) -> None:
     )  # fmt: skip
     serve.add_argument("--max-context", type=int, default=0, help="draft/target: 0 = the model's context")
     serve.add_argument("--threads", type=int, default=0, help="draft/target: torch threads (0 = default)")
-    serve.add_argument("--draft-addr", help="coordinator: draft worker host:port")
-    serve.add_argument("--target-addr", help="coordinator: target worker host:port")
+    serve.add_argument("--draft-addr", help="coordinator: draft worker host:port (comma-separated replicas)")
+    serve.add_argument(
+        "--target-addr", help="coordinator: target worker host:port (comma-separated replicas)"
+    )
     serve.add_argument(
         "--cluster-config", default=os.environ.get("SPECPIPE_CLUSTER_CONFIG", ""),
         help="coordinator: YAML file of pools, discovery and routing (replaces --draft-addr/--target-addr; "
@@ -178,7 +180,7 @@ def serve_component(args: argparse.Namespace) -> int:
         else:
             cluster = ClusterConfig.single(args.draft_addr, args.target_addr)
     except (OSError, ClusterConfigError) as exc:
-        print(f"specpipe serve coordinator: --cluster-config: {exc}", file=sys.stderr)
+        print(f"specpipe serve coordinator: {exc}", file=sys.stderr)
         return 2
     config = CoordinatorConfig(
         cluster=cluster,

@@ -45,6 +45,15 @@ def test_single_pair_is_a_static_cluster() -> None:
 ONE = {"static": [{"role": "draft", "address": "a:1"}]}
 
 
+def test_address_flags_take_comma_separated_replicas() -> None:
+    config = ClusterConfig.single("d1:1, d2:2", "t1:3,t2:4,")
+    assert [(r.role, r.address) for r in config.discovery.static] == [
+        ("draft", "d1:1"), ("draft", "d2:2"), ("target", "t1:3"), ("target", "t2:4"),
+    ]  # fmt: skip
+    with pytest.raises(ClusterConfigError, match="address must be host:port"):
+        ClusterConfig.single("d1", "t1:3")
+
+
 @pytest.mark.parametrize(
     ("data", "message"),
     [
