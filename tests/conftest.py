@@ -119,3 +119,23 @@ def restart(service: ServiceProcess) -> None:
     """Starts a stopped or killed service again with the same arguments (same port)."""
     service.start({**os.environ, "PYTHONUNBUFFERED": "1"})
     service.wait_serving(120)
+
+
+def target_holders(targets: list[ServiceProcess], session_id: str) -> list[int]:
+    """Indices of the target replicas that hold a KV cache for the session (where routing sent it)."""
+    import asyncio
+
+    from coordinator.worker_clients import TargetClient
+
+    async def query() -> list[int]:
+        found = []
+        for i, target in enumerate(targets):
+            client = TargetClient(target.address)
+            try:
+                if (await client.stats(session_id)).session_cached:
+                    found.append(i)
+            finally:
+                await client.close()
+        return found
+
+    return asyncio.run(query())

@@ -4,7 +4,6 @@ EndpointSlices; a target added by a watch event takes sessions, one that turns n
 
 from __future__ import annotations
 
-import asyncio
 import os
 import time
 import uuid
@@ -15,11 +14,10 @@ from typing import Any
 import pytest
 import yaml
 
-from coordinator.worker_clients import TargetClient
 from specpipe.client import CoordinatorClient, build_request
 from specpipe.launcher import ServiceProcess, free_port, worker_args
 from specpipe.store.redis_server import RedisServerProcess
-from tests.conftest import ModelPair
+from tests.conftest import ModelPair, target_holders
 from tests.fake_kube_api import NAMESPACE, STEP_S, FakeKubeApi
 from tests.prompts import PROMPTS
 
@@ -89,21 +87,6 @@ def kube_api() -> Iterator[FakeKubeApi]:
     api.close()
 
 
-def holder(targets: list[ServiceProcess], session_id: str) -> list[int]:
-    async def query() -> list[int]:
-        found = []
-        for i, target in enumerate(targets):
-            client = TargetClient(target.address)
-            try:
-                if (await client.stats(session_id)).session_cached:
-                    found.append(i)
-            finally:
-                await client.close()
-        return found
-
-    return asyncio.run(query())
-
-
 def test_coordinator_follows_endpointslice_events(
     model_pair: ModelPair, redis_server: RedisServerProcess, kube_api: FakeKubeApi, tmp_path: Path
 ) -> None:
@@ -159,7 +142,7 @@ def test_coordinator_follows_endpointslice_events(
 
             def new_session_home() -> list[int]:
                 result = client.generate(build_request(PROMPTS[0], 4), 60)
-                return holder(targets, result.session_id)
+                return target_holders(targets, result.session_id)
 
             assert all(new_session_home() == [0] for _ in range(4))  # only target 0 is discovered
 

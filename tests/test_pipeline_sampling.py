@@ -88,8 +88,15 @@ def test_coupled_rule_gives_the_same_tokens_for_any_k(pipeline: Pipeline) -> Non
         for seed in range(4):
             runs = {
                 k: client.generate(
-                    build_request(PROMPT, 32, temperature=0.9, top_p=0.95, seed=seed,
-                                  num_speculative_tokens=k, acceptance="coupled"),
+                    build_request(
+                        PROMPT,
+                        32,
+                        temperature=0.9,
+                        top_p=0.95,
+                        seed=seed,
+                        num_speculative_tokens=k,
+                        acceptance="coupled",
+                    ),
                     timeout_s=60,
                 )  # fmt: skip
                 for k in (0, 1, 3, 8, None)

@@ -19,11 +19,10 @@ import grpc
 import pytest
 import yaml
 
-from coordinator.worker_clients import TargetClient
 from specpipe.client import AsyncCoordinatorClient, CoordinatorClient, GenerationResult, build_request
 from specpipe.launcher import ServiceProcess, free_port, worker_args
 from specpipe.store.redis_server import RedisServerProcess
-from tests.conftest import ModelPair
+from tests.conftest import ModelPair, target_holders
 from tests.prompts import PROMPTS
 
 ENV = {**os.environ, "PYTHONUNBUFFERED": "1"}
@@ -116,20 +115,7 @@ def cluster(model_pair: ModelPair, redis_server: RedisServerProcess, tmp_path: P
 
 
 def holders(cluster: PoolCluster, session_id: str) -> list[int]:
-    """Indices of the target replicas that hold a KV cache for the session."""
-
-    async def query() -> list[int]:
-        found = []
-        for i, target in enumerate(cluster.targets):
-            client = TargetClient(target.address)
-            try:
-                if (await client.stats(session_id)).session_cached:
-                    found.append(i)
-            finally:
-                await client.close()
-        return found
-
-    return asyncio.run(query())
+    return target_holders(cluster.targets, session_id)
 
 
 def test_sessions_spread_over_replicas_and_stick_to_theirs(cluster: PoolCluster) -> None:
