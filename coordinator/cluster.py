@@ -29,6 +29,16 @@ class Cluster:
         ]
 
     async def _follow_discovery(self) -> None:
+        try:
+            await self._apply_discovery()
+        except asyncio.CancelledError:
+            raise
+        except Exception:
+            # Backends retry their own transient failures; reaching here is a bug. The replicas known so far
+            # stay in rotation (health checks go on), so the coordinator keeps serving.
+            logger.exception("discovery stopped; keeping the replicas known so far")
+
+    async def _apply_discovery(self) -> None:
         async for endpoints in self.discovery.watch():
             logger.info(
                 "discovery: %d draft and %d target replica(s)",
