@@ -250,8 +250,15 @@ class Phase:
             mean = sum(self.window) / len(self.window)
             self.curve.append((step + 1, round(mean, 4)))
             self.window = []
-            logger.info("%s step %d/%d loss %.4f %s(%.0f s)", self.name, step + 1, self.steps, mean, extra,
-                        self.elapsed())
+            logger.info(
+                "%s step %d/%d loss %.4f %s(%.0f s)",
+                self.name,
+                step + 1,
+                self.steps,
+                mean,
+                extra,
+                self.elapsed(),
+            )
 
     def smoothed(self, losses: Sequence[float]) -> float:
         """Mean of the last (up to) 25 step losses."""
@@ -276,8 +283,14 @@ def make_opt(model: torch.nn.Module, lr: float, weight_decay: float) -> torch.op
     )
 
 
-def train_target(args: argparse.Namespace, target, draft, stream: torch.Tensor, device: torch.device,
-                 budget_s: float | None) -> PhaseResult:
+def train_target(
+    args: argparse.Namespace,
+    target,
+    draft,
+    stream: torch.Tensor,
+    device: torch.device,
+    budget_s: float | None,
+) -> PhaseResult:
     """Next-token training of the target; the draft co-distils from the target's logits on each batch."""
     gen = torch.Generator().manual_seed(args.seed)
     opt = make_opt(target, args.lr, 0.1)
@@ -324,8 +337,14 @@ def train_target(args: argparse.Namespace, target, draft, stream: torch.Tensor, 
     )
 
 
-def train_draft(args: argparse.Namespace, target, draft, stream: torch.Tensor, device: torch.device,
-                budget_s: float | None) -> PhaseResult:
+def train_draft(
+    args: argparse.Namespace,
+    target,
+    draft,
+    stream: torch.Tensor,
+    device: torch.device,
+    budget_s: float | None,
+) -> PhaseResult:
     """Distils the draft from the (frozen) target: KL(target || draft) + lm_weight * next-token loss."""
     gen = torch.Generator().manual_seed(args.seed + 1)
     opt = make_opt(draft, args.draft_lr, 0.0)
@@ -479,8 +498,9 @@ def run_eval(out: Path, record: dict, heldout: Sequence[SourceFile], args: argpa
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
-        (t_ms, t_min), (d_ms, d_min) = forward_costs_ms([target, draft], len(tokenizer), args.cost_runs,
-                                                        args.seed)
+        (t_ms, t_min), (d_ms, d_min) = forward_costs_ms(
+            [target, draft], len(tokenizer), args.cost_runs, args.seed
+        )
     finally:
         torch.set_num_threads(threads)
     record["forward_cost"] = {
@@ -539,9 +559,9 @@ def write_card(out: Path, record: dict) -> None:
         "## Training data",
         "",
         f"The interpreter's own standard library (Python {record['data']['python_version']}): every "
-        "`**/*.py` under `sysconfig.get_paths()[\"stdlib\"]`, excluding test directories (`/test/`, "
+        '`**/*.py` under `sysconfig.get_paths()["stdlib"]`, excluding test directories (`/test/`, '
         "`/tests/`, `idlelib/idle_test`), `site-packages` and `_sysconfigdata*`, read as UTF-8 with "
-        "errors=\"replace\", sorted by relative path, joined with `<|endoftext|>` between files. "
+        'errors="replace", sorted by relative path, joined with `<|endoftext|>` between files. '
         f"{record['data']['n_train_files']} training files ({record['data']['train_tokens']:,} tokens), "
         f"{len(held)} held-out files ({ev['tokens_in_heldout_stream']:,} tokens).",
         "",
@@ -622,10 +642,18 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
     p.add_argument("--threads", type=int, default=1, help="torch CPU threads")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--time-budget-min", type=float, default=None,
-                   help="wall-clock budget for both training phases together; each stops early when spent")
-    p.add_argument("--draft-budget-min", type=float, default=12.0,
-                   help="part of --time-budget-min reserved for the draft phase")
+    p.add_argument(
+        "--time-budget-min",
+        type=float,
+        default=None,
+        help="wall-clock budget for both training phases together; each stops early when spent",
+    )
+    p.add_argument(
+        "--draft-budget-min",
+        type=float,
+        default=12.0,
+        help="part of --time-budget-min reserved for the draft phase",
+    )
     p.add_argument("--eval-only", action="store_true", help="re-evaluate the pair saved in --out")
     p.add_argument("--batch", type=int, default=8)
     p.add_argument("--draft-batch", type=int, default=8)
@@ -634,8 +662,12 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument("--warmup", type=float, default=0.05, help="warmup fraction of the target phase")
     p.add_argument("--draft-warmup", type=float, default=0.03)
     p.add_argument("--draft-lm-weight", type=float, default=0.0, help="weight of the LM loss in the draft's")
-    p.add_argument("--no-co-distill", dest="co_distill", action="store_false",
-                   help="do not train the draft on the target's logits while the target trains")
+    p.add_argument(
+        "--no-co-distill",
+        dest="co_distill",
+        action="store_false",
+        help="do not train the draft on the target's logits while the target trains",
+    )
     p.add_argument("--max-files", type=int, default=0, help="smoke runs: only the first N training files")
     p.add_argument("--eval-windows", type=int, default=400, help="cap on held-out windows (0: all)")
     p.add_argument("--cost-runs", type=int, default=300, help="timed forwards per model for the cost")
@@ -680,24 +712,50 @@ def train(args: argparse.Namespace, argv: Sequence[str], log: Callable[[str], No
     log(f"{len(train_files)} training files, {len(heldout)} held-out files")
     tokenizer = train_tokenizer([f.text for f in train_files])
     stream = token_stream(tokenizer, [f.text for f in train_files])
-    log(f"tokenizer trained ({len(tokenizer)} tokens); training stream {len(stream):,} tokens "
-        f"({time.perf_counter() - started:.0f} s)")
+    log(
+        f"tokenizer trained ({len(tokenizer)} tokens); training stream {len(stream):,} tokens "
+        f"({time.perf_counter() - started:.0f} s)"
+    )
     device = torch.device(args.device)
     vocab = len(tokenizer)
     target = build_model(TARGET_SHAPE, vocab, args.seed).to(device)
     draft = build_model(DRAFT_SHAPE, vocab, args.seed + 1).to(device)
     budget = args.time_budget_min * 60.0 if args.time_budget_min else None
-    t_budget = None if budget is None else max(60.0, budget - args.draft_budget_min * 60.0 -
-                                               (time.perf_counter() - started))
+    t_budget = (
+        None
+        if budget is None
+        else max(60.0, budget - args.draft_budget_min * 60.0 - (time.perf_counter() - started))
+    )
     tgt = train_target(args, target, draft, stream, device, t_budget)
     d_budget = None if budget is None else max(30.0, budget - (time.perf_counter() - started))
     dft = train_draft(args, target, draft, stream, device, d_budget)
     sizes = save_pair(args.out, target, draft, tokenizer)
-    hyper = {k: getattr(args, k) for k in ("batch", "draft_batch", "lr", "draft_lr", "warmup", "draft_warmup",
-                                             "draft_lm_weight", "co_distill", "seed", "threads", "device")}
-    hyper.update({"context": CONTEXT, "optimizer": "AdamW(betas=(0.9, 0.95)), wd 0.1 target / 0 draft",
-                  "schedule": "linear warmup, cosine to 10%", "grad_clip": 1.0, "dropout": 0.0,
-                  "draft_loss": "KL(target||draft) + draft_lm_weight * CE"})
+    hyper = {
+        k: getattr(args, k)
+        for k in (
+            "batch",
+            "draft_batch",
+            "lr",
+            "draft_lr",
+            "warmup",
+            "draft_warmup",
+            "draft_lm_weight",
+            "co_distill",
+            "seed",
+            "threads",
+            "device",
+        )
+    }
+    hyper.update(
+        {
+            "context": CONTEXT,
+            "optimizer": "AdamW(betas=(0.9, 0.95)), wd 0.1 target / 0 draft",
+            "schedule": "linear warmup, cosine to 10%",
+            "grad_clip": 1.0,
+            "dropout": 0.0,
+            "draft_loss": "KL(target||draft) + draft_lm_weight * CE",
+        }
+    )
     return {
         "command": command_line(argv),
         "date": CARD_DATE,
@@ -752,11 +810,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     record_path.write_text(json.dumps(record, indent=2) + "\n", encoding="utf-8")
     write_card(out, record)
     ev, fc = record["heldout_eval"], record["forward_cost"]
-    print(f"agreement {ev['agreement']:.4f} over {ev['positions']} held-out positions; "
-          f"target {fc['target_ms']} ms, draft {fc['draft_ms']} ms, c = {fc['c']:.3f}; "
-          f"weights {sum(record['weights_bytes'].values()) / 1e6:.2f} MB; "
-          f"target steps {record['training']['target']['steps_done']}, "
-          f"draft steps {record['training']['draft']['steps_done']}; wall {record['wall_time_s']:.0f} s")
+    print(
+        f"agreement {ev['agreement']:.4f} over {ev['positions']} held-out positions; "
+        f"target {fc['target_ms']} ms, draft {fc['draft_ms']} ms, c = {fc['c']:.3f}; "
+        f"weights {sum(record['weights_bytes'].values()) / 1e6:.2f} MB; "
+        f"target steps {record['training']['target']['steps_done']}, "
+        f"draft steps {record['training']['draft']['steps_done']}; wall {record['wall_time_s']:.0f} s"
+    )
     return 0
 
 
