@@ -25,7 +25,7 @@ from coordinator.replicas import ReplicaSet
 from coordinator.request import GenerationChunk, GenerationRequest, Usage
 from coordinator.worker_clients import Proposal, WorkerClient
 from coordinator.worker_links import DraftLink, TargetLink
-from specpipe.errors import DeadlineExceededError, InvalidArgumentError, SpecpipeError
+from specpipe.errors import InvalidArgumentError, SpecpipeError
 from specpipe.store.session_store import SessionStats, SessionStore
 from specpipe.text.detokenizer import IncrementalDetokenizer
 
@@ -158,14 +158,6 @@ class SpeculativeGenerator:
         async for chunk in self._rounds(request, session, time_remaining):
             yield chunk
 
-    def _timeout(self, time_remaining: Callable[[], float | None]) -> float:
-        remaining = time_remaining()
-        if remaining is None:
-            return self.worker_timeout_s
-        if remaining <= 0:
-            raise DeadlineExceededError("the request deadline passed")
-        return min(self.worker_timeout_s, remaining)
-
     def should_pipeline(self, k: int, next_k: int, history_len: int) -> bool:
         """Draft the next block (next_k + 1 tokens) during this round's verify (of k tokens) only where it
         is free: it must fit the draft context and, by the measured profile, finish before the verify does
@@ -193,9 +185,8 @@ class SpeculativeGenerator:
         # the chunk is sent only once its commit succeeded.
         pending: tuple[asyncio.Future[None], GenerationChunk] | None = None
         speculative: asyncio.Future[Proposal] | None = None
-        draft = DraftLink(self.drafts, sid, time_remaining())
-        target = TargetLink(self.targets, sid, time_remaining())
-        timeout = lambda: self._timeout(time_remaining)  # noqa: E731 - evaluated per worker call
+        draft = DraftLink(self.drafts, sid, time_remaining, self.worker_timeout_s)
+        target = TargetLink(self.targets, sid, time_remaining, self.worker_timeout_s)
         completed = False
         try:
             await target.connect()  # no target in rotation: UNAVAILABLE before any work
@@ -210,9 +201,7 @@ class SpeculativeGenerator:
                     k = min(k, len(ready.token_ids))
                     proposal = Proposal(ready.token_ids[:k], list(ready.draft_probs)[:k], ready.forward_ns)
                 elif k > 0:
-                    drafting = asyncio.ensure_future(
-                        draft.propose(history, k, sampling, timeout, time_remaining)
-                    )
+                    drafting = asyncio.ensure_future(draft.propose(history, k, sampling))
                     if pending is not None:
                         yield await flush(pending)
                         pending = None
@@ -222,7 +211,7 @@ class SpeculativeGenerator:
                 draft_ids = proposal.token_ids[:k]
                 k = len(draft_ids)
                 verify = asyncio.ensure_future(
-                    target.verify(history, draft_ids, proposal.draft_probs, sampling, timeout, time_remaining)
+                    target.verify(history, draft_ids, proposal.draft_probs, sampling)
                 )
                 # Assume the whole block is accepted: the draft's first token guesses the bonus token, the
                 # next ones are the following block, sized as the policy will size it after that outcome.
@@ -231,7 +220,7 @@ class SpeculativeGenerator:
                 )
                 if next_k > 0 and self.should_pipeline(k, next_k, len(history)) and await draft.available():
                     speculative = asyncio.ensure_future(
-                        draft.propose([*history, *draft_ids], next_k + 1, sampling, timeout, time_remaining)
+                        draft.propose([*history, *draft_ids], next_k + 1, sampling)
                     )
                 if pending is not None:
                     yield await flush(pending)

@@ -41,15 +41,38 @@ MAX_ATTEMPTS = 3
 
 
 class WorkerLink:
-    def __init__(self, replicas: ReplicaSet, session_id: str, stream_timeout_s: float | None) -> None:
+    def __init__(
+        self,
+        replicas: ReplicaSet,
+        session_id: str,
+        time_remaining: Callable[[], float | None],  # the request's deadline (None: no deadline)
+        worker_timeout_s: float,  # upper bound on one worker call
+    ) -> None:
         self.replicas = replicas
         self.session_id = session_id
-        self.stream_timeout_s = stream_timeout_s
+        self.time_remaining = time_remaining
+        self.worker_timeout_s = worker_timeout_s
+        self.stream_timeout_s = time_remaining()  # a stream lives as long as the request may
         self.replica: Replica | None = None
         self.stream: WorkerStream | None = None
         self.used: set[WorkerClient] = set()  # every replica this request touched (to free its caches)
-        self.moves = 0
         self._lease = contextlib.ExitStack()
+
+    def call_timeout(self) -> float:
+        """Seconds one worker call may take: the worker timeout, or the time left to the request if less."""
+        remaining = self.time_remaining()
+        if remaining is None:
+            return self.worker_timeout_s
+        if remaining <= 0:
+            raise DeadlineExceededError("the request deadline passed")
+        return min(self.worker_timeout_s, remaining)
+
+    def replica_failed(self, exc: Exception) -> bool:
+        """Whether an error blames the replica (rather than the request's own deadline)."""
+        if isinstance(exc, UnavailableError):
+            return True
+        remaining = self.time_remaining()
+        return isinstance(exc, DeadlineExceededError) and (remaining is None or remaining > 0.05)
 
     async def connect(self) -> None:
         """Opens a stream to the session's replica; UnavailableError when none is in rotation."""
@@ -72,21 +95,12 @@ class WorkerLink:
         """Takes the current replica out of rotation and drops its stream."""
         assert self.replica is not None
         self.replicas.mark_down(self.replica, exc)
-        self.moves += 1
         self.disconnect(completed=False)
 
     async def close(self, completed: bool) -> None:
         if self.stream is not None and completed:
             await self.stream.finish()
         self.disconnect(completed)
-
-
-def replica_failed(exc: Exception, time_remaining: Callable[[], float | None]) -> bool:
-    """Whether an error blames the replica (rather than the request's own deadline)."""
-    if isinstance(exc, UnavailableError):
-        return True
-    remaining = time_remaining()
-    return isinstance(exc, DeadlineExceededError) and (remaining is None or remaining > 0.05)
 
 
 class TargetLink(WorkerLink):
@@ -96,8 +110,6 @@ class TargetLink(WorkerLink):
         draft_token_ids: Sequence[int],
         draft_probs: Sequence[common_pb2.TokenDistribution],
         sampling: SamplingParams,
-        timeout: Callable[[], float],
-        time_remaining: Callable[[], float | None],
     ) -> Verification:
         for attempt in range(MAX_ATTEMPTS):
             if self.stream is None:
@@ -105,10 +117,10 @@ class TargetLink(WorkerLink):
             assert isinstance(self.stream, TargetStream) and self.replica is not None
             try:
                 return await self.stream.verify(
-                    self.session_id, history, draft_token_ids, draft_probs, sampling, timeout()
+                    self.session_id, history, draft_token_ids, draft_probs, sampling, self.call_timeout()
                 )
             except (UnavailableError, DeadlineExceededError) as exc:
-                if not replica_failed(exc, time_remaining) or attempt == MAX_ATTEMPTS - 1:
+                if not self.replica_failed(exc) or attempt == MAX_ATTEMPTS - 1:
                     raise
                 failed = self.replica.address
                 self.fail_over(exc)
@@ -122,13 +134,13 @@ class DraftLink(WorkerLink):
         self,
         replicas: ReplicaSet,
         session_id: str,
-        stream_timeout_s: float | None,
+        time_remaining: Callable[[], float | None],
+        worker_timeout_s: float,
         retry_s: float = 1.0,
     ) -> None:
-        super().__init__(replicas, session_id, stream_timeout_s)
+        super().__init__(replicas, session_id, time_remaining, worker_timeout_s)
         self.retry_s = retry_s
         self.retry_at = 0.0
-        self.failures = 0
 
     async def available(self) -> bool:
         if self.stream is None and time.monotonic() >= self.retry_at:
@@ -143,8 +155,6 @@ class DraftLink(WorkerLink):
         history: Sequence[int],
         k: int,
         sampling: SamplingParams,
-        timeout: Callable[[], float],
-        time_remaining: Callable[[], float | None],
     ) -> Proposal | None:
         """The proposal, or None when no draft replica could make it (the caller decodes without it)."""
         for _ in range(MAX_ATTEMPTS):
@@ -152,14 +162,13 @@ class DraftLink(WorkerLink):
                 return None
             assert isinstance(self.stream, DraftStream) and self.replica is not None
             try:
-                return await self.stream.propose(self.session_id, history, k, sampling, timeout())
+                return await self.stream.propose(self.session_id, history, k, sampling, self.call_timeout())
             except (UnavailableError, DeadlineExceededError) as exc:
-                if not replica_failed(exc, time_remaining):
+                if not self.replica_failed(exc):
                     # The request's own deadline: the replica is fine, but this stream's state is unknown.
                     self.disconnect(completed=False)
                     self.retry_at = time.monotonic() + self.retry_s
                     return None
-                self.failures += 1
                 logger.warning("session %s: draft %s failed: %s", self.session_id, self.replica.address, exc)
                 self.fail_over(exc)
         logger.warning("session %s: no draft replica answered, continuing with plain target decoding",
