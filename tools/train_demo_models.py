@@ -38,9 +38,10 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F  # noqa: N812
 
+from specpipe.models.bpe_tokenizer import EOS_TOKEN, train_bpe_tokenizer
+
 logger = logging.getLogger("train_demo_models")
 
-EOS_TOKEN = "<|endoftext|>"
 VOCAB_SIZE = 4096
 N_POSITIONS = 1024
 CONTEXT = 256
@@ -106,28 +107,7 @@ def split_files(files: Sequence[SourceFile], max_files: int = 0) -> tuple[list[S
 
 def train_tokenizer(texts: Sequence[str]):  # -> PreTrainedTokenizerFast
     """Byte-level BPE, vocab 4096, ``<|endoftext|>`` = id 0 as bos/eos/pad/unk."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-    from transformers import PreTrainedTokenizerFast
-
-    tok = Tokenizer(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(
-        vocab_size=VOCAB_SIZE,
-        special_tokens=[EOS_TOKEN],
-        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
-        show_progress=False,
-    )
-    tok.train_from_iterator(texts, trainer=trainer)
-    return PreTrainedTokenizerFast(
-        tokenizer_object=tok,
-        bos_token=EOS_TOKEN,
-        eos_token=EOS_TOKEN,
-        pad_token=EOS_TOKEN,
-        unk_token=EOS_TOKEN,
-        clean_up_tokenization_spaces=False,
-        model_max_length=N_POSITIONS,
-    )
+    return train_bpe_tokenizer(texts, VOCAB_SIZE, N_POSITIONS)
 
 
 def token_stream(tokenizer, texts: Sequence[str]) -> torch.Tensor:

@@ -21,13 +21,13 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
-from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import GenerationConfig, GPT2Config, GPT2LMHeadModel, PreTrainedTokenizerFast
 from transformers.utils import logging as hf_logging
 
+from specpipe.models.bpe_tokenizer import train_bpe_tokenizer
+
 logger = logging.getLogger(__name__)
 
-EOS_TOKEN = "<|endoftext|>"
 MARKER_NAME = "tiny_pair.json"
 # Bumped whenever the build recipe changes, so pairs built by an older recipe are rebuilt.
 FORMAT_VERSION = 1
@@ -93,26 +93,7 @@ def train_tokenizer(
     """Trains the shared byte-level BPE tokenizer (deterministic; well under a second)."""
     if texts is None:
         texts = corpus_texts(spec)
-    tok = Tokenizer(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(
-        vocab_size=spec.vocab_size,
-        special_tokens=[EOS_TOKEN],  # first, so it gets id 0
-        # All 256 byte symbols, so any text encodes without an unknown token.
-        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
-        show_progress=False,
-    )
-    tok.train_from_iterator(texts, trainer=trainer)
-    return PreTrainedTokenizerFast(
-        tokenizer_object=tok,
-        bos_token=EOS_TOKEN,
-        eos_token=EOS_TOKEN,
-        pad_token=EOS_TOKEN,
-        unk_token=EOS_TOKEN,
-        clean_up_tokenization_spaces=False,
-        model_max_length=spec.n_positions,
-    )
+    return train_bpe_tokenizer(texts, spec.vocab_size, spec.n_positions)
 
 
 def greedy_agreement(
