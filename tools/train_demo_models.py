@@ -245,6 +245,21 @@ class Phase:
         tail = list(losses)[-25:]
         return float(sum(tail) / max(1, len(tail)))
 
+    def result(
+        self, steps_done: int, losses: Sequence[float], final_draft_kd: float | None = None
+    ) -> PhaseResult:
+        """What the phase reached, for the training record."""
+        return PhaseResult(
+            steps_planned=self.steps,
+            steps_done=steps_done,
+            budget_s=self.budget_s,
+            budget_bound=self.budget_bound,
+            wall_s=round(self.elapsed(), 1),
+            final_loss=round(self.smoothed(losses), 4),
+            loss_curve=self.curve,
+            final_draft_kd=final_draft_kd,
+        )
+
 
 def set_lr(opt: torch.optim.Optimizer, lr: float) -> None:
     """Sets every param group's learning rate."""
@@ -305,16 +320,7 @@ def train_target(
         phase.log(step, loss.item(), extra)
         step += 1
     target.eval()
-    return PhaseResult(
-        steps_planned=args.steps,
-        steps_done=step,
-        budget_s=budget_s,
-        budget_bound=phase.budget_bound,
-        wall_s=round(phase.elapsed(), 1),
-        final_loss=round(phase.smoothed(losses), 4),
-        loss_curve=phase.curve,
-        final_draft_kd=round(phase.smoothed(kd_losses), 4) if kd_losses else None,
-    )
+    return phase.result(step, losses, round(phase.smoothed(kd_losses), 4) if kd_losses else None)
 
 
 def train_draft(
@@ -351,15 +357,7 @@ def train_draft(
         phase.log(step, loss.item())
         step += 1
     draft.eval()
-    return PhaseResult(
-        steps_planned=args.draft_steps,
-        steps_done=step,
-        budget_s=budget_s,
-        budget_bound=phase.budget_bound,
-        wall_s=round(phase.elapsed(), 1),
-        final_loss=round(phase.smoothed(losses), 4),
-        loss_curve=phase.curve,
-    )
+    return phase.result(step, losses)
 
 
 def eval_windows(stream: torch.Tensor, limit: int) -> torch.Tensor:
