@@ -43,6 +43,18 @@ def model_pair(tmp_path_factory: pytest.TempPathFactory) -> ModelPair:
     return ModelPair(target_dir, draft_dir)
 
 
+@pytest.fixture(scope="module")
+def single_torch_thread() -> Iterator[None]:
+    """For modules of small models and thousands of tiny tensor ops: intra-op threads only add
+    synchronisation, and on a busy machine OpenMP spinning makes them crawl."""
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.fixture(scope="session")
 def redis_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RedisServerProcess]:
     server = RedisServerProcess(data_dir=str(tmp_path_factory.mktemp("redis")))
@@ -51,17 +63,31 @@ def redis_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RedisServ
     server.stop()
 
 
+def service_env() -> dict[str, str]:
+    """The environment test services run with (logs unbuffered, so a failure's tail is complete)."""
+    return {**os.environ, "PYTHONUNBUFFERED": "1"}
+
+
 def start_service(name: str, args: list[str], address: str, log_dir: Path) -> ServiceProcess:
     process = ServiceProcess(name, address, args, log_dir / f"{name}.log")
-    process.start({**os.environ, "PYTHONUNBUFFERED": "1"})
+    process.start(service_env())
     return process
 
 
-def start_worker(role: str, model_dir: Path, log_dir: Path, extra: list[str] | None = None) -> ServiceProcess:
+def worker_process(
+    role: str, model_dir: Path, log_dir: Path, log_name: str = "", extra: list[str] | None = None
+) -> ServiceProcess:
+    """A worker on a free port, not started yet; its log is `log_name or role`.log in log_dir."""
     port = free_port()
     # One torch thread: tiny models gain nothing from more, and the 2-core machine runs 4 processes.
     args = [*worker_args(str(model_dir), port, "cpu", "float32", threads=1), *(extra or [])]
-    return start_service(role, args, f"127.0.0.1:{port}", log_dir)
+    return ServiceProcess(role, f"127.0.0.1:{port}", args, log_dir / f"{log_name or role}.log")
+
+
+def start_worker(role: str, model_dir: Path, log_dir: Path, extra: list[str] | None = None) -> ServiceProcess:
+    process = worker_process(role, model_dir, log_dir, extra=extra)
+    process.start(service_env())
+    return process
 
 
 def start_coordinator(
@@ -117,7 +143,7 @@ def own_pipeline(
 
 def restart(service: ServiceProcess) -> None:
     """Starts a stopped or killed service again with the same arguments (same port)."""
-    service.start({**os.environ, "PYTHONUNBUFFERED": "1"})
+    service.start(service_env())
     service.wait_serving(120)
 
 

@@ -52,6 +52,15 @@ def target(address: str, pool: str = "default") -> Endpoint:
     return Endpoint("target", address, pool)
 
 
+# The ready worker endpoints of endpointslices-list.json: w9lmx is still starting, the coordinator's slice
+# is no worker role, and the draft pod carries no pool label.
+LISTED = {
+    draft("10.244.1.17:50061"),
+    target("10.244.2.31:50062", "h100"),
+    target("10.244.3.12:50062", "a10g"),
+}
+
+
 # --- static ---------------------------------------------------------------------------------------
 
 
@@ -241,11 +250,7 @@ def test_kubernetes_lists_then_follows_watch_events(kube_api: FakeKubeApi) -> No
             # The list: ready endpoints only (w9lmx is still starting); the coordinator's slice is not a
             # worker role; pools from the pods' labels, "default" for the draft pod, which has none (it
             # is behind a hand-written Service, not one of the chart's per-pool ones).
-            assert await next_set(updates) == {
-                draft("10.244.1.17:50061"),
-                target("10.244.2.31:50062", "h100"),
-                target("10.244.3.12:50062", "a10g"),
-            }
+            assert await next_set(updates) == LISTED
             stream = await kube_api.next_watch()
             assert stream.request.query == {
                 "labelSelector": SELECTOR,
@@ -317,11 +322,7 @@ def test_kubernetes_retries_server_errors_and_keeps_the_last_set(kube_api: FakeK
 
     async def main() -> None:
         async with contextlib.aclosing(k8s_discovery(kube_api.url).watch()) as updates:
-            assert await next_set(updates) == {
-                draft("10.244.1.17:50061"),
-                target("10.244.2.31:50062", "h100"),
-                target("10.244.3.12:50062", "a10g"),
-            }
+            assert await next_set(updates) == LISTED
             # The failed watch is followed by a re-list of the same slices (not reported again) and a
             # watch whose first event is the next set the consumer sees.
             stream = await kube_api.next_watch()

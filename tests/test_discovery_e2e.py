@@ -4,7 +4,6 @@ EndpointSlices; a target added by a watch event takes sessions, one that turns n
 
 from __future__ import annotations
 
-import os
 import time
 import uuid
 from collections.abc import Iterator
@@ -15,20 +14,13 @@ import pytest
 import yaml
 
 from specpipe.client import CoordinatorClient, build_request
-from specpipe.launcher import ServiceProcess, free_port, worker_args
+from specpipe.launcher import ServiceProcess, free_port
 from specpipe.store.redis_server import RedisServerProcess
-from tests.conftest import ModelPair, target_holders
+from tests.conftest import ModelPair, service_env, target_holders, worker_process
 from tests.fake_kube_api import NAMESPACE, STEP_S, FakeKubeApi
 from tests.prompts import PROMPTS
 
-ENV = {**os.environ, "PYTHONUNBUFFERED": "1"}
 SELECTOR = "app.kubernetes.io/name=specpipe,app.kubernetes.io/instance=rel"
-
-
-def worker(role: str, name: str, model_dir: Path, log_dir: Path) -> ServiceProcess:
-    port = free_port()
-    args = worker_args(str(model_dir), port, "cpu", "float32", threads=1)
-    return ServiceProcess(role, f"127.0.0.1:{port}", args, log_dir / f"{name}.log")
 
 
 def pod(name: str, role: str, pool: str) -> dict[str, Any]:
@@ -90,8 +82,8 @@ def kube_api() -> Iterator[FakeKubeApi]:
 def test_coordinator_follows_endpointslice_events(
     model_pair: ModelPair, redis_server: RedisServerProcess, kube_api: FakeKubeApi, tmp_path: Path
 ) -> None:
-    draft = worker("draft", "draft-cpu-0", model_pair.draft_dir, tmp_path)
-    targets = [worker("target", f"target-{i}", model_pair.target_dir, tmp_path) for i in range(2)]
+    draft = worker_process("draft", model_pair.draft_dir, tmp_path, "draft-cpu-0")
+    targets = [worker_process("target", model_pair.target_dir, tmp_path, f"target-{i}") for i in range(2)]
     pods = [pod("rel-draft-cpu-0", "draft", "cpu"), pod("rel-target-h100-0", "target", "h100"),
             pod("rel-target-l4-0", "target", "l4")]  # fmt: skip
     kube_api.pods = {p["metadata"]["name"]: p for p in pods}
@@ -133,10 +125,10 @@ def test_coordinator_follows_endpointslice_events(
     services = [draft, *targets, coordinator]
     try:
         for service in (draft, *targets):
-            service.start(ENV)
+            service.start(service_env())
         for service in (draft, *targets):
             service.wait_serving(120)
-        coordinator.start(ENV)
+        coordinator.start(service_env())
         coordinator.wait_serving(120)
         with CoordinatorClient(coordinator.address) as client:
 

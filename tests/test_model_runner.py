@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-
 import pytest
 import torch
 
@@ -11,13 +9,7 @@ from specpipe.runtime.kv_cache import SessionKVCacheStore, common_prefix_length
 from specpipe.runtime.model_runner import CausalLMRunner
 from tests.conftest import ModelPair
 
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread() -> Iterator[None]:
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
+pytestmark = pytest.mark.usefixtures("single_torch_thread")
 
 
 def fresh_logits(runner: CausalLMRunner, ids: list[int], rows: int) -> torch.Tensor:

@@ -9,7 +9,6 @@ rotation once restarted.
 from __future__ import annotations
 
 import asyncio
-import os
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -20,12 +19,10 @@ import pytest
 import yaml
 
 from specpipe.client import AsyncCoordinatorClient, CoordinatorClient, GenerationResult, build_request
-from specpipe.launcher import ServiceProcess, free_port, worker_args
+from specpipe.launcher import ServiceProcess, free_port
 from specpipe.store.redis_server import RedisServerProcess
-from tests.conftest import ModelPair, target_holders
+from tests.conftest import ModelPair, restart, service_env, target_holders, worker_process
 from tests.prompts import PROMPTS
-
-ENV = {**os.environ, "PYTHONUNBUFFERED": "1"}
 
 
 @dataclass
@@ -41,15 +38,9 @@ class PoolCluster:
         return "\n".join(f"--- {s.log_path.name} ---\n{s.log_tail(40)}" for s in self.services())
 
 
-def worker(role: str, index: int, model_dir: Path, log_dir: Path) -> ServiceProcess:
-    port = free_port()
-    args = worker_args(str(model_dir), port, "cpu", "float32", threads=1)
-    return ServiceProcess(role, f"127.0.0.1:{port}", args, log_dir / f"{role}-{index}.log")
-
-
 def start_cluster(pair: ModelPair, redis: RedisServerProcess, log_dir: Path) -> PoolCluster:
-    drafts = [worker("draft", i, pair.draft_dir, log_dir) for i in range(2)]
-    targets = [worker("target", i, pair.target_dir, log_dir) for i in range(2)]
+    drafts = [worker_process("draft", pair.draft_dir, log_dir, f"draft-{i}") for i in range(2)]
+    targets = [worker_process("target", pair.target_dir, log_dir, f"target-{i}") for i in range(2)]
     cluster_file = log_dir / "cluster.yaml"
     cluster_file.write_text(
         yaml.safe_dump(
@@ -76,10 +67,10 @@ def start_cluster(pair: ModelPair, redis: RedisServerProcess, log_dir: Path) -> 
     cluster = PoolCluster(drafts, targets, coordinator)
     try:
         for service in (*drafts, *targets):
-            service.start(ENV)
+            service.start(service_env())
         for service in (*drafts, *targets):
             service.wait_serving(120)
-        coordinator.start(ENV)
+        coordinator.start(service_env())
         coordinator.wait_serving(120)
         wait_in_rotation(cluster)
     except BaseException:
@@ -245,8 +236,7 @@ def test_sigkill_a_target_and_a_draft_under_load(cluster: PoolCluster) -> None:
 
     # The killed replicas come back into rotation once they serve again, and take new sessions.
     for service in (cluster.targets[0], cluster.drafts[0]):
-        service.start(ENV)
-        service.wait_serving(120)
+        restart(service)
     deadline = time.monotonic() + 30
     with CoordinatorClient(cluster.coordinator.address) as client:
         while time.monotonic() < deadline:

@@ -5,7 +5,6 @@ from __future__ import annotations
 import hashlib
 import math
 from collections import Counter
-from collections.abc import Iterator
 
 import pytest
 import torch
@@ -14,14 +13,7 @@ from specpipe.errors import InvalidArgumentError
 from specpipe.sampling.draft_sampling import sample_draft_token
 from specpipe.sampling.randomness import RandomStream, keyed_uniform, sample_from_probs
 
-
-@pytest.fixture(autouse=True, scope="module")
-def _single_torch_thread() -> Iterator[None]:
-    """Thousands of tiny tensor ops: intra-op threads only add synchronisation (ms under CPU contention)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("single_torch_thread")
 
 
 # ---------------------------------------------------------------------------------------- keyed_uniform

@@ -7,7 +7,6 @@ import json
 import logging
 import os
 import sysconfig
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -28,13 +27,7 @@ from specpipe.models.tiny_pair import (
 SMALL = TinyPairSpec(n_positions=64, n_embd=32, n_head=2, corpus_files=5)
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread() -> Iterator[None]:
-    # Tiny models gain nothing from threads, and on a busy machine OpenMP spinning makes them crawl.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("single_torch_thread")
 
 
 @pytest.fixture(scope="module")
