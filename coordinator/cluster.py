@@ -15,7 +15,6 @@ logger = logging.getLogger(__name__)
 
 class Cluster:
     def __init__(self, config: ClusterConfig, discovery: Discovery) -> None:
-        self.config = config
         self.discovery = discovery
         self.drafts = ReplicaSet("draft", DraftClient, config)
         self.targets = ReplicaSet("target", TargetClient, config)
