@@ -17,6 +17,13 @@ from specpipe.v1 import common_pb2
 
 EngineT = TypeVar("EngineT")
 
+# A stream request carrying at most this many new tokens runs on the event loop itself when the model thread
+# is idle: a steady-state round (a few accepted tokens plus a block) takes forwards of a few milliseconds,
+# and the two thread hand-offs it saves cost 0.3-0.5 ms per exchange on a 2-core machine. A stream's first
+# request carries the whole history (a prefill) and goes to the model thread, so long forwards do not stall
+# the event loop (health checks, other streams); only a session evicted mid-stream rebuilds inline.
+INLINE_MAX_NEW_TOKENS = 32
+
 
 class WorkerServicerBase(Generic[EngineT]):
     """Holds the loaded engine (a drafter or a verifier, each with a `runner`) once warm-up attaches it."""
@@ -25,6 +32,8 @@ class WorkerServicerBase(Generic[EngineT]):
         self.model_thread = model_thread  # one thread: the model and its caches are not thread-safe
         self._loaded: tuple[EngineT, WorkerModelInfo] | None = None
         self.open_streams = 0
+        # Model-thread jobs not finished yet (counted on the event loop): the model may run inline only at 0.
+        self.model_jobs = 0
 
     def attach(self, engine: EngineT, info: WorkerModelInfo) -> None:
         """Called once the model is loaded; until then every RPC answers UNAVAILABLE."""
@@ -46,8 +55,36 @@ class WorkerServicerBase(Generic[EngineT]):
     def runner(self) -> CausalLMRunner:
         return self.engine.runner  # type: ignore[attr-defined]
 
+    def submit(self, fn: Callable[..., Any], *args: Any) -> asyncio.Future[Any]:
+        """Runs fn on the model thread; the job counts as running until fn has returned, even if the
+        caller stops waiting (a cancelled stream), so nothing runs inline beside it."""
+        loop = asyncio.get_running_loop()  # always called on the event loop, which alone runs work inline
+
+        def job() -> Any:
+            try:
+                return fn(*args)
+            finally:
+                loop.call_soon_threadsafe(self._job_finished)
+
+        self.model_jobs += 1
+        try:
+            return loop.run_in_executor(self.model_thread, job)
+        except BaseException:
+            self.model_jobs -= 1
+            raise
+
+    def _job_finished(self) -> None:
+        self.model_jobs -= 1
+
     async def on_model_thread(self, fn: Callable[..., Any], *args: Any) -> Any:
-        return await asyncio.get_running_loop().run_in_executor(self.model_thread, fn, *args)
+        return await self.submit(fn, *args)
+
+    async def run_model(self, fn: Callable[..., Any], arg: Any, new_tokens: int) -> Any:
+        """fn(arg) inline when it is small and the model thread is idle (see INLINE_MAX_NEW_TOKENS), else on
+        the model thread."""
+        if new_tokens <= INLINE_MAX_NEW_TOKENS and self.model_jobs == 0:
+            return fn(arg)
+        return await self.submit(fn, arg)
 
     async def serve_stream(
         self,
@@ -65,7 +102,7 @@ class WorkerServicerBase(Generic[EngineT]):
         try:
             async for request in requests:
                 session_id = request.session_id
-                result = await self.on_model_thread(handle, decode(request, history))
+                result = await self.run_model(handle, decode(request, history), len(request.token_ids))
                 yield result.to_pb()
             # A cancelled call can also look like the end of the requests.
             completed = not context.cancelled()
@@ -73,7 +110,7 @@ class WorkerServicerBase(Generic[EngineT]):
             # Cancelled, closed at a yield (GeneratorExit) or failed: the session will not continue here.
             self.open_streams -= 1
             if not completed and session_id:
-                self.model_thread.submit(self.runner.caches.release, session_id)
+                self.submit(self.runner.caches.release, session_id)
 
     async def GetModelInfo(
         self, request: common_pb2.GetModelInfoRequest, context: grpc.aio.ServicerContext
