@@ -49,6 +49,11 @@ def add_serve_parser(subparsers: argparse._SubParsersAction) -> None:
     )  # fmt: skip
     serve.add_argument("--max-context", type=int, default=0, help="draft/target: 0 = the model's context")
     serve.add_argument("--threads", type=int, default=0, help="draft/target: torch threads (0 = default)")
+    serve.add_argument(
+        "--lean-forward", action=argparse.BooleanOptionalAction, default=None,
+        help="draft/target: the lean GPT-2 forward instead of transformers' (default: on for a draft, off "
+        "for a target, whose outputs must equal transformers' exactly)",
+    )  # fmt: skip
     serve.add_argument("--draft-addr", help="coordinator: draft worker host:port (comma-separated replicas)")
     serve.add_argument(
         "--target-addr", help="coordinator: target worker host:port (comma-separated replicas)"
@@ -152,6 +157,7 @@ def serve_component(args: argparse.Namespace) -> int:
             # +1: a pipelined round asks for the bonus-token guess plus the next block.
             max_draft_tokens=args.max_speculative_tokens + 1,
             torch_threads=args.threads,
+            lean_forward=args.component == "draft" if args.lean_forward is None else args.lean_forward,
         )
         if args.component == "draft":
             from draft_service.server import run_draft_worker

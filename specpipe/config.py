@@ -27,6 +27,9 @@ class WorkerConfig:
     max_draft_tokens: int = 32
     # torch intra-op threads; 0 = torch's default. Small models on shared CPUs run best with 1.
     torch_threads: int = 0
+    # The lean forward (specpipe/runtime/lean_gpt2.py) where the architecture has one. The CLI turns it on
+    # for drafts; targets keep transformers' forward, whose numbers greedy outputs must equal exactly.
+    lean_forward: bool = False
     shutdown_grace_s: float = 10.0
 
     def __post_init__(self) -> None:

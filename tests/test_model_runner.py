@@ -25,8 +25,11 @@ def test_common_prefix_length() -> None:
     assert common_prefix_length([7], [1]) == 0
 
 
-def test_prefix_reuse_and_rollback_match_a_fresh_forward(model_pair: ModelPair) -> None:
-    runner = CausalLMRunner.load(model_pair.target_dir, "cpu", "float32", max_cached_sessions=4)
+@pytest.mark.parametrize("lean_forward", [False, True], ids=["transformers", "lean"])
+def test_prefix_reuse_and_rollback_match_a_fresh_forward(model_pair: ModelPair, lean_forward: bool) -> None:
+    runner = CausalLMRunner.load(
+        model_pair.target_dir, "cpu", "float32", max_cached_sessions=4, lean_forward=lean_forward
+    )
     ids = list(range(3, 40))
     first = runner.forward("s", ids, num_rows=1)
     assert first.cached_tokens == 0
@@ -40,12 +43,17 @@ def test_prefix_reuse_and_rollback_match_a_fresh_forward(model_pair: ModelPair) 
     torch.testing.assert_close(third.logits, fresh_logits(runner, rolled_back, 2), rtol=1e-4, atol=1e-4)
 
 
-def test_budget_evicts_least_recently_used_and_stays_exact(model_pair: ModelPair) -> None:
-    probe = CausalLMRunner.load(model_pair.target_dir, "cpu", "float32", max_cached_sessions=8)
+@pytest.mark.parametrize("lean_forward", [False, True], ids=["transformers", "lean"])
+def test_budget_evicts_least_recently_used_and_stays_exact(model_pair: ModelPair, lean_forward: bool) -> None:
+    probe = CausalLMRunner.load(
+        model_pair.target_dir, "cpu", "float32", max_cached_sessions=8, lean_forward=lean_forward
+    )
     probe.forward("probe", list(range(3, 67)), num_rows=1)
     one_session = probe.caches.total_bytes
     budget = int(one_session * 1.5)  # room for one 64-token session, not two
-    runner = CausalLMRunner.load(model_pair.target_dir, "cpu", "float32", 8, max_cache_bytes=budget)
+    runner = CausalLMRunner.load(
+        model_pair.target_dir, "cpu", "float32", 8, max_cache_bytes=budget, lean_forward=lean_forward
+    )
     histories = {name: list(range(start, start + 64)) for name, start in (("a", 3), ("b", 100), ("c", 200))}
     for step in range(3):
         for name, history in histories.items():

@@ -24,7 +24,10 @@ class SessionKV:
 
 
 def cache_nbytes(past: Any) -> int:
-    """Bytes held by a transformers Cache's key and value tensors."""
+    """Bytes held by a cache's key and value tensors (a transformers Cache, or one that counts itself)."""
+    nbytes = getattr(past, "nbytes", None)
+    if isinstance(nbytes, int):
+        return nbytes
     total = 0
     for layer in getattr(past, "layers", ()):
         for tensor in (getattr(layer, "keys", None), getattr(layer, "values", None)):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import inspect
 import logging
 import time
 from collections.abc import Sequence
@@ -12,6 +13,7 @@ from typing import TYPE_CHECKING
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, DynamicCache, PreTrainedTokenizerBase
 
+from specpipe.runtime import lean_gpt2
 from specpipe.runtime.kv_cache import SessionKVCacheStore, common_prefix_length
 
 if TYPE_CHECKING:
@@ -43,6 +45,7 @@ class CausalLMRunner:
         max_context: int,
         max_cached_sessions: int,
         max_cache_bytes: int = 0,
+        lean_forward: bool = False,
     ) -> None:
         self.model = model
         self.tokenizer = tokenizer
@@ -52,6 +55,11 @@ class CausalLMRunner:
         self.device = next(model.parameters()).device
         self.dtype = next(model.parameters()).dtype
         self.vocab_size = int(model.get_output_embeddings().weight.shape[0])
+        # The lean path where asked for and the architecture has one (else transformers' forward).
+        self.lean = lean_gpt2.LeanGPT2(model) if lean_forward and lean_gpt2.supports(model) else None
+        # transformers 5.x renamed the cache argument of forward (`past_key_values` warns from 5.24 on).
+        parameters = inspect.signature(model.forward).parameters
+        self._cache_kwarg = "cache" if "cache" in parameters else "past_key_values"
 
     @classmethod
     def from_config(cls, config: WorkerConfig) -> CausalLMRunner:
@@ -64,6 +72,7 @@ class CausalLMRunner:
             config.max_cached_sessions,
             config.max_context,
             max_cache_bytes=config.max_cache_bytes,
+            lean_forward=config.lean_forward,
         )
 
     @classmethod
@@ -75,6 +84,7 @@ class CausalLMRunner:
         max_cached_sessions: int,
         max_context: int = 0,
         max_cache_bytes: int = 0,
+        lean_forward: bool = False,
     ) -> CausalLMRunner:
         if dtype not in DTYPES:
             raise ValueError(f"dtype must be one of {sorted(DTYPES)}, got {dtype!r}")
@@ -90,9 +100,24 @@ class CausalLMRunner:
         )
         context = min(max_context, model_context) if max_context and model_context else model_context
         logger.info("loaded %s on %s/%s in %.1fs", model_path, device, dtype, time.perf_counter() - started)
-        return cls(
-            model, tokenizer, str(model_path), context or max_context, max_cached_sessions, max_cache_bytes
+        runner = cls(
+            model,
+            tokenizer,
+            str(model_path),
+            context or max_context,
+            max_cached_sessions,
+            max_cache_bytes,
+            lean_forward=lean_forward,
         )
+        if lean_forward:
+            logger.info(
+                "forward: %s", "lean GPT-2 path" if runner.lean else "transformers (no lean path for it)"
+            )
+        return runner
+
+    def in_vocab(self, token_ids: Sequence[int]) -> bool:
+        """Every id in [0, vocab_size): min and max run at C speed over the whole history of every call."""
+        return not token_ids or (min(token_ids) >= 0 and max(token_ids) < self.vocab_size)
 
     def eos_token_ids(self) -> list[int]:
         eos = self.model.generation_config.eos_token_id
@@ -117,18 +142,22 @@ class CausalLMRunner:
         # The last num_rows positions must be fed to get their logits, so they are never reused.
         reuse = min(common_prefix_length(entry.token_ids, ids), len(ids) - num_rows)
         if entry.past is None or reuse == 0:
-            entry.past = DynamicCache(config=self.model.config)
+            entry.past = self.lean.new_cache() if self.lean else DynamicCache(config=self.model.config)
             reuse = 0
         elif entry.past.get_seq_length() > reuse:
             entry.past.crop(reuse - entry.past.get_seq_length())  # negative: drop that many positions
         entry.token_ids = ids[:reuse]
-        new_ids = torch.tensor([ids[reuse:]], dtype=torch.long, device=self.device)  # [1, n_new]
         try:
-            out = self.model(input_ids=new_ids, past_key_values=entry.past, use_cache=True)
+            if self.lean is not None:
+                logits = self.lean.forward(ids[reuse:], entry.past, num_rows).cpu()  # [num_rows, vocab_size]
+            else:
+                new_ids = torch.tensor([ids[reuse:]], dtype=torch.long, device=self.device)  # [1, n_new]
+                kwargs = {self._cache_kwarg: entry.past}
+                out = self.model(input_ids=new_ids, use_cache=True, **kwargs)
+                logits = out.logits[0, -num_rows:, :].float().cpu()  # [num_rows, vocab_size]
         except BaseException:
             self.caches.release(session_id)  # a failed forward may have left the cache half-updated
             raise
         entry.token_ids = ids
         self.caches.account(session_id)
-        logits = out.logits[0, -num_rows:, :].float().cpu()  # [num_rows, vocab_size]
         return ForwardResult(logits, reuse, time.perf_counter_ns() - started)
