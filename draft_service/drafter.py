@@ -74,7 +74,7 @@ class ModelDrafter:
                 f"num_tokens must be in [1, {self.max_draft_tokens}], got {request.num_tokens}"
             )
         vocab = self.runner.vocab_size
-        if any(not 0 <= t < vocab for t in request.token_ids):
+        if not self.runner.in_vocab(request.token_ids):
             raise InvalidArgumentError(f"token_ids must be in [0, {vocab})")
         # The last proposal is sampled, never fed, so the context must hold history + k - 1 tokens.
         needed = len(request.token_ids) + request.num_tokens - 1

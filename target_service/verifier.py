@@ -14,7 +14,7 @@ from specpipe.sampling.coupled import verify_coupled
 from specpipe.sampling.draft_sampling import expand_distribution
 from specpipe.sampling.params import SamplingParams
 from specpipe.sampling.processing import sampling_probs
-from specpipe.sampling.rejection_sampler import verify_draft
+from specpipe.sampling.rejection_sampler import verify_draft, verify_greedy
 from specpipe.v1 import common_pb2, target_pb2
 
 
@@ -79,9 +79,9 @@ class Verifier:
         if not block.token_ids:
             raise InvalidArgumentError("token_ids must not be empty")
         vocab = self.runner.vocab_size
-        if any(not 0 <= t < vocab for t in block.token_ids):
+        if not self.runner.in_vocab(block.token_ids):
             raise InvalidArgumentError(f"token_ids must be in [0, {vocab})")
-        if any(not 0 <= t < vocab for t in block.draft_token_ids):
+        if not self.runner.in_vocab(block.draft_token_ids):
             raise InvalidArgumentError(f"draft_token_ids must be in [0, {vocab})")
         if block.draft_probs is not None and len(block.draft_probs) != len(block.draft_token_ids):
             raise InvalidArgumentError(
@@ -100,8 +100,18 @@ class Verifier:
         k = len(block.draft_token_ids)
         ids = [*block.token_ids, *block.draft_token_ids]
         result = self.runner.forward(block.session_id, ids, num_rows=k + 1)
+        if block.sampling.is_greedy:
+            # Only the argmax matters, and the logits' is the one-hot p's: skip building p.
+            greedy = verify_greedy(result.logits, block.draft_token_ids)
+            return Verdict(
+                greedy.num_accepted,
+                greedy.next_token_id,
+                greedy.recovered,
+                result.forward_ns,
+                result.cached_tokens,
+            )
         target_probs = sampling_probs(result.logits, block.sampling)  # [k + 1, vocab_size]
-        if block.sampling.acceptance == "coupled" and not block.sampling.is_greedy:
+        if block.sampling.acceptance == "coupled":
             outcome = verify_coupled(
                 target_probs, list(block.draft_token_ids), len(block.token_ids), block.sampling.seed
             )
@@ -113,7 +123,7 @@ class Verifier:
                 result.cached_tokens,
             )
         draft_probs = None
-        if block.draft_probs is not None and not block.sampling.is_greedy:
+        if block.draft_probs is not None:
             draft_probs = torch.stack(
                 [
                     expand_distribution(ids_, probs, self.runner.vocab_size)
@@ -126,7 +136,7 @@ class Verifier:
             draft_probs,
             first_position=len(block.token_ids),
             seed=block.sampling.seed,
-            is_greedy=block.sampling.is_greedy,
+            is_greedy=False,
         )
         return Verdict(
             num_accepted=outcome.num_accepted,
