@@ -15,8 +15,9 @@ from __future__ import annotations
 import asyncio
 import logging
 import uuid
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Coroutine
 from dataclasses import dataclass, field
+from typing import Any
 
 from transformers import PreTrainedTokenizerBase
 
@@ -183,7 +184,7 @@ class SpeculativeGenerator:
         ready: Proposal | None = None
         # The previous round's commit and chunk: the commit overlaps this round's first worker call, and
         # the chunk is sent only once its commit succeeded.
-        pending: tuple[asyncio.Future[None], GenerationChunk] | None = None
+        pending: PendingChunk | None = None
         speculative: asyncio.Future[Proposal] | None = None
         draft = DraftLink(self.drafts, sid, time_remaining, self.worker_timeout_s)
         target = TargetLink(self.targets, sid, time_remaining, self.worker_timeout_s)
@@ -203,7 +204,7 @@ class SpeculativeGenerator:
                 elif k > 0:
                     drafting = asyncio.ensure_future(draft.propose(history, k, sampling))
                     if pending is not None:
-                        yield await flush(pending)
+                        yield await pending.flush()
                         pending = None
                     proposal = await drafting or Proposal([], (), 0)  # None: the draft failed, k = 0
                     usage.draft_forward_ns += proposal.forward_ns
@@ -223,7 +224,7 @@ class SpeculativeGenerator:
                         draft.propose([*history, *draft_ids], next_k + 1, sampling)
                     )
                 if pending is not None:
-                    yield await flush(pending)
+                    yield await pending.flush()
                     pending = None
                 verdict = await verify
                 if speculative is not None:
@@ -261,7 +262,7 @@ class SpeculativeGenerator:
                     target_passes=1,
                     rounds=1,
                 )
-                commit = asyncio.ensure_future(self.commit(session, request, new_ids, delta))
+                commit = self.commit(session, request, new_ids, delta)
                 session.history = [*history, *new_ids]
                 generated.extend(new_ids)
                 usage.generated_tokens = len(generated)
@@ -273,15 +274,16 @@ class SpeculativeGenerator:
                     chunk = GenerationChunk(sid, new_ids, text, finish_reason, usage)
                 else:
                     chunk = GenerationChunk(sid, new_ids, text)
-                pending = (commit, chunk)
+                pending = PendingChunk(commit, chunk)
             if pending is not None:
-                yield await flush(pending)
+                yield await pending.flush()
                 pending = None
             completed = True
         finally:
-            for task in (speculative, pending[0] if pending else None):
-                if task is not None:
-                    task.cancel()
+            if speculative is not None:
+                speculative.cancel()
+            if pending is not None:
+                pending.cancel()
             # A finished request keeps the workers' caches warm for the next turn; a cancelled or failed
             # one frees them at once (the workers release a session whose stream is cancelled).
             await draft.close(completed)
@@ -308,8 +310,27 @@ class SpeculativeGenerator:
         return kept, "length" if len(kept) == remaining else ""
 
 
-async def flush(pending: tuple[asyncio.Future[None], GenerationChunk]) -> GenerationChunk:
-    """Waits for a round's commit, then hands over its chunk: nothing reaches a client uncommitted."""
-    commit, chunk = pending
-    await commit
-    return chunk
+@dataclass(slots=True)
+class PendingChunk:
+    """A round's chunk and its session commit, which must succeed before the chunk reaches the client.
+
+    The commit starts only in `flush`, which the loop calls right after it has started the next round's
+    first worker call: tasks start in creation order, so that call, which is on the critical path, goes out
+    before the commit's store round trip, which overlaps the worker's forward.
+    """
+
+    commit: Coroutine[Any, Any, None]
+    chunk: GenerationChunk
+    task: asyncio.Future[None] | None = None
+
+    async def flush(self) -> GenerationChunk:
+        if self.task is None:
+            self.task = asyncio.ensure_future(self.commit)
+        await self.task
+        return self.chunk
+
+    def cancel(self) -> None:
+        if self.task is None:
+            self.commit.close()  # never started: nothing was written
+        else:
+            self.task.cancel()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import sys
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -39,6 +40,15 @@ class Verification:
     forward_ns: int
 
 
+async def read_within(call: Any, timeout_s: float) -> Any:
+    """The stream's next message, or TimeoutError after timeout_s. asyncio.timeout (3.11+) bounds the read
+    without wrapping it in a task as wait_for does, which costs tens of microseconds per round."""
+    if sys.version_info >= (3, 11):
+        async with asyncio.timeout(timeout_s):
+            return await call.read()
+    return await asyncio.wait_for(call.read(), timeout_s)
+
+
 class WorkerStream:
     """One session's bidirectional stream to a worker, answering requests in order.
 
@@ -66,7 +76,7 @@ class WorkerStream:
         self.broken = True  # until the reply arrives: a half-finished exchange leaves the state unknown
         try:
             await self.call.write(request)
-            reply = await asyncio.wait_for(self.call.read(), timeout_s)
+            reply = await read_within(self.call, timeout_s)
         except grpc.aio.AioRpcError as exc:
             raise self.client._error(exc) from exc
         except asyncio.InvalidStateError as exc:  # writing to a stream whose RPC already ended
