@@ -19,6 +19,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, DynamicCache, PreT
 from benchmarks import cpu
 from benchmarks.prompts import Prompt
 from benchmarks.results import Mode, VariantRun
+from specpipe.runtime import lean_gpt2
 from specpipe.sampling.params import SamplingParams
 from specpipe.sampling.processing import sampling_probs
 from specpipe.sampling.randomness import RandomStream, keyed_uniform, sample_from_probs
@@ -211,12 +212,20 @@ class Costs:
     context: int
     runs: int
     target_ms: float  # one new token
-    draft_ms: float  # one new token
+    draft_ms: float  # one new token, transformers' forward (what Hugging Face assisted generation runs)
     verify_ms: list[float]  # index k: k + 1 new tokens through the target
+    # One new token through the lean forward specpipe's draft workers run (None: no lean path for the draft).
+    lean_draft_ms: float | None = None
 
     @property
     def c(self) -> float:
         return self.draft_ms / self.target_ms
+
+    def c_of(self, family: str) -> float:
+        """c of a variant family: specpipe drafts with the lean forward where the draft has one."""
+        if family == "specpipe" and self.lean_draft_ms is not None:
+            return self.lean_draft_ms / self.target_ms
+        return self.c
 
     def v(self, k: float) -> float:
         """Verify cost of k + 1 tokens over one token's, linearly interpolated for a fractional (mean) k."""
@@ -233,6 +242,8 @@ class Costs:
             "target_ms": round(self.target_ms, 4),
             "draft_ms": round(self.draft_ms, 4),
             "c": round(self.c, 4),
+            "lean_draft_ms": None if self.lean_draft_ms is None else round(self.lean_draft_ms, 4),
+            "c_specpipe": round(self.c_of("specpipe"), 4),
             "verify_ms": [round(v, 4) for v in self.verify_ms],
             "v_k": [round(v / self.target_ms, 4) for v in self.verify_ms],
         }
@@ -248,7 +259,8 @@ def _timed_forward(model: torch.nn.Module, cache: DynamicCache, ids: torch.Tenso
 
 @torch.inference_mode()
 def measure_costs(pair: ModelPair, seed_ids: Sequence[int], context: int, max_k: int, runs: int) -> Costs:
-    """Target 1-token and (k+1)-token forwards and draft 1-token forwards after `context` cached tokens.
+    """Target 1-token and (k+1)-token forwards and draft 1-token forwards (transformers' and, where the draft
+    has one, the lean forward specpipe's draft workers run) after `context` cached tokens.
 
     The forwards are timed in alternation (one of each per run), so load from other processes hits all of
     them alike and their ratios (c, v_k) hold up better than the absolute milliseconds.
@@ -257,15 +269,26 @@ def measure_costs(pair: ModelPair, seed_ids: Sequence[int], context: int, max_k:
     history = torch.tensor([ids[:context]], dtype=torch.long)
     block = torch.tensor([ids[context:]], dtype=torch.long)  # [1, max_k + 1]
     caches = [m(input_ids=history, use_cache=True).past_key_values for m in (pair.target, pair.draft)]
+    lean = lean_gpt2.LeanGPT2(pair.draft) if lean_gpt2.supports(pair.draft) else None
+    lean_cache = lean.new_cache() if lean is not None else None
+    if lean is not None:
+        lean.forward(ids[:context], lean_cache, 1)
     verify: list[list[float]] = [[] for _ in range(max_k + 1)]
     draft: list[float] = []
+    lean_draft: list[float] = []
     warmup = 3
     for run in range(runs + warmup):
         times = [_timed_forward(pair.target, caches[0], block[:, : k + 1]) for k in range(max_k + 1)]
         d = _timed_forward(pair.draft, caches[1], block[:, :1])
+        if lean is not None:
+            started = time.perf_counter()
+            lean.forward(ids[context : context + 1], lean_cache, 1)
+            lean_draft.append((time.perf_counter() - started) * 1000.0)
+            lean_cache.crop(-1)
         if run >= warmup:
             for k, t in enumerate(times):
                 verify[k].append(t)
             draft.append(d)
     verify_ms = [statistics.median(v) for v in verify]
-    return Costs(context, runs, verify_ms[0], statistics.median(draft), verify_ms)
+    lean_ms = statistics.median(lean_draft[warmup:]) if lean_draft else None
+    return Costs(context, runs, verify_ms[0], statistics.median(draft), verify_ms, lean_ms)

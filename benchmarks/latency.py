@@ -399,7 +399,7 @@ def run_all(args: argparse.Namespace, out_dir: Path) -> dict[str, object]:
     costs = inprocess.measure_costs(st.pair, st.prompts[0].token_ids, context, max_k, args.cost_runs)
     progress(
         f"costs at {context} cached tokens: target {costs.target_ms:.3f} ms, draft {costs.draft_ms:.3f} ms "
-        f"(c = {costs.c:.3f}), v_4 = {costs.v(4):.2f}"
+        f"(c = {costs.c:.3f}; lean forward c = {costs.c_of('specpipe'):.3f}), v_4 = {costs.v(4):.2f}"
     )
     runs, round_trips, profiles, pilot = run_variants(st, out_dir)
     rows = [report.metrics(run, runs, costs) for run in runs]
@@ -461,7 +461,9 @@ def summary(payload: dict[str, object]) -> str:
         f"target {meta['target_model']}, draft {meta['draft_model']}; {meta['num_prompts']} prompts x "
         f"{meta['max_new_tokens']} new tokens, batch 1",
         f"costs at {costs['context_tokens']} cached tokens (median of {costs['runs']}): target "
-        f"{costs['target_ms']:.3f} ms, draft {costs['draft_ms']:.3f} ms, c = {costs['c']:.3f}, "
+        f"{costs['target_ms']:.3f} ms, draft {costs['draft_ms']:.3f} ms, c = {costs['c']:.3f} (hf); "
+        f"draft lean forward {costs.get('lean_draft_ms') or 0:.3f} ms, "
+        f"c = {costs.get('c_specpipe', costs['c']):.3f} (specpipe), "
         f"v_k (k=0..6) = {', '.join(f'{v:.2f}' for v in costs['v_k'][:7])}",
     ]
     pilot = dict(meta.get("pilot") or {})

@@ -38,6 +38,21 @@ def solve_alpha(mean_tokens: float, k: float) -> float:
     return (lo + hi) / 2
 
 
+def analytical_speedup(alpha: float, k: float, c: float, v: float, pipelined: bool) -> float:
+    """Tokens per target-forward time of ideal speculation (no overhead) over plain decoding's 1.
+
+    Sequential: a round drafts k tokens, then verifies them: E / (k c + v). Pipelined (specpipe's scheme): the
+    next block is drafted during the verify, assuming full acceptance and guessing the bonus token; that
+    block is usable with probability alpha^(k+1), and such a round costs max(v, (k + 1) c); otherwise the
+    round drafts on the critical path as a sequential one does.
+    """
+    tokens = expected_tokens(alpha, k)
+    if not pipelined:
+        return tokens / (k * c + v)
+    held = alpha ** (k + 1.0)
+    return tokens / (held * max(v, (k + 1.0) * c) + (1.0 - held) * (k * c + v))
+
+
 def best_baseline(runs: Sequence[VariantRun], mode: str) -> VariantRun | None:
     """The fastest plain in-process run of a mode: the honest baseline."""
     plain = [
@@ -83,7 +98,9 @@ def metrics(run: VariantRun, runs: Sequence[VariantRun], costs: Costs) -> dict[s
     alpha = solve_alpha(mean_tokens, mean_k) if run.drafted else None
     analytical = None
     if run.drafted is not None or run.family == "plain" or run.variant in ("hf-generate", "specpipe-k0"):
-        analytical = expected_tokens(alpha or 0.0, mean_k) / (mean_k * costs.c + costs.v(mean_k))
+        analytical = analytical_speedup(
+            alpha or 0.0, mean_k, costs.c_of(run.family), costs.v(mean_k), run.pipelined
+        )
     speedup = _ratio(rate, _rate(base))
     overhead_s = run.wall_s - run.target_forward_s - run.draft_forward_s
     row.update(

@@ -40,6 +40,7 @@ class VariantRun:
     target_forward_s: float = 0.0
     draft_forward_s: float = 0.0
     threads: int = 1
+    pipelined: bool = False  # specpipe drafting the next block during the verify
     error: str = ""
     # Background load accumulated over the timed calls (benchmarks.cpu): other processes' CPU seconds,
     # hypervisor steal seconds, and the wall seconds they were measured over.

@@ -180,6 +180,7 @@ class SpecpipeVariant:
     def new_run(self, mode: Mode) -> VariantRun:
         run = VariantRun(self.variant, mode.name, "specpipe", self.config.describe())
         run.drafted = run.accepted = 0
+        run.pipelined = self.config.pipelining
         return run
 
     def _request(self, i: int, n: int, mode: Mode) -> coordinator_pb2.GenerateRequest:
