@@ -1,0 +1,63 @@
+"""Where a worker runs model calls: inline on the event loop only when nothing runs on the model thread."""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+import time
+from collections.abc import Awaitable, Callable
+from concurrent.futures import ThreadPoolExecutor
+
+from specpipe.rpc.worker_servicer import INLINE_MAX_NEW_TOKENS, WorkerServicerBase
+
+
+def run(coro_fn: Callable[[WorkerServicerBase[object]], Awaitable[None]]) -> None:
+    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="model") as model_thread:
+        asyncio.run(coro_fn(WorkerServicerBase(model_thread)))
+
+
+def caller_thread(_: object) -> str:
+    return threading.current_thread().name
+
+
+def test_small_requests_run_inline_and_large_ones_on_the_model_thread() -> None:
+    async def scenario(servicer: WorkerServicerBase[object]) -> None:
+        main = threading.current_thread().name
+        assert await servicer.run_model(caller_thread, None, INLINE_MAX_NEW_TOKENS) == main
+        assert (await servicer.run_model(caller_thread, None, INLINE_MAX_NEW_TOKENS + 1)).startswith("model")
+        assert servicer.model_jobs == 0
+
+    run(scenario)
+
+
+def test_nothing_runs_inline_beside_a_model_thread_job_even_after_its_caller_gave_up() -> None:
+    async def scenario(servicer: WorkerServicerBase[object]) -> None:
+        release = threading.Event()
+        order: list[str] = []
+
+        def slow(_: object) -> None:
+            release.wait(5.0)
+            order.append("slow")
+
+        def small(_: object) -> str:
+            order.append("small")
+            return threading.current_thread().name
+
+        waiter = asyncio.ensure_future(servicer.run_model(slow, None, 1000))
+        await asyncio.sleep(0.05)
+        waiter.cancel()  # the stream went away; the forward itself still runs
+        await asyncio.gather(waiter, return_exceptions=True)
+        assert servicer.model_jobs == 1
+        queued = asyncio.ensure_future(servicer.run_model(small, None, 1))  # small, but must queue
+        await asyncio.sleep(0.05)
+        assert order == []
+        release.set()
+        assert (await queued).startswith("model")
+        assert order == ["slow", "small"]
+        deadline = time.monotonic() + 5.0
+        while servicer.model_jobs and time.monotonic() < deadline:
+            await asyncio.sleep(0.01)
+        assert servicer.model_jobs == 0
+        assert await servicer.run_model(caller_thread, None, 1) == threading.current_thread().name
+
+    run(scenario)
