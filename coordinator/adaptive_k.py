@@ -4,7 +4,8 @@ With per-token acceptance probability alpha, a round that drafts k tokens yields
 E(k) = (1 - alpha^(k+1)) / (1 - alpha) tokens (Leviathan et al. 2023) and costs
 T(k) = overhead + k * t_draft + t_verify(k), with t_verify(k) = verify_base + k * verify_token (measured).
 The policy picks the k in [0, max_k] maximising E(k) / T(k); k = 0 is plain decoding, chosen when the draft
-is too costly for its acceptance rate.
+is too costly for its acceptance rate. With pipelining, T(k) is the expected round time of the pipelined
+scheme (a fully accepted round's successor was drafted during its verify).
 
 The costs come from a profile measured once when the coordinator pairs with its workers, not from live
 timings, so the k schedule (and with it a seeded sampled output) depends only on the tokens, never on
@@ -46,12 +47,25 @@ class CostProfile:
         draft = k * self.draft_token_s
         return self.round_overhead_s + draft + self.verify_base_s + k * self.verify_token_s
 
+    def pipelined_round_time(self, k: int, alpha: float) -> float:
+        """Expected round time when the next block is drafted during the verify (assuming full acceptance
+        and guessing the bonus token): that block is usable with probability alpha^(k+1), and such a round
+        costs the longer of the verify and the k + 1 draft steps; other rounds draft first."""
+        verify = self.verify_base_s + k * self.verify_token_s
+        if k == 0:
+            return self.round_overhead_s + verify
+        held = alpha ** (k + 1)
+        hidden = max(verify, (k + 1) * self.draft_token_s)
+        return self.round_overhead_s + held * hidden + (1.0 - held) * (k * self.draft_token_s + verify)
 
-def best_draft_length(alpha: float, costs: CostProfile, max_k: int) -> int:
-    """argmax over k in [0, max_k] of E(k) / T(k); ties go to the smaller k."""
+
+def best_draft_length(alpha: float, costs: CostProfile, max_k: int, pipelined: bool = False) -> int:
+    """argmax over k in [0, max_k] of E(k) / T(k); ties go to the smaller k. With pipelining, T(k) is the
+    expected pipelined round time, so the (partly hidden) draft cost weighs less and k grows."""
     best_k, best_rate = 0, 0.0
     for k in range(max_k + 1):
-        rate = expected_tokens(alpha, k) / max(costs.round_time(k), 1e-9)
+        time = costs.pipelined_round_time(k, alpha) if pipelined else costs.round_time(k)
+        rate = expected_tokens(alpha, k) / max(time, 1e-9)
         if rate > best_rate * (1 + 1e-9):
             best_k, best_rate = k, rate
     return best_k
@@ -91,10 +105,13 @@ class AcceptanceEstimator:
 class DraftLengthPolicy:
     """k for each round of one request: fixed, or adaptive from the session's acceptance and the costs."""
 
-    def __init__(self, fixed_k: int | None, costs: CostProfile | None, max_k: int) -> None:
+    def __init__(
+        self, fixed_k: int | None, costs: CostProfile | None, max_k: int, pipelined: bool = False
+    ) -> None:
         self.fixed_k = fixed_k
         self.costs = costs
         self.max_k = max_k
+        self.pipelined = pipelined  # the coordinator drafts the next block during each verify
         self.acceptance = AcceptanceEstimator()
 
     @property
@@ -106,7 +123,7 @@ class DraftLengthPolicy:
             return self.fixed_k
         if self.costs is None:
             return self.max_k
-        k = best_draft_length(self.acceptance.alpha, self.costs, self.max_k)
+        k = best_draft_length(self.acceptance.alpha, self.costs, self.max_k, self.pipelined)
         # Keep probing with one token when plain decoding wins, so a session whose acceptance improves
         # (e.g. it reaches repetitive text) can return to speculation.
         return max(k, 1)

@@ -177,7 +177,9 @@ class SpeculativeGenerator:
         sid = session.session_id
         usage = Usage(prompt_tokens=len(session.history))
         detokenizer = IncrementalDetokenizer(self.tokenizer, stop=request.stop)
-        policy = DraftLengthPolicy(request.num_speculative_tokens, self.costs, self.max_speculative_tokens)
+        policy = DraftLengthPolicy(
+            request.num_speculative_tokens, self.costs, self.max_speculative_tokens, pipelined=self.pipelining
+        )
         generated: list[int] = []
         finish_reason = ""
         # A block drafted during the previous verify, valid if that verify accepted everything.

@@ -116,3 +116,30 @@ def test_block_prepared_during_verify_is_sized_for_the_next_round() -> None:
     assert k > 4
     fixed = DraftLengthPolicy(3, costs, max_k=16)
     assert fixed.next_k_if_accepted(3) == 3
+
+
+def test_pipelined_policy_maximises_the_pipelined_rate() -> None:
+    costs = CostProfile(draft_token_s=0.06, verify_base_s=1.0, verify_token_s=0.09, round_overhead_s=0.25)
+    # Hand-checked: at alpha = 0.9 and k = 4, a round is usable ahead with 0.9^5 = 0.59049; its draft
+    # (5 x 0.06 = 0.30) hides behind the verify (1.36), the others pay 4 x 0.06 = 0.24 on top.
+    assert costs.pipelined_round_time(4, 0.9) == pytest.approx(0.25 + 1.36 + (1 - 0.59049) * 0.24)
+    assert costs.pipelined_round_time(0, 0.9) == costs.round_time(0)
+    rates = [expected_tokens(0.9, k) / costs.pipelined_round_time(k, 0.9) for k in range(17)]
+    pipelined = best_draft_length(0.9, costs, 16, pipelined=True)
+    assert pipelined == max(range(17), key=rates.__getitem__)
+    assert rates[pipelined] > rates[best_draft_length(0.9, costs, 16)] or pipelined == best_draft_length(
+        0.9, costs, 16
+    )
+    # Pipelining makes drafting worth it where the sequential rule would decode plainly.
+    # (alpha = 0.45, c = 0.45, k = 1: sequential 1.45 / 1.45 = 1.0 is no gain; pipelined, the draft of the
+    # usable rounds (probability 0.2025) hides behind the verify: 1.45 / (1 + 0.7975 * 0.45) = 1.066.)
+    dear = CostProfile(draft_token_s=0.45, verify_base_s=1.0, verify_token_s=0.0, round_overhead_s=0.0)
+    assert best_draft_length(0.45, dear, 8) == 0
+    assert best_draft_length(0.45, dear, 8, pipelined=True) == 1
+    # A draft slower than the verify is not hidden: the round waits for it.
+    slow = CostProfile(draft_token_s=0.5, verify_base_s=1.0, verify_token_s=0.0, round_overhead_s=0.0)
+    assert slow.pipelined_round_time(3, 1.0) == pytest.approx(4 * 0.5)
+    policy = DraftLengthPolicy(None, costs, max_k=16, pipelined=True)
+    for _ in range(20):
+        policy.record(8, 8 if random.random() < 0.5 else 7)
+    assert policy.next_k() == best_draft_length(policy.acceptance.alpha, costs, 16, pipelined=True)
