@@ -20,6 +20,7 @@ from benchmarks import cpu
 from benchmarks.prompts import Prompt
 from benchmarks.results import Mode, VariantRun
 from specpipe.runtime import lean_gpt2
+from specpipe.runtime.model_runner import cache_argument
 from specpipe.sampling.params import SamplingParams
 from specpipe.sampling.processing import sampling_probs
 from specpipe.sampling.randomness import RandomStream, keyed_uniform, sample_from_probs
@@ -103,10 +104,11 @@ def plain_decode(
     """One target forward per token on a DynamicCache. Sampling draws exactly as specpipe's k = 0 does:
     `sampling_probs`, then an inverse-CDF draw with the keyed uniform (seed, position, TARGET_SAMPLE)."""
     cache = DynamicCache(config=model.config)
+    with_cache = {cache_argument(model): cache}  # looked up once: not inside the timed loop
     feed = torch.tensor([list(prompt)], dtype=torch.long)
     out: list[int] = []
     for _ in range(max_new):
-        logits = model(input_ids=feed, past_key_values=cache, use_cache=True, logits_to_keep=1).logits[0, -1:]
+        logits = model(input_ids=feed, use_cache=True, logits_to_keep=1, **with_cache).logits[0, -1:]
         if params.is_greedy:
             token = int(logits.argmax())
         else:
@@ -250,8 +252,9 @@ class Costs:
 
 
 def _timed_forward(model: torch.nn.Module, cache: DynamicCache, ids: torch.Tensor) -> float:
+    with_cache = {cache_argument(model): cache}
     started = time.perf_counter()
-    model(input_ids=ids, past_key_values=cache, use_cache=True)
+    model(input_ids=ids, use_cache=True, **with_cache)
     elapsed = time.perf_counter() - started
     cache.crop(-ids.shape[1])  # negative: drop the tokens just appended
     return elapsed * 1000.0

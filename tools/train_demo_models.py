@@ -39,6 +39,7 @@ import torch
 import torch.nn.functional as F  # noqa: N812
 
 from specpipe.models.bpe_tokenizer import EOS_TOKEN, train_bpe_tokenizer
+from specpipe.runtime.model_runner import cache_argument
 
 logger = logging.getLogger("train_demo_models")
 
@@ -418,9 +419,10 @@ def forward_costs_ms(
     for model in models:
         cache = model(input_ids=ids[:, :-1], use_cache=True).past_key_values
         times = []
+        with_cache = {cache_argument(model): cache}
         for i in range(runs + 10):
             t0 = time.perf_counter()
-            model(input_ids=last, past_key_values=cache, use_cache=True)
+            model(input_ids=last, use_cache=True, **with_cache)
             dt = time.perf_counter() - t0
             cache.crop(-1)  # drop the token just appended (transformers 5: negative = tokens to remove)
             if i >= 10:

@@ -24,6 +24,12 @@ logger = logging.getLogger(__name__)
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
 
+def cache_argument(model: torch.nn.Module) -> str:
+    """The name of the KV-cache argument of the model's forward: transformers 5.x renamed `past_key_values`
+    to `cache` (the old name warns from 5.24 on and goes away in 5.40)."""
+    return "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
+
+
 @dataclass(frozen=True, slots=True)
 class ForwardResult:
     logits: torch.Tensor  # [num_rows, vocab_size] float32, on the CPU
@@ -57,9 +63,7 @@ class CausalLMRunner:
         self.vocab_size = int(model.get_output_embeddings().weight.shape[0])
         # The lean path where asked for and the architecture has one (else transformers' forward).
         self.lean = lean_gpt2.LeanGPT2(model) if lean_forward and lean_gpt2.supports(model) else None
-        # transformers 5.x renamed the cache argument of forward (`past_key_values` warns from 5.24 on).
-        parameters = inspect.signature(model.forward).parameters
-        self._cache_kwarg = "cache" if "cache" in parameters else "past_key_values"
+        self._cache_kwarg = cache_argument(model)
 
     @classmethod
     def from_config(cls, config: WorkerConfig) -> CausalLMRunner:
