@@ -106,7 +106,9 @@ class ModelDrafter:
             else:
                 probs = sampling_probs(result.logits, sampling)[0]  # [vocab_size]
                 token = sample_draft_token(probs, position, sampling.seed, is_greedy=False)
-                draft_probs.append(compact_support(probs))
+                # Untruncated q is dense (softmax leaves no zeros worth dropping): skip the support search.
+                dense = sampling.top_k == 0 and sampling.top_p >= 1.0
+                draft_probs.append(([], probs) if dense else compact_support(probs))
             proposed.append(token)
             ids.append(token)
         return DraftProposal(

@@ -11,7 +11,7 @@ from specpipe.errors import InvalidArgumentError
 from specpipe.runtime.model_runner import CausalLMRunner
 from specpipe.runtime.stream_history import StreamHistory, resolve_history
 from specpipe.sampling.coupled import verify_coupled
-from specpipe.sampling.draft_sampling import expand_distribution
+from specpipe.sampling.draft_sampling import expand_distributions
 from specpipe.sampling.params import SamplingParams
 from specpipe.sampling.processing import sampling_probs
 from specpipe.sampling.rejection_sampler import verify_draft, verify_greedy
@@ -124,12 +124,7 @@ class Verifier:
             )
         draft_probs = None
         if block.draft_probs is not None:
-            draft_probs = torch.stack(
-                [
-                    expand_distribution(ids_, probs, self.runner.vocab_size)
-                    for ids_, probs in block.draft_probs
-                ]
-            )  # [k, vocab_size]
+            draft_probs = expand_distributions(block.draft_probs, self.runner.vocab_size)  # [k, vocab_size]
         outcome = verify_draft(
             target_probs,
             list(block.draft_token_ids),

@@ -12,7 +12,12 @@ from transformers.generation.logits_process import (
 )
 
 from specpipe.errors import InvalidArgumentError
-from specpipe.sampling.draft_sampling import compact_distribution, expand_distribution
+from specpipe.sampling.draft_sampling import (
+    compact_distribution,
+    compact_support,
+    expand_distribution,
+    expand_distributions,
+)
 from specpipe.sampling.params import SamplingParams
 from specpipe.sampling.processing import sampling_probs
 
@@ -195,3 +200,31 @@ def test_expand_rejects_bad_input(
 ) -> None:
     with pytest.raises(InvalidArgumentError, match=message):
         expand_distribution(token_ids, probs, vocab_size)
+
+
+def test_expand_distributions_checks_a_dense_block_at_once_like_row_by_row() -> None:
+    dense = [
+        sampling_probs(_random_logits(1, seed=20 + i), SamplingParams(temperature=1.0))[0] for i in range(3)
+    ]
+    sparse = compact_support(
+        sampling_probs(_random_logits(1, seed=30), SamplingParams(temperature=1.0, top_k=4))[0]
+    )
+    rows = [([], q) for q in dense]
+    assert torch.equal(expand_distributions(rows, VOCAB_SIZE), torch.stack(dense))
+    mixed = [*rows, sparse]  # not all dense: row by row
+    expected = torch.stack([*dense, expand_distribution(*sparse, VOCAB_SIZE)])
+    assert torch.equal(expand_distributions(mixed, VOCAB_SIZE), expected)
+    negative = dense[1].clone()
+    negative[3] = -0.5
+    for bad_rows, message in (
+        (
+            [rows[0], ([], dense[1][:-1])],
+            "dense draft distribution has 96 probabilities, expected vocab_size=97",
+        ),
+        ([rows[0], ([], negative)], "finite and non-negative"),
+        ([rows[0], ([], torch.full((VOCAB_SIZE,), float("nan")))], "finite and non-negative"),
+    ):
+        with pytest.raises(InvalidArgumentError, match=message):
+            expand_distributions(bad_rows, VOCAB_SIZE)
+        with pytest.raises(InvalidArgumentError, match=message):
+            torch.stack([expand_distribution(ids, values, VOCAB_SIZE) for ids, values in bad_rows])

@@ -19,7 +19,7 @@ import torch
 from specpipe.errors import InvalidArgumentError
 from specpipe.sampling.randomness import RandomStream, keyed_uniform, sample_from_probs
 
-__all__ = ["compact_distribution", "expand_distribution", "sample_draft_token"]
+__all__ = ["compact_distribution", "expand_distribution", "expand_distributions", "sample_draft_token"]
 
 
 def sample_draft_token(
@@ -95,3 +95,25 @@ def expand_distribution(
     dense = torch.zeros(vocab_size, dtype=torch.float32)
     dense[ids] = values
     return dense
+
+
+def expand_distributions(
+    distributions: Sequence[tuple[Sequence[int], Sequence[float] | torch.Tensor]],
+    vocab_size: int,
+) -> torch.Tensor:  # [k, vocab_size] float32
+    """`expand_distribution` of each (token_ids, probs) pair, stacked. The usual case, every row dense
+    tensors (sampling without top-k/top-p), is checked once for the whole block instead of row by row,
+    which saves a handful of tensor ops per draft token; the checks and errors are the same."""
+    rows = list(distributions)
+    if rows and all(len(ids) == 0 and isinstance(values, torch.Tensor) for ids, values in rows):
+        for _, values in rows:
+            if values.numel() != vocab_size:
+                raise InvalidArgumentError(
+                    f"dense draft distribution has {values.numel()} probabilities, "
+                    f"expected vocab_size={vocab_size}"
+                )
+        stacked = torch.stack([values.to(torch.float32).flatten() for _, values in rows])  # [k, vocab_size]
+        if not bool(torch.isfinite(stacked).all()) or bool((stacked < 0).any()):
+            raise InvalidArgumentError("draft probabilities must be finite and non-negative")
+        return stacked
+    return torch.stack([expand_distribution(ids, values, vocab_size) for ids, values in rows])
