@@ -14,7 +14,7 @@ from specpipe.sampling.coupled import verify_coupled
 from specpipe.sampling.draft_sampling import expand_distributions
 from specpipe.sampling.params import SamplingParams
 from specpipe.sampling.processing import sampling_probs
-from specpipe.sampling.rejection_sampler import verify_draft, verify_greedy
+from specpipe.sampling.rejection_sampler import rejection_sample, verify_greedy
 from specpipe.v1 import common_pb2, target_pb2
 
 
@@ -102,37 +102,26 @@ class Verifier:
         result = self.runner.forward(block.session_id, ids, num_rows=k + 1)
         if block.sampling.is_greedy:
             # Only the argmax matters, and the logits' is the one-hot p's: skip building p.
-            greedy = verify_greedy(result.logits, block.draft_token_ids)
-            return Verdict(
-                greedy.num_accepted,
-                greedy.next_token_id,
-                greedy.recovered,
-                result.forward_ns,
-                result.cached_tokens,
-            )
-        target_probs = sampling_probs(result.logits, block.sampling)  # [k + 1, vocab_size]
-        if block.sampling.acceptance == "coupled":
-            outcome = verify_coupled(
-                target_probs, list(block.draft_token_ids), len(block.token_ids), block.sampling.seed
-            )
-            return Verdict(
-                outcome.num_accepted,
-                outcome.next_token_id,
-                outcome.recovered,
-                result.forward_ns,
-                result.cached_tokens,
-            )
-        draft_probs = None
-        if block.draft_probs is not None:
-            draft_probs = expand_distributions(block.draft_probs, self.runner.vocab_size)  # [k, vocab_size]
-        outcome = verify_draft(
-            target_probs,
-            list(block.draft_token_ids),
-            draft_probs,
-            first_position=len(block.token_ids),
-            seed=block.sampling.seed,
-            is_greedy=False,
-        )
+            outcome = verify_greedy(result.logits, block.draft_token_ids)
+        else:
+            target_probs = sampling_probs(result.logits, block.sampling)  # [k + 1, vocab_size]
+            if block.sampling.acceptance == "coupled":
+                outcome = verify_coupled(
+                    target_probs, list(block.draft_token_ids), len(block.token_ids), block.sampling.seed
+                )
+            else:
+                draft_probs = None
+                if block.draft_probs is not None:
+                    draft_probs = expand_distributions(
+                        block.draft_probs, self.runner.vocab_size
+                    )  # [k, vocab]
+                outcome = rejection_sample(
+                    target_probs,
+                    list(block.draft_token_ids),
+                    draft_probs,
+                    first_position=len(block.token_ids),
+                    seed=block.sampling.seed,
+                )
         return Verdict(
             num_accepted=outcome.num_accepted,
             next_token_id=outcome.next_token_id,
