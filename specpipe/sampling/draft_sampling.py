@@ -70,14 +70,9 @@ def expand_distribution(
         values = probs.to(torch.float32).flatten()  # [len(probs)]
     else:
         values = torch.tensor(list(probs), dtype=torch.float32)  # [len(probs)]
-    if not bool(torch.isfinite(values).all()) or bool((values < 0).any()):
-        raise InvalidArgumentError("draft probabilities must be finite and non-negative")
+    _check_probabilities(values)
     if len(token_ids) == 0:
-        if values.numel() != vocab_size:
-            raise InvalidArgumentError(
-                f"dense draft distribution has {values.numel()} probabilities, "
-                f"expected vocab_size={vocab_size}"
-            )
+        _check_dense_size(values, vocab_size)
         return values
     if len(token_ids) != values.numel():
         raise InvalidArgumentError(
@@ -107,13 +102,20 @@ def expand_distributions(
     rows = list(distributions)
     if rows and all(len(ids) == 0 and isinstance(values, torch.Tensor) for ids, values in rows):
         for _, values in rows:
-            if values.numel() != vocab_size:
-                raise InvalidArgumentError(
-                    f"dense draft distribution has {values.numel()} probabilities, "
-                    f"expected vocab_size={vocab_size}"
-                )
+            _check_dense_size(values, vocab_size)
         stacked = torch.stack([values.to(torch.float32).flatten() for _, values in rows])  # [k, vocab_size]
-        if not bool(torch.isfinite(stacked).all()) or bool((stacked < 0).any()):
-            raise InvalidArgumentError("draft probabilities must be finite and non-negative")
+        _check_probabilities(stacked)
         return stacked
     return torch.stack([expand_distribution(ids, values, vocab_size) for ids, values in rows])
+
+
+def _check_probabilities(values: torch.Tensor) -> None:
+    if not bool(torch.isfinite(values).all()) or bool((values < 0).any()):
+        raise InvalidArgumentError("draft probabilities must be finite and non-negative")
+
+
+def _check_dense_size(values: torch.Tensor, vocab_size: int) -> None:
+    if values.numel() != vocab_size:
+        raise InvalidArgumentError(
+            f"dense draft distribution has {values.numel()} probabilities, expected vocab_size={vocab_size}"
+        )
