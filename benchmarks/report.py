@@ -9,6 +9,7 @@ from pathlib import Path
 
 from benchmarks.inprocess import Costs
 from benchmarks.results import VariantRun
+from coordinator.adaptive_k import pipelined_model_time
 
 BASELINE_VARIANTS = ("plain-1t", "plain-2t")
 HF_ASSISTED = "hf-assisted"
@@ -41,16 +42,14 @@ def solve_alpha(mean_tokens: float, k: float) -> float:
 def analytical_speedup(alpha: float, k: float, c: float, v: float, pipelined: bool) -> float:
     """Tokens per target-forward time of ideal speculation (no overhead) over plain decoding's 1.
 
-    Sequential: a round drafts k tokens, then verifies them: E / (k c + v). Pipelined (specpipe's scheme): the
-    next block is drafted during the verify, assuming full acceptance and guessing the bonus token; that
-    block is usable with probability alpha^(k+1), and such a round costs max(v, (k + 1) c); otherwise the
-    round drafts on the critical path as a sequential one does.
+    Sequential: a round drafts k tokens, then verifies them: E / (k c + v). Pipelined (specpipe's scheme):
+    E / the expected pipelined round time, the same model the adaptive-k policy uses
+    (`coordinator.adaptive_k.pipelined_model_time`).
     """
     tokens = expected_tokens(alpha, k)
     if not pipelined:
         return tokens / (k * c + v)
-    held = alpha ** (k + 1.0)
-    return tokens / (held * max(v, (k + 1.0) * c) + (1.0 - held) * (k * c + v))
+    return tokens / pipelined_model_time(k, alpha, c, v)
 
 
 def best_baseline(runs: Sequence[VariantRun], mode: str) -> VariantRun | None:

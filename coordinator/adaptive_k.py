@@ -48,15 +48,20 @@ class CostProfile:
         return self.round_overhead_s + draft + self.verify_base_s + k * self.verify_token_s
 
     def pipelined_round_time(self, k: int, alpha: float) -> float:
-        """Expected round time when the next block is drafted during the verify (assuming full acceptance
-        and guessing the bonus token): that block is usable with probability alpha^(k+1), and such a round
-        costs the longer of the verify and the k + 1 draft steps; other rounds draft first."""
+        """Expected round time when the next block is drafted during the verify (`pipelined_model_time`)."""
         verify = self.verify_base_s + k * self.verify_token_s
-        if k == 0:
-            return self.round_overhead_s + verify
-        held = alpha ** (k + 1)
-        hidden = max(verify, (k + 1) * self.draft_token_s)
-        return self.round_overhead_s + held * hidden + (1.0 - held) * (k * self.draft_token_s + verify)
+        return self.round_overhead_s + pipelined_model_time(k, alpha, self.draft_token_s, verify)
+
+
+def pipelined_model_time(k: float, alpha: float, draft: float, verify: float) -> float:
+    """Expected model time of a round of k draft tokens (k may be a mean) when the next block is drafted
+    during the verify, assuming full acceptance and guessing the bonus token: that block is usable with
+    probability alpha^(k+1), and such a round costs the longer of the verify and the k + 1 draft steps;
+    the other rounds draft first. `draft` is one draft step, `verify` the verify of the k tokens."""
+    if k <= 0:
+        return verify
+    held = alpha ** (k + 1.0)
+    return held * max(verify, (k + 1.0) * draft) + (1.0 - held) * (k * draft + verify)
 
 
 def best_draft_length(alpha: float, costs: CostProfile, max_k: int, pipelined: bool = False) -> int:
