@@ -64,6 +64,9 @@ class CausalLMRunner:
         # The lean path where asked for and the architecture has one (else transformers' forward).
         self.lean = lean_gpt2.LeanGPT2(model) if lean_forward and lean_gpt2.supports(model) else None
         self._cache_kwarg = cache_argument(model)
+        # Only the last num_rows positions need logits: on a prefill the LM head over every prompt position
+        # is ~10% of the forward. Architectures without the argument compute them all and we slice.
+        self._keeps_logits = "logits_to_keep" in inspect.signature(model.forward).parameters
 
     @classmethod
     def from_config(cls, config: WorkerConfig) -> CausalLMRunner:
@@ -156,7 +159,9 @@ class CausalLMRunner:
                 logits = self.lean.forward(ids[reuse:], entry.past, num_rows).cpu()  # [num_rows, vocab_size]
             else:
                 new_ids = torch.tensor([ids[reuse:]], dtype=torch.long, device=self.device)  # [1, n_new]
-                kwargs = {self._cache_kwarg: entry.past}
+                kwargs: dict[str, object] = {self._cache_kwarg: entry.past}
+                if self._keeps_logits:
+                    kwargs["logits_to_keep"] = num_rows
                 out = self.model(input_ids=new_ids, use_cache=True, **kwargs)
                 logits = out.logits[0, -num_rows:, :].float().cpu()  # [num_rows, vocab_size]
         except BaseException:
