@@ -218,6 +218,13 @@ class Costs:
     verify_ms: list[float]  # index k: k + 1 new tokens through the target
     # One new token through the lean forward specpipe's draft workers run (None: no lean path for the draft).
     lean_draft_ms: float | None = None
+    # Prefill of a prompt of `prefill_tokens` (the prompts' mean length) into an empty cache: the target, the
+    # draft through transformers and through the lean forward. Every variant pays the target's once per
+    # request, speculative ones the draft's too (0: not measured).
+    prefill_tokens: int = 0
+    target_prefill_ms: float = 0.0
+    draft_prefill_ms: float = 0.0
+    lean_draft_prefill_ms: float | None = None
 
     @property
     def c(self) -> float:
@@ -228,6 +235,14 @@ class Costs:
         if family == "specpipe" and self.lean_draft_ms is not None:
             return self.lean_draft_ms / self.target_ms
         return self.c
+
+    def prefill_steps(self, family: str) -> tuple[float, float]:
+        """(target prefill, draft prefill) in target steps (one new token's forward), the draft's through the
+        forward the variant family runs (as `c_of`)."""
+        draft_ms = self.draft_prefill_ms
+        if family == "specpipe" and self.lean_draft_prefill_ms is not None:
+            draft_ms = self.lean_draft_prefill_ms
+        return self.target_prefill_ms / self.target_ms, draft_ms / self.target_ms
 
     def v(self, k: float) -> float:
         """Verify cost of k + 1 tokens over one token's, linearly interpolated for a fractional (mean) k."""
@@ -248,6 +263,12 @@ class Costs:
             "c_specpipe": round(self.c_of("specpipe"), 4),
             "verify_ms": [round(v, 4) for v in self.verify_ms],
             "v_k": [round(v / self.target_ms, 4) for v in self.verify_ms],
+            "prefill_tokens": self.prefill_tokens,
+            "target_prefill_ms": round(self.target_prefill_ms, 4),
+            "draft_prefill_ms": round(self.draft_prefill_ms, 4),
+            "lean_draft_prefill_ms": (
+                None if self.lean_draft_prefill_ms is None else round(self.lean_draft_prefill_ms, 4)
+            ),
         }
 
 
@@ -260,10 +281,52 @@ def _timed_forward(model: torch.nn.Module, cache: DynamicCache, ids: torch.Tenso
     return elapsed * 1000.0
 
 
+def _timed_prefill(model: torch.nn.Module, ids: torch.Tensor) -> float:
+    """A prompt into an empty cache, logits for its last position only (as plain decoding prefills)."""
+    started = time.perf_counter()
+    model(input_ids=ids, use_cache=True, logits_to_keep=1)
+    return (time.perf_counter() - started) * 1000.0
+
+
 @torch.inference_mode()
-def measure_costs(pair: ModelPair, seed_ids: Sequence[int], context: int, max_k: int, runs: int) -> Costs:
+def measure_prefills(
+    pair: ModelPair, prompt_ids: Sequence[int], runs: int
+) -> tuple[float, float, float | None]:
+    """Median ms of prefilling `prompt_ids` through the target, the draft and the draft's lean forward, timed
+    in alternation like `measure_costs`."""
+    ids = torch.tensor([list(prompt_ids)], dtype=torch.long)
+    lean = lean_gpt2.LeanGPT2(pair.draft) if lean_gpt2.supports(pair.draft) else None
+    target: list[float] = []
+    draft: list[float] = []
+    lean_draft: list[float] = []
+    for run in range(runs + 1):  # the first run warms up
+        t, d = _timed_prefill(pair.target, ids), _timed_prefill(pair.draft, ids)
+        if lean is not None:
+            cache = lean.new_cache()
+            started = time.perf_counter()
+            lean.forward(list(prompt_ids), cache, 1)
+            lean_ms = (time.perf_counter() - started) * 1000.0
+        if run:
+            target.append(t)
+            draft.append(d)
+            if lean is not None:
+                lean_draft.append(lean_ms)
+    lean_median = statistics.median(lean_draft) if lean_draft else None
+    return statistics.median(target), statistics.median(draft), lean_median
+
+
+@torch.inference_mode()
+def measure_costs(
+    pair: ModelPair,
+    seed_ids: Sequence[int],
+    context: int,
+    max_k: int,
+    runs: int,
+    prefill_tokens: int = 0,
+) -> Costs:
     """Target 1-token and (k+1)-token forwards and draft 1-token forwards (transformers' and, where the draft
-    has one, the lean forward specpipe's draft workers run) after `context` cached tokens.
+    has one, the lean forward specpipe's draft workers run) after `context` cached tokens, and (when
+    `prefill_tokens` > 0) the prefill of a prompt that long.
 
     The forwards are timed in alternation (one of each per run), so load from other processes hits all of
     them alike and their ratios (c, v_k) hold up better than the absolute milliseconds.
@@ -294,4 +357,11 @@ def measure_costs(pair: ModelPair, seed_ids: Sequence[int], context: int, max_k:
             draft.append(d)
     verify_ms = [statistics.median(v) for v in verify]
     lean_ms = statistics.median(lean_draft[warmup:]) if lean_draft else None
-    return Costs(context, runs, verify_ms[0], statistics.median(draft), verify_ms, lean_ms)
+    prefills: tuple[float, float, float | None] = (0.0, 0.0, None)
+    if prefill_tokens > 0:
+        # A prefill costs ~8 target steps: a third of the runs pins its median down well enough.
+        prompt = (list(seed_ids) * (prefill_tokens // max(1, len(seed_ids)) + 1))[:prefill_tokens]
+        prefills = measure_prefills(pair, prompt, max(3, runs // 3))
+    return Costs(
+        context, runs, verify_ms[0], statistics.median(draft), verify_ms, lean_ms, prefill_tokens, *prefills
+    )

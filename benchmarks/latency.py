@@ -396,10 +396,13 @@ def run_all(args: argparse.Namespace, out_dir: Path) -> dict[str, object]:
     lengths = [len(p.token_ids) for p in st.prompts]
     context = args.cost_context or int(statistics.mean(lengths)) + args.max_new_tokens // 2
     max_k = max([args.max_speculative_tokens, *st.fixed_ks])
-    costs = inprocess.measure_costs(st.pair, st.prompts[0].token_ids, context, max_k, args.cost_runs)
+    costs = inprocess.measure_costs(
+        st.pair, st.prompts[0].token_ids, context, max_k, args.cost_runs, int(statistics.mean(lengths))
+    )
     progress(
         f"costs at {context} cached tokens: target {costs.target_ms:.3f} ms, draft {costs.draft_ms:.3f} ms "
-        f"(c = {costs.c:.3f}; lean forward c = {costs.c_of('specpipe'):.3f}), v_4 = {costs.v(4):.2f}"
+        f"(c = {costs.c:.3f}; lean forward c = {costs.c_of('specpipe'):.3f}), v_4 = {costs.v(4):.2f}; "
+        f"prefill of {costs.prefill_tokens} tokens: target {costs.target_prefill_ms:.1f} ms"
     )
     runs, round_trips, profiles, pilot = run_variants(st, out_dir)
     rows = [report.metrics(run, runs, costs) for run in runs]
@@ -466,6 +469,12 @@ def summary(payload: dict[str, object]) -> str:
         f"c = {costs.get('c_specpipe', costs['c']):.3f} (specpipe), "
         f"v_k (k=0..6) = {', '.join(f'{v:.2f}' for v in costs['v_k'][:7])}",
     ]
+    if costs.get("prefill_tokens"):
+        parts.append(
+            f"prefill of {costs['prefill_tokens']} tokens (the prompts' mean): target "
+            f"{costs['target_prefill_ms']:.1f} ms, draft {costs['draft_prefill_ms']:.1f} ms (hf), "
+            f"lean {costs.get('lean_draft_prefill_ms') or 0:.1f} ms (specpipe)"
+        )
     pilot = dict(meta.get("pilot") or {})
     method = "variants interleaved prompt by prompt (rotating order)"
     if pilot:

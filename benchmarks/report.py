@@ -52,6 +52,23 @@ def analytical_speedup(alpha: float, k: float, c: float, v: float, pipelined: bo
     return tokens / pipelined_model_time(k, alpha, c, v)
 
 
+def request_speedup(
+    steady: float, new_tokens: float, first_round_tokens: float, target_prefill: float, draft_prefill: float
+) -> float:
+    """The analytical speedup of a whole request of `new_tokens` (`steady` is the per-token speedup of
+    `analytical_speedup`), times in target steps (one new token's target forward).
+
+    Plain decoding: the prompt's prefill, which yields the first token, then a step per token:
+    target_prefill + new_tokens - 1. Ideal speculation: both prefills (the draft has to read the prompt before
+    the first block; the target's prefill also verifies that block, at no extra cost here, and yields
+    `first_round_tokens`), then the remaining tokens at `steady` tokens per step. Both pay the same target
+    prefill, so the bound sits below `steady` by more the shorter the request.
+    """
+    plain = target_prefill + max(new_tokens - 1.0, 0.0)
+    speculative = draft_prefill + target_prefill + max(new_tokens - first_round_tokens, 0.0) / steady
+    return plain / speculative if speculative > 0 else steady
+
+
 def best_baseline(runs: Sequence[VariantRun], mode: str) -> VariantRun | None:
     """The fastest plain in-process run of a mode: the honest baseline."""
     plain = [
@@ -95,13 +112,25 @@ def metrics(run: VariantRun, runs: Sequence[VariantRun], costs: Costs) -> dict[s
     mean_tokens = run.tokens / passes
     mean_k = (run.drafted or 0) / passes
     alpha = solve_alpha(mean_tokens, mean_k) if run.drafted else None
-    analytical = None
+    prompts = max(len(run.outputs), 1)
+    target_prefill, draft_prefill = costs.prefill_steps(run.family)
+    if not run.drafted:
+        draft_prefill = 0.0  # nothing was drafted: the draft never read the prompt
+    steady = analytical = None
     if run.drafted is not None or run.family == "plain" or run.variant in ("hf-generate", "specpipe-k0"):
-        analytical = analytical_speedup(
+        steady = analytical_speedup(
             alpha or 0.0, mean_k, costs.c_of(run.family), costs.v(mean_k), run.pipelined
         )
+        analytical = request_speedup(steady, run.tokens / prompts, mean_tokens, target_prefill, draft_prefill)
     speedup = _ratio(rate, _rate(base))
     overhead_s = run.wall_s - run.target_forward_s - run.draft_forward_s
+    # Target forward time per pass after the prompt's (one per prompt, taken out at its measured cost), over
+    # what the cost measurement predicts for it: v(k̄) target steps.
+    steady_passes, steady_forward_s = passes, run.target_forward_s
+    if passes > prompts:
+        steady_passes -= prompts
+        steady_forward_s -= prompts * costs.target_prefill_ms / 1000.0
+    predicted_pass_s = costs.v(mean_k) * costs.target_ms / 1000.0
     row.update(
         tokens=run.tokens,
         wall_s=run.wall_s,
@@ -118,8 +147,8 @@ def metrics(run: VariantRun, runs: Sequence[VariantRun], costs: Costs) -> dict[s
         target_forward_s=run.target_forward_s,
         draft_forward_s=run.draft_forward_s,
         overhead_ms_per_round=overhead_s / passes * 1000.0,
-        # Target forward time per pass over what the in-process cost measurement predicts for that block.
-        target_forward_inflation=run.target_forward_s * 1000.0 / passes / (costs.v(mean_k) * costs.target_ms),
+        target_forward_inflation=steady_forward_s / steady_passes / predicted_pass_s,
+        steady_state_speedup=steady,
         analytical_speedup=analytical,
         efficiency=_ratio(speedup, analytical),
         background_other_cores=None if (bg := run.background_cores()) is None else bg[0],

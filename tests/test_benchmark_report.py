@@ -1,0 +1,74 @@
+"""The benchmark's derived metrics on hand-computed cases: alpha from the mean accepted length, the analytical
+bound per token and per request (prefills included), efficiency and target-forward inflation."""
+
+from __future__ import annotations
+
+import pytest
+
+from benchmarks.inprocess import Costs
+from benchmarks.report import analytical_speedup, expected_tokens, metrics, request_speedup, solve_alpha
+from benchmarks.results import VariantRun
+
+# target step 10 ms; draft 1 ms (c = 0.1); verify of k + 1 tokens: 10 + 2k ms; prefills 80 / 5 / 4 ms.
+COSTS = Costs(
+    context=100,
+    runs=3,
+    target_ms=10.0,
+    draft_ms=1.0,
+    verify_ms=[10.0 + 2.0 * k for k in range(9)],
+    lean_draft_ms=0.5,
+    prefill_tokens=120,
+    target_prefill_ms=80.0,
+    draft_prefill_ms=5.0,
+    lean_draft_prefill_ms=4.0,
+)
+
+
+def test_solve_alpha_inverts_expected_tokens() -> None:
+    for alpha in (0.3, 0.7, 0.95):
+        assert solve_alpha(expected_tokens(alpha, 4), 4) == pytest.approx(alpha, abs=1e-9)
+    assert solve_alpha(1.0, 4) == 0.0 and solve_alpha(5.0, 4) == 1.0
+
+
+def test_sequential_bound_is_expected_tokens_over_round_cost() -> None:
+    # alpha 0.5, k 2: E = 1.75; the round costs 2 * 0.1 + 1.4 = 1.6 target steps.
+    assert analytical_speedup(0.5, 2, 0.1, 1.4, pipelined=False) == pytest.approx(1.75 / 1.6)
+
+
+def test_request_bound_pays_both_prefills_once() -> None:
+    # 129 new tokens, steady 2.0, the first round yields 5: plain 8 + 128 = 136 steps, speculation
+    # 0.5 + 8 + (129 - 5) / 2 = 70.5 steps.
+    assert request_speedup(2.0, 129, 5, 8.0, 0.5) == pytest.approx(136 / 70.5)
+    # Without prefills and with a one-token first round it is the steady-state speedup.
+    assert request_speedup(2.0, 129, 1, 0.0, 0.0) == pytest.approx(2.0)
+    # Plain decoding through the formula: exactly 1.
+    assert request_speedup(1.0, 129, 1, 8.0, 0.0) == pytest.approx(1.0)
+
+
+def _run(variant: str, family: str, wall_s: float, passes: int, target_s: float, **kw: object) -> VariantRun:
+    run = VariantRun(variant, "greedy", family, "", wall_s=wall_s, target_passes=passes, **kw)  # type: ignore[arg-type]
+    run.outputs = [[1] * 64, [1] * 64]
+    run.target_forward_s = target_s
+    return run
+
+
+def test_metrics_use_the_request_bound_and_take_prefills_out_of_the_inflation() -> None:
+    # Plain: 2 prompts x 64 tokens; 2 prefills (160 ms) + 126 steps (1260 ms) = 1.42 s of target forwards.
+    plain = _run("plain-1t", "plain", 1.5, 128, 1.42)
+    # specpipe, k = 4 on each of its 32 passes (2 of them prefills), 128 tokens: E = 4.
+    spec = _run("specpipe-k4", "specpipe", 0.8, 32, 0.08 * 2 + 30 * 0.018 * 1.25, drafted=128, accepted=96)
+    runs = [plain, spec]
+    plain_row, spec_row = metrics(plain, runs, COSTS), metrics(spec, runs, COSTS)
+    assert plain_row["analytical_speedup"] == pytest.approx(1.0)
+    assert plain_row["target_forward_inflation"] == pytest.approx(1.0)
+
+    alpha = solve_alpha(4.0, 4.0)
+    steady = analytical_speedup(alpha, 4.0, 0.05, 1.8, pipelined=False)
+    assert spec_row["steady_state_speedup"] == pytest.approx(steady)
+    assert spec_row["analytical_speedup"] == pytest.approx(request_speedup(steady, 64, 4.0, 8.0, 0.4))
+    assert spec_row["analytical_speedup"] < steady
+    assert spec_row["efficiency"] == pytest.approx(
+        spec_row["speedup_vs_plain"] / spec_row["analytical_speedup"]
+    )
+    # Each of the 30 verify passes took 1.25 x v(4) = 1.25 x 18 ms; the 2 prefills took their measured 80 ms.
+    assert spec_row["target_forward_inflation"] == pytest.approx(1.25)
