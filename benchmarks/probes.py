@@ -7,8 +7,8 @@ whose history grows by one token per call (as in decoding):
   worker's own forward_ns, i.e. gRPC, (de)serialisation, the worker's event loop and model thread hand-off;
 - a session commit (the Lua script of every round) to the Redis-protocol store;
 - a bare gRPC unary call (health check) and a Redis PING, the floors of the two transports;
-- (in-process) one dense draft distribution q through compact form, protobuf and back, which sampled
-  requests without top-k/top-p pay per draft token.
+- (in-process) one dense draft distribution q through the drafter's packed form, protobuf and the
+  verifier's decoding, which sampled requests without top-k/top-p pay per draft token.
 """
 
 from __future__ import annotations
@@ -111,19 +111,23 @@ def _run(coro: Awaitable[object]) -> object:
 
 def dense_q_ms(vocab_size: int, repeats: int) -> float:
     """One dense draft distribution (sampling without top-k/top-p) through the path it takes each round:
-    compact form and protobuf on the draft side, serialise, parse, expand to a tensor on the target side."""
+    the drafter's compact form and packed protobuf, serialise, parse, the verifier's decoding and expansion
+    to a tensor (the coordinator forwards the message as it came)."""
     import torch
 
-    from specpipe.sampling.draft_sampling import compact_distribution, expand_distribution
-    from specpipe.v1 import common_pb2
+    from draft_service.drafter import DraftProposal
+    from specpipe.sampling.draft_sampling import compact_support, expand_distributions
+    from specpipe.v1 import draft_pb2
+    from target_service.verifier import distribution_values
 
     probs = torch.softmax(torch.randn(vocab_size), dim=-1)
 
     def once() -> None:
-        ids, values = compact_distribution(probs)
-        wire = common_pb2.TokenDistribution(token_ids=ids, probs=values).SerializeToString()
-        parsed = common_pb2.TokenDistribution.FromString(wire)
-        expand_distribution(tuple(parsed.token_ids), tuple(parsed.probs), vocab_size)
+        proposal = DraftProposal([0], [compact_support(probs)], 0, 0)
+        wire = proposal.to_pb().SerializeToString()
+        parsed = draft_pb2.ProposeResponse.FromString(wire)
+        rows = [(tuple(d.token_ids), distribution_values(d)) for d in parsed.draft_probs]
+        expand_distributions(rows, vocab_size)
 
     return _timed(once, repeats)
 
