@@ -1,0 +1,69 @@
+"""`specpipe bench load` against the shared pipeline over real gRPC: concurrent streams, the summary's
+latencies and throughput, and failed requests counted by status code instead of raised."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import pytest
+
+from benchmarks import load
+
+
+def _run(tmp_path: Path, *args: str) -> dict:
+    out = tmp_path / "load.json"
+    assert load.main([*args, "--out", str(out)]) == 0
+    return json.loads(out.read_text(encoding="utf-8"))
+
+
+def test_concurrent_streams_against_the_pipeline(pipeline, tmp_path: Path, capsys) -> None:
+    args = ["--address", pipeline.coordinator_addr, "--num-requests", "6", "--concurrency", "3"]
+    payload = _run(tmp_path, *args, "--max-new-tokens", "8")
+    summary = payload["summary"]
+    assert summary["requests"] == 6 and summary["completed"] == 6, payload["requests"]
+    assert summary["failed"] == 0 and summary["failures_by_status"] == {}
+    assert 0 < summary["output_tokens"] <= 48  # EOS may end a request early
+    assert summary["output_token_throughput_per_s"] > 0 and summary["request_throughput_per_s"] > 0
+    for key in ("ttft_ms", "itl_ms", "e2e_latency_ms"):
+        stats = summary[key]
+        assert 0 < stats["median"] <= stats["p90"] <= stats["p99"], (key, stats)
+    for request in payload["requests"]:
+        assert request["status"] == "OK" and 0 < request["ttft_s"] <= request["e2e_s"]
+        assert request["token_chunk_s"] == sorted(request["token_chunk_s"])
+    assert payload["command"].startswith("specpipe bench load --address")
+    assert "TTFT" in capsys.readouterr().out
+
+
+def test_failed_requests_are_counted_by_status(pipeline, tmp_path: Path) -> None:
+    # Beyond the coordinator's max_new_tokens limit: every request is refused, none crashes the test.
+    args = ["--address", pipeline.coordinator_addr, "--num-requests", "3", "--max-new-tokens", "1000000"]
+    summary = _run(tmp_path, *args)["summary"]
+    assert summary["completed"] == 0 and summary["failures_by_status"] == {"INVALID_ARGUMENT": 3}
+    assert summary["ttft_ms"] is None and summary["output_token_throughput_per_s"] == 0.0
+
+    unreachable = ["--address", "127.0.0.1:1", "--num-requests", "2", "--timeout", "5"]
+    summary = _run(tmp_path, *unreachable)["summary"]
+    assert summary["failures_by_status"] == {"UNAVAILABLE": 2}
+
+
+def test_poisson_arrivals_are_seeded() -> None:
+    offsets = load.arrival_offsets(2000, 4.0, seed=7)
+    assert offsets == load.arrival_offsets(2000, 4.0, seed=7)
+    assert offsets[0] == 0.0 and offsets == sorted(offsets)
+    assert offsets[-1] / (len(offsets) - 1) == pytest.approx(0.25, rel=0.1)  # mean gap 1 / rate
+    assert load.arrival_offsets(3, math.inf, seed=7) == [0.0, 0.0, 0.0]
+
+
+def test_percentiles_are_nearest_rank() -> None:
+    stats = load.percentiles_ms([i / 1000.0 for i in range(1, 101)])  # 1..100 ms
+    assert stats == pytest.approx({"mean": 50.5, "median": 50.5, "p90": 90.0, "p99": 99.0})
+    assert load.percentiles_ms([]) is None
+
+
+def test_bad_arguments_exit_with_usage() -> None:
+    with pytest.raises(SystemExit):
+        load.parse_args(["--concurrency", "0"])
+    with pytest.raises(SystemExit):
+        load.parse_args(["--request-rate", "0"])
