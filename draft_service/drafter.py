@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Protocol
 
 import torch
 
 from specpipe.errors import InvalidArgumentError
+from specpipe.runtime.kv_cache import SessionKVCacheStore
 from specpipe.runtime.model_runner import CausalLMRunner
 from specpipe.runtime.stream_history import StreamHistory, resolve_history
 from specpipe.sampling.coupled import coupled_sample
@@ -55,6 +57,17 @@ class DraftProposal:
         )
 
 
+class Drafter(Protocol):
+    """What a draft worker serves: a named proposer with (possibly empty) per-session caches."""
+
+    name: str
+
+    @property
+    def caches(self) -> SessionKVCacheStore: ...
+
+    def propose(self, request: DraftRequest) -> DraftProposal: ...
+
+
 class ModelDrafter:
     """Proposes tokens with the draft LM, sampling with the request's params keyed by (seed, position)."""
 
@@ -63,6 +76,10 @@ class ModelDrafter:
     def __init__(self, runner: CausalLMRunner, max_draft_tokens: int) -> None:
         self.runner = runner
         self.max_draft_tokens = max_draft_tokens
+
+    @property
+    def caches(self) -> SessionKVCacheStore:
+        return self.runner.caches
 
     def validate(self, request: DraftRequest) -> None:
         if not request.session_id:

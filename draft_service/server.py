@@ -1,4 +1,5 @@
-"""The draft worker process: loads the draft model, then serves DraftService and grpc.health.v1."""
+"""The draft worker process: loads its drafter (a draft model, or prompt lookup), then serves DraftService
+and grpc.health.v1."""
 
 from __future__ import annotations
 
@@ -6,7 +7,8 @@ import asyncio
 import uuid
 from concurrent.futures import ThreadPoolExecutor
 
-from draft_service.drafter import DraftRequest, ModelDrafter
+from draft_service.drafter import Drafter, DraftRequest, ModelDrafter
+from draft_service.prompt_lookup import PromptLookupDrafter, VocabularyInfo
 from draft_service.servicer import DraftServicer
 from specpipe.config import WorkerConfig
 from specpipe.rpc.server import serve
@@ -18,7 +20,12 @@ from specpipe.v1 import draft_pb2, draft_pb2_grpc
 SERVICE_NAME = draft_pb2.DESCRIPTOR.services_by_name["DraftService"].full_name
 
 
-def load_drafter(config: WorkerConfig) -> ModelDrafter:
+def load_drafter(config: WorkerConfig) -> tuple[Drafter, WorkerModelInfo]:
+    """The configured drafter, warmed up, and the model info the coordinator pairs on."""
+    if config.drafter == "prompt-lookup":
+        vocabulary = VocabularyInfo.load(config.model_path, config.max_context)
+        lookup = PromptLookupDrafter(vocabulary, config.max_draft_tokens, config.max_ngram, config.min_ngram)
+        return lookup, vocabulary.info
     runner = CausalLMRunner.from_config(config)
     drafter = ModelDrafter(runner, config.max_draft_tokens)
     # Warm-up: one short greedy and one sampled proposal, so the first request pays no lazy initialisation.
@@ -26,7 +33,7 @@ def load_drafter(config: WorkerConfig) -> ModelDrafter:
     for sampling in (SamplingParams(), SamplingParams(temperature=1.0)):
         drafter.propose(DraftRequest(session_id, (0,), min(2, config.max_draft_tokens), sampling))
     runner.caches.release(session_id)
-    return drafter
+    return drafter, WorkerModelInfo.from_runner(runner, "draft", drafter.name)
 
 
 async def run_draft_worker(config: WorkerConfig, stop_event: asyncio.Event | None = None) -> None:
@@ -34,8 +41,9 @@ async def run_draft_worker(config: WorkerConfig, stop_event: asyncio.Event | Non
         servicer = DraftServicer(model_thread)
 
         async def warmup() -> None:
-            drafter = await asyncio.get_running_loop().run_in_executor(model_thread, load_drafter, config)
-            servicer.attach(drafter, WorkerModelInfo.from_runner(drafter.runner, "draft", drafter.name))
+            loop = asyncio.get_running_loop()
+            drafter, info = await loop.run_in_executor(model_thread, load_drafter, config)
+            servicer.attach(drafter, info)
 
         await serve(
             name="draft",

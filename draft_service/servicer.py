@@ -6,12 +6,12 @@ from collections.abc import AsyncIterator
 
 import grpc
 
-from draft_service.drafter import DraftRequest, ModelDrafter
+from draft_service.drafter import Drafter, DraftRequest
 from specpipe.rpc.worker_servicer import WorkerServicerBase
 from specpipe.v1 import draft_pb2, draft_pb2_grpc
 
 
-class DraftServicer(WorkerServicerBase[ModelDrafter], draft_pb2_grpc.DraftServiceServicer):
+class DraftServicer(WorkerServicerBase[Drafter], draft_pb2_grpc.DraftServiceServicer):
     async def Propose(
         self, request: draft_pb2.ProposeRequest, context: grpc.aio.ServicerContext
     ) -> draft_pb2.ProposeResponse:

@@ -54,6 +54,13 @@ def add_serve_parser(subparsers: argparse._SubParsersAction) -> None:
         help="draft/target: the lean GPT-2 forward instead of transformers' (default: on for a draft, off "
         "for a target, whose outputs must equal transformers' exactly)",
     )  # fmt: skip
+    serve.add_argument(
+        "--drafter", choices=("model", "prompt-lookup"), default="model",
+        help="draft: propose with the --model LM, or by prompt lookup (n-gram matches in the session's own "
+        "history; --model then only names the tokenizer, e.g. the target's directory)",
+    )  # fmt: skip
+    serve.add_argument("--max-ngram", type=int, default=3, help="draft, prompt lookup: longest n-gram")
+    serve.add_argument("--min-ngram", type=int, default=1, help="draft, prompt lookup: shortest n-gram")
     serve.add_argument("--draft-addr", help="coordinator: draft worker host:port (comma-separated replicas)")
     serve.add_argument(
         "--target-addr", help="coordinator: target worker host:port (comma-separated replicas)"
@@ -167,6 +174,9 @@ def serve_component(args: argparse.Namespace) -> int:
             max_draft_tokens=args.max_speculative_tokens + 1,
             torch_threads=args.threads,
             lean_forward=args.component == "draft" if args.lean_forward is None else args.lean_forward,
+            drafter=args.drafter if args.component == "draft" else "model",
+            max_ngram=args.max_ngram,
+            min_ngram=args.min_ngram,
         )
         if args.component == "draft":
             from draft_service.server import run_draft_worker

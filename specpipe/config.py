@@ -7,6 +7,7 @@ from dataclasses import dataclass
 from specpipe.runtime.model_runner import DTYPES
 
 WORKER_ROLES = ("draft", "target")
+DRAFTERS = ("model", "prompt-lookup")  # draft workers: a small causal LM, or model-free prompt lookup
 
 
 @dataclass(frozen=True, slots=True)
@@ -30,6 +31,11 @@ class WorkerConfig:
     # The lean forward (specpipe/runtime/lean_gpt2.py) where the architecture has one. The CLI turns it on
     # for drafts; targets keep transformers' forward, whose numbers greedy outputs must equal exactly.
     lean_forward: bool = False
+    # Draft workers: what proposes tokens. "prompt-lookup" loads only the tokenizer and config of model_path
+    # (the target's directory will do) and matches n-grams of max_ngram down to min_ngram tokens.
+    drafter: str = "model"
+    max_ngram: int = 3
+    min_ngram: int = 1
     shutdown_grace_s: float = 10.0
 
     def __post_init__(self) -> None:
@@ -53,6 +59,12 @@ class WorkerConfig:
             raise ValueError(f"torch_threads must be >= 0, got {self.torch_threads}")
         if self.max_draft_tokens < 1:
             raise ValueError(f"max_draft_tokens must be >= 1, got {self.max_draft_tokens}")
+        if self.drafter not in DRAFTERS:
+            raise ValueError(f"drafter must be one of {DRAFTERS}, got {self.drafter!r}")
+        if self.drafter != "model" and self.role != "draft":
+            raise ValueError(f"only a draft worker runs a drafter, not a {self.role} worker")
+        if not 1 <= self.min_ngram <= self.max_ngram:
+            raise ValueError(f"need 1 <= min_ngram <= max_ngram, got {self.min_ngram} and {self.max_ngram}")
 
     @property
     def address(self) -> str:

@@ -8,6 +8,7 @@ import numpy
 import torch
 
 from specpipe.errors import InvalidArgumentError
+from specpipe.runtime.kv_cache import SessionKVCacheStore
 from specpipe.runtime.model_runner import CausalLMRunner
 from specpipe.runtime.stream_history import StreamHistory, resolve_history
 from specpipe.sampling.coupled import verify_coupled
@@ -72,6 +73,10 @@ class Verdict:
 class Verifier:
     def __init__(self, runner: CausalLMRunner) -> None:
         self.runner = runner
+
+    @property
+    def caches(self) -> SessionKVCacheStore:
+        return self.runner.caches
 
     def validate(self, block: VerifyBlock) -> None:
         if not block.session_id:

@@ -10,8 +10,8 @@ from typing import Any, Generic, TypeVar
 import grpc
 
 from specpipe.errors import UnavailableError
+from specpipe.runtime.kv_cache import SessionKVCacheStore
 from specpipe.runtime.model_info import WorkerModelInfo
-from specpipe.runtime.model_runner import CausalLMRunner
 from specpipe.runtime.stream_history import StreamHistory
 from specpipe.v1 import common_pb2
 
@@ -52,8 +52,9 @@ class WorkerServicerBase(Generic[EngineT]):
         return self._loaded[1]
 
     @property
-    def runner(self) -> CausalLMRunner:
-        return self.engine.runner  # type: ignore[attr-defined]
+    def caches(self) -> SessionKVCacheStore:
+        """The engine's per-session caches (empty for a model-free drafter)."""
+        return self.engine.caches  # type: ignore[attr-defined]
 
     def submit(self, fn: Callable[..., Any], *args: Any) -> asyncio.Future[Any]:
         """Runs fn on the model thread; the job counts as running until fn has returned, even if the
@@ -110,7 +111,7 @@ class WorkerServicerBase(Generic[EngineT]):
             # Cancelled, closed at a yield (GeneratorExit) or failed: the session will not continue here.
             self.open_streams -= 1
             if not completed and session_id:
-                self.submit(self.runner.caches.release, session_id)
+                self.submit(self.caches.release, session_id)
 
     async def GetModelInfo(
         self, request: common_pb2.GetModelInfoRequest, context: grpc.aio.ServicerContext
@@ -120,13 +121,13 @@ class WorkerServicerBase(Generic[EngineT]):
     async def ReleaseSession(
         self, request: common_pb2.ReleaseSessionRequest, context: grpc.aio.ServicerContext
     ) -> common_pb2.ReleaseSessionResponse:
-        released = await self.on_model_thread(self.runner.caches.release, request.session_id)
+        released = await self.on_model_thread(self.caches.release, request.session_id)
         return common_pb2.ReleaseSessionResponse(released=released)
 
     async def GetStats(
         self, request: common_pb2.GetStatsRequest, context: grpc.aio.ServicerContext
     ) -> common_pb2.WorkerStats:
-        caches = self.runner.caches
+        caches = self.caches
         return common_pb2.WorkerStats(
             cached_sessions=len(caches),
             cache_bytes=caches.total_bytes,
