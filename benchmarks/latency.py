@@ -317,8 +317,11 @@ def start_services(st: Setup, out_dir: Path, stack: ExitStack) -> services.Servi
     if not any(v in services.spec_configs(st.fixed_ks) for v in st.variants):
         return None
     logs = out_dir / "logs"
+    lookup = services.LOOKUP_VARIANT in st.variants
     return stack.enter_context(
-        services.Services(st.target_dir, st.draft_dir, logs, st.args.max_speculative_tokens)
+        services.Services(
+            st.target_dir, st.draft_dir, logs, st.args.max_speculative_tokens, prompt_lookup=lookup
+        )
     )
 
 

@@ -114,13 +114,14 @@ def metrics(run: VariantRun, runs: Sequence[VariantRun], costs: Costs) -> dict[s
     alpha = solve_alpha(mean_tokens, mean_k) if run.drafted else None
     prompts = max(len(run.outputs), 1)
     target_prefill, draft_prefill = costs.prefill_steps(run.family)
-    if not run.drafted:
-        draft_prefill = 0.0  # nothing was drafted: the draft never read the prompt
+    c = costs.c_of(run.family)
+    if not run.drafted or run.drafter == "prompt-lookup":
+        draft_prefill = 0.0  # no draft model read the prompt
+    if run.drafter == "prompt-lookup":
+        c = 0.0  # a lookup costs microseconds: the bound of a free draft
     steady = analytical = None
     if run.drafted is not None or run.family == "plain" or run.variant in ("hf-generate", "specpipe-k0"):
-        steady = analytical_speedup(
-            alpha or 0.0, mean_k, costs.c_of(run.family), costs.v(mean_k), run.pipelined
-        )
+        steady = analytical_speedup(alpha or 0.0, mean_k, c, costs.v(mean_k), run.pipelined)
         analytical = request_speedup(steady, run.tokens / prompts, mean_tokens, target_prefill, draft_prefill)
     speedup = _ratio(rate, _rate(base))
     overhead_s = run.wall_s - run.target_forward_s - run.draft_forward_s

@@ -41,6 +41,7 @@ class VariantRun:
     draft_forward_s: float = 0.0
     threads: int = 1
     pipelined: bool = False  # specpipe drafting the next block during the verify
+    drafter: str = "model"  # specpipe: "prompt-lookup" drafts without a model (no draft forward, no prefill)
     error: str = ""
     # Background load accumulated over the timed calls (benchmarks.cpu): other processes' CPU seconds,
     # hypervisor steal seconds, and the wall seconds they were measured over.

@@ -20,6 +20,7 @@ from specpipe.store.redis_server import RedisServerProcess
 from specpipe.v1 import coordinator_pb2
 
 REPO = Path(__file__).resolve().parent.parent
+LOOKUP_VARIANT = "specpipe-lookup"
 STARTUP_TIMEOUT_S = 300.0
 REQUEST_TIMEOUT_S = 600.0
 WARMUP_TOKENS = 8
@@ -38,6 +39,7 @@ class SpecConfig:
     adaptive: bool
     k: int  # the coordinator's --num-speculative-tokens (used when not adaptive)
     request_k: int | None
+    drafter: str = "model"  # the draft worker it pairs with: the draft model's, or the prompt-lookup one
 
     def flags(self, max_k: int) -> list[str]:
         return [
@@ -51,11 +53,13 @@ class SpecConfig:
         if self.request_k == 0:
             return "specpipe services, k = 0 (plain target decoding through the services)"
         k = "adaptive k" if self.adaptive else f"k = {self.k}"
-        return f"specpipe services, {k}, pipelining {'on' if self.pipelining else 'off'}"
+        drafter = ", prompt lookup (no draft model)" if self.drafter == "prompt-lookup" else ""
+        return f"specpipe services{drafter}, {k}, pipelining {'on' if self.pipelining else 'off'}"
 
 
 def spec_configs(fixed_ks: Sequence[int]) -> dict[str, SpecConfig]:
-    """Every specpipe variant by name: k = 0, fixed k with and without pipelining, adaptive k."""
+    """Every specpipe variant by name: k = 0, fixed k with and without pipelining, adaptive k, and adaptive k
+    with a prompt-lookup draft worker."""
     configs = {"specpipe-k0": SpecConfig("specpipe-k0", False, False, 0, 0)}
     for pipelining in (False, True):
         suffix = "-pipe" if pipelining else ""
@@ -64,6 +68,8 @@ def spec_configs(fixed_ks: Sequence[int]) -> dict[str, SpecConfig]:
             configs[name] = SpecConfig(name, pipelining, False, k, None)
         name = f"specpipe-adaptive{suffix}"
         configs[name] = SpecConfig(name, pipelining, True, 4, None)
+    # Prompt lookup drafts in microseconds: nothing to hide behind the verify, so no pipelining.
+    configs[LOOKUP_VARIANT] = SpecConfig(LOOKUP_VARIANT, False, True, 4, None, drafter="prompt-lookup")
     return configs
 
 
@@ -83,7 +89,13 @@ class Services:
     """The session store and both workers, started once; coordinators come and go per configuration."""
 
     def __init__(
-        self, target_dir: Path, draft_dir: Path, log_dir: Path, max_k: int, threads: int = 1
+        self,
+        target_dir: Path,
+        draft_dir: Path,
+        log_dir: Path,
+        max_k: int,
+        threads: int = 1,
+        prompt_lookup: bool = False,
     ) -> None:
         self.log_dir = log_dir
         self.max_k = max_k
@@ -91,30 +103,44 @@ class Services:
         self.redis = RedisServerProcess(data_dir=str(log_dir / "redis"))
         self.draft = self._worker("draft", draft_dir, threads)
         self.target = self._worker("target", target_dir, threads)
+        # A second draft worker without a model, for the prompt-lookup variant (the target's tokenizer).
+        self.lookup_draft = (
+            self._worker("draft", target_dir, threads, "draft-lookup", ["--drafter", "prompt-lookup"])
+            if prompt_lookup
+            else None
+        )
         self.coordinators: list[ServiceProcess] = []
         self.variants: list[SpecpipeVariant] = []
 
-    def _worker(self, role: str, model: Path, threads: int) -> ServiceProcess:
+    def _worker(
+        self, role: str, model: Path, threads: int, log_name: str = "", extra: Sequence[str] = ()
+    ) -> ServiceProcess:
         port = free_port()
         args = [
             *worker_args(str(model), port, "cpu", "float32", threads),
             "--max-speculative-tokens",
             str(self.max_k),
+            *extra,
         ]
-        return ServiceProcess(role, f"127.0.0.1:{port}", args, self.log_dir / f"{role}.log")
+        log = self.log_dir / f"{log_name or role}.log"
+        return ServiceProcess(role, f"127.0.0.1:{port}", args, log)
+
+    @property
+    def workers(self) -> list[ServiceProcess]:
+        return [self.draft, self.target, *([self.lookup_draft] if self.lookup_draft else [])]
 
     def __enter__(self) -> Services:
         self.log_dir.mkdir(parents=True, exist_ok=True)
         # Stopped in reverse: clients, coordinators (all at once), workers (both at once), the store.
         self.stack.callback(self.redis.stop)
-        self.stack.callback(stop_all, [self.draft, self.target])
+        self.stack.callback(stop_all, self.workers)
         self.stack.callback(stop_all, self.coordinators)
         self.stack.callback(lambda: [variant.close() for variant in self.variants])
         try:
             self.redis.start()
-            for worker in (self.draft, self.target):
+            for worker in self.workers:
                 worker.start(child_env())
-            for worker in (self.draft, self.target):
+            for worker in self.workers:
                 worker.wait_serving(STARTUP_TIMEOUT_S)
         except BaseException:
             self.stack.close()
@@ -124,11 +150,19 @@ class Services:
     def __exit__(self, *exc: object) -> None:
         self.stack.close()
 
+    def draft_for(self, config: SpecConfig) -> ServiceProcess:
+        if config.drafter == "prompt-lookup":
+            if self.lookup_draft is None:
+                raise RuntimeError(f"{config.variant}: the services have no prompt-lookup draft worker")
+            return self.lookup_draft
+        return self.draft
+
     def start_variant(self, config: SpecConfig, prompts: Sequence[Prompt], max_new: int) -> SpecpipeVariant:
         """A coordinator for `config`, SERVING, and a client to it; both stop with the services."""
         port = free_port()
         args = [
-            "--port", str(port), "--draft-addr", self.draft.address, "--target-addr", self.target.address,
+            "--port", str(port), "--draft-addr", self.draft_for(config).address,
+            "--target-addr", self.target.address,
             "--redis-url", self.redis.url, "--worker-timeout", "60", *config.flags(self.max_k),
         ]  # fmt: skip
         log = self.log_dir / f"coordinator-{config.variant}.log"
@@ -181,6 +215,7 @@ class SpecpipeVariant:
         run = VariantRun(self.variant, mode.name, "specpipe", self.config.describe())
         run.drafted = run.accepted = 0
         run.pipelined = self.config.pipelining
+        run.drafter = self.config.drafter
         return run
 
     def _request(self, i: int, n: int, mode: Mode) -> coordinator_pb2.GenerateRequest:

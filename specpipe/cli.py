@@ -254,6 +254,7 @@ def serve_all(args: argparse.Namespace) -> int:
         dtype=args.dtype,
         num_speculative_tokens=args.num_speculative_tokens,
         torch_threads=args.threads,
+        drafter=args.drafter,
         log_dir=args.log_dir,
     )
     extra = [

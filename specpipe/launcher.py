@@ -104,6 +104,9 @@ class PipelineConfig:
     dtype: str = "float32"
     num_speculative_tokens: int = 4
     torch_threads: int = 0
+    # "model": the draft worker runs draft_model; "prompt-lookup": it runs model-free prompt lookup over the
+    # target's tokenizer (draft_model unused).
+    drafter: str = "model"
     startup_timeout_s: float = 600.0
     log_dir: str = ""  # empty = a temporary directory
 
@@ -112,6 +115,10 @@ class PipelineConfig:
             raise ValueError("target_model and draft_model are required")
         if not 0 <= self.port < 65536:
             raise ValueError(f"port must be in [0, 65535], got {self.port}")
+        from specpipe.config import DRAFTERS  # here: the launcher itself needs no torch until a config exists
+
+        if self.drafter not in DRAFTERS:
+            raise ValueError(f"drafter must be one of {DRAFTERS}, got {self.drafter!r}")
 
 
 def worker_args(model: str, port: int, device: str, dtype: str, threads: int = 0) -> list[str]:
@@ -119,6 +126,13 @@ def worker_args(model: str, port: int, device: str, dtype: str, threads: int = 0
         "--model", model, "--host", "127.0.0.1", "--port", str(port),
         "--device", device, "--dtype", dtype, "--threads", str(threads),
     ]  # fmt: skip
+
+
+def draft_worker_args(config: PipelineConfig, port: int) -> list[str]:
+    if config.drafter == "prompt-lookup":
+        args = worker_args(config.target_model, port, config.device, config.dtype, config.torch_threads)
+        return [*args, "--drafter", "prompt-lookup"]
+    return worker_args(config.draft_model, port, config.device, config.dtype, config.torch_threads)
 
 
 def run_pipeline(config: PipelineConfig, extra_coordinator_args: Sequence[str] = ()) -> int:
@@ -145,7 +159,7 @@ def run_pipeline(config: PipelineConfig, extra_coordinator_args: Sequence[str] =
         draft = ServiceProcess(
             "draft",
             f"127.0.0.1:{draft_port}",
-            worker_args(config.draft_model, draft_port, config.device, config.dtype, config.torch_threads),
+            draft_worker_args(config, draft_port),
             log_dir / "draft.log",
         )
         target = ServiceProcess(

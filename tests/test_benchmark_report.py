@@ -72,3 +72,15 @@ def test_metrics_use_the_request_bound_and_take_prefills_out_of_the_inflation() 
     )
     # Each of the 30 verify passes took 1.25 x v(4) = 1.25 x 18 ms; the 2 prefills took their measured 80 ms.
     assert spec_row["target_forward_inflation"] == pytest.approx(1.25)
+
+
+def test_prompt_lookup_runs_are_bounded_as_a_free_draft() -> None:
+    plain = _run("plain-1t", "plain", 1.5, 128, 1.42)
+    lookup = _run("specpipe-lookup", "specpipe", 1.0, 64, 1.0, drafted=128, accepted=64)
+    lookup.drafter = "prompt-lookup"
+    row = metrics(lookup, [plain, lookup], COSTS)
+    alpha = solve_alpha(2.0, 2.0)
+    steady = analytical_speedup(alpha, 2.0, 0.0, COSTS.v(2.0), pipelined=False)  # c = 0
+    assert row["steady_state_speedup"] == pytest.approx(steady)
+    # No draft model reads the prompt: only the target's prefill is paid.
+    assert row["analytical_speedup"] == pytest.approx(request_speedup(steady, 64, 2.0, 8.0, 0.0))

@@ -14,7 +14,7 @@ import pytest
 from specpipe.models.tiny_pair import build_tiny_pair
 
 REPO = Path(__file__).resolve().parent.parent
-VARIANTS = ("plain-1t", "hf-generate", "hf-assisted", "specpipe-k0", "specpipe-k2-pipe")
+VARIANTS = ("plain-1t", "hf-generate", "hf-assisted", "specpipe-k0", "specpipe-k2-pipe", "specpipe-lookup")
 ROW_KEYS = {
     "variant", "mode", "tokens", "wall_s", "tokens_per_s", "speedup_vs_plain", "speedup_vs_hf_assisted",
     "acceptance_rate", "mean_accepted_length", "mean_k", "alpha", "overhead_ms_per_round",
