@@ -26,7 +26,7 @@ REQUEST_TIMEOUT_S = 600.0
 WARMUP_TOKENS = 8
 COST_PROFILE = re.compile(
     r"cost profile: draft ([\d.]+) ms/token, verify ([\d.]+) ms \+ ([\d.]+) ms/token, "
-    r"overhead ([\d.]+) ms/round"
+    r"overhead ([\d.]+) ms/round(?: \(c = [\d.]+\), draft call ([\d.]+) ms)?"
 )
 
 
@@ -194,8 +194,11 @@ def cost_profile(log_path: Path) -> dict[str, float] | None:
         return None
     if match is None:
         return None
-    keys = ("draft_ms_per_token", "verify_base_ms", "verify_ms_per_token", "overhead_ms_per_round")
-    return {key: float(value) for key, value in zip(keys, match.groups(), strict=True)}
+    keys = (
+        "draft_ms_per_token", "verify_base_ms", "verify_ms_per_token",
+        "overhead_ms_per_round", "draft_call_ms",
+    )  # fmt: skip
+    return {key: float(value) for key, value in zip(keys, match.groups(), strict=True) if value is not None}
 
 
 class SpecpipeVariant:

@@ -2,7 +2,8 @@
 
 With per-token acceptance probability alpha, a round that drafts k tokens yields on average
 E(k) = (1 - alpha^(k+1)) / (1 - alpha) tokens (Leviathan et al. 2023) and costs
-T(k) = overhead + k * t_draft + t_verify(k), with t_verify(k) = verify_base + k * verify_token (measured).
+T(k) = overhead + [k > 0] draft_call + k * t_draft + t_verify(k), with t_verify(k) = verify_base +
+k * verify_token (measured; draft_call is what the call to the draft worker adds to a round that drafts).
 The policy picks the k in [0, max_k] maximising E(k) / T(k); k = 0 is plain decoding, chosen when the draft
 is too costly for its acceptance rate. With pipelining, T(k) is the expected round time of the pipelined
 scheme (a fully accepted round's successor was drafted during its verify).
@@ -26,15 +27,18 @@ def expected_tokens(alpha: float, k: int) -> float:
 
 @dataclass(frozen=True, slots=True)
 class CostProfile:
-    """Seconds: one draft forward, the verify pass (base + per draft token), and per-round overhead."""
+    """Seconds: one draft forward, the verify pass (base + per draft token), the overhead of a round, and
+    what a round that drafts pays on top of that for its call to the draft worker (`draft_call_s`: a round
+    with k = 0 makes no such call)."""
 
     draft_token_s: float
     verify_base_s: float
     verify_token_s: float
     round_overhead_s: float
+    draft_call_s: float = 0.0
 
     def __post_init__(self) -> None:
-        for name in ("draft_token_s", "verify_base_s", "verify_token_s", "round_overhead_s"):
+        for name in ("draft_token_s", "verify_base_s", "verify_token_s", "round_overhead_s", "draft_call_s"):
             if getattr(self, name) < 0:
                 raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
 
@@ -44,13 +48,18 @@ class CostProfile:
         return self.draft_token_s / self.verify_base_s if self.verify_base_s else 0.0
 
     def round_time(self, k: int) -> float:
-        draft = k * self.draft_token_s
+        draft = self.draft_call_s + k * self.draft_token_s if k > 0 else 0.0
         return self.round_overhead_s + draft + self.verify_base_s + k * self.verify_token_s
 
     def pipelined_round_time(self, k: int, alpha: float) -> float:
-        """Expected round time when the next block is drafted during the verify (`pipelined_model_time`)."""
+        """Expected round time when the next block is drafted during the verify (`pipelined_model_time`); a
+        round whose block was ready (probability alpha^(k+1)) had its draft call hidden too."""
+        if k <= 0:
+            return self.round_time(0)
         verify = self.verify_base_s + k * self.verify_token_s
-        return self.round_overhead_s + pipelined_model_time(k, alpha, self.draft_token_s, verify)
+        exposed_calls = (1.0 - alpha ** (k + 1.0)) * self.draft_call_s
+        model_time = pipelined_model_time(k, alpha, self.draft_token_s, verify)
+        return self.round_overhead_s + exposed_calls + model_time
 
 
 def pipelined_model_time(k: float, alpha: float, draft: float, verify: float) -> float:
@@ -107,6 +116,10 @@ class AcceptanceEstimator:
         return (self.accepted + prior_accepted) / (self.accepted + self.rejected + self.prior_weight)
 
 
+# When plain decoding wins, every PROBE_INTERVAL-th round still drafts one token.
+PROBE_INTERVAL = 4
+
+
 class DraftLengthPolicy:
     """k for each round of one request: fixed, or adaptive from the session's acceptance and the costs."""
 
@@ -118,6 +131,7 @@ class DraftLengthPolicy:
         self.max_k = max_k
         self.pipelined = pipelined  # the coordinator drafts the next block during each verify
         self.acceptance = AcceptanceEstimator()
+        self.rounds_since_draft = 0  # rounds decoded plainly since the last one that drafted
 
     @property
     def adaptive(self) -> bool:
@@ -129,12 +143,17 @@ class DraftLengthPolicy:
         if self.costs is None:
             return self.max_k
         k = best_draft_length(self.acceptance.alpha, self.costs, self.max_k, self.pipelined)
-        # Keep probing with one token when plain decoding wins, so a session whose acceptance improves
-        # (e.g. it reaches repetitive text) can return to speculation.
-        return max(k, 1)
+        if k > 0:
+            return k
+        # Plain decoding wins. A probe of one token every PROBE_INTERVAL-th round lets a session whose
+        # acceptance improves (e.g. it reaches repetitive text) return to speculation, without paying a draft
+        # call and a wasted verify position in every round of a stretch the draft cannot predict. The
+        # schedule depends only on the tokens (rounds and their outcomes), never on timing.
+        return 1 if self.rounds_since_draft >= PROBE_INTERVAL - 1 else 0
 
     def record(self, drafted: int, accepted: int) -> None:
         self.acceptance.record(drafted, accepted)
+        self.rounds_since_draft = 0 if drafted > 0 else self.rounds_since_draft + 1
 
     def next_k_if_accepted(self, drafted: int) -> int:
         """The k the policy will choose after a round whose `drafted` tokens are all accepted: the size of

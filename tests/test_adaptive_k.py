@@ -7,6 +7,7 @@ import random
 import pytest
 
 from coordinator.adaptive_k import (
+    PROBE_INTERVAL,
     AcceptanceEstimator,
     CostProfile,
     DraftLengthPolicy,
@@ -143,3 +144,57 @@ def test_pipelined_policy_maximises_the_pipelined_rate() -> None:
     for _ in range(20):
         policy.record(8, 8 if random.random() < 0.5 else 7)
     assert policy.next_k() == best_draft_length(policy.acceptance.alpha, costs, 16, pipelined=True)
+
+
+def test_plain_stretches_probe_every_few_rounds_and_recover() -> None:
+    """Where plain decoding wins, only every PROBE_INTERVAL-th round drafts (one token); once the draft is
+    right again, the estimate climbs and speculation resumes."""
+    costs = CostProfile(draft_token_s=0.3, verify_base_s=1.0, verify_token_s=0.1, round_overhead_s=0.1)
+    policy = DraftLengthPolicy(None, costs, max_k=8)
+    for _ in range(6):  # a hard stretch: every drafted token rejected
+        policy.record(policy.next_k(), 0)
+    schedule = []
+    for _ in range(3 * PROBE_INTERVAL):
+        k = policy.next_k()
+        schedule.append(k)
+        policy.record(k, 0)
+    probes = [i for i, k in enumerate(schedule) if k]
+    assert set(schedule) == {0, 1} and len(probes) == 3, schedule
+    assert [b - a for a, b in zip(probes, probes[1:], strict=False)] == [PROBE_INTERVAL] * 2, schedule
+    for _ in range(12):  # an easy stretch: every drafted token accepted
+        k = policy.next_k()
+        policy.record(k, k)
+    assert policy.next_k() > 1
+
+
+def test_sparse_probing_beats_probing_every_round_when_the_draft_is_useless() -> None:
+    costs = CostProfile(draft_token_s=0.2, verify_base_s=1.0, verify_token_s=0.1, round_overhead_s=0.3)
+
+    class EveryRound(DraftLengthPolicy):
+        def next_k(self) -> int:
+            return max(super().next_k(), 1)
+
+    sparse = simulate(*(lambda p: (p.next_k, p.record))(DraftLengthPolicy(None, costs, 8)), lambda i: 0.05,
+                      costs, 400, 0)  # fmt: skip
+    every = simulate(*(lambda p: (p.next_k, p.record))(EveryRound(None, costs, 8)), lambda i: 0.05,
+                     costs, 400, 0)  # fmt: skip
+    assert sparse > every * 1.05, (sparse, every)
+
+
+def test_draft_call_is_paid_only_by_rounds_that_draft() -> None:
+    costs = CostProfile(
+        draft_token_s=0.01, verify_base_s=1.0, verify_token_s=0.1, round_overhead_s=0.1, draft_call_s=0.15
+    )
+    assert costs.round_time(0) == pytest.approx(1.1)
+    assert costs.round_time(2) == pytest.approx(0.1 + 0.15 + 0.02 + 1.2)
+    # Pipelined: a round whose block was ready (alpha^(k+1)) had its draft call hidden behind the verify.
+    held = 0.9**3
+    model_time = held * max(1.2, 3 * 0.01) + (1 - held) * (2 * 0.01 + 1.2)
+    assert costs.pipelined_round_time(2, 0.9) == pytest.approx(0.1 + (1 - held) * 0.15 + model_time)
+    # A nearly free draft with poor acceptance: one token is worth it only while the call costs nothing.
+    free_call = CostProfile(draft_token_s=0.001, verify_base_s=1.0, verify_token_s=0.05, round_overhead_s=0.2)
+    assert best_draft_length(0.1, free_call, 8) == 1
+    dear_call = CostProfile(
+        draft_token_s=0.001, verify_base_s=1.0, verify_token_s=0.05, round_overhead_s=0.2, draft_call_s=0.15
+    )
+    assert best_draft_length(0.1, dear_call, 8) == 0
