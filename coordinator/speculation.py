@@ -223,7 +223,7 @@ class SpeculativeGenerator:
                 )
                 if next_k > 0 and self.should_pipeline(k, next_k, len(history)) and await draft.available():
                     speculative = asyncio.ensure_future(
-                        draft.propose([*history, *draft_ids], next_k + 1, sampling)
+                        draft.propose([*history, *draft_ids], next_k + 1, sampling, first_is_bonus_guess=True)
                     )
                 if pending is not None:
                     yield await pending.flush()

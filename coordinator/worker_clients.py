@@ -113,6 +113,7 @@ class DraftStream(WorkerStream):
         num_tokens: int,
         sampling: SamplingParams,
         timeout_s: float,
+        first_is_bonus_guess: bool = False,
     ) -> Proposal:
         start, new_ids = self.delta(history)
         request = draft_pb2.ProposeRequest(
@@ -121,6 +122,7 @@ class DraftStream(WorkerStream):
             num_tokens=num_tokens,
             sampling=sampling.to_pb(),
             start_position=start,
+            first_is_bonus_guess=first_is_bonus_guess,
         )
         reply = await self.exchange(request, timeout_s)
         return Proposal(list(reply.token_ids), reply.draft_probs, reply.forward_ns)

@@ -155,6 +155,7 @@ class DraftLink(WorkerLink):
         history: Sequence[int],
         k: int,
         sampling: SamplingParams,
+        first_is_bonus_guess: bool = False,
     ) -> Proposal | None:
         """The proposal, or None when no draft replica could make it (the caller decodes without it)."""
         for _ in range(MAX_ATTEMPTS):
@@ -162,7 +163,9 @@ class DraftLink(WorkerLink):
                 return None
             assert isinstance(self.stream, DraftStream) and self.replica is not None
             try:
-                return await self.stream.propose(self.session_id, history, k, sampling, self.call_timeout())
+                return await self.stream.propose(
+                    self.session_id, history, k, sampling, self.call_timeout(), first_is_bonus_guess
+                )
             except (UnavailableError, DeadlineExceededError) as exc:
                 if not self.replica_failed(exc):
                     # The request's own deadline: the replica is fine, but this stream's state is unknown.

@@ -15,6 +15,7 @@ from specpipe.sampling.coupled import coupled_sample
 from specpipe.sampling.draft_sampling import compact_support, sample_draft_token
 from specpipe.sampling.params import SamplingParams
 from specpipe.sampling.processing import sampling_probs
+from specpipe.sampling.randomness import RandomStream, keyed_uniform, sample_from_probs
 from specpipe.v1 import common_pb2, draft_pb2
 
 
@@ -24,6 +25,8 @@ class DraftRequest:
     token_ids: tuple[int, ...]
     num_tokens: int
     sampling: SamplingParams
+    # The first token guesses the target's bonus token (see ProposeRequest.first_is_bonus_guess).
+    first_is_bonus_guess: bool = False
 
     @classmethod
     def from_pb(cls, pb: draft_pb2.ProposeRequest, history: StreamHistory | None = None) -> DraftRequest:
@@ -32,6 +35,7 @@ class DraftRequest:
             token_ids=resolve_history(pb.start_position, pb.token_ids, history),
             num_tokens=pb.num_tokens,
             sampling=SamplingParams.from_pb(pb.sampling),
+            first_is_bonus_guess=pb.first_is_bonus_guess,
         )
 
 
@@ -122,7 +126,15 @@ class ModelDrafter:
                 token = coupled_sample(sampling_probs(result.logits, sampling)[0], sampling.seed, position)
             else:
                 probs = sampling_probs(result.logits, sampling)[0]  # [vocab_size]
-                token = sample_draft_token(probs, position, sampling.seed, is_greedy=False)
+                if step == 0 and request.first_is_bonus_guess:
+                    # Not a proposal: a guess of the target's bonus draw at this position, made with the same
+                    # uniform (stream TARGET_SAMPLE) on q, so it lands on the same token wherever q and p
+                    # agree. It is only compared with the bonus token, never accepted by the rule.
+                    token = sample_from_probs(
+                        probs, keyed_uniform(sampling.seed, position, RandomStream.TARGET_SAMPLE)
+                    )
+                else:
+                    token = sample_draft_token(probs, position, sampling.seed, is_greedy=False)
                 # Untruncated q is dense (softmax leaves no zeros worth dropping): skip the support search.
                 dense = sampling.top_k == 0 and sampling.top_p >= 1.0
                 draft_probs.append(([], probs) if dense else compact_support(probs))

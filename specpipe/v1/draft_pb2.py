@@ -25,7 +25,7 @@ _sym_db = _symbol_database.Default()
 from specpipe.v1 import common_pb2 as specpipe_dot_v1_dot_common__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x17specpipe/v1/draft.proto\x12\x0bspecpipe.v1\x1a\x18specpipe/v1/common.proto\"\x92\x01\n\x0eProposeRequest\x12\x12\n\nsession_id\x18\x01 \x01(\t\x12\x11\n\ttoken_ids\x18\x02 \x03(\x05\x12\x12\n\nnum_tokens\x18\x03 \x01(\r\x12-\n\x08sampling\x18\x04 \x01(\x0b\x32\x1b.specpipe.v1.SamplingParams\x12\x16\n\x0estart_position\x18\x05 \x01(\r\"\x84\x01\n\x0fProposeResponse\x12\x11\n\ttoken_ids\x18\x01 \x03(\x05\x12\x33\n\x0b\x64raft_probs\x18\x02 \x03(\x0b\x32\x1e.specpipe.v1.TokenDistribution\x12\x12\n\nforward_ns\x18\x03 \x01(\x04\x12\x15\n\rcached_tokens\x18\x04 \x01(\r2\x8d\x03\n\x0c\x44raftService\x12H\n\x0cGetModelInfo\x12 .specpipe.v1.GetModelInfoRequest\x1a\x16.specpipe.v1.ModelInfo\x12\x44\n\x07Propose\x12\x1b.specpipe.v1.ProposeRequest\x1a\x1c.specpipe.v1.ProposeResponse\x12N\n\rProposeStream\x12\x1b.specpipe.v1.ProposeRequest\x1a\x1c.specpipe.v1.ProposeResponse(\x01\x30\x01\x12Y\n\x0eReleaseSession\x12\".specpipe.v1.ReleaseSessionRequest\x1a#.specpipe.v1.ReleaseSessionResponse\x12\x42\n\x08GetStats\x12\x1c.specpipe.v1.GetStatsRequest\x1a\x18.specpipe.v1.WorkerStatsb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x17specpipe/v1/draft.proto\x12\x0bspecpipe.v1\x1a\x18specpipe/v1/common.proto\"\xb0\x01\n\x0eProposeRequest\x12\x12\n\nsession_id\x18\x01 \x01(\t\x12\x11\n\ttoken_ids\x18\x02 \x03(\x05\x12\x12\n\nnum_tokens\x18\x03 \x01(\r\x12-\n\x08sampling\x18\x04 \x01(\x0b\x32\x1b.specpipe.v1.SamplingParams\x12\x16\n\x0estart_position\x18\x05 \x01(\r\x12\x1c\n\x14\x66irst_is_bonus_guess\x18\x06 \x01(\x08\"\x84\x01\n\x0fProposeResponse\x12\x11\n\ttoken_ids\x18\x01 \x03(\x05\x12\x33\n\x0b\x64raft_probs\x18\x02 \x03(\x0b\x32\x1e.specpipe.v1.TokenDistribution\x12\x12\n\nforward_ns\x18\x03 \x01(\x04\x12\x15\n\rcached_tokens\x18\x04 \x01(\r2\x8d\x03\n\x0c\x44raftService\x12H\n\x0cGetModelInfo\x12 .specpipe.v1.GetModelInfoRequest\x1a\x16.specpipe.v1.ModelInfo\x12\x44\n\x07Propose\x12\x1b.specpipe.v1.ProposeRequest\x1a\x1c.specpipe.v1.ProposeResponse\x12N\n\rProposeStream\x12\x1b.specpipe.v1.ProposeRequest\x1a\x1c.specpipe.v1.ProposeResponse(\x01\x30\x01\x12Y\n\x0eReleaseSession\x12\".specpipe.v1.ReleaseSessionRequest\x1a#.specpipe.v1.ReleaseSessionResponse\x12\x42\n\x08GetStats\x12\x1c.specpipe.v1.GetStatsRequest\x1a\x18.specpipe.v1.WorkerStatsb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -33,9 +33,9 @@ _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'specpipe.v1.draft_pb2', _gl
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
   _globals['_PROPOSEREQUEST']._serialized_start=67
-  _globals['_PROPOSEREQUEST']._serialized_end=213
-  _globals['_PROPOSERESPONSE']._serialized_start=216
-  _globals['_PROPOSERESPONSE']._serialized_end=348
-  _globals['_DRAFTSERVICE']._serialized_start=351
-  _globals['_DRAFTSERVICE']._serialized_end=748
+  _globals['_PROPOSEREQUEST']._serialized_end=243
+  _globals['_PROPOSERESPONSE']._serialized_start=246
+  _globals['_PROPOSERESPONSE']._serialized_end=378
+  _globals['_DRAFTSERVICE']._serialized_start=381
+  _globals['_DRAFTSERVICE']._serialized_end=778
 # @@protoc_insertion_point(module_scope)
