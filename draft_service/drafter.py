@@ -9,7 +9,7 @@ import torch
 
 from specpipe.errors import InvalidArgumentError
 from specpipe.runtime.kv_cache import SessionKVCacheStore
-from specpipe.runtime.model_runner import CausalLMRunner
+from specpipe.runtime.model_runner import CausalLMRunner, in_vocab
 from specpipe.runtime.stream_history import StreamHistory, resolve_history
 from specpipe.sampling.coupled import coupled_sample
 from specpipe.sampling.draft_sampling import compact_support, sample_draft_token
@@ -61,6 +61,25 @@ class DraftProposal:
         )
 
 
+def validate_request(request: DraftRequest, max_draft_tokens: int, vocab_size: int, max_context: int) -> None:
+    """The checks every drafter makes before proposing; max_context 0 means the context is not known."""
+    if not request.session_id:
+        raise InvalidArgumentError("session_id must not be empty")
+    if not request.token_ids:
+        raise InvalidArgumentError("token_ids must not be empty")
+    if not 1 <= request.num_tokens <= max_draft_tokens:
+        raise InvalidArgumentError(f"num_tokens must be in [1, {max_draft_tokens}], got {request.num_tokens}")
+    if not in_vocab(request.token_ids, vocab_size):
+        raise InvalidArgumentError(f"token_ids must be in [0, {vocab_size})")
+    # The last proposal is sampled, never fed, so the context must hold history + k - 1 tokens.
+    needed = len(request.token_ids) + request.num_tokens - 1
+    if max_context and needed > max_context:
+        raise InvalidArgumentError(
+            f"token_ids ({len(request.token_ids)}) + num_tokens ({request.num_tokens}) exceed the draft "
+            f"context of {max_context}"
+        )
+
+
 class Drafter(Protocol):
     """What a draft worker serves: a named proposer with (possibly empty) per-session caches."""
 
@@ -85,28 +104,8 @@ class ModelDrafter:
     def caches(self) -> SessionKVCacheStore:
         return self.runner.caches
 
-    def validate(self, request: DraftRequest) -> None:
-        if not request.session_id:
-            raise InvalidArgumentError("session_id must not be empty")
-        if not request.token_ids:
-            raise InvalidArgumentError("token_ids must not be empty")
-        if not 1 <= request.num_tokens <= self.max_draft_tokens:
-            raise InvalidArgumentError(
-                f"num_tokens must be in [1, {self.max_draft_tokens}], got {request.num_tokens}"
-            )
-        vocab = self.runner.vocab_size
-        if not self.runner.in_vocab(request.token_ids):
-            raise InvalidArgumentError(f"token_ids must be in [0, {vocab})")
-        # The last proposal is sampled, never fed, so the context must hold history + k - 1 tokens.
-        needed = len(request.token_ids) + request.num_tokens - 1
-        if needed > self.runner.max_context:
-            raise InvalidArgumentError(
-                f"token_ids ({len(request.token_ids)}) + num_tokens ({request.num_tokens}) exceed the draft "
-                f"context of {self.runner.max_context}"
-            )
-
     def propose(self, request: DraftRequest) -> DraftProposal:
-        self.validate(request)
+        validate_request(request, self.max_draft_tokens, self.runner.vocab_size, self.runner.max_context)
         sampling = request.sampling
         ids = list(request.token_ids)
         proposed: list[int] = []

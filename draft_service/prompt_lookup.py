@@ -22,8 +22,7 @@ from pathlib import Path
 import torch
 from transformers import AutoConfig, AutoTokenizer, GenerationConfig
 
-from draft_service.drafter import DraftProposal, DraftRequest
-from specpipe.errors import InvalidArgumentError
+from draft_service.drafter import DraftProposal, DraftRequest, validate_request
 from specpipe.runtime.kv_cache import SessionKVCacheStore
 from specpipe.runtime.model_info import WorkerModelInfo
 from specpipe.runtime.tokenizer_files import tokenizer_fingerprint, tokenizer_to_files
@@ -103,27 +102,9 @@ class PromptLookupDrafter:
         # Always empty: the worker's cache release and stats RPCs work on it as on a model drafter's caches.
         self.caches = SessionKVCacheStore(max_sessions=1)
 
-    def validate(self, request: DraftRequest) -> None:
-        if not request.session_id:
-            raise InvalidArgumentError("session_id must not be empty")
-        if not request.token_ids:
-            raise InvalidArgumentError("token_ids must not be empty")
-        if not 1 <= request.num_tokens <= self.max_draft_tokens:
-            raise InvalidArgumentError(
-                f"num_tokens must be in [1, {self.max_draft_tokens}], got {request.num_tokens}"
-            )
-        vocab = self.vocabulary.vocab_size
-        if min(request.token_ids) < 0 or max(request.token_ids) >= vocab:
-            raise InvalidArgumentError(f"token_ids must be in [0, {vocab})")
-        context = self.vocabulary.max_context
-        if context and len(request.token_ids) + request.num_tokens - 1 > context:
-            raise InvalidArgumentError(
-                f"token_ids ({len(request.token_ids)}) + num_tokens ({request.num_tokens}) exceed the "
-                f"context of {context}"
-            )
-
     def propose(self, request: DraftRequest) -> DraftProposal:
-        self.validate(request)
+        vocabulary = self.vocabulary
+        validate_request(request, self.max_draft_tokens, vocabulary.vocab_size, vocabulary.max_context)
         started = time.perf_counter_ns()
         tokens = find_continuation(request.token_ids, self.max_ngram, self.min_ngram, request.num_tokens)
         lookup_ns = time.perf_counter_ns() - started  # reported as the "forward": the drafting cost

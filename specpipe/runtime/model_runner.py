@@ -30,6 +30,11 @@ def cache_argument(model: torch.nn.Module) -> str:
     return "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
 
 
+def in_vocab(token_ids: Sequence[int], vocab_size: int) -> bool:
+    """Every id in [0, vocab_size): min and max run at C speed over the whole history of every call."""
+    return not token_ids or (min(token_ids) >= 0 and max(token_ids) < vocab_size)
+
+
 @dataclass(frozen=True, slots=True)
 class ForwardResult:
     logits: torch.Tensor  # [num_rows, vocab_size] float32, on the CPU
@@ -123,8 +128,7 @@ class CausalLMRunner:
         return runner
 
     def in_vocab(self, token_ids: Sequence[int]) -> bool:
-        """Every id in [0, vocab_size): min and max run at C speed over the whole history of every call."""
-        return not token_ids or (min(token_ids) >= 0 and max(token_ids) < self.vocab_size)
+        return in_vocab(token_ids, self.vocab_size)
 
     def eos_token_ids(self) -> list[int]:
         eos = self.model.generation_config.eos_token_id
