@@ -112,8 +112,16 @@ def pipeline(
     stop_pipeline(pipeline)
 
 
-def start_pipeline(pair: ModelPair, redis: RedisServerProcess, log_dir: Path) -> Pipeline:
-    draft = start_worker("draft", pair.draft_dir, log_dir)
+def start_pipeline(
+    pair: ModelPair,
+    redis: RedisServerProcess,
+    log_dir: Path,
+    draft_model: Path | None = None,
+    draft_extra: list[str] | None = None,
+) -> Pipeline:
+    """Draft and target workers and a coordinator, SERVING; the draft runs `draft_model` (default: the
+    pair's draft) with `draft_extra` arguments."""
+    draft = start_worker("draft", draft_model or pair.draft_dir, log_dir, extra=draft_extra)
     target = start_worker("target", pair.target_dir, log_dir)
     coordinator = start_coordinator(draft.address, target.address, redis.url, log_dir)
     pipeline = Pipeline(coordinator.address, draft, target, coordinator, redis, pair)

@@ -15,13 +15,7 @@ from draft_service.prompt_lookup import PromptLookupDrafter, VocabularyInfo, fin
 from specpipe.client import CoordinatorClient, build_request
 from specpipe.errors import InvalidArgumentError
 from specpipe.sampling.params import SamplingParams
-from tests.conftest import (
-    ModelPair,
-    Pipeline,
-    start_coordinator,
-    start_worker,
-    stop_pipeline,
-)
+from tests.conftest import ModelPair, Pipeline, start_pipeline, stop_pipeline
 from tests.prompts import PROMPTS
 
 MAX_NEW_TOKENS = 32
@@ -85,16 +79,10 @@ def lookup_pipeline(
 ) -> Iterator[Pipeline]:
     """A draft worker running prompt lookup (no draft model), a target worker and a coordinator."""
     log_dir = tmp_path_factory.mktemp("lookup-logs")
-    draft = start_worker("draft", model_pair.target_dir, log_dir, extra=["--drafter", "prompt-lookup"])
-    target = start_worker("target", model_pair.target_dir, log_dir)
-    coordinator = start_coordinator(draft.address, target.address, redis_server.url, log_dir)
-    pipeline = Pipeline(coordinator.address, draft, target, coordinator, redis_server, model_pair)
-    try:
-        for service in (draft, target, coordinator):
-            service.wait_serving(120)
-        yield pipeline
-    finally:
-        stop_pipeline(pipeline)
+    lookup = ["--drafter", "prompt-lookup"]  # --model names the tokenizer: the target's directory
+    pipeline = start_pipeline(model_pair, redis_server, log_dir, model_pair.target_dir, lookup)
+    yield pipeline
+    stop_pipeline(pipeline)
 
 
 def test_greedy_through_prompt_lookup_equals_target_alone(lookup_pipeline: Pipeline) -> None:
