@@ -50,11 +50,6 @@ LLAMA_SHAPES: dict[str, tuple[int, int, int, int, int, int]] = {
 class ForwardRow:
     k: int  # draft tokens verified: the forward feeds k + 1 new tokens
     forward_ms: float
-    floor_ms: float
-
-    @property
-    def over_floor(self) -> float:
-        return self.forward_ms / self.floor_ms
 
 
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
@@ -224,9 +219,12 @@ class FloorResult:
     def floor_ms(self) -> float:
         return (self.weight_bytes + self.kv_cache_bytes) / (self.read_bandwidth_gb_s * 1e9) * 1000.0
 
+    def over_floor(self, row: ForwardRow) -> float:
+        return row.forward_ms / self.floor_ms
+
     def to_dict(self) -> dict[str, object]:
         fields = {name: getattr(self, name) for name in self.__dataclass_fields__ if name != "rows"}
-        rows = [{**asdict(r), "over_floor": r.over_floor} for r in self.rows]
+        rows = [{**asdict(r), "floor_ms": self.floor_ms, "over_floor": self.over_floor(r)} for r in self.rows]
         return {**fields, "floor_ms": self.floor_ms, "rows": rows}
 
     def summary(self) -> str:
@@ -238,7 +236,8 @@ class FloorResult:
             f"{'k':>3}  {'new tokens':>10}  {'forward ms':>10}  {'x floor':>8}",
         ]
         for row in self.rows:
-            lines.append(f"{row.k:>3}  {row.k + 1:>10}  {row.forward_ms:>10.3f}  {row.over_floor:>7.1f}x")
+            over = self.over_floor(row)
+            lines.append(f"{row.k:>3}  {row.k + 1:>10}  {row.forward_ms:>10.3f}  {over:>7.1f}x")
         return "\n".join(lines)
 
 
@@ -252,7 +251,6 @@ def run(args: argparse.Namespace, command: str) -> FloorResult:
     bandwidth = read_bandwidth(device, dtype, probe_mib, max(5, args.runs // 2))
     forwards, kv_bytes = measure_forwards(model, device, args.context, args.max_k, args.runs)
     weights = weight_bytes(model)
-    floor_ms = (weights + kv_bytes) / bandwidth * 1000.0
     if device.type == "cuda":
         device_name = torch.cuda.get_device_name(device)
     else:
@@ -269,7 +267,7 @@ def run(args: argparse.Namespace, command: str) -> FloorResult:
         weight_bytes=weights,
         kv_cache_bytes=kv_bytes,
         read_bandwidth_gb_s=bandwidth / 1e9,
-        rows=[ForwardRow(k, ms, floor_ms) for k, ms in enumerate(forwards)],
+        rows=[ForwardRow(k, ms) for k, ms in enumerate(forwards)],
     )
 
 

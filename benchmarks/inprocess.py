@@ -290,12 +290,11 @@ def _timed_prefill(model: torch.nn.Module, ids: torch.Tensor) -> float:
 
 @torch.inference_mode()
 def measure_prefills(
-    pair: ModelPair, prompt_ids: Sequence[int], runs: int
+    pair: ModelPair, lean: lean_gpt2.LeanGPT2 | None, prompt_ids: Sequence[int], runs: int
 ) -> tuple[float, float, float | None]:
-    """Median ms of prefilling `prompt_ids` through the target, the draft and the draft's lean forward, timed
-    in alternation like `measure_costs`."""
+    """Median ms of prefilling `prompt_ids` through the target, the draft and (where the draft has one) the
+    draft's lean forward, timed in alternation like `measure_costs`."""
     ids = torch.tensor([list(prompt_ids)], dtype=torch.long)
-    lean = lean_gpt2.LeanGPT2(pair.draft) if lean_gpt2.supports(pair.draft) else None
     target: list[float] = []
     draft: list[float] = []
     lean_draft: list[float] = []
@@ -361,7 +360,7 @@ def measure_costs(
     if prefill_tokens > 0:
         # A prefill costs ~8 target steps: a third of the runs pins its median down well enough.
         prompt = (list(seed_ids) * (prefill_tokens // max(1, len(seed_ids)) + 1))[:prefill_tokens]
-        prefills = measure_prefills(pair, prompt, max(3, runs // 3))
+        prefills = measure_prefills(pair, lean, prompt, max(3, runs // 3))
     return Costs(
         context, runs, verify_ms[0], statistics.median(draft), verify_ms, lean_ms, prefill_tokens, *prefills
     )
