@@ -126,7 +126,10 @@ def test_sessions_spread_over_replicas_and_stick_to_theirs(cluster: PoolCluster)
 MODES = [
     {"temperature": 0.0},
     {"temperature": 0.9, "seed": 7, "acceptance": "coupled"},
-    {"temperature": 0.9, "seed": 7, "acceptance": "leviathan"},
+    # A fixed k: a Leviathan-rule output depends on the k schedule, and an adaptive schedule on the cost
+    # profile each coordinator measures at start-up (timings), so the reference these requests are checked
+    # against (run to their length) would change from run to run.
+    {"temperature": 0.9, "seed": 7, "acceptance": "leviathan", "num_speculative_tokens": 4},
 ]
 
 
