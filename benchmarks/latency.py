@@ -121,7 +121,7 @@ def all_variants(fixed_ks: Sequence[int]) -> list[str]:
 def chosen_variants(args: argparse.Namespace, fixed_ks: Sequence[int]) -> list[str]:
     known = all_variants(fixed_ks)
     if not args.variants:
-        return known
+        return [v for v in known if v not in services.OPT_IN_VARIANTS]
     wanted = {v.strip() for v in args.variants.split(",") if v.strip()}
     unknown = wanted - set(known)
     if unknown:

@@ -24,6 +24,8 @@ LOOKUP_VARIANT = "specpipe-lookup"
 STARTUP_TIMEOUT_S = 300.0
 REQUEST_TIMEOUT_S = 600.0
 WARMUP_TOKENS = 8
+UNCHAINED_VARIANT = "specpipe-pipe-nochain"  # adaptive k, pipelined, not chained
+OPT_IN_VARIANTS = frozenset({UNCHAINED_VARIANT})  # run only when --variants names them
 COST_PROFILE = re.compile(
     r"cost profile: draft ([\d.]+) ms/token, verify ([\d.]+) ms \+ ([\d.]+) ms/token, "
     r"overhead ([\d.]+) ms/round(?: \(c = [\d.]+\), draft call ([\d.]+) ms)?"
@@ -40,10 +42,12 @@ class SpecConfig:
     k: int  # the coordinator's --num-speculative-tokens (used when not adaptive)
     request_k: int | None
     drafter: str = "model"  # the draft worker it pairs with: the draft model's, or the prompt-lookup one
+    chaining: bool = True  # with pipelining: next block queued on the target before the verdict
 
     def flags(self, max_k: int) -> list[str]:
         return [
             "--pipelining" if self.pipelining else "--no-pipelining",
+            "--chaining" if self.chaining else "--no-chaining",
             "--adaptive-k" if self.adaptive else "--no-adaptive-k",
             "--num-speculative-tokens", str(self.k),
             "--max-speculative-tokens", str(max_k),
@@ -54,7 +58,8 @@ class SpecConfig:
             return "specpipe services, k = 0 (plain target decoding through the services)"
         k = "adaptive k" if self.adaptive else f"k = {self.k}"
         drafter = ", prompt lookup (no draft model)" if self.drafter == "prompt-lookup" else ""
-        return f"specpipe services{drafter}, {k}, pipelining {'on' if self.pipelining else 'off'}"
+        chaining = "" if self.chaining or not self.pipelining else " (not chained)"
+        return f"specpipe services{drafter}, {k}, pipelining {'on' if self.pipelining else 'off'}{chaining}"
 
 
 def spec_configs(fixed_ks: Sequence[int]) -> dict[str, SpecConfig]:
@@ -70,6 +75,8 @@ def spec_configs(fixed_ks: Sequence[int]) -> dict[str, SpecConfig]:
         configs[name] = SpecConfig(name, pipelining, True, 4, None)
     # Prompt lookup drafts in microseconds: nothing to hide behind the verify, so no pipelining.
     configs[LOOKUP_VARIANT] = SpecConfig(LOOKUP_VARIANT, False, True, 4, None, drafter="prompt-lookup")
+    # Opt-in (--variants): what chaining adds to pipelining.
+    configs[UNCHAINED_VARIANT] = SpecConfig(UNCHAINED_VARIANT, True, True, 4, None, chaining=False)
     return configs
 
 

@@ -22,6 +22,8 @@ class CoordinatorConfig:
     adaptive_k: bool = True
     # Draft the next block while the target verifies the current one.
     pipelining: bool = True
+    # With pipelining: queue the next block on the target before the verdict (target_service/chain.py).
+    chaining: bool = True
     max_new_tokens_limit: int = 4096
     # Upper bound on one worker RPC; the client's own deadline is applied when shorter.
     worker_timeout_s: float = 30.0

@@ -132,6 +132,7 @@ async def pair_workers(
         max_speculative_tokens=config.max_speculative_tokens,
         costs=costs,
         pipelining=config.pipelining,
+        chaining=config.chaining,
     )
 
 

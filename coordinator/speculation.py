@@ -24,9 +24,10 @@ from transformers import PreTrainedTokenizerBase
 from coordinator.adaptive_k import CostProfile, DraftLengthPolicy
 from coordinator.replicas import ReplicaSet
 from coordinator.request import GenerationChunk, GenerationRequest, Usage
-from coordinator.worker_clients import Proposal, WorkerClient
+from coordinator.worker_clients import Proposal, TargetStream, WorkerClient
 from coordinator.worker_links import DraftLink, TargetLink
 from specpipe.errors import InvalidArgumentError, SpecpipeError
+from specpipe.sampling.params import SamplingParams
 from specpipe.store.session_store import SessionStats, SessionStore
 from specpipe.text.detokenizer import IncrementalDetokenizer
 
@@ -72,6 +73,7 @@ class SpeculativeGenerator:
         max_speculative_tokens: int,
         costs: CostProfile | None,
         pipelining: bool,
+        chaining: bool = True,
     ) -> None:
         self.drafts = drafts
         self.targets = targets
@@ -83,6 +85,7 @@ class SpeculativeGenerator:
         self.max_speculative_tokens = max_speculative_tokens
         self.costs = costs  # None = no adaptive k: requests without a k use max_speculative_tokens
         self.pipelining = pipelining
+        self.chaining = chaining  # queue pipelined blocks on the target before the verdict (see draft_ahead)
         self._background: set[asyncio.Future[None]] = set()  # keeps fire-and-forget tasks referenced
 
     def prompt_ids(self, request: GenerationRequest) -> list[int]:
@@ -182,12 +185,14 @@ class SpeculativeGenerator:
         )
         generated: list[int] = []
         finish_reason = ""
-        # A block drafted during the previous verify, valid if that verify accepted everything.
+        # A block drafted during the previous verify, valid if that verify accepted everything; `chained`
+        # when it was also queued on the target behind that verify (then it is verified as it was sent).
         ready: Proposal | None = None
+        chained: ChainedBlock | None = None
         # The previous round's commit and chunk: the commit overlaps this round's first worker call, and
         # the chunk is sent only once its commit succeeded.
         pending: PendingChunk | None = None
-        speculative: asyncio.Future[Proposal] | None = None
+        speculative: asyncio.Future[tuple[Proposal | None, ChainedBlock | None]] | None = None
         draft = DraftLink(self.drafts, sid, time_remaining, self.worker_timeout_s)
         target = TargetLink(self.targets, sid, time_remaining, self.worker_timeout_s)
         completed = False
@@ -197,10 +202,16 @@ class SpeculativeGenerator:
                 history = session.history
                 remaining = request.max_new_tokens - len(generated)
                 k = self.draft_length(policy.next_k(), remaining, len(history))
-                if k > 0 and not await draft.available():
+                if chained is not None and ready is not None and chained.history == history:
+                    k = len(ready.token_ids)  # already on its way to the target: sized when it was drafted
+                else:
+                    chained = None
+                if k > 0 and chained is None and not await draft.available():
                     k, ready = 0, None
                 proposal = Proposal([], (), 0)
-                if k > 0 and ready is not None:
+                if chained is not None and ready is not None:
+                    proposal = ready
+                elif k > 0 and ready is not None:
                     k = min(k, len(ready.token_ids))
                     proposal = Proposal(ready.token_ids[:k], list(ready.draft_probs)[:k], ready.forward_ns)
                 elif k > 0:
@@ -213,9 +224,17 @@ class SpeculativeGenerator:
                 ready = None
                 draft_ids = proposal.token_ids[:k]
                 k = len(draft_ids)
-                verify = asyncio.ensure_future(
-                    target.verify(history, draft_ids, proposal.draft_probs, sampling)
-                )
+                if chained is not None:
+                    verify = asyncio.ensure_future(
+                        target.verify_chained(
+                            chained.stream, history, draft_ids, proposal.draft_probs, sampling
+                        )
+                    )
+                    chained = None
+                else:
+                    verify = asyncio.ensure_future(
+                        target.verify(history, draft_ids, proposal.draft_probs, sampling)
+                    )
                 # Assume the whole block is accepted: the draft's first token guesses the bonus token, the
                 # next ones are the following block, sized as the policy will size it after that outcome.
                 next_k = self.draft_length(
@@ -223,14 +242,14 @@ class SpeculativeGenerator:
                 )
                 if next_k > 0 and self.should_pipeline(k, next_k, len(history)) and await draft.available():
                     speculative = asyncio.ensure_future(
-                        draft.propose([*history, *draft_ids], next_k + 1, sampling, first_is_bonus_guess=True)
+                        self.draft_ahead(draft, target, verify, [*history, *draft_ids], next_k, sampling)
                     )
                 if pending is not None:
                     yield await pending.flush()
                     pending = None
                 verdict = await verify
                 if speculative is not None:
-                    guess = await speculative
+                    guess, queued = await speculative
                     speculative = None
                     if (
                         guess is not None
@@ -238,6 +257,9 @@ class SpeculativeGenerator:
                         and guess.token_ids[:1] == [verdict.next_token_id]
                     ):
                         ready = Proposal(guess.token_ids[1:], list(guess.draft_probs)[1:], guess.forward_ns)
+                        chained = queued
+                    elif queued is not None:
+                        target.drop_chained(queued.stream)
                 policy.record(len(draft_ids), verdict.num_accepted)
                 logger.debug(
                     "round: k=%d accepted=%d alpha=%.2f ready=%s", k, verdict.num_accepted,
@@ -296,6 +318,27 @@ class SpeculativeGenerator:
                 self._background.add(release)
                 release.add_done_callback(self._background.discard)
 
+    async def draft_ahead(
+        self,
+        draft: DraftLink,
+        target: TargetLink,
+        verify: asyncio.Future[Any],
+        assumed_history: list[int],
+        num_tokens: int,
+        sampling: SamplingParams,
+    ) -> tuple[Proposal | None, ChainedBlock | None]:
+        """Drafts a bonus guess and the next block of num_tokens for history + the block being verified,
+        and queues that block on the target behind the verify when chaining is on and the verdict has not
+        come yet (target_service/chain.py): if the guess holds, the target verifies it without waiting."""
+        guess = await draft.propose(assumed_history, num_tokens + 1, sampling, first_is_bonus_guess=True)
+        if not self.chaining or guess is None or len(guess.token_ids) < 2 or verify.done():
+            return guess, None
+        history = [*assumed_history, guess.token_ids[0]]
+        stream = await target.send_chained(
+            history, guess.token_ids[1:], list(guess.draft_probs)[1:], sampling
+        )
+        return guess, None if stream is None else ChainedBlock(stream, history)
+
     async def release_worker_caches(self, session_id: str, workers: set[WorkerClient]) -> None:
         for worker in workers:
             try:
@@ -310,6 +353,14 @@ class SpeculativeGenerator:
             if token in self.limits.eos_token_ids:
                 return kept[: i + 1], "eos"
         return kept, "length" if len(kept) == remaining else ""
+
+
+@dataclass(frozen=True, slots=True)
+class ChainedBlock:
+    """A drafted block queued on a target stream behind the verify it assumes fully accepted."""
+
+    stream: TargetStream
+    history: list[int]  # what it extends: that verify's history + block + the guessed bonus token
 
 
 @dataclass(slots=True)

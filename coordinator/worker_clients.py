@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -62,35 +63,64 @@ class WorkerStream:
         self.call = call
         self.sent: list[int] = []
         self.broken = False
+        self.awaited = 0  # requests written whose replies are not read yet
+        # Writes go out one at a time, in the order their deltas were taken (a chained request may be
+        # written while an earlier request still waits for its reply).
+        self._writing = asyncio.Lock()
 
     def delta(self, history: Sequence[int]) -> tuple[int, Sequence[int]]:
         start = common_prefix_length(self.sent, history)
         self.sent = list(history)
         return start, history[start:]
 
-    async def exchange(self, request: Any, timeout_s: float) -> Any:
-        if self.broken:
-            raise errors.UnavailableError(
-                f"{self.client.role} worker at {self.client.address}: stream failed"
-            )
-        self.broken = True  # until the reply arrives: a half-finished exchange leaves the state unknown
-        try:
-            await self.call.write(request)
-            reply = await read_within(self.call, timeout_s)
-        except grpc.aio.AioRpcError as exc:
-            raise self.client._error(exc) from exc
-        except asyncio.InvalidStateError as exc:  # writing to a stream whose RPC already ended
-            raise self.client.error_for(await self.call.code(), await self.call.details()) from exc
-        except asyncio.TimeoutError as exc:
-            raise errors.DeadlineExceededError(
-                f"{self.client.role} worker at {self.client.address} did not answer within {timeout_s:.1f}s"
-            ) from exc
-        if reply is grpc.aio.EOF:
-            raise errors.UnavailableError(
-                f"{self.client.role} worker at {self.client.address} closed the stream"
-            )
-        self.broken = False
+    def _unavailable(self, what: str) -> errors.UnavailableError:
+        return errors.UnavailableError(f"{self.client.role} worker at {self.client.address}: {what}")
+
+    async def write(self, build: Callable[[int, Sequence[int]], Any], history: Sequence[int]) -> None:
+        """Sends build(start_position, new_token_ids) for `history`."""
+        async with self._writing:
+            self._check()
+            request = build(*self.delta(history))
+            with self._breaks_on_failure():
+                try:
+                    await self.call.write(request)
+                    self.awaited += 1
+                except grpc.aio.AioRpcError as exc:
+                    raise self.client._error(exc) from exc
+                except asyncio.InvalidStateError as exc:  # writing to a stream whose RPC already ended
+                    raise self.client.error_for(await self.call.code(), await self.call.details()) from exc
+
+    async def read(self, timeout_s: float) -> Any:
+        """The next reply, in request order."""
+        self._check()
+        with self._breaks_on_failure():
+            try:
+                reply = await read_within(self.call, timeout_s)
+            except grpc.aio.AioRpcError as exc:
+                raise self.client._error(exc) from exc
+            except asyncio.TimeoutError as exc:
+                raise errors.DeadlineExceededError(
+                    f"{self.client.role} worker at {self.client.address} did not answer within "
+                    f"{timeout_s:.1f}s"
+                ) from exc
+            if reply is grpc.aio.EOF:
+                raise self._unavailable("closed the stream")
+        self.awaited -= 1
         return reply
+
+    def _check(self) -> None:
+        if self.broken:
+            raise self._unavailable("stream failed")
+
+    @contextlib.contextmanager
+    def _breaks_on_failure(self) -> Iterator[None]:
+        """Any failure of a write or read, or being cancelled half way, breaks the stream: what the worker
+        holds is unknown then."""
+        try:
+            yield
+        except BaseException:
+            self.broken = True
+            raise
 
     async def finish(self) -> None:
         """Ends the stream normally: the worker keeps the session's cache warm for a next turn."""
@@ -115,20 +145,60 @@ class DraftStream(WorkerStream):
         timeout_s: float,
         first_is_bonus_guess: bool = False,
     ) -> Proposal:
-        start, new_ids = self.delta(history)
-        request = draft_pb2.ProposeRequest(
-            session_id=session_id,
-            token_ids=new_ids,
-            num_tokens=num_tokens,
-            sampling=sampling.to_pb(),
-            start_position=start,
-            first_is_bonus_guess=first_is_bonus_guess,
-        )
-        reply = await self.exchange(request, timeout_s)
+        def build(start: int, new_ids: Sequence[int]) -> draft_pb2.ProposeRequest:
+            return draft_pb2.ProposeRequest(
+                session_id=session_id,
+                token_ids=new_ids,
+                num_tokens=num_tokens,
+                sampling=sampling.to_pb(),
+                start_position=start,
+                first_is_bonus_guess=first_is_bonus_guess,
+            )
+
+        await self.write(build, history)
+        reply = await self.read(timeout_s)
         return Proposal(list(reply.token_ids), reply.draft_probs, reply.forward_ns)
 
 
 class TargetStream(WorkerStream):
+    def __init__(self, client: WorkerClient, call: Any) -> None:
+        super().__init__(client, call)
+        # Replies to chained requests nobody waits for any more (their assumption failed): read and dropped
+        # before the next reply.
+        self.unwanted_replies = 0
+
+    async def send(
+        self,
+        session_id: str,
+        history: Sequence[int],
+        draft_token_ids: Sequence[int],
+        draft_probs: Sequence[common_pb2.TokenDistribution],
+        sampling: SamplingParams,
+        chained: bool = False,
+    ) -> None:
+        def build(start: int, new_ids: Sequence[int]) -> target_pb2.VerifyRequest:
+            return target_pb2.VerifyRequest(
+                session_id=session_id,
+                token_ids=new_ids,
+                draft_token_ids=draft_token_ids,
+                draft_probs=draft_probs,
+                sampling=sampling.to_pb(),
+                start_position=start,
+                chained=chained,
+            )
+
+        await self.write(build, history)
+
+    async def receive(self, timeout_s: float) -> Verification | None:
+        """The next verdict; None when its (chained) request was skipped."""
+        while self.unwanted_replies:
+            await self.read(timeout_s)
+            self.unwanted_replies -= 1
+        reply = await self.read(timeout_s)
+        if reply.skipped:
+            return None
+        return Verification(reply.num_accepted, reply.next_token_id, reply.forward_ns)
+
     async def verify(
         self,
         session_id: str,
@@ -138,17 +208,11 @@ class TargetStream(WorkerStream):
         sampling: SamplingParams,
         timeout_s: float,
     ) -> Verification:
-        start, new_ids = self.delta(history)
-        request = target_pb2.VerifyRequest(
-            session_id=session_id,
-            token_ids=new_ids,
-            draft_token_ids=draft_token_ids,
-            draft_probs=draft_probs,
-            sampling=sampling.to_pb(),
-            start_position=start,
-        )
-        reply = await self.exchange(request, timeout_s)
-        return Verification(reply.num_accepted, reply.next_token_id, reply.forward_ns)
+        await self.send(session_id, history, draft_token_ids, draft_probs, sampling)
+        verdict = await self.receive(timeout_s)
+        if verdict is None:
+            raise self._unavailable("skipped a request that was not chained")
+        return verdict
 
 
 class WorkerClient:

@@ -8,6 +8,8 @@ the history, the block and the request's seed, never on which replica computed t
 - Target: a failed verify (UNAVAILABLE, or no answer within the worker timeout while the request still has
   time) takes the replica out of rotation and repeats the same verify on another replica. Only when no
   healthy target is left does the request fail with UNAVAILABLE; the client resumes the session later.
+- Chained blocks (target_service/chain.py) are an optimisation on one stream: a chained block whose
+  stream failed, or which the target skipped, is verified again as an ordinary request.
 - Draft: a failed propose moves to another draft replica and repeats the same propose there, so the block
   boundaries (and with them seeded sampled tokens) are unchanged. With no draft replica left, the request
   goes on with plain target decoding (k = 0) and tries again every `retry_s`; greedy output never depends
@@ -122,11 +124,66 @@ class TargetLink(WorkerLink):
             except (UnavailableError, DeadlineExceededError) as exc:
                 if not self.replica_failed(exc) or attempt == MAX_ATTEMPTS - 1:
                     raise
-                failed = self.replica.address
-                self.fail_over(exc)
-                logger.warning("session %s: target %s failed, verifying on another replica: %s",
-                               self.session_id, failed, exc)  # fmt: skip
+                self._fail_over_verify(exc)
         raise AssertionError("unreachable")
+
+    def _fail_over_verify(self, exc: Exception) -> None:
+        assert self.replica is not None
+        failed = self.replica.address
+        self.fail_over(exc)
+        logger.warning("session %s: target %s failed, verifying on another replica: %s",
+                       self.session_id, failed, exc)  # fmt: skip
+
+    async def send_chained(
+        self,
+        history: Sequence[int],
+        draft_token_ids: Sequence[int],
+        draft_probs: Sequence[common_pb2.TokenDistribution],
+        sampling: SamplingParams,
+    ) -> TargetStream | None:
+        """Queues a chained block (target_service/chain.py) behind the verify in flight; returns the stream
+        its verdict will come on, or None if it could not be sent (then it is verified the ordinary way)."""
+        stream = self.stream
+        # Only directly behind the one verify in flight (not, after a fail-over, ahead of its repetition).
+        if (
+            not isinstance(stream, TargetStream)
+            or stream.broken
+            or stream.awaited != stream.unwanted_replies + 1
+        ):
+            return None
+        try:
+            await stream.send(self.session_id, history, draft_token_ids, draft_probs, sampling, chained=True)
+        except (UnavailableError, DeadlineExceededError):
+            return None  # the stream is broken now: the verify in flight fails over
+        return stream
+
+    async def verify_chained(
+        self,
+        chained_on: TargetStream,
+        history: Sequence[int],
+        draft_token_ids: Sequence[int],
+        draft_probs: Sequence[common_pb2.TokenDistribution],
+        sampling: SamplingParams,
+    ) -> Verification:
+        """The verdict of a block sent with send_chained. If that stream is gone (a fail-over) or skipped the
+        block, it is verified now as an ordinary request: the same history and block give the same verdict."""
+        if chained_on is self.stream and not chained_on.broken:
+            try:
+                verdict = await chained_on.receive(self.call_timeout())
+            except (UnavailableError, DeadlineExceededError) as exc:
+                if not self.replica_failed(exc):
+                    raise
+                self._fail_over_verify(exc)
+            else:
+                if verdict is not None:
+                    return verdict
+                logger.debug("session %s: the target skipped a chained block", self.session_id)
+        return await self.verify(history, draft_token_ids, draft_probs, sampling)
+
+    def drop_chained(self, chained_on: TargetStream) -> None:
+        """The chained block's assumption failed: its (skip) reply is read and dropped before the next."""
+        if chained_on is self.stream:
+            chained_on.unwanted_replies += 1
 
 
 class DraftLink(WorkerLink):

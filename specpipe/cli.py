@@ -90,6 +90,11 @@ def add_serve_parser(subparsers: argparse._SubParsersAction) -> None:
         "--pipelining", action=argparse.BooleanOptionalAction, default=True,
         help="draft the next block while the target verifies the current one",
     )  # fmt: skip
+    serve.add_argument(
+        "--chaining", action=argparse.BooleanOptionalAction, default=True,
+        help="with pipelining: queue the next block on the target before the verdict (no round trip between "
+        "verifies whose assumption held)",
+    )  # fmt: skip
     serve.add_argument("--max-speculative-tokens", type=int, default=16, help="largest k a request may ask")
     serve.add_argument("--max-new-tokens-limit", type=int, default=4096)
     serve.add_argument("--worker-timeout", type=float, default=30.0, help="seconds per worker RPC")
@@ -216,6 +221,7 @@ def serve_component(args: argparse.Namespace) -> int:
         max_speculative_tokens=args.max_speculative_tokens,
         adaptive_k=args.adaptive_k,
         pipelining=args.pipelining,
+        chaining=args.chaining,
         max_new_tokens_limit=args.max_new_tokens_limit,
         worker_timeout_s=args.worker_timeout,
         startup_timeout_s=args.startup_timeout,

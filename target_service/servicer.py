@@ -3,15 +3,21 @@
 from __future__ import annotations
 
 from collections.abc import AsyncIterator
+from concurrent.futures import ThreadPoolExecutor
 
 import grpc
 
 from specpipe.rpc.worker_servicer import WorkerServicerBase
-from specpipe.v1 import target_pb2, target_pb2_grpc
+from specpipe.v1 import common_pb2, target_pb2, target_pb2_grpc
+from target_service.chain import ChainCounters, VerifyChain
 from target_service.verifier import Verifier, VerifyBlock
 
 
 class TargetServicer(WorkerServicerBase[Verifier], target_pb2_grpc.TargetServiceServicer):
+    def __init__(self, model_thread: ThreadPoolExecutor) -> None:
+        super().__init__(model_thread)
+        self.chain_counters = ChainCounters()
+
     async def Verify(
         self, request: target_pb2.VerifyRequest, context: grpc.aio.ServicerContext
     ) -> target_pb2.VerifyResponse:
@@ -21,4 +27,13 @@ class TargetServicer(WorkerServicerBase[Verifier], target_pb2_grpc.TargetService
     def VerifyStream(
         self, request_iterator: AsyncIterator[target_pb2.VerifyRequest], context: grpc.aio.ServicerContext
     ) -> AsyncIterator[target_pb2.VerifyResponse]:
-        return self.serve_stream(request_iterator, VerifyBlock.from_pb, self.engine.verify, context)
+        chain = VerifyChain(self.engine, self.chain_counters)
+        return self.serve_stream(request_iterator, VerifyBlock.from_pb, chain.verify, context)
+
+    async def GetStats(
+        self, request: common_pb2.GetStatsRequest, context: grpc.aio.ServicerContext
+    ) -> common_pb2.WorkerStats:
+        stats = await super().GetStats(request, context)
+        stats.chained_verifies = self.chain_counters.verified
+        stats.chained_skips = self.chain_counters.skipped
+        return stats

@@ -39,9 +39,13 @@ class VerifyBlock:
     # q per draft token as (support ids, probs) (empty ids = dense); None = point masses.
     draft_probs: tuple[tuple[tuple[int, ...], torch.Tensor | tuple[float, ...]], ...] | None
     sampling: SamplingParams
+    # Sent before the previous verdict on its stream was known (see target_service/chain.py).
+    chained: bool = False
 
     @classmethod
     def from_pb(cls, pb: target_pb2.VerifyRequest, history: StreamHistory | None = None) -> VerifyBlock:
+        if pb.chained and history is None:
+            raise InvalidArgumentError("chained requests continue a stream: use VerifyStream")
         probs = tuple((tuple(d.token_ids), distribution_values(d)) for d in pb.draft_probs) or None
         return cls(
             session_id=pb.session_id,
@@ -49,6 +53,7 @@ class VerifyBlock:
             draft_token_ids=tuple(pb.draft_token_ids),
             draft_probs=probs,
             sampling=SamplingParams.from_pb(pb.sampling),
+            chained=pb.chained,
         )
 
 
@@ -59,8 +64,18 @@ class Verdict:
     recovered: bool
     forward_ns: int
     cached_tokens: int
+    skipped: bool = False
+
+    @classmethod
+    def skip(cls) -> Verdict:
+        """The answer to a chained request whose assumption failed: nothing was verified."""
+        return cls(
+            num_accepted=0, next_token_id=0, recovered=False, forward_ns=0, cached_tokens=0, skipped=True
+        )
 
     def to_pb(self) -> target_pb2.VerifyResponse:
+        if self.skipped:
+            return target_pb2.VerifyResponse(skipped=True)
         return target_pb2.VerifyResponse(
             num_accepted=self.num_accepted,
             next_token_id=self.next_token_id,

@@ -94,15 +94,19 @@ class GetStatsRequest(_message.Message):
     def __init__(self, session_id: _Optional[str] = ...) -> None: ...
 
 class WorkerStats(_message.Message):
-    __slots__ = ("cached_sessions", "cache_bytes", "evictions", "session_cached", "open_streams")
+    __slots__ = ("cached_sessions", "cache_bytes", "evictions", "session_cached", "open_streams", "chained_verifies", "chained_skips")
     CACHED_SESSIONS_FIELD_NUMBER: _ClassVar[int]
     CACHE_BYTES_FIELD_NUMBER: _ClassVar[int]
     EVICTIONS_FIELD_NUMBER: _ClassVar[int]
     SESSION_CACHED_FIELD_NUMBER: _ClassVar[int]
     OPEN_STREAMS_FIELD_NUMBER: _ClassVar[int]
+    CHAINED_VERIFIES_FIELD_NUMBER: _ClassVar[int]
+    CHAINED_SKIPS_FIELD_NUMBER: _ClassVar[int]
     cached_sessions: int
     cache_bytes: int
     evictions: int
     session_cached: bool
     open_streams: int
-    def __init__(self, cached_sessions: _Optional[int] = ..., cache_bytes: _Optional[int] = ..., evictions: _Optional[int] = ..., session_cached: _Optional[bool] = ..., open_streams: _Optional[int] = ...) -> None: ...
+    chained_verifies: int
+    chained_skips: int
+    def __init__(self, cached_sessions: _Optional[int] = ..., cache_bytes: _Optional[int] = ..., evictions: _Optional[int] = ..., session_cached: _Optional[bool] = ..., open_streams: _Optional[int] = ..., chained_verifies: _Optional[int] = ..., chained_skips: _Optional[int] = ...) -> None: ...

@@ -1,0 +1,49 @@
+"""Chained verification: a stream's next block verified without waiting for the coordinator.
+
+The coordinator's pipelined draft prepares block i+1 while the target verifies block i, assuming block i is
+accepted whole and guessing its bonus token. Sent to the target as soon as the draft has it (`chained`), the
+block is already queued on the stream when verify i ends, so the target starts it at once: a round whose
+assumption held costs no coordinator round trip between the two forward passes.
+
+Whether the assumption held is decided here, on the worker, by comparing histories: block i+1 is verified
+only if the history it extends is exactly the one verdict i produced (history i + accepted tokens + next
+token); else it is skipped without a forward pass and the coordinator redrafts as without chaining. The
+verdict of a chained block is the one an ordinary request with the same history and block would get, so
+chaining changes when blocks are verified, never what is accepted.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from target_service.verifier import Verdict, Verifier, VerifyBlock
+
+
+@dataclass(slots=True)
+class ChainCounters:
+    """Per worker: chained requests verified and skipped (reported by GetStats)."""
+
+    verified: int = 0
+    skipped: int = 0
+
+
+class VerifyChain:
+    """One stream's verifier: remembers the history its last verdict produced."""
+
+    def __init__(self, verifier: Verifier, counters: ChainCounters) -> None:
+        self.verifier = verifier
+        self.counters = counters
+        # history + accepted draft tokens + next token of the last verified block; None after a skip.
+        self.after_last: tuple[int, ...] | None = None
+
+    def verify(self, block: VerifyBlock) -> Verdict:
+        if block.chained:
+            if block.token_ids != self.after_last:
+                self.after_last = None  # a block chained to this skipped one has nothing to extend
+                self.counters.skipped += 1
+                return Verdict.skip()
+            self.counters.verified += 1
+        verdict = self.verifier.verify(block)
+        accepted = block.draft_token_ids[: verdict.num_accepted]
+        self.after_last = (*block.token_ids, *accepted, verdict.next_token_id)
+        return verdict
