@@ -198,3 +198,12 @@ def test_draft_call_is_paid_only_by_rounds_that_draft() -> None:
         draft_token_s=0.001, verify_base_s=1.0, verify_token_s=0.05, round_overhead_s=0.2, draft_call_s=0.15
     )
     assert best_draft_length(0.1, dear_call, 8) == 0
+
+
+def test_the_verify_cost_line_goes_through_the_median_at_each_k() -> None:
+    from coordinator.cost_profile import median_line
+
+    points = [(1.0, 11.0), (1.0, 11.2), (1.0, 10.9), (8.0, 18.0), (8.0, 31.0), (8.0, 18.1), (16.0, 26.0)]
+    base, per_token = median_line(points)  # the 31 ms hiccup at k = 8 is ignored
+    assert per_token == pytest.approx(1.0, abs=0.01)
+    assert base == pytest.approx(10.0, abs=0.1)
