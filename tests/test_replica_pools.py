@@ -215,7 +215,8 @@ def test_sigkill_a_target_and_a_draft_under_load(cluster: PoolCluster) -> None:
                 if exact(spec):
                     assert got.token_ids == want.token_ids, (spec, cluster.logs())
                 else:
-                    assert got.finish_reason == want.finish_reason == "length"
+                    # A flipped draw continues with other tokens, which may reach EOS before the length.
+                    assert want.finish_reason == "length" and got.finish_reason in ("length", "eos")
                 continue
             # Failed: UNAVAILABLE, and its session resumes to exactly the same tokens.
             failed += 1
@@ -227,11 +228,15 @@ def test_sigkill_a_target_and_a_draft_under_load(cluster: PoolCluster) -> None:
             resume = build_request(
                 "", spec["max_new_tokens"] - len(committed), session_id=partial.session_id, **sampling
             )
-            resumed = client.generate(resume, 60).token_ids
+            resumed_result = client.generate(resume, 60)
+            resumed = resumed_result.token_ids
             if exact(spec):
                 assert committed + resumed == want.token_ids
-            else:
+            elif resumed_result.finish_reason == "length":
                 assert len(committed + resumed) == len(want.token_ids)
+            else:
+                assert resumed_result.finish_reason == "eos"
+                assert len(committed + resumed) < len(want.token_ids)
     log = cluster.coordinator.log_path.read_text(errors="replace")
     target_moves = log.count("failed, verifying on another replica")
     draft_moves = log.count(f"draft {cluster.drafts[0].address} failed")
