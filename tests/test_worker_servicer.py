@@ -8,7 +8,7 @@ import time
 from collections.abc import Awaitable, Callable
 from concurrent.futures import ThreadPoolExecutor
 
-from specpipe.rpc.worker_servicer import INLINE_MAX_NEW_TOKENS, WorkerServicerBase
+from specpipe.rpc.worker_servicer import INLINE_MAX_NEW_TOKENS, READ_AHEAD, WorkerServicerBase, read_ahead
 
 
 def run(coro_fn: Callable[[WorkerServicerBase[object]], Awaitable[None]]) -> None:
@@ -61,3 +61,63 @@ def test_nothing_runs_inline_beside_a_model_thread_job_even_after_its_caller_gav
         assert await servicer.run_model(caller_thread, None, 1) == threading.current_thread().name
 
     run(scenario)
+
+
+class Requests:
+    """A request stream that records how far it has been read and may fail after `fail_after` requests."""
+
+    def __init__(self, n: int, fail_after: int | None = None) -> None:
+        self.n, self.fail_after, self.read = n, fail_after, 0
+
+    def __aiter__(self) -> Requests:
+        return self
+
+    async def __anext__(self) -> int:
+        await asyncio.sleep(0)
+        if self.fail_after is not None and self.read == self.fail_after:
+            raise RuntimeError("stream broke")
+        if self.read == self.n:
+            raise StopAsyncIteration
+        self.read += 1
+        return self.read
+
+
+def test_read_ahead_keeps_order_and_reads_at_most_a_few_requests_ahead() -> None:
+    async def scenario() -> None:
+        source = Requests(10)
+        seen: list[int] = []
+        async for request in read_ahead(source):
+            await asyncio.sleep(0.01)  # answering: the reader runs meanwhile
+            assert source.read <= request + READ_AHEAD
+            seen.append(request)
+        assert seen == list(range(1, 11))
+
+    asyncio.run(scenario())
+
+
+def test_read_ahead_raises_a_stream_failure_where_requests_are_taken() -> None:
+    async def scenario() -> None:
+        seen: list[int] = []
+        try:
+            async for request in read_ahead(Requests(10, fail_after=3)):
+                seen.append(request)
+        except RuntimeError as exc:
+            assert str(exc) == "stream broke"
+        else:
+            raise AssertionError("the failure was swallowed")
+        assert seen == [1, 2, 3]
+
+    asyncio.run(scenario())
+
+
+def test_closing_read_ahead_early_stops_its_reader() -> None:
+    async def scenario() -> None:
+        source = Requests(1000)
+        ordered = read_ahead(source)
+        assert await ordered.__anext__() == 1
+        await ordered.aclose()
+        read = source.read
+        await asyncio.sleep(0.05)
+        assert source.read == read <= 1 + READ_AHEAD
+
+    asyncio.run(scenario())

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 from collections.abc import AsyncIterator, Callable
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any, Generic, TypeVar
@@ -23,6 +24,53 @@ EngineT = TypeVar("EngineT")
 # request carries the whole history (a prefill) and goes to the model thread, so long forwards do not stall
 # the event loop (health checks, other streams); only a session evicted mid-stream rebuilds inline.
 INLINE_MAX_NEW_TOKENS = 32
+
+
+# Requests a stream reads ahead of the one being answered (gRPC's flow control still bounds the rest).
+READ_AHEAD = 2
+
+
+async def read_ahead(requests: AsyncIterator[Any]) -> AsyncIterator[Any]:
+    """The stream's requests, with the read of the next one always posted while the current one is answered.
+
+    A request answered inline blocks the event loop for its forward pass; with the next read already posted,
+    gRPC receives a request that arrives meanwhile (a chained block, target_service/chain.py) on its own
+    threads, and it is at hand when the reply has gone out instead of one more event-loop wake-up later.
+    """
+    queue: asyncio.Queue[tuple[Any, BaseException | None]] = asyncio.Queue()  # bounded by `room`
+    room = asyncio.Semaphore(READ_AHEAD)
+    end = object()
+
+    async def pump() -> None:
+        error: BaseException | None = None
+        try:
+            while True:
+                await room.acquire()
+                try:
+                    request = await requests.__anext__()
+                except StopAsyncIteration:
+                    return
+                queue.put_nowait((request, None))
+        except Exception as exc:  # the stream failed: raised where the requests are taken
+            error = exc
+        except BaseException as exc:  # cancelled
+            error = exc
+            raise
+        finally:
+            queue.put_nowait((end, error))
+
+    reader = asyncio.ensure_future(pump())
+    try:
+        while True:
+            request, error = await queue.get()
+            if error is not None:
+                raise error
+            if request is end:
+                return
+            room.release()
+            yield request
+    finally:
+        reader.cancel()
 
 
 class WorkerServicerBase(Generic[EngineT]):
@@ -101,10 +149,11 @@ class WorkerServicerBase(Generic[EngineT]):
         completed = False
         self.open_streams += 1
         try:
-            async for request in requests:
-                session_id = request.session_id
-                result = await self.run_model(handle, decode(request, history), len(request.token_ids))
-                yield result.to_pb()
+            async with contextlib.aclosing(read_ahead(requests)) as ordered:  # closed here: stops its reader
+                async for request in ordered:
+                    session_id = request.session_id
+                    result = await self.run_model(handle, decode(request, history), len(request.token_ids))
+                    yield result.to_pb()
             # A cancelled call can also look like the end of the requests.
             completed = not context.cancelled()
         finally:
