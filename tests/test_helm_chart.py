@@ -363,7 +363,7 @@ def test_worker_ports_and_args() -> None:
     assert c["args"][:2] == ["serve", "coordinator"]
     args = args_of(c)
     assert args["--port"] == "50051" and args["--cluster-config"] == "/etc/specpipe/cluster.yaml"
-    assert "--adaptive-k" in args and "--pipelining" in args
+    assert "--adaptive-k" in args and "--pipelining" in args and "--chaining" in args
 
 
 @pytest.mark.parametrize("value_set", VALUE_SETS)
