@@ -240,7 +240,14 @@ class SpeculativeGenerator:
                 next_k = self.draft_length(
                     policy.next_k_if_accepted(k), remaining - k - 1, len(history) + k + 1
                 )
-                if next_k > 0 and self.should_pipeline(k, next_k, len(history)) and await draft.available():
+                # A block holding EOS ends the request if it is accepted whole: nothing follows it.
+                ends = self.has_eos(draft_ids)
+                if (
+                    next_k > 0
+                    and not ends
+                    and self.should_pipeline(k, next_k, len(history))
+                    and await draft.available()
+                ):
                     speculative = asyncio.ensure_future(
                         self.draft_ahead(draft, target, verify, [*history, *draft_ids], next_k, sampling)
                     )
@@ -333,11 +340,19 @@ class SpeculativeGenerator:
         guess = await draft.propose(assumed_history, num_tokens + 1, sampling, first_is_bonus_guess=True)
         if not self.chaining or guess is None or len(guess.token_ids) < 2 or verify.done():
             return guess, None
+        if self.has_eos(guess.token_ids[:1]):
+            return (
+                guess,
+                None,
+            )  # if the guess holds, the request ends with it: a chained verify would be wasted
         history = [*assumed_history, guess.token_ids[0]]
         stream = await target.send_chained(
             history, guess.token_ids[1:], list(guess.draft_probs)[1:], sampling
         )
         return guess, None if stream is None else ChainedBlock(stream, history)
+
+    def has_eos(self, token_ids: list[int]) -> bool:
+        return any(token in self.limits.eos_token_ids for token in token_ids)
 
     async def release_worker_caches(self, session_id: str, workers: set[WorkerClient]) -> None:
         for worker in workers:

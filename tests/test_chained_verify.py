@@ -232,3 +232,63 @@ def test_stream_replies_are_read_in_order_after_unwanted_ones() -> None:
     # The second request continues the first's history from where they differ.
     assert [r.start_position for r in call.written] == [0, 2]
     assert [list(r.token_ids) for r in call.written] == [[1, 2, 3], []]
+
+
+def test_no_block_is_chained_behind_a_guess_that_would_end_the_request() -> None:
+    """A bonus guess of EOS ends the request if it holds, so the block after it is not queued on the target
+    (its verify would be wasted); any other guess is chained."""
+    from coordinator.speculation import ModelLimits, SpeculativeGenerator
+    from coordinator.worker_clients import Proposal
+
+    eos = 2
+    limits = ModelLimits(
+        target_context=512, draft_context=512, vocab_size=100, eos_token_ids=frozenset({eos})
+    )
+    generator = SpeculativeGenerator(
+        None,
+        None,
+        None,
+        None,
+        limits,
+        30.0,
+        "test",
+        8,
+        None,
+        pipelining=True,  # type: ignore[arg-type]
+    )
+
+    class Draft:
+        def __init__(self, tokens: list[int]) -> None:
+            self.tokens = tokens
+
+        async def propose(self, history: list[int], k: int, sampling: SamplingParams, **_: bool) -> Proposal:
+            return Proposal(self.tokens, (), 0)
+
+    class Target:
+        def __init__(self) -> None:
+            self.chained: list[list[int]] = []
+
+        async def send_chained(
+            self, history: list[int], ids: list[int], probs: list, sampling: object
+        ) -> object:
+            self.chained.append(list(ids))
+            return object()
+
+    async def chain(tokens: list[int]) -> Target:
+        target = Target()
+        verify = asyncio.get_running_loop().create_future()  # the verdict has not come
+        guess, queued = await generator.draft_ahead(
+            Draft(tokens),
+            target,
+            verify,
+            [5, 6, 7],
+            2,
+            GREEDY,  # type: ignore[arg-type]
+        )
+        assert guess is not None and guess.token_ids == tokens
+        assert (queued is None) == (not target.chained)
+        return target
+
+    assert asyncio.run(chain([9, 10, 11])).chained == [[10, 11]]
+    assert asyncio.run(chain([eos, 10, 11])).chained == []
+    assert generator.has_eos([4, eos]) and not generator.has_eos([4, 5])
