@@ -272,6 +272,9 @@ def serve_all(args: argparse.Namespace) -> int:
         str(args.worker_timeout),
         "--session-ttl",
         str(args.session_ttl),
+        "--adaptive-k" if args.adaptive_k else "--no-adaptive-k",
+        "--pipelining" if args.pipelining else "--no-pipelining",
+        "--chaining" if args.chaining else "--no-chaining",
     ]
     return run_pipeline(config, extra)
 

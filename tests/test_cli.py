@@ -10,6 +10,8 @@ import sys
 import time
 from pathlib import Path
 
+import pytest
+
 from specpipe.launcher import free_port, health_status
 
 
@@ -62,3 +64,23 @@ def test_serve_with_no_flags_then_generate(tmp_path: Path) -> None:
     assert health_status(f"127.0.0.1:{port}") == -1
     leftovers = subprocess.run(["pgrep", "-f", str(tmp_path / "logs")], capture_output=True, text=True)
     assert leftovers.stdout.strip() == ""
+
+
+def test_embedded_serve_passes_the_speculation_switches_to_its_coordinator(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    """`specpipe serve --no-pipelining` (and the other on/off flags) reach the coordinator it starts."""
+    import specpipe.launcher
+    from specpipe.cli import main
+
+    started: list[list[str]] = []
+    monkeypatch.setattr(
+        specpipe.launcher, "run_pipeline", lambda config, extra: started.append(list(extra)) or 0
+    )
+    assert main(["serve", "--log-dir", str(tmp_path)]) == 0
+    assert {"--adaptive-k", "--pipelining", "--chaining"} <= set(started[-1])
+    assert (
+        main(["serve", "--no-adaptive-k", "--no-pipelining", "--no-chaining", "--log-dir", str(tmp_path)])
+        == 0
+    )
+    assert {"--no-adaptive-k", "--no-pipelining", "--no-chaining"} <= set(started[-1])
