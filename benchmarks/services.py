@@ -28,7 +28,7 @@ UNCHAINED_VARIANT = "specpipe-pipe-nochain"  # adaptive k, pipelined, not chaine
 OPT_IN_VARIANTS = frozenset({UNCHAINED_VARIANT})  # run only when --variants names them
 COST_PROFILE = re.compile(
     r"cost profile: draft ([\d.]+) ms/token, verify ([\d.]+) ms \+ ([\d.]+) ms/token, "
-    r"overhead ([\d.]+) ms/round(?: \(c = [\d.]+\), draft call ([\d.]+) ms)?(?:, plain verify ([\d.]+) ms)?"
+    r"overhead ([\d.]+) ms/round(?: \(c = [\d.]+\), draft call ([\d.]+) ms)?"
 )
 
 
@@ -203,7 +203,7 @@ def cost_profile(log_path: Path) -> dict[str, float] | None:
         return None
     keys = (
         "draft_ms_per_token", "verify_base_ms", "verify_ms_per_token",
-        "overhead_ms_per_round", "draft_call_ms", "plain_verify_ms",
+        "overhead_ms_per_round", "draft_call_ms",
     )  # fmt: skip
     return {key: float(value) for key, value in zip(keys, match.groups(), strict=True) if value is not None}
 

@@ -3,8 +3,7 @@
 With per-token acceptance probability alpha, a round that drafts k tokens yields on average
 E(k) = (1 - alpha^(k+1)) / (1 - alpha) tokens (Leviathan et al. 2023) and costs
 T(k) = overhead + [k > 0] draft_call + k * t_draft + t_verify(k), with t_verify(k) = verify_base +
-k * verify_token for k >= 1 and t_verify(0) = plain_verify (measured; draft_call is what the call to the
-draft worker adds to a round that drafts).
+k * verify_token (measured; draft_call is what the call to the draft worker adds to a round that drafts).
 The policy picks the k in [0, max_k] maximising E(k) / T(k); k = 0 is plain decoding, chosen when the draft
 is too costly for its acceptance rate. With pipelining, T(k) is the expected round time of the pipelined
 scheme (a fully accepted round's successor was drafted during its verify).
@@ -28,27 +27,20 @@ def expected_tokens(alpha: float, k: int) -> float:
 
 @dataclass(frozen=True, slots=True)
 class CostProfile:
-    """Seconds: one draft forward, the verify pass (base + per draft token, fitted over k >= 1), the overhead
-    of a round, what a round that drafts pays on top of that for its call to the draft worker (`draft_call_s`:
-    a round with k = 0 makes no such call), and the target forward of a round without draft tokens
-    (`plain_verify_s`; None: verify_base_s). The latter is measured on its own because the line through
-    k >= 1 does not pass through it: scoring the first draft token costs more than each further one (the
-    demo target: 1, 1.26, 1.41, 1.70 forwards for k = 0..3), so the line's base overstates a plain round by
-    ~20%, which made one draft token look nearly free at low acceptance."""
+    """Seconds: one draft forward, the verify pass (base + per draft token), the overhead of a round, and
+    what a round that drafts pays on top of that for its call to the draft worker (`draft_call_s`: a round
+    with k = 0 makes no such call)."""
 
     draft_token_s: float
     verify_base_s: float
     verify_token_s: float
     round_overhead_s: float
     draft_call_s: float = 0.0
-    plain_verify_s: float | None = None
 
     def __post_init__(self) -> None:
         for name in ("draft_token_s", "verify_base_s", "verify_token_s", "round_overhead_s", "draft_call_s"):
             if getattr(self, name) < 0:
                 raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
-        if self.plain_verify_s is not None and self.plain_verify_s < 0:
-            raise ValueError(f"plain_verify_s must be >= 0, got {self.plain_verify_s}")
 
     @property
     def draft_cost_ratio(self) -> float:
@@ -56,10 +48,7 @@ class CostProfile:
         return self.draft_token_s / self.verify_base_s if self.verify_base_s else 0.0
 
     def round_time(self, k: int) -> float:
-        if k <= 0:
-            plain = self.verify_base_s if self.plain_verify_s is None else self.plain_verify_s
-            return self.round_overhead_s + plain
-        draft = self.draft_call_s + k * self.draft_token_s
+        draft = self.draft_call_s + k * self.draft_token_s if k > 0 else 0.0
         return self.round_overhead_s + draft + self.verify_base_s + k * self.verify_token_s
 
     def pipelined_round_time(self, k: int, alpha: float) -> float:

@@ -51,7 +51,6 @@ async def measure_cost_profile(
     verify_points: list[tuple[float, float]] = []
     overheads: list[float] = []
     plain_overheads: list[float] = []
-    plain_verify_s: list[float] = []
     history = list(prompt)
     try:
         for _ in range(repetitions):
@@ -61,7 +60,6 @@ async def measure_cost_profile(
                 started = time.perf_counter()
                 verdict = await target_stream.verify(session_id, history, [], (), greedy, 60.0)
                 plain_overheads.append(max(time.perf_counter() - started - verdict.forward_ns / 1e9, 0.0))
-                plain_verify_s.append(verdict.forward_ns / 1e9)
                 history.append(verdict.next_token_id)
                 started = time.perf_counter()
                 proposal = await draft_stream.propose(session_id, history, k, greedy, 60.0)
@@ -94,17 +92,15 @@ async def measure_cost_profile(
         verify_token_s=max(per_token, 0.0),
         round_overhead_s=round_overhead,
         draft_call_s=max(statistics.median(overheads[skip:]) - round_overhead, 0.0),
-        plain_verify_s=statistics.median(plain_verify_s[skip:]),
     )
     logger.info(
         "cost profile: draft %.3f ms/token, verify %.3f ms + %.3f ms/token, "
-        "overhead %.3f ms/round (c = %.3f), draft call %.3f ms, plain verify %.3f ms",
+        "overhead %.3f ms/round (c = %.3f), draft call %.3f ms",
         profile.draft_token_s * 1e3,
         profile.verify_base_s * 1e3,
         profile.verify_token_s * 1e3,
         profile.round_overhead_s * 1e3,
         profile.draft_cost_ratio,
         profile.draft_call_s * 1e3,
-        (profile.plain_verify_s or 0.0) * 1e3,
     )
     return profile

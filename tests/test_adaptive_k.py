@@ -207,27 +207,3 @@ def test_the_verify_cost_line_goes_through_the_median_at_each_k() -> None:
     base, per_token = median_line(points)  # the 31 ms hiccup at k = 8 is ignored
     assert per_token == pytest.approx(1.0, abs=0.01)
     assert base == pytest.approx(10.0, abs=0.1)
-
-
-def test_a_plain_round_costs_the_measured_plain_verify_not_the_line_base() -> None:
-    """The demo target scores one draft token for ~2.6 ms more than a plain step but each further one for
-    ~0.9 ms, so the line fitted over k >= 1 starts ~2 ms above a plain round. Taking its base as the plain
-    round's cost made one prompt-lookup token look worth it at 14% acceptance (seen: 0.73x plain decoding
-    on sampled text, against 0.84x for k = 0 through the same services)."""
-    fitted_only = CostProfile(
-        draft_token_s=0.000004, verify_base_s=0.012, verify_token_s=0.0009, round_overhead_s=0.0011,
-        draft_call_s=0.00085,
-    )  # fmt: skip
-    assert fitted_only.round_time(0) == pytest.approx(0.0011 + 0.012)
-    assert best_draft_length(0.14, fitted_only, 8) == 1  # 1.14 / 14.85 ms beats 1 / 13.1 ms
-    measured = CostProfile(
-        draft_token_s=0.000004, verify_base_s=0.012, verify_token_s=0.0009, round_overhead_s=0.0011,
-        draft_call_s=0.00085, plain_verify_s=0.010,
-    )  # fmt: skip
-    assert measured.round_time(0) == pytest.approx(0.0011 + 0.010)
-    assert measured.round_time(1) == fitted_only.round_time(1)  # drafting rounds are unchanged
-    assert best_draft_length(0.14, measured, 8) == 0  # 1 / 11.1 ms
-    assert best_draft_length(0.9, measured, 8) > 0
-    with pytest.raises(ValueError, match="plain_verify_s"):
-        CostProfile(draft_token_s=0.0, verify_base_s=1.0, verify_token_s=0.0, round_overhead_s=0.0,
-                    plain_verify_s=-1.0)  # fmt: skip
