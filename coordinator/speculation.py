@@ -162,11 +162,15 @@ class SpeculativeGenerator:
         async for chunk in self._rounds(request, session, time_remaining):
             yield chunk
 
-    def should_pipeline(self, k: int, next_k: int, history_len: int) -> bool:
-        """Draft the next block (next_k + 1 tokens) during this round's verify (of k tokens) only where it
-        is free: it must fit the draft context and, by the measured profile, finish before the verify does
-        (else waiting for it costs time)."""
+    def should_pipeline(self, block: list[int], next_k: int, history_len: int) -> bool:
+        """Draft the next block (next_k + 1 tokens) during this round's verify (of `block`) only where it
+        can be used and is free: the block holds no EOS (accepted whole, it would end the request), it must
+        fit the draft context and, by the measured profile, finish before the verify does (else waiting for
+        it costs time)."""
+        k = len(block)
         if not self.pipelining or k == 0 or history_len + k + next_k > self.limits.draft_context:
+            return False
+        if self.has_eos(block):
             return False
         if self.costs is None:
             return True
@@ -240,12 +244,9 @@ class SpeculativeGenerator:
                 next_k = self.draft_length(
                     policy.next_k_if_accepted(k), remaining - k - 1, len(history) + k + 1
                 )
-                # A block holding EOS ends the request if it is accepted whole: nothing follows it.
-                ends = self.has_eos(draft_ids)
                 if (
                     next_k > 0
-                    and not ends
-                    and self.should_pipeline(k, next_k, len(history))
+                    and self.should_pipeline(draft_ids, next_k, len(history))
                     and await draft.available()
                 ):
                     speculative = asyncio.ensure_future(
@@ -338,13 +339,16 @@ class SpeculativeGenerator:
         and queues that block on the target behind the verify when chaining is on and the verdict has not
         come yet (target_service/chain.py): if the guess holds, the target verifies it without waiting."""
         guess = await draft.propose(assumed_history, num_tokens + 1, sampling, first_is_bonus_guess=True)
-        if not self.chaining or guess is None or len(guess.token_ids) < 2 or verify.done():
+        # Nothing to chain: no block after the guess, the verdict is in already, or the guess is EOS (if it
+        # holds, the request ends with it and a chained verify would be wasted).
+        if (
+            not self.chaining
+            or guess is None
+            or len(guess.token_ids) < 2
+            or verify.done()
+            or self.has_eos(guess.token_ids[:1])
+        ):
             return guess, None
-        if self.has_eos(guess.token_ids[:1]):
-            return (
-                guess,
-                None,
-            )  # if the guess holds, the request ends with it: a chained verify would be wasted
         history = [*assumed_history, guess.token_ids[0]]
         stream = await target.send_chained(
             history, guess.token_ids[1:], list(guess.draft_probs)[1:], sampling

@@ -6,7 +6,7 @@ come."""
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Sequence
+from collections.abc import Awaitable, Callable, Sequence
 
 import grpc
 import pytest
@@ -55,11 +55,11 @@ async def chained_counts(client: TargetClient) -> tuple[int, int]:
     return stats.chained_verifies, stats.chained_skips
 
 
-def run(pipeline: Pipeline, test: object) -> None:
+def run(pipeline: Pipeline, test: Callable[[TargetClient], Awaitable[None]]) -> None:
     async def main() -> None:
         client = TargetClient(pipeline.target.address)
         try:
-            await test(client)  # type: ignore[operator]
+            await test(client)
         finally:
             await client.close()
 
@@ -292,3 +292,5 @@ def test_no_block_is_chained_behind_a_guess_that_would_end_the_request() -> None
     assert asyncio.run(chain([9, 10, 11])).chained == [[10, 11]]
     assert asyncio.run(chain([eos, 10, 11])).chained == []
     assert generator.has_eos([4, eos]) and not generator.has_eos([4, 5])
+    # Nor is anything drafted ahead of a block holding EOS: accepted whole, it ends the request.
+    assert generator.should_pipeline([4, 5], 3, 10) and not generator.should_pipeline([4, eos], 3, 10)
