@@ -39,9 +39,9 @@ def median_line(points: list[tuple[float, float]]) -> tuple[float, float]:
 async def measure_cost_profile(
     draft: DraftClient, target: TargetClient, max_k: int, context: int, repetitions: int = 10
 ) -> CostProfile:
-    """Runs greedy rounds for k in {1, max_k / 2, max_k} on a throwaway session and fits the costs (about
-    half a second with the demo pair); rounds with k = 0 (verify only) between them give the overhead of a
-    round without a draft call."""
+    """Runs greedy rounds for k in {1, max_k / 2, max_k} on a throwaway session and fits the costs (1.3 s
+    with the demo pair and max_k 16 on the 2-core CPU, from run 11's coordinator logs); rounds with k = 0
+    (verify only) between them give the overhead of a round without a draft call."""
     ks = sorted({1, max(1, max_k // 2), max(1, max_k)})
     prompt = [1 + i % 200 for i in range(32)]
     session_id = f"profile-{uuid.uuid4().hex}"
