@@ -24,7 +24,7 @@ import redis
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from benchmarks.services import Services
-from coordinator.worker_clients import DraftClient, TargetClient
+from specpipe.rpc.worker_clients import DraftClient, TargetClient
 from specpipe.sampling.params import SamplingParams
 from specpipe.store.session_store import SessionStats, SessionStore
 

@@ -9,7 +9,7 @@ from pathlib import Path
 
 from benchmarks.inprocess import Costs
 from benchmarks.results import VariantRun
-from coordinator.adaptive_k import pipelined_model_time
+from specpipe.speculation.adaptive_k import pipelined_model_time
 
 BASELINE_VARIANTS = ("plain-1t", "plain-2t")
 HF_ASSISTED = "hf-assisted"
@@ -44,7 +44,7 @@ def analytical_speedup(alpha: float, k: float, c: float, v: float, pipelined: bo
 
     Sequential: a round drafts k tokens, then verifies them: E / (k c + v). Pipelined (specpipe's scheme):
     E / the expected pipelined round time, the same model the adaptive-k policy uses
-    (`coordinator.adaptive_k.pipelined_model_time`).
+    (`specpipe.speculation.adaptive_k.pipelined_model_time`).
     """
     tokens = expected_tokens(alpha, k)
     if not pipelined:

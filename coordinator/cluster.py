@@ -8,7 +8,7 @@ import logging
 from coordinator.cluster_config import ClusterConfig
 from coordinator.discovery.base import Discovery
 from coordinator.replicas import ReplicaSet
-from coordinator.worker_clients import DraftClient, TargetClient
+from specpipe.rpc.worker_clients import DraftClient, TargetClient
 
 logger = logging.getLogger(__name__)
 

@@ -7,10 +7,10 @@ import statistics
 import time
 import uuid
 
-from coordinator.adaptive_k import CostProfile
-from coordinator.worker_clients import DraftClient, TargetClient
 from specpipe.errors import SpecpipeError
+from specpipe.rpc.worker_clients import DraftClient, TargetClient
 from specpipe.sampling.params import SamplingParams
+from specpipe.speculation.adaptive_k import CostProfile
 
 logger = logging.getLogger(__name__)
 

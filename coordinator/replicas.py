@@ -21,8 +21,8 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from coordinator import routing
 from coordinator.cluster_config import ClusterConfig
 from coordinator.discovery.base import Endpoint
-from coordinator.worker_clients import WorkerClient
 from specpipe.errors import SpecpipeError, UnavailableError
+from specpipe.rpc.worker_clients import WorkerClient
 from specpipe.runtime.model_info import WorkerModelInfo
 
 logger = logging.getLogger(__name__)

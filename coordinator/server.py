@@ -15,11 +15,12 @@ from coordinator.replicas import Compatibility
 from coordinator.request import RequestLimits
 from coordinator.servicer import CoordinatorServicer
 from coordinator.sessions import SessionService
-from coordinator.speculation import ModelLimits, SpeculativeGenerator
+from coordinator.speculation import SpeculativeGenerator
 from specpipe.errors import SpecpipeError
 from specpipe.rpc.server import serve
 from specpipe.runtime.model_info import WorkerModelInfo
 from specpipe.runtime.tokenizer_files import tokenizer_from_files
+from specpipe.speculation.limits import ModelLimits
 from specpipe.store.session_store import SessionStore
 from specpipe.v1 import coordinator_pb2, coordinator_pb2_grpc
 

@@ -10,8 +10,8 @@ from dataclasses import dataclass
 from transformers import PreTrainedTokenizerBase
 
 from coordinator.request import Usage
-from coordinator.worker_clients import WorkerClient
 from specpipe.errors import SpecpipeError
+from specpipe.rpc.worker_clients import WorkerClient
 from specpipe.store.session_store import SessionState, SessionStore
 from specpipe.v1 import coordinator_pb2
 

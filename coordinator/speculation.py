@@ -21,27 +21,18 @@ from typing import Any
 
 from transformers import PreTrainedTokenizerBase
 
-from coordinator.adaptive_k import CostProfile, DraftLengthPolicy
 from coordinator.replicas import ReplicaSet
 from coordinator.request import GenerationChunk, GenerationRequest, Usage
-from coordinator.worker_clients import Proposal, TargetStream, WorkerClient
 from coordinator.worker_links import DraftLink, TargetLink
 from specpipe.errors import InvalidArgumentError, SpecpipeError
+from specpipe.rpc.worker_clients import Proposal, TargetStream, WorkerClient
 from specpipe.sampling.params import SamplingParams
+from specpipe.speculation.adaptive_k import CostProfile, DraftLengthPolicy
+from specpipe.speculation.limits import ModelLimits, should_pipeline
 from specpipe.store.session_store import SessionStats, SessionStore
 from specpipe.text.detokenizer import IncrementalDetokenizer
 
 logger = logging.getLogger(__name__)
-
-
-@dataclass(frozen=True, slots=True)
-class ModelLimits:
-    """What the paired workers allow, read from their info RPCs at start-up."""
-
-    target_context: int
-    draft_context: int
-    vocab_size: int
-    eos_token_ids: frozenset[int]
 
 
 @dataclass(slots=True)
@@ -121,14 +112,7 @@ class SpeculativeGenerator:
         return session
 
     def draft_length(self, requested: int, remaining: int, history_len: int) -> int:
-        """k for the next round: never drafts tokens that could not be kept."""
-        k = min(
-            requested,
-            remaining - 1,  # the round also yields one recovered/bonus token
-            self.limits.target_context - history_len - 1,  # history + block + next fit the target
-            self.limits.draft_context - history_len + 1,  # the draft feeds history + k - 1 tokens
-        )
-        return max(k, 0)
+        return self.limits.draft_length(requested, remaining, history_len)
 
     async def commit(
         self, session: OpenSession, request: GenerationRequest, new_ids: list[int], delta: SessionStats
@@ -163,19 +147,8 @@ class SpeculativeGenerator:
             yield chunk
 
     def should_pipeline(self, block: list[int], next_k: int, history_len: int) -> bool:
-        """Draft the next block (next_k + 1 tokens) during this round's verify (of `block`) only where it
-        can be used and is free: the block holds no EOS (accepted whole, it would end the request), it must
-        fit the draft context and, by the measured profile, finish before the verify does (else waiting for
-        it costs time)."""
-        k = len(block)
-        if not self.pipelining or k == 0 or history_len + k + next_k > self.limits.draft_context:
-            return False
-        if self.has_eos(block):
-            return False
-        if self.costs is None:
-            return True
-        verify_s = self.costs.verify_base_s + k * self.costs.verify_token_s
-        return (next_k + 1) * self.costs.draft_token_s <= verify_s
+        """Whether to draft the next block during this round's verify (specpipe/speculation/limits.py)."""
+        return self.pipelining and should_pipeline(block, next_k, history_len, self.limits, self.costs)
 
     async def _rounds(
         self, request: GenerationRequest, session: OpenSession, time_remaining: Callable[[], float | None]
@@ -356,7 +329,7 @@ class SpeculativeGenerator:
         return guess, None if stream is None else ChainedBlock(stream, history)
 
     def has_eos(self, token_ids: list[int]) -> bool:
-        return any(token in self.limits.eos_token_ids for token in token_ids)
+        return self.limits.has_eos(token_ids)
 
     async def release_worker_caches(self, session_id: str, workers: set[WorkerClient]) -> None:
         for worker in workers:
@@ -366,12 +339,7 @@ class SpeculativeGenerator:
                 logger.debug("could not free %s's cache for %s: %s", worker.role, session_id, exc)
 
     def truncate(self, new_ids: list[int], remaining: int) -> tuple[list[int], str]:
-        """Cuts a round's tokens after EOS or at max_new_tokens; returns them and the finish reason."""
-        kept = new_ids[:remaining]
-        for i, token in enumerate(kept):
-            if token in self.limits.eos_token_ids:
-                return kept[: i + 1], "eos"
-        return kept, "length" if len(kept) == remaining else ""
+        return self.limits.truncate(new_ids, remaining)
 
 
 @dataclass(frozen=True, slots=True)

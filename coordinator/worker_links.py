@@ -24,7 +24,8 @@ import time
 from collections.abc import Callable, Sequence
 
 from coordinator.replicas import Replica, ReplicaSet
-from coordinator.worker_clients import (
+from specpipe.errors import DeadlineExceededError, UnavailableError
+from specpipe.rpc.worker_clients import (
     DraftStream,
     Proposal,
     TargetStream,
@@ -32,7 +33,6 @@ from coordinator.worker_clients import (
     WorkerClient,
     WorkerStream,
 )
-from specpipe.errors import DeadlineExceededError, UnavailableError
 from specpipe.sampling.params import SamplingParams
 from specpipe.v1 import common_pb2
 

@@ -159,7 +159,7 @@ def target_holders(targets: list[ServiceProcess], session_id: str) -> list[int]:
     """Indices of the target replicas that hold a KV cache for the session (where routing sent it)."""
     import asyncio
 
-    from coordinator.worker_clients import TargetClient
+    from specpipe.rpc.worker_clients import TargetClient
 
     async def query() -> list[int]:
         found = []

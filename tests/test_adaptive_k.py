@@ -6,7 +6,7 @@ import random
 
 import pytest
 
-from coordinator.adaptive_k import (
+from specpipe.speculation.adaptive_k import (
     PROBE_INTERVAL,
     AcceptanceEstimator,
     CostProfile,

@@ -11,7 +11,7 @@ from collections.abc import Awaitable, Callable, Sequence
 import grpc
 import pytest
 
-from coordinator.worker_clients import TargetClient, TargetStream, Verification
+from specpipe.rpc.worker_clients import TargetClient, TargetStream, Verification
 from specpipe.sampling.params import SamplingParams
 from specpipe.v1 import common_pb2, target_pb2
 from tests.conftest import Pipeline
@@ -237,8 +237,9 @@ def test_stream_replies_are_read_in_order_after_unwanted_ones() -> None:
 def test_no_block_is_chained_behind_a_guess_that_would_end_the_request() -> None:
     """A bonus guess of EOS ends the request if it holds, so the block after it is not queued on the target
     (its verify would be wasted); any other guess is chained."""
-    from coordinator.speculation import ModelLimits, SpeculativeGenerator
-    from coordinator.worker_clients import Proposal
+    from coordinator.speculation import SpeculativeGenerator
+    from specpipe.rpc.worker_clients import Proposal
+    from specpipe.speculation.limits import ModelLimits
 
     eos = 2
     limits = ModelLimits(

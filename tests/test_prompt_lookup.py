@@ -129,7 +129,7 @@ def test_sampling_through_prompt_lookup(lookup_pipeline: Pipeline) -> None:
 def test_worker_reports_its_drafter(lookup_pipeline: Pipeline) -> None:
     import asyncio
 
-    from coordinator.worker_clients import DraftClient
+    from specpipe.rpc.worker_clients import DraftClient
 
     async def info() -> str:
         client = DraftClient(lookup_pipeline.draft.address)

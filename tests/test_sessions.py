@@ -7,8 +7,8 @@ import time
 import grpc
 import pytest
 
-from coordinator.worker_clients import DraftClient, TargetClient
 from specpipe.client import CoordinatorClient, build_request
+from specpipe.rpc.worker_clients import DraftClient, TargetClient
 from tests.conftest import Pipeline
 from tests.prompts import PROMPTS
 
