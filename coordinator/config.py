@@ -24,6 +24,9 @@ class CoordinatorConfig:
     pipelining: bool = True
     # With pipelining: queue the next block on the target before the verdict (target_service/chain.py).
     chaining: bool = True
+    # Run each request's rounds on its draft replica, which exchanges blocks and verdicts with the target
+    # directly (specpipe/speculation/delegation.py); the coordinator commits and streams them.
+    delegation: bool = False
     max_new_tokens_limit: int = 4096
     # Upper bound on one worker RPC; the client's own deadline is applied when shorter.
     worker_timeout_s: float = 30.0

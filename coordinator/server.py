@@ -134,6 +134,7 @@ async def pair_workers(
         costs=costs,
         pipelining=config.pipelining,
         chaining=config.chaining,
+        delegation=config.delegation,
     )
 
 

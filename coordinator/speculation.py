@@ -24,10 +24,11 @@ from transformers import PreTrainedTokenizerBase
 from coordinator.replicas import ReplicaSet
 from coordinator.request import GenerationChunk, GenerationRequest, Usage
 from coordinator.worker_links import DraftLink, TargetLink
-from specpipe.errors import InvalidArgumentError, SpecpipeError
-from specpipe.rpc.worker_clients import Proposal, TargetStream, WorkerClient
+from specpipe.errors import InvalidArgumentError, SpecpipeError, UnavailableError
+from specpipe.rpc.worker_clients import Proposal, TargetStream, Verification, WorkerClient
 from specpipe.sampling.params import SamplingParams
 from specpipe.speculation.adaptive_k import CostProfile, DraftLengthPolicy
+from specpipe.speculation.delegation import DelegatedRequest, DraftSchedule
 from specpipe.speculation.limits import ModelLimits, should_pipeline
 from specpipe.store.session_store import SessionStats, SessionStore
 from specpipe.text.detokenizer import IncrementalDetokenizer
@@ -65,6 +66,7 @@ class SpeculativeGenerator:
         costs: CostProfile | None,
         pipelining: bool,
         chaining: bool = True,
+        delegation: bool = False,
     ) -> None:
         self.drafts = drafts
         self.targets = targets
@@ -77,6 +79,7 @@ class SpeculativeGenerator:
         self.costs = costs  # None = no adaptive k: requests without a k use max_speculative_tokens
         self.pipelining = pipelining
         self.chaining = chaining  # queue pipelined blocks on the target before the verdict (see draft_ahead)
+        self.delegation = delegation  # run the rounds on the draft worker (_delegated_rounds)
         self._background: set[asyncio.Future[None]] = set()  # keeps fire-and-forget tasks referenced
 
     def prompt_ids(self, request: GenerationRequest) -> list[int]:
@@ -155,13 +158,12 @@ class SpeculativeGenerator:
     ) -> AsyncIterator[GenerationChunk]:
         sampling = request.sampling
         sid = session.session_id
-        usage = Usage(prompt_tokens=len(session.history))
         detokenizer = IncrementalDetokenizer(self.tokenizer, stop=request.stop)
+        progress = RequestProgress(Usage(prompt_tokens=len(session.history)), detokenizer)
+        usage, generated = progress.usage, progress.generated
         policy = DraftLengthPolicy(
             request.num_speculative_tokens, self.costs, self.max_speculative_tokens, pipelined=self.pipelining
         )
-        generated: list[int] = []
-        finish_reason = ""
         # A block drafted during the previous verify, valid if that verify accepted everything; `chained`
         # when it was also queued on the target behind that verify (then it is verified as it was sent).
         ready: Proposal | None = None
@@ -175,7 +177,12 @@ class SpeculativeGenerator:
         completed = False
         try:
             await target.connect()  # no target in rotation: UNAVAILABLE before any work
-            while not finish_reason:
+            if self.delegates(request):
+                async for chunk in self._delegated_rounds(
+                    request, session, progress, policy, draft, target, time_remaining
+                ):
+                    yield chunk
+            while not progress.finish_reason:
                 history = session.history
                 remaining = request.max_new_tokens - len(generated)
                 k = self.draft_length(policy.next_k(), remaining, len(history))
@@ -246,40 +253,7 @@ class SpeculativeGenerator:
                     "round: k=%d accepted=%d alpha=%.2f ready=%s", k, verdict.num_accepted,
                     policy.acceptance.alpha, ready is not None,
                 )  # fmt: skip
-
-                new_ids, finish_reason = self.truncate(
-                    [*draft_ids[: verdict.num_accepted], verdict.next_token_id], remaining
-                )
-                text = detokenizer.push(new_ids)
-                if detokenizer.stopped:
-                    # Keep the tokens up to the one that completed the stop string.
-                    new_ids = new_ids[: detokenizer.stop_token_index - len(generated)]
-                    finish_reason = "stop"
-                if not finish_reason and len(history) + len(new_ids) >= self.limits.target_context:
-                    finish_reason = "length"
-                if finish_reason and finish_reason != "stop":
-                    text += detokenizer.finish()
-
-                delta = SessionStats(
-                    generated_tokens=len(new_ids),
-                    draft_tokens=len(draft_ids),
-                    accepted_tokens=verdict.num_accepted,
-                    target_passes=1,
-                    rounds=1,
-                )
-                commit = self.commit(session, request, new_ids, delta)
-                session.history = [*history, *new_ids]
-                generated.extend(new_ids)
-                usage.generated_tokens = len(generated)
-                usage.draft_tokens += len(draft_ids)
-                usage.accepted_tokens += verdict.num_accepted
-                usage.target_passes += 1
-                usage.target_forward_ns += verdict.forward_ns
-                if finish_reason:
-                    chunk = GenerationChunk(sid, new_ids, text, finish_reason, usage)
-                else:
-                    chunk = GenerationChunk(sid, new_ids, text)
-                pending = PendingChunk(commit, chunk)
+                pending = self.settle(request, session, progress, draft_ids, verdict)
             if pending is not None:
                 yield await pending.flush()
                 pending = None
@@ -298,6 +272,115 @@ class SpeculativeGenerator:
                 release = asyncio.ensure_future(self.release_worker_caches(sid, draft.used | target.used))
                 self._background.add(release)
                 release.add_done_callback(self._background.discard)
+
+    def settle(
+        self,
+        request: GenerationRequest,
+        session: OpenSession,
+        progress: RequestProgress,
+        draft_ids: list[int],
+        verdict: Verification,
+    ) -> PendingChunk:
+        """A verified round's tokens (cut after EOS, a stop string, max_new_tokens or the context), the
+        session's commit of them, and the chunk streamed once that commit succeeded."""
+        generated, usage, detokenizer = progress.generated, progress.usage, progress.detokenizer
+        history = session.history
+        remaining = request.max_new_tokens - len(generated)
+        new_ids, finish_reason = self.truncate(
+            [*draft_ids[: verdict.num_accepted], verdict.next_token_id], remaining
+        )
+        text = detokenizer.push(new_ids)
+        if detokenizer.stopped:
+            # Keep the tokens up to the one that completed the stop string.
+            new_ids = new_ids[: detokenizer.stop_token_index - len(generated)]
+            finish_reason = "stop"
+        if not finish_reason and len(history) + len(new_ids) >= self.limits.target_context:
+            finish_reason = "length"
+        if finish_reason and finish_reason != "stop":
+            text += detokenizer.finish()
+
+        delta = SessionStats(
+            generated_tokens=len(new_ids),
+            draft_tokens=len(draft_ids),
+            accepted_tokens=verdict.num_accepted,
+            target_passes=1,
+            rounds=1,
+        )
+        commit = self.commit(session, request, new_ids, delta)
+        session.history = [*history, *new_ids]
+        generated.extend(new_ids)
+        usage.generated_tokens = len(generated)
+        usage.draft_tokens += len(draft_ids)
+        usage.accepted_tokens += verdict.num_accepted
+        usage.target_passes += 1
+        usage.target_forward_ns += verdict.forward_ns
+        progress.finish_reason = finish_reason
+        if finish_reason:
+            chunk = GenerationChunk(session.session_id, new_ids, text, finish_reason, usage)
+        else:
+            chunk = GenerationChunk(session.session_id, new_ids, text)
+        return PendingChunk(commit, chunk)
+
+    def delegates(self, request: GenerationRequest) -> bool:
+        """Whether the request's rounds run on the draft worker (one that never drafts would gain nothing)."""
+        return self.delegation and request.num_speculative_tokens != 0 and self.max_speculative_tokens > 0
+
+    async def _delegated_rounds(
+        self,
+        request: GenerationRequest,
+        session: OpenSession,
+        progress: RequestProgress,
+        policy: DraftLengthPolicy,
+        draft: DraftLink,
+        target: TargetLink,
+        time_remaining: Callable[[], float | None],
+    ) -> AsyncIterator[GenerationChunk]:
+        """Runs the request's rounds on a draft replica (specpipe/speculation/delegation.py), which sends its
+        blocks straight to the session's target replica; each round is settled (committed, then streamed)
+        here as it arrives. If the call fails, the caller's loop continues from the committed rounds: the
+        policy has recorded each of them, so the rounds that follow are the ones the draft would have run."""
+        assert target.replica is not None
+        try:
+            replica = await self.drafts.pick_or_recheck(session.session_id)
+        except SpecpipeError:
+            return  # no draft replica: the caller's loop decodes plainly and retries drafts
+        draft.used.add(replica.client)
+        delegated = DelegatedRequest(
+            session_id=session.session_id,
+            token_ids=tuple(session.history),
+            max_new_tokens=request.max_new_tokens - len(progress.generated),
+            sampling=request.sampling,
+            target_address=target.replica.address,
+            schedule=DraftSchedule.of(policy, self.chaining),
+            limits=self.limits,
+            worker_timeout_s=self.worker_timeout_s,
+        )
+        with self.drafts.lease(replica):
+            call = replica.client.speculate(delegated, time_remaining())
+            try:
+                while not progress.finish_reason:
+                    speculation_round = await call.next_round(draft.call_timeout())
+                    if speculation_round is None:
+                        raise UnavailableError("the delegated call ended before the request finished")
+                    draft_ids = list(speculation_round.draft_token_ids)
+                    verdict = Verification(
+                        speculation_round.num_accepted,
+                        speculation_round.next_token_id,
+                        speculation_round.target_forward_ns,
+                    )
+                    policy.record(len(draft_ids), verdict.num_accepted)
+                    progress.usage.draft_forward_ns += speculation_round.draft_forward_ns
+                    yield await self.settle(request, session, progress, draft_ids, verdict).flush()
+            except SpecpipeError as exc:
+                remaining = time_remaining()
+                if remaining is not None and remaining <= 0:
+                    raise
+                logger.warning(
+                    "session %s: delegated rounds on draft %s failed after %d tokens, continuing here: %s",
+                    session.session_id, replica.address, len(progress.generated), exc,
+                )  # fmt: skip
+            finally:
+                call.cancel()  # stops the draft's rounds (a stop string, a failure, the client left)
 
     async def draft_ahead(
         self,
@@ -340,6 +423,16 @@ class SpeculativeGenerator:
 
     def truncate(self, new_ids: list[int], remaining: int) -> tuple[list[int], str]:
         return self.limits.truncate(new_ids, remaining)
+
+
+@dataclass(slots=True)
+class RequestProgress:
+    """What a request has produced so far, whichever loop runs its rounds."""
+
+    usage: Usage
+    detokenizer: IncrementalDetokenizer
+    generated: list[int] = field(default_factory=list)
+    finish_reason: str = ""
 
 
 @dataclass(frozen=True, slots=True)

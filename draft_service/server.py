@@ -7,6 +7,7 @@ import asyncio
 import uuid
 from concurrent.futures import ThreadPoolExecutor
 
+from draft_service.delegated import TargetClients
 from draft_service.drafter import Drafter, DraftRequest, ModelDrafter
 from draft_service.prompt_lookup import PromptLookupDrafter, VocabularyInfo
 from draft_service.servicer import DraftServicer
@@ -37,8 +38,9 @@ def load_drafter(config: WorkerConfig) -> tuple[Drafter, WorkerModelInfo]:
 
 
 async def run_draft_worker(config: WorkerConfig, stop_event: asyncio.Event | None = None) -> None:
+    targets = TargetClients()  # channels to the targets of delegated requests
     with ThreadPoolExecutor(max_workers=1, thread_name_prefix="draft-model") as model_thread:
-        servicer = DraftServicer(model_thread)
+        servicer = DraftServicer(model_thread, targets)
 
         async def warmup() -> None:
             loop = asyncio.get_running_loop()
@@ -55,3 +57,4 @@ async def run_draft_worker(config: WorkerConfig, stop_event: asyncio.Event | Non
             shutdown_grace_s=config.shutdown_grace_s,
             stop_event=stop_event,
         )
+    await targets.close()

@@ -3,15 +3,28 @@
 from __future__ import annotations
 
 from collections.abc import AsyncIterator
+from concurrent.futures import ThreadPoolExecutor
 
 import grpc
 
-from draft_service.drafter import Drafter, DraftRequest
+from draft_service.delegated import DelegatedRounds, TargetClients
+from draft_service.drafter import Drafter, DraftProposal, DraftRequest
 from specpipe.rpc.worker_servicer import WorkerServicerBase
-from specpipe.v1 import draft_pb2, draft_pb2_grpc
+from specpipe.speculation.delegation import DelegatedRequest
+from specpipe.v1 import common_pb2, draft_pb2, draft_pb2_grpc
 
 
 class DraftServicer(WorkerServicerBase[Drafter], draft_pb2_grpc.DraftServiceServicer):
+    def __init__(self, model_thread: ThreadPoolExecutor, targets: TargetClients) -> None:
+        super().__init__(model_thread)
+        self.delegated = DelegatedRounds(self.run_drafter, targets)
+        self.delegated_rounds = 0
+
+    async def run_drafter(self, request: DraftRequest, inline: bool) -> DraftProposal:
+        if inline:
+            return await self.run_model(self.engine.propose, request, request.num_tokens)
+        return await self.submit(self.engine.propose, request)
+
     async def Propose(
         self, request: draft_pb2.ProposeRequest, context: grpc.aio.ServicerContext
     ) -> draft_pb2.ProposeResponse:
@@ -22,3 +35,23 @@ class DraftServicer(WorkerServicerBase[Drafter], draft_pb2_grpc.DraftServiceServ
         self, request_iterator: AsyncIterator[draft_pb2.ProposeRequest], context: grpc.aio.ServicerContext
     ) -> AsyncIterator[draft_pb2.ProposeResponse]:
         return self.serve_stream(request_iterator, DraftRequest.from_pb, self.engine.propose, context)
+
+    async def Speculate(
+        self, request: draft_pb2.SpeculateRequest, context: grpc.aio.ServicerContext
+    ) -> AsyncIterator[draft_pb2.SpeculationRound]:
+        delegated = DelegatedRequest.from_pb(request)
+        self.engine  # noqa: B018 - UNAVAILABLE while the model loads, before any target stream opens
+        self.open_streams += 1
+        try:
+            async for speculation_round in self.delegated.run(delegated, context.time_remaining):
+                self.delegated_rounds += 1
+                yield speculation_round.to_pb()
+        finally:
+            self.open_streams -= 1
+
+    async def GetStats(
+        self, request: common_pb2.GetStatsRequest, context: grpc.aio.ServicerContext
+    ) -> common_pb2.WorkerStats:
+        stats = await super().GetStats(request, context)
+        stats.delegated_rounds = self.delegated_rounds
+        return stats

@@ -95,6 +95,10 @@ def add_serve_parser(subparsers: argparse._SubParsersAction) -> None:
         help="with pipelining: queue the next block on the target before the verdict (no round trip between "
         "verifies whose assumption held)",
     )  # fmt: skip
+    serve.add_argument(
+        "--delegation", action=argparse.BooleanOptionalAction, default=False,
+        help="run each request's rounds on its draft worker, which sends blocks to the target directly",
+    )  # fmt: skip
     serve.add_argument("--max-speculative-tokens", type=int, default=16, help="largest k a request may ask")
     serve.add_argument("--max-new-tokens-limit", type=int, default=4096)
     serve.add_argument("--worker-timeout", type=float, default=30.0, help="seconds per worker RPC")
@@ -222,6 +226,7 @@ def serve_component(args: argparse.Namespace) -> int:
         adaptive_k=args.adaptive_k,
         pipelining=args.pipelining,
         chaining=args.chaining,
+        delegation=args.delegation,
         max_new_tokens_limit=args.max_new_tokens_limit,
         worker_timeout_s=args.worker_timeout,
         startup_timeout_s=args.startup_timeout,
@@ -275,6 +280,7 @@ def serve_all(args: argparse.Namespace) -> int:
         "--adaptive-k" if args.adaptive_k else "--no-adaptive-k",
         "--pipelining" if args.pipelining else "--no-pipelining",
         "--chaining" if args.chaining else "--no-chaining",
+        "--delegation" if args.delegation else "--no-delegation",
     ]
     return run_pipeline(config, extra)
 

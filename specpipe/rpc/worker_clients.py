@@ -16,6 +16,7 @@ from specpipe.rpc.server import server_options
 from specpipe.runtime.kv_cache import common_prefix_length
 from specpipe.runtime.model_info import WorkerModelInfo
 from specpipe.sampling.params import SamplingParams
+from specpipe.speculation.delegation import DelegatedRequest, SpeculationRound
 from specpipe.v1 import common_pb2, draft_pb2, draft_pb2_grpc, target_pb2, target_pb2_grpc
 
 ERROR_BY_STATUS: dict[grpc.StatusCode, type[errors.SpecpipeError]] = {
@@ -209,6 +210,10 @@ class TargetStream(WorkerStream):
         timeout_s: float,
     ) -> Verification:
         await self.send(session_id, history, draft_token_ids, draft_probs, sampling)
+        return await self.receive_verdict(timeout_s)
+
+    async def receive_verdict(self, timeout_s: float) -> Verification:
+        """The verdict of a request that was not chained (the target never skips one)."""
         verdict = await self.receive(timeout_s)
         if verdict is None:
             raise self._unavailable("skipped a request that was not chained")
@@ -274,6 +279,35 @@ class DraftClient(WorkerClient):
 
     def open_stream(self, timeout_s: float | None) -> DraftStream:
         return DraftStream(self, self.stub.ProposeStream(timeout=timeout_s))
+
+    def speculate(self, request: DelegatedRequest, timeout_s: float | None) -> DelegatedCall:
+        """Starts a delegated request (DraftService.Speculate) on this draft worker."""
+        return DelegatedCall(self, self.stub.Speculate(request.to_pb(), timeout=timeout_s))
+
+
+class DelegatedCall:
+    """The rounds of a request the draft worker runs (specpipe/speculation/delegation.py)."""
+
+    def __init__(self, client: DraftClient, call: Any) -> None:
+        self.client = client
+        self.call = call
+
+    async def next_round(self, timeout_s: float) -> SpeculationRound | None:
+        """The next verified round; None once the call ended normally (after the finishing round)."""
+        try:
+            reply = await read_within(self.call, timeout_s)
+        except grpc.aio.AioRpcError as exc:
+            raise self.client._error(exc) from exc
+        except asyncio.TimeoutError as exc:
+            raise errors.DeadlineExceededError(
+                f"draft worker at {self.client.address} sent no round within {timeout_s:.1f}s"
+            ) from exc
+        if reply is grpc.aio.EOF:
+            return None
+        return SpeculationRound.from_pb(reply)
+
+    def cancel(self) -> None:
+        self.call.cancel()
 
 
 class TargetClient(WorkerClient):

@@ -94,7 +94,7 @@ class GetStatsRequest(_message.Message):
     def __init__(self, session_id: _Optional[str] = ...) -> None: ...
 
 class WorkerStats(_message.Message):
-    __slots__ = ("cached_sessions", "cache_bytes", "evictions", "session_cached", "open_streams", "chained_verifies", "chained_skips")
+    __slots__ = ("cached_sessions", "cache_bytes", "evictions", "session_cached", "open_streams", "chained_verifies", "chained_skips", "delegated_rounds")
     CACHED_SESSIONS_FIELD_NUMBER: _ClassVar[int]
     CACHE_BYTES_FIELD_NUMBER: _ClassVar[int]
     EVICTIONS_FIELD_NUMBER: _ClassVar[int]
@@ -102,6 +102,7 @@ class WorkerStats(_message.Message):
     OPEN_STREAMS_FIELD_NUMBER: _ClassVar[int]
     CHAINED_VERIFIES_FIELD_NUMBER: _ClassVar[int]
     CHAINED_SKIPS_FIELD_NUMBER: _ClassVar[int]
+    DELEGATED_ROUNDS_FIELD_NUMBER: _ClassVar[int]
     cached_sessions: int
     cache_bytes: int
     evictions: int
@@ -109,4 +110,5 @@ class WorkerStats(_message.Message):
     open_streams: int
     chained_verifies: int
     chained_skips: int
-    def __init__(self, cached_sessions: _Optional[int] = ..., cache_bytes: _Optional[int] = ..., evictions: _Optional[int] = ..., session_cached: _Optional[bool] = ..., open_streams: _Optional[int] = ..., chained_verifies: _Optional[int] = ..., chained_skips: _Optional[int] = ...) -> None: ...
+    delegated_rounds: int
+    def __init__(self, cached_sessions: _Optional[int] = ..., cache_bytes: _Optional[int] = ..., evictions: _Optional[int] = ..., session_cached: _Optional[bool] = ..., open_streams: _Optional[int] = ..., chained_verifies: _Optional[int] = ..., chained_skips: _Optional[int] = ..., delegated_rounds: _Optional[int] = ...) -> None: ...

@@ -50,6 +50,11 @@ class DraftServiceStub:
                 request_serializer=specpipe_dot_v1_dot_draft__pb2.ProposeRequest.SerializeToString,
                 response_deserializer=specpipe_dot_v1_dot_draft__pb2.ProposeResponse.FromString,
                 _registered_method=True)
+        self.Speculate = channel.unary_stream(
+                '/specpipe.v1.DraftService/Speculate',
+                request_serializer=specpipe_dot_v1_dot_draft__pb2.SpeculateRequest.SerializeToString,
+                response_deserializer=specpipe_dot_v1_dot_draft__pb2.SpeculationRound.FromString,
+                _registered_method=True)
         self.ReleaseSession = channel.unary_unary(
                 '/specpipe.v1.DraftService/ReleaseSession',
                 request_serializer=specpipe_dot_v1_dot_common__pb2.ReleaseSessionRequest.SerializeToString,
@@ -85,6 +90,17 @@ class DraftServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def Speculate(self, request, context):
+        """Delegated speculation: runs one request's rounds here, next to the draft model. Each block goes
+        straight to the target worker at target_address over that worker's VerifyStream (chained blocks
+        included), and every verified round comes back on this stream as soon as its verdict is in. The
+        caller (the coordinator) still commits and streams the rounds; it cancels the call at a stop string,
+        and a failed call leaves it to continue the request from its committed tokens.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
     def ReleaseSession(self, request, context):
         """Frees the session's KV cache (called when a session ends or is deleted).
         """
@@ -115,6 +131,11 @@ def add_DraftServiceServicer_to_server(servicer, server):
                     servicer.ProposeStream,
                     request_deserializer=specpipe_dot_v1_dot_draft__pb2.ProposeRequest.FromString,
                     response_serializer=specpipe_dot_v1_dot_draft__pb2.ProposeResponse.SerializeToString,
+            ),
+            'Speculate': grpc.unary_stream_rpc_method_handler(
+                    servicer.Speculate,
+                    request_deserializer=specpipe_dot_v1_dot_draft__pb2.SpeculateRequest.FromString,
+                    response_serializer=specpipe_dot_v1_dot_draft__pb2.SpeculationRound.SerializeToString,
             ),
             'ReleaseSession': grpc.unary_unary_rpc_method_handler(
                     servicer.ReleaseSession,
@@ -208,6 +229,33 @@ class DraftService:
             '/specpipe.v1.DraftService/ProposeStream',
             specpipe_dot_v1_dot_draft__pb2.ProposeRequest.SerializeToString,
             specpipe_dot_v1_dot_draft__pb2.ProposeResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Speculate(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_stream(
+            request,
+            target,
+            '/specpipe.v1.DraftService/Speculate',
+            specpipe_dot_v1_dot_draft__pb2.SpeculateRequest.SerializeToString,
+            specpipe_dot_v1_dot_draft__pb2.SpeculationRound.FromString,
             options,
             channel_credentials,
             insecure,

@@ -1,0 +1,197 @@
+"""Delegated speculation: one request's rounds run on the draft worker, beside the draft model.
+
+The coordinator's loop (coordinator/speculation.py) moves every block and verdict through the coordinator:
+after a rejection that is four one-way messages and two passes through its event loop before the target
+works again. Here the draft drafts locally and talks to the target directly over the target's session
+stream, so that round costs one message each way. Everything that decides tokens is unchanged: the target
+owns the acceptance rule, drafting is keyed by (seed, position), and the schedule is the coordinator's
+policy with its costs and limits (specpipe/speculation/), so the rounds are those the coordinator's loop would
+run. Pipelining and chaining work as there: while the target verifies a block, the next one (after a guess
+of the bonus token) is drafted and queued behind it on the target stream.
+
+The coordinator commits and streams each round it receives; when this call fails it continues the request
+itself from the tokens it committed.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import AsyncIterator, Awaitable, Callable
+
+from draft_service.drafter import DraftProposal, DraftRequest
+from specpipe.errors import DeadlineExceededError
+from specpipe.rpc.worker_clients import Proposal, TargetClient, TargetStream, Verification
+from specpipe.speculation.delegation import DelegatedRequest, SpeculationRound
+from specpipe.speculation.limits import should_pipeline
+
+logger = logging.getLogger(__name__)
+
+# Runs a drafter call: `inline` when the caller waits for it anyway (on the event loop if the model thread
+# is idle); otherwise on the model thread, so the event loop stays free to send and receive meanwhile.
+RunDrafter = Callable[[DraftRequest, bool], Awaitable[DraftProposal]]
+
+NO_PROPOSAL = Proposal([], (), 0)
+
+
+class TargetClients:
+    """One channel per target address this worker delegates to, kept for the worker's lifetime."""
+
+    def __init__(self) -> None:
+        self._clients: dict[str, TargetClient] = {}
+
+    def get(self, address: str) -> TargetClient:
+        if address not in self._clients:
+            self._clients[address] = TargetClient(address)
+        return self._clients[address]
+
+    async def close(self) -> None:
+        for client in self._clients.values():
+            await client.close()
+        self._clients.clear()
+
+
+class DelegatedRounds:
+    def __init__(self, run_drafter: RunDrafter, targets: TargetClients) -> None:
+        self.run_drafter = run_drafter
+        self.targets = targets
+
+    async def propose(
+        self, request: DelegatedRequest, history: list[int], k: int, inline: bool, bonus_guess: bool = False
+    ) -> Proposal:
+        drafted = await self.run_drafter(
+            DraftRequest(request.session_id, tuple(history), k, request.sampling, bonus_guess), inline
+        )
+        pb = drafted.to_pb()  # q as the target takes it
+        return Proposal(list(pb.token_ids), pb.draft_probs, pb.forward_ns)
+
+    async def run(
+        self, request: DelegatedRequest, time_remaining: Callable[[], float | None]
+    ) -> AsyncIterator[SpeculationRound]:
+        """The request's rounds, each yielded once verified; ends after the round that finishes it."""
+
+        def call_timeout() -> float:
+            remaining = time_remaining()
+            if remaining is None:
+                return request.worker_timeout_s
+            if remaining <= 0:
+                raise DeadlineExceededError("the request deadline passed")
+            return min(request.worker_timeout_s, remaining)
+
+        limits, schedule, sampling = request.limits, request.schedule, request.sampling
+        sid = request.session_id
+        policy = schedule.policy()
+        stream = self.targets.get(request.target_address).open_stream(time_remaining())
+        history = list(request.token_ids)
+        generated = 0
+        ready: Proposal | None = None  # drafted during the previous verify, valid if it accepted everything
+        chained: list[int] | None = None  # the history `ready` extends, if it was queued on the target too
+        verify: asyncio.Future[Verification] | None = None
+        first_call = True  # a prefill: on the model thread, never inline
+        try:
+            while True:
+                remaining = request.max_new_tokens - generated
+                k = limits.draft_length(policy.next_k(), remaining, len(history))
+                if chained is not None and ready is not None and chained == history:
+                    k = len(ready.token_ids)  # already on its way to the target: sized when it was drafted
+                else:
+                    chained = None
+                draft_ns = 0
+                if chained is not None and ready is not None:
+                    proposal = ready
+                elif k > 0 and ready is not None:
+                    proposal = Proposal(ready.token_ids[:k], list(ready.draft_probs)[:k], ready.forward_ns)
+                elif k > 0:
+                    proposal = await self.propose(request, history, k, inline=not first_call)
+                    first_call = False
+                    draft_ns = proposal.forward_ns
+                else:
+                    proposal = NO_PROPOSAL
+                ready = None
+                draft_ids = proposal.token_ids[:k]
+                k = len(draft_ids)
+                if chained is not None:
+                    verify = asyncio.ensure_future(
+                        self.chained_verdict(stream, request, history, draft_ids, proposal, call_timeout())
+                    )
+                    chained = None
+                else:
+                    # Written before any drafting below, which may run on the event loop.
+                    await stream.send(sid, history, draft_ids, proposal.draft_probs, sampling)
+                    verify = asyncio.ensure_future(stream.receive_verdict(call_timeout()))
+                guess: Proposal | None = None
+                queued: list[int] | None = None
+                next_k = limits.draft_length(
+                    policy.next_k_if_accepted(k), remaining - k - 1, len(history) + k + 1
+                )
+                if (
+                    schedule.pipelining
+                    and next_k > 0
+                    and should_pipeline(draft_ids, next_k, len(history), limits, schedule.costs)
+                ):
+                    assumed = [*history, *draft_ids]
+                    guess = await self.propose(request, assumed, next_k + 1, inline=False, bonus_guess=True)
+                    first_call = False
+                    if (
+                        schedule.chaining
+                        and len(guess.token_ids) >= 2
+                        and not verify.done()
+                        and not limits.has_eos(guess.token_ids[:1])
+                    ):
+                        queued = [*assumed, guess.token_ids[0]]
+                        await stream.send(
+                            sid,
+                            queued,
+                            guess.token_ids[1:],
+                            list(guess.draft_probs)[1:],
+                            sampling,
+                            chained=True,
+                        )
+                verdict = await verify
+                verify = None
+                if (
+                    guess is not None
+                    and verdict.num_accepted == k
+                    and guess.token_ids[:1] == [verdict.next_token_id]
+                ):
+                    ready = Proposal(guess.token_ids[1:], list(guess.draft_probs)[1:], guess.forward_ns)
+                    chained = queued
+                elif queued is not None:
+                    stream.unwanted_replies += 1  # its (skip) reply is read and dropped before the next
+                policy.record(k, verdict.num_accepted)
+                new_ids, finish_reason = limits.truncate(
+                    [*draft_ids[: verdict.num_accepted], verdict.next_token_id], remaining
+                )
+                if not finish_reason and len(history) + len(new_ids) >= limits.target_context:
+                    finish_reason = "length"
+                yield SpeculationRound(
+                    draft_ids, verdict.num_accepted, verdict.next_token_id, new_ids, finish_reason, draft_ns,
+                    verdict.forward_ns,
+                )  # fmt: skip
+                if finish_reason:
+                    break
+                history.extend(new_ids)
+                generated += len(new_ids)
+        finally:
+            if verify is not None:
+                verify.cancel()
+            # Also when the coordinator stopped the call (a stop string): the target keeps the session's cache
+            # warm for the next turn. A request that failed has the coordinator free the caches explicitly.
+            await stream.finish()
+
+    async def chained_verdict(
+        self,
+        stream: TargetStream,
+        request: DelegatedRequest,
+        history: list[int],
+        draft_ids: list[int],
+        proposal: Proposal,
+        timeout_s: float,
+    ) -> Verification:
+        """The verdict of a chained block; a block the target skipped is verified now the ordinary way."""
+        verdict = await stream.receive(timeout_s)
+        if verdict is not None:
+            return verdict
+        logger.debug("session %s: the target skipped a chained block", request.session_id)
+        await stream.send(request.session_id, history, draft_ids, proposal.draft_probs, request.sampling)
+        return await stream.receive_verdict(timeout_s)

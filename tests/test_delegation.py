@@ -1,0 +1,183 @@
+"""Delegated speculation (DraftService.Speculate): the rounds run on the draft worker, which sends blocks to
+the target directly. The outputs must be the ones the coordinator's own loop gives: greedy equal to the
+target alone, seeded sampled tokens equal token for token (the schedule travels with the request), stop
+strings honoured, bad requests refused, and a draft that dies mid-request leaves the coordinator to finish it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Iterator
+from pathlib import Path
+
+import grpc
+import pytest
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from specpipe.client import CoordinatorClient, build_request
+from specpipe.rpc.worker_clients import DraftClient
+from specpipe.v1 import common_pb2, coordinator_pb2, draft_pb2
+from tests.conftest import Pipeline, ServiceProcess, start_coordinator, start_worker
+from tests.prompts import PROMPTS
+
+MAX_NEW_TOKENS = 24
+
+
+@pytest.fixture(scope="module")
+def delegating_coordinator(pipeline: Pipeline, tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    """A second coordinator on the shared pipeline's workers, with --delegation."""
+    coordinator = start_coordinator(
+        pipeline.draft.address,
+        pipeline.target.address,
+        pipeline.redis.url,
+        tmp_path_factory.mktemp("delegating"),
+        extra=["--delegation"],
+    )
+    try:
+        coordinator.wait_serving(120)
+        yield coordinator.address
+    finally:
+        coordinator.stop()
+
+
+def target_alone(model_dir: Path, prompts: list[str], max_new_tokens: int) -> dict[str, list[int]]:
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
+    expected = {}
+    for prompt in prompts:
+        ids = tokenizer(prompt, return_tensors="pt")["input_ids"]
+        with torch.inference_mode():
+            out = model.generate(ids, max_new_tokens=max_new_tokens, do_sample=False)
+        expected[prompt] = out[0, ids.shape[1] :].tolist()
+    return expected
+
+
+def delegated_rounds(pipeline: Pipeline) -> int:
+    async def query() -> int:
+        client = DraftClient(pipeline.draft.address)
+        try:
+            return int((await client.stats()).delegated_rounds)
+        finally:
+            await client.close()
+
+    return asyncio.run(query())
+
+
+@pytest.mark.parametrize("k", [None, 3])
+def test_delegated_greedy_equals_target_alone(
+    pipeline: Pipeline, delegating_coordinator: str, k: int | None
+) -> None:
+    expected = target_alone(pipeline.pair.target_dir, PROMPTS, MAX_NEW_TOKENS)
+    before = delegated_rounds(pipeline)
+    with CoordinatorClient(delegating_coordinator) as client:
+        for prompt in PROMPTS:
+            result = client.generate(
+                build_request(prompt, MAX_NEW_TOKENS, num_speculative_tokens=k), timeout_s=60
+            )
+            assert result.token_ids == expected[prompt], f"k={k} prompt={prompt!r}"
+            assert result.usage is not None and result.usage.target_passes >= 1
+            assert result.usage.generated_tokens == len(result.token_ids)
+    # The rounds really ran on the draft worker: at least one per request.
+    assert delegated_rounds(pipeline) - before >= len(PROMPTS)
+
+
+@pytest.mark.parametrize("acceptance", ["leviathan", "coupled"])
+def test_delegated_seeded_sampling_gives_the_coordinators_tokens(
+    pipeline: Pipeline, delegating_coordinator: str, acceptance: str
+) -> None:
+    """Same seed, same tokens whether the rounds run on the coordinator or on the draft worker: the draft's
+    loop follows the same schedule (policy, costs, limits), so block boundaries and draws coincide."""
+    for seed in (3, 11):
+        request = build_request(PROMPTS[0], 40, temperature=0.8, top_p=0.95, seed=seed, acceptance=acceptance)
+        with CoordinatorClient(pipeline.coordinator_addr) as client:
+            local = client.generate(request, timeout_s=60)
+        with CoordinatorClient(delegating_coordinator) as client:
+            delegated = client.generate(request, timeout_s=60)
+        assert delegated.token_ids == local.token_ids, (acceptance, seed)
+        assert delegated.finish_reason == local.finish_reason
+
+
+def test_delegated_request_stops_at_a_stop_string(pipeline: Pipeline, delegating_coordinator: str) -> None:
+    with CoordinatorClient(pipeline.coordinator_addr) as client:
+        full = client.generate(build_request(PROMPTS[1], 32), timeout_s=60)
+    stop = full.text[len(full.text) // 2 :][:3]
+    assert stop
+    with CoordinatorClient(pipeline.coordinator_addr) as client:
+        local = client.generate(build_request(PROMPTS[1], 32, stop=[stop]), timeout_s=60)
+    with CoordinatorClient(delegating_coordinator) as client:
+        delegated = client.generate(build_request(PROMPTS[1], 32, stop=[stop]), timeout_s=60)
+        # The session continues afterwards from exactly what was streamed.
+        follow = client.generate(build_request("", 8, session_id=delegated.session_id), timeout_s=60)
+    assert delegated.finish_reason == "stop" == local.finish_reason
+    assert delegated.token_ids == local.token_ids and delegated.text == local.text
+    assert len(follow.token_ids) == 8
+
+
+def test_speculate_refuses_bad_requests_with_invalid_argument(pipeline: Pipeline) -> None:
+    async def main() -> None:
+        client = DraftClient(pipeline.draft.address)
+        good = draft_pb2.SpeculateRequest(
+            session_id="bad-speculate", token_ids=[5, 6, 7], max_new_tokens=4,
+            sampling=common_pb2.SamplingParams(), target_address=pipeline.target.address,
+            schedule=draft_pb2.DraftSchedule(max_k=4), target_context=256, draft_context=256,
+            vocab_size=100, worker_timeout_s=10,
+        )  # fmt: skip
+        broken = [draft_pb2.SpeculateRequest(), draft_pb2.SpeculateRequest()]
+        broken[0].CopyFrom(good)
+        broken[0].ClearField("token_ids")
+        broken[1].CopyFrom(good)
+        broken[1].schedule.fixed_k = 9  # more than max_k
+        try:
+            for request in broken:
+                with pytest.raises(grpc.aio.AioRpcError) as info:
+                    async for _ in client.stub.Speculate(request, timeout=10):
+                        pass
+                assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+            # An unreachable target: UNAVAILABLE (the coordinator would continue the request itself).
+            unreachable = draft_pb2.SpeculateRequest()
+            unreachable.CopyFrom(good)
+            unreachable.target_address = "127.0.0.1:1"
+            with pytest.raises(grpc.aio.AioRpcError) as info:
+                async for _ in client.stub.Speculate(unreachable, timeout=10):
+                    pass
+            assert info.value.code() == grpc.StatusCode.UNAVAILABLE
+        finally:
+            await client.close()
+
+    asyncio.run(main())
+
+
+def test_a_draft_dying_mid_request_leaves_the_coordinator_to_finish_it(
+    pipeline: Pipeline, tmp_path: Path
+) -> None:
+    """Own draft and coordinator (the shared target serves both): the draft is killed after the first
+    streamed chunk; the coordinator continues from its committed tokens by plain target decoding, and the
+    greedy output is still the target's own."""
+    max_new_tokens = 160  # many rounds: the kill lands while the draft is still running them
+    expected = target_alone(pipeline.pair.target_dir, [PROMPTS[2]], max_new_tokens)[PROMPTS[2]]
+    draft: ServiceProcess = start_worker("draft", pipeline.pair.draft_dir, tmp_path)
+    coordinator = start_coordinator(
+        draft.address, pipeline.target.address, pipeline.redis.url, tmp_path, extra=["--delegation"]
+    )
+    try:
+        draft.wait_serving(120)
+        coordinator.wait_serving(120)
+        tokens: list[int] = []
+        finish = coordinator_pb2.FINISH_REASON_UNSPECIFIED
+        with CoordinatorClient(coordinator.address) as client:
+            for i, chunk in enumerate(
+                client.stream(build_request(PROMPTS[2], max_new_tokens, num_speculative_tokens=2), 60)
+            ):
+                if i == 0:
+                    assert draft.popen is not None
+                    draft.popen.kill()
+                    draft.popen.wait()
+                tokens.extend(chunk.token_ids)
+                finish = chunk.finish_reason or finish
+        assert tokens == expected
+        assert finish == coordinator_pb2.FINISH_REASON_LENGTH
+        assert "delegated rounds on draft" in coordinator.log_tail(200)
+    finally:
+        coordinator.stop()
+        draft.stop()
