@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import AsyncIterator
 from concurrent.futures import ThreadPoolExecutor
 
@@ -9,7 +10,7 @@ import grpc
 
 from draft_service.delegated import DelegatedRounds, TargetClients
 from draft_service.drafter import Drafter, DraftProposal, DraftRequest
-from specpipe.rpc.worker_servicer import WorkerServicerBase
+from specpipe.rpc.worker_servicer import WorkerServicerBase, read_ahead
 from specpipe.speculation.delegation import DelegatedRequest
 from specpipe.v1 import common_pb2, draft_pb2, draft_pb2_grpc
 
@@ -43,9 +44,13 @@ class DraftServicer(WorkerServicerBase[Drafter], draft_pb2_grpc.DraftServiceServ
         self.engine  # noqa: B018 - UNAVAILABLE while the model loads, before any target stream opens
         self.open_streams += 1
         try:
-            async for speculation_round in self.delegated.run(delegated, context.time_remaining):
-                self.delegated_rounds += 1
-                yield speculation_round.to_pb()
+            # The rounds run in a task of their own (read_ahead), so the loop goes on with the next round
+            # while gRPC writes this one, instead of waiting for each write to complete.
+            rounds = read_ahead(self.delegated.run(delegated, context.time_remaining))
+            async with contextlib.aclosing(rounds):  # closed here: stops the rounds
+                async for speculation_round in rounds:
+                    self.delegated_rounds += 1
+                    yield speculation_round.to_pb()
         finally:
             self.open_streams -= 1
 

@@ -17,6 +17,10 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from specpipe.client import CoordinatorClient, build_request
 from specpipe.rpc.worker_clients import DraftClient
+from specpipe.sampling.params import SamplingParams
+from specpipe.speculation.adaptive_k import CostProfile
+from specpipe.speculation.delegation import DelegatedRequest, DraftSchedule, SpeculationRound
+from specpipe.speculation.limits import ModelLimits
 from specpipe.v1 import common_pb2, coordinator_pb2, draft_pb2
 from tests.conftest import Pipeline, ServiceProcess, start_coordinator, start_worker
 from tests.prompts import PROMPTS
@@ -82,20 +86,72 @@ def test_delegated_greedy_equals_target_alone(
     assert delegated_rounds(pipeline) - before >= len(PROMPTS)
 
 
-@pytest.mark.parametrize("acceptance", ["leviathan", "coupled"])
+@pytest.mark.parametrize(("acceptance", "k"), [("leviathan", 3), ("coupled", None)])
 def test_delegated_seeded_sampling_gives_the_coordinators_tokens(
-    pipeline: Pipeline, delegating_coordinator: str, acceptance: str
+    pipeline: Pipeline, delegating_coordinator: str, acceptance: str, k: int | None
 ) -> None:
-    """Same seed, same tokens whether the rounds run on the coordinator or on the draft worker: the draft's
-    loop follows the same schedule (policy, costs, limits), so block boundaries and draws coincide."""
+    """Same seed, same tokens whether the rounds run on the coordinator or on the draft worker. (A fixed k
+    for the Leviathan rule: the two coordinators measured their own cost profiles, so their adaptive
+    schedules may differ; test_the_draft_follows_the_schedule_it_was_given covers the adaptive one.)"""
     for seed in (3, 11):
-        request = build_request(PROMPTS[0], 40, temperature=0.8, top_p=0.95, seed=seed, acceptance=acceptance)
+        request = build_request(
+            PROMPTS[0], 40, temperature=0.8, top_p=0.95, seed=seed, acceptance=acceptance,
+            num_speculative_tokens=k,
+        )  # fmt: skip
         with CoordinatorClient(pipeline.coordinator_addr) as client:
             local = client.generate(request, timeout_s=60)
         with CoordinatorClient(delegating_coordinator) as client:
             delegated = client.generate(request, timeout_s=60)
         assert delegated.token_ids == local.token_ids, (acceptance, seed)
         assert delegated.finish_reason == local.finish_reason
+
+
+@pytest.mark.parametrize("temperature", [0.0, 0.8])
+def test_the_draft_follows_the_schedule_it_was_given(pipeline: Pipeline, temperature: float) -> None:
+    """Replaying the adaptive policy on the rounds that came back gives every round's k: the draft's loop
+    (pipelined and chained) sizes blocks exactly as the coordinator's would, so a request can move between
+    the two without changing its block boundaries."""
+    costs = CostProfile(0.0006, 0.012, 0.0008, 0.001, 0.0018)
+    limits = ModelLimits(256, 256, 100, frozenset())
+    schedule = DraftSchedule(None, 8, pipelining=True, chaining=True, costs=costs, accepted=1.0, rejected=2.0)
+    history = [5, 17, 42, 8, 99, 3, 61, 20]
+    request = DelegatedRequest(
+        "schedule-replay", tuple(history), 60, SamplingParams(temperature=temperature, seed=4),
+        pipeline.target.address, schedule, limits, 20.0,
+    )  # fmt: skip
+
+    async def rounds() -> list[SpeculationRound]:
+        client = DraftClient(pipeline.draft.address)
+        try:
+            call = client.speculate(request, 60)
+            received = []
+            while (speculation_round := await call.next_round(30)) is not None:
+                received.append(speculation_round)
+            return received
+        finally:
+            await client.close()
+
+    received = asyncio.run(rounds())
+    policy = schedule.policy()
+    remaining = 60
+    ks = set()
+    for speculation_round in received:
+        k = limits.draft_length(policy.next_k(), remaining, len(history))
+        assert len(speculation_round.draft_token_ids) == k
+        policy.record(k, speculation_round.num_accepted)
+        new_ids, _ = limits.truncate(
+            [
+                *speculation_round.draft_token_ids[: speculation_round.num_accepted],
+                speculation_round.next_token_id,
+            ],
+            remaining,
+        )
+        assert list(speculation_round.new_token_ids) == new_ids
+        history.extend(new_ids)
+        remaining -= len(new_ids)
+        ks.add(k)
+    assert remaining == 0 and received[-1].finish_reason == "length"
+    assert len(ks) > 1  # the schedule really adapted
 
 
 def test_delegated_request_stops_at_a_stop_string(pipeline: Pipeline, delegating_coordinator: str) -> None:

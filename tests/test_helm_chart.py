@@ -364,6 +364,7 @@ def test_worker_ports_and_args() -> None:
     args = args_of(c)
     assert args["--port"] == "50051" and args["--cluster-config"] == "/etc/specpipe/cluster.yaml"
     assert "--adaptive-k" in args and "--pipelining" in args and "--chaining" in args
+    assert "--no-delegation" in args
 
 
 @pytest.mark.parametrize("value_set", VALUE_SETS)
@@ -526,6 +527,25 @@ def test_network_policies_let_only_the_coordinator_reach_workers_and_redis(value
                 assert peers and all(set(p) == {"podSelector"} for p in peers), policy["metadata"]["name"]
                 assert all(_selects(p["podSelector"], coordinator_labels) for p in peers)
                 assert not any(_selects(p["podSelector"], test_labels) for p in peers)
+
+
+def test_delegation_lets_draft_pods_reach_target_pods_and_nothing_more() -> None:
+    """With coordinator.delegation the coordinator gets --delegation and target pods (only they) also accept
+    gRPC from draft pods, which send their blocks to the targets themselves."""
+    assert not find(rendered("default"), "NetworkPolicy", f"{FULLNAME}-target-from-draft")
+    docs = render({"coordinator": {"delegation": True}})
+    assert "--delegation" in args_of(container(one(docs, "Deployment", f"{FULLNAME}-coordinator")))
+    policy = one(docs, "NetworkPolicy", f"{FULLNAME}-target-from-draft")
+    draft_labels = pod_labels(one(docs, "Deployment", f"{FULLNAME}-draft-cpu"))
+    target_labels = pod_labels(one(docs, "Deployment", f"{FULLNAME}-target-gpu"))
+    coordinator_labels = pod_labels(one(docs, "Deployment", f"{FULLNAME}-coordinator"))
+    assert _selects(policy["spec"]["podSelector"], target_labels)
+    assert not _selects(policy["spec"]["podSelector"], draft_labels)
+    (rule,) = policy["spec"]["ingress"]
+    assert rule["ports"] == [{"protocol": "TCP", "port": "grpc"}]
+    (peer,) = rule["from"]
+    assert _selects(peer["podSelector"], draft_labels)
+    assert not _selects(peer["podSelector"], coordinator_labels)
 
 
 def test_coordinator_network_policy_sources_are_configurable() -> None:
