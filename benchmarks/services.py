@@ -25,8 +25,8 @@ STARTUP_TIMEOUT_S = 300.0
 REQUEST_TIMEOUT_S = 600.0
 WARMUP_TOKENS = 8
 UNCHAINED_VARIANT = "specpipe-pipe-nochain"  # adaptive k, pipelined, not chained
-DELEGATED_VARIANT = "specpipe-delegated"  # adaptive k, pipelined, chained, rounds on the draft worker
-OPT_IN_VARIANTS = frozenset({UNCHAINED_VARIANT, DELEGATED_VARIANT})  # run only when --variants names them
+UNDELEGATED_VARIANT = "specpipe-pipe-nodeleg"  # adaptive k, pipelined, chained, rounds on the coordinator
+OPT_IN_VARIANTS = frozenset({UNCHAINED_VARIANT, UNDELEGATED_VARIANT})  # run only when --variants names them
 COST_PROFILE = re.compile(
     r"cost profile: draft ([\d.]+) ms/token, verify ([\d.]+) ms \+ ([\d.]+) ms/token, "
     r"overhead ([\d.]+) ms/round(?: \(c = [\d.]+\), draft call ([\d.]+) ms)?"
@@ -44,7 +44,7 @@ class SpecConfig:
     request_k: int | None
     drafter: str = "model"  # the draft worker it pairs with: the draft model's, or the prompt-lookup one
     chaining: bool = True  # with pipelining: next block queued on the target before the verdict
-    delegation: bool = False  # the rounds run on the draft worker (specpipe/speculation/delegation.py)
+    delegation: bool = True  # the rounds run on the draft worker (specpipe/speculation/delegation.py)
 
     def flags(self, max_k: int) -> list[str]:
         return [
@@ -62,7 +62,7 @@ class SpecConfig:
         k = "adaptive k" if self.adaptive else f"k = {self.k}"
         drafter = ", prompt lookup (no draft model)" if self.drafter == "prompt-lookup" else ""
         chaining = "" if self.chaining or not self.pipelining else " (not chained)"
-        delegated = ", rounds on the draft worker" if self.delegation else ""
+        delegated = "" if self.delegation else ", rounds on the coordinator (not delegated)"
         pipelining = "on" if self.pipelining else "off"
         return f"specpipe services{drafter}, {k}, pipelining {pipelining}{chaining}{delegated}"
 
@@ -82,8 +82,8 @@ def spec_configs(fixed_ks: Sequence[int]) -> dict[str, SpecConfig]:
     configs[LOOKUP_VARIANT] = SpecConfig(LOOKUP_VARIANT, False, True, 4, None, drafter="prompt-lookup")
     # Opt-in (--variants): what chaining adds to pipelining.
     configs[UNCHAINED_VARIANT] = SpecConfig(UNCHAINED_VARIANT, True, True, 4, None, chaining=False)
-    # Opt-in: the rounds run on the draft worker (no coordinator hop between a verdict and the next block).
-    configs[DELEGATED_VARIANT] = SpecConfig(DELEGATED_VARIANT, True, True, 4, None, delegation=True)
+    # Opt-in: what delegation adds (the rounds run on the coordinator, every block and verdict through it).
+    configs[UNDELEGATED_VARIANT] = SpecConfig(UNDELEGATED_VARIANT, True, True, 4, None, delegation=False)
     return configs
 
 

@@ -26,7 +26,7 @@ class CoordinatorConfig:
     chaining: bool = True
     # Run each request's rounds on its draft replica, which exchanges blocks and verdicts with the target
     # directly (specpipe/speculation/delegation.py); the coordinator commits and streams them.
-    delegation: bool = False
+    delegation: bool = True
     max_new_tokens_limit: int = 4096
     # Upper bound on one worker RPC; the client's own deadline is applied when shorter.
     worker_timeout_s: float = 30.0

@@ -96,8 +96,9 @@ def add_serve_parser(subparsers: argparse._SubParsersAction) -> None:
         "verifies whose assumption held)",
     )  # fmt: skip
     serve.add_argument(
-        "--delegation", action=argparse.BooleanOptionalAction, default=False,
-        help="run each request's rounds on its draft worker, which sends blocks to the target directly",
+        "--delegation", action=argparse.BooleanOptionalAction, default=True,
+        help="run each request's rounds on its draft worker, which sends blocks to the target directly "
+        "(the coordinator commits and streams them)",
     )  # fmt: skip
     serve.add_argument("--max-speculative-tokens", type=int, default=16, help="largest k a request may ask")
     serve.add_argument("--max-new-tokens-limit", type=int, default=4096)

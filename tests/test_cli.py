@@ -78,9 +78,9 @@ def test_embedded_serve_passes_the_speculation_switches_to_its_coordinator(
         specpipe.launcher, "run_pipeline", lambda config, extra: started.append(list(extra)) or 0
     )
     assert main(["serve", "--log-dir", str(tmp_path)]) == 0
-    assert {"--adaptive-k", "--pipelining", "--chaining", "--no-delegation"} <= set(started[-1])
-    assert main(["serve", "--delegation", "--log-dir", str(tmp_path)]) == 0
-    assert "--delegation" in started[-1]
+    assert {"--adaptive-k", "--pipelining", "--chaining", "--delegation"} <= set(started[-1])
+    assert main(["serve", "--no-delegation", "--log-dir", str(tmp_path)]) == 0
+    assert "--no-delegation" in started[-1]
     assert (
         main(["serve", "--no-adaptive-k", "--no-pipelining", "--no-chaining", "--log-dir", str(tmp_path)])
         == 0

@@ -29,14 +29,15 @@ MAX_NEW_TOKENS = 24
 
 
 @pytest.fixture(scope="module")
-def delegating_coordinator(pipeline: Pipeline, tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
-    """A second coordinator on the shared pipeline's workers, with --delegation."""
+def undelegated_coordinator(pipeline: Pipeline, tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    """A second coordinator on the shared pipeline's workers that runs the rounds itself (--no-delegation);
+    the shared one delegates (the default)."""
     coordinator = start_coordinator(
         pipeline.draft.address,
         pipeline.target.address,
         pipeline.redis.url,
-        tmp_path_factory.mktemp("delegating"),
-        extra=["--delegation"],
+        tmp_path_factory.mktemp("undelegated"),
+        extra=["--no-delegation"],
     )
     try:
         coordinator.wait_serving(120)
@@ -69,12 +70,10 @@ def delegated_rounds(pipeline: Pipeline) -> int:
 
 
 @pytest.mark.parametrize("k", [None, 3])
-def test_delegated_greedy_equals_target_alone(
-    pipeline: Pipeline, delegating_coordinator: str, k: int | None
-) -> None:
+def test_delegated_greedy_equals_target_alone(pipeline: Pipeline, k: int | None) -> None:
     expected = target_alone(pipeline.pair.target_dir, PROMPTS, MAX_NEW_TOKENS)
     before = delegated_rounds(pipeline)
-    with CoordinatorClient(delegating_coordinator) as client:
+    with CoordinatorClient(pipeline.coordinator_addr) as client:
         for prompt in PROMPTS:
             result = client.generate(
                 build_request(prompt, MAX_NEW_TOKENS, num_speculative_tokens=k), timeout_s=60
@@ -88,7 +87,7 @@ def test_delegated_greedy_equals_target_alone(
 
 @pytest.mark.parametrize(("acceptance", "k"), [("leviathan", 3), ("coupled", None)])
 def test_delegated_seeded_sampling_gives_the_coordinators_tokens(
-    pipeline: Pipeline, delegating_coordinator: str, acceptance: str, k: int | None
+    pipeline: Pipeline, undelegated_coordinator: str, acceptance: str, k: int | None
 ) -> None:
     """Same seed, same tokens whether the rounds run on the coordinator or on the draft worker. (A fixed k
     for the Leviathan rule: the two coordinators measured their own cost profiles, so their adaptive
@@ -98,9 +97,9 @@ def test_delegated_seeded_sampling_gives_the_coordinators_tokens(
             PROMPTS[0], 40, temperature=0.8, top_p=0.95, seed=seed, acceptance=acceptance,
             num_speculative_tokens=k,
         )  # fmt: skip
-        with CoordinatorClient(pipeline.coordinator_addr) as client:
+        with CoordinatorClient(undelegated_coordinator) as client:
             local = client.generate(request, timeout_s=60)
-        with CoordinatorClient(delegating_coordinator) as client:
+        with CoordinatorClient(pipeline.coordinator_addr) as client:
             delegated = client.generate(request, timeout_s=60)
         assert delegated.token_ids == local.token_ids, (acceptance, seed)
         assert delegated.finish_reason == local.finish_reason
@@ -154,14 +153,13 @@ def test_the_draft_follows_the_schedule_it_was_given(pipeline: Pipeline, tempera
     assert len(ks) > 1  # the schedule really adapted
 
 
-def test_delegated_request_stops_at_a_stop_string(pipeline: Pipeline, delegating_coordinator: str) -> None:
-    with CoordinatorClient(pipeline.coordinator_addr) as client:
+def test_delegated_request_stops_at_a_stop_string(pipeline: Pipeline, undelegated_coordinator: str) -> None:
+    with CoordinatorClient(undelegated_coordinator) as client:
         full = client.generate(build_request(PROMPTS[1], 32), timeout_s=60)
-    stop = full.text[len(full.text) // 2 :][:3]
-    assert stop
-    with CoordinatorClient(pipeline.coordinator_addr) as client:
+        stop = full.text[len(full.text) // 2 :][:3]
+        assert stop
         local = client.generate(build_request(PROMPTS[1], 32, stop=[stop]), timeout_s=60)
-    with CoordinatorClient(delegating_coordinator) as client:
+    with CoordinatorClient(pipeline.coordinator_addr) as client:
         delegated = client.generate(build_request(PROMPTS[1], 32, stop=[stop]), timeout_s=60)
         # The session continues afterwards from exactly what was streamed.
         follow = client.generate(build_request("", 8, session_id=delegated.session_id), timeout_s=60)
@@ -213,9 +211,7 @@ def test_a_draft_dying_mid_request_leaves_the_coordinator_to_finish_it(
     max_new_tokens = 160  # many rounds: the kill lands while the draft is still running them
     expected = target_alone(pipeline.pair.target_dir, [PROMPTS[2]], max_new_tokens)[PROMPTS[2]]
     draft: ServiceProcess = start_worker("draft", pipeline.pair.draft_dir, tmp_path)
-    coordinator = start_coordinator(
-        draft.address, pipeline.target.address, pipeline.redis.url, tmp_path, extra=["--delegation"]
-    )
+    coordinator = start_coordinator(draft.address, pipeline.target.address, pipeline.redis.url, tmp_path)
     try:
         draft.wait_serving(120)
         coordinator.wait_serving(120)

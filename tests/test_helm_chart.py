@@ -364,7 +364,7 @@ def test_worker_ports_and_args() -> None:
     args = args_of(c)
     assert args["--port"] == "50051" and args["--cluster-config"] == "/etc/specpipe/cluster.yaml"
     assert "--adaptive-k" in args and "--pipelining" in args and "--chaining" in args
-    assert "--no-delegation" in args
+    assert "--delegation" in args
 
 
 @pytest.mark.parametrize("value_set", VALUE_SETS)
@@ -523,6 +523,8 @@ def test_network_policies_let_only_the_coordinator_reach_workers_and_redis(value
                     if peers:  # restricted: the helm test Pod stays allowed
                         assert any(_selects(p.get("podSelector", {}), test_labels) for p in peers)
                     continue
+                if policy["metadata"]["name"] == f"{FULLNAME}-target-from-draft":
+                    continue  # delegation: draft pods reach target pods (its own test)
                 # Workers and Redis: only the coordinator's pods, never the test Pod or anything else.
                 assert peers and all(set(p) == {"podSelector"} for p in peers), policy["metadata"]["name"]
                 assert all(_selects(p["podSelector"], coordinator_labels) for p in peers)
@@ -530,10 +532,13 @@ def test_network_policies_let_only_the_coordinator_reach_workers_and_redis(value
 
 
 def test_delegation_lets_draft_pods_reach_target_pods_and_nothing_more() -> None:
-    """With coordinator.delegation the coordinator gets --delegation and target pods (only they) also accept
-    gRPC from draft pods, which send their blocks to the targets themselves."""
-    assert not find(rendered("default"), "NetworkPolicy", f"{FULLNAME}-target-from-draft")
-    docs = render({"coordinator": {"delegation": True}})
+    """With coordinator.delegation (the default) the coordinator gets --delegation and target pods (only
+    they) also accept gRPC from draft pods, which send their blocks to the targets themselves; without it,
+    neither."""
+    docs = render({"coordinator": {"delegation": False}})
+    assert "--no-delegation" in args_of(container(one(docs, "Deployment", f"{FULLNAME}-coordinator")))
+    assert not find(docs, "NetworkPolicy", f"{FULLNAME}-target-from-draft")
+    docs = rendered("default")
     assert "--delegation" in args_of(container(one(docs, "Deployment", f"{FULLNAME}-coordinator")))
     policy = one(docs, "NetworkPolicy", f"{FULLNAME}-target-from-draft")
     draft_labels = pod_labels(one(docs, "Deployment", f"{FULLNAME}-draft-cpu"))
