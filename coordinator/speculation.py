@@ -176,7 +176,9 @@ class SpeculativeGenerator:
         target = TargetLink(self.targets, sid, time_remaining, self.worker_timeout_s)
         completed = False
         try:
-            await target.connect()  # no target in rotation: UNAVAILABLE before any work
+            # No target in rotation: UNAVAILABLE before any work. The stream opens with the first verify the
+            # coordinator makes itself (a delegated request may never make one).
+            await target.choose()
             if self.delegates(request):
                 async for chunk in self._delegated_rounds(
                     request, session, progress, policy, draft, target, time_remaining

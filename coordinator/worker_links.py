@@ -76,13 +76,19 @@ class WorkerLink:
         remaining = self.time_remaining()
         return isinstance(exc, DeadlineExceededError) and (remaining is None or remaining > 0.05)
 
+    async def choose(self) -> Replica:
+        """The session's replica, leased for this request; UnavailableError when none is in rotation."""
+        if self.replica is None:
+            replica = await self.replicas.pick_or_recheck(self.session_id)
+            self._lease.enter_context(self.replicas.lease(replica))
+            self.replica = replica
+            self.used.add(replica.client)
+        return self.replica
+
     async def connect(self) -> None:
-        """Opens a stream to the session's replica; UnavailableError when none is in rotation."""
-        replica = await self.replicas.pick_or_recheck(self.session_id)
-        self._lease.enter_context(self.replicas.lease(replica))
-        self.replica = replica
+        """Opens a stream to the session's replica (chosen now if not yet)."""
+        replica = await self.choose()
         self.stream = replica.client.open_stream(self.stream_timeout_s)
-        self.used.add(replica.client)
 
     def disconnect(self, completed: bool) -> None:
         """Ends the stream: a finished one keeps the replica's cache warm, a failed one frees it."""
