@@ -241,12 +241,8 @@ class SpeculativeGenerator:
                 if speculative is not None:
                     guess, queued = await speculative
                     speculative = None
-                    if (
-                        guess is not None
-                        and verdict.num_accepted == k
-                        and guess.token_ids[:1] == [verdict.next_token_id]
-                    ):
-                        ready = Proposal(guess.token_ids[1:], list(guess.draft_probs)[1:], guess.forward_ns)
+                    if guess is not None and guess.guess_held(verdict, k):
+                        ready = guess.after_guess()
                         chained = queued
                     elif queued is not None:
                         target.drop_chained(queued.stream)
@@ -408,9 +404,8 @@ class SpeculativeGenerator:
         ):
             return guess, None
         history = [*assumed_history, guess.token_ids[0]]
-        stream = await target.send_chained(
-            history, guess.token_ids[1:], list(guess.draft_probs)[1:], sampling
-        )
+        block = guess.after_guess()
+        stream = await target.send_chained(history, block.token_ids, block.draft_probs, sampling)
         return guess, None if stream is None else ChainedBlock(stream, history)
 
     def has_eos(self, token_ids: list[int]) -> bool:

@@ -139,22 +139,14 @@ class DelegatedRounds:
                         and not limits.has_eos(guess.token_ids[:1])
                     ):
                         queued = [*assumed, guess.token_ids[0]]
+                        block = guess.after_guess()
                         await stream.send(
-                            sid,
-                            queued,
-                            guess.token_ids[1:],
-                            list(guess.draft_probs)[1:],
-                            sampling,
-                            chained=True,
+                            sid, queued, block.token_ids, block.draft_probs, sampling, chained=True
                         )
                 verdict = await verify
                 verify = None
-                if (
-                    guess is not None
-                    and verdict.num_accepted == k
-                    and guess.token_ids[:1] == [verdict.next_token_id]
-                ):
-                    ready = Proposal(guess.token_ids[1:], list(guess.draft_probs)[1:], guess.forward_ns)
+                if guess is not None and guess.guess_held(verdict, k):
+                    ready = guess.after_guess()
                     chained = queued
                 elif queued is not None:
                     stream.unwanted_replies += 1  # its (skip) reply is read and dropped before the next

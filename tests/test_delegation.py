@@ -12,8 +12,6 @@ from pathlib import Path
 
 import grpc
 import pytest
-import torch
-from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from specpipe.client import CoordinatorClient, build_request
 from specpipe.rpc.worker_clients import DraftClient
@@ -24,6 +22,7 @@ from specpipe.speculation.limits import ModelLimits
 from specpipe.v1 import common_pb2, coordinator_pb2, draft_pb2
 from tests.conftest import Pipeline, ServiceProcess, start_coordinator, start_worker
 from tests.prompts import PROMPTS
+from tests.reference import target_alone
 
 MAX_NEW_TOKENS = 24
 
@@ -44,18 +43,6 @@ def undelegated_coordinator(pipeline: Pipeline, tmp_path_factory: pytest.TempPat
         yield coordinator.address
     finally:
         coordinator.stop()
-
-
-def target_alone(model_dir: Path, prompts: list[str], max_new_tokens: int) -> dict[str, list[int]]:
-    tokenizer = AutoTokenizer.from_pretrained(model_dir)
-    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
-    expected = {}
-    for prompt in prompts:
-        ids = tokenizer(prompt, return_tensors="pt")["input_ids"]
-        with torch.inference_mode():
-            out = model.generate(ids, max_new_tokens=max_new_tokens, do_sample=False)
-        expected[prompt] = out[0, ids.shape[1] :].tolist()
-    return expected
 
 
 def delegated_rounds(pipeline: Pipeline) -> int:

@@ -3,12 +3,12 @@
 from __future__ import annotations
 
 import pytest
-import torch
-from transformers import AutoModelForCausalLM, AutoTokenizer
+from transformers import AutoTokenizer
 
 from specpipe.client import CoordinatorClient, build_request
 from tests.conftest import Pipeline
 from tests.prompts import PROMPTS
+from tests.reference import target_alone
 
 MAX_NEW_TOKENS = 24
 
@@ -16,15 +16,7 @@ MAX_NEW_TOKENS = 24
 @pytest.fixture(scope="module")
 def target_greedy(pipeline: Pipeline) -> dict[str, list[int]]:
     """Reference: the target model alone, `generate(do_sample=False)`, float32 on the CPU."""
-    tokenizer = AutoTokenizer.from_pretrained(pipeline.pair.target_dir)
-    model = AutoModelForCausalLM.from_pretrained(pipeline.pair.target_dir, dtype=torch.float32).eval()
-    expected = {}
-    for prompt in PROMPTS:
-        ids = tokenizer(prompt, return_tensors="pt")["input_ids"]
-        with torch.inference_mode():
-            out = model.generate(ids, max_new_tokens=MAX_NEW_TOKENS, do_sample=False)
-        expected[prompt] = out[0, ids.shape[1] :].tolist()
-    return expected
+    return target_alone(pipeline.pair.target_dir, PROMPTS, MAX_NEW_TOKENS)
 
 
 @pytest.mark.parametrize("k", [0, 1, 3, 8])

@@ -34,6 +34,15 @@ class Proposal:
     draft_probs: Sequence[common_pb2.TokenDistribution]  # forwarded to the target as they came
     forward_ns: int
 
+    def after_guess(self) -> Proposal:
+        """A pipelined proposal (a guess of the bonus token, then the next block) without the guess."""
+        return Proposal(self.token_ids[1:], list(self.draft_probs)[1:], self.forward_ns)
+
+    def guess_held(self, verdict: Verification, block_len: int) -> bool:
+        """Whether the verify this pipelined proposal assumed accepted all `block_len` tokens and its bonus
+        token is the guess: then the block after the guess is the next round's."""
+        return verdict.num_accepted == block_len and self.token_ids[:1] == [verdict.next_token_id]
+
 
 @dataclass(frozen=True, slots=True)
 class Verification:

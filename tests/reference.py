@@ -1,0 +1,22 @@
+"""Reference outputs: the target model decoding alone, which every greedy path must equal token for token."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+
+def target_alone(model_dir: Path, prompts: Sequence[str], max_new_tokens: int) -> dict[str, list[int]]:
+    """`generate(do_sample=False)` of the model in `model_dir`, float32 on the CPU, per prompt."""
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
+    expected = {}
+    for prompt in prompts:
+        ids = tokenizer(prompt, return_tensors="pt")["input_ids"]
+        with torch.inference_mode():
+            out = model.generate(ids, max_new_tokens=max_new_tokens, do_sample=False)
+        expected[prompt] = out[0, ids.shape[1] :].tolist()
+    return expected
