@@ -21,6 +21,7 @@ from typing import Any
 
 from transformers import PreTrainedTokenizerBase
 
+from coordinator.delegation_backoff import DelegationBackoff
 from coordinator.replicas import ReplicaSet
 from coordinator.request import GenerationChunk, GenerationRequest, Usage
 from coordinator.worker_links import DraftLink, TargetLink
@@ -80,6 +81,7 @@ class SpeculativeGenerator:
         self.pipelining = pipelining
         self.chaining = chaining  # queue pipelined blocks on the target before the verdict (see draft_ahead)
         self.delegation = delegation  # run the rounds on the draft worker (_delegated_rounds)
+        self.delegation_backoff = DelegationBackoff()
         self._background: set[asyncio.Future[None]] = set()  # keeps fire-and-forget tasks referenced
 
     def prompt_ids(self, request: GenerationRequest) -> list[int]:
@@ -342,6 +344,8 @@ class SpeculativeGenerator:
             replica = await self.drafts.pick_or_recheck(session.session_id)
         except SpecpipeError:
             return  # no draft replica: the caller's loop decodes plainly and retries drafts
+        if not self.delegation_backoff.allowed(replica.address, target.replica.address):
+            return  # this pair's last delegated call failed at once: the coordinator runs the rounds
         draft.used.add(replica.client)
         delegated = DelegatedRequest(
             session_id=session.session_id,
@@ -355,6 +359,7 @@ class SpeculativeGenerator:
         )
         with self.drafts.lease(replica):
             call = replica.client.speculate(delegated, time_remaining())
+            received = 0
             try:
                 while not progress.finish_reason:
                     speculation_round = await call.next_round(draft.call_timeout())
@@ -366,6 +371,7 @@ class SpeculativeGenerator:
                         speculation_round.next_token_id,
                         speculation_round.target_forward_ns,
                     )
+                    received += 1
                     policy.record(len(draft_ids), verdict.num_accepted)
                     progress.usage.draft_forward_ns += speculation_round.draft_forward_ns
                     yield await self.settle(request, session, progress, draft_ids, verdict).flush()
@@ -373,6 +379,8 @@ class SpeculativeGenerator:
                 remaining = time_remaining()
                 if remaining is not None and remaining <= 0:
                     raise
+                if received == 0:
+                    self.delegation_backoff.failed(replica.address, target.replica.address)
                 logger.warning(
                     "session %s: delegated rounds on draft %s failed after %d tokens, continuing here: %s",
                     session.session_id, replica.address, len(progress.generated), exc,
