@@ -16,8 +16,10 @@ itself from the tokens it committed.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine
+from typing import Any
 
 from draft_service.drafter import DraftProposal, DraftRequest
 from specpipe.errors import DeadlineExceededError
@@ -55,6 +57,7 @@ class DelegatedRounds:
     def __init__(self, run_drafter: RunDrafter, targets: TargetClients) -> None:
         self.run_drafter = run_drafter
         self.targets = targets
+        self._background: set[asyncio.Future[None]] = set()  # streams closing after a stopped request
 
     async def propose(
         self, request: DelegatedRequest, history: list[int], k: int, inline: bool, bonus_guess: bool = False
@@ -143,7 +146,7 @@ class DelegatedRounds:
                         await stream.send(
                             sid, queued, block.token_ids, block.draft_probs, sampling, chained=True
                         )
-                verdict = await verify
+                verdict = await asyncio.shield(verify)  # a stop leaves the read to close_after
                 verify = None
                 if guess is not None and guess.guess_held(verdict, k):
                     ready = guess.after_guess()
@@ -165,11 +168,27 @@ class DelegatedRounds:
                 history.extend(new_ids)
                 generated += len(new_ids)
         finally:
-            if verify is not None:
-                verify.cancel()
-            # Also when the coordinator stopped the call (a stop string): the target keeps the session's cache
-            # warm for the next turn. A request that failed has the coordinator free the caches explicitly.
+            if verify is not None and not verify.done():
+                # Stopped during a verify (the coordinator cancels the call at a stop string): the verdict is
+                # read in the background and the stream then closed normally, so the target keeps the
+                # session's cache warm for the next turn (and crops the tokens after the stop then). A
+                # request that failed has the coordinator free the caches explicitly.
+                self._spawn(self.close_after(verify, stream))
+            else:
+                await stream.finish()
+
+    async def close_after(self, verify: asyncio.Future[Verification], stream: TargetStream) -> None:
+        with contextlib.suppress(Exception):
+            await verify
+        if stream.broken:
+            stream.cancel()
+        else:
             await stream.finish()
+
+    def _spawn(self, coro: Coroutine[Any, Any, None]) -> None:
+        task = asyncio.ensure_future(coro)
+        self._background.add(task)
+        task.add_done_callback(self._background.discard)
 
     async def chained_verdict(
         self,

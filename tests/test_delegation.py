@@ -7,6 +7,7 @@ strings honoured, bad requests refused, and a draft that dies mid-request leaves
 from __future__ import annotations
 
 import asyncio
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -14,7 +15,7 @@ import grpc
 import pytest
 
 from specpipe.client import CoordinatorClient, build_request
-from specpipe.rpc.worker_clients import DraftClient
+from specpipe.rpc.worker_clients import DraftClient, TargetClient
 from specpipe.sampling.params import SamplingParams
 from specpipe.speculation.adaptive_k import CostProfile
 from specpipe.speculation.delegation import DelegatedRequest, DraftSchedule, SpeculationRound
@@ -148,11 +149,26 @@ def test_delegated_request_stops_at_a_stop_string(pipeline: Pipeline, undelegate
         local = client.generate(build_request(PROMPTS[1], 32, stop=[stop]), timeout_s=60)
     with CoordinatorClient(pipeline.coordinator_addr) as client:
         delegated = client.generate(build_request(PROMPTS[1], 32, stop=[stop]), timeout_s=60)
+        # Stopping the delegated call (usually during a verify) left the target's cache of the session warm
+        # for the next turn: the stream was closed, not cancelled, once that verdict was in.
+        time.sleep(1.0)
+        assert target_holds(pipeline, delegated.session_id)
         # The session continues afterwards from exactly what was streamed.
         follow = client.generate(build_request("", 8, session_id=delegated.session_id), timeout_s=60)
     assert delegated.finish_reason == "stop" == local.finish_reason
     assert delegated.token_ids == local.token_ids and delegated.text == local.text
     assert len(follow.token_ids) == 8
+
+
+def target_holds(pipeline: Pipeline, session_id: str) -> bool:
+    async def query() -> bool:
+        client = TargetClient(pipeline.target.address)
+        try:
+            return bool((await client.stats(session_id)).session_cached)
+        finally:
+            await client.close()
+
+    return asyncio.run(query())
 
 
 def test_speculate_refuses_bad_requests_with_invalid_argument(pipeline: Pipeline) -> None:
