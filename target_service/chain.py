@@ -14,6 +14,7 @@ chaining changes when blocks are verified, never what is accepted.
 
 from __future__ import annotations
 
+from collections import defaultdict
 from dataclasses import dataclass
 
 from target_service.verifier import Verdict, Verifier, VerifyBlock
@@ -27,16 +28,47 @@ class ChainCounters:
     skipped: int = 0
 
 
+class OpenChains:
+    """The chains of the streams open now, by session. Releasing a session breaks its chains: a chained block
+    still queued behind the release is then skipped, instead of verified with a forward that would rebuild the
+    cache just freed (a delegated request stopped by a failure or a client leaving closes its stream normally,
+    with such a block possibly queued). Touched only where the chains verify: on the model thread, or on the
+    event loop while that thread is idle."""
+
+    def __init__(self) -> None:
+        self._by_session: defaultdict[str, set[VerifyChain]] = defaultdict(set)
+
+    def track(self, chain: VerifyChain, session_id: str) -> None:
+        self._by_session[session_id].add(chain)
+
+    def forget(self, chain: VerifyChain) -> None:
+        for session_id in [s for s, chains in self._by_session.items() if chain in chains]:
+            self._by_session[session_id].discard(chain)
+            if not self._by_session[session_id]:
+                del self._by_session[session_id]
+
+    def break_session(self, session_id: str) -> None:
+        for chain in self._by_session.get(session_id, ()):
+            chain.after_last = None
+
+
 class VerifyChain:
     """One stream's verifier: remembers the history its last verdict produced."""
 
-    def __init__(self, verifier: Verifier, counters: ChainCounters) -> None:
+    def __init__(
+        self, verifier: Verifier, counters: ChainCounters, open_chains: OpenChains | None = None
+    ) -> None:
         self.verifier = verifier
         self.counters = counters
+        self.open_chains = open_chains
+        self.session_id = ""
         # history + accepted draft tokens + next token of the last verified block; None after a skip.
         self.after_last: tuple[int, ...] | None = None
 
     def verify(self, block: VerifyBlock) -> Verdict:
+        if self.open_chains is not None and block.session_id != self.session_id:
+            self.session_id = block.session_id
+            self.open_chains.track(self, block.session_id)
         if block.chained:
             if block.token_ids != self.after_last:
                 self.after_last = None  # a block chained to this skipped one has nothing to extend

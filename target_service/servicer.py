@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import AsyncIterator
 from concurrent.futures import ThreadPoolExecutor
 
@@ -9,7 +10,7 @@ import grpc
 
 from specpipe.rpc.worker_servicer import WorkerServicerBase
 from specpipe.v1 import common_pb2, target_pb2, target_pb2_grpc
-from target_service.chain import ChainCounters, VerifyChain
+from target_service.chain import ChainCounters, OpenChains, VerifyChain
 from target_service.verifier import Verifier, VerifyBlock
 
 
@@ -17,6 +18,7 @@ class TargetServicer(WorkerServicerBase[Verifier], target_pb2_grpc.TargetService
     def __init__(self, model_thread: ThreadPoolExecutor) -> None:
         super().__init__(model_thread)
         self.chain_counters = ChainCounters()
+        self.open_chains = OpenChains()
 
     async def Verify(
         self, request: target_pb2.VerifyRequest, context: grpc.aio.ServicerContext
@@ -24,11 +26,25 @@ class TargetServicer(WorkerServicerBase[Verifier], target_pb2_grpc.TargetService
         verdict = await self.on_model_thread(self.engine.verify, VerifyBlock.from_pb(request))
         return verdict.to_pb()
 
-    def VerifyStream(
+    async def VerifyStream(
         self, request_iterator: AsyncIterator[target_pb2.VerifyRequest], context: grpc.aio.ServicerContext
     ) -> AsyncIterator[target_pb2.VerifyResponse]:
-        chain = VerifyChain(self.engine, self.chain_counters)
-        return self.serve_stream(request_iterator, VerifyBlock.from_pb, chain.verify, context)
+        chain = VerifyChain(self.engine, self.chain_counters, self.open_chains)
+        replies = self.serve_stream(request_iterator, VerifyBlock.from_pb, chain.verify, context)
+        try:
+            async with contextlib.aclosing(replies):
+                async for reply in replies:
+                    yield reply
+        finally:
+            with contextlib.suppress(RuntimeError):  # the model thread is gone at shutdown: nothing to forget
+                self.submit(self.open_chains.forget, chain)
+
+    async def ReleaseSession(
+        self, request: common_pb2.ReleaseSessionRequest, context: grpc.aio.ServicerContext
+    ) -> common_pb2.ReleaseSessionResponse:
+        # On the model thread, in order with the verifications (see OpenChains).
+        self.submit(self.open_chains.break_session, request.session_id)
+        return await super().ReleaseSession(request, context)
 
     async def GetStats(
         self, request: common_pb2.GetStatsRequest, context: grpc.aio.ServicerContext

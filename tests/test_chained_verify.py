@@ -95,6 +95,30 @@ def test_a_chained_block_whose_assumption_holds_gets_the_ordinary_verdict(pipeli
     run(pipeline, test)
 
 
+def test_releasing_the_session_breaks_its_open_chains(pipeline: Pipeline) -> None:
+    """A chained block arriving after ReleaseSession is skipped: verifying it would rebuild the cache just
+    freed (a stopped delegated request closes its target stream normally, a chained block possibly still
+    queued)."""
+
+    async def test(client: TargetClient) -> None:
+        g = await greedy_continuation(client, HISTORY, 4)
+        stream = client.open_stream(TIMEOUT_S)
+        verdict = await stream.verify("chain-released", HISTORY, g[:2], [], GREEDY, TIMEOUT_S)
+        assert (verdict.num_accepted, verdict.next_token_id) == (2, g[2])
+        assert await client.release_session("chain-released", TIMEOUT_S)
+        # It extends exactly the history the verdict produced, so it would have been verified.
+        await stream.send("chain-released", [*HISTORY, *g[:3]], [g[3]], [], GREEDY, chained=True)
+        assert await stream.receive(TIMEOUT_S) is None
+        assert not (await client.stats("chain-released")).session_cached
+        # The stream itself goes on: an ordinary request rebuilds the session from its history.
+        after = await stream.verify("chain-released", [*HISTORY, *g[:3]], [g[3]], [], GREEDY, TIMEOUT_S)
+        assert after.num_accepted == 1
+        await stream.finish()
+        await client.release_session("chain-released", TIMEOUT_S)
+
+    run(pipeline, test)
+
+
 def test_a_chained_block_after_a_rejection_or_a_wrong_guess_is_skipped(pipeline: Pipeline) -> None:
     async def test(client: TargetClient) -> None:
         g = await greedy_continuation(client, HISTORY, 5)
