@@ -362,29 +362,34 @@ class SpeculativeGenerator:
             received = 0
             try:
                 while not progress.finish_reason:
-                    speculation_round = await call.next_round(draft.call_timeout())
-                    if speculation_round is None:
-                        raise UnavailableError("the delegated call ended before the request finished")
+                    try:
+                        speculation_round = await call.next_round(draft.call_timeout())
+                        if speculation_round is None:
+                            raise UnavailableError("the delegated call ended before the request finished")
+                    except SpecpipeError as exc:
+                        remaining = time_remaining()
+                        if remaining is not None and remaining <= 0:
+                            raise
+                        if received == 0:
+                            self.delegation_backoff.failed(replica.address, target.replica.address)
+                        logger.warning(
+                            "session %s: delegated rounds on draft %s failed after %d tokens, "
+                            "continuing here: %s",
+                            session.session_id, replica.address, len(progress.generated), exc,
+                        )  # fmt: skip
+                        return
+                    received += 1
                     draft_ids = list(speculation_round.draft_token_ids)
                     verdict = Verification(
                         speculation_round.num_accepted,
                         speculation_round.next_token_id,
                         speculation_round.target_forward_ns,
                     )
-                    received += 1
                     policy.record(len(draft_ids), verdict.num_accepted)
                     progress.usage.draft_forward_ns += speculation_round.draft_forward_ns
+                    # Only the delegated call's failures are continued here: a failed commit fails the request
+                    # as in the coordinator's own loop (the session's state must not run ahead of the store).
                     yield await self.settle(request, session, progress, draft_ids, verdict).flush()
-            except SpecpipeError as exc:
-                remaining = time_remaining()
-                if remaining is not None and remaining <= 0:
-                    raise
-                if received == 0:
-                    self.delegation_backoff.failed(replica.address, target.replica.address)
-                logger.warning(
-                    "session %s: delegated rounds on draft %s failed after %d tokens, continuing here: %s",
-                    session.session_id, replica.address, len(progress.generated), exc,
-                )  # fmt: skip
             finally:
                 call.cancel()  # stops the draft's rounds (a stop string, a failure, the client left)
 

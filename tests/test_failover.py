@@ -75,6 +75,9 @@ def test_redis_killed_mid_stream_fails_fast_then_recovers(model_pair: ModelPair,
             assert caught.value.code() == grpc.StatusCode.UNAVAILABLE
             assert "session store" in caught.value.details()
             assert time.monotonic() - started < 10
+            # A failed commit fails the request; it is not taken for a failure of the delegated rounds (whose
+            # continuation on the coordinator would run the session ahead of the store).
+            assert "continuing here" not in pipeline.coordinator.log_tail(400)
             with pytest.raises(grpc.RpcError) as caught:
                 client.generate(build_request("x", 4), 30)
             assert caught.value.code() == grpc.StatusCode.UNAVAILABLE
