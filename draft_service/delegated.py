@@ -175,11 +175,16 @@ class DelegatedRounds:
                 # request that failed has the coordinator free the caches explicitly.
                 self._spawn(self.close_after(verify, stream))
             else:
-                await stream.finish()
+                await self.close(stream)
 
     async def close_after(self, verify: asyncio.Future[Verification], stream: TargetStream) -> None:
         with contextlib.suppress(Exception):
             await verify
+        await self.close(stream)
+
+    @staticmethod
+    async def close(stream: TargetStream) -> None:
+        """Ends the target stream: normally (the target keeps the session's cache warm) unless it failed."""
         if stream.broken:
             stream.cancel()
         else:
