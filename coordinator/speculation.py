@@ -116,9 +116,6 @@ class SpeculativeGenerator:
             )
         return session
 
-    def draft_length(self, requested: int, remaining: int, history_len: int) -> int:
-        return self.limits.draft_length(requested, remaining, history_len)
-
     async def commit(
         self, session: OpenSession, request: GenerationRequest, new_ids: list[int], delta: SessionStats
     ) -> None:
@@ -189,7 +186,7 @@ class SpeculativeGenerator:
             while not progress.finish_reason:
                 history = session.history
                 remaining = request.max_new_tokens - len(generated)
-                k = self.draft_length(policy.next_k(), remaining, len(history))
+                k = self.limits.draft_length(policy.next_k(), remaining, len(history))
                 if chained is not None and ready is not None and chained.history == history:
                     k = len(ready.token_ids)  # already on its way to the target: sized when it was drafted
                 else:
@@ -201,7 +198,7 @@ class SpeculativeGenerator:
                     proposal = ready
                 elif k > 0 and ready is not None:
                     k = min(k, len(ready.token_ids))
-                    proposal = Proposal(ready.token_ids[:k], list(ready.draft_probs)[:k], ready.forward_ns)
+                    proposal = ready.first(k)
                 elif k > 0:
                     drafting = asyncio.ensure_future(draft.propose(history, k, sampling))
                     if pending is not None:
@@ -225,7 +222,7 @@ class SpeculativeGenerator:
                     )
                 # Assume the whole block is accepted: the draft's first token guesses the bonus token, the
                 # next ones are the following block, sized as the policy will size it after that outcome.
-                next_k = self.draft_length(
+                next_k = self.limits.draft_length(
                     policy.next_k_if_accepted(k), remaining - k - 1, len(history) + k + 1
                 )
                 if (
@@ -286,16 +283,14 @@ class SpeculativeGenerator:
         generated, usage, detokenizer = progress.generated, progress.usage, progress.detokenizer
         history = session.history
         remaining = request.max_new_tokens - len(generated)
-        new_ids, finish_reason = self.truncate(
-            [*draft_ids[: verdict.num_accepted], verdict.next_token_id], remaining
+        new_ids, finish_reason = self.limits.round_tokens(
+            draft_ids, verdict.num_accepted, verdict.next_token_id, remaining, len(history)
         )
         text = detokenizer.push(new_ids)
         if detokenizer.stopped:
             # Keep the tokens up to the one that completed the stop string.
             new_ids = new_ids[: detokenizer.stop_token_index - len(generated)]
             finish_reason = "stop"
-        if not finish_reason and len(history) + len(new_ids) >= self.limits.target_context:
-            finish_reason = "length"
         if finish_reason and finish_reason != "stop":
             text += detokenizer.finish()
 
@@ -413,7 +408,7 @@ class SpeculativeGenerator:
             or guess is None
             or len(guess.token_ids) < 2
             or verify.done()
-            or self.has_eos(guess.token_ids[:1])
+            or self.limits.has_eos(guess.token_ids[:1])
         ):
             return guess, None
         history = [*assumed_history, guess.token_ids[0]]
@@ -421,18 +416,12 @@ class SpeculativeGenerator:
         stream = await target.send_chained(history, block.token_ids, block.draft_probs, sampling)
         return guess, None if stream is None else ChainedBlock(stream, history)
 
-    def has_eos(self, token_ids: list[int]) -> bool:
-        return self.limits.has_eos(token_ids)
-
     async def release_worker_caches(self, session_id: str, workers: set[WorkerClient]) -> None:
         for worker in workers:
             try:
                 await worker.release_session(session_id, timeout_s=2.0)
             except SpecpipeError as exc:
                 logger.debug("could not free %s's cache for %s: %s", worker.role, session_id, exc)
-
-    def truncate(self, new_ids: list[int], remaining: int) -> tuple[list[int], str]:
-        return self.limits.truncate(new_ids, remaining)
 
 
 @dataclass(slots=True)

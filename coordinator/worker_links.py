@@ -32,6 +32,7 @@ from specpipe.rpc.worker_clients import (
     Verification,
     WorkerClient,
     WorkerStream,
+    call_timeout,
 )
 from specpipe.sampling.params import SamplingParams
 from specpipe.v1 import common_pb2
@@ -61,13 +62,8 @@ class WorkerLink:
         self._lease = contextlib.ExitStack()
 
     def call_timeout(self) -> float:
-        """Seconds one worker call may take: the worker timeout, or the time left to the request if less."""
-        remaining = self.time_remaining()
-        if remaining is None:
-            return self.worker_timeout_s
-        if remaining <= 0:
-            raise DeadlineExceededError("the request deadline passed")
-        return min(self.worker_timeout_s, remaining)
+        """Seconds one worker call may take (specpipe/rpc/worker_clients.py: call_timeout)."""
+        return call_timeout(self.worker_timeout_s, self.time_remaining())
 
     def replica_failed(self, exc: Exception) -> bool:
         """Whether an error blames the replica (rather than the request's own deadline)."""

@@ -22,8 +22,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine
 from typing import Any
 
 from draft_service.drafter import DraftProposal, DraftRequest
-from specpipe.errors import DeadlineExceededError
-from specpipe.rpc.worker_clients import Proposal, TargetClient, TargetStream, Verification
+from specpipe.rpc.worker_clients import Proposal, TargetClient, TargetStream, Verification, call_timeout
 from specpipe.speculation.delegation import DelegatedRequest, SpeculationRound
 from specpipe.speculation.limits import should_pipeline
 
@@ -73,13 +72,8 @@ class DelegatedRounds:
     ) -> AsyncIterator[SpeculationRound]:
         """The request's rounds, each yielded once verified; ends after the round that finishes it."""
 
-        def call_timeout() -> float:
-            remaining = time_remaining()
-            if remaining is None:
-                return request.worker_timeout_s
-            if remaining <= 0:
-                raise DeadlineExceededError("the request deadline passed")
-            return min(request.worker_timeout_s, remaining)
+        def worker_call_timeout() -> float:
+            return call_timeout(request.worker_timeout_s, time_remaining())
 
         limits, schedule, sampling = request.limits, request.schedule, request.sampling
         sid = request.session_id
@@ -103,7 +97,7 @@ class DelegatedRounds:
                 if chained is not None and ready is not None:
                     proposal = ready
                 elif k > 0 and ready is not None:
-                    proposal = Proposal(ready.token_ids[:k], list(ready.draft_probs)[:k], ready.forward_ns)
+                    proposal = ready.first(k)
                 elif k > 0:
                     proposal = await self.propose(request, history, k, inline=not first_call)
                     first_call = False
@@ -115,13 +109,15 @@ class DelegatedRounds:
                 k = len(draft_ids)
                 if chained is not None:
                     verify = asyncio.ensure_future(
-                        self.chained_verdict(stream, request, history, draft_ids, proposal, call_timeout())
+                        self.chained_verdict(
+                            stream, request, history, draft_ids, proposal, worker_call_timeout()
+                        )
                     )
                     chained = None
                 else:
                     # Written before any drafting below, which may run on the event loop.
                     await stream.send(sid, history, draft_ids, proposal.draft_probs, sampling)
-                    verify = asyncio.ensure_future(stream.receive_verdict(call_timeout()))
+                    verify = asyncio.ensure_future(stream.receive_verdict(worker_call_timeout()))
                 guess: Proposal | None = None
                 queued: list[int] | None = None
                 next_k = limits.draft_length(
@@ -154,11 +150,9 @@ class DelegatedRounds:
                 elif queued is not None:
                     stream.unwanted_replies += 1  # its (skip) reply is read and dropped before the next
                 policy.record(k, verdict.num_accepted)
-                new_ids, finish_reason = limits.truncate(
-                    [*draft_ids[: verdict.num_accepted], verdict.next_token_id], remaining
+                new_ids, finish_reason = limits.round_tokens(
+                    draft_ids, verdict.num_accepted, verdict.next_token_id, remaining, len(history)
                 )
-                if not finish_reason and len(history) + len(new_ids) >= limits.target_context:
-                    finish_reason = "length"
                 yield SpeculationRound(
                     draft_ids, verdict.num_accepted, verdict.next_token_id, new_ids, finish_reason, draft_ns,
                     verdict.forward_ns,

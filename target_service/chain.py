@@ -38,14 +38,15 @@ class OpenChains:
     def __init__(self) -> None:
         self._by_session: defaultdict[str, set[VerifyChain]] = defaultdict(set)
 
-    def track(self, chain: VerifyChain, session_id: str) -> None:
-        self._by_session[session_id].add(chain)
+    def track(self, chain: VerifyChain) -> None:
+        self._by_session[chain.session_id].add(chain)
 
     def forget(self, chain: VerifyChain) -> None:
-        for session_id in [s for s, chains in self._by_session.items() if chain in chains]:
-            self._by_session[session_id].discard(chain)
-            if not self._by_session[session_id]:
-                del self._by_session[session_id]
+        chains = self._by_session.get(chain.session_id)
+        if chains is not None:
+            chains.discard(chain)
+            if not chains:
+                del self._by_session[chain.session_id]
 
     def break_session(self, session_id: str) -> None:
         for chain in self._by_session.get(session_id, ()):
@@ -67,8 +68,9 @@ class VerifyChain:
 
     def verify(self, block: VerifyBlock) -> Verdict:
         if self.open_chains is not None and block.session_id != self.session_id:
+            self.open_chains.forget(self)  # a stream carries one session; this keeps the index right anyway
             self.session_id = block.session_id
-            self.open_chains.track(self, block.session_id)
+            self.open_chains.track(self)
         if block.chained:
             if block.token_ids != self.after_last:
                 self.after_last = None  # a block chained to this skipped one has nothing to extend

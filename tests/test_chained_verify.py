@@ -316,6 +316,6 @@ def test_no_block_is_chained_behind_a_guess_that_would_end_the_request() -> None
 
     assert asyncio.run(chain([9, 10, 11])).chained == [[10, 11]]
     assert asyncio.run(chain([eos, 10, 11])).chained == []
-    assert generator.has_eos([4, eos]) and not generator.has_eos([4, 5])
+    assert limits.has_eos([4, eos]) and not limits.has_eos([4, 5])
     # Nor is anything drafted ahead of a block holding EOS: accepted whole, it ends the request.
     assert generator.should_pipeline([4, 5], 3, 10) and not generator.should_pipeline([4, eos], 3, 10)

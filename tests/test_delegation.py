@@ -126,12 +126,12 @@ def test_the_draft_follows_the_schedule_it_was_given(pipeline: Pipeline, tempera
         k = limits.draft_length(policy.next_k(), remaining, len(history))
         assert len(speculation_round.draft_token_ids) == k
         policy.record(k, speculation_round.num_accepted)
-        new_ids, _ = limits.truncate(
-            [
-                *speculation_round.draft_token_ids[: speculation_round.num_accepted],
-                speculation_round.next_token_id,
-            ],
+        new_ids, _ = limits.round_tokens(
+            speculation_round.draft_token_ids,
+            speculation_round.num_accepted,
+            speculation_round.next_token_id,
             remaining,
+            len(history),
         )
         assert list(speculation_round.new_token_ids) == new_ids
         history.extend(new_ids)

@@ -34,6 +34,10 @@ class Proposal:
     draft_probs: Sequence[common_pb2.TokenDistribution]  # forwarded to the target as they came
     forward_ns: int
 
+    def first(self, k: int) -> Proposal:
+        """The first k proposed tokens (a prepared block cut to the k the round chose)."""
+        return Proposal(self.token_ids[:k], list(self.draft_probs)[:k], self.forward_ns)
+
     def after_guess(self) -> Proposal:
         """A pipelined proposal (a guess of the bonus token, then the next block) without the guess."""
         return Proposal(self.token_ids[1:], list(self.draft_probs)[1:], self.forward_ns)
@@ -49,6 +53,16 @@ class Verification:
     num_accepted: int
     next_token_id: int
     forward_ns: int
+
+
+def call_timeout(worker_timeout_s: float, remaining_s: float | None) -> float:
+    """Seconds one worker call may take: the worker timeout, or the time left to the request (None: no
+    deadline) if less; DeadlineExceededError once that has run out."""
+    if remaining_s is None:
+        return worker_timeout_s
+    if remaining_s <= 0:
+        raise errors.DeadlineExceededError("the request deadline passed")
+    return min(worker_timeout_s, remaining_s)
 
 
 async def read_within(call: Any, timeout_s: float) -> Any:

@@ -36,13 +36,19 @@ class ModelLimits:
     def has_eos(self, token_ids: Sequence[int]) -> bool:
         return any(token in self.eos_token_ids for token in token_ids)
 
-    def truncate(self, new_ids: list[int], remaining: int) -> tuple[list[int], str]:
-        """Cuts a round's tokens after EOS or at max_new_tokens; returns them and the finish reason."""
-        kept = new_ids[:remaining]
+    def round_tokens(
+        self, block: Sequence[int], num_accepted: int, next_token_id: int, remaining: int, history_len: int
+    ) -> tuple[list[int], str]:
+        """A verified round's tokens (the accepted part of `block`, then the next token), cut after EOS or at
+        max_new_tokens, and the finish reason: "eos", "length" (max_new_tokens reached, or the history now
+        fills the target context) or "". Stop strings are the coordinator's (it alone detokenizes)."""
+        kept = [*block[:num_accepted], next_token_id][:remaining]
         for i, token in enumerate(kept):
             if token in self.eos_token_ids:
                 return kept[: i + 1], "eos"
-        return kept, "length" if len(kept) == remaining else ""
+        if len(kept) == remaining or history_len + len(kept) >= self.target_context:
+            return kept, "length"
+        return kept, ""
 
 
 def should_pipeline(
