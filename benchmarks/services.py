@@ -6,7 +6,6 @@ from __future__ import annotations
 import os
 import re
 from collections.abc import Sequence
-from concurrent.futures import ThreadPoolExecutor
 from contextlib import ExitStack
 from dataclasses import dataclass
 from pathlib import Path
@@ -15,7 +14,7 @@ from benchmarks import cpu
 from benchmarks.prompts import Prompt
 from benchmarks.results import Mode, VariantRun
 from specpipe.client import CoordinatorClient, build_request
-from specpipe.launcher import ServiceProcess, free_port, worker_args
+from specpipe.launcher import ServiceProcess, free_port, stop_all, worker_args
 from specpipe.store.redis_server import RedisServerProcess
 from specpipe.v1 import coordinator_pb2
 
@@ -191,13 +190,6 @@ class Services:
         variant = SpecpipeVariant(config, process, prompts, max_new)
         self.variants.append(variant)
         return variant
-
-
-def stop_all(processes: Sequence[ServiceProcess]) -> None:
-    """Stops the processes concurrently (each takes about a second to drain and exit)."""
-    if processes:
-        with ThreadPoolExecutor(len(processes)) as pool:
-            list(pool.map(lambda process: process.stop(), processes))
 
 
 def cost_profile(log_path: Path) -> dict[str, float] | None:

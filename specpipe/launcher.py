@@ -15,6 +15,7 @@ import sys
 import tempfile
 import time
 from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import ExitStack
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -91,6 +92,13 @@ class ServiceProcess:
         except subprocess.TimeoutExpired:
             self.popen.kill()
             self.popen.wait()
+
+
+def stop_all(processes: Sequence[ServiceProcess]) -> None:
+    """Stops the processes concurrently: each takes about a second to drain and exit."""
+    if processes:
+        with ThreadPoolExecutor(len(processes)) as pool:
+            list(pool.map(lambda process: process.stop(), processes))
 
 
 @dataclass(frozen=True, slots=True)
@@ -189,8 +197,9 @@ def run_pipeline(config: PipelineConfig, extra_coordinator_args: Sequence[str] =
             log_dir / "coordinator.log",
         )
         children = [draft, target, coordinator]
-        for child in reversed(children):
-            stack.callback(child.stop)
+        # The coordinator first (it drains its requests, which need the workers), then both workers at once.
+        stack.callback(stop_all, [draft, target])
+        stack.callback(coordinator.stop)
         env = {**os.environ, "PYTHONUNBUFFERED": "1"}
         for child in children:
             child.start(env)

@@ -11,7 +11,7 @@ import pytest
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
-from specpipe.launcher import ServiceProcess, free_port, worker_args  # noqa: E402
+from specpipe.launcher import ServiceProcess, free_port, stop_all, worker_args  # noqa: E402
 from specpipe.models.tiny_pair import build_tiny_pair  # noqa: E402
 from specpipe.store.redis_server import RedisServerProcess  # noqa: E402
 
@@ -135,8 +135,7 @@ def start_pipeline(
 
 
 def stop_pipeline(pipeline: Pipeline) -> None:
-    for service in (pipeline.coordinator, pipeline.target, pipeline.draft):
-        service.stop()
+    stop_all([pipeline.coordinator, pipeline.target, pipeline.draft])
 
 
 @pytest.fixture

@@ -15,6 +15,7 @@ import grpc
 import pytest
 
 from specpipe.client import CoordinatorClient, build_request
+from specpipe.launcher import stop_all
 from specpipe.rpc.worker_clients import DraftClient, TargetClient
 from specpipe.sampling.params import SamplingParams
 from specpipe.speculation.adaptive_k import CostProfile
@@ -234,5 +235,4 @@ def test_a_draft_dying_mid_request_leaves_the_coordinator_to_finish_it(
         assert finish == coordinator_pb2.FINISH_REASON_LENGTH
         assert "delegated rounds on draft" in coordinator.log_tail(200)
     finally:
-        coordinator.stop()
-        draft.stop()
+        stop_all([coordinator, draft])

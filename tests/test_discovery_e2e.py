@@ -14,7 +14,7 @@ import pytest
 import yaml
 
 from specpipe.client import CoordinatorClient, build_request
-from specpipe.launcher import ServiceProcess, free_port
+from specpipe.launcher import ServiceProcess, free_port, stop_all
 from specpipe.store.redis_server import RedisServerProcess
 from tests.conftest import ModelPair, service_env, target_holders, worker_process
 from tests.fake_kube_api import NAMESPACE, STEP_S, FakeKubeApi
@@ -154,5 +154,4 @@ def test_coordinator_follows_endpointslice_events(
                 time.sleep(0.1)
             assert all(new_session_home() == [1] for _ in range(4))
     finally:
-        for service in services:
-            service.stop()
+        stop_all(services)

@@ -5,15 +5,37 @@ from __future__ import annotations
 import asyncio
 import threading
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import grpc
 import pytest
 
 from specpipe.client import AsyncCoordinatorClient, CoordinatorClient, GenerationResult, build_request
+from specpipe.launcher import stop_all
 from specpipe.store.redis_server import RedisServerProcess
 from tests.conftest import ModelPair, Pipeline, restart, start_pipeline, stop_pipeline
 from tests.prompts import PROMPTS
+
+
+@pytest.fixture(scope="module")
+def failover_pipeline(
+    model_pair: ModelPair, redis_server: RedisServerProcess, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[Pipeline]:
+    pipeline = start_pipeline(model_pair, redis_server, tmp_path_factory.mktemp("failover"))
+    yield pipeline
+    stop_pipeline(pipeline)
+
+
+@pytest.fixture
+def own_pipeline(failover_pipeline: Pipeline) -> Pipeline:
+    """A pipeline these tests kill parts of and restart: one for the module (a start-up costs ~10 s on two
+    cores), with whatever a test left dead restarted before the next one."""
+    for service in (failover_pipeline.draft, failover_pipeline.target, failover_pipeline.coordinator):
+        assert service.popen is not None
+        if service.popen.poll() is not None:
+            restart(service)
+    return failover_pipeline
 
 
 def kill(pipeline_part) -> None:  # noqa: ANN001 - a ServiceProcess
@@ -154,8 +176,7 @@ def test_store_password_from_a_file_is_never_shown(model_pair: ModelPair, tmp_pa
         cmdline = Path(f"/proc/{coordinator.popen.pid}/cmdline").read_bytes().decode()
         assert secret not in cmdline
     finally:
-        for service in (coordinator, target, draft):
-            service.stop()
+        stop_all([coordinator, target, draft])
         redis.stop()
     assert secret not in coordinator.log_path.read_text()
 

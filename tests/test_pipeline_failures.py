@@ -13,7 +13,7 @@ import redis
 from grpc_health.v1 import health_pb2
 
 from specpipe.client import CoordinatorClient, build_request
-from specpipe.launcher import ServiceProcess, health_status
+from specpipe.launcher import ServiceProcess, health_status, stop_all
 from specpipe.models.tiny_pair import TinyPairSpec, build_tiny_pair
 from specpipe.store.redis_server import RedisServerProcess
 from tests.conftest import ModelPair, Pipeline, start_coordinator, start_worker
@@ -77,8 +77,7 @@ def test_coordinator_refuses_workers_with_different_tokenizers(
     draft = start_worker("draft", other_draft, tmp_path)
     target = start_worker("target", model_pair.target_dir, tmp_path)
     try:
-        draft.wait_serving(120)
-        target.wait_serving(120)
+        # Started with the workers: it pairs them as they come up, and must refuse them then.
         coordinator = start_coordinator(draft.address, target.address, redis_server.url, tmp_path)
         assert coordinator.popen is not None
         try:
@@ -91,5 +90,4 @@ def test_coordinator_refuses_workers_with_different_tokenizers(
         assert "different tokenizers" in log
         assert str(other_draft) in log and str(model_pair.target_dir) in log
     finally:
-        draft.stop()
-        target.stop()
+        stop_all([draft, target])

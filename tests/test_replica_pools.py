@@ -19,7 +19,7 @@ import pytest
 import yaml
 
 from specpipe.client import AsyncCoordinatorClient, CoordinatorClient, GenerationResult, build_request
-from specpipe.launcher import ServiceProcess, free_port
+from specpipe.launcher import ServiceProcess, free_port, stop_all
 from specpipe.store.redis_server import RedisServerProcess
 from tests.conftest import ModelPair, restart, service_env, target_holders, worker_process
 from tests.prompts import PROMPTS
@@ -66,12 +66,11 @@ def start_cluster(pair: ModelPair, redis: RedisServerProcess, log_dir: Path) -> 
     coordinator = ServiceProcess("coordinator", f"127.0.0.1:{port}", args, log_dir / "coordinator.log")
     cluster = PoolCluster(drafts, targets, coordinator)
     try:
-        for service in (*drafts, *targets):
+        # All at once: the coordinator pairs the workers as they come up.
+        for service in cluster.services():
             service.start(service_env())
-        for service in (*drafts, *targets):
+        for service in cluster.services():
             service.wait_serving(120)
-        coordinator.start(service_env())
-        coordinator.wait_serving(120)
         wait_in_rotation(cluster)
     except BaseException:
         stop_cluster(cluster)
@@ -80,8 +79,7 @@ def start_cluster(pair: ModelPair, redis: RedisServerProcess, log_dir: Path) -> 
 
 
 def stop_cluster(cluster: PoolCluster) -> None:
-    for service in cluster.services():
-        service.stop()
+    stop_all(cluster.services())
 
 
 def wait_in_rotation(cluster: PoolCluster, timeout_s: float = 30.0) -> None:
@@ -98,9 +96,13 @@ def wait_in_rotation(cluster: PoolCluster, timeout_s: float = 30.0) -> None:
     raise TimeoutError(cluster.logs())
 
 
-@pytest.fixture
-def cluster(model_pair: ModelPair, redis_server: RedisServerProcess, tmp_path: Path) -> Iterator[PoolCluster]:
-    cluster = start_cluster(model_pair, redis_server, tmp_path)
+@pytest.fixture(scope="module")
+def cluster(
+    model_pair: ModelPair, redis_server: RedisServerProcess, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[PoolCluster]:
+    """One cluster for the module (five processes take ~20 s to start on two cores): the routing test runs
+    first, the kill test last."""
+    cluster = start_cluster(model_pair, redis_server, tmp_path_factory.mktemp("pools"))
     yield cluster
     stop_cluster(cluster)
 
