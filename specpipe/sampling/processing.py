@@ -14,12 +14,13 @@ samples from, so both sides build them with this one function, in Hugging Face's
 Greedy requests (temperature 0) get a one-hot at `torch.argmax`, whose first-maximum tie rule is the one
 Hugging Face greedy search uses.
 
-Everything here is deterministic on one device: the top-p sort is stable (equal logits keep index order), so
-the same logits give the same probabilities in whichever process computes them.
+Everything here is deterministic on one device: top-p follows the stable sort's order (equal logits keep index
+order), so the same logits give the same probabilities in whichever process computes them.
 """
 
 from __future__ import annotations
 
+import numpy
 import torch
 
 from specpipe.sampling.params import SamplingParams
@@ -65,9 +66,35 @@ def _apply_top_p(
     scores: torch.Tensor,  # [n, vocab_size] float32
     top_p: float,
 ) -> torch.Tensor:  # [n, vocab_size] float32
-    sorted_scores, sorted_indices = torch.sort(scores, dim=-1, descending=False, stable=True)
+    """Hugging Face's rule, bit for bit, without its stable argsort (a full index sort cost 0.36 ms per
+    4096-token row on the 2-core CPU: most of a sampled round's overhead with top-p, paid for each of the
+    k + 1 rows the target verifies and each token the draft proposes).
+
+    In ascending stable order, HF removes the tokens whose cumulative softmax is <= 1 - top_p, except the
+    last (largest). The cumulative sums depend only on the sorted *values*, so a plain value sort gives them
+    exactly; and as they never decrease, the removed tokens are the first r of the stable order: every token
+    below the r-th value, then, of the tokens equal to it, the lowest-indexed ones (ties keep index order).
+    """
+    sorted_scores = _sorted_values(scores)  # [n, vocab_size] ascending
     cumulative_probs = sorted_scores.softmax(dim=-1).cumsum(dim=-1)
-    sorted_to_remove = cumulative_probs <= (1.0 - top_p)
-    sorted_to_remove[..., -1:] = False  # always keep the most likely token
-    to_remove = sorted_to_remove.scatter(-1, sorted_indices, sorted_to_remove)
+    vocab_size = scores.shape[-1]
+    # r per row: the length of the removed prefix (the largest token is always kept).
+    removed = (cumulative_probs <= (1.0 - top_p)).sum(dim=-1, keepdim=True)  # [n, 1]
+    removed = removed.clamp(max=vocab_size - 1)
+    boundary = sorted_scores.gather(-1, (removed - 1).clamp(min=0))  # [n, 1] the r-th value
+    boundary = boundary.masked_fill(removed == 0, float("-inf"))  # r = 0: nothing below, no ties taken
+    below = scores < boundary  # [n, vocab_size]
+    ties = scores == boundary  # [n, vocab_size]
+    ties_removed = removed - below.sum(dim=-1, keepdim=True)  # [n, 1]
+    to_remove = below | (ties & (ties.cumsum(dim=-1) <= ties_removed))
     return scores.masked_fill(to_remove, float("-inf"))
+
+
+def _sorted_values(
+    scores: torch.Tensor,  # [n, vocab_size] float32
+) -> torch.Tensor:  # [n, vocab_size] float32, each row ascending
+    if scores.device.type == "cpu":
+        # numpy's vectorised sort: ~10x torch's on this CPU for a 4096-value row. Equal values are equal
+        # bits (but for -0.0 and 0.0, whose softmax terms are equal), so the order among ties is irrelevant.
+        return torch.from_numpy(numpy.sort(scores.contiguous().numpy(), axis=-1))
+    return torch.sort(scores, dim=-1).values
