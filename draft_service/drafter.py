@@ -12,7 +12,7 @@ from specpipe.runtime.kv_cache import SessionKVCacheStore
 from specpipe.runtime.model_runner import CausalLMRunner, in_vocab
 from specpipe.runtime.stream_history import StreamHistory, resolve_history
 from specpipe.sampling.coupled import coupled_sample
-from specpipe.sampling.draft_sampling import compact_support, sample_draft_token
+from specpipe.sampling.draft_sampling import compact_supports, sample_draft_token
 from specpipe.sampling.params import SamplingParams
 from specpipe.sampling.processing import sampling_probs
 from specpipe.sampling.randomness import RandomStream, keyed_uniform, sample_from_probs
@@ -109,7 +109,7 @@ class ModelDrafter:
         sampling = request.sampling
         ids = list(request.token_ids)
         proposed: list[int] = []
-        draft_probs: list[tuple[list[int], torch.Tensor]] = []
+        q_rows: list[torch.Tensor] = []  # [vocab_size] each: q of each drafted token (Leviathan rule)
         forward_ns = 0
         cached_tokens = 0
         for step in range(request.num_tokens):
@@ -134,14 +134,19 @@ class ModelDrafter:
                     )
                 else:
                     token = sample_draft_token(probs, position, sampling.seed, is_greedy=False)
-                # Untruncated q is dense (softmax leaves no zeros worth dropping): skip the support search.
-                dense = sampling.top_k == 0 and sampling.top_p >= 1.0
-                draft_probs.append(([], probs) if dense else compact_support(probs))
+                q_rows.append(probs)
             proposed.append(token)
             ids.append(token)
+        draft_probs: list[tuple[list[int], torch.Tensor]] | None = None
+        if q_rows:
+            # Untruncated q is dense (softmax leaves no zeros worth dropping): skip the support search.
+            if sampling.top_k == 0 and sampling.top_p >= 1.0:
+                draft_probs = [([], q) for q in q_rows]
+            else:
+                draft_probs = compact_supports(torch.stack(q_rows))  # one search for the block
         return DraftProposal(
             token_ids=proposed,
-            draft_probs=draft_probs or None,
+            draft_probs=draft_probs,
             forward_ns=forward_ns,
             cached_tokens=cached_tokens,
         )

@@ -15,6 +15,7 @@ from specpipe.errors import InvalidArgumentError
 from specpipe.sampling.draft_sampling import (
     compact_distribution,
     compact_support,
+    compact_supports,
     expand_distribution,
     expand_distributions,
 )
@@ -228,3 +229,84 @@ def test_expand_distributions_checks_a_dense_block_at_once_like_row_by_row() -> 
             expand_distributions(bad_rows, VOCAB_SIZE)
         with pytest.raises(InvalidArgumentError, match=message):
             torch.stack([expand_distribution(ids, values, VOCAB_SIZE) for ids, values in bad_rows])
+
+
+def test_compact_supports_equals_row_by_row() -> None:
+    logits = _random_logits(6, seed=40)
+    rows = [
+        sampling_probs(logits[0:1], SamplingParams(temperature=1.0, top_k=5))[0],
+        sampling_probs(logits[1:2], SamplingParams(temperature=0.7, top_p=0.8))[0],
+        sampling_probs(logits[2:3], SamplingParams(temperature=1.0))[0],  # dense: more than half
+        torch.zeros(VOCAB_SIZE),  # all zero: dense too
+        torch.nn.functional.one_hot(torch.tensor(3), VOCAB_SIZE).float(),
+        sampling_probs(logits[5:6], SamplingParams(temperature=1.0, top_k=48))[0],  # exactly half
+    ]
+    block = compact_supports(torch.stack(rows))
+    for (ids, values), q in zip(block, rows, strict=True):
+        ref_ids, ref_values = compact_support(q)
+        assert ids == ref_ids and torch.equal(values, ref_values)
+    assert [len(ids) for ids, _ in block] == [5, len(compact_support(rows[1])[0]), 0, 0, 1, 48]
+
+
+def test_expand_distributions_of_sparse_rows_equals_row_by_row() -> None:
+    rows = [
+        compact_support(
+            sampling_probs(_random_logits(1, seed=50 + i), SamplingParams(temperature=1.0, top_k=7))[0]
+        )
+        for i in range(4)
+    ]
+    rows.append(([], sampling_probs(_random_logits(1, seed=60), SamplingParams(temperature=1.0))[0]))
+    rows.append(([5, 9], (0.25, 0.75)))  # listed floats (the wire's unpacked form)
+    rows.append(([9, 5], torch.tensor([0.5, 0.5])))  # ids another row also has: not duplicates
+    expected = torch.stack([expand_distribution(ids, values, VOCAB_SIZE) for ids, values in rows])
+    assert torch.equal(expand_distributions(rows, VOCAB_SIZE), expected)
+    assert expand_distributions([], VOCAB_SIZE).shape == (0, VOCAB_SIZE)
+
+
+@pytest.mark.parametrize(
+    ("bad_row", "message"),
+    [
+        (([1, 2], [0.5]), "2 token ids but 1 probabilities"),
+        (([1, VOCAB_SIZE], [0.5, 0.5]), f"token id {VOCAB_SIZE} is out of range"),
+        (([-1], [1.0]), "token id -1 is out of range"),
+        (([3, 3], [0.5, 0.5]), "duplicate"),
+        (([1], [-0.1]), "non-negative"),
+        (([1], [float("inf")]), "finite"),
+    ],
+)
+def test_expand_distributions_rejects_a_bad_sparse_row_like_row_by_row(
+    bad_row: tuple[list[int], list[float]], message: str
+) -> None:
+    good = ([2, 4], [0.5, 0.5])
+    with pytest.raises(InvalidArgumentError, match=message):
+        expand_distributions([good, bad_row], VOCAB_SIZE)
+    with pytest.raises(InvalidArgumentError, match=message):
+        expand_distribution(*bad_row, VOCAB_SIZE)
+    with pytest.raises(InvalidArgumentError, match="vocab_size must be positive"):
+        expand_distributions([good], 0)
+
+
+def _top_p_reference(scores: torch.Tensor, top_p: float) -> torch.Tensor:
+    """Hugging Face's TopPLogitsWarper as written there: a stable ascending argsort."""
+    sorted_scores, sorted_indices = torch.sort(scores, dim=-1, descending=False, stable=True)
+    cumulative_probs = sorted_scores.softmax(dim=-1).cumsum(dim=-1)
+    sorted_to_remove = cumulative_probs <= (1.0 - top_p)
+    sorted_to_remove[..., -1:] = False
+    to_remove = sorted_to_remove.scatter(-1, sorted_indices, sorted_to_remove)
+    return scores.masked_fill(to_remove, float("-inf"))
+
+
+@pytest.mark.parametrize("vocab_size", [7, VOCAB_SIZE, 4096])
+def test_top_p_without_an_index_sort_equals_the_reference_bit_for_bit(vocab_size: int) -> None:
+    from specpipe.sampling.processing import _apply_top_k, _apply_top_p
+
+    generator = torch.Generator().manual_seed(vocab_size)
+    for trial in range(40):
+        scores = torch.randn(5, vocab_size, generator=generator) * (0.5 + trial % 4)
+        if trial % 3 == 1:
+            scores = torch.round(scores * 2) / 2  # many ties, at the boundary too
+        if trial % 3 == 2:
+            scores = _apply_top_k(scores, max(1, vocab_size // 3))  # -inf entries, tied
+        scores[trial % 5, :] = 0.0 if trial % 2 else -0.0  # a uniform row: all tied
+        for top_p in (1e-7, 0.05, 0.3, 0.5, 0.8, 0.9, 0.95, 0.999999):
+            assert torch.equal(_apply_top_p(scores, top_p), _top_p_reference(scores, top_p)), (trial, top_p)

@@ -19,7 +19,14 @@ import torch
 from specpipe.errors import InvalidArgumentError
 from specpipe.sampling.randomness import RandomStream, keyed_uniform, sample_from_probs
 
-__all__ = ["compact_distribution", "expand_distribution", "expand_distributions", "sample_draft_token"]
+__all__ = [
+    "compact_distribution",
+    "compact_support",
+    "compact_supports",
+    "expand_distribution",
+    "expand_distributions",
+    "sample_draft_token",
+]
 
 
 def sample_draft_token(
@@ -48,6 +55,27 @@ def compact_support(
     if 0 < support_size and 2 * support_size <= probs.numel():
         return support.tolist(), probs[support].to(torch.float32)
     return [], probs.to(torch.float32)
+
+
+def compact_supports(
+    probs: torch.Tensor,  # [k, vocab_size]
+) -> list[tuple[list[int], torch.Tensor]]:
+    """`compact_support` of each row, with one support search for the whole block (a drafted block's q
+    rows, compacted once the block is drafted instead of token by token)."""
+    if probs.dim() != 2:
+        raise InvalidArgumentError(f"probs must be a 2-D tensor, got shape {tuple(probs.shape)}")
+    rows, ids = torch.nonzero(probs, as_tuple=True)  # [total support] each, row-major
+    sizes = torch.bincount(rows, minlength=probs.shape[0]).tolist()  # [k]
+    values = probs[rows, ids].to(torch.float32)  # [total support]
+    out: list[tuple[list[int], torch.Tensor]] = []
+    start = 0
+    for row, size in enumerate(sizes):
+        if 0 < size and 2 * size <= probs.shape[1]:
+            out.append((ids[start : start + size].tolist(), values[start : start + size]))
+        else:
+            out.append(([], probs[row].to(torch.float32)))
+        start += size
+    return out
 
 
 def compact_distribution(
@@ -96,17 +124,53 @@ def expand_distributions(
     distributions: Sequence[tuple[Sequence[int], Sequence[float] | torch.Tensor]],
     vocab_size: int,
 ) -> torch.Tensor:  # [k, vocab_size] float32
-    """`expand_distribution` of each (token_ids, probs) pair, stacked. The usual case, every row dense
-    tensors (sampling without top-k/top-p), is checked once for the whole block instead of row by row,
-    which saves a handful of tensor ops per draft token; the checks and errors are the same."""
+    """`expand_distribution` of each (token_ids, probs) pair, stacked, checked and built once for the whole
+    block: dense rows are copied in, every sparse row's values scattered to their ids by one index_put. The
+    checks and errors are `expand_distribution`'s; where several rows are bad, the error may name another
+    one. Row by row, a sparse row (sampling with top-k or top-p) cost ~0.23 ms on the 2-core CPU, so a
+    6-token block ~1.4 ms on the verify's critical path; the block at once costs about a tenth of that."""
+    if vocab_size <= 0:
+        raise InvalidArgumentError(f"vocab_size must be positive, got {vocab_size}")
     rows = list(distributions)
-    if rows and all(len(ids) == 0 and isinstance(values, torch.Tensor) for ids, values in rows):
-        for _, values in rows:
-            _check_dense_size(values, vocab_size)
-        stacked = torch.stack([values.to(torch.float32).flatten() for _, values in rows])  # [k, vocab_size]
-        _check_probabilities(stacked)
-        return stacked
-    return torch.stack([expand_distribution(ids, values, vocab_size) for ids, values in rows])
+    values = [
+        probs.to(torch.float32).flatten()  # [len(probs)]
+        if isinstance(probs, torch.Tensor)
+        else torch.tensor(list(probs), dtype=torch.float32)
+        for _, probs in rows
+    ]
+    if not rows:
+        return torch.zeros(0, vocab_size, dtype=torch.float32)
+    _check_probabilities(torch.cat(values))
+    dense = torch.zeros(len(rows), vocab_size, dtype=torch.float32)  # [k, vocab_size]
+    sparse_rows: list[int] = []
+    sparse_ids: list[int] = []
+    for row, ((token_ids, _), row_values) in enumerate(zip(rows, values, strict=True)):
+        if len(token_ids) == 0:
+            _check_dense_size(row_values, vocab_size)
+            dense[row] = row_values
+            continue
+        if len(token_ids) != row_values.numel():
+            raise InvalidArgumentError(
+                f"sparse draft distribution has {len(token_ids)} token ids "
+                f"but {row_values.numel()} probabilities"
+            )
+        sparse_rows.extend([row] * len(token_ids))
+        sparse_ids.extend(token_ids)
+    if not sparse_ids:
+        return dense
+    ids = torch.tensor(sparse_ids, dtype=torch.long)  # [total support]
+    out_of_range = (ids < 0) | (ids >= vocab_size)
+    if bool(out_of_range.any()):
+        bad = int(ids[out_of_range][0])
+        raise InvalidArgumentError(
+            f"draft distribution token id {bad} is out of range for vocab_size={vocab_size}"
+        )
+    row_index = torch.tensor(sparse_rows, dtype=torch.long)  # [total support]
+    if int(torch.unique(row_index * vocab_size + ids).numel()) != ids.numel():
+        raise InvalidArgumentError("sparse draft distribution has duplicate token ids")
+    sparse_values = torch.cat([v for (token_ids, _), v in zip(rows, values, strict=True) if len(token_ids)])
+    dense.index_put_((row_index, ids), sparse_values)
+    return dense
 
 
 def _check_probabilities(values: torch.Tensor) -> None:
