@@ -94,7 +94,7 @@ def torch_threads(n: int) -> Iterator[None]:
 
 
 def sampling_params(mode: Mode, prompt_index: int) -> SamplingParams:
-    return SamplingParams(temperature=mode.temperature, seed=mode.seed(prompt_index))
+    return SamplingParams(temperature=mode.temperature, top_p=mode.top_p, seed=mode.seed(prompt_index))
 
 
 @torch.inference_mode()
@@ -125,7 +125,7 @@ def hf_kwargs(kind: str, pair: ModelPair, mode: Mode) -> dict[str, object]:
     """generate() arguments: plain, with the draft as assistant (HF's default schedule), or prompt lookup."""
     kwargs: dict[str, object] = {"do_sample": not mode.greedy}
     if not mode.greedy:
-        kwargs.update(temperature=mode.temperature, top_k=0, top_p=1.0)
+        kwargs.update(temperature=mode.temperature, top_k=0, top_p=mode.top_p)
     if kind == "assisted":
         kwargs["assistant_model"] = pair.draft
     elif kind == "lookup":

@@ -66,6 +66,9 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     p.add_argument("--list-variants", action="store_true", help="print the variant names and exit")
     p.add_argument("--modes", default="greedy,sample", help="greedy, sample or both")
     p.add_argument("--temperature", type=float, default=0.8, help="temperature of the sample mode")
+    p.add_argument(
+        "--top-p", type=float, default=1.0, help="nucleus sampling in the sample mode (1.0: off, the default)"
+    )
     p.add_argument("--seed-base", type=int, default=1000, help="prompt i samples with seed seed-base + i")
     p.add_argument("--fixed-k", default="2,4,6", help="the fixed draft lengths to run")
     p.add_argument(
@@ -182,7 +185,7 @@ def setup(args: argparse.Namespace) -> Setup:
     modes = [
         Mode(GREEDY, 0.0, args.seed_base)
         if m.strip() == GREEDY
-        else Mode(SAMPLE, args.temperature, args.seed_base)
+        else Mode(SAMPLE, args.temperature, args.seed_base, args.top_p)
         for m in args.modes.split(",")
         if m.strip()
     ]
@@ -420,7 +423,11 @@ def run_all(args: argparse.Namespace, out_dir: Path) -> dict[str, object]:
             "num_prompts": len(st.prompts),
             "max_new_tokens": args.max_new_tokens,
             "modes": {
-                m.name: {"temperature": m.temperature, "seeds": f"{m.seed_base} + prompt index"}
+                m.name: {
+                    "temperature": m.temperature,
+                    "top_p": m.top_p,
+                    "seeds": f"{m.seed_base} + prompt index",
+                }
                 for m in st.modes
             },
             "prompt_source": st.prompt_source,
@@ -456,6 +463,15 @@ def outputs_record(runs: Sequence[VariantRun]) -> dict[str, dict[str, object]]:
             entry["token_ids"] = run.outputs
         record[f"{run.variant}/{run.mode}"] = entry
     return record
+
+
+def mode_label(mode: str, sampling: dict[str, object]) -> str:
+    """`sample (temperature 0.8, top-p 0.9)`; a greedy mode is its name."""
+    if mode == GREEDY or "temperature" not in sampling:
+        return mode
+    knobs = f"temperature {sampling['temperature']}"
+    top_p = float(sampling.get("top_p", 1.0))  # type: ignore[arg-type]
+    return f"{mode} ({knobs}, top-p {top_p})" if top_p < 1.0 else f"{mode} ({knobs})"
 
 
 def summary(payload: dict[str, object]) -> str:
@@ -499,7 +515,7 @@ def summary(payload: dict[str, object]) -> str:
         parts.append(f"coordinators' start-up cost profiles (median of {len(profiles)}): {medians}")
     for mode, baseline in meta["baseline"].items():
         parts.append("")
-        parts.append(f"[{mode}] baseline: {baseline}")
+        parts.append(f"[{mode_label(mode, meta.get('modes', {}).get(mode, {}))}] baseline: {baseline}")
         parts.append(report.table(rows, mode))
         matched = [
             r for r in rows if r["mode"] == mode and "match_vs_plain" in r and r["variant"] != "plain-1t"

@@ -15,6 +15,7 @@ class Mode:
     name: str
     temperature: float
     seed_base: int = 1000
+    top_p: float = 1.0  # nucleus sampling (1.0: off)
 
     @property
     def greedy(self) -> bool:

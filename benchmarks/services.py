@@ -229,7 +229,8 @@ class SpecpipeVariant:
 
     def _request(self, i: int, n: int, mode: Mode) -> coordinator_pb2.GenerateRequest:
         return build_request(
-            list(self.prompts[i].token_ids), n, temperature=mode.temperature, seed=mode.seed(i),
+            list(self.prompts[i].token_ids), n, temperature=mode.temperature, top_p=mode.top_p,
+            seed=mode.seed(i),
             num_speculative_tokens=self.config.request_k,
         )  # fmt: skip
 
