@@ -308,5 +308,19 @@ def test_top_p_without_an_index_sort_equals_the_reference_bit_for_bit(vocab_size
         if trial % 3 == 2:
             scores = _apply_top_k(scores, max(1, vocab_size // 3))  # -inf entries, tied
         scores[trial % 5, :] = 0.0 if trial % 2 else -0.0  # a uniform row: all tied
+        scores[(trial + 1) % 5, ::2] = -0.0  # signed zeros in one row
+        scores[(trial + 1) % 5, 1::2] = 0.0
         for top_p in (1e-7, 0.05, 0.3, 0.5, 0.8, 0.9, 0.95, 0.999999):
             assert torch.equal(_apply_top_p(scores, top_p), _top_p_reference(scores, top_p)), (trial, top_p)
+
+
+def test_top_p_at_a_cumulative_sum_exactly_equals_the_reference() -> None:
+    """1 - top_p landing on a cumulative sum (compared in float32, as torch compares a float32 tensor)."""
+    from specpipe.sampling.processing import _apply_top_p
+
+    scores = torch.randn(1, 512, generator=torch.Generator().manual_seed(5)) * 2
+    cumulative = torch.sort(scores, dim=-1).values.softmax(dim=-1).cumsum(dim=-1)[0]
+    for j in (0, 3, 100, 400, 510):
+        for nudge in (-1e-12, 0.0, 1e-12):
+            top_p = 1.0 - (float(cumulative[j]) + nudge)
+            assert torch.equal(_apply_top_p(scores, top_p), _top_p_reference(scores, top_p)), (j, nudge)
