@@ -26,11 +26,12 @@ from coordinator.replicas import ReplicaSet
 from coordinator.request import GenerationChunk, GenerationRequest, Usage
 from coordinator.worker_links import DraftLink, TargetLink
 from specpipe.errors import InvalidArgumentError, SpecpipeError, UnavailableError
-from specpipe.rpc.worker_clients import Proposal, TargetStream, Verification, WorkerClient
+from specpipe.rpc.worker_clients import TargetStream, WorkerClient
 from specpipe.sampling.params import SamplingParams
 from specpipe.speculation.adaptive_k import CostProfile, DraftLengthPolicy
 from specpipe.speculation.delegation import DelegatedRequest, DraftSchedule
-from specpipe.speculation.limits import ModelLimits, should_pipeline
+from specpipe.speculation.limits import ModelLimits
+from specpipe.speculation.rounds import NO_PROPOSAL, Proposal, QueuedBlock, RoundPlanner, Verification
 from specpipe.store.session_store import SessionStats, SessionStore
 from specpipe.text.detokenizer import IncrementalDetokenizer
 
@@ -148,10 +149,6 @@ class SpeculativeGenerator:
         async for chunk in self._rounds(request, session, time_remaining):
             yield chunk
 
-    def should_pipeline(self, block: list[int], next_k: int, history_len: int) -> bool:
-        """Whether to draft the next block during this round's verify (specpipe/speculation/limits.py)."""
-        return self.pipelining and should_pipeline(block, next_k, history_len, self.limits, self.costs)
-
     async def _rounds(
         self, request: GenerationRequest, session: OpenSession, time_remaining: Callable[[], float | None]
     ) -> AsyncIterator[GenerationChunk]:
@@ -163,14 +160,11 @@ class SpeculativeGenerator:
         policy = DraftLengthPolicy(
             request.num_speculative_tokens, self.costs, self.max_speculative_tokens, pipelined=self.pipelining
         )
-        # A block drafted during the previous verify, valid if that verify accepted everything; `chained`
-        # when it was also queued on the target behind that verify (then it is verified as it was sent).
-        ready: Proposal | None = None
-        chained: ChainedBlock | None = None
+        planner: RoundPlanner[TargetStream] = self.planner(policy)
         # The previous round's commit and chunk: the commit overlaps this round's first worker call, and
         # the chunk is sent only once its commit succeeded.
         pending: PendingChunk | None = None
-        speculative: asyncio.Future[tuple[Proposal | None, ChainedBlock | None]] | None = None
+        speculative: asyncio.Future[tuple[Proposal | None, QueuedBlock[TargetStream] | None]] | None = None
         draft = DraftLink(self.drafts, sid, time_remaining, self.worker_timeout_s)
         target = TargetLink(self.targets, sid, time_remaining, self.worker_timeout_s)
         completed = False
@@ -180,76 +174,56 @@ class SpeculativeGenerator:
             await target.choose()
             if self.delegates(request):
                 async for chunk in self._delegated_rounds(
-                    request, session, progress, policy, draft, target, time_remaining
+                    request, session, progress, planner, draft, target, time_remaining
                 ):
                     yield chunk
             while not progress.finish_reason:
                 history = session.history
                 remaining = request.max_new_tokens - len(generated)
-                k = self.limits.draft_length(policy.next_k(), remaining, len(history))
-                if chained is not None and ready is not None and chained.history == history:
-                    k = len(ready.token_ids)  # already on its way to the target: sized when it was drafted
-                else:
-                    chained = None
-                if k > 0 and chained is None and not await draft.available():
-                    k, ready = 0, None
-                proposal = Proposal([], (), 0)
-                if chained is not None and ready is not None:
-                    proposal = ready
-                elif k > 0 and ready is not None:
-                    k = min(k, len(ready.token_ids))
-                    proposal = ready.first(k)
-                elif k > 0:
+                plan = planner.block(history, remaining)
+                k, proposal = plan.k, plan.prepared or NO_PROPOSAL
+                if k > 0 and plan.queued is None and not await draft.available():
+                    k, proposal = 0, NO_PROPOSAL
+                elif k > 0 and plan.prepared is None:
                     drafting = asyncio.ensure_future(draft.propose(history, k, sampling))
                     if pending is not None:
                         yield await pending.flush()
                         pending = None
-                    proposal = await drafting or Proposal([], (), 0)  # None: the draft failed, k = 0
+                    proposal = await drafting or NO_PROPOSAL  # None: the draft failed, k = 0
                     usage.draft_forward_ns += proposal.forward_ns
-                ready = None
                 draft_ids = proposal.token_ids[:k]
                 k = len(draft_ids)
-                if chained is not None:
+                if plan.queued is not None:
                     verify = asyncio.ensure_future(
                         target.verify_chained(
-                            chained.stream, history, draft_ids, proposal.draft_probs, sampling
+                            plan.queued.handle, history, draft_ids, proposal.draft_probs, sampling
                         )
                     )
-                    chained = None
                 else:
                     verify = asyncio.ensure_future(
                         target.verify(history, draft_ids, proposal.draft_probs, sampling)
                     )
-                # Assume the whole block is accepted: the draft's first token guesses the bonus token, the
-                # next ones are the following block, sized as the policy will size it after that outcome.
-                next_k = self.limits.draft_length(
-                    policy.next_k_if_accepted(k), remaining - k - 1, len(history) + k + 1
-                )
-                if (
-                    next_k > 0
-                    and self.should_pipeline(draft_ids, next_k, len(history))
-                    and await draft.available()
-                ):
+                ahead = planner.ahead(len(history), draft_ids, remaining)
+                if ahead > 0 and await draft.available():
                     speculative = asyncio.ensure_future(
-                        self.draft_ahead(draft, target, verify, [*history, *draft_ids], next_k, sampling)
+                        self.draft_ahead(
+                            planner, draft, target, verify, [*history, *draft_ids], ahead, sampling
+                        )
                     )
                 if pending is not None:
                     yield await pending.flush()
                     pending = None
                 verdict = await verify
+                guess: Proposal | None = None
+                queued: QueuedBlock[TargetStream] | None = None
                 if speculative is not None:
                     guess, queued = await speculative
                     speculative = None
-                    if guess is not None and guess.guess_held(verdict, k):
-                        ready = guess.after_guess()
-                        chained = queued
-                    elif queued is not None:
-                        target.drop_chained(queued.stream)
-                policy.record(len(draft_ids), verdict.num_accepted)
+                if planner.settle(k, verdict, guess, queued) and queued is not None:
+                    target.drop_chained(queued.handle)
                 logger.debug(
-                    "round: k=%d accepted=%d alpha=%.2f ready=%s", k, verdict.num_accepted,
-                    policy.acceptance.alpha, ready is not None,
-                )  # fmt: skip
+                    "round: k=%d accepted=%d alpha=%.2f", k, verdict.num_accepted, policy.acceptance.alpha
+                )
                 pending = self.settle(request, session, progress, draft_ids, verdict)
             if pending is not None:
                 yield await pending.flush()
@@ -316,6 +290,9 @@ class SpeculativeGenerator:
             chunk = GenerationChunk(session.session_id, new_ids, text)
         return PendingChunk(commit, chunk)
 
+    def planner(self, policy: DraftLengthPolicy) -> RoundPlanner[TargetStream]:
+        return RoundPlanner(policy, self.limits, self.costs, self.pipelining, self.chaining)
+
     def delegates(self, request: GenerationRequest) -> bool:
         """Whether the request's rounds run on the draft worker (one that never drafts would gain nothing)."""
         return self.delegation and request.num_speculative_tokens != 0 and self.max_speculative_tokens > 0
@@ -325,7 +302,7 @@ class SpeculativeGenerator:
         request: GenerationRequest,
         session: OpenSession,
         progress: RequestProgress,
-        policy: DraftLengthPolicy,
+        planner: RoundPlanner[TargetStream],
         draft: DraftLink,
         target: TargetLink,
         time_remaining: Callable[[], float | None],
@@ -348,7 +325,7 @@ class SpeculativeGenerator:
             max_new_tokens=request.max_new_tokens - len(progress.generated),
             sampling=request.sampling,
             target_address=target.replica.address,
-            schedule=DraftSchedule.of(policy, self.chaining),
+            schedule=DraftSchedule.of(planner.policy, self.chaining),
             limits=self.limits,
             worker_timeout_s=self.worker_timeout_s,
         )
@@ -380,7 +357,7 @@ class SpeculativeGenerator:
                         speculation_round.next_token_id,
                         speculation_round.target_forward_ns,
                     )
-                    policy.record(len(draft_ids), verdict.num_accepted)
+                    planner.settle(len(draft_ids), verdict, None, None)
                     progress.usage.draft_forward_ns += speculation_round.draft_forward_ns
                     # Only the delegated call's failures are continued here: a failed commit fails the request
                     # as in the coordinator's own loop (the session's state must not run ahead of the store).
@@ -390,31 +367,24 @@ class SpeculativeGenerator:
 
     async def draft_ahead(
         self,
+        planner: RoundPlanner[TargetStream],
         draft: DraftLink,
         target: TargetLink,
         verify: asyncio.Future[Any],
         assumed_history: list[int],
         num_tokens: int,
         sampling: SamplingParams,
-    ) -> tuple[Proposal | None, ChainedBlock | None]:
+    ) -> tuple[Proposal | None, QueuedBlock[TargetStream] | None]:
         """Drafts a bonus guess and the next block of num_tokens for history + the block being verified,
         and queues that block on the target behind the verify when chaining is on and the verdict has not
         come yet (target_service/chain.py): if the guess holds, the target verifies it without waiting."""
         guess = await draft.propose(assumed_history, num_tokens + 1, sampling, first_is_bonus_guess=True)
-        # Nothing to chain: no block after the guess, the verdict is in already, or the guess is EOS (if it
-        # holds, the request ends with it and a chained verify would be wasted).
-        if (
-            not self.chaining
-            or guess is None
-            or len(guess.token_ids) < 2
-            or verify.done()
-            or self.limits.has_eos(guess.token_ids[:1])
-        ):
+        if guess is None or not planner.worth_queueing(guess, verify.done()):
             return guess, None
         history = [*assumed_history, guess.token_ids[0]]
         block = guess.after_guess()
         stream = await target.send_chained(history, block.token_ids, block.draft_probs, sampling)
-        return guess, None if stream is None else ChainedBlock(stream, history)
+        return guess, None if stream is None else QueuedBlock(history, stream)
 
     async def release_worker_caches(self, session_id: str, workers: set[WorkerClient]) -> None:
         for worker in workers:
@@ -432,14 +402,6 @@ class RequestProgress:
     detokenizer: IncrementalDetokenizer
     generated: list[int] = field(default_factory=list)
     finish_reason: str = ""
-
-
-@dataclass(frozen=True, slots=True)
-class ChainedBlock:
-    """A drafted block queued on a target stream behind the verify it assumes fully accepted."""
-
-    stream: TargetStream
-    history: list[int]  # what it extends: that verify's history + block + the guessed bonus token
 
 
 @dataclass(slots=True)

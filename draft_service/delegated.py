@@ -22,17 +22,15 @@ from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine
 from typing import Any
 
 from draft_service.drafter import DraftProposal, DraftRequest
-from specpipe.rpc.worker_clients import Proposal, TargetClient, TargetStream, Verification, call_timeout
+from specpipe.rpc.worker_clients import TargetClient, TargetStream, call_timeout
 from specpipe.speculation.delegation import DelegatedRequest, SpeculationRound
-from specpipe.speculation.limits import should_pipeline
+from specpipe.speculation.rounds import NO_PROPOSAL, Proposal, QueuedBlock, RoundPlanner, Verification
 
 logger = logging.getLogger(__name__)
 
 # Runs a drafter call: `inline` when the caller waits for it anyway (on the event loop if the model thread
 # is idle); otherwise on the model thread, so the event loop stays free to send and receive meanwhile.
 RunDrafter = Callable[[DraftRequest, bool], Awaitable[DraftProposal]]
-
-NO_PROPOSAL = Proposal([], (), 0)
 
 
 class TargetClients:
@@ -77,79 +75,52 @@ class DelegatedRounds:
 
         limits, schedule, sampling = request.limits, request.schedule, request.sampling
         sid = request.session_id
-        policy = schedule.policy()
+        planner: RoundPlanner[None] = RoundPlanner(
+            schedule.policy(), limits, schedule.costs, schedule.pipelining, schedule.chaining
+        )
         stream = self.targets.get(request.target_address).open_stream(time_remaining())
         history = list(request.token_ids)
         generated = 0
-        ready: Proposal | None = None  # drafted during the previous verify, valid if it accepted everything
-        chained: list[int] | None = None  # the history `ready` extends, if it was queued on the target too
         verify: asyncio.Future[Verification] | None = None
         first_call = True  # a prefill: on the model thread, never inline
         try:
             while True:
                 remaining = request.max_new_tokens - generated
-                k = limits.draft_length(policy.next_k(), remaining, len(history))
-                if chained is not None and ready is not None and chained == history:
-                    k = len(ready.token_ids)  # already on its way to the target: sized when it was drafted
-                else:
-                    chained = None
-                draft_ns = 0
-                if chained is not None and ready is not None:
-                    proposal = ready
-                elif k > 0 and ready is not None:
-                    proposal = ready.first(k)
-                elif k > 0:
+                plan = planner.block(history, remaining)
+                k, proposal, draft_ns = plan.k, plan.prepared or NO_PROPOSAL, 0
+                if k > 0 and plan.prepared is None:
                     proposal = await self.propose(request, history, k, inline=not first_call)
                     first_call = False
                     draft_ns = proposal.forward_ns
-                else:
-                    proposal = NO_PROPOSAL
-                ready = None
                 draft_ids = proposal.token_ids[:k]
                 k = len(draft_ids)
-                if chained is not None:
+                if plan.queued is not None:
                     verify = asyncio.ensure_future(
                         self.chained_verdict(
                             stream, request, history, draft_ids, proposal, worker_call_timeout()
                         )
                     )
-                    chained = None
                 else:
                     # Written before any drafting below, which may run on the event loop.
                     await stream.send(sid, history, draft_ids, proposal.draft_probs, sampling)
                     verify = asyncio.ensure_future(stream.receive_verdict(worker_call_timeout()))
                 guess: Proposal | None = None
-                queued: list[int] | None = None
-                next_k = limits.draft_length(
-                    policy.next_k_if_accepted(k), remaining - k - 1, len(history) + k + 1
-                )
-                if (
-                    schedule.pipelining
-                    and next_k > 0
-                    and should_pipeline(draft_ids, next_k, len(history), limits, schedule.costs)
-                ):
+                queued: QueuedBlock[None] | None = None
+                ahead = planner.ahead(len(history), draft_ids, remaining)
+                if ahead > 0:
                     assumed = [*history, *draft_ids]
-                    guess = await self.propose(request, assumed, next_k + 1, inline=False, bonus_guess=True)
+                    guess = await self.propose(request, assumed, ahead + 1, inline=False, bonus_guess=True)
                     first_call = False
-                    if (
-                        schedule.chaining
-                        and len(guess.token_ids) >= 2
-                        and not verify.done()
-                        and not limits.has_eos(guess.token_ids[:1])
-                    ):
-                        queued = [*assumed, guess.token_ids[0]]
+                    if planner.worth_queueing(guess, verify.done()):
+                        queued = QueuedBlock([*assumed, guess.token_ids[0]], None)
                         block = guess.after_guess()
                         await stream.send(
-                            sid, queued, block.token_ids, block.draft_probs, sampling, chained=True
+                            sid, queued.history, block.token_ids, block.draft_probs, sampling, chained=True
                         )
                 verdict = await asyncio.shield(verify)  # a stop leaves the read to close_after
                 verify = None
-                if guess is not None and guess.guess_held(verdict, k):
-                    ready = guess.after_guess()
-                    chained = queued
-                elif queued is not None:
+                if planner.settle(k, verdict, guess, queued):
                     stream.unwanted_replies += 1  # its (skip) reply is read and dropped before the next
-                policy.record(k, verdict.num_accepted)
                 new_ids, finish_reason = limits.round_tokens(
                     draft_ids, verdict.num_accepted, verdict.next_token_id, remaining, len(history)
                 )

@@ -262,8 +262,9 @@ def test_no_block_is_chained_behind_a_guess_that_would_end_the_request() -> None
     """A bonus guess of EOS ends the request if it holds, so the block after it is not queued on the target
     (its verify would be wasted); any other guess is chained."""
     from coordinator.speculation import SpeculativeGenerator
-    from specpipe.rpc.worker_clients import Proposal
+    from specpipe.speculation.adaptive_k import DraftLengthPolicy
     from specpipe.speculation.limits import ModelLimits
+    from specpipe.speculation.rounds import Proposal
 
     eos = 2
     limits = ModelLimits(
@@ -299,10 +300,13 @@ def test_no_block_is_chained_behind_a_guess_that_would_end_the_request() -> None
             self.chained.append(list(ids))
             return object()
 
+    planner = generator.planner(DraftLengthPolicy(4, None, 8, pipelined=True))
+
     async def chain(tokens: list[int]) -> Target:
         target = Target()
         verify = asyncio.get_running_loop().create_future()  # the verdict has not come
         guess, queued = await generator.draft_ahead(
+            planner,
             Draft(tokens),
             target,
             verify,
@@ -318,4 +322,4 @@ def test_no_block_is_chained_behind_a_guess_that_would_end_the_request() -> None
     assert asyncio.run(chain([eos, 10, 11])).chained == []
     assert limits.has_eos([4, eos]) and not limits.has_eos([4, 5])
     # Nor is anything drafted ahead of a block holding EOS: accepted whole, it ends the request.
-    assert generator.should_pipeline([4, 5], 3, 10) and not generator.should_pipeline([4, eos], 3, 10)
+    assert planner.ahead(10, [4, 5], 100) > 0 and planner.ahead(10, [4, eos], 100) == 0

@@ -6,7 +6,6 @@ import asyncio
 import contextlib
 import sys
 from collections.abc import Callable, Iterator, Sequence
-from dataclasses import dataclass
 from typing import Any
 
 import grpc
@@ -17,6 +16,7 @@ from specpipe.runtime.kv_cache import common_prefix_length
 from specpipe.runtime.model_info import WorkerModelInfo
 from specpipe.sampling.params import SamplingParams
 from specpipe.speculation.delegation import DelegatedRequest, SpeculationRound
+from specpipe.speculation.rounds import Proposal, Verification
 from specpipe.v1 import common_pb2, draft_pb2, draft_pb2_grpc, target_pb2, target_pb2_grpc
 
 ERROR_BY_STATUS: dict[grpc.StatusCode, type[errors.SpecpipeError]] = {
@@ -26,33 +26,6 @@ ERROR_BY_STATUS: dict[grpc.StatusCode, type[errors.SpecpipeError]] = {
     grpc.StatusCode.RESOURCE_EXHAUSTED: errors.ResourceExhaustedError,
     grpc.StatusCode.DEADLINE_EXCEEDED: errors.DeadlineExceededError,
 }
-
-
-@dataclass(frozen=True, slots=True)
-class Proposal:
-    token_ids: list[int]
-    draft_probs: Sequence[common_pb2.TokenDistribution]  # forwarded to the target as they came
-    forward_ns: int
-
-    def first(self, k: int) -> Proposal:
-        """The first k proposed tokens (a prepared block cut to the k the round chose)."""
-        return Proposal(self.token_ids[:k], list(self.draft_probs)[:k], self.forward_ns)
-
-    def after_guess(self) -> Proposal:
-        """A pipelined proposal (a guess of the bonus token, then the next block) without the guess."""
-        return Proposal(self.token_ids[1:], list(self.draft_probs)[1:], self.forward_ns)
-
-    def guess_held(self, verdict: Verification, block_len: int) -> bool:
-        """Whether the verify this pipelined proposal assumed accepted all `block_len` tokens and its bonus
-        token is the guess: then the block after the guess is the next round's."""
-        return verdict.num_accepted == block_len and self.token_ids[:1] == [verdict.next_token_id]
-
-
-@dataclass(frozen=True, slots=True)
-class Verification:
-    num_accepted: int
-    next_token_id: int
-    forward_ns: int
 
 
 def call_timeout(worker_timeout_s: float, remaining_s: float | None) -> float:
