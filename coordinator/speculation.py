@@ -219,8 +219,9 @@ class SpeculativeGenerator:
                 if speculative is not None:
                     guess, queued = await speculative
                     speculative = None
-                if planner.settle(k, verdict, guess, queued) and queued is not None:
-                    target.drop_chained(queued.handle)
+                unwanted = planner.settle(k, verdict, guess, queued)
+                if unwanted is not None:
+                    target.drop_chained(unwanted.handle)
                 logger.debug(
                     "round: k=%d accepted=%d alpha=%.2f", k, verdict.num_accepted, policy.acceptance.alpha
                 )
@@ -357,7 +358,7 @@ class SpeculativeGenerator:
                         speculation_round.next_token_id,
                         speculation_round.target_forward_ns,
                     )
-                    planner.settle(len(draft_ids), verdict, None, None)
+                    planner.policy.record(len(draft_ids), verdict.num_accepted)
                     progress.usage.draft_forward_ns += speculation_round.draft_forward_ns
                     # Only the delegated call's failures are continued here: a failed commit fails the request
                     # as in the coordinator's own loop (the session's state must not run ahead of the store).

@@ -119,7 +119,7 @@ class DelegatedRounds:
                         )
                 verdict = await asyncio.shield(verify)  # a stop leaves the read to close_after
                 verify = None
-                if planner.settle(k, verdict, guess, queued):
+                if planner.settle(k, verdict, guess, queued) is not None:
                     stream.unwanted_replies += 1  # its (skip) reply is read and dropped before the next
                 new_ids, finish_reason = limits.round_tokens(
                     draft_ids, verdict.num_accepted, verdict.next_token_id, remaining, len(history)

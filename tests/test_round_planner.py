@@ -30,7 +30,7 @@ def test_a_fresh_block_has_the_policys_length_clipped_to_what_can_be_kept() -> N
 def test_a_held_guess_leaves_the_block_after_it_for_the_next_round() -> None:
     rounds = planner(k=3)
     guess = tokens(7, 8, 9, 10, 11)  # the bonus guess 7, then the next block
-    assert not rounds.settle(3, Verification(3, 7, 0), guess, None)
+    assert rounds.settle(3, Verification(3, 7, 0), guess, None) is None
     plan = rounds.block([1, 4, 5, 6, 7], remaining=100)
     assert plan.k == 3 and plan.prepared is not None and plan.prepared.token_ids == [8, 9, 10]
     assert plan.queued is None
@@ -41,7 +41,7 @@ def test_a_held_guess_leaves_the_block_after_it_for_the_next_round() -> None:
 def test_a_queued_block_is_verified_as_it_was_sent() -> None:
     rounds = planner(k=2)
     queued = QueuedBlock([1, 4, 5, 7], "stream")
-    assert not rounds.settle(2, Verification(2, 7, 0), tokens(7, 8, 9, 10), queued)
+    assert rounds.settle(2, Verification(2, 7, 0), tokens(7, 8, 9, 10), queued) is None
     plan = rounds.block([1, 4, 5, 7], remaining=100)
     # Three tokens although the policy says two: the target already holds the block as drafted.
     assert plan.k == 3 and plan.prepared is not None and plan.prepared.token_ids == [8, 9, 10]
@@ -51,10 +51,10 @@ def test_a_queued_block_is_verified_as_it_was_sent() -> None:
 def test_a_missed_guess_leaves_nothing_and_drops_a_queued_block() -> None:
     rounds = planner(k=3)
     queued = QueuedBlock([1, 4, 5, 6, 7], "stream")
-    assert rounds.settle(3, Verification(3, 99, 0), tokens(7, 8, 9), queued)  # another bonus token
+    assert rounds.settle(3, Verification(3, 99, 0), tokens(7, 8, 9), queued) == queued  # another bonus token
     assert rounds.block([1, 4, 5, 6, 99], remaining=100).prepared is None
-    assert rounds.settle(3, Verification(1, 7, 0), tokens(7, 8, 9), queued)  # a rejection
-    assert not rounds.settle(3, Verification(1, 7, 0), tokens(7, 8, 9), None)  # nothing was queued
+    assert rounds.settle(3, Verification(1, 7, 0), tokens(7, 8, 9), queued) == queued  # a rejection
+    assert rounds.settle(3, Verification(1, 7, 0), tokens(7, 8, 9), None) is None  # nothing was queued
 
 
 def test_drafting_ahead_only_where_the_block_can_be_used() -> None:

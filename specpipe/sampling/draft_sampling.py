@@ -144,6 +144,7 @@ def expand_distributions(
     dense = torch.zeros(len(rows), vocab_size, dtype=torch.float32)  # [k, vocab_size]
     sparse_rows: list[int] = []
     sparse_ids: list[int] = []
+    sparse_values: list[torch.Tensor] = []
     for row, ((token_ids, _), row_values) in enumerate(zip(rows, values, strict=True)):
         if len(token_ids) == 0:
             _check_dense_size(row_values, vocab_size)
@@ -156,6 +157,7 @@ def expand_distributions(
             )
         sparse_rows.extend([row] * len(token_ids))
         sparse_ids.extend(token_ids)
+        sparse_values.append(row_values)
     if not sparse_ids:
         return dense
     ids = torch.tensor(sparse_ids, dtype=torch.long)  # [total support]
@@ -168,8 +170,7 @@ def expand_distributions(
     row_index = torch.tensor(sparse_rows, dtype=torch.long)  # [total support]
     if int(torch.unique(row_index * vocab_size + ids).numel()) != ids.numel():
         raise InvalidArgumentError("sparse draft distribution has duplicate token ids")
-    sparse_values = torch.cat([v for (token_ids, _), v in zip(rows, values, strict=True) if len(token_ids)])
-    dense.index_put_((row_index, ids), sparse_values)
+    dense.index_put_((row_index, ids), torch.cat(sparse_values))
     return dense
 
 

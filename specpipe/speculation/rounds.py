@@ -139,12 +139,12 @@ class RoundPlanner(Generic[Handle]):
         verdict: Verification,
         guess: Proposal | None,
         queued: QueuedBlock[Handle] | None,
-    ) -> bool:
+    ) -> QueuedBlock[Handle] | None:
         """Records the verdict; keeps the block drafted after `guess` for the next round if the guess held.
-        True when `queued` was queued for nothing (its skipped reply is to be dropped)."""
+        Returns `queued` when it was queued for nothing (the target skips it; its reply is to be dropped)."""
         self.policy.record(block_len, verdict.num_accepted)
         if guess is not None and guess.guess_held(verdict, block_len):
             self._ready = guess.after_guess()
             self._queued = queued
-            return False
-        return queued is not None
+            return None
+        return queued
