@@ -321,10 +321,16 @@ def start_services(st: Setup, out_dir: Path, stack: ExitStack) -> services.Servi
         return None
     logs = out_dir / "logs"
     lookup = services.LOOKUP_VARIANT in st.variants
+    grpc_target = services.GRPC_STREAM_VARIANT in st.variants
     return stack.enter_context(
         services.Services(
-            st.target_dir, st.draft_dir, logs, st.args.max_speculative_tokens, prompt_lookup=lookup
-        )
+            st.target_dir,
+            st.draft_dir,
+            logs,
+            st.args.max_speculative_tokens,
+            prompt_lookup=lookup,
+            grpc_target=grpc_target,
+        )  # fmt: skip
     )
 
 

@@ -25,7 +25,9 @@ REQUEST_TIMEOUT_S = 600.0
 WARMUP_TOKENS = 8
 UNCHAINED_VARIANT = "specpipe-pipe-nochain"  # adaptive k, pipelined, not chained
 UNDELEGATED_VARIANT = "specpipe-pipe-nodeleg"  # adaptive k, pipelined, chained, rounds on the coordinator
-OPT_IN_VARIANTS = frozenset({UNCHAINED_VARIANT, UNDELEGATED_VARIANT})  # run only when --variants names them
+GRPC_STREAM_VARIANT = "specpipe-pipe-grpc"  # the default configuration, delegated rounds over gRPC streams
+# Run only when --variants names them.
+OPT_IN_VARIANTS = frozenset({UNCHAINED_VARIANT, UNDELEGATED_VARIANT, GRPC_STREAM_VARIANT})
 COST_PROFILE = re.compile(
     r"cost profile: draft ([\d.]+) ms/token, verify ([\d.]+) ms \+ ([\d.]+) ms/token, "
     r"overhead ([\d.]+) ms/round(?: \(c = [\d.]+\), draft call ([\d.]+) ms)?"
@@ -44,6 +46,8 @@ class SpecConfig:
     drafter: str = "model"  # the draft worker it pairs with: the draft model's, or the prompt-lookup one
     chaining: bool = True  # with pipelining: next block queued on the target before the verdict
     delegation: bool = True  # the rounds run on the draft worker (specpipe/speculation/delegation.py)
+    # Its target serves direct streams (specpipe/rpc/direct_frames.py); else a second target worker without.
+    direct_streams: bool = True
 
     def flags(self, max_k: int) -> list[str]:
         return [
@@ -62,6 +66,7 @@ class SpecConfig:
         drafter = ", prompt lookup (no draft model)" if self.drafter == "prompt-lookup" else ""
         chaining = "" if self.chaining or not self.pipelining else " (not chained)"
         delegated = "" if self.delegation else ", rounds on the coordinator (not delegated)"
+        delegated += "" if self.direct_streams else ", target streams over gRPC (no direct streams)"
         pipelining = "on" if self.pipelining else "off"
         return f"specpipe services{drafter}, {k}, pipelining {pipelining}{chaining}{delegated}"
 
@@ -83,6 +88,8 @@ def spec_configs(fixed_ks: Sequence[int]) -> dict[str, SpecConfig]:
     configs[UNCHAINED_VARIANT] = SpecConfig(UNCHAINED_VARIANT, True, True, 4, None, chaining=False)
     # Opt-in: what delegation adds (the rounds run on the coordinator, every block and verdict through it).
     configs[UNDELEGATED_VARIANT] = SpecConfig(UNDELEGATED_VARIANT, True, True, 4, None, delegation=False)
+    # Opt-in: what direct streams add (a target worker without them serves this variant).
+    configs[GRPC_STREAM_VARIANT] = SpecConfig(GRPC_STREAM_VARIANT, True, True, 4, None, direct_streams=False)
     return configs
 
 
@@ -109,13 +116,17 @@ class Services:
         max_k: int,
         threads: int = 1,
         prompt_lookup: bool = False,
+        grpc_target: bool = False,
     ) -> None:
         self.log_dir = log_dir
         self.max_k = max_k
         self.stack = ExitStack()
         self.redis = RedisServerProcess(data_dir=str(log_dir / "redis"))
         self.draft = self._worker("draft", draft_dir, threads)
-        self.target = self._worker("target", target_dir, threads)
+        direct = ["--direct-stream-port", "0"]  # as `specpipe serve` runs its target
+        self.target = self._worker("target", target_dir, threads, extra=direct)
+        # A second target worker without direct streams, for the variant that measures what they add.
+        self.grpc_target = self._worker("target", target_dir, threads, "target-grpc") if grpc_target else None
         # A second draft worker without a model, for the prompt-lookup variant (the target's tokenizer).
         self.lookup_draft = (
             self._worker("draft", target_dir, threads, "draft-lookup", ["--drafter", "prompt-lookup"])
@@ -140,7 +151,8 @@ class Services:
 
     @property
     def workers(self) -> list[ServiceProcess]:
-        return [self.draft, self.target, *([self.lookup_draft] if self.lookup_draft else [])]
+        optional = [worker for worker in (self.lookup_draft, self.grpc_target) if worker is not None]
+        return [self.draft, self.target, *optional]
 
     def __enter__(self) -> Services:
         self.log_dir.mkdir(parents=True, exist_ok=True)
@@ -170,12 +182,19 @@ class Services:
             return self.lookup_draft
         return self.draft
 
+    def target_for(self, config: SpecConfig) -> ServiceProcess:
+        if not config.direct_streams:
+            if self.grpc_target is None:
+                raise RuntimeError(f"{config.variant}: the services have no target without direct streams")
+            return self.grpc_target
+        return self.target
+
     def start_variant(self, config: SpecConfig, prompts: Sequence[Prompt], max_new: int) -> SpecpipeVariant:
         """A coordinator for `config`, SERVING, and a client to it; both stop with the services."""
         port = free_port()
         args = [
             "--port", str(port), "--draft-addr", self.draft_for(config).address,
-            "--target-addr", self.target.address,
+            "--target-addr", self.target_for(config).address,
             "--redis-url", self.redis.url, "--worker-timeout", "60", *config.flags(self.max_k),
         ]  # fmt: skip
         log = self.log_dir / f"coordinator-{config.variant}.log"

@@ -78,7 +78,7 @@ class DelegatedRounds:
         planner: RoundPlanner[None] = RoundPlanner(
             schedule.policy(), limits, schedule.costs, schedule.pipelining, schedule.chaining
         )
-        stream = self.targets.get(request.target_address).open_stream(time_remaining())
+        stream = await self.targets.get(request.target_address).connect_stream(worker_call_timeout())
         history = list(request.token_ids)
         generated = 0
         verify: asyncio.Future[Verification] | None = None

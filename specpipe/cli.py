@@ -59,6 +59,15 @@ def add_serve_parser(subparsers: argparse._SubParsersAction) -> None:
         help="draft: propose with the --model LM, or by prompt lookup (n-gram matches in the session's own "
         "history; --model then only names the tokenizer, e.g. the target's directory)",
     )  # fmt: skip
+    serve.add_argument(
+        "--direct-stream-port", type=int, default=-1,
+        help="target: also serve VerifyStream over plain TCP on this port (0 = a free port, -1 = not), which "
+        "draft workers then use for delegated rounds: fewer thread hand-offs per message than gRPC",
+    )  # fmt: skip
+    serve.add_argument(
+        "--direct-streams", action=argparse.BooleanOptionalAction, default=True,
+        help="all: the target serves direct streams (see --direct-stream-port) to the draft worker",
+    )  # fmt: skip
     serve.add_argument("--max-ngram", type=int, default=3, help="draft, prompt lookup: longest n-gram")
     serve.add_argument("--min-ngram", type=int, default=1, help="draft, prompt lookup: shortest n-gram")
     serve.add_argument("--draft-addr", help="coordinator: draft worker host:port (comma-separated replicas)")
@@ -187,6 +196,7 @@ def serve_component(args: argparse.Namespace) -> int:
             drafter=args.drafter if args.component == "draft" else "model",
             max_ngram=args.max_ngram,
             min_ngram=args.min_ngram,
+            direct_stream_port=args.direct_stream_port if args.component == "target" else -1,
         )
         if args.component == "draft":
             from draft_service.server import run_draft_worker
@@ -268,6 +278,7 @@ def serve_all(args: argparse.Namespace) -> int:
         torch_threads=args.threads,
         drafter=args.drafter,
         log_dir=args.log_dir,
+        direct_streams=args.direct_streams,
     )
     extra = [
         "--max-speculative-tokens",

@@ -37,6 +37,8 @@ class WorkerConfig:
     max_ngram: int = 3
     min_ngram: int = 1
     shutdown_grace_s: float = 10.0
+    # Targets: the direct-stream listener's port (specpipe/rpc/direct_frames.py); 0 = a free port, -1 = none.
+    direct_stream_port: int = -1
 
     def __post_init__(self) -> None:
         if self.role not in WORKER_ROLES:
@@ -63,6 +65,10 @@ class WorkerConfig:
             raise ValueError(f"drafter must be one of {DRAFTERS}, got {self.drafter!r}")
         if self.drafter != "model" and self.role != "draft":
             raise ValueError(f"only a draft worker runs a drafter, not a {self.role} worker")
+        if not -1 <= self.direct_stream_port < 65536:
+            raise ValueError(f"direct_stream_port must be in [-1, 65535], got {self.direct_stream_port}")
+        if self.direct_stream_port >= 0 and self.role != "target":
+            raise ValueError(f"only a target worker serves direct streams, not a {self.role} worker")
         if not 1 <= self.min_ngram <= self.max_ngram:
             raise ValueError(f"need 1 <= min_ngram <= max_ngram, got {self.min_ngram} and {self.max_ngram}")
 

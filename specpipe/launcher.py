@@ -117,6 +117,8 @@ class PipelineConfig:
     drafter: str = "model"
     startup_timeout_s: float = 600.0
     log_dir: str = ""  # empty = a temporary directory
+    # The target serves direct streams (on a free port) for the draft's delegated rounds.
+    direct_streams: bool = True
 
     def __post_init__(self) -> None:
         if not self.target_model or not self.draft_model:
@@ -134,6 +136,11 @@ def worker_args(model: str, port: int, device: str, dtype: str, threads: int = 0
         "--model", model, "--host", "127.0.0.1", "--port", str(port),
         "--device", device, "--dtype", dtype, "--threads", str(threads),
     ]  # fmt: skip
+
+
+def target_worker_args(config: PipelineConfig, port: int) -> list[str]:
+    args = worker_args(config.target_model, port, config.device, config.dtype, config.torch_threads)
+    return [*args, "--direct-stream-port", "0"] if config.direct_streams else args
 
 
 def draft_worker_args(config: PipelineConfig, port: int) -> list[str]:
@@ -173,7 +180,7 @@ def run_pipeline(config: PipelineConfig, extra_coordinator_args: Sequence[str] =
         target = ServiceProcess(
             "target",
             f"127.0.0.1:{target_port}",
-            worker_args(config.target_model, target_port, config.device, config.dtype, config.torch_threads),
+            target_worker_args(config, target_port),
             log_dir / "target.log",
         )
         coordinator = ServiceProcess(

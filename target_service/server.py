@@ -7,6 +7,7 @@ import uuid
 from concurrent.futures import ThreadPoolExecutor
 
 from specpipe.config import WorkerConfig
+from specpipe.rpc.direct_server import DirectStreamServer
 from specpipe.rpc.server import serve
 from specpipe.runtime.model_info import WorkerModelInfo
 from specpipe.runtime.model_runner import CausalLMRunner
@@ -32,18 +33,31 @@ def load_verifier(config: WorkerConfig) -> Verifier:
 async def run_target_worker(config: WorkerConfig, stop_event: asyncio.Event | None = None) -> None:
     with ThreadPoolExecutor(max_workers=1, thread_name_prefix="target-model") as model_thread:
         servicer = TargetServicer(model_thread)
+        # VerifyStream without gRPC's threads, for the draft workers' delegated rounds (direct_frames.py).
+        direct: DirectStreamServer | None = None
+        direct_port = 0
+        if config.direct_stream_port >= 0:
+            direct = DirectStreamServer("target", servicer.VerifyStream, target_pb2.VerifyRequest.FromString)
+            direct_port = await direct.start(config.host, config.direct_stream_port)
+            servicer.direct_streams = lambda: direct.streams_served if direct is not None else 0
 
         async def warmup() -> None:
             verifier = await asyncio.get_running_loop().run_in_executor(model_thread, load_verifier, config)
-            servicer.attach(verifier, WorkerModelInfo.from_runner(verifier.runner, "target"))
+            info = WorkerModelInfo.from_runner(verifier.runner, "target", direct_stream_port=direct_port)
+            servicer.attach(verifier, info)
 
-        await serve(
-            name="target",
-            host=config.host,
-            port=config.port,
-            register=lambda server: target_pb2_grpc.add_TargetServiceServicer_to_server(servicer, server),
-            service_names=[SERVICE_NAME],
-            warmup=warmup,
-            shutdown_grace_s=config.shutdown_grace_s,
-            stop_event=stop_event,
-        )
+        try:
+            await serve(
+                name="target",
+                host=config.host,
+                port=config.port,
+                register=lambda server: target_pb2_grpc.add_TargetServiceServicer_to_server(servicer, server),
+                service_names=[SERVICE_NAME],
+                warmup=warmup,
+                shutdown_grace_s=config.shutdown_grace_s,
+                stop_event=stop_event,
+                drains=[direct.stop] if direct is not None else [],
+            )
+        finally:
+            if direct is not None:
+                await direct.stop(0)  # already drained, unless serve failed

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import contextlib
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from concurrent.futures import ThreadPoolExecutor
 
 import grpc
@@ -19,6 +19,8 @@ class TargetServicer(WorkerServicerBase[Verifier], target_pb2_grpc.TargetService
         super().__init__(model_thread)
         self.chain_counters = ChainCounters()
         self.open_chains = OpenChains()
+        # Streams served without gRPC (specpipe/rpc/direct_server.py), where the worker has that listener.
+        self.direct_streams: Callable[[], int] = lambda: 0
 
     async def Verify(
         self, request: target_pb2.VerifyRequest, context: grpc.aio.ServicerContext
@@ -52,4 +54,5 @@ class TargetServicer(WorkerServicerBase[Verifier], target_pb2_grpc.TargetService
         stats = await super().GetStats(request, context)
         stats.chained_verifies = self.chain_counters.verified
         stats.chained_skips = self.chain_counters.skipped
+        stats.direct_streams = self.direct_streams()
         return stats

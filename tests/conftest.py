@@ -122,7 +122,8 @@ def start_pipeline(
     """Draft and target workers and a coordinator, SERVING; the draft runs `draft_model` (default: the
     pair's draft) with `draft_extra` arguments."""
     draft = start_worker("draft", draft_model or pair.draft_dir, log_dir, extra=draft_extra)
-    target = start_worker("target", pair.target_dir, log_dir)
+    # Direct streams on, as `specpipe serve` runs its target.
+    target = start_worker("target", pair.target_dir, log_dir, extra=["--direct-stream-port", "0"])
     coordinator = start_coordinator(draft.address, target.address, redis.url, log_dir)
     pipeline = Pipeline(coordinator.address, draft, target, coordinator, redis, pair)
     try:

@@ -1,7 +1,7 @@
-"""Chained verification (target_service/chain.py) against a real target worker over its stream: a chained
-block is verified only when the history it extends is the one the previous verdict produced, and then gets
-the verdict an ordinary request would; otherwise it is skipped and the stream goes on as if it had not
-come."""
+"""Chained verification (target_service/chain.py) against a real target worker over its stream (gRPC's and
+the direct one): a chained block is verified only when the history it extends is the one the previous verdict
+produced, and then gets the verdict an ordinary request would; otherwise it is skipped and the stream goes on
+as if it had not come."""
 
 from __future__ import annotations
 
@@ -11,6 +11,7 @@ from collections.abc import Awaitable, Callable, Sequence
 import grpc
 import pytest
 
+from specpipe.rpc.direct_call import DirectStreamCall
 from specpipe.rpc.worker_clients import TargetClient, TargetStream, Verification
 from specpipe.sampling.params import SamplingParams
 from specpipe.v1 import common_pb2, target_pb2
@@ -46,6 +47,20 @@ async def greedy_continuation(client: TargetClient, history: Sequence[int], leng
     return tokens
 
 
+@pytest.fixture(params=["grpc", "direct"])
+def transport(request: pytest.FixtureRequest) -> str:
+    """Session streams over gRPC (VerifyStream) and over the target's direct-stream listener."""
+    return str(request.param)
+
+
+async def open_stream(client: TargetClient, transport: str) -> TargetStream:
+    if transport == "grpc":
+        return client.open_stream(TIMEOUT_S)
+    stream = await client.connect_stream(TIMEOUT_S)
+    assert isinstance(stream.call, DirectStreamCall)  # the shared pipeline's target serves direct streams
+    return stream
+
+
 def same(a: Verification, b: Verification) -> bool:
     return (a.num_accepted, a.next_token_id) == (b.num_accepted, b.next_token_id)
 
@@ -66,11 +81,13 @@ def run(pipeline: Pipeline, test: Callable[[TargetClient], Awaitable[None]]) -> 
     asyncio.run(main())
 
 
-def test_a_chained_block_whose_assumption_holds_gets_the_ordinary_verdict(pipeline: Pipeline) -> None:
+def test_a_chained_block_whose_assumption_holds_gets_the_ordinary_verdict(
+    pipeline: Pipeline, transport: str
+) -> None:
     async def test(client: TargetClient) -> None:
         g = await greedy_continuation(client, HISTORY, 6)
         before = await chained_counts(client)
-        stream = client.open_stream(TIMEOUT_S)
+        stream = await open_stream(client, transport)
         # Block i = g1 g2 (accepted whole, bonus g3); chained block i+1 = g4 and a wrong token.
         await stream.send("chain-holds", HISTORY, g[:2], [], GREEDY)
         chained_history = [*HISTORY, *g[:3]]
@@ -95,14 +112,14 @@ def test_a_chained_block_whose_assumption_holds_gets_the_ordinary_verdict(pipeli
     run(pipeline, test)
 
 
-def test_releasing_the_session_breaks_its_open_chains(pipeline: Pipeline) -> None:
+def test_releasing_the_session_breaks_its_open_chains(pipeline: Pipeline, transport: str) -> None:
     """A chained block arriving after ReleaseSession is skipped: verifying it would rebuild the cache just
     freed (a stopped delegated request closes its target stream normally, a chained block possibly still
     queued)."""
 
     async def test(client: TargetClient) -> None:
         g = await greedy_continuation(client, HISTORY, 4)
-        stream = client.open_stream(TIMEOUT_S)
+        stream = await open_stream(client, transport)
         verdict = await stream.verify("chain-released", HISTORY, g[:2], [], GREEDY, TIMEOUT_S)
         assert (verdict.num_accepted, verdict.next_token_id) == (2, g[2])
         assert await client.release_session("chain-released", TIMEOUT_S)
@@ -119,12 +136,14 @@ def test_releasing_the_session_breaks_its_open_chains(pipeline: Pipeline) -> Non
     run(pipeline, test)
 
 
-def test_a_chained_block_after_a_rejection_or_a_wrong_guess_is_skipped(pipeline: Pipeline) -> None:
+def test_a_chained_block_after_a_rejection_or_a_wrong_guess_is_skipped(
+    pipeline: Pipeline, transport: str
+) -> None:
     async def test(client: TargetClient) -> None:
         g = await greedy_continuation(client, HISTORY, 5)
         before = await chained_counts(client)
         wrong = (g[1] + 1) % 50
-        stream = client.open_stream(TIMEOUT_S)
+        stream = await open_stream(client, transport)
         # Block i = g1, wrong: rejected at its second token, so nothing chained to it may run.
         await stream.send("chain-fails", HISTORY, [g[0], wrong], [], GREEDY)
         await stream.send("chain-fails", [*HISTORY, g[0], wrong, 0], [1, 2], [], GREEDY, chained=True)
@@ -156,9 +175,9 @@ def test_a_chained_block_after_a_rejection_or_a_wrong_guess_is_skipped(pipeline:
     run(pipeline, test)
 
 
-def test_a_stream_never_starts_with_a_verified_chained_block(pipeline: Pipeline) -> None:
+def test_a_stream_never_starts_with_a_verified_chained_block(pipeline: Pipeline, transport: str) -> None:
     async def test(client: TargetClient) -> None:
-        stream = client.open_stream(TIMEOUT_S)
+        stream = await open_stream(client, transport)
         await stream.send("chain-first", HISTORY, [1, 2], [], GREEDY, chained=True)
         assert await stream.receive(TIMEOUT_S) is None
         await stream.finish()
@@ -167,14 +186,14 @@ def test_a_stream_never_starts_with_a_verified_chained_block(pipeline: Pipeline)
     run(pipeline, test)
 
 
-def test_a_sampled_chained_block_gets_the_seeded_ordinary_verdict(pipeline: Pipeline) -> None:
+def test_a_sampled_chained_block_gets_the_seeded_ordinary_verdict(pipeline: Pipeline, transport: str) -> None:
     async def test(client: TargetClient) -> None:
         # Block i is empty (k = 0), so it is accepted whole; its next token is the seeded sample.
         sampled = await unary_verify(client, "sample-ref", HISTORY, [], SAMPLED)
         chained_history = [*HISTORY, sampled.next_token_id]
         block = [3, 9, 27]
         reference = await unary_verify(client, "sample-ref2", chained_history, block, SAMPLED)
-        stream = client.open_stream(TIMEOUT_S)
+        stream = await open_stream(client, transport)
         await stream.send("chain-sampled", HISTORY, [], [], SAMPLED)
         await stream.send("chain-sampled", chained_history, block, [], SAMPLED, chained=True)
         first, second = await stream.receive(TIMEOUT_S), await stream.receive(TIMEOUT_S)

@@ -86,3 +86,23 @@ def test_embedded_serve_passes_the_speculation_switches_to_its_coordinator(
         == 0
     )
     assert {"--no-adaptive-k", "--no-pipelining", "--no-chaining"} <= set(started[-1])
+
+
+def test_embedded_serve_gives_its_target_direct_streams_unless_told_not_to(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    import specpipe.launcher
+    from specpipe.cli import main
+    from specpipe.config import WorkerConfig
+
+    configs: list[specpipe.launcher.PipelineConfig] = []
+    monkeypatch.setattr(specpipe.launcher, "run_pipeline", lambda config, extra: configs.append(config) or 0)
+    assert main(["serve", "--log-dir", str(tmp_path)]) == 0
+    assert main(["serve", "--no-direct-streams", "--log-dir", str(tmp_path)]) == 0
+    with_direct, without = (specpipe.launcher.target_worker_args(config, 1234) for config in configs)
+    assert with_direct[-2:] == ["--direct-stream-port", "0"]
+    assert "--direct-stream-port" not in without
+    with pytest.raises(ValueError, match="only a target worker serves direct streams"):
+        WorkerConfig(role="draft", model_path=".", direct_stream_port=0)
+    with pytest.raises(ValueError, match="direct_stream_port"):
+        WorkerConfig(role="target", model_path=".", direct_stream_port=70000)

@@ -34,11 +34,12 @@ async def serve(
     warmup: Callable[[], Awaitable[None]] | None = None,
     shutdown_grace_s: float = 10.0,
     stop_event: asyncio.Event | None = None,
+    drains: Sequence[Callable[[float], Awaitable[None]]] = (),
 ) -> None:
     """Runs until SIGTERM/SIGINT (or stop_event): NOT_SERVING until warm-up finishes, then SERVING.
 
     On shutdown, health turns NOT_SERVING first so load balancers stop routing, then in-flight RPCs get
-    `shutdown_grace_s` to finish.
+    `shutdown_grace_s` to finish; `drains` (other listeners' stop, given the grace) run alongside.
     """
     server = grpc.aio.server(interceptors=[ErrorMappingInterceptor()], options=server_options())
     register(server)
@@ -76,7 +77,7 @@ async def serve(
     await asyncio.wait({stop_task, done_task}, return_when=asyncio.FIRST_COMPLETED)
     logger.info("%s draining (grace %.1fs)", name, shutdown_grace_s)
     await health_servicer.enter_graceful_shutdown()
-    await server.stop(shutdown_grace_s)
+    await asyncio.gather(server.stop(shutdown_grace_s), *(drain(shutdown_grace_s) for drain in drains))
     for task in (stop_task, done_task):
         task.cancel()
     logger.info("%s stopped", name)

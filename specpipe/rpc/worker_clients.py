@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 import sys
 from collections.abc import Callable, Iterator, Sequence
 from typing import Any
@@ -11,6 +12,7 @@ from typing import Any
 import grpc
 
 from specpipe import errors
+from specpipe.rpc.direct_call import DirectStreamCall, split_address
 from specpipe.rpc.server import server_options
 from specpipe.runtime.kv_cache import common_prefix_length
 from specpipe.runtime.model_info import WorkerModelInfo
@@ -18,6 +20,11 @@ from specpipe.sampling.params import SamplingParams
 from specpipe.speculation.delegation import DelegatedRequest, SpeculationRound
 from specpipe.speculation.rounds import Proposal, Verification
 from specpipe.v1 import common_pb2, draft_pb2, draft_pb2_grpc, target_pb2, target_pb2_grpc
+
+logger = logging.getLogger(__name__)
+
+# A direct-stream listener on the target's host answers a connection at once, or not at all (a firewall).
+DIRECT_CONNECT_TIMEOUT_S = 2.0
 
 ERROR_BY_STATUS: dict[grpc.StatusCode, type[errors.SpecpipeError]] = {
     grpc.StatusCode.INVALID_ARGUMENT: errors.InvalidArgumentError,
@@ -312,6 +319,37 @@ class TargetClient(WorkerClient):
     def __init__(self, address: str) -> None:
         super().__init__(address)
         self.stub = target_pb2_grpc.TargetServiceStub(self.channel)
+        # The target's direct-stream port: None until asked (GetModelInfo), 0 = it has none.
+        self._direct_port: int | None = None
+        self._direct_closing: set[asyncio.Task[None]] = set()  # direct streams ending after END
 
     def open_stream(self, timeout_s: float | None) -> TargetStream:
         return TargetStream(self, self.stub.VerifyStream(timeout=timeout_s))
+
+    async def connect_stream(self, timeout_s: float) -> TargetStream:
+        """A session stream over the target's direct-stream listener where it has one (fewer thread
+        hand-offs per message than gRPC, specpipe/rpc/direct_frames.py), else over VerifyStream. A listener
+        that does not take the connection is logged and skipped: the stream goes over gRPC, and the next one
+        asks the target again (it may have restarted on another port)."""
+        if self._direct_port is None:
+            self._direct_port = (await self.model_info(False, timeout_s)).direct_stream_port
+        if self._direct_port:
+            host, _ = split_address(self.address)
+            call = DirectStreamCall(
+                host, self._direct_port, target_pb2.VerifyResponse.FromString, self._direct_closing
+            )
+            try:
+                await call.connect(min(timeout_s, DIRECT_CONNECT_TIMEOUT_S))
+                return TargetStream(self, call)
+            except (OSError, asyncio.TimeoutError) as exc:
+                logger.warning(
+                    "target at %s: direct stream port %d refused (%s); using gRPC",
+                    self.address, self._direct_port, exc or type(exc).__name__,
+                )  # fmt: skip
+                self._direct_port = None
+        return self.open_stream(timeout_s)
+
+    async def close(self) -> None:
+        for task in self._direct_closing:
+            task.cancel()
+        await super().close()

@@ -20,10 +20,13 @@ class WorkerModelInfo:
     device: str
     eos_token_ids: tuple[int, ...]
     drafter: str = ""
+    direct_stream_port: int = 0  # targets: the direct-stream listener's port (0 = none)
     tokenizer_files: dict[str, bytes] = field(default_factory=dict)
 
     @classmethod
-    def from_runner(cls, runner: CausalLMRunner, role: str, drafter: str = "") -> WorkerModelInfo:
+    def from_runner(
+        cls, runner: CausalLMRunner, role: str, drafter: str = "", direct_stream_port: int = 0
+    ) -> WorkerModelInfo:
         return cls(
             role=role,
             model_name=runner.model_name,
@@ -34,6 +37,7 @@ class WorkerModelInfo:
             device=str(runner.device),
             eos_token_ids=tuple(runner.eos_token_ids()),
             drafter=drafter,
+            direct_stream_port=direct_stream_port,
             tokenizer_files=tokenizer_to_files(runner.tokenizer),
         )
 
@@ -49,6 +53,7 @@ class WorkerModelInfo:
             device=pb.device,
             eos_token_ids=tuple(pb.eos_token_ids),
             drafter=pb.drafter,
+            direct_stream_port=pb.direct_stream_port,
             tokenizer_files=dict(pb.tokenizer_files),
         )
 
@@ -63,5 +68,6 @@ class WorkerModelInfo:
             device=self.device,
             eos_token_ids=list(self.eos_token_ids),
             drafter=self.drafter,
+            direct_stream_port=self.direct_stream_port,
             tokenizer_files=self.tokenizer_files if include_tokenizer_files else {},
         )

@@ -45,7 +45,7 @@ class GetModelInfoRequest(_message.Message):
     def __init__(self, include_tokenizer_files: _Optional[bool] = ...) -> None: ...
 
 class ModelInfo(_message.Message):
-    __slots__ = ("model_name", "vocab_size", "tokenizer_fingerprint", "max_context", "dtype", "device", "eos_token_ids", "tokenizer_files", "role", "drafter")
+    __slots__ = ("model_name", "vocab_size", "tokenizer_fingerprint", "max_context", "dtype", "device", "eos_token_ids", "tokenizer_files", "role", "drafter", "direct_stream_port")
     class TokenizerFilesEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -63,6 +63,7 @@ class ModelInfo(_message.Message):
     TOKENIZER_FILES_FIELD_NUMBER: _ClassVar[int]
     ROLE_FIELD_NUMBER: _ClassVar[int]
     DRAFTER_FIELD_NUMBER: _ClassVar[int]
+    DIRECT_STREAM_PORT_FIELD_NUMBER: _ClassVar[int]
     model_name: str
     vocab_size: int
     tokenizer_fingerprint: str
@@ -73,7 +74,8 @@ class ModelInfo(_message.Message):
     tokenizer_files: _containers.ScalarMap[str, bytes]
     role: str
     drafter: str
-    def __init__(self, model_name: _Optional[str] = ..., vocab_size: _Optional[int] = ..., tokenizer_fingerprint: _Optional[str] = ..., max_context: _Optional[int] = ..., dtype: _Optional[str] = ..., device: _Optional[str] = ..., eos_token_ids: _Optional[_Iterable[int]] = ..., tokenizer_files: _Optional[_Mapping[str, bytes]] = ..., role: _Optional[str] = ..., drafter: _Optional[str] = ...) -> None: ...
+    direct_stream_port: int
+    def __init__(self, model_name: _Optional[str] = ..., vocab_size: _Optional[int] = ..., tokenizer_fingerprint: _Optional[str] = ..., max_context: _Optional[int] = ..., dtype: _Optional[str] = ..., device: _Optional[str] = ..., eos_token_ids: _Optional[_Iterable[int]] = ..., tokenizer_files: _Optional[_Mapping[str, bytes]] = ..., role: _Optional[str] = ..., drafter: _Optional[str] = ..., direct_stream_port: _Optional[int] = ...) -> None: ...
 
 class ReleaseSessionRequest(_message.Message):
     __slots__ = ("session_id",)
@@ -94,7 +96,7 @@ class GetStatsRequest(_message.Message):
     def __init__(self, session_id: _Optional[str] = ...) -> None: ...
 
 class WorkerStats(_message.Message):
-    __slots__ = ("cached_sessions", "cache_bytes", "evictions", "session_cached", "open_streams", "chained_verifies", "chained_skips", "delegated_rounds")
+    __slots__ = ("cached_sessions", "cache_bytes", "evictions", "session_cached", "open_streams", "chained_verifies", "chained_skips", "delegated_rounds", "direct_streams")
     CACHED_SESSIONS_FIELD_NUMBER: _ClassVar[int]
     CACHE_BYTES_FIELD_NUMBER: _ClassVar[int]
     EVICTIONS_FIELD_NUMBER: _ClassVar[int]
@@ -103,6 +105,7 @@ class WorkerStats(_message.Message):
     CHAINED_VERIFIES_FIELD_NUMBER: _ClassVar[int]
     CHAINED_SKIPS_FIELD_NUMBER: _ClassVar[int]
     DELEGATED_ROUNDS_FIELD_NUMBER: _ClassVar[int]
+    DIRECT_STREAMS_FIELD_NUMBER: _ClassVar[int]
     cached_sessions: int
     cache_bytes: int
     evictions: int
@@ -111,4 +114,5 @@ class WorkerStats(_message.Message):
     chained_verifies: int
     chained_skips: int
     delegated_rounds: int
-    def __init__(self, cached_sessions: _Optional[int] = ..., cache_bytes: _Optional[int] = ..., evictions: _Optional[int] = ..., session_cached: _Optional[bool] = ..., open_streams: _Optional[int] = ..., chained_verifies: _Optional[int] = ..., chained_skips: _Optional[int] = ..., delegated_rounds: _Optional[int] = ...) -> None: ...
+    direct_streams: int
+    def __init__(self, cached_sessions: _Optional[int] = ..., cache_bytes: _Optional[int] = ..., evictions: _Optional[int] = ..., session_cached: _Optional[bool] = ..., open_streams: _Optional[int] = ..., chained_verifies: _Optional[int] = ..., chained_skips: _Optional[int] = ..., delegated_rounds: _Optional[int] = ..., direct_streams: _Optional[int] = ...) -> None: ...

@@ -1,0 +1,77 @@
+"""The wire format of direct streams: a session stream's protobuf messages over plain TCP, without gRPC.
+
+A direct stream carries exactly what a TargetService.VerifyStream call carries (VerifyRequest messages one
+way, VerifyResponse messages the other, answered in order), framed as
+
+    length (4 bytes, little-endian, of what follows) | kind (1 byte) | body
+
+Client to server: HELLO (body: the protocol name, the first frame), REQUEST (a serialized request), END (no
+body: the client is done writing, the stream ends normally and the worker keeps the session's cache warm).
+Server to client: REPLY (a serialized reply), ERROR (4-byte little-endian gRPC status code, then UTF-8
+details; the server closes the connection after it). A connection that ends without END, or breaks, is a
+cancelled stream: the worker frees the session's cache, as for a cancelled gRPC call.
+
+Why it exists: on a loaded machine a gRPC asyncio message passes through gRPC's own threads before it
+reaches the event loop (docs/architecture.md, "Direct streams"); the hot exchange between a draft worker and
+its target pays that twice per round.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import struct
+
+PROTOCOL = b"specpipe-verify-stream/1"
+
+HELLO = 1
+REQUEST = 2
+END = 3
+REPLY = 4
+ERROR = 5
+
+KINDS = frozenset({HELLO, REQUEST, END, REPLY, ERROR})
+# The largest body accepted: a request with dense draft distributions of a large vocabulary (as gRPC's limit).
+MAX_FRAME_BYTES = 64 * 1024 * 1024
+
+_HEADER = struct.Struct("<IB")  # length of kind + body, kind
+_CODE = struct.Struct("<I")
+
+
+class FrameError(ConnectionError):
+    """The peer sent something that is not a frame of this protocol; the connection is unusable."""
+
+
+def encode_frame(kind: int, body: bytes = b"") -> bytes:
+    return _HEADER.pack(len(body) + 1, kind) + body
+
+
+def encode_error(code: int, details: str) -> bytes:
+    return encode_frame(ERROR, _CODE.pack(code) + details.encode("utf-8", errors="replace"))
+
+
+def decode_error(body: bytes) -> tuple[int, str]:
+    """(gRPC status code number, details) of an ERROR frame's body."""
+    if len(body) < _CODE.size:
+        raise FrameError("an error frame without a status code")
+    (code,) = _CODE.unpack_from(body)
+    return code, body[_CODE.size :].decode("utf-8", errors="replace")
+
+
+async def read_frame(reader: asyncio.StreamReader) -> tuple[int, bytes] | None:
+    """The next (kind, body), or None at a clean end of the connection (between frames).
+
+    Raises FrameError for a malformed frame and asyncio.IncompleteReadError (an EOFError) for a connection
+    that ends inside a frame.
+    """
+    header = await reader.read(_HEADER.size)
+    if not header:
+        return None
+    if len(header) < _HEADER.size:
+        header += await reader.readexactly(_HEADER.size - len(header))
+    length, kind = _HEADER.unpack(header)
+    if kind not in KINDS:
+        raise FrameError(f"unknown frame kind {kind}")
+    if not 1 <= length <= MAX_FRAME_BYTES + 1:
+        raise FrameError(f"frame length {length} out of range")
+    body = await reader.readexactly(length - 1) if length > 1 else b""
+    return kind, body

@@ -1,0 +1,213 @@
+"""Direct streams (specpipe/rpc/direct_frames.py): VerifyStream's messages over plain TCP to a real target
+worker, with gRPC's status codes, its rule for the session's cache, and the fallback to gRPC.
+
+The chain semantics over both transports are in test_chained_verify.py; exactness through the delegated
+rounds, which use direct streams by default, in test_delegation.py and test_pipeline.py."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Awaitable, Callable
+
+import grpc
+import pytest
+
+from specpipe import errors
+from specpipe.client import CoordinatorClient, build_request
+from specpipe.rpc import direct_frames as frames
+from specpipe.rpc.direct_call import DirectStreamCall, split_address
+from specpipe.rpc.worker_clients import TargetClient, TargetStream
+from specpipe.sampling.params import SamplingParams
+from tests.conftest import Pipeline
+from tests.prompts import PROMPTS
+
+HISTORY = [5, 17, 42, 8, 99, 3, 61, 20]
+GREEDY = SamplingParams()
+TIMEOUT_S = 30.0
+
+
+def run(pipeline: Pipeline, test: Callable[[TargetClient], Awaitable[None]]) -> None:
+    async def main() -> None:
+        client = TargetClient(pipeline.target.address)
+        try:
+            await test(client)
+        finally:
+            await client.close()
+
+    asyncio.run(main())
+
+
+async def direct_stream(client: TargetClient) -> TargetStream:
+    stream = await client.connect_stream(TIMEOUT_S)
+    assert isinstance(stream.call, DirectStreamCall)
+    return stream
+
+
+async def raw_exchange(address: str, port: int, data: bytes) -> list[tuple[int, bytes]]:
+    """Sends raw bytes to a direct-stream listener and returns the frames it answers until it closes."""
+    host, _ = split_address(address)
+    reader, writer = await asyncio.open_connection(host, port)
+    writer.write(data)
+    writer.write_eof()
+    received = []
+    try:
+        while (frame := await asyncio.wait_for(frames.read_frame(reader), TIMEOUT_S)) is not None:
+            received.append(frame)
+    finally:
+        writer.close()
+    return received
+
+
+def reader_of(data: bytes) -> asyncio.StreamReader:
+    reader = asyncio.StreamReader()
+    reader.feed_data(data)
+    reader.feed_eof()
+    return reader
+
+
+def test_frames_round_trip_and_malformed_input_is_refused() -> None:
+    async def main() -> None:
+        data = frames.encode_frame(frames.REQUEST, b"abc") + frames.encode_frame(frames.END)
+        reader = reader_of(data + frames.encode_error(3, "bad"))
+        assert await frames.read_frame(reader) == (frames.REQUEST, b"abc")
+        assert await frames.read_frame(reader) == (frames.END, b"")
+        kind, body = await frames.read_frame(reader) or (0, b"")
+        assert kind == frames.ERROR and frames.decode_error(body) == (3, "bad")
+        assert await frames.read_frame(reader) is None  # a clean end between frames
+        with pytest.raises(EOFError):  # a connection that ends inside a frame
+            await frames.read_frame(reader_of(frames.encode_frame(frames.REQUEST, b"abcdef")[:-2]))
+        with pytest.raises(frames.FrameError, match="kind"):
+            await frames.read_frame(reader_of(b"\x01\x00\x00\x00\x63"))
+        with pytest.raises(frames.FrameError, match="length"):
+            await frames.read_frame(reader_of(b"\xff\xff\xff\xff\x02"))
+
+    asyncio.run(main())
+
+
+def test_addresses_split_into_host_and_port() -> None:
+    assert split_address("127.0.0.1:50062") == ("127.0.0.1", 50062)
+    assert split_address("[::1]:50062") == ("::1", 50062)
+    assert split_address("target-0.specpipe:7") == ("target-0.specpipe", 7)
+    with pytest.raises(ValueError):
+        split_address("no-port")
+
+
+def test_a_direct_stream_verifies_as_verify_stream_does(pipeline: Pipeline) -> None:
+    async def test(client: TargetClient) -> None:
+        info = await client.model_info(False, TIMEOUT_S)
+        assert info.direct_stream_port > 0
+        served = (await client.stats()).direct_streams
+        over_grpc = client.open_stream(TIMEOUT_S)
+        direct = await direct_stream(client)
+        for k in range(4):
+            history, block = HISTORY[: 4 + k], HISTORY[4 + k : 6 + k]
+            expected = await over_grpc.verify("direct-grpc", history, block, [], GREEDY, TIMEOUT_S)
+            got = await direct.verify("direct-tcp", history, block, [], GREEDY, TIMEOUT_S)
+            assert (got.num_accepted, got.next_token_id) == (expected.num_accepted, expected.next_token_id)
+        await over_grpc.finish()
+        await direct.finish()
+        assert (await client.stats()).direct_streams == served + 1
+        for session_id in ("direct-grpc", "direct-tcp"):
+            await client.release_session(session_id, TIMEOUT_S)
+
+    run(pipeline, test)
+
+
+def test_a_finished_direct_stream_keeps_the_cache_and_a_broken_one_frees_it(pipeline: Pipeline) -> None:
+    async def cached(client: TargetClient, session_id: str) -> bool:
+        return (await client.stats(session_id)).session_cached
+
+    async def test(client: TargetClient) -> None:
+        finished = await direct_stream(client)
+        await finished.verify("direct-finished", HISTORY, [1, 2], [], GREEDY, TIMEOUT_S)
+        await finished.finish()
+        broken = await direct_stream(client)
+        await broken.verify("direct-broken", HISTORY, [1, 2], [], GREEDY, TIMEOUT_S)
+        broken.cancel()
+        for _ in range(100):  # the worker notices the broken connection on its event loop
+            if not await cached(client, "direct-broken"):
+                break
+            await asyncio.sleep(0.05)
+        assert not await cached(client, "direct-broken")
+        assert await cached(client, "direct-finished")
+        await client.release_session("direct-finished", TIMEOUT_S)
+
+    run(pipeline, test)
+
+
+def test_bad_requests_get_grpc_status_codes_over_a_direct_stream(pipeline: Pipeline) -> None:
+    async def test(client: TargetClient) -> None:
+        stream = await direct_stream(client)
+        with pytest.raises(errors.InvalidArgumentError, match="token_ids must be in"):
+            await stream.verify("direct-bad", [10**6], [1], [], GREEDY, TIMEOUT_S)
+        assert stream.broken  # as after a failed gRPC stream: the caller opens a new one
+        stream.cancel()
+
+        port = (await client.model_info(False, TIMEOUT_S)).direct_stream_port
+        hello = frames.encode_frame(frames.HELLO, frames.PROTOCOL)
+        # Not this protocol: FAILED_PRECONDITION, then the server closes.
+        other_protocol = frames.encode_frame(frames.HELLO, b"x")
+        (kind, body), *rest = await raw_exchange(client.address, port, other_protocol)
+        assert kind == frames.ERROR and not rest
+        assert frames.decode_error(body)[0] == grpc.StatusCode.FAILED_PRECONDITION.value[0]
+        # A request that is not a VerifyRequest: INVALID_ARGUMENT.
+        garbage = frames.encode_frame(frames.REQUEST, b"\xff\xff\xff")
+        (kind, body), *rest = await raw_exchange(client.address, port, hello + garbage)
+        assert kind == frames.ERROR and not rest
+        code, details = frames.decode_error(body)
+        assert code == grpc.StatusCode.INVALID_ARGUMENT.value[0] and "malformed request" in details
+        # A frame the protocol does not know: the connection is dropped, and the worker keeps serving.
+        assert await raw_exchange(client.address, port, hello + b"\x01\x00\x00\x00\x63") == []
+        healthy = await direct_stream(client)
+        verdict = await healthy.verify("direct-after", HISTORY, [1], [], GREEDY, TIMEOUT_S)
+        assert verdict.num_accepted in (0, 1)
+        await healthy.finish()
+        await client.release_session("direct-after", TIMEOUT_S)
+
+    run(pipeline, test)
+
+
+def test_a_listener_that_refuses_the_connection_means_grpc_then_asking_again(pipeline: Pipeline) -> None:
+    async def test(client: TargetClient) -> None:
+        real_port = (await client.model_info(False, TIMEOUT_S)).direct_stream_port
+        client._direct_port = 1  # as after the target restarted on another port: nothing listens there
+        fallback = await client.connect_stream(TIMEOUT_S)
+        assert not isinstance(fallback.call, DirectStreamCall)
+        verdict = await fallback.verify("direct-fallback", HISTORY, [1], [], GREEDY, TIMEOUT_S)
+        assert verdict.num_accepted in (0, 1)
+        await fallback.finish()
+        again = await direct_stream(client)  # the port was asked for again
+        assert again.call.port == real_port
+        await again.finish()
+        await client.release_session("direct-fallback", TIMEOUT_S)
+
+    run(pipeline, test)
+
+
+def test_a_target_without_a_listener_gets_grpc_streams() -> None:
+    async def main() -> None:
+        client = TargetClient("127.0.0.1:1")
+        client._direct_port = 0  # what GetModelInfo says of a target started without --direct-stream-port
+        try:
+            stream = await client.connect_stream(TIMEOUT_S)
+            assert not isinstance(stream.call, DirectStreamCall)
+            stream.cancel()
+        finally:
+            await client.close()
+
+    asyncio.run(main())
+
+
+def test_delegated_rounds_go_over_direct_streams(pipeline: Pipeline) -> None:
+    async def served() -> int:
+        client = TargetClient(pipeline.target.address)
+        try:
+            return (await client.stats()).direct_streams
+        finally:
+            await client.close()
+
+    before = asyncio.run(served())
+    with CoordinatorClient(pipeline.coordinator_addr) as coordinator:
+        result = coordinator.generate(build_request(PROMPTS[0], 24), TIMEOUT_S)
+    assert len(result.token_ids) == 24
+    assert asyncio.run(served()) > before
