@@ -22,7 +22,7 @@ from benchmarks.results import Mode, VariantRun
 from specpipe.runtime import lean_gpt2
 from specpipe.runtime.model_runner import cache_argument
 from specpipe.sampling.params import SamplingParams
-from specpipe.sampling.processing import sampling_probs
+from specpipe.sampling.processing import greedy_token_ids, sampling_probs
 from specpipe.sampling.randomness import RandomStream, keyed_uniform, sample_from_probs
 
 WARMUP_TOKENS = 8
@@ -110,7 +110,7 @@ def plain_decode(
     for _ in range(max_new):
         logits = model(input_ids=feed, use_cache=True, logits_to_keep=1, **with_cache).logits[0, -1:]
         if params.is_greedy:
-            token = int(logits.argmax())
+            token = greedy_token_ids(logits)[0]  # as specpipe's workers take it
         else:
             u = keyed_uniform(params.seed, len(prompt) + len(out), RandomStream.TARGET_SAMPLE)
             token = sample_from_probs(sampling_probs(logits, params)[0], u)

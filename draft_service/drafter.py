@@ -14,7 +14,7 @@ from specpipe.runtime.stream_history import StreamHistory, resolve_history
 from specpipe.sampling.coupled import coupled_sample
 from specpipe.sampling.draft_sampling import compact_supports, sample_draft_token
 from specpipe.sampling.params import SamplingParams
-from specpipe.sampling.processing import sampling_probs
+from specpipe.sampling.processing import greedy_token_ids, sampling_probs
 from specpipe.sampling.randomness import RandomStream, keyed_uniform, sample_from_probs
 from specpipe.v1 import common_pb2, draft_pb2
 
@@ -119,7 +119,7 @@ class ModelDrafter:
             forward_ns += result.forward_ns
             position = len(ids)
             if sampling.is_greedy:
-                token = int(result.logits[0].argmax())
+                token = greedy_token_ids(result.logits)[0]
             elif sampling.acceptance == "coupled":
                 # The target needs no q under the coupled rule: it compares with its own coupled sample.
                 token = coupled_sample(sampling_probs(result.logits, sampling)[0], sampling.seed, position)

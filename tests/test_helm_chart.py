@@ -358,7 +358,8 @@ def test_worker_ports_and_args() -> None:
         args = args_of(c)
         assert args["--host"] == "0.0.0.0" and args["--port"] == str(port)
         assert args["--max-speculative-tokens"] == "16"
-        assert c["ports"] == [{"name": "grpc", "containerPort": port, "protocol": "TCP"}]
+        assert c["ports"][0] == {"name": "grpc", "containerPort": port, "protocol": "TCP"}
+        assert len(c["ports"]) == (2 if role == "target" else 1)  # targets: direct streams (their own test)
     c = container(one(docs, "Deployment", f"{FULLNAME}-coordinator"))
     assert c["args"][:2] == ["serve", "coordinator"]
     args = args_of(c)
@@ -533,8 +534,8 @@ def test_network_policies_let_only_the_coordinator_reach_workers_and_redis(value
 
 def test_delegation_lets_draft_pods_reach_target_pods_and_nothing_more() -> None:
     """With coordinator.delegation (the default) the coordinator gets --delegation and target pods (only
-    they) also accept gRPC from draft pods, which send their blocks to the targets themselves; without it,
-    neither."""
+    they) also accept gRPC and direct streams from draft pods, which send their blocks to the targets
+    themselves; without it, neither."""
     docs = render({"coordinator": {"delegation": False}})
     assert "--no-delegation" in args_of(container(one(docs, "Deployment", f"{FULLNAME}-coordinator")))
     assert not find(docs, "NetworkPolicy", f"{FULLNAME}-target-from-draft")
@@ -547,10 +548,35 @@ def test_delegation_lets_draft_pods_reach_target_pods_and_nothing_more() -> None
     assert _selects(policy["spec"]["podSelector"], target_labels)
     assert not _selects(policy["spec"]["podSelector"], draft_labels)
     (rule,) = policy["spec"]["ingress"]
-    assert rule["ports"] == [{"protocol": "TCP", "port": "grpc"}]
+    assert rule["ports"] == [{"protocol": "TCP", "port": "grpc"}, {"protocol": "TCP", "port": "direct"}]
     (peer,) = rule["from"]
     assert _selects(peer["podSelector"], draft_labels)
     assert not _selects(peer["podSelector"], coordinator_labels)
+
+
+def test_targets_serve_direct_streams_to_draft_pods_unless_turned_off() -> None:
+    """target.directStreamPort (default 50063): every target pool gets --direct-stream-port and a `direct`
+    container port, which the target-from-draft policy opens to draft pods; drafts get neither. 0 turns it
+    off everywhere (drafts then use gRPC streams)."""
+    values = values_of("two-gpu-pools-values.yaml")
+    docs = render(values)
+    deployments = find(docs, "Deployment")
+    targets = [d for d in deployments if pod_labels(d)["app.kubernetes.io/component"] == "target"]
+    assert len(targets) == 2
+    for deployment in targets:
+        worker = container(deployment)
+        assert args_of(worker)["--direct-stream-port"] == "50063"
+        assert {"name": "direct", "containerPort": 50063, "protocol": "TCP"} in worker["ports"]
+    for deployment in find(docs, "Deployment"):
+        if pod_labels(deployment)["app.kubernetes.io/component"] == "draft":
+            assert "--direct-stream-port" not in args_of(container(deployment))
+            assert [port["name"] for port in container(deployment)["ports"]] == ["grpc"]
+    docs = render({"target": {"directStreamPort": 0}})
+    worker = container(one(docs, "Deployment", f"{FULLNAME}-target-gpu"))
+    assert "--direct-stream-port" not in args_of(worker)
+    assert [port["name"] for port in worker["ports"]] == ["grpc"]
+    (rule,) = one(docs, "NetworkPolicy", f"{FULLNAME}-target-from-draft")["spec"]["ingress"]
+    assert rule["ports"] == [{"protocol": "TCP", "port": "grpc"}]
 
 
 def test_coordinator_network_policy_sources_are_configurable() -> None:
@@ -763,6 +789,12 @@ def test_schema_rejects_a_pool_without_a_model() -> None:
         (
             {"target": {"pools": [{"name": "a", "model": {"path": "/m"}, "gpu": 1}]}},
             "additional properties 'gpu'",
+        ),
+        ({"target": {"directStreamPort": 70000}}, "at '/target/directStreamPort'"),
+        ({"draft": {"directStreamPort": 50063}}, "at '/draft'"),
+        (
+            {"target": {"pools": [{"name": "a", "model": {"path": "/m"}, "directStreamPort": 1}]}},
+            "additional properties 'directStreamPort'",
         ),
         ({"coordinator": {"discovery": {"backend": "static"}}}, "at '/coordinator/discovery/backend'"),
         ({"redis": {"mode": "cluster"}}, "at '/redis/mode'"),

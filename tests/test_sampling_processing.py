@@ -20,7 +20,7 @@ from specpipe.sampling.draft_sampling import (
     expand_distributions,
 )
 from specpipe.sampling.params import SamplingParams
-from specpipe.sampling.processing import sampling_probs
+from specpipe.sampling.processing import greedy_token_ids, sampling_probs
 
 VOCAB_SIZE = 97
 
@@ -324,3 +324,18 @@ def test_top_p_at_a_cumulative_sum_exactly_equals_the_reference() -> None:
         for nudge in (-1e-12, 0.0, 1e-12):
             top_p = 1.0 - (float(cumulative[j]) + nudge)
             assert torch.equal(_apply_top_p(scores, top_p), _top_p_reference(scores, top_p)), (j, nudge)
+
+
+def test_greedy_token_ids_equal_torch_argmax_ties_and_nan_included() -> None:
+    generator = torch.Generator().manual_seed(3)
+    rows = [
+        torch.randn(17, 4096, generator=generator),
+        torch.randint(-2, 2, (9, 40), generator=generator).float(),  # many ties: the first maximum wins
+        torch.tensor([[0.0, -0.0, 0.0], [-0.0, 0.0, -1.0], [1.0, float("nan"), float("nan")]]),
+        torch.tensor([[float("-inf")] * 4, [float("inf"), 1.0, float("inf"), 2.0]]),
+    ]
+    for logits in rows:
+        assert greedy_token_ids(logits) == logits.argmax(dim=-1).tolist()
+        assert greedy_token_ids(logits[:1]) == [int(logits[0].argmax())]
+    half = torch.randn(3, 64, generator=generator).to(torch.bfloat16)  # not numpy's: torch's argmax
+    assert greedy_token_ids(half) == half.argmax(dim=-1).tolist()

@@ -12,7 +12,7 @@ samples from, so both sides build them with this one function, in Hugging Face's
 5. softmax in float32.
 
 Greedy requests (temperature 0) get a one-hot at `torch.argmax`, whose first-maximum tie rule is the one
-Hugging Face greedy search uses.
+Hugging Face greedy search uses. `greedy_token_ids` gives the same tokens without building p.
 
 Everything here is deterministic on one device: top-p follows the stable sort's order (equal logits keep index
 order), so the same logits give the same probabilities in whichever process computes them.
@@ -25,7 +25,7 @@ import torch
 
 from specpipe.sampling.params import SamplingParams
 
-__all__ = ["sampling_probs"]
+__all__ = ["greedy_token_ids", "sampling_probs"]
 
 
 def sampling_probs(
@@ -44,6 +44,18 @@ def sampling_probs(
     if params.top_p < 1.0:
         scores = _apply_top_p(scores, params.top_p)
     return torch.softmax(scores, dim=-1)
+
+
+def greedy_token_ids(
+    logits: torch.Tensor,  # [n, vocab_size]
+) -> list[int]:  # [n]
+    """Each row's argmax, the first maximal index as `torch.argmax` (NaN counts as the maximum, as there).
+
+    On the CPU, numpy's argmax: the same index, ~6x faster than torch's for a few 4096-wide rows (130 us
+    against 20 us for 17 rows, paid by every greedy verify and every greedy draft token)."""
+    if logits.device.type == "cpu" and logits.dtype == torch.float32:
+        return numpy.asarray(logits.detach()).argmax(axis=-1).tolist()
+    return logits.argmax(dim=-1).tolist()
 
 
 def _one_hot_argmax(

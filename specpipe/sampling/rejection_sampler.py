@@ -41,6 +41,7 @@ from dataclasses import dataclass
 import torch
 
 from specpipe.errors import InvalidArgumentError
+from specpipe.sampling.processing import greedy_token_ids
 from specpipe.sampling.randomness import RandomStream, keyed_uniform, sample_from_probs
 
 __all__ = ["VerificationResult", "rejection_sample", "verify_draft", "verify_greedy"]
@@ -68,7 +69,7 @@ def verify_greedy(
     """Accept draft tokens while they equal the target's argmax; the next token is the target's argmax."""
     draft = list(draft_token_ids)
     _check_target(target_probs, draft)
-    target_argmax: list[int] = target_probs.argmax(dim=-1).tolist()  # [k + 1]
+    target_argmax = greedy_token_ids(target_probs)  # [k + 1]
     for i, token_id in enumerate(draft):
         if token_id != target_argmax[i]:
             return _result(draft[:i], target_argmax[i], recovered=True)

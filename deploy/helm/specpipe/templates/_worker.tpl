@@ -2,12 +2,18 @@
 Worker objects, shared by the draft-* and target-* templates. Each takes (dict "root" $ "role" "draft").
 */}}
 
+{{/* The direct-stream port of a role's workers: target.directStreamPort, 0 for drafts or when off. */}}
+{{- define "specpipe.directStreamPort" -}}
+{{- if eq .role "target" }}{{ int (default 0 .root.Values.target.directStreamPort) }}{{ else }}0{{ end }}
+{{- end }}
+
 {{/* One Deployment per pool of the role. */}}
 {{- define "specpipe.workerDeployments" -}}
 {{- $root := .root }}
 {{- $role := .role }}
 {{- $component := index $root.Values $role }}
 {{- $port := int $component.port }}
+{{- $directPort := include "specpipe.directStreamPort" (dict "root" $root "role" $role) | int }}
 {{- range $pool := (include "specpipe.pools" (dict "root" $root "role" $role) | fromYaml).pools }}
 {{- $ctx := dict "root" $root "role" $role "pool" $pool.name }}
 {{- $name := include "specpipe.poolName" $ctx }}
@@ -154,6 +160,9 @@ spec:
             - --kv-cache-budget-mb={{ toString $pool.kvCacheBudgetMb }}
             - --max-speculative-tokens={{ int $root.Values.coordinator.maxSpeculativeTokens }}
             - --log-level={{ $pool.logLevel }}
+            {{- if gt $directPort 0 }}
+            - --direct-stream-port={{ $directPort }}
+            {{- end }}
             {{- range $pool.extraArgs }}
             - {{ . | quote }}
             {{- end }}
@@ -171,6 +180,11 @@ spec:
             - name: grpc
               containerPort: {{ $port }}
               protocol: TCP
+            {{- if gt $directPort 0 }}
+            - name: direct
+              containerPort: {{ $directPort }}
+              protocol: TCP
+            {{- end }}
           startupProbe:
             {{- include "specpipe.grpcProbe" (dict "port" $port "probe" $pool.startupProbe) | nindent 12 }}
           livenessProbe:
