@@ -7,7 +7,7 @@ rounds, which use direct streams by default, in test_delegation.py and test_pipe
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 
 import grpc
 import pytest
@@ -165,6 +165,30 @@ def test_bad_requests_get_grpc_status_codes_over_a_direct_stream(pipeline: Pipel
         await client.release_session("direct-after", TIMEOUT_S)
 
     run(pipeline, test)
+
+
+def test_a_connection_that_sends_no_hello_is_dropped(monkeypatch: pytest.MonkeyPatch) -> None:
+    """In-process listener (a stub handler): silence past the HELLO timeout closes the connection."""
+    from specpipe.rpc import direct_server
+
+    monkeypatch.setattr(direct_server, "HELLO_TIMEOUT_S", 0.2)
+
+    async def never_called(requests: object, context: object) -> AsyncIterator[object]:
+        raise AssertionError("no stream without HELLO")
+        yield  # pragma: no cover
+
+    async def main() -> None:
+        server = direct_server.DirectStreamServer("test", never_called, bytes)
+        port = await server.start("127.0.0.1", 0)
+        reader, writer = await asyncio.open_connection("127.0.0.1", port)
+        try:
+            assert await asyncio.wait_for(reader.read(), TIMEOUT_S) == b""  # closed by the server
+            assert server.streams_served == 0
+        finally:
+            writer.close()
+            await server.stop(1.0)
+
+    asyncio.run(main())
 
 
 def test_a_listener_that_refuses_the_connection_means_grpc_then_asking_again(pipeline: Pipeline) -> None:

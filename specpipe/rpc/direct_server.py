@@ -21,6 +21,9 @@ from specpipe.rpc.interceptor import status_for
 
 logger = logging.getLogger(__name__)
 
+# A client sends HELLO with its first request, at once; a connection that sends nothing is dropped.
+HELLO_TIMEOUT_S = 10.0
+
 # handler(request iterator, context) -> replies: a servicer's bidirectional streaming method.
 StreamHandler = Callable[[AsyncIterator[Any], Any], AsyncIterator[Any]]
 
@@ -69,7 +72,11 @@ class DirectStreamServer:
     async def _connection(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         try:
             try:
-                hello = await frames.read_frame(reader)
+                try:
+                    hello = await asyncio.wait_for(frames.read_frame(reader), HELLO_TIMEOUT_S)
+                except asyncio.TimeoutError:
+                    logger.debug("%s: a connection sent no HELLO within %.0fs", self.name, HELLO_TIMEOUT_S)
+                    return
                 if hello is None:
                     return  # a connection probe
                 if hello != (frames.HELLO, frames.PROTOCOL):
