@@ -39,6 +39,9 @@ class CoordinatorConfig:
     redis_password: str = field(default="", repr=False)
     redis_ca_file: str = ""
     shutdown_grace_s: float = 10.0
+    # Prometheus metrics over HTTP (coordinator/metrics.py): the port (0 = a free one, -1 = none) and address.
+    metrics_port: int = -1
+    metrics_host: str = "127.0.0.1"
 
     def __post_init__(self) -> None:
         if not self.redis_url:
@@ -58,5 +61,7 @@ class CoordinatorConfig:
         for name in ("worker_timeout_s", "startup_timeout_s", "shutdown_grace_s"):
             if getattr(self, name) <= 0:
                 raise ValueError(f"{name} must be > 0, got {getattr(self, name)}")
+        if not -1 <= self.metrics_port < 65536:
+            raise ValueError(f"metrics_port must be in [-1, 65535], got {self.metrics_port}")
         if self.session_ttl_s < 1:
             raise ValueError(f"session_ttl_s must be >= 1, got {self.session_ttl_s}")

@@ -11,6 +11,7 @@ from coordinator.cluster import Cluster
 from coordinator.config import CoordinatorConfig
 from coordinator.cost_profile import measure_cost_profile
 from coordinator.discovery.factory import make_discovery
+from coordinator.metrics import CoordinatorMetrics
 from coordinator.replicas import Compatibility
 from coordinator.request import RequestLimits
 from coordinator.servicer import CoordinatorServicer
@@ -148,12 +149,17 @@ async def run_coordinator(config: CoordinatorConfig, stop_event: asyncio.Event |
         password=config.redis_password or None,
         ssl_ca_certs=config.redis_ca_file or None,
     )
+    metrics = CoordinatorMetrics()
     servicer = CoordinatorServicer(
         RequestLimits(
             max_new_tokens=config.max_new_tokens_limit,
             max_speculative_tokens=config.max_speculative_tokens,
             default_speculative_tokens=None if config.adaptive_k else config.num_speculative_tokens,
-        )
+        ),
+        metrics,
+    )
+    metrics_server = (
+        metrics.serve(config.metrics_host, config.metrics_port) if config.metrics_port >= 0 else None
     )
 
     async def warmup() -> None:
@@ -176,6 +182,8 @@ async def run_coordinator(config: CoordinatorConfig, stop_event: asyncio.Event |
             stop_event=stop_event,
         )
     finally:
+        if metrics_server is not None:
+            metrics_server.close()
         await cluster.close()
         try:
             await store.close()

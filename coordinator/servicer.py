@@ -6,6 +6,7 @@ from collections.abc import AsyncIterator
 
 import grpc
 
+from coordinator.metrics import CoordinatorMetrics
 from coordinator.request import GenerationRequest, RequestLimits, validate_session_id
 from coordinator.sessions import SessionService
 from coordinator.speculation import SpeculativeGenerator
@@ -14,8 +15,9 @@ from specpipe.v1 import coordinator_pb2, coordinator_pb2_grpc
 
 
 class CoordinatorServicer(coordinator_pb2_grpc.CoordinatorServicer):
-    def __init__(self, limits: RequestLimits) -> None:
+    def __init__(self, limits: RequestLimits, metrics: CoordinatorMetrics | None = None) -> None:
         self.limits = limits
+        self.metrics = metrics or CoordinatorMetrics()
         self._generator: SpeculativeGenerator | None = None
 
         self._sessions: SessionService | None = None
@@ -40,9 +42,11 @@ class CoordinatorServicer(coordinator_pb2_grpc.CoordinatorServicer):
     async def Generate(
         self, request: coordinator_pb2.GenerateRequest, context: grpc.aio.ServicerContext
     ) -> AsyncIterator[coordinator_pb2.GenerateResponse]:
-        generation = GenerationRequest.from_pb(request, self.limits)
-        async for chunk in self.generator.generate(generation, context.time_remaining):
-            yield chunk.to_pb()
+        with self.metrics.request() as observed:
+            generation = GenerationRequest.from_pb(request, self.limits)
+            async for chunk in self.generator.generate(generation, context.time_remaining):
+                observed.chunk(chunk, self.metrics)
+                yield chunk.to_pb()
 
     async def GetSession(
         self, request: coordinator_pb2.GetSessionRequest, context: grpc.aio.ServicerContext

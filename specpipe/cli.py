@@ -117,6 +117,11 @@ def add_serve_parser(subparsers: argparse._SubParsersAction) -> None:
         help="coordinator: seconds to wait for a draft and a target in rotation and for the store",
     )  # fmt: skip
     serve.add_argument("--session-ttl", type=int, default=24 * 3600, help="seconds a session is kept")
+    serve.add_argument(
+        "--metrics-port", type=int, default=-1,
+        help="coordinator, all: serve Prometheus metrics at http://HOST:PORT/metrics (0 = a free port, "
+        "-1 = not)",
+    )  # fmt: skip
     serve.add_argument("--log-dir", default="", help="all: where component logs go (default: a temp dir)")
     serve.add_argument("--log-level", default="INFO")
 
@@ -246,6 +251,8 @@ def serve_component(args: argparse.Namespace) -> int:
         redis_username=args.redis_username,
         redis_password=redis_password(args),
         redis_ca_file=args.redis_ca_file,
+        metrics_port=args.metrics_port,
+        metrics_host=args.host,
     )
     try:
         asyncio.run(run_coordinator(config))
@@ -294,6 +301,8 @@ def serve_all(args: argparse.Namespace) -> int:
         "--chaining" if args.chaining else "--no-chaining",
         "--delegation" if args.delegation else "--no-delegation",
     ]
+    if args.metrics_port >= 0:
+        extra += ["--metrics-port", str(args.metrics_port)]
     return run_pipeline(config, extra)
 
 

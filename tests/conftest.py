@@ -30,6 +30,7 @@ class Pipeline:
     coordinator: ServiceProcess
     redis: RedisServerProcess
     pair: ModelPair
+    metrics_port: int = -1  # the coordinator's Prometheus port (-1: none)
 
     def logs(self) -> str:
         return "\n".join(
@@ -124,8 +125,11 @@ def start_pipeline(
     draft = start_worker("draft", draft_model or pair.draft_dir, log_dir, extra=draft_extra)
     # Direct streams on, as `specpipe serve` runs its target.
     target = start_worker("target", pair.target_dir, log_dir, extra=["--direct-stream-port", "0"])
-    coordinator = start_coordinator(draft.address, target.address, redis.url, log_dir)
-    pipeline = Pipeline(coordinator.address, draft, target, coordinator, redis, pair)
+    metrics_port = free_port()
+    coordinator = start_coordinator(
+        draft.address, target.address, redis.url, log_dir, extra=["--metrics-port", str(metrics_port)]
+    )
+    pipeline = Pipeline(coordinator.address, draft, target, coordinator, redis, pair, metrics_port)
     try:
         for service in (draft, target, coordinator):
             service.wait_serving(120)

@@ -81,6 +81,9 @@ def test_embedded_serve_passes_the_speculation_switches_to_its_coordinator(
     assert {"--adaptive-k", "--pipelining", "--chaining", "--delegation"} <= set(started[-1])
     assert main(["serve", "--no-delegation", "--log-dir", str(tmp_path)]) == 0
     assert "--no-delegation" in started[-1]
+    assert "--metrics-port" not in started[-1]
+    assert main(["serve", "--metrics-port", "9400", "--log-dir", str(tmp_path)]) == 0
+    assert started[-1][-2:] == ["--metrics-port", "9400"]
     assert (
         main(["serve", "--no-adaptive-k", "--no-pipelining", "--no-chaining", "--log-dir", str(tmp_path)])
         == 0

@@ -520,6 +520,8 @@ def test_network_policies_let_only_the_coordinator_reach_workers_and_redis(value
             for rule in policy["spec"]["ingress"]:
                 peers = rule.get("from")
                 if component == "coordinator":
+                    if rule["ports"] == [{"protocol": "TCP", "port": "metrics"}]:
+                        continue  # the Prometheus port (its own test)
                     assert rule["ports"] == [{"protocol": "TCP", "port": "grpc"}]
                     if peers:  # restricted: the helm test Pod stays allowed
                         assert any(_selects(p.get("podSelector", {}), test_labels) for p in peers)
@@ -577,6 +579,40 @@ def test_targets_serve_direct_streams_to_draft_pods_unless_turned_off() -> None:
     assert [port["name"] for port in worker["ports"]] == ["grpc"]
     (rule,) = one(docs, "NetworkPolicy", f"{FULLNAME}-target-from-draft")["spec"]["ingress"]
     assert rule["ports"] == [{"protocol": "TCP", "port": "grpc"}]
+
+
+def test_coordinator_serves_prometheus_metrics_unless_turned_off() -> None:
+    """coordinator.metrics (on by default, port 9400): --metrics-port, a `metrics` container port, the
+    prometheus.io scrape annotations (the user's podAnnotations win), and an ingress rule for the port from
+    networkPolicy.coordinator.metricsFrom (anyone when empty)."""
+    docs = rendered("default")
+    deployment = one(docs, "Deployment", f"{FULLNAME}-coordinator")
+    c = container(deployment)
+    assert args_of(c)["--metrics-port"] == "9400"
+    assert {"name": "metrics", "containerPort": 9400, "protocol": "TCP"} in c["ports"]
+    annotations = deployment["spec"]["template"]["metadata"]["annotations"]
+    assert annotations["prometheus.io/scrape"] == "true" and annotations["prometheus.io/port"] == "9400"
+    assert annotations["prometheus.io/path"] == "/metrics" and "checksum/cluster-config" in annotations
+    rules = one(docs, "NetworkPolicy", f"{FULLNAME}-coordinator")["spec"]["ingress"]
+    assert {"ports": [{"protocol": "TCP", "port": "metrics"}]} in rules
+    scraper = {"namespaceSelector": {"matchLabels": {"kubernetes.io/metadata.name": "monitoring"}}}
+    docs = render(
+        {
+            "coordinator": {"podAnnotations": {"prometheus.io/scrape": "false"}},
+            "networkPolicy": {"coordinator": {"metricsFrom": [scraper]}},
+        }
+    )
+    deployment = one(docs, "Deployment", f"{FULLNAME}-coordinator")
+    assert deployment["spec"]["template"]["metadata"]["annotations"]["prometheus.io/scrape"] == "false"
+    rules = one(docs, "NetworkPolicy", f"{FULLNAME}-coordinator")["spec"]["ingress"]
+    assert {"ports": [{"protocol": "TCP", "port": "metrics"}], "from": [scraper]} in rules
+    docs = render({"coordinator": {"metrics": {"enabled": False}}})
+    deployment = one(docs, "Deployment", f"{FULLNAME}-coordinator")
+    c = container(deployment)
+    assert "--metrics-port" not in args_of(c) and [p["name"] for p in c["ports"]] == ["grpc"]
+    assert "prometheus.io/scrape" not in deployment["spec"]["template"]["metadata"]["annotations"]
+    rules = one(docs, "NetworkPolicy", f"{FULLNAME}-coordinator")["spec"]["ingress"]
+    assert all(rule["ports"] != [{"protocol": "TCP", "port": "metrics"}] for rule in rules)
 
 
 def test_coordinator_network_policy_sources_are_configurable() -> None:
@@ -791,6 +827,7 @@ def test_schema_rejects_a_pool_without_a_model() -> None:
             "additional properties 'gpu'",
         ),
         ({"target": {"directStreamPort": 70000}}, "at '/target/directStreamPort'"),
+        ({"coordinator": {"metrics": {"port": 0}}}, "at '/coordinator/metrics/port'"),
         ({"draft": {"directStreamPort": 50063}}, "at '/draft'"),
         (
             {"target": {"pools": [{"name": "a", "model": {"path": "/m"}, "directStreamPort": 1}]}},

@@ -1,0 +1,150 @@
+"""The coordinator's Prometheus metrics: requests, tokens, speculation and latency, served over HTTP.
+
+Names follow the conventions vLLM and TGI users scrape (`*_total` counters, `*_seconds` histograms). The
+acceptance rate is `specpipe_accepted_tokens_total / specpipe_draft_tokens_total`; tokens per target
+pass `specpipe_generated_tokens_total / specpipe_target_passes_total`. One registry per coordinator (not
+prometheus_client's global one), so tests and embedded servers never share counters.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import threading
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from wsgiref.simple_server import WSGIServer
+
+import grpc
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
+
+from coordinator.request import GenerationChunk, Usage
+from specpipe.errors import SpecpipeError
+from specpipe.rpc.interceptor import status_for
+
+logger = logging.getLogger(__name__)
+
+# Seconds: from a fraction of a decoding step on a GPU to a long request on a CPU.
+LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0)
+PER_TOKEN_BUCKETS = (0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.25, 0.5, 1.0)
+
+
+class CoordinatorMetrics:
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry(auto_describe=True)
+        registry = self.registry
+        self.requests = Counter(
+            "specpipe_requests",
+            "Generate requests by outcome: the finish reason (length, eos, stop), else the gRPC status code "
+            "(INVALID_ARGUMENT, UNAVAILABLE, ...) or CANCELLED when the client left.",
+            ["outcome"],
+            registry=registry,
+        )
+        self.running = Gauge("specpipe_requests_running", "Generate requests in flight.", registry=registry)
+        self.prompt_tokens = Counter(
+            "specpipe_prompt_tokens", "Prompt tokens of finished requests (session history included).",
+            registry=registry,
+        )  # fmt: skip
+        self.generated_tokens = Counter(
+            "specpipe_generated_tokens", "Tokens streamed to clients.", registry=registry
+        )
+        self.draft_tokens = Counter(
+            "specpipe_draft_tokens", "Draft tokens proposed for verification (finished requests).",
+            registry=registry,
+        )  # fmt: skip
+        self.accepted_tokens = Counter(
+            "specpipe_accepted_tokens", "Draft tokens the target accepted (finished requests).",
+            registry=registry,
+        )  # fmt: skip
+        self.target_passes = Counter(
+            "specpipe_target_passes", "Target forward passes (one per round; finished requests).",
+            registry=registry,
+        )  # fmt: skip
+        self.time_to_first_token = Histogram(
+            "specpipe_time_to_first_token_seconds", "From the request's arrival to its first token.",
+            buckets=LATENCY_BUCKETS, registry=registry,
+        )  # fmt: skip
+        self.time_per_output_token = Histogram(
+            "specpipe_time_per_output_token_seconds",
+            "Per request, the time after the first token divided by the tokens after it.",
+            buckets=PER_TOKEN_BUCKETS, registry=registry,
+        )  # fmt: skip
+        self.request_duration = Histogram(
+            "specpipe_request_duration_seconds", "From the request's arrival to its last chunk or failure.",
+            buckets=LATENCY_BUCKETS, registry=registry,
+        )  # fmt: skip
+
+    @contextlib.contextmanager
+    def request(self) -> Iterator[RequestObserver]:
+        """Observes one Generate call: in flight while inside, its outcome and latencies at the end."""
+        observer = RequestObserver(time.perf_counter())
+        self.running.inc()
+        outcome = "CANCELLED"  # left by the client (the stream closed at a yield) unless set below
+        try:
+            yield observer
+            outcome = observer.finish_reason or "OK"
+        except SpecpipeError as exc:
+            outcome = status_for(exc).name
+            raise
+        except Exception:
+            outcome = grpc.StatusCode.INTERNAL.name
+            raise
+        finally:
+            self.running.dec()
+            self.requests.labels(outcome=outcome).inc()
+            self.request_duration.observe(time.perf_counter() - observer.started)
+            self._record(observer)
+
+    def _record(self, observer: RequestObserver) -> None:
+        if observer.tokens > 1 and observer.first_token_at is not None and observer.last_token_at is not None:
+            per_token = (observer.last_token_at - observer.first_token_at) / (observer.tokens - 1)
+            self.time_per_output_token.observe(per_token)
+        usage = observer.usage
+        if usage is not None:
+            self.prompt_tokens.inc(usage.prompt_tokens)
+            self.draft_tokens.inc(usage.draft_tokens)
+            self.accepted_tokens.inc(usage.accepted_tokens)
+            self.target_passes.inc(usage.target_passes)
+
+    def serve(self, host: str, port: int) -> MetricsServer:
+        """Serves /metrics over HTTP on host:port (0: a free port), in a thread of its own."""
+        server, thread = start_http_server(port, addr=host, registry=self.registry)
+        bound = MetricsServer(server, thread, int(server.server_address[1]))
+        logger.info("metrics on http://%s:%d/metrics", host, bound.port)
+        return bound
+
+
+@dataclass(slots=True)
+class RequestObserver:
+    started: float
+    tokens: int = 0
+    first_token_at: float | None = None
+    last_token_at: float | None = None
+    finish_reason: str = ""
+    usage: Usage | None = None  # the final chunk's
+
+    def chunk(self, chunk: GenerationChunk, metrics: CoordinatorMetrics) -> None:
+        """A chunk about to be streamed: its tokens count, the first one stops the time to first token."""
+        if chunk.token_ids:
+            now = time.perf_counter()
+            if self.first_token_at is None:
+                self.first_token_at = now
+                metrics.time_to_first_token.observe(now - self.started)
+            self.last_token_at = now
+            self.tokens += len(chunk.token_ids)
+            metrics.generated_tokens.inc(len(chunk.token_ids))
+        if chunk.finish_reason:
+            self.finish_reason = chunk.finish_reason
+            self.usage = chunk.usage
+
+
+@dataclass(frozen=True, slots=True)
+class MetricsServer:
+    server: WSGIServer
+    thread: threading.Thread
+    port: int
+
+    def close(self) -> None:
+        self.server.shutdown()
+        self.server.server_close()
