@@ -191,6 +191,48 @@ def test_a_connection_that_sends_no_hello_is_dropped(monkeypatch: pytest.MonkeyP
     asyncio.run(main())
 
 
+def test_large_frames_cross_in_both_directions() -> None:
+    """In-process listener with a stub handler: a request of several MB (the socket takes it in pieces,
+    the client drains) and its reply arrive whole; END then ends the stream normally."""
+    from specpipe.rpc import direct_server
+    from specpipe.v1 import target_pb2
+
+    ended: list[bool] = []
+
+    async def echo_sizes(
+        requests: AsyncIterator[target_pb2.VerifyRequest], context: object
+    ) -> AsyncIterator[object]:
+        async for request in requests:
+            yield target_pb2.VerifyResponse(
+                num_accepted=len(request.token_ids), cached_tokens=len(request.session_id)
+            )
+        ended.append(True)
+
+    async def main() -> None:
+        server = direct_server.DirectStreamServer("test", echo_sizes, target_pb2.VerifyRequest.FromString)
+        port = await server.start("127.0.0.1", 0)
+        call = DirectStreamCall("127.0.0.1", port, target_pb2.VerifyResponse.FromString, set())
+        await call.connect(TIMEOUT_S)
+        try:
+            for size in (3, 1_500_000, 7):
+                await call.write(
+                    target_pb2.VerifyRequest(session_id="s" * size, token_ids=range(size % 1000))
+                )
+                reply = await asyncio.wait_for(call.read(), TIMEOUT_S)
+                assert (reply.num_accepted, reply.cached_tokens) == (size % 1000, size)
+            await call.done_writing()
+            for _ in range(100):
+                if ended:
+                    break
+                await asyncio.sleep(0.02)
+            assert ended == [True]
+        finally:
+            call.cancel()
+            await server.stop(1.0)
+
+    asyncio.run(main())
+
+
 def test_a_listener_that_refuses_the_connection_means_grpc_then_asking_again(pipeline: Pipeline) -> None:
     async def test(client: TargetClient) -> None:
         real_port = (await client.model_info(False, TIMEOUT_S)).direct_stream_port

@@ -52,6 +52,7 @@ class DirectStreamCall:
         self._reader, self._writer = await asyncio.wait_for(
             asyncio.open_connection(self.host, self.port), timeout_s
         )
+        frames.enable_keepalive(self._writer.get_extra_info("socket"))
         self._writer.write(frames.encode_frame(frames.HELLO, frames.PROTOCOL))
 
     async def write(self, request: Any) -> None:

@@ -19,6 +19,7 @@ its target pays that twice per round.
 from __future__ import annotations
 
 import asyncio
+import socket
 import struct
 
 PROTOCOL = b"specpipe-verify-stream/1"
@@ -35,6 +36,26 @@ MAX_FRAME_BYTES = 64 * 1024 * 1024
 
 _HEADER = struct.Struct("<IB")  # length of kind + body, kind
 _CODE = struct.Struct("<I")
+
+
+# TCP keepalive on both ends: a peer that vanished without closing (a node lost) is noticed in ~90 s, and its
+# stream ends (the server then frees the session's cache) instead of holding a connection forever.
+KEEPALIVE_IDLE_S = 60
+KEEPALIVE_INTERVAL_S = 10
+KEEPALIVE_PROBES = 3
+
+
+def enable_keepalive(sock: socket.socket | None) -> None:
+    if sock is None:
+        return
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
+    for option, value in (
+        ("TCP_KEEPIDLE", KEEPALIVE_IDLE_S),
+        ("TCP_KEEPINTVL", KEEPALIVE_INTERVAL_S),
+        ("TCP_KEEPCNT", KEEPALIVE_PROBES),
+    ):
+        if hasattr(socket, option):  # Linux; elsewhere the system's defaults apply
+            sock.setsockopt(socket.IPPROTO_TCP, getattr(socket, option), value)
 
 
 class FrameError(ConnectionError):

@@ -65,6 +65,7 @@ class DirectStreamServer:
             await self._server.wait_closed()
 
     def _serve_connection(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        frames.enable_keepalive(writer.get_extra_info("socket"))
         task = asyncio.ensure_future(self._connection(reader, writer))
         self._connections.add(task)
         task.add_done_callback(self._connections.discard)
