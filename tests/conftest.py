@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
+import asyncio
 import os
-from collections.abc import Iterator
+from collections.abc import Awaitable, Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -13,6 +14,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 from specpipe.launcher import ServiceProcess, free_port, stop_all, worker_args  # noqa: E402
 from specpipe.models.tiny_pair import build_tiny_pair  # noqa: E402
+from specpipe.rpc.worker_clients import TargetClient  # noqa: E402
 from specpipe.store.redis_server import RedisServerProcess  # noqa: E402
 
 
@@ -153,6 +155,19 @@ def own_pipeline(
     stop_pipeline(pipeline)
 
 
+def with_target_client(pipeline: Pipeline, test: Callable[[TargetClient], Awaitable[None]]) -> None:
+    """Runs test(client) with a client of the shared pipeline's target worker, closed afterwards."""
+
+    async def main() -> None:
+        client = TargetClient(pipeline.target.address)
+        try:
+            await test(client)
+        finally:
+            await client.close()
+
+    asyncio.run(main())
+
+
 def restart(service: ServiceProcess) -> None:
     """Starts a stopped or killed service again with the same arguments (same port)."""
     service.start(service_env())
@@ -161,9 +176,6 @@ def restart(service: ServiceProcess) -> None:
 
 def target_holders(targets: list[ServiceProcess], session_id: str) -> list[int]:
     """Indices of the target replicas that hold a KV cache for the session (where routing sent it)."""
-    import asyncio
-
-    from specpipe.rpc.worker_clients import TargetClient
 
     async def query() -> list[int]:
         found = []

@@ -6,7 +6,7 @@ as if it had not come."""
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Sequence
 
 import grpc
 import pytest
@@ -15,7 +15,7 @@ from specpipe.rpc.direct_call import DirectStreamCall
 from specpipe.rpc.worker_clients import TargetClient, TargetStream, Verification
 from specpipe.sampling.params import SamplingParams
 from specpipe.v1 import common_pb2, target_pb2
-from tests.conftest import Pipeline
+from tests.conftest import Pipeline, with_target_client
 
 HISTORY = [5, 17, 42, 8, 99, 3, 61, 20]
 GREEDY = SamplingParams()
@@ -70,17 +70,6 @@ async def chained_counts(client: TargetClient) -> tuple[int, int]:
     return stats.chained_verifies, stats.chained_skips
 
 
-def run(pipeline: Pipeline, test: Callable[[TargetClient], Awaitable[None]]) -> None:
-    async def main() -> None:
-        client = TargetClient(pipeline.target.address)
-        try:
-            await test(client)
-        finally:
-            await client.close()
-
-    asyncio.run(main())
-
-
 def test_a_chained_block_whose_assumption_holds_gets_the_ordinary_verdict(
     pipeline: Pipeline, transport: str
 ) -> None:
@@ -109,7 +98,7 @@ def test_a_chained_block_whose_assumption_holds_gets_the_ordinary_verdict(
         for sid in ("chain-holds", "chain-ref"):
             await client.release_session(sid, TIMEOUT_S)
 
-    run(pipeline, test)
+    with_target_client(pipeline, test)
 
 
 def test_releasing_the_session_breaks_its_open_chains(pipeline: Pipeline, transport: str) -> None:
@@ -133,7 +122,7 @@ def test_releasing_the_session_breaks_its_open_chains(pipeline: Pipeline, transp
         await stream.finish()
         await client.release_session("chain-released", TIMEOUT_S)
 
-    run(pipeline, test)
+    with_target_client(pipeline, test)
 
 
 def test_a_chained_block_after_a_rejection_or_a_wrong_guess_is_skipped(
@@ -172,7 +161,7 @@ def test_a_chained_block_after_a_rejection_or_a_wrong_guess_is_skipped(
         assert (verified - before[0], skipped - before[1]) == (0, 3)
         await client.release_session("chain-fails", TIMEOUT_S)
 
-    run(pipeline, test)
+    with_target_client(pipeline, test)
 
 
 def test_a_stream_never_starts_with_a_verified_chained_block(pipeline: Pipeline, transport: str) -> None:
@@ -183,7 +172,7 @@ def test_a_stream_never_starts_with_a_verified_chained_block(pipeline: Pipeline,
         await stream.finish()
         await client.release_session("chain-first", TIMEOUT_S)
 
-    run(pipeline, test)
+    with_target_client(pipeline, test)
 
 
 def test_a_sampled_chained_block_gets_the_seeded_ordinary_verdict(pipeline: Pipeline, transport: str) -> None:
@@ -203,7 +192,7 @@ def test_a_sampled_chained_block_gets_the_seeded_ordinary_verdict(pipeline: Pipe
         for sid in ("sample-ref", "sample-ref2", "chain-sampled"):
             await client.release_session(sid, TIMEOUT_S)
 
-    run(pipeline, test)
+    with_target_client(pipeline, test)
 
 
 def test_a_unary_chained_request_is_an_invalid_argument(pipeline: Pipeline) -> None:
@@ -216,7 +205,7 @@ def test_a_unary_chained_request_is_an_invalid_argument(pipeline: Pipeline) -> N
         assert raised.value.code() == grpc.StatusCode.INVALID_ARGUMENT
         assert "VerifyStream" in (raised.value.details() or "")
 
-    run(pipeline, test)
+    with_target_client(pipeline, test)
 
 
 def test_the_coordinator_chains_pipelined_blocks(pipeline: Pipeline) -> None:

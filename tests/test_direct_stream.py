@@ -7,7 +7,7 @@ rounds, which use direct streams by default, in test_delegation.py and test_pipe
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator
 
 import grpc
 import pytest
@@ -18,23 +18,12 @@ from specpipe.rpc import direct_frames as frames
 from specpipe.rpc.direct_call import DirectStreamCall, split_address
 from specpipe.rpc.worker_clients import TargetClient, TargetStream
 from specpipe.sampling.params import SamplingParams
-from tests.conftest import Pipeline
+from tests.conftest import Pipeline, with_target_client
 from tests.prompts import PROMPTS
 
 HISTORY = [5, 17, 42, 8, 99, 3, 61, 20]
 GREEDY = SamplingParams()
 TIMEOUT_S = 30.0
-
-
-def run(pipeline: Pipeline, test: Callable[[TargetClient], Awaitable[None]]) -> None:
-    async def main() -> None:
-        client = TargetClient(pipeline.target.address)
-        try:
-            await test(client)
-        finally:
-            await client.close()
-
-    asyncio.run(main())
 
 
 async def direct_stream(client: TargetClient) -> TargetStream:
@@ -110,7 +99,7 @@ def test_a_direct_stream_verifies_as_verify_stream_does(pipeline: Pipeline) -> N
         for session_id in ("direct-grpc", "direct-tcp"):
             await client.release_session(session_id, TIMEOUT_S)
 
-    run(pipeline, test)
+    with_target_client(pipeline, test)
 
 
 def test_a_finished_direct_stream_keeps_the_cache_and_a_broken_one_frees_it(pipeline: Pipeline) -> None:
@@ -132,7 +121,7 @@ def test_a_finished_direct_stream_keeps_the_cache_and_a_broken_one_frees_it(pipe
         assert await cached(client, "direct-finished")
         await client.release_session("direct-finished", TIMEOUT_S)
 
-    run(pipeline, test)
+    with_target_client(pipeline, test)
 
 
 def test_bad_requests_get_grpc_status_codes_over_a_direct_stream(pipeline: Pipeline) -> None:
@@ -164,7 +153,7 @@ def test_bad_requests_get_grpc_status_codes_over_a_direct_stream(pipeline: Pipel
         await healthy.finish()
         await client.release_session("direct-after", TIMEOUT_S)
 
-    run(pipeline, test)
+    with_target_client(pipeline, test)
 
 
 def test_a_connection_that_sends_no_hello_is_dropped(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -247,7 +236,7 @@ def test_a_listener_that_refuses_the_connection_means_grpc_then_asking_again(pip
         await again.finish()
         await client.release_session("direct-fallback", TIMEOUT_S)
 
-    run(pipeline, test)
+    with_target_client(pipeline, test)
 
 
 def test_a_target_without_a_listener_gets_grpc_streams() -> None:
