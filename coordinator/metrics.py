@@ -9,21 +9,17 @@ prometheus_client's global one), so tests and embedded servers never share count
 from __future__ import annotations
 
 import contextlib
-import logging
-import threading
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
-from wsgiref.simple_server import WSGIServer
 
 import grpc
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
 from coordinator.request import GenerationChunk, Usage
 from specpipe.errors import SpecpipeError
+from specpipe.metrics_server import MetricsServer, serve_metrics
 from specpipe.rpc.interceptor import status_for
-
-logger = logging.getLogger(__name__)
 
 # Seconds: from a fraction of a decoding step on a GPU to a long request on a CPU.
 LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0)
@@ -108,11 +104,7 @@ class CoordinatorMetrics:
             self.target_passes.inc(usage.target_passes)
 
     def serve(self, host: str, port: int) -> MetricsServer:
-        """Serves /metrics over HTTP on host:port (0: a free port), in a thread of its own."""
-        server, thread = start_http_server(port, addr=host, registry=self.registry)
-        bound = MetricsServer(server, thread, int(server.server_address[1]))
-        logger.info("metrics on http://%s:%d/metrics", host, bound.port)
-        return bound
+        return serve_metrics(self.registry, host, port, "coordinator")
 
 
 @dataclass(slots=True)
@@ -137,14 +129,3 @@ class RequestObserver:
         if chunk.finish_reason:
             self.finish_reason = chunk.finish_reason
             self.usage = chunk.usage
-
-
-@dataclass(frozen=True, slots=True)
-class MetricsServer:
-    server: WSGIServer
-    thread: threading.Thread
-    port: int
-
-    def close(self) -> None:
-        self.server.shutdown()
-        self.server.server_close()

@@ -13,6 +13,7 @@ from draft_service.prompt_lookup import PromptLookupDrafter, VocabularyInfo
 from draft_service.servicer import DraftServicer
 from specpipe.config import WorkerConfig
 from specpipe.rpc.server import serve
+from specpipe.rpc.worker_metrics import WorkerMetrics
 from specpipe.runtime.model_info import WorkerModelInfo
 from specpipe.runtime.model_runner import CausalLMRunner
 from specpipe.sampling.params import SamplingParams
@@ -41,20 +42,28 @@ async def run_draft_worker(config: WorkerConfig, stop_event: asyncio.Event | Non
     targets = TargetClients()  # channels to the targets of delegated requests
     with ThreadPoolExecutor(max_workers=1, thread_name_prefix="draft-model") as model_thread:
         servicer = DraftServicer(model_thread, targets)
+        metrics = WorkerMetrics("draft", servicer.stats, lambda: servicer.model_jobs)
+        metrics_server = metrics.serve(config.host, config.metrics_port) if config.metrics_port >= 0 else None
 
         async def warmup() -> None:
             loop = asyncio.get_running_loop()
             drafter, info = await loop.run_in_executor(model_thread, load_drafter, config)
+            if isinstance(drafter, ModelDrafter):  # prompt lookup runs no model
+                drafter.runner.forward_observer = metrics.observe_forward
             servicer.attach(drafter, info)
 
-        await serve(
-            name="draft",
-            host=config.host,
-            port=config.port,
-            register=lambda server: draft_pb2_grpc.add_DraftServiceServicer_to_server(servicer, server),
-            service_names=[SERVICE_NAME],
-            warmup=warmup,
-            shutdown_grace_s=config.shutdown_grace_s,
-            stop_event=stop_event,
-        )
+        try:
+            await serve(
+                name="draft",
+                host=config.host,
+                port=config.port,
+                register=lambda server: draft_pb2_grpc.add_DraftServiceServicer_to_server(servicer, server),
+                service_names=[SERVICE_NAME],
+                warmup=warmup,
+                shutdown_grace_s=config.shutdown_grace_s,
+                stop_event=stop_event,
+            )
+        finally:
+            if metrics_server is not None:
+                metrics_server.close()
     await targets.close()

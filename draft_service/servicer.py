@@ -54,9 +54,7 @@ class DraftServicer(WorkerServicerBase[Drafter], draft_pb2_grpc.DraftServiceServ
         finally:
             self.open_streams -= 1
 
-    async def GetStats(
-        self, request: common_pb2.GetStatsRequest, context: grpc.aio.ServicerContext
-    ) -> common_pb2.WorkerStats:
-        stats = await super().GetStats(request, context)
+    def stats(self, session_id: str = "") -> common_pb2.WorkerStats:
+        stats = super().stats(session_id)
         stats.delegated_rounds = self.delegated_rounds
         return stats

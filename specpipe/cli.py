@@ -119,8 +119,8 @@ def add_serve_parser(subparsers: argparse._SubParsersAction) -> None:
     serve.add_argument("--session-ttl", type=int, default=24 * 3600, help="seconds a session is kept")
     serve.add_argument(
         "--metrics-port", type=int, default=-1,
-        help="coordinator, all: serve Prometheus metrics at http://HOST:PORT/metrics (0 = a free port, "
-        "-1 = not)",
+        help="serve Prometheus metrics at http://HOST:PORT/metrics (0 = a free port, -1 = not); with no "
+        "component, the coordinator's",
     )  # fmt: skip
     serve.add_argument("--log-dir", default="", help="all: where component logs go (default: a temp dir)")
     serve.add_argument("--log-level", default="INFO")
@@ -202,6 +202,7 @@ def serve_component(args: argparse.Namespace) -> int:
             max_ngram=args.max_ngram,
             min_ngram=args.min_ngram,
             direct_stream_port=args.direct_stream_port if args.component == "target" else -1,
+            metrics_port=args.metrics_port,
         )
         if args.component == "draft":
             from draft_service.server import run_draft_worker

@@ -39,6 +39,8 @@ class WorkerConfig:
     shutdown_grace_s: float = 10.0
     # Targets: the direct-stream listener's port (specpipe/rpc/direct_frames.py); 0 = a free port, -1 = none.
     direct_stream_port: int = -1
+    # Prometheus metrics over HTTP (specpipe/rpc/worker_metrics.py); 0 = a free port, -1 = none.
+    metrics_port: int = -1
 
     def __post_init__(self) -> None:
         if self.role not in WORKER_ROLES:
@@ -65,6 +67,8 @@ class WorkerConfig:
             raise ValueError(f"drafter must be one of {DRAFTERS}, got {self.drafter!r}")
         if self.drafter != "model" and self.role != "draft":
             raise ValueError(f"only a draft worker runs a drafter, not a {self.role} worker")
+        if not -1 <= self.metrics_port < 65536:
+            raise ValueError(f"metrics_port must be in [-1, 65535], got {self.metrics_port}")
         if not -1 <= self.direct_stream_port < 65536:
             raise ValueError(f"direct_stream_port must be in [-1, 65535], got {self.direct_stream_port}")
         if self.direct_stream_port >= 0 and self.role != "target":

@@ -9,6 +9,7 @@ from concurrent.futures import ThreadPoolExecutor
 from specpipe.config import WorkerConfig
 from specpipe.rpc.direct_server import DirectStreamServer
 from specpipe.rpc.server import serve
+from specpipe.rpc.worker_metrics import WorkerMetrics
 from specpipe.runtime.model_info import WorkerModelInfo
 from specpipe.runtime.model_runner import CausalLMRunner
 from specpipe.sampling.params import SamplingParams
@@ -41,9 +42,13 @@ async def run_target_worker(config: WorkerConfig, stop_event: asyncio.Event | No
             direct_port = await direct.start(config.host, config.direct_stream_port)
             servicer.direct_streams = lambda: direct.streams_served if direct is not None else 0
 
+        metrics = WorkerMetrics("target", servicer.stats, lambda: servicer.model_jobs)
+        metrics_server = metrics.serve(config.host, config.metrics_port) if config.metrics_port >= 0 else None
+
         async def warmup() -> None:
             verifier = await asyncio.get_running_loop().run_in_executor(model_thread, load_verifier, config)
             info = WorkerModelInfo.from_runner(verifier.runner, "target", direct_stream_port=direct_port)
+            verifier.runner.forward_observer = metrics.observe_forward
             servicer.attach(verifier, info)
 
         try:
@@ -61,3 +66,5 @@ async def run_target_worker(config: WorkerConfig, stop_event: asyncio.Event | No
         finally:
             if direct is not None:
                 await direct.stop(0)  # already drained, unless serve failed
+            if metrics_server is not None:
+                metrics_server.close()

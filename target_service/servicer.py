@@ -48,10 +48,8 @@ class TargetServicer(WorkerServicerBase[Verifier], target_pb2_grpc.TargetService
         self.submit(self.open_chains.break_session, request.session_id)
         return await super().ReleaseSession(request, context)
 
-    async def GetStats(
-        self, request: common_pb2.GetStatsRequest, context: grpc.aio.ServicerContext
-    ) -> common_pb2.WorkerStats:
-        stats = await super().GetStats(request, context)
+    def stats(self, session_id: str = "") -> common_pb2.WorkerStats:
+        stats = super().stats(session_id)
         stats.chained_verifies = self.chain_counters.verified
         stats.chained_skips = self.chain_counters.skipped
         stats.direct_streams = self.direct_streams()

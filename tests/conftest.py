@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 import os
 from collections.abc import Awaitable, Callable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import pytest
@@ -32,7 +32,8 @@ class Pipeline:
     coordinator: ServiceProcess
     redis: RedisServerProcess
     pair: ModelPair
-    metrics_port: int = -1  # the coordinator's Prometheus port (-1: none)
+    # Prometheus ports by component ("coordinator", "draft", "target"); empty: none.
+    metrics_ports: dict[str, int] = field(default_factory=dict)
 
     def logs(self) -> str:
         return "\n".join(
@@ -124,14 +125,16 @@ def start_pipeline(
 ) -> Pipeline:
     """Draft and target workers and a coordinator, SERVING; the draft runs `draft_model` (default: the
     pair's draft) with `draft_extra` arguments."""
-    draft = start_worker("draft", draft_model or pair.draft_dir, log_dir, extra=draft_extra)
+    ports = {role: free_port() for role in ("coordinator", "draft", "target")}
+    draft_args = [*(draft_extra or []), "--metrics-port", str(ports["draft"])]
+    draft = start_worker("draft", draft_model or pair.draft_dir, log_dir, extra=draft_args)
     # Direct streams on, as `specpipe serve` runs its target.
-    target = start_worker("target", pair.target_dir, log_dir, extra=["--direct-stream-port", "0"])
-    metrics_port = free_port()
+    target_args = ["--direct-stream-port", "0", "--metrics-port", str(ports["target"])]
+    target = start_worker("target", pair.target_dir, log_dir, extra=target_args)
     coordinator = start_coordinator(
-        draft.address, target.address, redis.url, log_dir, extra=["--metrics-port", str(metrics_port)]
+        draft.address, target.address, redis.url, log_dir, extra=["--metrics-port", str(ports["coordinator"])]
     )
-    pipeline = Pipeline(coordinator.address, draft, target, coordinator, redis, pair, metrics_port)
+    pipeline = Pipeline(coordinator.address, draft, target, coordinator, redis, pair, ports)
     try:
         for service in (draft, target, coordinator):
             service.wait_serving(120)

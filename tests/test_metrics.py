@@ -1,5 +1,5 @@
-"""The coordinator's Prometheus metrics: the observer's bookkeeping, then a real scrape of /metrics over HTTP
-from the shared coordinator after real requests."""
+"""Prometheus metrics: the coordinator's observer bookkeeping, then real scrapes of /metrics over HTTP from
+the shared coordinator and workers after real requests."""
 
 from __future__ import annotations
 
@@ -16,8 +16,10 @@ from specpipe.errors import InvalidArgumentError
 from tests.conftest import Pipeline
 from tests.prompts import PROMPTS
 
+Samples = dict[tuple[str, tuple[tuple[str, str], ...]], float]
 
-def samples(text: str) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
+
+def samples(text: str) -> Samples:
     """Every sample of an exposition, by (name, sorted labels)."""
     return {
         (sample.name, tuple(sorted(sample.labels.items()))): sample.value
@@ -26,7 +28,7 @@ def samples(text: str) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
     }
 
 
-def registry_samples(metrics: CoordinatorMetrics) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
+def registry_samples(metrics: CoordinatorMetrics) -> Samples:
     from prometheus_client import generate_latest
 
     return samples(generate_latest(metrics.registry).decode())
@@ -76,18 +78,21 @@ def test_failed_and_abandoned_requests_are_counted_by_status() -> None:
     assert got[("specpipe_time_per_output_token_seconds_count", ())] == 0  # one token: no interval
 
 
-def scrape(pipeline: Pipeline) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
-    url = f"http://127.0.0.1:{pipeline.metrics_port}/metrics"
+def scrape(
+    pipeline: Pipeline, component: str = "coordinator"
+) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
+    url = f"http://127.0.0.1:{pipeline.metrics_ports[component]}/metrics"
     with urllib.request.urlopen(url, timeout=10) as reply:  # noqa: S310 - a loopback URL built here
         assert reply.status == 200
         assert reply.headers.get_content_type() == "text/plain"
         return samples(reply.read().decode())
 
 
-def test_the_coordinator_serves_metrics_of_real_requests(pipeline: Pipeline) -> None:
-    def value(got: dict[tuple[str, tuple[tuple[str, str], ...]], float], name: str, **labels: str) -> float:
-        return got.get((name, tuple(sorted(labels.items()))), 0.0)
+def value(got: Samples, name: str, **labels: str) -> float:
+    return got.get((name, tuple(sorted(labels.items()))), 0.0)
 
+
+def test_the_coordinator_serves_metrics_of_real_requests(pipeline: Pipeline) -> None:
     before = scrape(pipeline)
     with CoordinatorClient(pipeline.coordinator_addr) as client:
         result = client.generate(build_request(PROMPTS[1], 20, num_speculative_tokens=3), 60)
@@ -112,3 +117,26 @@ def test_the_coordinator_serves_metrics_of_real_requests(pipeline: Pipeline) -> 
         before, "specpipe_time_to_first_token_seconds_count"
     )
     assert value(after, "specpipe_requests_running") == 0
+
+
+def test_workers_serve_their_forward_times_and_stats(pipeline: Pipeline) -> None:
+    before = {role: scrape(pipeline, role) for role in ("draft", "target")}
+    with CoordinatorClient(pipeline.coordinator_addr) as client:
+        result = client.generate(build_request(PROMPTS[2], 16, num_speculative_tokens=3), 60)
+    assert result.usage is not None and result.usage.draft_tokens > 0
+    after = {role: scrape(pipeline, role) for role in ("draft", "target")}
+    for role in ("draft", "target"):
+        forwards = "specpipe_worker_forward_seconds_count"
+        assert value(after[role], forwards, role=role) > value(before[role], forwards, role=role), role
+        assert value(after[role], "specpipe_worker_cached_sessions", role=role) >= 1, role
+        assert ("specpipe_worker_cache_evictions_total", (("role", role),)) in after[role]
+        assert value(after[role], "specpipe_worker_model_jobs", role=role) == 0
+    # Each role reports its own counters only.
+    assert value(after["target"], "specpipe_worker_direct_streams_total", role="target") > value(
+        before["target"], "specpipe_worker_direct_streams_total", role="target"
+    )
+    assert value(after["draft"], "specpipe_worker_delegated_rounds_total", role="draft") > value(
+        before["draft"], "specpipe_worker_delegated_rounds_total", role="draft"
+    )
+    assert not any(name.startswith("specpipe_worker_chained") for name, _ in after["draft"])
+    assert not any(name.startswith("specpipe_worker_delegated") for name, _ in after["target"])

@@ -176,11 +176,16 @@ class WorkerServicerBase(Generic[EngineT]):
     async def GetStats(
         self, request: common_pb2.GetStatsRequest, context: grpc.aio.ServicerContext
     ) -> common_pb2.WorkerStats:
+        return self.stats(request.session_id)
+
+    def stats(self, session_id: str = "") -> common_pb2.WorkerStats:
+        """The worker's counters (GetStats, and /metrics from its own thread: plain reads of ints and sizes).
+        Roles add theirs."""
         caches = self.caches
         return common_pb2.WorkerStats(
             cached_sessions=len(caches),
             cache_bytes=caches.total_bytes,
             evictions=caches.evictions,
-            session_cached=bool(request.session_id) and request.session_id in caches,
+            session_cached=bool(session_id) and session_id in caches,
             open_streams=self.open_streams,
         )

@@ -5,7 +5,7 @@ from __future__ import annotations
 import inspect
 import logging
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -72,6 +72,8 @@ class CausalLMRunner:
         # Only the last num_rows positions need logits: on a prefill the LM head over every prompt position
         # is ~10% of the forward. Architectures without the argument compute them all and we slice.
         self._keeps_logits = "logits_to_keep" in inspect.signature(model.forward).parameters
+        # Called with each forward's duration in ns (the worker's metrics), on the thread that ran it.
+        self.forward_observer: Callable[[int], None] | None = None
 
     @classmethod
     def from_config(cls, config: WorkerConfig) -> CausalLMRunner:
@@ -173,4 +175,7 @@ class CausalLMRunner:
             raise
         entry.token_ids = ids
         self.caches.account(session_id)
-        return ForwardResult(logits, reuse, time.perf_counter_ns() - started)
+        forward_ns = time.perf_counter_ns() - started
+        if self.forward_observer is not None:
+            self.forward_observer(forward_ns)
+        return ForwardResult(logits, reuse, forward_ns)
