@@ -359,7 +359,10 @@ def test_worker_ports_and_args() -> None:
         assert args["--host"] == "0.0.0.0" and args["--port"] == str(port)
         assert args["--max-speculative-tokens"] == "16"
         assert c["ports"][0] == {"name": "grpc", "containerPort": port, "protocol": "TCP"}
-        assert len(c["ports"]) == (2 if role == "target" else 1)  # targets: direct streams (their own test)
+        # Then metrics, and on targets direct streams (their own tests).
+        assert [p["name"] for p in c["ports"]] == (
+            ["grpc", "direct", "metrics"] if role == "target" else ["grpc", "metrics"]
+        )
     c = container(one(docs, "Deployment", f"{FULLNAME}-coordinator"))
     assert c["args"][:2] == ["serve", "coordinator"]
     args = args_of(c)
@@ -528,6 +531,9 @@ def test_network_policies_let_only_the_coordinator_reach_workers_and_redis(value
                     continue
                 if policy["metadata"]["name"] == f"{FULLNAME}-target-from-draft":
                     continue  # delegation: draft pods reach target pods (its own test)
+                if rule["ports"] == [{"protocol": "TCP", "port": "metrics"}]:
+                    assert policy["metadata"]["name"] == f"{FULLNAME}-workers"
+                    continue  # the Prometheus port (its own test)
                 # Workers and Redis: only the coordinator's pods, never the test Pod or anything else.
                 assert peers and all(set(p) == {"podSelector"} for p in peers), policy["metadata"]["name"]
                 assert all(_selects(p["podSelector"], coordinator_labels) for p in peers)
@@ -572,11 +578,11 @@ def test_targets_serve_direct_streams_to_draft_pods_unless_turned_off() -> None:
     for deployment in find(docs, "Deployment"):
         if pod_labels(deployment)["app.kubernetes.io/component"] == "draft":
             assert "--direct-stream-port" not in args_of(container(deployment))
-            assert [port["name"] for port in container(deployment)["ports"]] == ["grpc"]
+            assert [port["name"] for port in container(deployment)["ports"]] == ["grpc", "metrics"]
     docs = render({"target": {"directStreamPort": 0}})
     worker = container(one(docs, "Deployment", f"{FULLNAME}-target-gpu"))
     assert "--direct-stream-port" not in args_of(worker)
-    assert [port["name"] for port in worker["ports"]] == ["grpc"]
+    assert [port["name"] for port in worker["ports"]] == ["grpc", "metrics"]
     (rule,) = one(docs, "NetworkPolicy", f"{FULLNAME}-target-from-draft")["spec"]["ingress"]
     assert rule["ports"] == [{"protocol": "TCP", "port": "grpc"}]
 
@@ -584,7 +590,7 @@ def test_targets_serve_direct_streams_to_draft_pods_unless_turned_off() -> None:
 def test_coordinator_serves_prometheus_metrics_unless_turned_off() -> None:
     """coordinator.metrics (on by default, port 9400): --metrics-port, a `metrics` container port, the
     prometheus.io scrape annotations (the user's podAnnotations win), and an ingress rule for the port from
-    networkPolicy.coordinator.metricsFrom (anyone when empty)."""
+    networkPolicy.metricsFrom (anyone when empty)."""
     docs = rendered("default")
     deployment = one(docs, "Deployment", f"{FULLNAME}-coordinator")
     c = container(deployment)
@@ -599,7 +605,7 @@ def test_coordinator_serves_prometheus_metrics_unless_turned_off() -> None:
     docs = render(
         {
             "coordinator": {"podAnnotations": {"prometheus.io/scrape": "false"}},
-            "networkPolicy": {"coordinator": {"metricsFrom": [scraper]}},
+            "networkPolicy": {"metricsFrom": [scraper]},
         }
     )
     deployment = one(docs, "Deployment", f"{FULLNAME}-coordinator")
@@ -612,6 +618,41 @@ def test_coordinator_serves_prometheus_metrics_unless_turned_off() -> None:
     assert "--metrics-port" not in args_of(c) and [p["name"] for p in c["ports"]] == ["grpc"]
     assert "prometheus.io/scrape" not in deployment["spec"]["template"]["metadata"]["annotations"]
     rules = one(docs, "NetworkPolicy", f"{FULLNAME}-coordinator")["spec"]["ingress"]
+    assert all(rule["ports"] != [{"protocol": "TCP", "port": "metrics"}] for rule in rules)
+
+
+def test_workers_serve_prometheus_metrics_unless_turned_off() -> None:
+    """draft.metrics and target.metrics (on, port 9400, one value per component): --metrics-port, a `metrics`
+    container port and the scrape annotations on every pool (a pool's podAnnotations win), and the workers'
+    policy opens the port to networkPolicy.metricsFrom."""
+    values = values_of("two-gpu-pools-values.yaml")
+    values["target"]["pools"][0]["podAnnotations"] = {"prometheus.io/scrape": "false"}
+    values["networkPolicy"] = {"metricsFrom": [{"podSelector": {"matchLabels": {"app": "prometheus"}}}]}
+    docs = render(values)
+    workers = [
+        d for d in find(docs, "Deployment") if pod_labels(d)["app.kubernetes.io/component"] != "coordinator"
+    ]
+    assert len(workers) >= 3
+    for deployment in workers:
+        worker = container(deployment)
+        assert args_of(worker)["--metrics-port"] == "9400"
+        assert {"name": "metrics", "containerPort": 9400, "protocol": "TCP"} in worker["ports"]
+        annotations = deployment["spec"]["template"]["metadata"]["annotations"]
+        assert annotations["prometheus.io/port"] == "9400" and annotations["prometheus.io/path"] == "/metrics"
+    first_pool = f"{FULLNAME}-target-{values['target']['pools'][0]['name']}"
+    annotations = one(docs, "Deployment", first_pool)["spec"]["template"]["metadata"]["annotations"]
+    assert annotations["prometheus.io/scrape"] == "false"
+    rules = one(docs, "NetworkPolicy", f"{FULLNAME}-workers")["spec"]["ingress"]
+    assert {
+        "ports": [{"protocol": "TCP", "port": "metrics"}],
+        "from": values["networkPolicy"]["metricsFrom"],
+    } in rules
+    docs = render({"draft": {"metrics": {"enabled": False}}, "target": {"metrics": {"enabled": False}}})
+    for role in ("draft-cpu", "target-gpu"):
+        deployment = one(docs, "Deployment", f"{FULLNAME}-{role}")
+        assert "--metrics-port" not in args_of(container(deployment))
+        assert "annotations" not in deployment["spec"]["template"]["metadata"]
+    rules = one(docs, "NetworkPolicy", f"{FULLNAME}-workers")["spec"]["ingress"]
     assert all(rule["ports"] != [{"protocol": "TCP", "port": "metrics"}] for rule in rules)
 
 

@@ -126,7 +126,7 @@ tolerations: [] over a non-empty default; `image` is kept separately as componen
 {{- $root := .root }}
 {{- $role := .role }}
 {{- $component := index $root.Values $role }}
-{{- $defaults := omit $component "pools" "port" "directStreamPort" "image" }}
+{{- $defaults := omit $component "pools" "port" "directStreamPort" "metrics" "image" }}
 {{- $pools := list }}
 {{- $seen := dict }}
 {{- range $i, $p := $component.pools }}

@@ -14,6 +14,7 @@ Worker objects, shared by the draft-* and target-* templates. Each takes (dict "
 {{- $component := index $root.Values $role }}
 {{- $port := int $component.port }}
 {{- $directPort := include "specpipe.directStreamPort" (dict "root" $root "role" $role) | int }}
+{{- $metrics := default dict $component.metrics }}
 {{- range $pool := (include "specpipe.pools" (dict "root" $root "role" $role) | fromYaml).pools }}
 {{- $ctx := dict "root" $root "role" $role "pool" $pool.name }}
 {{- $name := include "specpipe.poolName" $ctx }}
@@ -45,7 +46,16 @@ spec:
         {{- with $pool.podLabels }}
         {{- toYaml . | nindent 8 }}
         {{- end }}
-      {{- with $pool.podAnnotations }}
+      {{- $annotations := dict }}
+      {{- if $metrics.enabled }}
+      {{- $_ := set $annotations "prometheus.io/scrape" "true" }}
+      {{- $_ := set $annotations "prometheus.io/port" (toString (int $metrics.port)) }}
+      {{- $_ := set $annotations "prometheus.io/path" "/metrics" }}
+      {{- end }}
+      {{- range $key, $value := $pool.podAnnotations }}
+      {{- $_ := set $annotations $key $value }}
+      {{- end }}
+      {{- with $annotations }}
       annotations:
         {{- toYaml . | nindent 8 }}
       {{- end }}
@@ -163,6 +173,9 @@ spec:
             {{- if gt $directPort 0 }}
             - --direct-stream-port={{ $directPort }}
             {{- end }}
+            {{- if $metrics.enabled }}
+            - --metrics-port={{ int $metrics.port }}
+            {{- end }}
             {{- range $pool.extraArgs }}
             - {{ . | quote }}
             {{- end }}
@@ -183,6 +196,11 @@ spec:
             {{- if gt $directPort 0 }}
             - name: direct
               containerPort: {{ $directPort }}
+              protocol: TCP
+            {{- end }}
+            {{- if $metrics.enabled }}
+            - name: metrics
+              containerPort: {{ int $metrics.port }}
               protocol: TCP
             {{- end }}
           startupProbe:
