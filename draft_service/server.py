@@ -42,13 +42,15 @@ async def run_draft_worker(config: WorkerConfig, stop_event: asyncio.Event | Non
     targets = TargetClients()  # channels to the targets of delegated requests
     with ThreadPoolExecutor(max_workers=1, thread_name_prefix="draft-model") as model_thread:
         servicer = DraftServicer(model_thread, targets)
-        metrics = WorkerMetrics("draft", servicer.stats, lambda: servicer.model_jobs)
-        metrics_server = metrics.serve(config.host, config.metrics_port) if config.metrics_port >= 0 else None
+        metrics, metrics_server = None, None
+        if config.metrics_port >= 0:
+            metrics = WorkerMetrics("draft", servicer.stats, lambda: servicer.model_jobs)
+            metrics_server = metrics.serve(config.host, config.metrics_port)
 
         async def warmup() -> None:
             loop = asyncio.get_running_loop()
             drafter, info = await loop.run_in_executor(model_thread, load_drafter, config)
-            if isinstance(drafter, ModelDrafter):  # prompt lookup runs no model
+            if metrics is not None and isinstance(drafter, ModelDrafter):  # prompt lookup runs no model
                 drafter.runner.forward_observer = metrics.observe_forward
             servicer.attach(drafter, info)
 

@@ -42,13 +42,16 @@ async def run_target_worker(config: WorkerConfig, stop_event: asyncio.Event | No
             direct_port = await direct.start(config.host, config.direct_stream_port)
             servicer.direct_streams = lambda: direct.streams_served if direct is not None else 0
 
-        metrics = WorkerMetrics("target", servicer.stats, lambda: servicer.model_jobs)
-        metrics_server = metrics.serve(config.host, config.metrics_port) if config.metrics_port >= 0 else None
+        metrics, metrics_server = None, None
+        if config.metrics_port >= 0:
+            metrics = WorkerMetrics("target", servicer.stats, lambda: servicer.model_jobs)
+            metrics_server = metrics.serve(config.host, config.metrics_port)
 
         async def warmup() -> None:
             verifier = await asyncio.get_running_loop().run_in_executor(model_thread, load_verifier, config)
             info = WorkerModelInfo.from_runner(verifier.runner, "target", direct_stream_port=direct_port)
-            verifier.runner.forward_observer = metrics.observe_forward
+            if metrics is not None:
+                verifier.runner.forward_observer = metrics.observe_forward
             servicer.attach(verifier, info)
 
         try:
