@@ -28,6 +28,7 @@ from specpipe.errors import DeadlineExceededError, UnavailableError
 from specpipe.rpc.worker_clients import (
     DraftStream,
     Proposal,
+    TargetClient,
     TargetStream,
     Verification,
     WorkerClient,
@@ -108,6 +109,13 @@ class WorkerLink:
 
 
 class TargetLink(WorkerLink):
+    async def connect(self) -> None:
+        """Opens a session stream to the session's target: a direct stream where the target serves them
+        (specpipe/rpc/direct_frames.py), else gRPC's VerifyStream."""
+        replica = await self.choose()
+        assert isinstance(replica.client, TargetClient)
+        self.stream = await replica.client.connect_stream(self.call_timeout())
+
     async def verify(
         self,
         history: Sequence[int],
@@ -116,16 +124,16 @@ class TargetLink(WorkerLink):
         sampling: SamplingParams,
     ) -> Verification:
         for attempt in range(MAX_ATTEMPTS):
-            if self.stream is None:
-                await self.connect()  # UnavailableError: no healthy target left
-            assert isinstance(self.stream, TargetStream) and self.replica is not None
             try:
+                if self.stream is None:
+                    await self.connect()  # UnavailableError: no healthy target left, or this one is down
+                assert isinstance(self.stream, TargetStream)
                 return await self.stream.verify(
                     self.session_id, history, draft_token_ids, draft_probs, sampling, self.call_timeout()
                 )
             except (UnavailableError, DeadlineExceededError) as exc:
-                if not self.replica_failed(exc) or attempt == MAX_ATTEMPTS - 1:
-                    raise
+                if self.replica is None or not self.replica_failed(exc) or attempt == MAX_ATTEMPTS - 1:
+                    raise  # no replica was chosen (none in rotation), or the request's own deadline
                 self._fail_over_verify(exc)
         raise AssertionError("unreachable")
 

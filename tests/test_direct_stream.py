@@ -1,8 +1,9 @@
 """Direct streams (specpipe/rpc/direct_frames.py): VerifyStream's messages over plain TCP to a real target
 worker, with gRPC's status codes, its rule for the session's cache, and the fallback to gRPC.
 
-The chain semantics over both transports are in test_chained_verify.py; exactness through the delegated
-rounds, which use direct streams by default, in test_delegation.py and test_pipeline.py."""
+The chain semantics over both transports are in test_chained_verify.py; exactness through the rounds,
+which use direct streams by default (the draft's delegated rounds and the coordinator's own), in
+test_delegation.py and the test_pipeline_*.py modules."""
 
 from __future__ import annotations
 
@@ -253,7 +254,7 @@ def test_a_target_without_a_listener_gets_grpc_streams() -> None:
     asyncio.run(main())
 
 
-def test_delegated_rounds_go_over_direct_streams(pipeline: Pipeline) -> None:
+def direct_streams_served(pipeline: Pipeline) -> int:
     async def served() -> int:
         client = TargetClient(pipeline.target.address)
         try:
@@ -261,8 +262,22 @@ def test_delegated_rounds_go_over_direct_streams(pipeline: Pipeline) -> None:
         finally:
             await client.close()
 
-    before = asyncio.run(served())
+    return asyncio.run(served())
+
+
+def test_the_coordinators_own_rounds_go_over_direct_streams_too(pipeline: Pipeline) -> None:
+    """k = 0 requests (and --no-delegation) run on the coordinator's loop: its target stream is direct too."""
+
+    before = direct_streams_served(pipeline)
+    with CoordinatorClient(pipeline.coordinator_addr) as coordinator:
+        plain = coordinator.generate(build_request(PROMPTS[0], 12, num_speculative_tokens=0), TIMEOUT_S)
+    assert plain.usage is not None and plain.usage.draft_tokens == 0 and len(plain.token_ids) == 12
+    assert direct_streams_served(pipeline) == before + 1
+
+
+def test_delegated_rounds_go_over_direct_streams(pipeline: Pipeline) -> None:
+    before = direct_streams_served(pipeline)
     with CoordinatorClient(pipeline.coordinator_addr) as coordinator:
         result = coordinator.generate(build_request(PROMPTS[0], 24), TIMEOUT_S)
     assert len(result.token_ids) == 24
-    assert asyncio.run(served()) > before
+    assert direct_streams_served(pipeline) > before
