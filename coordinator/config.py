@@ -39,9 +39,8 @@ class CoordinatorConfig:
     redis_password: str = field(default="", repr=False)
     redis_ca_file: str = ""
     shutdown_grace_s: float = 10.0
-    # Prometheus metrics over HTTP (coordinator/metrics.py): the port (0 = a free one, -1 = none) and address.
+    # Prometheus metrics over HTTP on `host` (coordinator/metrics.py): 0 = a free port, -1 = none.
     metrics_port: int = -1
-    metrics_host: str = "127.0.0.1"
 
     def __post_init__(self) -> None:
         if not self.redis_url:

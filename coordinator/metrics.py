@@ -18,7 +18,6 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
 from coordinator.request import GenerationChunk, Usage
 from specpipe.errors import SpecpipeError
-from specpipe.metrics_server import MetricsServer, serve_metrics
 from specpipe.rpc.interceptor import status_for
 
 # Seconds: from a fraction of a decoding step on a GPU to a long request on a CPU.
@@ -102,9 +101,6 @@ class CoordinatorMetrics:
             self.draft_tokens.inc(usage.draft_tokens)
             self.accepted_tokens.inc(usage.accepted_tokens)
             self.target_passes.inc(usage.target_passes)
-
-    def serve(self, host: str, port: int) -> MetricsServer:
-        return serve_metrics(self.registry, host, port, "coordinator")
 
 
 @dataclass(slots=True)

@@ -158,9 +158,6 @@ async def run_coordinator(config: CoordinatorConfig, stop_event: asyncio.Event |
         ),
         metrics,
     )
-    metrics_server = (
-        metrics.serve(config.metrics_host, config.metrics_port) if config.metrics_port >= 0 else None
-    )
 
     async def warmup() -> None:
         cluster.start()
@@ -180,10 +177,10 @@ async def run_coordinator(config: CoordinatorConfig, stop_event: asyncio.Event |
             warmup=warmup,
             shutdown_grace_s=config.shutdown_grace_s,
             stop_event=stop_event,
+            metrics=metrics.registry if config.metrics_port >= 0 else None,
+            metrics_port=config.metrics_port,
         )
     finally:
-        if metrics_server is not None:
-            metrics_server.close()
         await cluster.close()
         try:
             await store.close()

@@ -42,10 +42,12 @@ async def run_draft_worker(config: WorkerConfig, stop_event: asyncio.Event | Non
     targets = TargetClients()  # channels to the targets of delegated requests
     with ThreadPoolExecutor(max_workers=1, thread_name_prefix="draft-model") as model_thread:
         servicer = DraftServicer(model_thread, targets)
-        metrics, metrics_server = None, None
-        if config.metrics_port >= 0:
-            metrics = WorkerMetrics("draft", servicer.stats, lambda: servicer.model_jobs)
-            metrics_server = metrics.serve(config.host, config.metrics_port)
+        # Built only when served: otherwise no observer runs on the forward.
+        metrics = (
+            WorkerMetrics("draft", servicer.stats, lambda: servicer.model_jobs)
+            if config.metrics_port >= 0
+            else None
+        )
 
         async def warmup() -> None:
             loop = asyncio.get_running_loop()
@@ -54,18 +56,16 @@ async def run_draft_worker(config: WorkerConfig, stop_event: asyncio.Event | Non
                 drafter.runner.forward_observer = metrics.observe_forward
             servicer.attach(drafter, info)
 
-        try:
-            await serve(
-                name="draft",
-                host=config.host,
-                port=config.port,
-                register=lambda server: draft_pb2_grpc.add_DraftServiceServicer_to_server(servicer, server),
-                service_names=[SERVICE_NAME],
-                warmup=warmup,
-                shutdown_grace_s=config.shutdown_grace_s,
-                stop_event=stop_event,
-            )
-        finally:
-            if metrics_server is not None:
-                metrics_server.close()
+        await serve(
+            name="draft",
+            host=config.host,
+            port=config.port,
+            register=lambda server: draft_pb2_grpc.add_DraftServiceServicer_to_server(servicer, server),
+            service_names=[SERVICE_NAME],
+            warmup=warmup,
+            shutdown_grace_s=config.shutdown_grace_s,
+            stop_event=stop_event,
+            metrics=metrics.registry if metrics is not None else None,
+            metrics_port=config.metrics_port,
+        )
     await targets.close()

@@ -253,7 +253,6 @@ def serve_component(args: argparse.Namespace) -> int:
         redis_password=redis_password(args),
         redis_ca_file=args.redis_ca_file,
         metrics_port=args.metrics_port,
-        metrics_host=args.host,
     )
     try:
         asyncio.run(run_coordinator(config))

@@ -34,18 +34,21 @@ def load_verifier(config: WorkerConfig) -> Verifier:
 async def run_target_worker(config: WorkerConfig, stop_event: asyncio.Event | None = None) -> None:
     with ThreadPoolExecutor(max_workers=1, thread_name_prefix="target-model") as model_thread:
         servicer = TargetServicer(model_thread)
-        # VerifyStream without gRPC's threads, for the draft workers' delegated rounds (direct_frames.py).
+        # VerifyStream without gRPC's threads, for the rounds of drafts and coordinators (direct_frames.py).
         direct: DirectStreamServer | None = None
         direct_port = 0
         if config.direct_stream_port >= 0:
-            direct = DirectStreamServer("target", servicer.VerifyStream, target_pb2.VerifyRequest.FromString)
-            direct_port = await direct.start(config.host, config.direct_stream_port)
-            servicer.direct_streams = lambda: direct.streams_served if direct is not None else 0
-
-        metrics, metrics_server = None, None
-        if config.metrics_port >= 0:
-            metrics = WorkerMetrics("target", servicer.stats, lambda: servicer.model_jobs)
-            metrics_server = metrics.serve(config.host, config.metrics_port)
+            direct = listener = DirectStreamServer(
+                "target", servicer.VerifyStream, target_pb2.VerifyRequest.FromString
+            )
+            direct_port = await listener.start(config.host, config.direct_stream_port)
+            servicer.direct_streams = lambda: listener.streams_served
+        # Built only when served: otherwise no observer runs on the forward.
+        metrics = (
+            WorkerMetrics("target", servicer.stats, lambda: servicer.model_jobs)
+            if config.metrics_port >= 0
+            else None
+        )
 
         async def warmup() -> None:
             verifier = await asyncio.get_running_loop().run_in_executor(model_thread, load_verifier, config)
@@ -65,9 +68,9 @@ async def run_target_worker(config: WorkerConfig, stop_event: asyncio.Event | No
                 shutdown_grace_s=config.shutdown_grace_s,
                 stop_event=stop_event,
                 drains=[direct.stop] if direct is not None else [],
+                metrics=metrics.registry if metrics is not None else None,
+                metrics_port=config.metrics_port,
             )
         finally:
             if direct is not None:
                 await direct.stop(0)  # already drained, unless serve failed
-            if metrics_server is not None:
-                metrics_server.close()

@@ -22,6 +22,8 @@ import asyncio
 import socket
 import struct
 
+from specpipe.rpc.server import MAX_MESSAGE_BYTES
+
 PROTOCOL = b"specpipe-verify-stream/1"
 
 HELLO = 1
@@ -31,8 +33,6 @@ REPLY = 4
 ERROR = 5
 
 KINDS = frozenset({HELLO, REQUEST, END, REPLY, ERROR})
-# The largest body accepted: a request with dense draft distributions of a large vocabulary (as gRPC's limit).
-MAX_FRAME_BYTES = 64 * 1024 * 1024
 
 _HEADER = struct.Struct("<IB")  # length of kind + body, kind
 _CODE = struct.Struct("<I")
@@ -92,7 +92,7 @@ async def read_frame(reader: asyncio.StreamReader) -> tuple[int, bytes] | None:
     length, kind = _HEADER.unpack(header)
     if kind not in KINDS:
         raise FrameError(f"unknown frame kind {kind}")
-    if not 1 <= length <= MAX_FRAME_BYTES + 1:
+    if not 1 <= length <= MAX_MESSAGE_BYTES + 1:  # gRPC's limit, for the same messages
         raise FrameError(f"frame length {length} out of range")
     body = await reader.readexactly(length - 1) if length > 1 else b""
     return kind, body

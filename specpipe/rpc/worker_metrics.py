@@ -14,7 +14,6 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metri
 from prometheus_client.registry import Collector
 
 from specpipe.errors import UnavailableError
-from specpipe.metrics_server import MetricsServer, serve_metrics
 from specpipe.v1 import common_pb2
 
 # Seconds: a draft step on a GPU (~1 ms) to a long prefill on a CPU.
@@ -90,6 +89,3 @@ class WorkerMetrics:
         """Called by the model runner after each forward, on the model thread (the histogram is
         thread-safe)."""
         self._forward_seconds.observe(forward_ns / 1e9)
-
-    def serve(self, host: str, port: int) -> MetricsServer:
-        return serve_metrics(self.registry, host, port, self.role)
