@@ -78,7 +78,12 @@ class DelegatedRounds:
         planner: RoundPlanner[None] = RoundPlanner(
             schedule.policy(), limits, schedule.costs, schedule.pipelining, schedule.chaining
         )
-        stream = await self.targets.get(request.target_address).connect_stream(worker_call_timeout())
+        # The target stream connects while the first block is drafted: that first call is the draft's prefill
+        # of the prompt, on the model thread, so the event loop is free to open the connection meanwhile.
+        connecting = asyncio.ensure_future(
+            self.targets.get(request.target_address).connect_stream(worker_call_timeout())
+        )
+        stream: TargetStream | None = None
         history = list(request.token_ids)
         generated = 0
         verify: asyncio.Future[Verification] | None = None
@@ -92,6 +97,8 @@ class DelegatedRounds:
                     proposal = await self.propose(request, history, k, inline=not first_call)
                     first_call = False
                     draft_ns = proposal.forward_ns
+                if stream is None:
+                    stream = await connecting
                 draft_ids = proposal.token_ids[:k]
                 k = len(draft_ids)
                 if plan.queued is not None:
@@ -133,7 +140,9 @@ class DelegatedRounds:
                 history.extend(new_ids)
                 generated += len(new_ids)
         finally:
-            if verify is not None and not verify.done():
+            if stream is None:
+                self._spawn(self.discard(connecting))
+            elif verify is not None and not verify.done():
                 # Stopped during a verify (the coordinator cancels the call at a stop string): the verdict is
                 # read in the background and the stream then closed normally, so the target keeps the
                 # session's cache warm for the next turn (and crops the tokens after the stop then). A
@@ -141,6 +150,13 @@ class DelegatedRounds:
                 self._spawn(self.close_after(verify, stream))
             else:
                 await self.close(stream)
+
+    @staticmethod
+    async def discard(connecting: asyncio.Future[TargetStream]) -> None:
+        """Stops a connection the rounds never used (they failed or stopped during the first draft)."""
+        connecting.cancel()
+        with contextlib.suppress(Exception, asyncio.CancelledError):
+            (await connecting).cancel()  # connected before the cancel: nothing was sent on it
 
     async def close_after(self, verify: asyncio.Future[Verification], stream: TargetStream) -> None:
         with contextlib.suppress(Exception):

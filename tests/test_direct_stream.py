@@ -13,6 +13,7 @@ from collections.abc import AsyncIterator
 import grpc
 import pytest
 
+from draft_service.delegated import DelegatedRounds
 from specpipe import errors
 from specpipe.client import CoordinatorClient, build_request
 from specpipe.rpc import direct_frames as frames
@@ -281,3 +282,29 @@ def test_delegated_rounds_go_over_direct_streams(pipeline: Pipeline) -> None:
         result = coordinator.generate(build_request(PROMPTS[0], 24), TIMEOUT_S)
     assert len(result.token_ids) == 24
     assert direct_streams_served(pipeline) > before
+
+
+def test_a_target_stream_the_delegated_rounds_never_used_is_closed(pipeline: Pipeline) -> None:
+    """The draft connects to the target while it drafts a request's first block; rounds that stop before the
+    first block goes out (a failed draft, a cancelled call) close that connection, connected or not."""
+
+    async def open_streams(client: TargetClient, expected: int) -> None:
+        for _ in range(200):
+            if (await client.stats()).open_streams == expected:
+                return
+            await asyncio.sleep(0.01)
+        raise AssertionError(f"the target still has {(await client.stats()).open_streams} open streams")
+
+    async def main(client: TargetClient) -> None:
+        before = (await client.stats()).open_streams
+        connected = asyncio.ensure_future(client.connect_stream(TIMEOUT_S))
+        await asyncio.wait([connected])
+        await open_streams(client, before + 1)  # after HELLO the target waits for its first block
+        await DelegatedRounds.discard(connected)
+        await open_streams(client, before)
+        connecting = asyncio.ensure_future(client.connect_stream(TIMEOUT_S))
+        await DelegatedRounds.discard(connecting)  # not connected yet: the connection is never made
+        assert connecting.cancelled()
+        await open_streams(client, before)
+
+    with_target_client(pipeline, main)
