@@ -32,7 +32,7 @@ from specpipe.speculation.adaptive_k import CostProfile, DraftLengthPolicy
 from specpipe.speculation.delegation import DelegatedRequest, DraftSchedule
 from specpipe.speculation.limits import ModelLimits
 from specpipe.speculation.rounds import NO_PROPOSAL, Proposal, QueuedBlock, RoundPlanner, Verification
-from specpipe.store.session_store import SessionStats, SessionStore
+from specpipe.store.session_store import CommittedRound, SessionStats, SessionStore
 from specpipe.text.detokenizer import IncrementalDetokenizer
 
 logger = logging.getLogger(__name__)
@@ -120,10 +120,11 @@ class SpeculativeGenerator:
     async def commit(
         self, session: OpenSession, request: GenerationRequest, new_ids: list[int], delta: SessionStats
     ) -> None:
-        sampling = request.sampling.to_dict()
         if not session.persisted:
-            # The session (or this turn's prompt) is written together with the first round, so a request
-            # that fails before producing a token leaves nothing behind.
+            # The session (or this turn's prompt) is written with the first round, in one store write, so a
+            # request that fails before producing a token leaves nothing behind.
+            sampling = request.sampling.to_dict()
+            first_round = CommittedRound(tuple(new_ids), delta)
             if session.is_new:
                 state = await self.store.create(
                     session.session_id,
@@ -131,14 +132,16 @@ class SpeculativeGenerator:
                     len(session.opening_history),
                     sampling,
                     self.owner,
+                    first_round,
                 )
             else:
                 assert session.version is not None
                 state = await self.store.append_prompt(
-                    session.session_id, session.version, session.prompt_ids, sampling
+                    session.session_id, session.version, session.prompt_ids, sampling, first_round
                 )
             session.version = state.version
             session.persisted = True
+            return
         assert session.version is not None
         session.version = await self.store.commit_round(session.session_id, session.version, new_ids, delta)
 

@@ -15,7 +15,7 @@ import redis.asyncio
 
 from specpipe.errors import FailedPreconditionError, InvalidArgumentError, NotFoundError, UnavailableError
 from specpipe.store.redis_server import RedisServerProcess
-from specpipe.store.session_store import SessionState, SessionStats, SessionStore
+from specpipe.store.session_store import CommittedRound, SessionState, SessionStats, SessionStore
 
 T = TypeVar("T")
 
@@ -178,6 +178,55 @@ def test_append_prompt_starts_new_turn(server: RedisServerProcess) -> None:
     assert loaded.stats.generated_tokens == 2
     assert returned.token_ids == loaded.token_ids and returned.version == loaded.version
     assert returned.prompt_len == loaded.prompt_len and returned.stats == loaded.stats
+
+
+def test_a_first_round_written_with_the_session_equals_two_writes(server: RedisServerProcess) -> None:
+    """create / append_prompt with first_round: one write, the same state as the write and a commit_round."""
+    together, apart = new_id(), new_id()
+    first, second = (
+        CommittedRound((12, 13), SessionStats(2, 3, 1, 1, 1)),
+        CommittedRound((16,), SessionStats(1, 2, 0, 1, 1)),
+    )
+
+    async def body(store: SessionStore) -> tuple[list[SessionState], list[SessionState]]:
+        created = await store.create(together, [10, 11], 2, SAMPLING, "me", first_round=first)
+        created_loaded = await store.load(together)
+        turn = await store.append_prompt(together, 1, [14, 15], {"temperature": 0.0}, first_round=second)
+        await store.create(apart, [10, 11], 2, SAMPLING, "me")
+        await store.commit_round(apart, 0, first.token_ids, first.stats)
+        await store.append_prompt(apart, 1, [14, 15], {"temperature": 0.0})
+        await store.commit_round(apart, 2, second.token_ids, second.stats)
+        return [created, created_loaded, turn, await store.load(together)], [await store.load(apart)]
+
+    (created, created_loaded, turn, loaded), (reference,) = run_with_store(server.url, body)
+    assert created.version == created_loaded.version == 1
+    assert created.token_ids == created_loaded.token_ids == (10, 11, 12, 13)
+    assert created.stats == created_loaded.stats == first.stats
+    assert created.prompt_len == created_loaded.prompt_len == 2
+    assert turn.token_ids == loaded.token_ids == reference.token_ids == (10, 11, 12, 13, 14, 15, 16)
+    assert turn.version == loaded.version == reference.version == 3
+    assert turn.prompt_len == loaded.prompt_len == reference.prompt_len == 6
+    assert turn.stats == loaded.stats == reference.stats == SessionStats(3, 5, 1, 2, 2)
+
+
+def test_a_refused_first_round_writes_nothing(server: RedisServerProcess) -> None:
+    sid = new_id()
+    extra = CommittedRound((99,), SessionStats(1, 1, 1, 1, 1))
+
+    async def body(store: SessionStore) -> SessionState:
+        await store.create(sid, [1, 2], 2, {})
+        with pytest.raises(FailedPreconditionError, match="already exists"):
+            await store.create(sid, [7], 1, {}, first_round=extra)
+        with pytest.raises(FailedPreconditionError, match="expected 3, found 0"):
+            await store.append_prompt(sid, 3, [5], {}, first_round=extra)
+        with pytest.raises(InvalidArgumentError, match="stats_delta.rounds"):
+            await store.create(
+                new_id(), [7], 1, {}, first_round=CommittedRound((1,), SessionStats(rounds=-1))
+            )
+        return await store.load(sid)
+
+    state = run_with_store(server.url, body)
+    assert state.token_ids == (1, 2) and state.version == 0 and state.stats == SessionStats()
 
 
 def test_ttl_set_and_refreshed(server: RedisServerProcess) -> None:

@@ -87,9 +87,25 @@ local function check_version(expected)
 end
 """
 
-# ARGV: packed tokens, prompt_len, sampling json, now, owner, ttl
+# A first round written with the session or its new turn (ARGV from `first`: packed tokens, then the five
+# counter deltas in _COUNTERS order): appended and counted as commit_round would, one version later.
+_LUA_COMMIT_FIRST_ROUND = """
+local function commit_first_round(first)
+  if #ARGV < first then return end
+  if string.len(ARGV[first]) > 0 then redis.call('APPEND', KEYS[2], ARGV[first]) end
+  redis.call('HINCRBY', KEYS[1], 'version', 1)
+  local counters = {'generated_tokens', 'draft_tokens', 'accepted_tokens', 'target_passes', 'rounds'}
+  for i, name in ipairs(counters) do
+    local delta = tonumber(ARGV[first + i])
+    if delta ~= 0 then redis.call('HINCRBY', KEYS[1], name, delta) end
+  end
+end
+"""
+
+# ARGV: packed tokens, prompt_len, sampling json, now, owner, ttl [, a first round from 7]
 _LUA_CREATE = (
     _LUA_REFRESH_TTL
+    + _LUA_COMMIT_FIRST_ROUND
     + """
 if redis.call('EXISTS', KEYS[1]) == 1 then return {3} end  -- _EXISTS
 redis.call('HSET', KEYS[1], 'version', 0, 'prompt_len', ARGV[2], 'sampling', ARGV[3],
@@ -97,6 +113,7 @@ redis.call('HSET', KEYS[1], 'version', 0, 'prompt_len', ARGV[2], 'sampling', ARG
   'generated_tokens', 0, 'draft_tokens', 0, 'accepted_tokens', 0, 'target_passes', 0, 'rounds', 0)
 -- SET (not APPEND) so a token string orphaned by a partial expiry can never leak into a new session.
 redis.call('SET', KEYS[2], ARGV[1])
+commit_first_round(7)
 refresh_ttl(tonumber(ARGV[6]))
 return {0}  -- _OK
 """
@@ -122,11 +139,12 @@ return {0, version}  -- _OK
 """
 )
 
-# ARGV: expected version, packed tokens, sampling json, now, ttl. Replies with the whole new state so the
-# caller gets a consistent snapshot without a second, racy read.
+# ARGV: expected version, packed tokens, sampling json, now, ttl [, a first round from 6]. Replies with the
+# whole new state so the caller gets a consistent snapshot without a second, racy read.
 _LUA_APPEND_PROMPT = (
     _LUA_REFRESH_TTL
     + _LUA_CHECK_VERSION
+    + _LUA_COMMIT_FIRST_ROUND
     + """
 local rejected = check_version(ARGV[1])
 if rejected then return rejected end
@@ -134,6 +152,7 @@ local nbytes = redis.call('APPEND', KEYS[2], ARGV[2])
 redis.call('HSET', KEYS[1], 'prompt_len', string.format('%d', nbytes / 4), 'sampling', ARGV[3],
   'updated_at', ARGV[4])
 redis.call('HINCRBY', KEYS[1], 'version', 1)
+commit_first_round(6)
 refresh_ttl(tonumber(ARGV[5]))
 -- _OK
 return {0, redis.call('HGETALL', KEYS[1]), redis.call('GET', KEYS[2]), redis.call('PTTL', KEYS[1])}
@@ -150,6 +169,14 @@ class SessionStats:
     accepted_tokens: int = 0
     target_passes: int = 0
     rounds: int = 0
+
+
+@dataclass(frozen=True, slots=True)
+class CommittedRound:
+    """A round's new tokens and counter increments, as commit_round takes them."""
+
+    token_ids: tuple[int, ...]
+    stats: SessionStats
 
 
 @dataclass(frozen=True, slots=True)
@@ -245,8 +272,11 @@ class SessionStore:
         prompt_len: int,
         sampling: Mapping[str, Any],
         owner: str = "",
+        first_round: CommittedRound | None = None,
     ) -> SessionState:
-        """Store a new session at version 0; FailedPreconditionError if the id is taken."""
+        """Store a new session at version 0; FailedPreconditionError if the id is taken. With `first_round`,
+        that round is committed in the same write (version 1): one store round trip where a new session's
+        first round would take two."""
         keys = self._keys(session_id)
         tokens = tuple(token_ids)
         if not 0 <= prompt_len <= len(tokens):
@@ -254,18 +284,20 @@ class SessionStore:
         packed = _pack_tokens(tokens)
         sampling_json = _sampling_json(sampling)
         now = time.time()
-        args = [packed, prompt_len, sampling_json, repr(now), owner, self._ttl_s]
+        args = [packed, prompt_len, sampling_json, repr(now), owner, self._ttl_s, *_round_args(first_round)]
         with self._translate_errors():
             reply = await self._create_script(keys=keys, args=args)
         if int(reply[0]) == _EXISTS:
             raise FailedPreconditionError(f"session {session_id!r} already exists")
+        if first_round is not None:
+            tokens += first_round.token_ids
         return SessionState(
             session_id=session_id,
             token_ids=tokens,
             prompt_len=prompt_len,
             sampling=json.loads(sampling_json),
-            version=0,
-            stats=SessionStats(),
+            version=0 if first_round is None else 1,
+            stats=SessionStats() if first_round is None else first_round.stats,
             created_at=now,
             updated_at=now,
             owner=owner,
@@ -294,11 +326,7 @@ class SessionStore:
     ) -> int:
         """Append one round's accepted tokens and add its counters; returns the new version."""
         keys = self._keys(session_id)
-        packed = _pack_tokens(new_token_ids)
-        deltas = [getattr(stats_delta, name) for name in _COUNTERS]
-        for name, delta in zip(_COUNTERS, deltas, strict=True):
-            if not isinstance(delta, int) or delta < 0:
-                raise InvalidArgumentError(f"stats_delta.{name} must be a non-negative int, got {delta!r}")
+        packed, *deltas = _round_args(CommittedRound(tuple(new_token_ids), stats_delta))
         args = [int(expected_version), packed, repr(time.time()), self._ttl_s, *deltas]
         with self._translate_errors():
             reply = await self._commit_script(keys=keys, args=args)
@@ -311,11 +339,16 @@ class SessionStore:
         expected_version: int,
         token_ids: Sequence[int],
         sampling: Mapping[str, Any],
+        first_round: CommittedRound | None = None,
     ) -> SessionState:
-        """Start a new turn: append its prompt tokens, make the whole history the prompt, set sampling."""
+        """Start a new turn: append its prompt tokens, make the whole history the prompt, set sampling. With
+        `first_round`, the turn's first round is committed in the same write (two versions later)."""
         keys = self._keys(session_id)
         packed = _pack_tokens(token_ids)
-        args = [int(expected_version), packed, _sampling_json(sampling), repr(time.time()), self._ttl_s]
+        args = [
+            int(expected_version), packed, _sampling_json(sampling), repr(time.time()), self._ttl_s,
+            *_round_args(first_round),
+        ]  # fmt: skip
         with self._translate_errors():
             reply = await self._append_prompt_script(keys=keys, args=args)
         self._raise_rejection(session_id, expected_version, reply)
@@ -393,6 +426,17 @@ def _unpack_tokens(session_id: str, packed: bytes | None) -> tuple[int, ...]:
             f"session {session_id!r} has a corrupt token list ({len(packed)} bytes)"
         )
     return struct.unpack(f"<{len(packed) // _TOKEN_BYTES}i", packed)
+
+
+def _round_args(committed: CommittedRound | None) -> list[Any]:
+    """A round's script arguments: its packed tokens, then its counter deltas in _COUNTERS order."""
+    if committed is None:
+        return []
+    deltas = [getattr(committed.stats, name) for name in _COUNTERS]
+    for name, delta in zip(_COUNTERS, deltas, strict=True):
+        if not isinstance(delta, int) or delta < 0:
+            raise InvalidArgumentError(f"stats_delta.{name} must be a non-negative int, got {delta!r}")
+    return [_pack_tokens(committed.token_ids), *deltas]
 
 
 def _sampling_json(sampling: Mapping[str, Any]) -> str:
