@@ -32,8 +32,9 @@ class OpenChains:
     """The chains of the streams open now, by session. Releasing a session breaks its chains: a chained block
     still queued behind the release is then skipped, instead of verified with a forward that would rebuild the
     cache just freed (a delegated request stopped by a failure or a client leaving closes its stream normally,
-    with such a block possibly queued). Touched only where the chains verify: on the model thread, or on the
-    event loop while that thread is idle."""
+    with such a block possibly queued). A block that is not chained is still verified, so a released chain
+    also frees its session's cache when its stream ends (TargetServicer.end_chain). Touched only where the
+    chains verify: on the model thread, or on the event loop while that thread is idle."""
 
     def __init__(self) -> None:
         self._by_session: defaultdict[str, set[VerifyChain]] = defaultdict(set)
@@ -51,6 +52,7 @@ class OpenChains:
     def break_session(self, session_id: str) -> None:
         for chain in self._by_session.get(session_id, ()):
             chain.after_last = None
+            chain.released = True
 
 
 class VerifyChain:
@@ -65,6 +67,7 @@ class VerifyChain:
         self.session_id = ""
         # history + accepted draft tokens + next token of the last verified block; None after a skip.
         self.after_last: tuple[int, ...] | None = None
+        self.released = False  # its session was released while the stream was open
 
     def verify(self, block: VerifyBlock) -> Verdict:
         if self.open_chains is not None and block.session_id != self.session_id:

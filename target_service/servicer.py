@@ -39,7 +39,15 @@ class TargetServicer(WorkerServicerBase[Verifier], target_pb2_grpc.TargetService
                     yield reply
         finally:
             with contextlib.suppress(RuntimeError):  # the model thread is gone at shutdown: nothing to forget
-                self.submit(self.open_chains.forget, chain)
+                self.submit(self.end_chain, chain)
+
+    def end_chain(self, chain: VerifyChain) -> None:
+        """On the model thread, once a stream has ended. A session released while its stream was open is freed
+        again: a block the stream verified after the release (one sent before it, by a request that was
+        failing or cancelled) rebuilt the cache the release meant to free."""
+        self.open_chains.forget(chain)
+        if chain.released:
+            self.caches.release(chain.session_id)
 
     async def ReleaseSession(
         self, request: common_pb2.ReleaseSessionRequest, context: grpc.aio.ServicerContext
