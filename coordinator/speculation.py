@@ -13,10 +13,9 @@ decoding) yields the target's own output.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import uuid
-from collections.abc import AsyncGenerator, AsyncIterator, Callable, Coroutine
+from collections.abc import AsyncIterator, Callable, Coroutine
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -109,6 +108,7 @@ class SpeculativeGenerator:
             # No new prompt: continue the history as it is (resume); the first commit needs no prompt write.
             session.persisted = not prompt_ids
         else:
+            await self.store.ping()  # fail fast (UNAVAILABLE) before any model work
             session = OpenSession(uuid.uuid4().hex, list(prompt_ids), prompt_ids, None, is_new=True)
         if len(session.history) >= self.limits.target_context:
             raise InvalidArgumentError(
@@ -149,46 +149,12 @@ class SpeculativeGenerator:
         self, request: GenerationRequest, time_remaining: Callable[[], float | None]
     ) -> AsyncIterator[GenerationChunk]:
         session = await self.open_session(request)
-        rounds = self._rounds(request, session, time_remaining)
-        async with contextlib.aclosing(rounds):
-            if session.is_new:
-                first = await self._first_chunk_checking_the_store(rounds)
-                if first is None:
-                    return
-                yield first
-            async for chunk in rounds:
-                yield chunk
-
-    async def _first_chunk_checking_the_store(
-        self, rounds: AsyncGenerator[GenerationChunk, None]
-    ) -> GenerationChunk | None:
-        """A new session's first chunk, with the store pinged while its round starts (a continued session has
-        just been loaded from it). An unreachable store fails the request with UNAVAILABLE within the ping,
-        long before the first round would reach its commit, and that round's work is cancelled."""
-
-        async def first_chunk() -> GenerationChunk | None:
-            try:
-                return await rounds.__anext__()
-            except StopAsyncIteration:
-                return None
-
-        first = asyncio.ensure_future(first_chunk())
-        ping = asyncio.ensure_future(self.store.ping())
-        try:
-            await asyncio.wait({first, ping}, return_when=asyncio.FIRST_COMPLETED)
-            await ping
-            return await first
-        finally:
-            ping.cancel()
-            if not first.done():
-                first.cancel()
-                await asyncio.wait({first})  # the round's clean-up (worker streams) ends before rounds closes
-            if not first.cancelled():
-                first.exception()  # retrieved: raised above unless the store's error came first
+        async for chunk in self._rounds(request, session, time_remaining):
+            yield chunk
 
     async def _rounds(
         self, request: GenerationRequest, session: OpenSession, time_remaining: Callable[[], float | None]
-    ) -> AsyncGenerator[GenerationChunk, None]:
+    ) -> AsyncIterator[GenerationChunk]:
         sampling = request.sampling
         sid = session.session_id
         detokenizer = IncrementalDetokenizer(self.tokenizer, stop=request.stop)
