@@ -120,7 +120,7 @@ def add_serve_parser(subparsers: argparse._SubParsersAction) -> None:
     serve.add_argument(
         "--metrics-port", type=int, default=-1,
         help="serve Prometheus metrics at http://HOST:PORT/metrics (0 = a free port, -1 = not); with no "
-        "component, the coordinator's",
+        "component, the coordinator's on PORT, the draft's on PORT+1 and the target's on PORT+2",
     )  # fmt: skip
     serve.add_argument("--log-dir", default="", help="all: where component logs go (default: a temp dir)")
     serve.add_argument("--log-level", default="INFO")
@@ -286,6 +286,7 @@ def serve_all(args: argparse.Namespace) -> int:
         drafter=args.drafter,
         log_dir=args.log_dir,
         direct_streams=args.direct_streams,
+        metrics_port=args.metrics_port,
     )
     extra = [
         "--max-speculative-tokens",
@@ -301,8 +302,6 @@ def serve_all(args: argparse.Namespace) -> int:
         "--chaining" if args.chaining else "--no-chaining",
         "--delegation" if args.delegation else "--no-delegation",
     ]
-    if args.metrics_port >= 0:
-        extra += ["--metrics-port", str(args.metrics_port)]
     return run_pipeline(config, extra)
 
 

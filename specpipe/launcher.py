@@ -119,16 +119,30 @@ class PipelineConfig:
     log_dir: str = ""  # empty = a temporary directory
     # The target serves direct streams (on a free port) for the draft's delegated rounds.
     direct_streams: bool = True
+    # Prometheus metrics: the coordinator's on this port, the draft's on the next, the target's on the one
+    # after (0: each on a free port, -1: none).
+    metrics_port: int = -1
 
     def __post_init__(self) -> None:
         if not self.target_model or not self.draft_model:
             raise ValueError("target_model and draft_model are required")
         if not 0 <= self.port < 65536:
             raise ValueError(f"port must be in [0, 65535], got {self.port}")
+        if not -1 <= self.metrics_port <= 65533:
+            raise ValueError(
+                f"metrics_port must be in [-1, 65533] (it and the next two ports), got {self.metrics_port}"
+            )
         from specpipe.config import DRAFTERS  # here: the launcher itself needs no torch until a config exists
 
         if self.drafter not in DRAFTERS:
             raise ValueError(f"drafter must be one of {DRAFTERS}, got {self.drafter!r}")
+
+    def metrics_args(self, component: str) -> list[str]:
+        """A component's --metrics-port: coordinator, draft and target on consecutive ports."""
+        if self.metrics_port < 0:
+            return []
+        offset = ("coordinator", "draft", "target").index(component)
+        return ["--metrics-port", str(self.metrics_port + offset if self.metrics_port else 0)]
 
 
 def worker_args(model: str, port: int, device: str, dtype: str, threads: int = 0) -> list[str]:
@@ -140,14 +154,16 @@ def worker_args(model: str, port: int, device: str, dtype: str, threads: int = 0
 
 def target_worker_args(config: PipelineConfig, port: int) -> list[str]:
     args = worker_args(config.target_model, port, config.device, config.dtype, config.torch_threads)
+    args += config.metrics_args("target")
     return [*args, "--direct-stream-port", "0"] if config.direct_streams else args
 
 
 def draft_worker_args(config: PipelineConfig, port: int) -> list[str]:
     if config.drafter == "prompt-lookup":
         args = worker_args(config.target_model, port, config.device, config.dtype, config.torch_threads)
-        return [*args, "--drafter", "prompt-lookup"]
-    return worker_args(config.draft_model, port, config.device, config.dtype, config.torch_threads)
+        return [*args, *config.metrics_args("draft"), "--drafter", "prompt-lookup"]
+    args = worker_args(config.draft_model, port, config.device, config.dtype, config.torch_threads)
+    return [*args, *config.metrics_args("draft")]
 
 
 def run_pipeline(config: PipelineConfig, extra_coordinator_args: Sequence[str] = ()) -> int:
@@ -199,6 +215,7 @@ def run_pipeline(config: PipelineConfig, extra_coordinator_args: Sequence[str] =
                 redis_url,
                 "--num-speculative-tokens",
                 str(config.num_speculative_tokens),
+                *config.metrics_args("coordinator"),
                 *extra_coordinator_args,
             ],
             log_dir / "coordinator.log",
@@ -221,6 +238,14 @@ def run_pipeline(config: PipelineConfig, extra_coordinator_args: Sequence[str] =
             f"(target {config.target_model}, draft {config.draft_model}; logs in {log_dir})",
             flush=True,
         )
+        if config.metrics_port > 0:
+            urls = ", ".join(
+                f"{name} http://{host}:{config.metrics_port + offset}/metrics"
+                for offset, (name, host) in enumerate(
+                    (("coordinator", config.host), ("draft", "127.0.0.1"), ("target", "127.0.0.1"))
+                )
+            )
+            print(f"specpipe metrics: {urls}", flush=True)
         while not stop_requested:
             for child in children:
                 if child.popen is not None and child.popen.poll() is not None:

@@ -81,14 +81,35 @@ def test_embedded_serve_passes_the_speculation_switches_to_its_coordinator(
     assert {"--adaptive-k", "--pipelining", "--chaining", "--delegation"} <= set(started[-1])
     assert main(["serve", "--no-delegation", "--log-dir", str(tmp_path)]) == 0
     assert "--no-delegation" in started[-1]
-    assert "--metrics-port" not in started[-1]
-    assert main(["serve", "--metrics-port", "9400", "--log-dir", str(tmp_path)]) == 0
-    assert started[-1][-2:] == ["--metrics-port", "9400"]
     assert (
         main(["serve", "--no-adaptive-k", "--no-pipelining", "--no-chaining", "--log-dir", str(tmp_path)])
         == 0
     )
     assert {"--no-adaptive-k", "--no-pipelining", "--no-chaining"} <= set(started[-1])
+
+
+def test_embedded_serve_serves_every_components_metrics_on_consecutive_ports(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    import specpipe.launcher
+    from specpipe.cli import main
+
+    configs: list[specpipe.launcher.PipelineConfig] = []
+    monkeypatch.setattr(specpipe.launcher, "run_pipeline", lambda config, extra: configs.append(config) or 0)
+    for ports in ([], ["--metrics-port", "9400"], ["--metrics-port", "0"]):
+        assert main(["serve", *ports, "--log-dir", str(tmp_path)]) == 0
+    none, consecutive, free = configs
+    assert none.metrics_args("coordinator") == []
+    assert "--metrics-port" not in specpipe.launcher.draft_worker_args(none, 1234)
+    assert "--metrics-port" not in specpipe.launcher.target_worker_args(none, 1234)
+    assert consecutive.metrics_args("coordinator") == ["--metrics-port", "9400"]
+    draft_args = specpipe.launcher.draft_worker_args(consecutive, 1234)
+    target_args = specpipe.launcher.target_worker_args(consecutive, 1234)
+    assert draft_args[draft_args.index("--metrics-port") + 1] == "9401"
+    assert target_args[target_args.index("--metrics-port") + 1] == "9402"
+    assert {free.metrics_args(name)[1] for name in ("coordinator", "draft", "target")} == {"0"}
+    with pytest.raises(ValueError, match="metrics_port"):
+        specpipe.launcher.PipelineConfig("t", "d", metrics_port=65534)
 
 
 def test_embedded_serve_gives_its_target_direct_streams_unless_told_not_to(
