@@ -129,3 +129,27 @@ def test_pilot_decisions() -> None:
     assert bench.runs[("plain-2t", "sample")].error.startswith("stopped after the pilot: 80%")
     bench.run_prompts([2])
     assert (2, "greedy", "plain-2t") not in log and (2, "sample", "plain-1t") in log
+
+
+def test_a_time_budget_stops_before_a_prompt_that_would_end_past_it() -> None:
+    from benchmarks.latency import Interleaved
+    from benchmarks.results import GREEDY, SAMPLE, Mode
+
+    now = [0.0]
+
+    class TimedVariant(FakeVariant):
+        def run_prompt(self, i: int, mode, run) -> None:
+            super().run_prompt(i, mode, run)
+            now[0] += 1.0  # one second per variant and mode: six per prompt
+
+    log: list = []
+    bench = Interleaved([Mode(GREEDY, 0.0), Mode(SAMPLE, 0.8)], clock=lambda: now[0])
+    for name in "abc":
+        bench.add(TimedVariant(name, log))
+    assert bench.run_prompts(range(1)) == 1 and now[0] == 6.0  # no deadline
+    assert bench.run_prompts([1], only=["a"]) == 1  # a catch-up of one variant: not a prompt's time
+    assert bench.last_prompt_s == 6.0
+    # From 8 s: prompts 2 and 3 end at 14 and 20, prompt 4 would end at 26.
+    assert bench.run_prompts(range(2, 10), deadline=20.0) == 2
+    assert now[0] == 20.0 and max(i for i, _, _ in log) == 3
+    assert bench.run_prompts([4], deadline=26.0) == 1  # ending exactly at the deadline: it runs
