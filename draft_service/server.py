@@ -13,7 +13,7 @@ from draft_service.prompt_lookup import PromptLookupDrafter, VocabularyInfo
 from draft_service.servicer import DraftServicer
 from specpipe.config import WorkerConfig
 from specpipe.rpc.server import serve
-from specpipe.rpc.worker_metrics import WorkerMetrics
+from specpipe.rpc.worker_metrics import served_worker_metrics
 from specpipe.runtime.model_info import WorkerModelInfo
 from specpipe.runtime.model_runner import CausalLMRunner
 from specpipe.sampling.params import SamplingParams
@@ -42,12 +42,7 @@ async def run_draft_worker(config: WorkerConfig, stop_event: asyncio.Event | Non
     targets = TargetClients()  # channels to the targets of delegated requests
     with ThreadPoolExecutor(max_workers=1, thread_name_prefix="draft-model") as model_thread:
         servicer = DraftServicer(model_thread, targets)
-        # Built only when served: otherwise no observer runs on the forward.
-        metrics = (
-            WorkerMetrics("draft", servicer.stats, lambda: servicer.model_jobs)
-            if config.metrics_port >= 0
-            else None
-        )
+        metrics = served_worker_metrics("draft", servicer, config.metrics_port)
 
         async def warmup() -> None:
             loop = asyncio.get_running_loop()

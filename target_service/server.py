@@ -9,7 +9,7 @@ from concurrent.futures import ThreadPoolExecutor
 from specpipe.config import WorkerConfig
 from specpipe.rpc.direct_server import DirectStreamServer
 from specpipe.rpc.server import serve
-from specpipe.rpc.worker_metrics import WorkerMetrics
+from specpipe.rpc.worker_metrics import served_worker_metrics
 from specpipe.runtime.model_info import WorkerModelInfo
 from specpipe.runtime.model_runner import CausalLMRunner
 from specpipe.sampling.params import SamplingParams
@@ -43,12 +43,7 @@ async def run_target_worker(config: WorkerConfig, stop_event: asyncio.Event | No
             )
             direct_port = await listener.start(config.host, config.direct_stream_port)
             servicer.direct_streams = lambda: listener.streams_served
-        # Built only when served: otherwise no observer runs on the forward.
-        metrics = (
-            WorkerMetrics("target", servicer.stats, lambda: servicer.model_jobs)
-            if config.metrics_port >= 0
-            else None
-        )
+        metrics = served_worker_metrics("target", servicer, config.metrics_port)
 
         async def warmup() -> None:
             verifier = await asyncio.get_running_loop().run_in_executor(model_thread, load_verifier, config)

@@ -8,12 +8,14 @@ Every metric carries the worker's `role` ("draft" or "target").
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator
+from typing import Any
 
 from prometheus_client import CollectorRegistry, Histogram
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
 from specpipe.errors import UnavailableError
+from specpipe.rpc.worker_servicer import WorkerServicerBase
 from specpipe.v1 import common_pb2
 
 # Seconds: a draft step on a GPU (~1 ms) to a long prefill on a CPU.
@@ -89,3 +91,13 @@ class WorkerMetrics:
         """Called by the model runner after each forward, on the model thread (the histogram is
         thread-safe)."""
         self._forward_seconds.observe(forward_ns / 1e9)
+
+
+def served_worker_metrics(
+    role: str, servicer: WorkerServicerBase[Any], metrics_port: int
+) -> WorkerMetrics | None:
+    """The worker's metrics when it serves them (metrics_port >= 0), else None: then no observer runs on the
+    forward."""
+    if metrics_port < 0:
+        return None
+    return WorkerMetrics(role, servicer.stats, lambda: servicer.model_jobs)
