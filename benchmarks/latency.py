@@ -416,10 +416,7 @@ def run_variants(st: Setup, out_dir: Path) -> tuple[list[VariantRun], dict, dict
             progress(f"after the pilot: {pilot_record}")
         deadline = STARTED + st.args.time_budget if st.args.time_budget > 0 else None
         ran = len(pilot) + bench.run_prompts(range(len(pilot), len(st.prompts)), deadline=deadline)
-        if ran < len(st.prompts):
-            # Every variant ran the same first `ran` prompts; the report covers those.
-            pilot_record["time_budget"] = {"seconds": st.args.time_budget, "prompts_run": ran}
-            st.prompts = st.prompts[:ran]
+        st.prompts = st.prompts[:ran]  # every variant ran the same first prompts; the report covers those
         profiles = {
             name: profile
             for name, runner in bench.runners.items()
@@ -440,6 +437,7 @@ def run_all(args: argparse.Namespace, out_dir: Path) -> dict[str, object]:
     load_before = os.getloadavg()
     started = time.perf_counter()
     lengths = [len(p.token_ids) for p in st.prompts]
+    planned = len(st.prompts)
     context = args.cost_context or int(statistics.mean(lengths)) + args.max_new_tokens // 2
     max_k = max([args.max_speculative_tokens, *st.fixed_ks])
     costs = inprocess.measure_costs(
@@ -481,6 +479,12 @@ def run_all(args: argparse.Namespace, out_dir: Path) -> dict[str, object]:
             "load_average_before": [round(x, 2) for x in load_before],
             "load_average_after": [round(x, 2) for x in os.getloadavg()],
             "wall_time_s": round(time.perf_counter() - started, 1),
+            # Set when the time budget stopped the run before every prompt had run.
+            "time_budget": (
+                {"seconds": args.time_budget, "prompts_run": len(st.prompts), "prompts_planned": planned}
+                if len(st.prompts) < planned
+                else None
+            ),
         },
         "costs": costs.to_dict(),
         "coordinator_cost_profiles": profiles,
@@ -545,14 +549,11 @@ def summary(payload: dict[str, object]) -> str:
         if "plain_2t_vs_plain_1t" in pilot:
             verdict = "kept" if pilot["plain_2t_kept"] else "stopped"
             chosen.append(f"plain-2t at {pilot['plain_2t_vs_plain_1t']:.0%} of plain-1t: {verdict}")
-        if "prompts" in pilot:
-            method += (
-                f"; after {pilot['prompts']} pilot prompt(s): {'; '.join(chosen) or 'nothing to decide'}"
-            )
-        if "time_budget" in pilot:
-            budget = pilot["time_budget"]
-            ran = budget["prompts_run"]
-            method += f"; the {budget['seconds']:.0f} s time budget stopped the run after {ran} prompts"
+        method += f"; after {pilot['prompts']} pilot prompt(s): {'; '.join(chosen) or 'nothing to decide'}"
+    budget = meta.get("time_budget")
+    if budget:
+        seconds, ran, planned = budget["seconds"], budget["prompts_run"], budget["prompts_planned"]
+        method += f"; the {seconds:.0f} s time budget stopped the run after {ran} of {planned} prompts"
     parts.append(f"{method}; measured in {meta['wall_time_s']:.0f} s")
     if payload.get("round_trip_probes"):
         parts.append(f"loopback round trips: {payload['round_trip_probes']}")
