@@ -51,8 +51,17 @@ def add_serve_parser(subparsers: argparse._SubParsersAction) -> None:
     serve.add_argument("--threads", type=int, default=0, help="draft/target: torch threads (0 = default)")
     serve.add_argument(
         "--lean-forward", action=argparse.BooleanOptionalAction, default=None,
-        help="draft/target: the lean GPT-2 forward instead of transformers' (default: on for a draft, off "
-        "for a target, whose outputs must equal transformers' exactly)",
+        help="draft/target: the lean GPT-2 forward instead of transformers' (default: on for a draft and for "
+        "a batching target, off for a target that does not batch)",
+    )  # fmt: skip
+    serve.add_argument(
+        "--max-batch-sessions", type=int, default=1,
+        help="all/target: verify up to this many sessions' blocks in one forward pass (1 = no batching; "
+        "GPT-2 targets pack them through the lean forward, others run them one by one)",
+    )  # fmt: skip
+    serve.add_argument(
+        "--max-batch-tokens", type=int, default=512,
+        help="target: the most new tokens one batched pass takes (a longer request runs alone)",
     )  # fmt: skip
     serve.add_argument(
         "--drafter", choices=("model", "prompt-lookup"), default="model",
@@ -176,6 +185,12 @@ def redis_password(args: argparse.Namespace) -> str:
     return os.environ.get("SPECPIPE_REDIS_PASSWORD", "")
 
 
+def default_lean_forward(args: argparse.Namespace) -> bool:
+    """A draft's forward is lean; so is a batching target's, whose packed passes need it (a target alone keeps
+    transformers' forward)."""
+    return args.component == "draft" or (args.component == "target" and args.max_batch_sessions > 1)
+
+
 def serve_component(args: argparse.Namespace) -> int:
     configure_logging(args.log_level)
     if args.component in ("draft", "target"):
@@ -197,12 +212,14 @@ def serve_component(args: argparse.Namespace) -> int:
             # +1: a pipelined round asks for the bonus-token guess plus the next block.
             max_draft_tokens=args.max_speculative_tokens + 1,
             torch_threads=args.threads,
-            lean_forward=args.component == "draft" if args.lean_forward is None else args.lean_forward,
+            lean_forward=default_lean_forward(args) if args.lean_forward is None else args.lean_forward,
             drafter=args.drafter if args.component == "draft" else "model",
             max_ngram=args.max_ngram,
             min_ngram=args.min_ngram,
             direct_stream_port=args.direct_stream_port if args.component == "target" else -1,
             metrics_port=args.metrics_port,
+            max_batch_sessions=args.max_batch_sessions if args.component == "target" else 1,
+            max_batch_tokens=args.max_batch_tokens,
         )
         if args.component == "draft":
             from draft_service.server import run_draft_worker
@@ -287,6 +304,7 @@ def serve_all(args: argparse.Namespace) -> int:
         log_dir=args.log_dir,
         direct_streams=args.direct_streams,
         metrics_port=args.metrics_port,
+        max_batch_sessions=args.max_batch_sessions,
     )
     extra = [
         "--max-speculative-tokens",

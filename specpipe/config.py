@@ -41,6 +41,10 @@ class WorkerConfig:
     direct_stream_port: int = -1
     # Prometheus metrics over HTTP (specpipe/rpc/worker_metrics.py); 0 = a free port, -1 = none.
     metrics_port: int = -1
+    # Targets: cross-session batching (target_service/batcher.py): the most sessions' blocks one forward pass
+    # verifies (1 = none), and the most new tokens it takes (a longer request, a prefill, runs alone).
+    max_batch_sessions: int = 1
+    max_batch_tokens: int = 512
 
     def __post_init__(self) -> None:
         if self.role not in WORKER_ROLES:
@@ -73,6 +77,13 @@ class WorkerConfig:
             raise ValueError(f"direct_stream_port must be in [-1, 65535], got {self.direct_stream_port}")
         if self.direct_stream_port >= 0 and self.role != "target":
             raise ValueError(f"only a target worker serves direct streams, not a {self.role} worker")
+        if self.max_batch_sessions < 1 or self.max_batch_tokens < 1:
+            raise ValueError(
+                f"max_batch_sessions and max_batch_tokens must be >= 1, "
+                f"got {self.max_batch_sessions} and {self.max_batch_tokens}"
+            )
+        if self.max_batch_sessions > 1 and self.role != "target":
+            raise ValueError(f"only a target worker batches sessions, not a {self.role} worker")
         if not 1 <= self.min_ngram <= self.max_ngram:
             raise ValueError(f"need 1 <= min_ngram <= max_ngram, got {self.min_ngram} and {self.max_ngram}")
 

@@ -122,8 +122,12 @@ class PipelineConfig:
     # Prometheus metrics: the coordinator's on this port, the draft's on the next, the target's on the one
     # after (0: each on a free port, -1: none).
     metrics_port: int = -1
+    # The target's cross-session batching (1 = none; see target_service/batcher.py).
+    max_batch_sessions: int = 1
 
     def __post_init__(self) -> None:
+        if self.max_batch_sessions < 1:
+            raise ValueError(f"max_batch_sessions must be >= 1, got {self.max_batch_sessions}")
         if not self.target_model or not self.draft_model:
             raise ValueError("target_model and draft_model are required")
         if not 0 <= self.port < 65536:
@@ -155,6 +159,8 @@ def worker_args(model: str, port: int, device: str, dtype: str, threads: int = 0
 def target_worker_args(config: PipelineConfig, port: int) -> list[str]:
     args = worker_args(config.target_model, port, config.device, config.dtype, config.torch_threads)
     args += config.metrics_args("target")
+    if config.max_batch_sessions > 1:
+        args += ["--max-batch-sessions", str(config.max_batch_sessions)]
     return [*args, "--direct-stream-port", "0"] if config.direct_streams else args
 
 

@@ -70,6 +70,14 @@ class VerifyChain:
         self.released = False  # its session was released while the stream was open
 
     def verify(self, block: VerifyBlock) -> Verdict:
+        skipped = self.admit(block)
+        if skipped is not None:
+            return skipped
+        return self.record(block, self.verifier.verify(block))
+
+    def admit(self, block: VerifyBlock) -> Verdict | None:
+        """Before a block's forward pass: the skip verdict of a chained block whose assumption failed, else
+        None (verify it)."""
         if self.open_chains is not None and block.session_id != self.session_id:
             self.open_chains.forget(self)  # a stream carries one session; this keeps the index right anyway
             self.session_id = block.session_id
@@ -80,7 +88,10 @@ class VerifyChain:
                 self.counters.skipped += 1
                 return Verdict.skip()
             self.counters.verified += 1
-        verdict = self.verifier.verify(block)
+        return None
+
+    def record(self, block: VerifyBlock, verdict: Verdict) -> Verdict:
+        """After a block's verification: the history its verdict produced is the one a next block extends."""
         accepted = block.draft_token_ids[: verdict.num_accepted]
         self.after_last = (*block.token_ids, *accepted, verdict.next_token_id)
         return verdict

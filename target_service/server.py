@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import logging
 import uuid
 from concurrent.futures import ThreadPoolExecutor
 
@@ -16,6 +17,8 @@ from specpipe.sampling.params import SamplingParams
 from specpipe.v1 import target_pb2, target_pb2_grpc
 from target_service.servicer import TargetServicer
 from target_service.verifier import Verifier, VerifyBlock
+
+logger = logging.getLogger(__name__)
 
 SERVICE_NAME = target_pb2.DESCRIPTOR.services_by_name["TargetService"].full_name
 
@@ -33,7 +36,7 @@ def load_verifier(config: WorkerConfig) -> Verifier:
 
 async def run_target_worker(config: WorkerConfig, stop_event: asyncio.Event | None = None) -> None:
     with ThreadPoolExecutor(max_workers=1, thread_name_prefix="target-model") as model_thread:
-        servicer = TargetServicer(model_thread)
+        servicer = TargetServicer(model_thread, config.max_batch_sessions, config.max_batch_tokens)
         # VerifyStream without gRPC's threads, for the rounds of drafts and coordinators (direct_frames.py).
         direct: DirectStreamServer | None = None
         direct_port = 0
@@ -50,6 +53,11 @@ async def run_target_worker(config: WorkerConfig, stop_event: asyncio.Event | No
             info = WorkerModelInfo.from_runner(verifier.runner, "target", direct_stream_port=direct_port)
             if metrics is not None:
                 verifier.runner.forward_observer = metrics.observe_forward
+            if config.max_batch_sessions > 1 and not verifier.runner.packs_sessions:
+                logger.warning(
+                    "no packed forward for this model: batched blocks run one forward pass each (the lean "
+                    "GPT-2 forward packs sessions: --lean-forward)"
+                )
             servicer.attach(verifier, info)
 
         try:

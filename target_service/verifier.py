@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy
@@ -9,7 +10,7 @@ import torch
 
 from specpipe.errors import InvalidArgumentError
 from specpipe.runtime.kv_cache import SessionKVCacheStore
-from specpipe.runtime.model_runner import CausalLMRunner
+from specpipe.runtime.model_runner import CausalLMRunner, ForwardResult
 from specpipe.runtime.stream_history import StreamHistory, resolve_history
 from specpipe.sampling.coupled import verify_coupled
 from specpipe.sampling.draft_sampling import expand_distributions
@@ -117,9 +118,37 @@ class Verifier:
 
     def verify(self, block: VerifyBlock) -> Verdict:
         self.validate(block)
-        k = len(block.draft_token_ids)
-        ids = [*block.token_ids, *block.draft_token_ids]
-        result = self.runner.forward(block.session_id, ids, num_rows=k + 1)
+        result = self.runner.forward(block.session_id, *forward_call(block)[1:])
+        return self.decide(block, result)
+
+    def verify_many(self, blocks: Sequence[VerifyBlock]) -> list[Verdict | Exception]:
+        """`verify` of blocks of distinct sessions, with one forward pass for all of them where the runner
+        packs sessions. A block that fails validation gets its error and the others still run; a failed pass
+        fails them all."""
+        outcomes: list[Verdict | Exception | None] = [None] * len(blocks)
+        valid: list[int] = []
+        for index, block in enumerate(blocks):
+            try:
+                self.validate(block)
+                valid.append(index)
+            except InvalidArgumentError as exc:
+                outcomes[index] = exc
+        if valid:
+            try:
+                results = self.runner.forward_many([forward_call(blocks[i]) for i in valid])
+            except Exception as exc:
+                results = [exc] * len(valid)
+            for index, result in zip(valid, results, strict=True):
+                try:
+                    outcomes[index] = (
+                        result if isinstance(result, Exception) else self.decide(blocks[index], result)
+                    )
+                except Exception as exc:
+                    outcomes[index] = exc
+        return [outcome for outcome in outcomes if outcome is not None]
+
+    def decide(self, block: VerifyBlock, result: ForwardResult) -> Verdict:
+        """The verdict on a block from the target's logits at its k + 1 positions: the acceptance rule."""
         if block.sampling.is_greedy:
             # Only the argmax matters, and the logits' is the one-hot p's: skip building p.
             outcome = verify_greedy(result.logits, block.draft_token_ids)
@@ -149,3 +178,8 @@ class Verifier:
             forward_ns=result.forward_ns,
             cached_tokens=result.cached_tokens,
         )
+
+
+def forward_call(block: VerifyBlock) -> tuple[str, list[int], int]:
+    """The runner call that scores a block: its session, history + draft tokens, and the k + 1 last rows."""
+    return block.session_id, [*block.token_ids, *block.draft_token_ids], len(block.draft_token_ids) + 1

@@ -122,14 +122,15 @@ def start_pipeline(
     log_dir: Path,
     draft_model: Path | None = None,
     draft_extra: list[str] | None = None,
+    target_extra: list[str] | None = None,
 ) -> Pipeline:
     """Draft and target workers and a coordinator, SERVING; the draft runs `draft_model` (default: the
-    pair's draft) with `draft_extra` arguments."""
+    pair's draft) with `draft_extra` arguments, the target with `target_extra`."""
     ports = {role: free_port() for role in ("coordinator", "draft", "target")}
     draft_args = [*(draft_extra or []), "--metrics-port", str(ports["draft"])]
     draft = start_worker("draft", draft_model or pair.draft_dir, log_dir, extra=draft_args)
     # Direct streams on, as `specpipe serve` runs its target.
-    target_args = ["--direct-stream-port", "0", "--metrics-port", str(ports["target"])]
+    target_args = ["--direct-stream-port", "0", "--metrics-port", str(ports["target"]), *(target_extra or [])]
     target = start_worker("target", pair.target_dir, log_dir, extra=target_args)
     coordinator = start_coordinator(
         draft.address, target.address, redis.url, log_dir, extra=["--metrics-port", str(ports["coordinator"])]

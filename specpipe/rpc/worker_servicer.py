@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any, Generic, TypeVar
 
@@ -141,9 +141,13 @@ class WorkerServicerBase(Generic[EngineT]):
         decode: Callable[[Any, StreamHistory], Any],
         handle: Callable[[Any], Any],
         context: grpc.aio.ServicerContext,
+        run: Callable[[Any, int], Awaitable[Any]] | None = None,
     ) -> AsyncIterator[Any]:
         """Answers a session stream in order. A stream that is cancelled (client gone, request aborted)
-        frees its session's KV cache at once; one closed normally keeps it warm for the next turn."""
+        frees its session's KV cache at once; one closed normally keeps it warm for the next turn.
+
+        Each decoded request is answered by `run(request, new_tokens)` where given (the target's batcher),
+        else by `handle(request)` through `run_model`."""
         history = StreamHistory()
         session_id = ""
         completed = False
@@ -152,7 +156,11 @@ class WorkerServicerBase(Generic[EngineT]):
             async with contextlib.aclosing(read_ahead(requests)) as ordered:  # closed here: stops its reader
                 async for request in ordered:
                     session_id = request.session_id
-                    result = await self.run_model(handle, decode(request, history), len(request.token_ids))
+                    decoded = decode(request, history)
+                    if run is not None:
+                        result = await run(decoded, len(request.token_ids))
+                    else:
+                        result = await self.run_model(handle, decoded, len(request.token_ids))
                     yield result.to_pb()
             # A cancelled call can also look like the end of the requests.
             completed = not context.cancelled()

@@ -137,26 +137,101 @@ class LeanGPT2:
         hidden = None
         if n > 1:
             hidden = torch.ones(n, end, dtype=torch.bool, device=device).triu(start + 1)  # [n, end]
-        width, heads, head_dim = self.width, self.heads, self.head_dim
+        width = self.width
         for layer, (norm1, attn_in, attn_out, norm2, mlp_in, mlp_out) in enumerate(self.blocks):
             h = F.layer_norm(x, (width,), *norm1, self.eps)
             qkv = torch.addmm(attn_in[1], h, attn_in[0])  # [n, 3 * width]
-            q, k, v = qkv.view(n, 3, heads, head_dim).permute(1, 2, 0, 3)  # each [heads, n, head_dim]
-            keys, values = cache.keys[layer], cache.values[layer]
-            keys[:, start:end] = k
-            values[:, start:end] = v
-            # Attention as two batched matmuls: about twice as fast as scaled_dot_product_attention for a
-            # few query rows on the CPU.
-            scores = torch.baddbmm(
-                q.new_empty(()), q, keys[:, :end].transpose(1, 2), beta=0.0, alpha=self.scale
-            )  # [heads, n, end]
-            if hidden is not None:
-                scores.masked_fill_(hidden, float("-inf"))
-            attended = torch.bmm(scores.softmax(dim=-1), values[:, :end])  # [heads, n, head_dim]
-            x = x + torch.addmm(attn_out[1], attended.transpose(0, 1).reshape(n, width), attn_out[0])
-            h = F.layer_norm(x, (width,), *norm2, self.eps)
-            h = F.gelu(torch.addmm(mlp_in[1], h, mlp_in[0]), approximate="tanh")  # GPT-2's gelu_new
-            x = x + torch.addmm(mlp_out[1], h, mlp_out[0])
+            attended = self._attend(qkv, layer, cache, start, hidden)  # [n, width]
+            x = x + torch.addmm(attn_out[1], attended, attn_out[0])
+            x = x + self._mlp(x, norm2, mlp_in, mlp_out)
         cache.length = end
         h = F.layer_norm(x[n - num_rows :], (width,), *self.final_norm, self.eps)
         return (h @ self.lm_head_t).float()  # [num_rows, vocab_size]
+
+    @torch.inference_mode()
+    def forward_packed(
+        self,
+        items: Sequence[tuple[Sequence[int], PreallocatedKVCache, int]],  # (new_ids, cache, num_rows) each
+    ) -> list[torch.Tensor]:  # [num_rows, vocab_size] per item
+        """`forward` for several sessions in one pass.
+
+        The sessions' new rows are packed into one [total, width] matrix, so every layer's matrix products
+        read the weights once for all of them (the point of batching); attention runs per session, over its
+        own cache. A session's numbers differ from its own `forward` only as any change of the number of rows
+        in a matrix product changes them (float rounding: the same difference as verifying a block against
+        decoding it token by token).
+        """
+        if len(items) == 1:
+            new_ids, cache, num_rows = items[0]
+            return [self.forward(new_ids, cache, num_rows)]
+        device = self.token_embedding.device
+        spans: list[tuple[int, int, int, PreallocatedKVCache, torch.Tensor | None]] = []  # offset, n, start
+        all_ids: list[int] = []
+        positions: list[torch.Tensor] = []
+        for new_ids, cache, _ in items:
+            n, start = len(new_ids), cache.length
+            cache.reserve(start + n)
+            hidden = None
+            if n > 1:
+                hidden = torch.ones(n, start + n, dtype=torch.bool, device=device).triu(start + 1)
+            spans.append((len(all_ids), n, start, cache, hidden))
+            all_ids.extend(new_ids)
+            positions.append(torch.arange(start, start + n, device=device))
+        ids = torch.tensor(all_ids, dtype=torch.long, device=device)  # [total]
+        x = self.token_embedding[ids] + self.position_embedding[torch.cat(positions)]  # [total, width]
+        width = self.width
+        for layer, (norm1, attn_in, attn_out, norm2, mlp_in, mlp_out) in enumerate(self.blocks):
+            h = F.layer_norm(x, (width,), *norm1, self.eps)
+            qkv = torch.addmm(attn_in[1], h, attn_in[0])  # [total, 3 * width]
+            attended = torch.cat(
+                [
+                    self._attend(qkv[offset : offset + n], layer, cache, start, hidden)
+                    for offset, n, start, cache, hidden in spans
+                ]
+            )  # [total, width]
+            x = x + torch.addmm(attn_out[1], attended, attn_out[0])
+            x = x + self._mlp(x, norm2, mlp_in, mlp_out)
+        last_rows = []
+        for (offset, n, start, cache, _), (_, _, num_rows) in zip(spans, items, strict=True):
+            cache.length = start + n
+            last_rows.append(torch.arange(offset + n - num_rows, offset + n, device=device))
+        h = F.layer_norm(x[torch.cat(last_rows)], (width,), *self.final_norm, self.eps)
+        logits = (h @ self.lm_head_t).float()  # [sum of num_rows, vocab_size]
+        return list(logits.split([num_rows for _, _, num_rows in items]))
+
+    def _attend(
+        self,
+        qkv: torch.Tensor,  # [n, 3 * width]: one session's new rows
+        layer: int,
+        cache: PreallocatedKVCache,
+        start: int,
+        hidden: torch.Tensor | None,  # [n, start + n] True where a position must not be seen; None for n = 1
+    ) -> torch.Tensor:  # [n, width]
+        """The attention output of one session's new rows, after writing their keys and values at
+        [start, start + n) of the layer's cache."""
+        n = qkv.shape[0]
+        end = start + n
+        q, k, v = qkv.view(n, 3, self.heads, self.head_dim).permute(1, 2, 0, 3)  # each [heads, n, head_dim]
+        keys, values = cache.keys[layer], cache.values[layer]
+        keys[:, start:end] = k
+        values[:, start:end] = v
+        # Attention as two batched matmuls: about twice as fast as scaled_dot_product_attention for a
+        # few query rows on the CPU.
+        scores = torch.baddbmm(
+            q.new_empty(()), q, keys[:, :end].transpose(1, 2), beta=0.0, alpha=self.scale
+        )  # [heads, n, end]
+        if hidden is not None:
+            scores.masked_fill_(hidden, float("-inf"))
+        attended = torch.bmm(scores.softmax(dim=-1), values[:, :end])  # [heads, n, head_dim]
+        return attended.transpose(0, 1).reshape(n, self.width)
+
+    def _mlp(
+        self,
+        x: torch.Tensor,  # [rows, width]
+        norm: tuple[torch.Tensor, torch.Tensor],
+        mlp_in: tuple[torch.Tensor, torch.Tensor],
+        mlp_out: tuple[torch.Tensor, torch.Tensor],
+    ) -> torch.Tensor:  # [rows, width]: the block's MLP branch, added to x by the caller
+        h = F.layer_norm(x, (self.width,), *norm, self.eps)
+        h = F.gelu(torch.addmm(mlp_in[1], h, mlp_in[0]), approximate="tanh")  # GPT-2's gelu_new
+        return torch.addmm(mlp_out[1], h, mlp_out[0])

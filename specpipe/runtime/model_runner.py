@@ -14,7 +14,7 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, DynamicCache, PreTrainedTokenizerBase
 
 from specpipe.runtime import lean_gpt2
-from specpipe.runtime.kv_cache import SessionKVCacheStore, common_prefix_length
+from specpipe.runtime.kv_cache import SessionKV, SessionKVCacheStore, common_prefix_length
 
 if TYPE_CHECKING:
     from specpipe.config import WorkerConfig
@@ -147,19 +147,8 @@ class CausalLMRunner:
         Row i of the result is the distribution over the token at position len(token_ids) - num_rows + i + 1.
         Afterwards the session's cache holds all of `token_ids`.
         """
-        ids = list(token_ids)
-        if not 1 <= num_rows <= len(ids):
-            raise ValueError(f"num_rows must be in [1, {len(ids)}], got {num_rows}")
         started = time.perf_counter_ns()
-        entry = self.caches.get_or_create(session_id)
-        # The last num_rows positions must be fed to get their logits, so they are never reused.
-        reuse = min(common_prefix_length(entry.token_ids, ids), len(ids) - num_rows)
-        if entry.past is None or reuse == 0:
-            entry.past = self.lean.new_cache() if self.lean else DynamicCache(config=self.model.config)
-            reuse = 0
-        elif entry.past.get_seq_length() > reuse:
-            entry.past.crop(reuse - entry.past.get_seq_length())  # negative: drop that many positions
-        entry.token_ids = ids[:reuse]
+        ids, entry, reuse = self._reuse_cache(session_id, token_ids, num_rows)
         try:
             if self.lean is not None:
                 logits = self.lean.forward(ids[reuse:], entry.past, num_rows).cpu()  # [num_rows, vocab_size]
@@ -179,3 +168,61 @@ class CausalLMRunner:
         if self.forward_observer is not None:
             self.forward_observer(forward_ns)
         return ForwardResult(logits, reuse, forward_ns)
+
+    @property
+    def packs_sessions(self) -> bool:
+        """Whether `forward_many` runs several sessions in one pass (else it runs them one by one)."""
+        return self.lean is not None
+
+    @torch.inference_mode()
+    def forward_many(self, calls: Sequence[tuple[str, Sequence[int], int]]) -> list[ForwardResult]:
+        """`forward` of several sessions (distinct ids), each a (session_id, token_ids, num_rows), in one pass
+        where the model has a packed forward (`packs_sessions`). Each result's forward_ns is the whole pass:
+        the time its session waited for its logits."""
+        if not self.packs_sessions or len(calls) == 1:
+            return [self.forward(*call) for call in calls]
+        if len({session_id for session_id, _, _ in calls}) != len(calls):
+            raise ValueError("forward_many takes each session at most once")
+        started = time.perf_counter_ns()
+        prepared = [self._reuse_cache(*call) for call in calls]
+        assert self.lean is not None
+        try:
+            logits = self.lean.forward_packed(
+                [
+                    (ids[reuse:], entry.past, num_rows)
+                    for (ids, entry, reuse), (_, _, num_rows) in zip(prepared, calls, strict=True)
+                ]
+            )  # [num_rows, vocab_size] each
+        except BaseException:
+            for session_id, _, _ in calls:
+                self.caches.release(session_id)
+            raise
+        for (session_id, _, _), (ids, entry, _) in zip(calls, prepared, strict=True):
+            entry.token_ids = ids
+            self.caches.account(session_id)
+        forward_ns = time.perf_counter_ns() - started
+        if self.forward_observer is not None:
+            self.forward_observer(forward_ns)
+        return [
+            ForwardResult(rows.cpu(), reuse, forward_ns)
+            for rows, (_, _, reuse) in zip(logits, prepared, strict=True)
+        ]
+
+    def _reuse_cache(
+        self, session_id: str, token_ids: Sequence[int], num_rows: int
+    ) -> tuple[list[int], SessionKV, int]:
+        """The ids, the session's cache entry cropped to the prefix it shares with them, and that prefix's
+        length: the positions the forward need not compute again."""
+        ids = list(token_ids)
+        if not 1 <= num_rows <= len(ids):
+            raise ValueError(f"num_rows must be in [1, {len(ids)}], got {num_rows}")
+        entry = self.caches.get_or_create(session_id)
+        # The last num_rows positions must be fed to get their logits, so they are never reused.
+        reuse = min(common_prefix_length(entry.token_ids, ids), len(ids) - num_rows)
+        if entry.past is None or reuse == 0:
+            entry.past = self.lean.new_cache() if self.lean else DynamicCache(config=self.model.config)
+            reuse = 0
+        elif entry.past.get_seq_length() > reuse:
+            entry.past.crop(reuse - entry.past.get_seq_length())  # negative: drop that many positions
+        entry.token_ids = ids[:reuse]
+        return ids, entry, reuse
