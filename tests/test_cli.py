@@ -130,3 +130,36 @@ def test_embedded_serve_gives_its_target_direct_streams_unless_told_not_to(
         WorkerConfig(role="draft", model_path=".", direct_stream_port=0)
     with pytest.raises(ValueError, match="direct_stream_port"):
         WorkerConfig(role="target", model_path=".", direct_stream_port=70000)
+
+
+def test_batching_reaches_the_target_and_turns_its_lean_forward_on(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    """`specpipe serve --max-batch-sessions N` passes N to its target only; a batching target defaults to the
+    lean forward (its packed passes need it), one that does not batch keeps transformers'."""
+    import argparse
+
+    import specpipe.launcher
+    from specpipe.cli import default_lean_forward, main
+    from specpipe.config import WorkerConfig
+
+    configs: list[specpipe.launcher.PipelineConfig] = []
+    monkeypatch.setattr(specpipe.launcher, "run_pipeline", lambda config, extra: configs.append(config) or 0)
+    assert main(["serve", "--max-batch-sessions", "6", "--log-dir", str(tmp_path)]) == 0
+    assert main(["serve", "--log-dir", str(tmp_path)]) == 0
+    batching, alone = configs
+    target_args = specpipe.launcher.target_worker_args(batching, 1234)
+    assert target_args[target_args.index("--max-batch-sessions") + 1] == "6"
+    assert "--max-batch-sessions" not in specpipe.launcher.draft_worker_args(batching, 1235)
+    assert "--max-batch-sessions" not in specpipe.launcher.target_worker_args(alone, 1234)
+
+    def lean(component: str, sessions: int) -> bool:
+        return default_lean_forward(argparse.Namespace(component=component, max_batch_sessions=sessions))
+
+    assert lean("target", 4) and lean("draft", 1) and not lean("target", 1)
+    with pytest.raises(ValueError, match="only a target worker batches sessions"):
+        WorkerConfig(role="draft", model_path=".", max_batch_sessions=2)
+    with pytest.raises(ValueError, match="max_batch_sessions"):
+        WorkerConfig(role="target", model_path=".", max_batch_sessions=0)
+    with pytest.raises(ValueError, match="max_batch_sessions"):
+        specpipe.launcher.PipelineConfig("t", "d", max_batch_sessions=0)

@@ -20,6 +20,7 @@ from target_service.verifier import Verdict, Verifier, VerifyBlock
 from tests.conftest import ModelPair, Pipeline, RedisServerProcess, start_pipeline, stop_pipeline
 from tests.prompts import PROMPTS
 from tests.reference import target_alone
+from tests.test_metrics import scrape, value
 
 MAX_NEW_TOKENS = 24
 GREEDY = SamplingParams()
@@ -215,3 +216,6 @@ def test_concurrent_greedy_requests_through_a_batching_target_equal_the_target_a
         return stats.largest_batch
 
     assert asyncio.run(batched()) > 1  # some pass verified more than one session's block
+    scraped = scrape(batching_pipeline, "target")
+    blocks = value(scraped, "specpipe_worker_batched_blocks_total", role="target")
+    assert blocks > value(scraped, "specpipe_worker_batched_passes_total", role="target") > 0

@@ -36,9 +36,17 @@ COUNTERS = {
     ),
     "direct_streams": ("specpipe_worker_direct_streams", "Targets: direct streams served."),
     "delegated_rounds": ("specpipe_worker_delegated_rounds", "Drafts: rounds run for delegated requests."),
+    "batched_passes": (
+        "specpipe_worker_batched_passes",
+        "Targets with cross-session batching: forward passes the batcher ran.",
+    ),
+    "batched_blocks": (
+        "specpipe_worker_batched_blocks",
+        "Targets with cross-session batching: blocks those passes verified (over passes: the mean batch).",
+    ),
 }
 ROLE_COUNTERS = {
-    "target": ("chained_verifies", "chained_skips", "direct_streams"),
+    "target": ("chained_verifies", "chained_skips", "direct_streams", "batched_passes", "batched_blocks"),
     "draft": ("delegated_rounds",),
 }
 
