@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -9,7 +10,7 @@ import torch
 
 from specpipe.errors import InvalidArgumentError
 from specpipe.runtime.kv_cache import SessionKVCacheStore
-from specpipe.runtime.model_runner import CausalLMRunner, in_vocab
+from specpipe.runtime.model_runner import CausalLMRunner, ForwardResult, in_vocab
 from specpipe.runtime.stream_history import StreamHistory, resolve_history
 from specpipe.sampling.coupled import coupled_sample
 from specpipe.sampling.draft_sampling import compact_supports, sample_draft_token
@@ -106,47 +107,99 @@ class ModelDrafter:
 
     def propose(self, request: DraftRequest) -> DraftProposal:
         validate_request(request, self.max_draft_tokens, self.runner.vocab_size, self.runner.max_context)
-        sampling = request.sampling
-        ids = list(request.token_ids)
-        proposed: list[int] = []
-        q_rows: list[torch.Tensor] = []  # [vocab_size] each: q of each drafted token (Leviathan rule)
-        forward_ns = 0
-        cached_tokens = 0
-        for step in range(request.num_tokens):
-            result = self.runner.forward(request.session_id, ids, num_rows=1)
-            if step == 0:
-                cached_tokens = result.cached_tokens
-            forward_ns += result.forward_ns
-            position = len(ids)
-            if sampling.is_greedy:
-                token = greedy_token_ids(result.logits)[0]
-            elif sampling.acceptance == "coupled":
-                # The target needs no q under the coupled rule: it compares with its own coupled sample.
-                token = coupled_sample(sampling_probs(result.logits, sampling)[0], sampling.seed, position)
-            else:
-                probs = sampling_probs(result.logits, sampling)[0]  # [vocab_size]
-                if step == 0 and request.first_is_bonus_guess:
-                    # Not a proposal: a guess of the target's bonus draw at this position, made with the same
-                    # uniform (stream TARGET_SAMPLE) on q, so it lands on the same token wherever q and p
-                    # agree. It is only compared with the bonus token, never accepted by the rule.
-                    token = sample_from_probs(
-                        probs, keyed_uniform(sampling.seed, position, RandomStream.TARGET_SAMPLE)
-                    )
+        drafting = _Drafting(request)
+        for _ in range(request.num_tokens):
+            drafting.take(self.runner.forward(request.session_id, drafting.ids, num_rows=1))
+        return drafting.proposal()
+
+    def propose_many(self, requests: Sequence[DraftRequest]) -> list[DraftProposal | Exception]:
+        """`propose` for requests of distinct sessions, each step one forward pass for every session still
+        drafting (packed where the runner packs sessions: `CausalLMRunner.forward_many`). A request that fails
+        validation gets its error and the others still run; a failed pass fails the requests in it."""
+        outcomes: list[DraftProposal | Exception | None] = [None] * len(requests)
+        active: list[tuple[int, _Drafting]] = []
+        for index, request in enumerate(requests):
+            try:
+                validate_request(
+                    request, self.max_draft_tokens, self.runner.vocab_size, self.runner.max_context
+                )
+                active.append((index, _Drafting(request)))
+            except InvalidArgumentError as exc:
+                outcomes[index] = exc
+        while active:
+            calls = [(drafting.request.session_id, drafting.ids, 1) for _, drafting in active]
+            try:
+                results = self.runner.forward_many(calls)
+            except Exception as exc:
+                for index, _ in active:
+                    outcomes[index] = exc
+                break
+            still: list[tuple[int, _Drafting]] = []
+            for (index, drafting), result in zip(active, results, strict=True):
+                drafting.take(result)
+                if drafting.done:
+                    outcomes[index] = drafting.proposal()
                 else:
-                    token = sample_draft_token(probs, position, sampling.seed, is_greedy=False)
-                q_rows.append(probs)
-            proposed.append(token)
-            ids.append(token)
+                    still.append((index, drafting))
+            active = still
+        return [outcome for outcome in outcomes if outcome is not None]
+
+
+class _Drafting:
+    """One request's drafting, a forward pass at a time: the token each step's logits give, and its q."""
+
+    def __init__(self, request: DraftRequest) -> None:
+        self.request = request
+        self.ids = list(request.token_ids)  # the history, then each drafted token
+        self.proposed: list[int] = []
+        self.q_rows: list[torch.Tensor] = []  # [vocab_size] each: q of each drafted token (Leviathan rule)
+        self.forward_ns = 0
+        self.cached_tokens = 0
+
+    @property
+    def done(self) -> bool:
+        return len(self.proposed) == self.request.num_tokens
+
+    def take(self, result: ForwardResult) -> None:
+        """The next token from the logits of a forward over `ids`."""
+        sampling = self.request.sampling
+        step = len(self.proposed)
+        if step == 0:
+            self.cached_tokens = result.cached_tokens
+        self.forward_ns += result.forward_ns
+        position = len(self.ids)
+        if sampling.is_greedy:
+            token = greedy_token_ids(result.logits)[0]
+        elif sampling.acceptance == "coupled":
+            # The target needs no q under the coupled rule: it compares with its own coupled sample.
+            token = coupled_sample(sampling_probs(result.logits, sampling)[0], sampling.seed, position)
+        else:
+            probs = sampling_probs(result.logits, sampling)[0]  # [vocab_size]
+            if step == 0 and self.request.first_is_bonus_guess:
+                # Not a proposal: a guess of the target's bonus draw at this position, made with the same
+                # uniform (stream TARGET_SAMPLE) on q, so it lands on the same token wherever q and p
+                # agree. It is only compared with the bonus token, never accepted by the rule.
+                token = sample_from_probs(
+                    probs, keyed_uniform(sampling.seed, position, RandomStream.TARGET_SAMPLE)
+                )
+            else:
+                token = sample_draft_token(probs, position, sampling.seed, is_greedy=False)
+            self.q_rows.append(probs)
+        self.proposed.append(token)
+        self.ids.append(token)
+
+    def proposal(self) -> DraftProposal:
+        sampling = self.request.sampling
         draft_probs: list[tuple[list[int], torch.Tensor]] | None = None
-        if q_rows:
+        if self.q_rows:
             # Untruncated q is dense (softmax leaves no zeros worth dropping): skip the support search.
             if sampling.top_k == 0 and sampling.top_p >= 1.0:
-                draft_probs = [([], q) for q in q_rows]
+                draft_probs = [([], q) for q in self.q_rows]
             else:
-                draft_probs = compact_supports(torch.stack(q_rows))  # one search for the block
+                draft_probs = compact_supports(torch.stack(self.q_rows))  # one search for the block
         return DraftProposal(
-            token_ids=proposed,
+            token_ids=self.proposed,
             draft_probs=draft_probs,
-            forward_ns=forward_ns,
-            cached_tokens=cached_tokens,
+            forward_ns=self.forward_ns,
+            cached_tokens=self.cached_tokens,
         )

@@ -41,7 +41,7 @@ def load_drafter(config: WorkerConfig) -> tuple[Drafter, WorkerModelInfo]:
 async def run_draft_worker(config: WorkerConfig, stop_event: asyncio.Event | None = None) -> None:
     targets = TargetClients()  # channels to the targets of delegated requests
     with ThreadPoolExecutor(max_workers=1, thread_name_prefix="draft-model") as model_thread:
-        servicer = DraftServicer(model_thread, targets)
+        servicer = DraftServicer(model_thread, targets, config.max_batch_sessions, config.max_batch_tokens)
         metrics = served_worker_metrics("draft", servicer, config.metrics_port)
 
         async def warmup() -> None:

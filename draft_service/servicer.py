@@ -3,28 +3,61 @@
 from __future__ import annotations
 
 import contextlib
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 
 import grpc
 
 from draft_service.delegated import DelegatedRounds, TargetClients
-from draft_service.drafter import Drafter, DraftProposal, DraftRequest
+from draft_service.drafter import Drafter, DraftProposal, DraftRequest, ModelDrafter
+from specpipe.rpc.session_batcher import SessionBatcher
 from specpipe.rpc.worker_servicer import WorkerServicerBase, read_ahead
 from specpipe.speculation.delegation import DelegatedRequest
 from specpipe.v1 import common_pb2, draft_pb2, draft_pb2_grpc
 
 
 class DraftServicer(WorkerServicerBase[Drafter], draft_pb2_grpc.DraftServiceServicer):
-    def __init__(self, model_thread: ThreadPoolExecutor, targets: TargetClients) -> None:
+    def __init__(
+        self,
+        model_thread: ThreadPoolExecutor,
+        targets: TargetClients,
+        max_batch_sessions: int = 1,
+        max_batch_tokens: int = 512,
+    ) -> None:
         super().__init__(model_thread)
         self.delegated = DelegatedRounds(self.run_drafter, targets)
         self.delegated_rounds = 0
+        # Cross-session batching (specpipe/rpc/session_batcher.py) of a model drafter's proposals.
+        self.batcher: SessionBatcher[DraftRequest, DraftProposal] | None = None
+        if max_batch_sessions > 1:
+            self.batcher = SessionBatcher(
+                self.submit, self.propose_batch, max_batch_sessions, max_batch_tokens
+            )
+
+    def propose_batch(self, requests: Sequence[DraftRequest]) -> Sequence[DraftProposal | Exception]:
+        engine = self.engine
+        if isinstance(engine, ModelDrafter):
+            return engine.propose_many(requests)
+        outcomes: list[DraftProposal | Exception] = []
+        for request in requests:  # a model-free drafter: nothing to pack
+            try:
+                outcomes.append(engine.propose(request))
+            except Exception as exc:
+                outcomes.append(exc)
+        return outcomes
 
     async def run_drafter(self, request: DraftRequest, inline: bool) -> DraftProposal:
+        """A proposal: batched with other sessions' where several are drafting, else on its own (inline when
+        the caller waits for it anyway and the model thread is idle)."""
+        batcher = self.batcher
+        if batcher is not None and (self.open_streams > 1 or not batcher.idle):
+            return await batcher.run(request.session_id, request.num_tokens, request)
         if inline:
             return await self.run_model(self.engine.propose, request, request.num_tokens)
         return await self.submit(self.engine.propose, request)
+
+    async def run_proposal(self, request: DraftRequest, new_tokens: int) -> DraftProposal:
+        return await self.run_drafter(request, inline=True)
 
     async def Propose(
         self, request: draft_pb2.ProposeRequest, context: grpc.aio.ServicerContext
@@ -35,7 +68,8 @@ class DraftServicer(WorkerServicerBase[Drafter], draft_pb2_grpc.DraftServiceServ
     def ProposeStream(
         self, request_iterator: AsyncIterator[draft_pb2.ProposeRequest], context: grpc.aio.ServicerContext
     ) -> AsyncIterator[draft_pb2.ProposeResponse]:
-        return self.serve_stream(request_iterator, DraftRequest.from_pb, self.engine.propose, context)
+        run = self.run_proposal if self.batcher is not None else None
+        return self.serve_stream(request_iterator, DraftRequest.from_pb, self.engine.propose, context, run)
 
     async def Speculate(
         self, request: draft_pb2.SpeculateRequest, context: grpc.aio.ServicerContext

@@ -56,12 +56,12 @@ def add_serve_parser(subparsers: argparse._SubParsersAction) -> None:
     )  # fmt: skip
     serve.add_argument(
         "--max-batch-sessions", type=int, default=1,
-        help="all/target: verify up to this many sessions' blocks in one forward pass (1 = no batching; "
-        "GPT-2 targets pack them through the lean forward, others run them one by one)",
+        help="all/draft/target: serve up to this many sessions in one forward pass (cross-session batching; "
+        "1 = none). GPT-2 models pack them through the lean forward, others run them one by one",
     )  # fmt: skip
     serve.add_argument(
         "--max-batch-tokens", type=int, default=512,
-        help="target: the most new tokens one batched pass takes (a longer request runs alone)",
+        help="draft/target: the most new tokens one batched pass takes (a longer request runs alone)",
     )  # fmt: skip
     serve.add_argument(
         "--drafter", choices=("model", "prompt-lookup"), default="model",
@@ -218,7 +218,7 @@ def serve_component(args: argparse.Namespace) -> int:
             min_ngram=args.min_ngram,
             direct_stream_port=args.direct_stream_port if args.component == "target" else -1,
             metrics_port=args.metrics_port,
-            max_batch_sessions=args.max_batch_sessions if args.component == "target" else 1,
+            max_batch_sessions=args.max_batch_sessions if args.drafter == "model" else 1,
             max_batch_tokens=args.max_batch_tokens,
         )
         if args.component == "draft":

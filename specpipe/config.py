@@ -41,8 +41,9 @@ class WorkerConfig:
     direct_stream_port: int = -1
     # Prometheus metrics over HTTP (specpipe/rpc/worker_metrics.py); 0 = a free port, -1 = none.
     metrics_port: int = -1
-    # Targets: cross-session batching (target_service/batcher.py): the most sessions' blocks one forward pass
-    # verifies (1 = none), and the most new tokens it takes (a longer request, a prefill, runs alone).
+    # Cross-session batching (specpipe/rpc/session_batcher.py): the most sessions one forward pass serves
+    # (1 = none: a target verifies, a draft drafts one session per pass), and the most new tokens it takes (a
+    # longer request, such as a prefill, runs alone).
     max_batch_sessions: int = 1
     max_batch_tokens: int = 512
 
@@ -82,8 +83,8 @@ class WorkerConfig:
                 f"max_batch_sessions and max_batch_tokens must be >= 1, "
                 f"got {self.max_batch_sessions} and {self.max_batch_tokens}"
             )
-        if self.max_batch_sessions > 1 and self.role != "target":
-            raise ValueError(f"only a target worker batches sessions, not a {self.role} worker")
+        if self.max_batch_sessions > 1 and self.drafter != "model":
+            raise ValueError(f"a {self.drafter} drafter runs no model: it has no passes to batch")
         if not 1 <= self.min_ngram <= self.max_ngram:
             raise ValueError(f"need 1 <= min_ngram <= max_ngram, got {self.min_ngram} and {self.max_ngram}")
 

@@ -122,7 +122,7 @@ class PipelineConfig:
     # Prometheus metrics: the coordinator's on this port, the draft's on the next, the target's on the one
     # after (0: each on a free port, -1: none).
     metrics_port: int = -1
-    # The target's cross-session batching (1 = none; see target_service/batcher.py).
+    # The workers' cross-session batching (1 = none; see specpipe/rpc/session_batcher.py).
     max_batch_sessions: int = 1
 
     def __post_init__(self) -> None:
@@ -141,6 +141,10 @@ class PipelineConfig:
         if self.drafter not in DRAFTERS:
             raise ValueError(f"drafter must be one of {DRAFTERS}, got {self.drafter!r}")
 
+    def batch_args(self) -> list[str]:
+        """The workers' --max-batch-sessions (both batch; a prompt-lookup draft has no passes to batch)."""
+        return ["--max-batch-sessions", str(self.max_batch_sessions)] if self.max_batch_sessions > 1 else []
+
     def metrics_args(self, component: str) -> list[str]:
         """A component's --metrics-port: coordinator, draft and target on consecutive ports."""
         if self.metrics_port < 0:
@@ -158,9 +162,7 @@ def worker_args(model: str, port: int, device: str, dtype: str, threads: int = 0
 
 def target_worker_args(config: PipelineConfig, port: int) -> list[str]:
     args = worker_args(config.target_model, port, config.device, config.dtype, config.torch_threads)
-    args += config.metrics_args("target")
-    if config.max_batch_sessions > 1:
-        args += ["--max-batch-sessions", str(config.max_batch_sessions)]
+    args += [*config.metrics_args("target"), *config.batch_args()]
     return [*args, "--direct-stream-port", "0"] if config.direct_streams else args
 
 
@@ -169,7 +171,7 @@ def draft_worker_args(config: PipelineConfig, port: int) -> list[str]:
         args = worker_args(config.target_model, port, config.device, config.dtype, config.torch_threads)
         return [*args, *config.metrics_args("draft"), "--drafter", "prompt-lookup"]
     args = worker_args(config.draft_model, port, config.device, config.dtype, config.torch_threads)
-    return [*args, *config.metrics_args("draft")]
+    return [*args, *config.metrics_args("draft"), *config.batch_args()]
 
 
 def run_pipeline(config: PipelineConfig, extra_coordinator_args: Sequence[str] = ()) -> int:

@@ -8,9 +8,10 @@ from concurrent.futures import ThreadPoolExecutor
 
 import grpc
 
+from specpipe.rpc.session_batcher import SessionBatcher
 from specpipe.rpc.worker_servicer import WorkerServicerBase
 from specpipe.v1 import common_pb2, target_pb2, target_pb2_grpc
-from target_service.batcher import VerifyBatcher
+from target_service.batching import verify_batch
 from target_service.chain import ChainCounters, OpenChains, VerifyChain
 from target_service.verifier import Verdict, Verifier, VerifyBlock
 
@@ -23,11 +24,14 @@ class TargetServicer(WorkerServicerBase[Verifier], target_pb2_grpc.TargetService
         self.chain_counters = ChainCounters()
         self.open_chains = OpenChains()
         # Cross-session batching (target_service/batcher.py) where more than one session may share a pass.
-        self.batcher = (
-            VerifyBatcher(self.submit, lambda: self.engine, max_batch_sessions, max_batch_tokens)
-            if max_batch_sessions > 1
-            else None
-        )
+        self.batcher: SessionBatcher[tuple[VerifyChain, VerifyBlock], Verdict] | None = None
+        if max_batch_sessions > 1:
+            self.batcher = SessionBatcher(
+                self.submit,
+                lambda calls: verify_batch(self.engine, calls),
+                max_batch_sessions,
+                max_batch_tokens,
+            )
         # Streams served without gRPC (specpipe/rpc/direct_server.py), where the worker has that listener.
         self.direct_streams: Callable[[], int] = lambda: 0
 
@@ -50,7 +54,7 @@ class TargetServicer(WorkerServicerBase[Verifier], target_pb2_grpc.TargetService
                 # batch it with, and the hand-over to the model thread costs 0.3-0.5 ms.
                 if self.open_streams <= 1 and batcher.idle:
                     return await self.run_model(chain.verify, block, new_tokens)
-                return await batcher.verify(chain, block, new_tokens)
+                return await batcher.run(block.session_id, new_tokens, (chain, block))
 
         replies = self.serve_stream(request_iterator, VerifyBlock.from_pb, chain.verify, context, run)
         try:
@@ -81,9 +85,4 @@ class TargetServicer(WorkerServicerBase[Verifier], target_pb2_grpc.TargetService
         stats.chained_verifies = self.chain_counters.verified
         stats.chained_skips = self.chain_counters.skipped
         stats.direct_streams = self.direct_streams()
-        if self.batcher is not None:
-            counters = self.batcher.counters
-            stats.batched_passes = counters.passes
-            stats.batched_blocks = counters.blocks
-            stats.largest_batch = counters.largest
         return stats

@@ -132,11 +132,12 @@ def test_embedded_serve_gives_its_target_direct_streams_unless_told_not_to(
         WorkerConfig(role="target", model_path=".", direct_stream_port=70000)
 
 
-def test_batching_reaches_the_target_and_turns_its_lean_forward_on(
+def test_batching_reaches_the_workers_and_turns_the_targets_lean_forward_on(
     monkeypatch: pytest.MonkeyPatch, tmp_path: Path
 ) -> None:
-    """`specpipe serve --max-batch-sessions N` passes N to its target only; a batching target defaults to the
-    lean forward (its packed passes need it), one that does not batch keeps transformers'."""
+    """`specpipe serve --max-batch-sessions N` passes N to both workers (not to a prompt-lookup draft, which
+    has no passes to batch); a batching target defaults to the lean forward (its packed passes need it), one
+    that does not batch keeps transformers'."""
     import argparse
 
     import specpipe.launcher
@@ -147,18 +148,25 @@ def test_batching_reaches_the_target_and_turns_its_lean_forward_on(
     monkeypatch.setattr(specpipe.launcher, "run_pipeline", lambda config, extra: configs.append(config) or 0)
     assert main(["serve", "--max-batch-sessions", "6", "--log-dir", str(tmp_path)]) == 0
     assert main(["serve", "--log-dir", str(tmp_path)]) == 0
-    batching, alone = configs
-    target_args = specpipe.launcher.target_worker_args(batching, 1234)
-    assert target_args[target_args.index("--max-batch-sessions") + 1] == "6"
-    assert "--max-batch-sessions" not in specpipe.launcher.draft_worker_args(batching, 1235)
-    assert "--max-batch-sessions" not in specpipe.launcher.target_worker_args(alone, 1234)
+    assert (
+        main(["serve", "--max-batch-sessions", "6", "--drafter", "prompt-lookup", "--log-dir", str(tmp_path)])
+        == 0
+    )
+    batching, alone, lookup = configs
+    for worker_args in (specpipe.launcher.target_worker_args, specpipe.launcher.draft_worker_args):
+        args = worker_args(batching, 1234)
+        assert args[args.index("--max-batch-sessions") + 1] == "6"
+        assert "--max-batch-sessions" not in worker_args(alone, 1234)
+    assert "--max-batch-sessions" not in specpipe.launcher.draft_worker_args(lookup, 1234)
+    assert "--max-batch-sessions" in specpipe.launcher.target_worker_args(lookup, 1234)
 
     def lean(component: str, sessions: int) -> bool:
         return default_lean_forward(argparse.Namespace(component=component, max_batch_sessions=sessions))
 
     assert lean("target", 4) and lean("draft", 1) and not lean("target", 1)
-    with pytest.raises(ValueError, match="only a target worker batches sessions"):
-        WorkerConfig(role="draft", model_path=".", max_batch_sessions=2)
+    WorkerConfig(role="draft", model_path=".", max_batch_sessions=2)
+    with pytest.raises(ValueError, match="has no passes to batch"):
+        WorkerConfig(role="draft", model_path=".", drafter="prompt-lookup", max_batch_sessions=2)
     with pytest.raises(ValueError, match="max_batch_sessions"):
         WorkerConfig(role="target", model_path=".", max_batch_sessions=0)
     with pytest.raises(ValueError, match="max_batch_sessions"):

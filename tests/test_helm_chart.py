@@ -587,25 +587,28 @@ def test_targets_serve_direct_streams_to_draft_pods_unless_turned_off() -> None:
     assert rule["ports"] == [{"protocol": "TCP", "port": "grpc"}]
 
 
-def test_target_pools_batch_sessions_when_asked() -> None:
-    """target.maxBatchSessions (default 1: no batching) is a per-pool setting: a pool above 1 gets
-    --max-batch-sessions, the others and every draft pool none."""
-    assert "--max-batch-sessions" not in args_of(container(one(rendered("default"), "Deployment",
-                                                               f"{FULLNAME}-target-gpu")))  # fmt: skip
+def test_worker_pools_batch_sessions_when_asked() -> None:
+    """maxBatchSessions (default 1: no batching) is a per-pool setting of both roles: a pool above 1 gets
+    --max-batch-sessions, the others none."""
+    for deployment in find(rendered("default"), "Deployment"):
+        assert "--max-batch-sessions" not in args_of(container(deployment))
     values = values_of("two-gpu-pools-values.yaml")
     values["target"]["maxBatchSessions"] = 8
     values["target"]["pools"][1]["maxBatchSessions"] = 1
-    docs = render(values)
+    values["draft"]["maxBatchSessions"] = 4
     batching = {}
-    for deployment in find(docs, "Deployment"):
-        labels = pod_labels(deployment)
-        args = args_of(container(deployment))
-        if labels["app.kubernetes.io/component"] == "target":
-            batching[deployment["metadata"]["name"]] = args.get("--max-batch-sessions")
-        elif labels["app.kubernetes.io/component"] == "draft":
-            assert "--max-batch-sessions" not in args
-    pools = [pool["name"] for pool in values["target"]["pools"]]
-    assert batching == {f"{FULLNAME}-target-{pools[0]}": "8", f"{FULLNAME}-target-{pools[1]}": None}
+    for deployment in find(render(values), "Deployment"):
+        if pod_labels(deployment)["app.kubernetes.io/component"] in ("draft", "target"):
+            batching[deployment["metadata"]["name"]] = args_of(container(deployment)).get(
+                "--max-batch-sessions"
+            )
+    targets = [pool["name"] for pool in values["target"]["pools"]]
+    drafts = [pool["name"] for pool in values["draft"]["pools"]]
+    assert batching == {
+        f"{FULLNAME}-target-{targets[0]}": "8",
+        f"{FULLNAME}-target-{targets[1]}": None,
+        **{f"{FULLNAME}-draft-{name}": "4" for name in drafts},
+    }
 
 
 def test_coordinator_serves_prometheus_metrics_unless_turned_off() -> None:
@@ -891,7 +894,7 @@ def test_schema_rejects_a_pool_without_a_model() -> None:
         ({"target": {"directStreamPort": 70000}}, "at '/target/directStreamPort'"),
         ({"coordinator": {"metrics": {"port": 0}}}, "at '/coordinator/metrics/port'"),
         ({"draft": {"directStreamPort": 50063}}, "at '/draft'"),
-        ({"draft": {"maxBatchSessions": 4}}, "at '/draft'"),
+        ({"draft": {"maxBatchSessions": 0}}, "at '/draft/maxBatchSessions'"),
         ({"target": {"maxBatchSessions": 0}}, "at '/target/maxBatchSessions'"),
         (
             {"target": {"pools": [{"name": "a", "model": {"path": "/m"}, "directStreamPort": 1}]}},

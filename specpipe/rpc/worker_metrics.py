@@ -38,16 +38,17 @@ COUNTERS = {
     "delegated_rounds": ("specpipe_worker_delegated_rounds", "Drafts: rounds run for delegated requests."),
     "batched_passes": (
         "specpipe_worker_batched_passes",
-        "Targets with cross-session batching: forward passes the batcher ran.",
+        "Workers with cross-session batching: passes the batcher ran.",
     ),
     "batched_blocks": (
         "specpipe_worker_batched_blocks",
-        "Targets with cross-session batching: blocks those passes verified (over passes: the mean batch).",
+        "Workers with cross-session batching: calls those passes served (verified or drafted blocks; over "
+        "passes: the mean batch).",
     ),
 }
 ROLE_COUNTERS = {
     "target": ("chained_verifies", "chained_skips", "direct_streams", "batched_passes", "batched_blocks"),
-    "draft": ("delegated_rounds",),
+    "draft": ("delegated_rounds", "batched_passes", "batched_blocks"),
 }
 
 

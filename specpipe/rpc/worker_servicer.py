@@ -11,6 +11,7 @@ from typing import Any, Generic, TypeVar
 import grpc
 
 from specpipe.errors import UnavailableError
+from specpipe.rpc.session_batcher import SessionBatcher
 from specpipe.runtime.kv_cache import SessionKVCacheStore
 from specpipe.runtime.model_info import WorkerModelInfo
 from specpipe.runtime.stream_history import StreamHistory
@@ -82,6 +83,8 @@ class WorkerServicerBase(Generic[EngineT]):
         self.open_streams = 0
         # Model-thread jobs not finished yet (counted on the event loop): the model may run inline only at 0.
         self.model_jobs = 0
+        # Cross-session batching of the model calls, where the role's servicer sets one up.
+        self.batcher: SessionBatcher[Any, Any] | None = None
 
     def attach(self, engine: EngineT, info: WorkerModelInfo) -> None:
         """Called once the model is loaded; until then every RPC answers UNAVAILABLE."""
@@ -190,10 +193,16 @@ class WorkerServicerBase(Generic[EngineT]):
         """The worker's counters (GetStats, and /metrics from its own thread: plain reads of ints and sizes).
         Roles add theirs."""
         caches = self.caches
-        return common_pb2.WorkerStats(
+        stats = common_pb2.WorkerStats(
             cached_sessions=len(caches),
             cache_bytes=caches.total_bytes,
             evictions=caches.evictions,
             session_cached=bool(session_id) and session_id in caches,
             open_streams=self.open_streams,
         )
+        if self.batcher is not None:
+            counters = self.batcher.counters
+            stats.batched_passes = counters.passes
+            stats.batched_blocks = counters.calls
+            stats.largest_batch = counters.largest
+        return stats

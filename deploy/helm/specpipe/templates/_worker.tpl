@@ -173,7 +173,7 @@ spec:
             {{- if gt $directPort 0 }}
             - --direct-stream-port={{ $directPort }}
             {{- end }}
-            {{- if and (eq $role "target") (gt (int $pool.maxBatchSessions) 1) }}
+            {{- if gt (int $pool.maxBatchSessions) 1 }}
             - --max-batch-sessions={{ int $pool.maxBatchSessions }}
             {{- end }}
             {{- if $metrics.enabled }}

@@ -1,4 +1,5 @@
-"""Cross-session batching on the target: packed forward passes, the batcher, and the pipeline through it."""
+"""Cross-session batching: packed forward passes, the batcher, the target's and the draft's batched calls,
+and the pipeline through batching workers."""
 
 from __future__ import annotations
 
@@ -10,11 +11,13 @@ from pathlib import Path
 import pytest
 import torch
 
+from draft_service.drafter import DraftProposal, DraftRequest, ModelDrafter
 from specpipe.client import CoordinatorClient, build_request
 from specpipe.errors import InvalidArgumentError
+from specpipe.rpc.session_batcher import SessionBatcher
 from specpipe.runtime.model_runner import CausalLMRunner
 from specpipe.sampling.params import SamplingParams
-from target_service.batcher import VerifyBatcher
+from target_service.batching import verify_batch
 from target_service.chain import ChainCounters, VerifyChain
 from target_service.verifier import Verdict, Verifier, VerifyBlock
 from tests.conftest import ModelPair, Pipeline, RedisServerProcess, start_pipeline, stop_pipeline
@@ -82,15 +85,26 @@ def test_verify_many_fails_only_the_invalid_block(model_pair: ModelPair) -> None
     assert strip(outcomes[0]) == strip(Verifier(load_runner(model_pair.target_dir)).verify(good))
 
 
-def run_batcher(verifier: Verifier, test: object) -> None:
+VerifyBatcher = SessionBatcher[tuple[VerifyChain, VerifyBlock], Verdict]
+
+
+def run_batcher(verifier: Verifier, test: object, max_tokens: int = 512) -> None:
     async def main() -> None:
         with ThreadPoolExecutor(1) as model_thread:
             loop = asyncio.get_running_loop()
-            batcher = VerifyBatcher(lambda fn, *args: loop.run_in_executor(model_thread, fn, *args),
-                                    lambda: verifier, max_sessions=4, max_tokens=512)  # fmt: skip
+            batcher: VerifyBatcher = SessionBatcher(
+                lambda fn, *args: loop.run_in_executor(model_thread, fn, *args),
+                lambda calls: verify_batch(verifier, calls),
+                max_sessions=4,
+                max_tokens=max_tokens,
+            )
             await test(batcher)  # type: ignore[operator]
 
     asyncio.run(main())
+
+
+def verify(batcher: VerifyBatcher, chain: VerifyChain, block: VerifyBlock, new_tokens: int) -> object:
+    return batcher.run(block.session_id, new_tokens, (chain, block))
 
 
 @pytest.mark.parametrize("sampling", [GREEDY, SAMPLED], ids=["greedy", "sampled"])
@@ -107,7 +121,7 @@ def test_batched_verdicts_equal_unbatched(model_pair: ModelPair, sampling: Sampl
         chains = [VerifyChain(batched, counters) for _ in blocks]
         verdicts = await asyncio.gather(
             *(
-                batcher.verify(chain, block, len(block.token_ids))
+                verify(batcher, chain, block, len(block.token_ids))
                 for chain, block in zip(chains, blocks, strict=True)
             )
         )
@@ -116,7 +130,7 @@ def test_batched_verdicts_equal_unbatched(model_pair: ModelPair, sampling: Sampl
         # The first block ran alone (the batcher was idle); the five that waited for it shared one pass
         # (4 at most), the last the pass after.
         assert batcher.counters.passes == 3
-        assert batcher.counters.blocks == 6
+        assert batcher.counters.calls == 6
         assert batcher.counters.largest == 4
 
     run_batcher(batched, test)
@@ -137,9 +151,9 @@ def test_batcher_skips_chained_blocks_and_answers_errors_per_block(model_pair: M
         stale = VerifyBlock("stale", (9, 9, 9), (1,), None, GREEDY, chained=True)  # extends no verdict
         invalid = VerifyBlock("invalid", (1, 2), (vocab + 5,), None, GREEDY)
         results = await asyncio.gather(
-            batcher.verify(first, opener, 3),
-            batcher.verify(second, stale, 3),
-            batcher.verify(third, invalid, 2),
+            verify(batcher, first, opener, 3),
+            verify(batcher, second, stale, 3),
+            verify(batcher, third, invalid, 2),
             return_exceptions=True,
         )
         assert isinstance(results[0], Verdict) and not results[0].skipped
@@ -156,12 +170,12 @@ def test_a_cancelled_wait_leaves_the_batch(model_pair: ModelPair) -> None:
     async def test(batcher: VerifyBatcher) -> None:
         chain = VerifyChain(verifier, ChainCounters())
         running = asyncio.ensure_future(
-            batcher.verify(chain, VerifyBlock("a", (1, 2), (3,), None, GREEDY), 2)
+            verify(batcher, chain, VerifyBlock("a", (1, 2), (3,), None, GREEDY), 2)
         )
         await asyncio.sleep(0)
         waiting = asyncio.ensure_future(
-            batcher.verify(
-                VerifyChain(verifier, ChainCounters()), VerifyBlock("b", (1,), (2,), None, GREEDY), 1
+            verify(
+                batcher, VerifyChain(verifier, ChainCounters()), VerifyBlock("b", (1,), (2,), None, GREEDY), 1
             )
         )
         await asyncio.sleep(0)
@@ -169,11 +183,45 @@ def test_a_cancelled_wait_leaves_the_batch(model_pair: ModelPair) -> None:
         assert not (await running).skipped
         for _ in range(10):
             await asyncio.sleep(0.01)
-        assert batcher.counters.blocks == 1  # b never ran
+        assert batcher.counters.calls == 1  # b never ran
         assert "b" not in verifier.caches
         assert batcher.idle
 
     run_batcher(verifier, test)
+
+
+def test_propose_many_equals_propose(model_pair: ModelPair) -> None:
+    """Each request of a batched draft gets the proposal it would get alone: tokens, q and cache use, for
+    greedy, Leviathan and coupled sampling, a bonus guess, and requests of different lengths."""
+    batched = ModelDrafter(load_runner(model_pair.draft_dir), max_draft_tokens=8)
+    alone = ModelDrafter(load_runner(model_pair.draft_dir), max_draft_tokens=8)
+    vocab = batched.runner.vocab_size
+    coupled = SamplingParams(temperature=0.7, seed=5, acceptance="coupled")
+    samplings = [GREEDY, SAMPLED, coupled, SAMPLED, GREEDY]
+    requests = [
+        DraftRequest(f"s{i}", tuple(history), num_tokens, sampling, first_is_bonus_guess=i == 3)
+        for i, (history, num_tokens, sampling) in enumerate(
+            zip(histories(5, vocab), (4, 1, 6, 3, 2), samplings, strict=True)
+        )
+    ]
+    for round_ in range(2):  # the second round reuses the caches the first one wrote
+        if round_:
+            requests = [
+                DraftRequest(r.session_id, (*r.token_ids, 3, 4), r.num_tokens, r.sampling) for r in requests
+            ]
+        together = batched.propose_many([*requests, DraftRequest("bad", (vocab,), 2, GREEDY)])
+        assert isinstance(together[-1], InvalidArgumentError)
+        for request, proposal in zip(requests, together, strict=False):
+            assert isinstance(proposal, DraftProposal)
+            own = alone.propose(request)
+            assert proposal.token_ids == own.token_ids
+            assert proposal.cached_tokens == own.cached_tokens
+            assert (proposal.draft_probs is None) == (own.draft_probs is None)
+            for (ids, values), (own_ids, own_values) in zip(
+                proposal.draft_probs or [], own.draft_probs or [], strict=True
+            ):
+                assert ids == own_ids
+                torch.testing.assert_close(values, own_values, rtol=1e-5, atol=1e-6)
 
 
 @pytest.fixture(scope="module")
@@ -184,13 +232,14 @@ def batching_pipeline(
         model_pair,
         redis_server,
         tmp_path_factory.mktemp("batching"),
+        draft_extra=["--max-batch-sessions", "4"],
         target_extra=["--max-batch-sessions", "4"],
     )
     yield pipeline
     stop_pipeline(pipeline)
 
 
-def test_concurrent_greedy_requests_through_a_batching_target_equal_the_target_alone(
+def test_concurrent_greedy_requests_through_batching_workers_equal_the_target_alone(
     batching_pipeline: Pipeline,
 ) -> None:
     prompts = PROMPTS[:8]
@@ -216,6 +265,7 @@ def test_concurrent_greedy_requests_through_a_batching_target_equal_the_target_a
         return stats.largest_batch
 
     assert asyncio.run(batched()) > 1  # some pass verified more than one session's block
-    scraped = scrape(batching_pipeline, "target")
-    blocks = value(scraped, "specpipe_worker_batched_blocks_total", role="target")
-    assert blocks > value(scraped, "specpipe_worker_batched_passes_total", role="target") > 0
+    for role in ("draft", "target"):  # each served some sessions' calls together
+        scraped = scrape(batching_pipeline, role)
+        calls = value(scraped, "specpipe_worker_batched_blocks_total", role=role)
+        assert calls > value(scraped, "specpipe_worker_batched_passes_total", role=role) > 0, role
