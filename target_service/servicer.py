@@ -23,7 +23,7 @@ class TargetServicer(WorkerServicerBase[Verifier], target_pb2_grpc.TargetService
         super().__init__(model_thread)
         self.chain_counters = ChainCounters()
         self.open_chains = OpenChains()
-        # Cross-session batching (target_service/batcher.py) where more than one session may share a pass.
+        # Cross-session batching, where asked for (specpipe/rpc/session_batcher.py, batching.py).
         self.batcher: SessionBatcher[tuple[VerifyChain, VerifyBlock], Verdict] | None = None
         if max_batch_sessions > 1:
             self.batcher = SessionBatcher(

@@ -20,7 +20,14 @@ from specpipe.sampling.params import SamplingParams
 from target_service.batching import verify_batch
 from target_service.chain import ChainCounters, VerifyChain
 from target_service.verifier import Verdict, Verifier, VerifyBlock
-from tests.conftest import ModelPair, Pipeline, RedisServerProcess, start_pipeline, stop_pipeline
+from tests.conftest import (
+    ModelPair,
+    Pipeline,
+    RedisServerProcess,
+    start_coordinator,
+    start_pipeline,
+    stop_pipeline,
+)
 from tests.prompts import PROMPTS
 from tests.reference import target_alone
 from tests.test_metrics import scrape, value
@@ -269,3 +276,26 @@ def test_concurrent_greedy_requests_through_batching_workers_equal_the_target_al
         scraped = scrape(batching_pipeline, role)
         calls = value(scraped, "specpipe_worker_batched_blocks_total", role=role)
         assert calls > value(scraped, "specpipe_worker_batched_passes_total", role=role) > 0, role
+
+
+def test_the_coordinators_own_loop_through_batching_workers_equals_the_target_alone(
+    batching_pipeline: Pipeline, tmp_path: Path
+) -> None:
+    """Without delegation the coordinator's ProposeStream and VerifyStream calls go through the batchers."""
+    pipeline = batching_pipeline
+    coordinator = start_coordinator(
+        pipeline.draft.address, pipeline.target.address, pipeline.redis.url, tmp_path, ["--no-delegation"]
+    )
+    try:
+        coordinator.wait_serving(60)
+        prompts = PROMPTS[8:12]
+        expected = target_alone(pipeline.pair.target_dir, prompts, MAX_NEW_TOKENS)
+
+        def generate(prompt: str) -> list[int]:
+            with CoordinatorClient(coordinator.address) as client:
+                return client.generate(build_request(prompt, MAX_NEW_TOKENS), timeout_s=120).token_ids
+
+        with ThreadPoolExecutor(len(prompts)) as clients:
+            assert dict(zip(prompts, clients.map(generate, prompts), strict=True)) == expected
+    finally:
+        coordinator.stop()
