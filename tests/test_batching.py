@@ -74,6 +74,22 @@ def test_packed_pass_gives_each_session_its_own_logits(
         )
 
 
+def test_a_packed_pass_rebuilds_an_evicted_session_and_crops_a_rejected_one(model_pair: ModelPair) -> None:
+    """forward_many prepares each cache as forward does: a session evicted since its last call is rebuilt from
+    the history it sends, one whose last block was rejected is cropped to the prefix it keeps."""
+    packed, alone = load_runner(model_pair.target_dir), load_runner(model_pair.target_dir)
+    evicted, rejected = histories(2, packed.vocab_size, seed=4)
+    for runner in (packed, alone):
+        runner.forward("evicted", evicted, 1)
+        runner.forward("rejected", [*rejected, 5, 6, 7], 4)
+    packed.caches.release("evicted")
+    calls = [("evicted", [*evicted, 9], 2), ("rejected", [*rejected, 5, 8, 1], 2)]
+    together = packed.forward_many(calls)
+    assert [result.cached_tokens for result in together] == [0, len(rejected) + 1]
+    for call, result in zip(calls, together, strict=True):
+        torch.testing.assert_close(result.logits, alone.forward(*call).logits, rtol=1e-5, atol=1e-5)
+
+
 def test_forward_many_takes_each_session_once(model_pair: ModelPair) -> None:
     runner = load_runner(model_pair.target_dir)
     with pytest.raises(ValueError, match="at most once"):
