@@ -51,13 +51,13 @@ def add_serve_parser(subparsers: argparse._SubParsersAction) -> None:
     serve.add_argument("--threads", type=int, default=0, help="draft/target: torch threads (0 = default)")
     serve.add_argument(
         "--lean-forward", action=argparse.BooleanOptionalAction, default=None,
-        help="draft/target: the lean GPT-2 forward instead of transformers' (default: on for a draft and for "
-        "a batching target, off for a target that does not batch)",
+        help="draft/target: the lean GPT-2/Llama forward instead of transformers' (default: on for a draft "
+        "and for a batching target, off for a target that does not batch)",
     )  # fmt: skip
     serve.add_argument(
         "--max-batch-sessions", type=int, default=1,
         help="all/draft/target: serve up to this many sessions in one forward pass (cross-session batching; "
-        "1 = none). GPT-2 models pack them through the lean forward, others run them one by one",
+        "1 = none). GPT-2 and Llama models pack them through the lean forward, others run them one by one",
     )  # fmt: skip
     serve.add_argument(
         "--max-batch-tokens", type=int, default=512,

@@ -56,7 +56,7 @@ async def run_target_worker(config: WorkerConfig, stop_event: asyncio.Event | No
             if config.max_batch_sessions > 1 and not verifier.runner.packs_sessions:
                 logger.warning(
                     "no packed forward for this model: batched blocks run one forward pass each (the lean "
-                    "GPT-2 forward packs sessions: --lean-forward)"
+                    "GPT-2 and Llama forwards pack sessions: --lean-forward)"
                 )
             servicer.attach(verifier, info)
 

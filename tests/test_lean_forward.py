@@ -1,4 +1,5 @@
-"""The draft's lean GPT-2 forward: transformers' numbers (to float rounding) on every path a session takes."""
+"""The lean GPT-2 and Llama forwards: transformers' numbers (to float rounding) on every path a session takes,
+one session or several packed."""
 
 from __future__ import annotations
 
@@ -6,8 +7,9 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM
 
-from specpipe.runtime import lean_gpt2
+from specpipe.runtime import lean_gpt2, lean_llama
 from specpipe.runtime.lean_gpt2 import LeanGPT2
+from specpipe.runtime.lean_llama import LeanLlama
 from specpipe.runtime.model_runner import CausalLMRunner
 from tests.conftest import ModelPair
 
@@ -99,3 +101,72 @@ def test_runner_uses_the_lean_path_for_drafts_and_greedy_tokens_match(model_pair
             ids[name].append(int(logits[0].argmax()))
     assert ids["lean"] == ids["plain"]
     assert lean.caches.total_bytes == lean.caches._sessions["s"].past.nbytes > 0
+
+
+def tiny_llama(**overrides: object) -> LlamaForCausalLM:
+    torch.manual_seed(0)
+    config = {
+        "vocab_size": 96, "hidden_size": 64, "intermediate_size": 112, "num_hidden_layers": 2,
+        "num_attention_heads": 4, "num_key_value_heads": 2, "max_position_embeddings": 64, **overrides,
+    }  # fmt: skip
+    return LlamaForCausalLM(LlamaConfig(**config)).eval()
+
+
+@pytest.mark.parametrize("kv_heads", [2, 4], ids=["grouped-query", "multi-head"])
+def test_lean_llama_matches_transformers_on_every_path(kv_heads: int) -> None:
+    """Prefill, single steps, a verify-shaped block, rollback, and packed passes of several sessions."""
+    model = tiny_llama(num_key_value_heads=kv_heads)
+    assert lean_llama.supports(model) and not lean_gpt2.supports(model)
+    lean = LeanLlama(model)
+    cache = lean.new_cache()
+    ids = [(7 * i + 3) % 96 for i in range(20)]
+    torch.testing.assert_close(lean.forward(ids, cache, 3), reference_logits(model, ids, 3), **TOLERANCE)
+    for token in (11, 12):
+        ids.append(token)
+        torch.testing.assert_close(
+            lean.forward([token], cache, 1), reference_logits(model, ids, 1), **TOLERANCE
+        )
+    block = [21, 22, 23]
+    torch.testing.assert_close(
+        lean.forward(block, cache, 3), reference_logits(model, [*ids, *block], 3), **TOLERANCE
+    )
+    cache.crop(-2)
+    torch.testing.assert_close(
+        lean.forward([30], cache, 1), reference_logits(model, [*ids, 21, 30], 1), **TOLERANCE
+    )
+    # Three sessions in one pass: a prefill, a step and a block, each as alone.
+    others = [[5, 6, 7, 8, 9], [40, 41]]
+    other_caches = [lean.new_cache(), lean.new_cache()]
+    lean.forward(others[1], other_caches[1], 1)
+    packed = lean.forward_packed(
+        [(others[0], other_caches[0], 2), ([42], other_caches[1], 1), ([1, 2], cache, 2)]
+    )
+    expected = [
+        reference_logits(model, others[0], 2),
+        reference_logits(model, [*others[1], 42], 1),
+        reference_logits(model, [*ids, 21, 30, 1, 2], 2),
+    ]
+    for got, want in zip(packed, expected, strict=True):
+        torch.testing.assert_close(got, want, **TOLERANCE)
+
+
+def test_lean_llama_refuses_what_it_does_not_reproduce() -> None:
+    scaled = tiny_llama(rope_parameters={"rope_type": "linear", "factor": 2.0, "rope_theta": 10000.0})
+    assert not lean_llama.supports(scaled)
+    with pytest.raises(ValueError, match="not a Llama"):
+        LeanLlama(scaled)
+    assert not lean_llama.supports(GPT2LMHeadModel(GPT2Config(vocab_size=64, n_positions=32, n_embd=16,
+                                                              n_layer=1, n_head=2)))  # fmt: skip
+
+
+def test_a_runner_on_a_llama_packs_sessions() -> None:
+    """The runner picks the Llama lean forward; forward_many equals transformers' forward per session."""
+    model = tiny_llama()
+    packed = CausalLMRunner(model, tokenizer=None, model_name="tiny-llama", max_context=64,  # type: ignore[arg-type]
+                            max_cached_sessions=8, lean_forward=True)  # fmt: skip
+    alone = CausalLMRunner(model, tokenizer=None, model_name="tiny-llama", max_context=64,  # type: ignore[arg-type]
+                           max_cached_sessions=8, lean_forward=False)  # fmt: skip
+    assert isinstance(packed.lean, LeanLlama) and packed.packs_sessions
+    calls = [("a", [1, 2, 3, 4], 2), ("b", [9, 8], 1), ("c", [5], 1)]
+    for call, result in zip(calls, packed.forward_many(calls), strict=True):
+        torch.testing.assert_close(result.logits, alone.forward(*call).logits, **TOLERANCE)

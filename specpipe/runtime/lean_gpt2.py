@@ -19,7 +19,9 @@ from collections.abc import Sequence
 import torch
 import torch.nn.functional as F
 
-INITIAL_CAPACITY = 256  # positions; the buffers double as a session grows, up to the model's context
+from specpipe.runtime.packing import INITIAL_CAPACITY, Packed, PreallocatedKVCache
+
+__all__ = ["INITIAL_CAPACITY", "LeanGPT2", "PreallocatedKVCache", "supports"]
 
 
 def supports(model: torch.nn.Module) -> bool:
@@ -34,51 +36,6 @@ def supports(model: torch.nn.Module) -> bool:
         and not config.reorder_and_upcast_attn
         and config.scale_attn_weights
     )
-
-
-class PreallocatedKVCache:
-    """Keys and values of one session, per layer [heads, capacity, head_dim], of which `length` are valid.
-
-    Rolling back rejected draft tokens only lowers `length`; appending writes in place (growing the buffers
-    by doubling when full), so a step never copies the whole cache as concatenation does.
-    """
-
-    def __init__(
-        self, num_layers: int, heads: int, head_dim: int, max_length: int, like: torch.Tensor
-    ) -> None:
-        self.max_length = max_length
-        capacity = min(INITIAL_CAPACITY, max_length)
-        self.keys = [like.new_zeros(heads, capacity, head_dim) for _ in range(num_layers)]
-        self.values = [like.new_zeros(heads, capacity, head_dim) for _ in range(num_layers)]
-        self.length = 0
-
-    @property
-    def capacity(self) -> int:
-        return self.keys[0].shape[1]
-
-    @property
-    def nbytes(self) -> int:
-        return sum(t.numel() * t.element_size() for t in (*self.keys, *self.values))
-
-    def get_seq_length(self) -> int:
-        return self.length
-
-    def crop(self, max_length: int) -> None:
-        """transformers' Cache.crop semantics: keep the first `max_length` positions (negative: drop that many
-        from the end)."""
-        self.length = max(0, self.length + max_length if max_length < 0 else min(max_length, self.length))
-
-    def reserve(self, length: int) -> None:
-        if length > self.max_length:
-            raise ValueError(f"{length} positions exceed the model's context of {self.max_length}")
-        if length <= self.capacity:
-            return
-        capacity = min(max(length, 2 * self.capacity), self.max_length)
-        for buffers in (self.keys, self.values):
-            for i, old in enumerate(buffers):
-                grown = old.new_zeros(old.shape[0], capacity, old.shape[2])
-                grown[:, : self.length] = old[:, : self.length]
-                buffers[i] = grown
 
 
 class LeanGPT2:
@@ -164,40 +121,26 @@ class LeanGPT2:
         if len(items) == 1:
             new_ids, cache, num_rows = items[0]
             return [self.forward(new_ids, cache, num_rows)]
-        device = self.token_embedding.device
-        spans: list[tuple[int, int, int, PreallocatedKVCache, torch.Tensor | None]] = []  # offset, n, start
-        all_ids: list[int] = []
-        positions: list[torch.Tensor] = []
-        for new_ids, cache, _ in items:
-            n, start = len(new_ids), cache.length
-            cache.reserve(start + n)
-            hidden = None
-            if n > 1:
-                hidden = torch.ones(n, start + n, dtype=torch.bool, device=device).triu(start + 1)
-            spans.append((len(all_ids), n, start, cache, hidden))
-            all_ids.extend(new_ids)
-            positions.append(torch.arange(start, start + n, device=device))
-        ids = torch.tensor(all_ids, dtype=torch.long, device=device)  # [total]
-        x = self.token_embedding[ids] + self.position_embedding[torch.cat(positions)]  # [total, width]
+        packed = Packed.of(items, self.token_embedding.device)
+        caches = [cache for _, cache, _ in items]
+        x = self.token_embedding[packed.ids] + self.position_embedding[packed.positions]  # [total, width]
         width = self.width
         for layer, (norm1, attn_in, attn_out, norm2, mlp_in, mlp_out) in enumerate(self.blocks):
             h = F.layer_norm(x, (width,), *norm1, self.eps)
             qkv = torch.addmm(attn_in[1], h, attn_in[0])  # [total, 3 * width]
             attended = torch.cat(
                 [
-                    self._attend(qkv[offset : offset + n], layer, cache, start, hidden)
-                    for offset, n, start, cache, hidden in spans
+                    self._attend(
+                        qkv[span.offset : span.offset + span.count], layer, cache, span.start, span.hidden
+                    )
+                    for span, cache in zip(packed.spans, caches, strict=True)
                 ]
             )  # [total, width]
             x = x + torch.addmm(attn_out[1], attended, attn_out[0])
             x = x + self._mlp(x, norm2, mlp_in, mlp_out)
-        last_rows = []
-        for (offset, n, start, cache, _), (_, _, num_rows) in zip(spans, items, strict=True):
-            cache.length = start + n
-            last_rows.append(torch.arange(offset + n - num_rows, offset + n, device=device))
-        h = F.layer_norm(x[torch.cat(last_rows)], (width,), *self.final_norm, self.eps)
-        logits = (h @ self.lm_head_t).float()  # [sum of num_rows, vocab_size]
-        return list(logits.split([num_rows for _, _, num_rows in items]))
+        packed.commit(caches)
+        h = F.layer_norm(x[packed.logit_rows()], (width,), *self.final_norm, self.eps)
+        return packed.split((h @ self.lm_head_t).float())  # [num_rows, vocab_size] each
 
     def _attend(
         self,

@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, DynamicCache, PreTrainedTokenizerBase
 
-from specpipe.runtime import lean_gpt2
+from specpipe.runtime import lean_gpt2, lean_llama
 from specpipe.runtime.kv_cache import SessionKV, SessionKVCacheStore, common_prefix_length
 
 if TYPE_CHECKING:
@@ -28,6 +28,15 @@ def cache_argument(model: torch.nn.Module) -> str:
     """The name of the KV-cache argument of the model's forward: transformers 5.x renamed `past_key_values`
     to `cache` (the old name warns from 5.24 on and goes away in 5.40)."""
     return "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
+
+
+def lean_forward_for(model: torch.nn.Module) -> lean_gpt2.LeanGPT2 | lean_llama.LeanLlama | None:
+    """The lean forward of the model's architecture (GPT-2, Llama), or None: transformers' forward then."""
+    if lean_gpt2.supports(model):
+        return lean_gpt2.LeanGPT2(model)
+    if lean_llama.supports(model):
+        return lean_llama.LeanLlama(model)
+    return None
 
 
 def in_vocab(token_ids: Sequence[int], vocab_size: int) -> bool:
@@ -67,7 +76,7 @@ class CausalLMRunner:
         self.dtype = next(model.parameters()).dtype
         self.vocab_size = int(model.get_output_embeddings().weight.shape[0])
         # The lean path where asked for and the architecture has one (else transformers' forward).
-        self.lean = lean_gpt2.LeanGPT2(model) if lean_forward and lean_gpt2.supports(model) else None
+        self.lean = lean_forward_for(model) if lean_forward else None
         self._cache_kwarg = cache_argument(model)
         # Only the last num_rows positions need logits: on a prefill the LM head over every prompt position
         # is ~10% of the forward. Architectures without the argument compute them all and we slice.
@@ -125,7 +134,8 @@ class CausalLMRunner:
         )
         if lean_forward:
             logger.info(
-                "forward: %s", "lean GPT-2 path" if runner.lean else "transformers (no lean path for it)"
+                "forward: %s",
+                type(runner.lean).__name__ if runner.lean else "transformers (no lean path for it)",
             )
         return runner
 
