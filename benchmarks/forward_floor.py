@@ -15,6 +15,10 @@ small batch) the forward sits far above the floor. Definitions: docs/benchmarks.
 
     specpipe bench floor                                    # demo target, CPU
     specpipe bench floor --llama-shape 7b --device cuda --dtype bfloat16
+
+Where the model has a lean forward (GPT-2, Llama) it also times that forward alone and one packed pass of
+`--batch-sessions` sessions' blocks, as a batching worker runs it: the packed pass over the sessions is the
+cost of a round of all of them.
 """
 
 from __future__ import annotations
@@ -49,7 +53,11 @@ LLAMA_SHAPES: dict[str, tuple[int, int, int, int, int, int]] = {
 @dataclass(frozen=True, slots=True)
 class ForwardRow:
     k: int  # draft tokens verified: the forward feeds k + 1 new tokens
-    forward_ms: float
+    forward_ms: float  # transformers' forward, as a target that does not batch runs it
+    # The lean forward (specpipe/runtime/lean_gpt2.py, lean_llama.py), where the model has one: one session,
+    # and one packed pass of `batch_sessions` sessions' blocks (cross-session batching). None: not measured.
+    lean_forward_ms: float | None = None
+    packed_forward_ms: float | None = None
 
 
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
@@ -71,10 +79,15 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         "--probe-mib", type=int, default=0, help="bandwidth probe size (default: 1024 GPU, 256 CPU)"
     )
     p.add_argument("--threads", type=int, default=0, help="torch threads on CPU (0 = torch's default)")
+    p.add_argument(
+        "--batch-sessions", type=int, default=4,
+        help="also time the lean forward (where the model has one) alone and in one packed pass of this many "
+        "sessions' blocks, as a batching worker runs it (1: the lean forward alone)",
+    )  # fmt: skip
     p.add_argument("--out", type=Path, help="write the results as JSON here")
     args = p.parse_args(argv)
-    if args.context < 1 or args.max_k < 0 or args.runs < 1:
-        p.error("--context and --runs must be >= 1, --max-k >= 0")
+    if args.context < 1 or args.max_k < 0 or args.runs < 1 or args.batch_sessions < 1:
+        p.error("--context, --runs and --batch-sessions must be >= 1, --max-k >= 0")
     return args
 
 
@@ -200,6 +213,43 @@ def measure_forwards(
     return times, held
 
 
+@torch.inference_mode()
+def measure_lean_forwards(
+    model: torch.nn.Module, device: torch.device, context: int, max_k: int, runs: int, sessions: int
+) -> list[tuple[float, float | None]] | None:
+    """Per k = 0..max_k: median ms of the lean forward of k + 1 new tokens after `context` cached tokens, and
+    of one packed pass of `sessions` such blocks (None for one session); None where there is no lean path."""
+    from specpipe.runtime.model_runner import lean_forward_for
+
+    lean = lean_forward_for(model)
+    if lean is None:
+        return None
+    vocab = int(model.get_output_embeddings().weight.shape[0])
+    generator = torch.Generator().manual_seed(1)
+    histories = torch.randint(0, vocab, (sessions, context + max_k + 1), generator=generator).tolist()
+    caches = [lean.new_cache() for _ in range(sessions)]
+    for history, cache in zip(histories, caches, strict=True):
+        lean.forward(history[:context], cache, 1)
+    rows: list[tuple[float, float | None]] = []
+    for k in range(max_k + 1):
+
+        def alone(k: int = k) -> None:
+            lean.forward(histories[0][context : context + k + 1], caches[0], k + 1)
+            caches[0].crop(context)
+
+        def packed(k: int = k) -> None:
+            lean.forward_packed(
+                [(h[context : context + k + 1], c, k + 1) for h, c in zip(histories, caches, strict=True)]
+            )
+            for cache in caches:
+                cache.crop(context)
+
+        rows.append(
+            (median_ms(alone, device, runs), median_ms(packed, device, runs) if sessions > 1 else None)
+        )
+    return rows
+
+
 @dataclass(frozen=True, slots=True)
 class FloorResult:
     date: str
@@ -214,6 +264,7 @@ class FloorResult:
     kv_cache_bytes: int
     read_bandwidth_gb_s: float
     rows: list[ForwardRow]
+    batch_sessions: int = 1  # the sessions of a row's packed pass
 
     @property
     def floor_ms(self) -> float:
@@ -233,11 +284,22 @@ class FloorResult:
             f"weights {self.weight_bytes / 2**20:.1f} MiB + KV cache {self.kv_cache_bytes / 2**20:.1f} MiB "
             f"at {self.context} tokens; read bandwidth {self.read_bandwidth_gb_s:.1f} GB/s "
             f"-> floor {self.floor_ms:.3f} ms per forward",
-            f"{'k':>3}  {'new tokens':>10}  {'forward ms':>10}  {'x floor':>8}",
+            f"{'k':>3}  {'new tokens':>10}  {'forward ms':>10}  {'x floor':>8}"
+            + (f"  {'lean ms':>8}" if self.rows and self.rows[0].lean_forward_ms is not None else "")
+            + (
+                f"  {f'{self.batch_sessions} packed ms':>15}  {'per session':>11}"
+                if self.rows and self.rows[0].packed_forward_ms is not None
+                else ""
+            ),
         ]
         for row in self.rows:
-            over = self.over_floor(row)
-            lines.append(f"{row.k:>3}  {row.k + 1:>10}  {row.forward_ms:>10.3f}  {over:>7.1f}x")
+            line = f"{row.k:>3}  {row.k + 1:>10}  {row.forward_ms:>10.3f}  {self.over_floor(row):>7.1f}x"
+            if row.lean_forward_ms is not None:
+                line += f"  {row.lean_forward_ms:>8.3f}"
+            if row.packed_forward_ms is not None:
+                per_session = row.packed_forward_ms / self.batch_sessions
+                line += f"  {row.packed_forward_ms:>15.3f}  {per_session:>11.3f}"
+            lines.append(line)
         return "\n".join(lines)
 
 
@@ -250,6 +312,7 @@ def run(args: argparse.Namespace, command: str) -> FloorResult:
     probe_mib = args.probe_mib or (1024 if device.type == "cuda" else 256)
     bandwidth = read_bandwidth(device, dtype, probe_mib, max(5, args.runs // 2))
     forwards, kv_bytes = measure_forwards(model, device, args.context, args.max_k, args.runs)
+    lean = measure_lean_forwards(model, device, args.context, args.max_k, args.runs, args.batch_sessions)
     weights = weight_bytes(model)
     if device.type == "cuda":
         device_name = torch.cuda.get_device_name(device)
@@ -267,7 +330,11 @@ def run(args: argparse.Namespace, command: str) -> FloorResult:
         weight_bytes=weights,
         kv_cache_bytes=kv_bytes,
         read_bandwidth_gb_s=bandwidth / 1e9,
-        rows=[ForwardRow(k, ms) for k, ms in enumerate(forwards)],
+        rows=[
+            ForwardRow(k, ms, *(lean[k] if lean is not None else (None, None)))
+            for k, ms in enumerate(forwards)
+        ],
+        batch_sessions=args.batch_sessions,
     )
 
 

@@ -31,7 +31,11 @@ def test_random_llama_shape_against_its_floor(tmp_path: Path, capsys) -> None:
     for row in result["rows"]:
         assert row["forward_ms"] > 0 and row["floor_ms"] == pytest.approx(floor_ms)
         assert row["over_floor"] == pytest.approx(row["forward_ms"] / floor_ms)
-    assert "x floor" in capsys.readouterr().out
+        # The lean Llama forward alone and one packed pass of the default 4 sessions' blocks.
+        assert row["lean_forward_ms"] > 0 and row["packed_forward_ms"] > 0
+    assert result["batch_sessions"] == 4
+    printed = capsys.readouterr().out
+    assert "x floor" in printed and "4 packed ms" in printed and "per session" in printed
 
 
 def test_weight_bytes_count_a_tied_weight_once() -> None:
@@ -48,6 +52,8 @@ def test_local_checkpoint(tmp_path: Path) -> None:
     target_dir, _ = build_tiny_pair(tmp_path / "pair")
     out = tmp_path / "floor.json"
     args = ["--model", str(target_dir), "--device", "cpu", "--runs", "1", "--max-k", "1", "--context", "4"]
-    assert forward_floor.main([*args, "--probe-mib", "8", "--out", str(out)]) == 0
+    assert forward_floor.main([*args, "--probe-mib", "8", "--batch-sessions", "1", "--out", str(out)]) == 0
     result = json.loads(out.read_text(encoding="utf-8"))
     assert result["model"] == str(target_dir) and len(result["rows"]) == 2
+    # A GPT-2 checkpoint has a lean forward; one session: no packed pass.
+    assert all(row["lean_forward_ms"] > 0 and row["packed_forward_ms"] is None for row in result["rows"])
