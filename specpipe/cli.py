@@ -154,12 +154,17 @@ def add_generate_parser(subparsers: argparse._SubParsersAction) -> None:
     generate.add_argument("--timeout", type=float, default=300.0)
 
 
-BENCHMARKS = {"latency": "benchmarks.latency", "floor": "benchmarks.forward_floor", "load": "benchmarks.load"}
+BENCHMARKS = {
+    "latency": "benchmarks.latency",
+    "floor": "benchmarks.forward_floor",
+    "load": "benchmarks.load",
+    "batching": "benchmarks.batching",
+}
 
 
 def add_bench_parser(subparsers: argparse._SubParsersAction) -> None:
     bench = subparsers.add_parser(
-        "bench", help="run a benchmark (latency, floor, load: see docs/benchmarks.md)",
+        "bench", help="run a benchmark (latency, floor, load, batching: see docs/benchmarks.md)",
         add_help=False,
     )  # fmt: skip
     bench.add_argument("benchmark", choices=sorted(BENCHMARKS))

@@ -153,3 +153,26 @@ def test_a_time_budget_stops_before_a_prompt_that_would_end_past_it() -> None:
     assert bench.run_prompts(range(2, 10), deadline=20.0) == 2
     assert now[0] == 20.0 and max(i for i, _, _ in log) == 3
     assert bench.run_prompts([4], deadline=26.0) == 1  # ending exactly at the deadline: it runs
+
+
+@pytest.mark.slow  # about 25 s on a 2-core machine: two embedded stacks start
+def test_bench_batching_quick(tmp_path: Path) -> None:
+    """`specpipe bench batching --quick` on a tiny pair: both stacks served every request, and the table and
+    the JSON give each stack's throughput and batching's ratio."""
+    target_dir, draft_dir = build_tiny_pair(tmp_path / "pair")
+    out_dir = tmp_path / "out"
+    cmd = [
+        sys.executable, "-m", "specpipe", "bench", "batching", "--quick", "--max-batch-sessions", "4",
+        "--target-model", str(target_dir), "--draft-model", str(draft_dir), "--out-dir", str(out_dir),
+    ]  # fmt: skip
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONUNBUFFERED": "1"}
+    proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=240)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    assert "--max-batch-sessions 4" in proc.stdout and "x unbatched" in proc.stdout, proc.stdout
+    result = json.loads((out_dir / "batching.json").read_text(encoding="utf-8"))
+    assert result["command"].startswith("specpipe bench batching --quick")
+    for stack in ("unbatched", "batched"):
+        (summary,) = result["results"][stack]["2"]
+        assert summary["completed"] == 2 and summary["failed"] == 0
+        assert summary["output_token_throughput_per_s"] > 0
+    assert (out_dir / "batching.txt").read_text(encoding="utf-8").startswith("cross-session batching")
