@@ -14,12 +14,12 @@ target workers keep transformers' forward: greedy outputs must equal `transforme
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import torch
 import torch.nn.functional as F
 
-from specpipe.runtime.packing import INITIAL_CAPACITY, Packed, PreallocatedKVCache
+from specpipe.runtime.packing import INITIAL_CAPACITY, Packed, PreallocatedKVCache, causal_mask
 
 __all__ = ["INITIAL_CAPACITY", "LeanGPT2", "PreallocatedKVCache", "supports"]
 
@@ -90,20 +90,10 @@ class LeanGPT2:
         device = self.token_embedding.device
         ids = torch.tensor(new_ids, dtype=torch.long, device=device)  # [n]
         x = self.token_embedding[ids] + self.position_embedding[start:end]  # [n, width]
-        # Position i of the block sees the cache and the block up to itself; one new token sees everything.
-        hidden = None
-        if n > 1:
-            hidden = torch.ones(n, end, dtype=torch.bool, device=device).triu(start + 1)  # [n, end]
-        width = self.width
-        for layer, (norm1, attn_in, attn_out, norm2, mlp_in, mlp_out) in enumerate(self.blocks):
-            h = F.layer_norm(x, (width,), *norm1, self.eps)
-            qkv = torch.addmm(attn_in[1], h, attn_in[0])  # [n, 3 * width]
-            attended = self._attend(qkv, layer, cache, start, hidden)  # [n, width]
-            x = x + torch.addmm(attn_out[1], attended, attn_out[0])
-            x = x + self._mlp(x, norm2, mlp_in, mlp_out)
+        hidden = causal_mask(n, start, device)  # [n, end] or None
+        x = self._layers(x, lambda qkv, layer: self._attend(qkv, layer, cache, start, hidden))
         cache.length = end
-        h = F.layer_norm(x[n - num_rows :], (width,), *self.final_norm, self.eps)
-        return (h @ self.lm_head_t).float()  # [num_rows, vocab_size]
+        return self._logits(x[n - num_rows :])  # [num_rows, vocab_size]
 
     @torch.inference_mode()
     def forward_packed(
@@ -123,24 +113,43 @@ class LeanGPT2:
             return [self.forward(new_ids, cache, num_rows)]
         packed = Packed.of(items, self.token_embedding.device)
         caches = [cache for _, cache, _ in items]
-        x = self.token_embedding[packed.ids] + self.position_embedding[packed.positions]  # [total, width]
-        width = self.width
-        for layer, (norm1, attn_in, attn_out, norm2, mlp_in, mlp_out) in enumerate(self.blocks):
-            h = F.layer_norm(x, (width,), *norm1, self.eps)
-            qkv = torch.addmm(attn_in[1], h, attn_in[0])  # [total, 3 * width]
-            attended = torch.cat(
+
+        def attend(qkv: torch.Tensor, layer: int) -> torch.Tensor:  # [total, 3 * width] -> [total, width]
+            return torch.cat(
                 [
                     self._attend(
                         qkv[span.offset : span.offset + span.count], layer, cache, span.start, span.hidden
                     )
                     for span, cache in zip(packed.spans, caches, strict=True)
                 ]
-            )  # [total, width]
-            x = x + torch.addmm(attn_out[1], attended, attn_out[0])
-            x = x + self._mlp(x, norm2, mlp_in, mlp_out)
+            )
+
+        x = self.token_embedding[packed.ids] + self.position_embedding[packed.positions]  # [total, width]
+        x = self._layers(x, attend)
         packed.commit(caches)
-        h = F.layer_norm(x[packed.logit_rows()], (width,), *self.final_norm, self.eps)
-        return packed.split((h @ self.lm_head_t).float())  # [num_rows, vocab_size] each
+        return packed.split(self._logits(x[packed.logit_rows()]))  # [num_rows, vocab_size] each
+
+    def _layers(
+        self,
+        x: torch.Tensor,  # [rows, width]: the embedded new rows
+        attend: Callable[
+            [torch.Tensor, int], torch.Tensor
+        ],  # (qkv [rows, 3 * width], layer) -> [rows, width]
+    ) -> torch.Tensor:  # [rows, width]
+        """The transformer blocks over the new rows; `attend` is the attention over the cache(s)."""
+        width = self.width
+        for layer, (norm1, attn_in, attn_out, norm2, mlp_in, mlp_out) in enumerate(self.blocks):
+            h = F.layer_norm(x, (width,), *norm1, self.eps)
+            qkv = torch.addmm(attn_in[1], h, attn_in[0])  # [rows, 3 * width]
+            x = x + torch.addmm(attn_out[1], attend(qkv, layer), attn_out[0])
+            h = F.layer_norm(x, (width,), *norm2, self.eps)
+            h = F.gelu(torch.addmm(mlp_in[1], h, mlp_in[0]), approximate="tanh")  # GPT-2's gelu_new
+            x = x + torch.addmm(mlp_out[1], h, mlp_out[0])
+        return x
+
+    def _logits(self, x: torch.Tensor) -> torch.Tensor:  # [rows, width] -> [rows, vocab_size] float32
+        h = F.layer_norm(x, (self.width,), *self.final_norm, self.eps)
+        return (h @ self.lm_head_t).float()
 
     def _attend(
         self,
@@ -167,14 +176,3 @@ class LeanGPT2:
             scores.masked_fill_(hidden, float("-inf"))
         attended = torch.bmm(scores.softmax(dim=-1), values[:, :end])  # [heads, n, head_dim]
         return attended.transpose(0, 1).reshape(n, self.width)
-
-    def _mlp(
-        self,
-        x: torch.Tensor,  # [rows, width]
-        norm: tuple[torch.Tensor, torch.Tensor],
-        mlp_in: tuple[torch.Tensor, torch.Tensor],
-        mlp_out: tuple[torch.Tensor, torch.Tensor],
-    ) -> torch.Tensor:  # [rows, width]: the block's MLP branch, added to x by the caller
-        h = F.layer_norm(x, (self.width,), *norm, self.eps)
-        h = F.gelu(torch.addmm(mlp_in[1], h, mlp_in[0]), approximate="tanh")  # GPT-2's gelu_new
-        return torch.addmm(mlp_out[1], h, mlp_out[0])

@@ -58,6 +58,14 @@ class PreallocatedKVCache:
                 buffers[i] = grown
 
 
+def causal_mask(count: int, start: int, device: torch.device) -> torch.Tensor | None:
+    """[count, start + count]: True where a new row must not attend, the positions after its own (row i sees
+    the cache and the new rows up to itself); None for one row, which sees everything."""
+    if count == 1:
+        return None
+    return torch.ones(count, start + count, dtype=torch.bool, device=device).triu(start + 1)
+
+
 @dataclass(frozen=True, slots=True)
 class Span:
     """One session's rows of a packed pass."""
@@ -91,11 +99,7 @@ class Packed:
         for new_ids, cache, num_rows in items:
             count, start = len(new_ids), cache.length
             cache.reserve(start + count)
-            hidden = None
-            if count > 1:
-                # Row i sees the cache and the block up to itself.
-                hidden = torch.ones(count, start + count, dtype=torch.bool, device=device).triu(start + 1)
-            spans.append(Span(len(all_ids), start, count, num_rows, hidden))
+            spans.append(Span(len(all_ids), start, count, num_rows, causal_mask(count, start, device)))
             all_ids.extend(new_ids)
             positions.append(torch.arange(start, start + count, device=device))
         ids = torch.tensor(all_ids, dtype=torch.long, device=device)
