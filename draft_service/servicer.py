@@ -49,12 +49,11 @@ class DraftServicer(WorkerServicerBase[Drafter], draft_pb2_grpc.DraftServiceServ
     async def run_drafter(self, request: DraftRequest, inline: bool) -> DraftProposal:
         """A proposal: batched with other sessions' where several are drafting, else on its own (inline when
         the caller waits for it anyway and the model thread is idle)."""
-        batcher = self.batcher
-        if batcher is not None and (self.open_streams > 1 or not batcher.idle):
+        if self.batcher is not None and self.batching_now():
             # The pass's new tokens: the history too where the session has no cache here (a prefill, which
             # --max-batch-tokens keeps from holding up a pass of short steps).
             prefill = 0 if request.session_id in self.caches else len(request.token_ids)
-            return await batcher.run(request.session_id, prefill + request.num_tokens, request)
+            return await self.batcher.run(request.session_id, prefill + request.num_tokens, request)
         if inline:
             return await self.run_model(self.engine.propose, request, request.num_tokens)
         return await self.submit(self.engine.propose, request)

@@ -50,11 +50,9 @@ class TargetServicer(WorkerServicerBase[Verifier], target_pb2_grpc.TargetService
             batcher = self.batcher
 
             async def run(block: VerifyBlock, new_tokens: int) -> Verdict:
-                # A lone stream keeps the unbatched path (inline when the model thread is idle): nothing to
-                # batch it with, and the hand-over to the model thread costs 0.3-0.5 ms.
-                if self.open_streams <= 1 and batcher.idle:
-                    return await self.run_model(chain.verify, block, new_tokens)
-                return await batcher.run(block.session_id, new_tokens, (chain, block))
+                if self.batching_now():
+                    return await batcher.run(block.session_id, new_tokens, (chain, block))
+                return await self.run_model(chain.verify, block, new_tokens)
 
         replies = self.serve_stream(request_iterator, VerifyBlock.from_pb, chain.verify, context, run)
         try:

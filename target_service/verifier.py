@@ -118,7 +118,7 @@ class Verifier:
 
     def verify(self, block: VerifyBlock) -> Verdict:
         self.validate(block)
-        result = self.runner.forward(block.session_id, *forward_call(block)[1:])
+        result = self.runner.forward(*forward_call(block))
         return self.decide(block, result)
 
     def verify_many(self, blocks: Sequence[VerifyBlock]) -> list[Verdict | Exception]:
