@@ -18,18 +18,16 @@ import contextlib
 import datetime
 import json
 import statistics
-import subprocess
 import sys
-import tempfile
 import time
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 from benchmarks import load
-from specpipe.launcher import free_port, health_status
+from benchmarks.latency import default_out_dir
+from specpipe.launcher import ServiceProcess, free_port
 
 UNBATCHED, BATCHED = "unbatched", "batched"
-SERVING = 1  # grpc.health.v1 HealthCheckResponse.SERVING
 
 
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
@@ -68,30 +66,18 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
 def embedded_stack(args: argparse.Namespace, flags: Sequence[str], log_dir: Path) -> Iterator[str]:
     """`specpipe serve` with `flags` on a free port, until its coordinator is SERVING; its address."""
     port = free_port()
-    command = [sys.executable, "-m", "specpipe", "serve", "--port", str(port), "--log-dir", str(log_dir)]
+    serve_args = ["--port", str(port), "--log-dir", str(log_dir), *flags]
     for option, value in (("--target-model", args.target_model), ("--draft-model", args.draft_model)):
         if value:
-            command += [option, str(value)]
+            serve_args += [option, str(value)]
     log_dir.mkdir(parents=True, exist_ok=True)
-    with open(log_dir / "serve.out", "w", encoding="utf-8") as output:
-        process = subprocess.Popen([*command, *flags], stdout=output, stderr=subprocess.STDOUT)
-    address = f"127.0.0.1:{port}"
+    stack = ServiceProcess("all", f"127.0.0.1:{port}", serve_args, log_dir / "serve.out")
+    stack.start()
     try:
-        deadline = time.monotonic() + args.startup_timeout
-        while health_status(address) != SERVING:
-            if process.poll() is not None:
-                raise RuntimeError(f"specpipe serve exited with {process.returncode}; see {log_dir}")
-            if time.monotonic() > deadline:
-                raise TimeoutError(f"specpipe serve not SERVING after {args.startup_timeout:.0f} s")
-            time.sleep(0.5)
-        yield address
+        stack.wait_serving(args.startup_timeout)
+        yield stack.address
     finally:
-        process.terminate()  # SIGTERM: the launcher drains and stops every component
-        try:
-            process.wait(60)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait()
+        stack.stop(timeout_s=60.0)  # SIGTERM: the launcher drains and stops every component
 
 
 def run_load(address: str, args: argparse.Namespace, concurrency: int) -> dict[str, object]:
@@ -141,7 +127,7 @@ def report(results: dict[str, dict[int, list[dict[str, object]]]], args: argpars
 def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     args = parse_args(argv)
-    out_dir = args.out_dir or Path(tempfile.mkdtemp(prefix="batching-", dir=_bench_root()))
+    out_dir = args.out_dir or default_out_dir()
     out_dir.mkdir(parents=True, exist_ok=True)
     stacks = {UNBATCHED: [], BATCHED: ["--max-batch-sessions", str(args.max_batch_sessions)]}
     results: dict[str, dict[int, list[dict[str, object]]]] = {
@@ -171,12 +157,6 @@ def main(argv: Sequence[str] | None = None) -> int:
     (out_dir / "batching.txt").write_text(text + "\n", encoding="utf-8")
     print(f"results: {out_dir / 'batching.json'}")
     return 0
-
-
-def _bench_root() -> str:
-    root = Path(tempfile.gettempdir()) / "specpipe-bench"
-    root.mkdir(parents=True, exist_ok=True)
-    return str(root)
 
 
 if __name__ == "__main__":
