@@ -2,11 +2,11 @@
 
 Each block is judged as it would be alone: its chain (target_service/chain.py) skips it or records its
 verdict, and the acceptance rule runs on the block's own rows of logits. Only the forward pass is shared:
-the runner's packed forward (specpipe/runtime/lean_gpt2.py, `forward_packed`) computes every layer's matrix
-products over all the sessions' rows at once, which is where the throughput comes from. Packing changes a
-block's logits only as any change in the number of rows of a matrix product can (float rounding, the same
-kind of difference as verifying a block against decoding it token by token), so greedy outputs stay the
-target's own (docs/architecture.md, "Cross-session batching").
+the runner's packed forward (`forward_packed` of specpipe/runtime/lean_gpt2.py or lean_llama.py) computes
+every layer's matrix products over all the sessions' rows at once, which is where the throughput comes
+from. Packing changes a block's logits only as any change in the number of rows of a matrix product can
+(float rounding, the same kind of difference as verifying a block against decoding it token by token), so
+greedy outputs stay the target's own (docs/architecture.md, "Cross-session batching").
 """
 
 from __future__ import annotations
