@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import asyncio
 import logging
 import os
 import sys
@@ -11,6 +10,8 @@ import time
 from collections.abc import Sequence
 
 import grpc
+
+from specpipe.rpc.event_loop import EVENT_LOOPS, run_event_loop
 
 COMPONENTS = ("all", "coordinator", "draft", "target")
 
@@ -131,6 +132,10 @@ def add_serve_parser(subparsers: argparse._SubParsersAction) -> None:
         help="serve Prometheus metrics at http://HOST:PORT/metrics (0 = a free port, -1 = not); with no "
         "component, the coordinator's on PORT, the draft's on PORT+1 and the target's on PORT+2",
     )  # fmt: skip
+    serve.add_argument(
+        "--event-loop", choices=EVENT_LOOPS, default="auto",
+        help="the services' event loop: uvloop (auto: where installed) or asyncio's own",
+    )  # fmt: skip
     serve.add_argument("--log-dir", default="", help="all: where component logs go (default: a temp dir)")
     serve.add_argument("--log-level", default="INFO")
 
@@ -229,11 +234,11 @@ def serve_component(args: argparse.Namespace) -> int:
         if args.component == "draft":
             from draft_service.server import run_draft_worker
 
-            asyncio.run(run_draft_worker(config))
+            run_event_loop(run_draft_worker(config), args.event_loop)
         else:
             from target_service.server import run_target_worker
 
-            asyncio.run(run_target_worker(config))
+            run_event_loop(run_target_worker(config), args.event_loop)
         return 0
     from coordinator.cluster_config import ClusterConfig, ClusterConfigError
     from coordinator.config import CoordinatorConfig
@@ -277,7 +282,7 @@ def serve_component(args: argparse.Namespace) -> int:
         metrics_port=args.metrics_port,
     )
     try:
-        asyncio.run(run_coordinator(config))
+        run_event_loop(run_coordinator(config), args.event_loop)
     except Exception as exc:  # noqa: BLE001 - start-up failures end the process with their message
         logging.getLogger("specpipe").error("coordinator failed: %s", exc)
         return 1
@@ -310,6 +315,7 @@ def serve_all(args: argparse.Namespace) -> int:
         direct_streams=args.direct_streams,
         metrics_port=args.metrics_port,
         max_batch_sessions=args.max_batch_sessions,
+        event_loop=args.event_loop,
     )
     extra = [
         "--max-speculative-tokens",

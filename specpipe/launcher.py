@@ -23,6 +23,7 @@ from pathlib import Path
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
+from specpipe.rpc.event_loop import EVENT_LOOPS
 from specpipe.store.redis_server import RedisServerProcess
 
 logger = logging.getLogger(__name__)
@@ -124,6 +125,8 @@ class PipelineConfig:
     metrics_port: int = -1
     # The workers' cross-session batching (1 = none; see specpipe/rpc/session_batcher.py).
     max_batch_sessions: int = 1
+    # Every component's event loop (specpipe/rpc/event_loop.py).
+    event_loop: str = "auto"
 
     def __post_init__(self) -> None:
         if self.max_batch_sessions < 1:
@@ -136,6 +139,8 @@ class PipelineConfig:
             raise ValueError(
                 f"metrics_port must be in [-1, 65533] (it and the next two ports), got {self.metrics_port}"
             )
+        if self.event_loop not in EVENT_LOOPS:
+            raise ValueError(f"event_loop must be one of {EVENT_LOOPS}, got {self.event_loop!r}")
         from specpipe.config import DRAFTERS  # here: the launcher itself needs no torch until a config exists
 
         if self.drafter not in DRAFTERS:
@@ -144,6 +149,10 @@ class PipelineConfig:
     def batch_args(self) -> list[str]:
         """The workers' --max-batch-sessions (both batch; a prompt-lookup draft has no passes to batch)."""
         return ["--max-batch-sessions", str(self.max_batch_sessions)] if self.max_batch_sessions > 1 else []
+
+    def component_args(self, component: str) -> list[str]:
+        """What every component is started with: its --metrics-port and the event loop."""
+        return [*self.metrics_args(component), "--event-loop", self.event_loop]
 
     def metrics_args(self, component: str) -> list[str]:
         """A component's --metrics-port: coordinator, draft and target on consecutive ports."""
@@ -162,16 +171,16 @@ def worker_args(model: str, port: int, device: str, dtype: str, threads: int = 0
 
 def target_worker_args(config: PipelineConfig, port: int) -> list[str]:
     args = worker_args(config.target_model, port, config.device, config.dtype, config.torch_threads)
-    args += [*config.metrics_args("target"), *config.batch_args()]
+    args += [*config.component_args("target"), *config.batch_args()]
     return [*args, "--direct-stream-port", "0"] if config.direct_streams else args
 
 
 def draft_worker_args(config: PipelineConfig, port: int) -> list[str]:
     if config.drafter == "prompt-lookup":
         args = worker_args(config.target_model, port, config.device, config.dtype, config.torch_threads)
-        return [*args, *config.metrics_args("draft"), "--drafter", "prompt-lookup"]
+        return [*args, *config.component_args("draft"), "--drafter", "prompt-lookup"]
     args = worker_args(config.draft_model, port, config.device, config.dtype, config.torch_threads)
-    return [*args, *config.metrics_args("draft"), *config.batch_args()]
+    return [*args, *config.component_args("draft"), *config.batch_args()]
 
 
 def run_pipeline(config: PipelineConfig, extra_coordinator_args: Sequence[str] = ()) -> int:
@@ -223,7 +232,7 @@ def run_pipeline(config: PipelineConfig, extra_coordinator_args: Sequence[str] =
                 redis_url,
                 "--num-speculative-tokens",
                 str(config.num_speculative_tokens),
-                *config.metrics_args("coordinator"),
+                *config.component_args("coordinator"),
                 *extra_coordinator_args,
             ],
             log_dir / "coordinator.log",

@@ -22,7 +22,12 @@ from tests.prompts import PROMPTS
 def failover_pipeline(
     model_pair: ModelPair, redis_server: RedisServerProcess, tmp_path_factory: pytest.TempPathFactory
 ) -> Iterator[Pipeline]:
-    pipeline = start_pipeline(model_pair, redis_server, tmp_path_factory.mktemp("failover"))
+    # Its workers run on asyncio's own event loop, the other pipelines' on uvloop (the default): both loops
+    # serve the same streams and fail over the same way.
+    asyncio_loop = ["--event-loop", "asyncio"]
+    pipeline = start_pipeline(
+        model_pair, redis_server, tmp_path_factory.mktemp("failover"), None, asyncio_loop, asyncio_loop
+    )
     yield pipeline
     stop_pipeline(pipeline)
 
