@@ -12,6 +12,7 @@ from collections.abc import Sequence
 import grpc
 
 from specpipe.rpc.event_loop import EVENT_LOOPS, run_event_loop
+from specpipe.rpc.event_loop import resolve as resolve_event_loop
 
 COMPONENTS = ("all", "coordinator", "draft", "target")
 
@@ -209,28 +210,32 @@ def serve_component(args: argparse.Namespace) -> int:
         if not args.model:
             print(f"specpipe serve {args.component}: --model is required", file=sys.stderr)
             return 2
-        config = WorkerConfig(
-            role=args.component,
-            model_path=args.model,
-            host=args.host,
-            port=args.port if args.port is not None else (50061 if args.component == "draft" else 50062),
-            device=args.device,
-            dtype=args.dtype,
-            max_cached_sessions=args.max_cached_sessions,
-            max_cache_bytes=int(args.kv_cache_budget_mb * 2**20),
-            max_context=args.max_context,
-            # +1: a pipelined round asks for the bonus-token guess plus the next block.
-            max_draft_tokens=args.max_speculative_tokens + 1,
-            torch_threads=args.threads,
-            lean_forward=default_lean_forward(args) if args.lean_forward is None else args.lean_forward,
-            drafter=args.drafter if args.component == "draft" else "model",
-            max_ngram=args.max_ngram,
-            min_ngram=args.min_ngram,
-            direct_stream_port=args.direct_stream_port if args.component == "target" else -1,
-            metrics_port=args.metrics_port,
-            max_batch_sessions=args.max_batch_sessions if args.drafter == "model" else 1,
-            max_batch_tokens=args.max_batch_tokens,
-        )
+        try:
+            config = WorkerConfig(
+                role=args.component,
+                model_path=args.model,
+                host=args.host,
+                port=args.port if args.port is not None else (50061 if args.component == "draft" else 50062),
+                device=args.device,
+                dtype=args.dtype,
+                max_cached_sessions=args.max_cached_sessions,
+                max_cache_bytes=int(args.kv_cache_budget_mb * 2**20),
+                max_context=args.max_context,
+                # +1: a pipelined round asks for the bonus-token guess plus the next block.
+                max_draft_tokens=args.max_speculative_tokens + 1,
+                torch_threads=args.threads,
+                lean_forward=default_lean_forward(args) if args.lean_forward is None else args.lean_forward,
+                drafter=args.drafter if args.component == "draft" else "model",
+                max_ngram=args.max_ngram,
+                min_ngram=args.min_ngram,
+                direct_stream_port=args.direct_stream_port if args.component == "target" else -1,
+                metrics_port=args.metrics_port,
+                max_batch_sessions=args.max_batch_sessions,
+                max_batch_tokens=args.max_batch_tokens,
+            )
+        except ValueError as exc:  # a combination of flags the worker cannot run: say which, no traceback
+            print(f"specpipe serve {args.component}: {exc}", file=sys.stderr)
+            return 2
         if args.component == "draft":
             from draft_service.server import run_draft_worker
 
@@ -389,6 +394,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     # processes on the same machine (measured: a 2 ms verify took 290 ms beside a spinning neighbour).
     os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
     if args.command == "serve":
+        try:
+            resolve_event_loop(args.event_loop)
+        except ValueError as exc:  # uvloop asked for where it is not installed
+            print(f"specpipe serve: {exc}", file=sys.stderr)
+            return 2
         return serve_all(args) if args.component == "all" else serve_component(args)
     if args.command == "bench":
         return bench(args)

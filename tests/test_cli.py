@@ -133,7 +133,7 @@ def test_embedded_serve_gives_its_target_direct_streams_unless_told_not_to(
 
 
 def test_batching_reaches_the_workers_and_turns_the_targets_lean_forward_on(
-    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str], tmp_path: Path
 ) -> None:
     """`specpipe serve --max-batch-sessions N` passes N to both workers (not to a prompt-lookup draft, which
     has no passes to batch); a batching target defaults to the lean forward (its packed passes need it), one
@@ -167,6 +167,10 @@ def test_batching_reaches_the_workers_and_turns_the_targets_lean_forward_on(
     WorkerConfig(role="draft", model_path=".", max_batch_sessions=2)
     with pytest.raises(ValueError, match="has no passes to batch"):
         WorkerConfig(role="draft", model_path=".", drafter="prompt-lookup", max_batch_sessions=2)
+    # Asked of a prompt-lookup draft worker directly: refused with the reason, before anything starts.
+    lookup_args = ["--drafter", "prompt-lookup", "--max-batch-sessions", "2"]
+    assert main(["serve", "draft", "--model", str(tmp_path), *lookup_args]) == 2
+    assert "serve draft: a prompt-lookup drafter runs no model" in capsys.readouterr().err
     with pytest.raises(ValueError, match="max_batch_sessions"):
         WorkerConfig(role="target", model_path=".", max_batch_sessions=0)
     with pytest.raises(ValueError, match="max_batch_sessions"):

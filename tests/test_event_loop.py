@@ -53,3 +53,15 @@ def test_embedded_serve_runs_every_component_on_the_chosen_loop(
             assert args[args.index("--event-loop") + 1] == loop
     with pytest.raises(ValueError, match="event_loop"):
         specpipe.launcher.PipelineConfig("t", "d", event_loop="trio")
+
+
+def test_serve_refuses_uvloop_where_it_is_not_installed(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str], tmp_path: Path
+) -> None:
+    import specpipe.rpc.event_loop
+    from specpipe.cli import main
+
+    monkeypatch.setattr(specpipe.rpc.event_loop, "uvloop_available", lambda: False)
+    assert main(["serve", "target", "--model", str(tmp_path), "--event-loop", "uvloop"]) == 2
+    assert "uvloop package is not installed" in capsys.readouterr().err
+    assert specpipe.rpc.event_loop.resolve("auto") == "asyncio"
