@@ -49,7 +49,7 @@ RUN pip install --index-url "${TORCH_INDEX_URL}" "torch==${TORCH_VERSION}"
 COPY --from=wheel /wheels /wheels
 RUN pip install /wheels/*.whl \
     && rm -rf /wheels \
-    && python -c "import specpipe, coordinator, draft_service, target_service, grpc_health.v1.health_pb2" \
+    && python -c "import specpipe, coordinator, draft_service, target_service, grpc_health.v1.health_pb2, uvloop" \
     && test -f "/usr/local/lib/python${PYTHON_VERSION}/site-packages/specpipe/assets/demo-pair/target/config.json" \
     && test -f "/usr/local/lib/python${PYTHON_VERSION}/site-packages/specpipe/assets/demo-pair/draft/config.json"
 

@@ -12,7 +12,7 @@ import pytest
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
-from specpipe.launcher import ServiceProcess, free_port, stop_all, worker_args  # noqa: E402
+from specpipe.launcher import PipelineConfig, ServiceProcess, free_port, stop_all, worker_args  # noqa: E402
 from specpipe.models.tiny_pair import build_tiny_pair  # noqa: E402
 from specpipe.rpc.worker_clients import TargetClient  # noqa: E402
 from specpipe.store.redis_server import RedisServerProcess  # noqa: E402
@@ -193,3 +193,13 @@ def target_holders(targets: list[ServiceProcess], session_id: str) -> list[int]:
         return found
 
     return asyncio.run(query())
+
+
+@pytest.fixture
+def embedded_configs(monkeypatch: pytest.MonkeyPatch) -> list[PipelineConfig]:
+    """The PipelineConfig of each embedded `specpipe serve` call in the test, which then starts nothing."""
+    import specpipe.launcher
+
+    configs: list[PipelineConfig] = []
+    monkeypatch.setattr(specpipe.launcher, "run_pipeline", lambda config, extra: configs.append(config) or 0)
+    return configs

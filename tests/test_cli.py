@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from specpipe.launcher import free_port, health_status
+from specpipe.launcher import PipelineConfig, free_port, health_status
 
 
 def test_serve_with_no_flags_then_generate(tmp_path: Path) -> None:
@@ -89,13 +89,12 @@ def test_embedded_serve_passes_the_speculation_switches_to_its_coordinator(
 
 
 def test_embedded_serve_serves_every_components_metrics_on_consecutive_ports(
-    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+    embedded_configs: list[PipelineConfig], tmp_path: Path
 ) -> None:
     import specpipe.launcher
     from specpipe.cli import main
 
-    configs: list[specpipe.launcher.PipelineConfig] = []
-    monkeypatch.setattr(specpipe.launcher, "run_pipeline", lambda config, extra: configs.append(config) or 0)
+    configs = embedded_configs
     for ports in ([], ["--metrics-port", "9400"], ["--metrics-port", "0"]):
         assert main(["serve", *ports, "--log-dir", str(tmp_path)]) == 0
     none, consecutive, free = configs
@@ -113,14 +112,13 @@ def test_embedded_serve_serves_every_components_metrics_on_consecutive_ports(
 
 
 def test_embedded_serve_gives_its_target_direct_streams_unless_told_not_to(
-    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+    embedded_configs: list[PipelineConfig], tmp_path: Path
 ) -> None:
     import specpipe.launcher
     from specpipe.cli import main
     from specpipe.config import WorkerConfig
 
-    configs: list[specpipe.launcher.PipelineConfig] = []
-    monkeypatch.setattr(specpipe.launcher, "run_pipeline", lambda config, extra: configs.append(config) or 0)
+    configs = embedded_configs
     assert main(["serve", "--log-dir", str(tmp_path)]) == 0
     assert main(["serve", "--no-direct-streams", "--log-dir", str(tmp_path)]) == 0
     with_direct, without = (specpipe.launcher.target_worker_args(config, 1234) for config in configs)
@@ -133,7 +131,7 @@ def test_embedded_serve_gives_its_target_direct_streams_unless_told_not_to(
 
 
 def test_batching_reaches_the_workers_and_turns_the_targets_lean_forward_on(
-    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str], tmp_path: Path
+    embedded_configs: list[PipelineConfig], capsys: pytest.CaptureFixture[str], tmp_path: Path
 ) -> None:
     """`specpipe serve --max-batch-sessions N` passes N to both workers (not to a prompt-lookup draft, which
     has no passes to batch); a batching target defaults to the lean forward (its packed passes need it), one
@@ -144,8 +142,7 @@ def test_batching_reaches_the_workers_and_turns_the_targets_lean_forward_on(
     from specpipe.cli import default_lean_forward, main
     from specpipe.config import WorkerConfig
 
-    configs: list[specpipe.launcher.PipelineConfig] = []
-    monkeypatch.setattr(specpipe.launcher, "run_pipeline", lambda config, extra: configs.append(config) or 0)
+    configs = embedded_configs
     assert main(["serve", "--max-batch-sessions", "6", "--log-dir", str(tmp_path)]) == 0
     assert main(["serve", "--log-dir", str(tmp_path)]) == 0
     assert (

@@ -7,6 +7,7 @@ from pathlib import Path
 
 import pytest
 
+from specpipe.launcher import PipelineConfig
 from specpipe.rpc.event_loop import resolve, run_event_loop, uvloop_available
 
 needs_uvloop = pytest.mark.skipif(not uvloop_available(), reason="uvloop is not installed")
@@ -34,13 +35,12 @@ def test_an_unknown_loop_is_refused() -> None:
 
 
 def test_embedded_serve_runs_every_component_on_the_chosen_loop(
-    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+    embedded_configs: list[PipelineConfig], tmp_path: Path
 ) -> None:
     import specpipe.launcher
     from specpipe.cli import main
 
-    configs: list[specpipe.launcher.PipelineConfig] = []
-    monkeypatch.setattr(specpipe.launcher, "run_pipeline", lambda config, extra: configs.append(config) or 0)
+    configs = embedded_configs
     assert main(["serve", "--log-dir", str(tmp_path)]) == 0
     assert main(["serve", "--event-loop", "asyncio", "--log-dir", str(tmp_path)]) == 0
     default, chosen = configs
