@@ -21,6 +21,7 @@ from __future__ import annotations
 import argparse
 import datetime
 import hashlib
+import importlib.metadata
 import json
 import logging
 import os
@@ -37,6 +38,7 @@ from pathlib import Path
 from benchmarks import inprocess, probes, report, services
 from benchmarks import prompts as prompts_mod
 from benchmarks.results import GREEDY, SAMPLE, Mode, VariantRun
+from specpipe.rpc.event_loop import resolve as resolve_event_loop
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
@@ -143,6 +145,9 @@ def machine() -> dict[str, object]:
     import transformers
 
     cpu = platform.processor() or platform.machine()
+    loop = resolve_event_loop("auto")
+    if loop == "uvloop":
+        loop = f"uvloop {importlib.metadata.version('uvloop')}"
     try:
         with open("/proc/cpuinfo", encoding="utf-8") as f:
             cpu = next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), cpu)
@@ -155,8 +160,9 @@ def machine() -> dict[str, object]:
         "torch": torch.__version__,
         "transformers": transformers.__version__,
         "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY", "(unset)"),
+        "services_event_loop": loop,  # the services' `--event-loop auto` (runs 1-22: asyncio's own)
         "description": f"{os.cpu_count()}-core {cpu}, PyTorch {torch.__version__} CPU, "
-        f"transformers {transformers.__version__}",
+        f"transformers {transformers.__version__}, services on {loop}",
     }
 
 
