@@ -62,8 +62,7 @@ class DelegatedRounds:
         drafted = await self.run_drafter(
             DraftRequest(request.session_id, tuple(history), k, request.sampling, bonus_guess), inline
         )
-        pb = drafted.to_pb()  # q as the target takes it
-        return Proposal(list(pb.token_ids), pb.draft_probs, pb.forward_ns)
+        return Proposal(list(drafted.token_ids), drafted.wire_probs(), drafted.forward_ns)
 
     async def run(
         self, request: DelegatedRequest, time_remaining: Callable[[], float | None]

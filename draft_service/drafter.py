@@ -48,15 +48,18 @@ class DraftProposal:
     forward_ns: int
     cached_tokens: int
 
-    def to_pb(self) -> draft_pb2.ProposeResponse:
-        probs = [
+    def wire_probs(self) -> list[common_pb2.TokenDistribution]:
+        """q as the target takes it (empty for point masses)."""
+        return [
             # Packed little-endian float32: far cheaper to encode and decode than a repeated float field.
             common_pb2.TokenDistribution(token_ids=ids, packed_probs=values.numpy().astype("<f4").tobytes())
             for ids, values in self.draft_probs or []
         ]
+
+    def to_pb(self) -> draft_pb2.ProposeResponse:
         return draft_pb2.ProposeResponse(
             token_ids=self.token_ids,
-            draft_probs=probs,
+            draft_probs=self.wire_probs(),
             forward_ns=self.forward_ns,
             cached_tokens=self.cached_tokens,
         )
