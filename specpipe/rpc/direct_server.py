@@ -32,6 +32,10 @@ class DirectStreamContext:
     """What a stream handler asks of its context. A direct stream that ends without END fails its request
     iterator instead of looking cancelled, so `cancelled()` is always False here."""
 
+    # A request that arrives while another is answered waits in the socket's buffer and is parsed when the
+    # handler asks for it: the handler needs no read-ahead task (see WorkerServicerBase.serve_stream).
+    buffers_requests = True
+
     def cancelled(self) -> bool:
         return False
 
