@@ -7,7 +7,8 @@ import logging
 import os
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from typing import TypeVar
 
 import grpc
 
@@ -16,6 +17,8 @@ from specpipe.rpc.event_loop import resolve as resolve_event_loop
 
 COMPONENTS = ("all", "coordinator", "draft", "target")
 
+T = TypeVar("T")
+
 
 def configure_logging(level: str) -> None:
     logging.basicConfig(
@@ -23,6 +26,18 @@ def configure_logging(level: str) -> None:
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
         stream=sys.stderr,
     )
+
+
+class FlagError(Exception):
+    """Flags a component cannot run with (a config's ValueError): one line and exit status 2, no traceback."""
+
+
+def checked(build: Callable[[], T]) -> T:
+    """build(), a config from the command line; its ValueError becomes a FlagError naming the problem."""
+    try:
+        return build()
+    except ValueError as exc:
+        raise FlagError(str(exc)) from exc
 
 
 def add_serve_parser(subparsers: argparse._SubParsersAction) -> None:
@@ -210,8 +225,8 @@ def serve_component(args: argparse.Namespace) -> int:
         if not args.model:
             print(f"specpipe serve {args.component}: --model is required", file=sys.stderr)
             return 2
-        try:
-            config = WorkerConfig(
+        config = checked(
+            lambda: WorkerConfig(
                 role=args.component,
                 model_path=args.model,
                 host=args.host,
@@ -233,9 +248,7 @@ def serve_component(args: argparse.Namespace) -> int:
                 max_batch_sessions=args.max_batch_sessions,
                 max_batch_tokens=args.max_batch_tokens,
             )
-        except ValueError as exc:  # a combination of flags the worker cannot run: say which, no traceback
-            print(f"specpipe serve {args.component}: {exc}", file=sys.stderr)
-            return 2
+        )
         if args.component == "draft":
             from draft_service.server import run_draft_worker
 
@@ -265,26 +278,28 @@ def serve_component(args: argparse.Namespace) -> int:
     except (OSError, ClusterConfigError) as exc:
         print(f"specpipe serve coordinator: {exc}", file=sys.stderr)
         return 2
-    config = CoordinatorConfig(
-        cluster=cluster,
-        redis_url=args.redis_url,
-        host=args.host,
-        port=args.port if args.port is not None else 50051,
-        num_speculative_tokens=args.num_speculative_tokens,
-        max_speculative_tokens=args.max_speculative_tokens,
-        adaptive_k=args.adaptive_k,
-        pipelining=args.pipelining,
-        chaining=args.chaining,
-        delegation=args.delegation,
-        max_new_tokens_limit=args.max_new_tokens_limit,
-        worker_timeout_s=args.worker_timeout,
-        startup_timeout_s=args.startup_timeout,
-        session_ttl_s=args.session_ttl,
-        session_key_prefix=args.session_key_prefix,
-        redis_username=args.redis_username,
-        redis_password=redis_password(args),
-        redis_ca_file=args.redis_ca_file,
-        metrics_port=args.metrics_port,
+    config = checked(
+        lambda: CoordinatorConfig(
+            cluster=cluster,
+            redis_url=args.redis_url,
+            host=args.host,
+            port=args.port if args.port is not None else 50051,
+            num_speculative_tokens=args.num_speculative_tokens,
+            max_speculative_tokens=args.max_speculative_tokens,
+            adaptive_k=args.adaptive_k,
+            pipelining=args.pipelining,
+            chaining=args.chaining,
+            delegation=args.delegation,
+            max_new_tokens_limit=args.max_new_tokens_limit,
+            worker_timeout_s=args.worker_timeout,
+            startup_timeout_s=args.startup_timeout,
+            session_ttl_s=args.session_ttl,
+            session_key_prefix=args.session_key_prefix,
+            redis_username=args.redis_username,
+            redis_password=redis_password(args),
+            redis_ca_file=args.redis_ca_file,
+            metrics_port=args.metrics_port,
+        )
     )
     try:
         run_event_loop(run_coordinator(config), args.event_loop)
@@ -305,22 +320,24 @@ def serve_all(args: argparse.Namespace) -> int:
         default_target, default_draft = default_model_dirs()
         target_model = target_model or str(default_target)
         draft_model = draft_model or str(default_draft)
-    config = PipelineConfig(
-        target_model=target_model,
-        draft_model=draft_model,
-        host=args.host,
-        port=args.port if args.port is not None else 50051,
-        redis_url=args.redis_url,
-        device=args.device,
-        dtype=args.dtype,
-        num_speculative_tokens=args.num_speculative_tokens,
-        torch_threads=args.threads,
-        drafter=args.drafter,
-        log_dir=args.log_dir,
-        direct_streams=args.direct_streams,
-        metrics_port=args.metrics_port,
-        max_batch_sessions=args.max_batch_sessions,
-        event_loop=args.event_loop,
+    config = checked(
+        lambda: PipelineConfig(
+            target_model=target_model,
+            draft_model=draft_model,
+            host=args.host,
+            port=args.port if args.port is not None else 50051,
+            redis_url=args.redis_url,
+            device=args.device,
+            dtype=args.dtype,
+            num_speculative_tokens=args.num_speculative_tokens,
+            torch_threads=args.threads,
+            drafter=args.drafter,
+            log_dir=args.log_dir,
+            direct_streams=args.direct_streams,
+            metrics_port=args.metrics_port,
+            max_batch_sessions=args.max_batch_sessions,
+            event_loop=args.event_loop,
+        )
     )
     extra = [
         "--max-speculative-tokens",
@@ -395,11 +412,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
     if args.command == "serve":
         try:
-            resolve_event_loop(args.event_loop)
-        except ValueError as exc:  # uvloop asked for where it is not installed
-            print(f"specpipe serve: {exc}", file=sys.stderr)
+            checked(lambda: resolve_event_loop(args.event_loop))  # uvloop asked for where it is not installed
+            return serve_all(args) if args.component == "all" else serve_component(args)
+        except FlagError as exc:
+            command = "specpipe serve" if args.component == "all" else f"specpipe serve {args.component}"
+            print(f"{command}: {exc}", file=sys.stderr)
             return 2
-        return serve_all(args) if args.component == "all" else serve_component(args)
     if args.command == "bench":
         return bench(args)
     return generate(args)

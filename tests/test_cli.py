@@ -172,3 +172,21 @@ def test_batching_reaches_the_workers_and_turns_the_targets_lean_forward_on(
         WorkerConfig(role="target", model_path=".", max_batch_sessions=0)
     with pytest.raises(ValueError, match="max_batch_sessions"):
         specpipe.launcher.PipelineConfig("t", "d", max_batch_sessions=0)
+
+
+def test_serve_refuses_flags_a_component_cannot_run_in_one_line(
+    capsys: pytest.CaptureFixture[str], tmp_path: Path
+) -> None:
+    """Each config's ValueError (the embedded pipeline's, the coordinator's, a worker's) reaches the terminal
+    as one line naming the problem, with exit status 2, before anything starts."""
+    from specpipe.cli import main
+
+    assert main(["serve", "--max-batch-sessions", "0", "--log-dir", str(tmp_path)]) == 2
+    assert capsys.readouterr().err == "specpipe serve: max_batch_sessions must be >= 1, got 0\n"
+    coordinator = ["--draft-addr", "a:1", "--target-addr", "b:2", "--redis-url", "redis://127.0.0.1:1"]
+    assert main(["serve", "coordinator", *coordinator, "--max-speculative-tokens", "0"]) == 2
+    assert capsys.readouterr().err.startswith("specpipe serve coordinator: num_speculative_tokens must be")
+    assert main(["serve", "target", "--model", str(tmp_path), "--max-batch-tokens", "0"]) == 2
+    assert "specpipe serve target: max_batch_sessions and max_batch_tokens must be >= 1" in (
+        capsys.readouterr().err
+    )
