@@ -155,7 +155,7 @@ class WorkerServicerBase(Generic[EngineT]):
         """Answers a session stream in order. A stream that is cancelled (client gone, request aborted)
         frees its session's KV cache at once; one closed normally keeps it warm for the next turn.
 
-        Each decoded request is answered by `run(request, new_tokens)` where given (the target's batcher),
+        Each decoded request is answered by `run(request, new_tokens)` where given (a batching worker's),
         else by `handle(request)` through `run_model`."""
         history = StreamHistory()
         session_id = ""
@@ -163,8 +163,8 @@ class WorkerServicerBase(Generic[EngineT]):
         self.open_streams += 1
         try:
             # gRPC passes a request that arrives during an inline forward to the event loop only if a read is
-            # posted (read_ahead); a direct stream's wait in the socket, and a read-ahead task would only add
-            # two task switches per request (~35 us of the gap between chained verifies, measured).
+            # posted (read_ahead); a direct stream's requests wait in its socket, where a read-ahead task
+            # would only add two task switches per request (~35 us of the gap between chained verifies).
             if not getattr(context, "buffers_requests", False):
                 requests = read_ahead(requests)
             async with contextlib.aclosing(requests) as ordered:  # closed here: stops its reader

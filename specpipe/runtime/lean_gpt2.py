@@ -1,4 +1,4 @@
-"""A lean forward for GPT-2-architecture models over a preallocated KV cache, for draft workers.
+"""A lean forward for GPT-2-architecture models over a preallocated KV cache, for drafts and batching targets.
 
 A small draft model's forward is almost all framework overhead, not arithmetic: on the 2-core CPU the demo
 draft (1 layer x 128) takes 1.39 ms per token through transformers' `GPT2LMHeadModel.forward` and 0.46 ms
@@ -8,8 +8,9 @@ draft model, so draft workers use this path when the model is a GPT-2 it support
 
 The math is GPT-2's (pre-LayerNorm blocks, fused QKV, learned positions, tied LM head); the numbers agree
 with transformers' to float rounding (the tanh GELU is fused, and attention reads strided cache views), not
-bit for bit. That is fine for a draft, whose proposals never change what the target accepts, and is why
-target workers keep transformers' forward: greedy outputs must equal `transformers` decoding exactly.
+bit for bit. That is fine for a draft, whose proposals never change what the target accepts. A target keeps
+transformers' forward unless it batches sessions (`forward_packed` needs this path): its greedy outputs are
+tested equal to `transformers` decoding either way (docs/architecture.md, "Cross-session batching").
 """
 
 from __future__ import annotations
