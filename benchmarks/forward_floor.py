@@ -16,9 +16,11 @@ small batch) the forward sits far above the floor. Definitions: docs/benchmarks.
     specpipe bench floor                                    # demo target, CPU
     specpipe bench floor --llama-shape 7b --device cuda --dtype bfloat16
 
-Where the model has a lean forward (GPT-2, Llama) it also times that forward alone and one packed pass of
-`--batch-sessions` sessions' blocks, as a batching worker runs it: the packed pass over the sessions is the
-cost of a round of all of them.
+Where the model has a lean forward (GPT-2, Llama) it also times that forward alone, one packed pass of
+`--batch-sessions` sessions' blocks, as a batching worker runs it (the packed pass over the sessions is the
+cost of a round of all of them), and the forward over a static KV slot (specpipe/runtime/graphed_forward.py,
+a worker's `--static-kv-slots`): on a GPU a replayed CUDA graph, captured before the timed runs; on the CPU
+the same static forward run eagerly.
 """
 
 from __future__ import annotations
@@ -58,6 +60,8 @@ class ForwardRow:
     # and one packed pass of `batch_sessions` sessions' blocks (cross-session batching). None: not measured.
     lean_forward_ms: float | None = None
     packed_forward_ms: float | None = None
+    # The forward over a static KV slot: a CUDA graph's replay on a GPU, the eager static forward elsewhere.
+    static_forward_ms: float | None = None
 
 
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
@@ -216,9 +220,11 @@ def measure_forwards(
 @torch.inference_mode()
 def measure_lean_forwards(
     model: torch.nn.Module, device: torch.device, context: int, max_k: int, runs: int, sessions: int
-) -> list[tuple[float, float | None]] | None:
-    """Per k = 0..max_k: median ms of the lean forward of k + 1 new tokens after `context` cached tokens, and
-    of one packed pass of `sessions` such blocks (None for one session); None where there is no lean path."""
+) -> list[tuple[float, float | None, float]] | None:
+    """Per k = 0..max_k: median ms of the lean forward of k + 1 new tokens after `context` cached tokens, of
+    one packed pass of `sessions` such blocks (None for one session), and of the forward over a static KV
+    slot (a CUDA graph on a GPU); None where there is no lean path."""
+    from specpipe.runtime.graphed_forward import GraphedForward
     from specpipe.runtime.model_runner import lean_forward_for
 
     lean = lean_forward_for(model)
@@ -230,11 +236,15 @@ def measure_lean_forwards(
     caches = [lean.new_cache() for _ in range(sessions)]
     for history, cache in zip(histories, caches, strict=True):
         lean.forward(history[:context], cache, 1)
-    rows: list[tuple[float, float | None]] = []
+    graphed = GraphedForward(lean, slots=1, max_context=context + max_k + 1)
+    slot = graphed.new_cache()
+    graphed.forward(histories[0][:context], slot, 1)
+    rows: list[tuple[float, float | None, float]] = []
     for k in range(max_k + 1):
+        block = histories[0][context : context + k + 1]
 
-        def alone(k: int = k) -> None:
-            lean.forward(histories[0][context : context + k + 1], caches[0], k + 1)
+        def alone(block: list[int] = block) -> None:
+            lean.forward(block, caches[0], len(block))
             caches[0].crop(context)
 
         def packed(k: int = k) -> None:
@@ -244,8 +254,16 @@ def measure_lean_forwards(
             for cache in caches:
                 cache.crop(context)
 
+        def static(block: list[int] = block) -> None:  # the first call captures the graph (a warm-up run)
+            graphed.forward(block, slot, len(block))
+            slot.crop(context)
+
         rows.append(
-            (median_ms(alone, device, runs), median_ms(packed, device, runs) if sessions > 1 else None)
+            (
+                median_ms(alone, device, runs),
+                median_ms(packed, device, runs) if sessions > 1 else None,
+                median_ms(static, device, runs),
+            )
         )
     return rows
 
@@ -265,6 +283,7 @@ class FloorResult:
     read_bandwidth_gb_s: float
     rows: list[ForwardRow]
     batch_sessions: int = 1  # the sessions of a row's packed pass
+    cuda_graphs: bool = False  # whether a row's static_forward_ms is a CUDA graph's replay
 
     @property
     def floor_ms(self) -> float:
@@ -290,6 +309,11 @@ class FloorResult:
                 f"  {f'{self.batch_sessions} packed ms':>15}  {'per session':>11}"
                 if self.rows and self.rows[0].packed_forward_ms is not None
                 else ""
+            )
+            + (
+                f"  {'graph ms' if self.cuda_graphs else 'static ms':>9}  {'x floor':>8}"
+                if self.rows and self.rows[0].static_forward_ms is not None
+                else ""
             ),
         ]
         for row in self.rows:
@@ -299,6 +323,8 @@ class FloorResult:
             if row.packed_forward_ms is not None:
                 per_session = row.packed_forward_ms / self.batch_sessions
                 line += f"  {row.packed_forward_ms:>15.3f}  {per_session:>11.3f}"
+            if row.static_forward_ms is not None:
+                line += f"  {row.static_forward_ms:>9.3f}  {row.static_forward_ms / self.floor_ms:>7.1f}x"
             lines.append(line)
         return "\n".join(lines)
 
@@ -331,10 +357,11 @@ def run(args: argparse.Namespace, command: str) -> FloorResult:
         kv_cache_bytes=kv_bytes,
         read_bandwidth_gb_s=bandwidth / 1e9,
         rows=[
-            ForwardRow(k, ms, *(lean[k] if lean is not None else (None, None)))
+            ForwardRow(k, ms, *(lean[k] if lean is not None else (None, None, None)))
             for k, ms in enumerate(forwards)
         ],
         batch_sessions=args.batch_sessions,
+        cuda_graphs=lean is not None and device.type == "cuda",
     )
 
 

@@ -72,6 +72,17 @@ def add_serve_parser(subparsers: argparse._SubParsersAction) -> None:
         "and for a batching target, off for a target that does not batch)",
     )  # fmt: skip
     serve.add_argument(
+        "--static-kv-slots", type=int, default=0,
+        help="all/draft/target: keep the KV caches of this many sessions in preallocated slots and run "
+        "forwards with static shapes over them; on a GPU a forward of up to 16 new tokens replays a CUDA "
+        "graph captured per slot, token count and 256-position context bucket (0 = off; GPT-2 and Llama)",
+    )  # fmt: skip
+    serve.add_argument(
+        "--cuda-graphs", action=argparse.BooleanOptionalAction, default=True,
+        help="all/draft/target with --static-kv-slots on a GPU: replay CUDA graphs (--no-cuda-graphs: run "
+        "the same static forward eagerly, to compare)",
+    )  # fmt: skip
+    serve.add_argument(
         "--max-batch-sessions", type=int, default=1,
         help="all/draft/target: serve up to this many sessions in one forward pass (cross-session batching; "
         "1 = none). GPT-2 and Llama models pack them through the lean forward, others run them one by one",
@@ -240,6 +251,8 @@ def serve_component(args: argparse.Namespace) -> int:
                 max_draft_tokens=args.max_speculative_tokens + 1,
                 torch_threads=args.threads,
                 lean_forward=default_lean_forward(args) if args.lean_forward is None else args.lean_forward,
+                static_kv_slots=args.static_kv_slots,
+                cuda_graphs=args.cuda_graphs,
                 drafter=args.drafter if args.component == "draft" else "model",
                 max_ngram=args.max_ngram,
                 min_ngram=args.min_ngram,
@@ -336,6 +349,8 @@ def serve_all(args: argparse.Namespace) -> int:
             direct_streams=args.direct_streams,
             metrics_port=args.metrics_port,
             max_batch_sessions=args.max_batch_sessions,
+            static_kv_slots=args.static_kv_slots,
+            cuda_graphs=args.cuda_graphs,
             event_loop=args.event_loop,
         )
     )

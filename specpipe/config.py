@@ -31,6 +31,11 @@ class WorkerConfig:
     # The lean forward (specpipe/runtime/lean_gpt2.py) where the architecture has one. The CLI turns it on
     # for drafts; targets keep transformers' forward, whose numbers greedy outputs must equal exactly.
     lean_forward: bool = False
+    # KV caches of this many sessions in preallocated slots, forwards with static shapes over them
+    # (specpipe/runtime/graphed_forward.py; 0 = off), replayed as CUDA graphs on a GPU unless cuda_graphs is
+    # off. A session beyond the slots takes the least recently used one; the other is rebuilt when it returns.
+    static_kv_slots: int = 0
+    cuda_graphs: bool = True
     # Draft workers: what proposes tokens. "prompt-lookup" loads only the tokenizer and config of model_path
     # (the target's directory will do) and matches n-grams of max_ngram down to min_ngram tokens.
     drafter: str = "model"
@@ -83,6 +88,12 @@ class WorkerConfig:
                 f"max_batch_sessions and max_batch_tokens must be >= 1, "
                 f"got {self.max_batch_sessions} and {self.max_batch_tokens}"
             )
+        if self.static_kv_slots < 0:
+            raise ValueError(f"static_kv_slots must be >= 0, got {self.static_kv_slots}")
+        if self.static_kv_slots and self.drafter != "model":
+            raise ValueError(f"a {self.drafter} drafter runs no model: it has no KV cache to keep in slots")
+        if self.static_kv_slots and self.max_batch_sessions > 1:
+            raise ValueError("static KV slots run one session per forward: they do not batch sessions")
         if self.max_batch_sessions > 1 and self.drafter != "model":
             raise ValueError(f"a {self.drafter} drafter runs no model: it has no passes to batch")
         if not 1 <= self.min_ngram <= self.max_ngram:

@@ -125,12 +125,19 @@ class PipelineConfig:
     metrics_port: int = -1
     # The workers' cross-session batching (1 = none; see specpipe/rpc/session_batcher.py).
     max_batch_sessions: int = 1
+    # The model workers' static KV slots and CUDA graphs (0 = off; see specpipe/runtime/graphed_forward.py).
+    static_kv_slots: int = 0
+    cuda_graphs: bool = True
     # Every component's event loop (specpipe/rpc/event_loop.py).
     event_loop: str = "auto"
 
     def __post_init__(self) -> None:
         if self.max_batch_sessions < 1:
             raise ValueError(f"max_batch_sessions must be >= 1, got {self.max_batch_sessions}")
+        if self.static_kv_slots < 0:
+            raise ValueError(f"static_kv_slots must be >= 0, got {self.static_kv_slots}")
+        if self.static_kv_slots and self.max_batch_sessions > 1:
+            raise ValueError("static KV slots run one session per forward: they do not batch sessions")
         if not self.target_model or not self.draft_model:
             raise ValueError("target_model and draft_model are required")
         if not 0 <= self.port < 65536:
@@ -146,9 +153,13 @@ class PipelineConfig:
         if self.drafter not in DRAFTERS:
             raise ValueError(f"drafter must be one of {DRAFTERS}, got {self.drafter!r}")
 
-    def batch_args(self) -> list[str]:
-        """The workers' --max-batch-sessions (both batch; a prompt-lookup draft has no passes to batch)."""
-        return ["--max-batch-sessions", str(self.max_batch_sessions)] if self.max_batch_sessions > 1 else []
+    def forward_args(self) -> list[str]:
+        """The model workers' batching and static KV slots (a prompt-lookup draft has no model: none)."""
+        args = ["--max-batch-sessions", str(self.max_batch_sessions)] if self.max_batch_sessions > 1 else []
+        if self.static_kv_slots:
+            args += ["--static-kv-slots", str(self.static_kv_slots)]
+            args += [] if self.cuda_graphs else ["--no-cuda-graphs"]
+        return args
 
     def component_args(self, component: str) -> list[str]:
         """What every component is started with: its --metrics-port and the event loop."""
@@ -171,7 +182,7 @@ def worker_args(model: str, port: int, device: str, dtype: str, threads: int = 0
 
 def target_worker_args(config: PipelineConfig, port: int) -> list[str]:
     args = worker_args(config.target_model, port, config.device, config.dtype, config.torch_threads)
-    args += [*config.component_args("target"), *config.batch_args()]
+    args += [*config.component_args("target"), *config.forward_args()]
     return [*args, "--direct-stream-port", "0"] if config.direct_streams else args
 
 
@@ -180,7 +191,7 @@ def draft_worker_args(config: PipelineConfig, port: int) -> list[str]:
         args = worker_args(config.target_model, port, config.device, config.dtype, config.torch_threads)
         return [*args, *config.component_args("draft"), "--drafter", "prompt-lookup"]
     args = worker_args(config.draft_model, port, config.device, config.dtype, config.torch_threads)
-    return [*args, *config.component_args("draft"), *config.batch_args()]
+    return [*args, *config.component_args("draft"), *config.forward_args()]
 
 
 def run_pipeline(config: PipelineConfig, extra_coordinator_args: Sequence[str] = ()) -> int:

@@ -33,9 +33,12 @@ def test_random_llama_shape_against_its_floor(tmp_path: Path, capsys) -> None:
         assert row["over_floor"] == pytest.approx(row["forward_ms"] / floor_ms)
         # The lean Llama forward alone and one packed pass of the default 4 sessions' blocks.
         assert row["lean_forward_ms"] > 0 and row["packed_forward_ms"] > 0
-    assert result["batch_sessions"] == 4
+        # The forward over a static KV slot: eager on the CPU (a CUDA graph's replay on a GPU).
+        assert row["static_forward_ms"] > 0
+    assert result["batch_sessions"] == 4 and result["cuda_graphs"] is False
     printed = capsys.readouterr().out
     assert "x floor" in printed and "4 packed ms" in printed and "per session" in printed
+    assert "static ms" in printed
 
 
 def test_weight_bytes_count_a_tied_weight_once() -> None:

@@ -611,6 +611,21 @@ def test_worker_pools_batch_sessions_when_asked() -> None:
     }
 
 
+def test_worker_pools_keep_static_kv_slots_when_asked() -> None:
+    """staticKvSlots (default 0: off) is a per-pool setting of both roles, inherited from the role."""
+    for deployment in find(rendered("default"), "Deployment"):
+        assert "--static-kv-slots" not in args_of(container(deployment))
+    values = values_of("two-gpu-pools-values.yaml")
+    values["target"]["staticKvSlots"] = 8
+    values["target"]["pools"][1]["staticKvSlots"] = 0
+    slots = {}
+    for deployment in find(render(values), "Deployment"):
+        if pod_labels(deployment)["app.kubernetes.io/component"] == "target":
+            slots[deployment["metadata"]["name"]] = args_of(container(deployment)).get("--static-kv-slots")
+    targets = [pool["name"] for pool in values["target"]["pools"]]
+    assert slots == {f"{FULLNAME}-target-{targets[0]}": "8", f"{FULLNAME}-target-{targets[1]}": None}
+
+
 def test_coordinator_serves_prometheus_metrics_unless_turned_off() -> None:
     """coordinator.metrics (on by default, port 9400): --metrics-port, a `metrics` container port, the
     prometheus.io scrape annotations (the user's podAnnotations win), and an ingress rule for the port from
@@ -896,6 +911,7 @@ def test_schema_rejects_a_pool_without_a_model() -> None:
         ({"draft": {"directStreamPort": 50063}}, "at '/draft'"),
         ({"draft": {"maxBatchSessions": 0}}, "at '/draft/maxBatchSessions'"),
         ({"target": {"maxBatchSessions": 0}}, "at '/target/maxBatchSessions'"),
+        ({"target": {"staticKvSlots": -1}}, "at '/target/staticKvSlots'"),
         (
             {"target": {"pools": [{"name": "a", "model": {"path": "/m"}, "directStreamPort": 1}]}},
             "additional properties 'directStreamPort'",
@@ -915,6 +931,10 @@ def test_schema_rejects_invalid_values(values: dict[str, Any], expected: str) ->
         (
             {"target": {"pools": [{"name": "h100", "gpus": 0, "model": {"path": "/m"}}]}},
             'target pool "h100": device cuda needs gpus >= 1',
+        ),
+        (
+            {"target": {"staticKvSlots": 4, "maxBatchSessions": 8}},
+            "staticKvSlots runs one session per forward; it needs maxBatchSessions 1",
         ),
         (
             {"draft": {"pools": [{"name": "cpu", "gpus": 1, "model": {"path": "/m"}}]}},

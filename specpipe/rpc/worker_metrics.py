@@ -26,9 +26,14 @@ GAUGES = {
     "cached_sessions": ("specpipe_worker_cached_sessions", "Sessions whose KV cache the worker holds."),
     "cache_bytes": ("specpipe_worker_cache_bytes", "Bytes of KV cache held across sessions."),
     "open_streams": ("specpipe_worker_open_streams", "Session streams (and delegated calls) open now."),
+    "cuda_graphs": ("specpipe_worker_cuda_graphs", "Workers with static KV slots: CUDA graphs captured."),
 }
 COUNTERS = {
     "evictions": ("specpipe_worker_cache_evictions", "Session caches evicted to respect the budget."),
+    "kv_slot_takeovers": (
+        "specpipe_worker_kv_slot_takeovers",
+        "Workers with static KV slots: slots taken from a session that still held one (it is rebuilt).",
+    ),
     "chained_verifies": ("specpipe_worker_chained_verifies", "Targets: chained blocks verified."),
     "chained_skips": (
         "specpipe_worker_chained_skips",
@@ -74,7 +79,7 @@ class WorkerStatsCollector(Collector):
         )
         jobs.add_metric([self.role], float(self.model_jobs()))
         yield jobs
-        for field in ("evictions", *ROLE_COUNTERS.get(self.role, ())):
+        for field in ("evictions", "kv_slot_takeovers", *ROLE_COUNTERS.get(self.role, ())):
             name, documentation = COUNTERS[field]
             counter = CounterMetricFamily(name, documentation, labels=["role"])
             counter.add_metric([self.role], float(getattr(stats, field)))

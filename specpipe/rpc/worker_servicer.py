@@ -12,6 +12,7 @@ import grpc
 
 from specpipe.errors import UnavailableError
 from specpipe.rpc.session_batcher import SessionBatcher
+from specpipe.runtime.graphed_forward import GraphedForward
 from specpipe.runtime.kv_cache import SessionKVCacheStore
 from specpipe.runtime.model_info import WorkerModelInfo
 from specpipe.runtime.stream_history import StreamHistory
@@ -211,6 +212,10 @@ class WorkerServicerBase(Generic[EngineT]):
             session_cached=bool(session_id) and session_id in caches,
             open_streams=self.open_streams,
         )
+        runner = getattr(self.engine, "runner", None)  # none for a model-free drafter
+        if runner is not None and isinstance(graphed := runner.lean, GraphedForward):
+            stats.kv_slot_takeovers = graphed.pool.takeovers
+            stats.cuda_graphs = graphed.captured
         if self.batcher is not None:
             counters = self.batcher.counters
             stats.batched_passes = counters.passes

@@ -71,6 +71,10 @@ class LeanGPT2:
         self.lm_head_t = model.lm_head.weight.detach().t().contiguous()
         self.scale = self.head_dim**-0.5
 
+    def kv_layout(self) -> tuple[int, int, int]:
+        """(layers, key/value heads, head_dim) of the cache."""
+        return len(self.blocks), self.heads, self.head_dim
+
     def new_cache(self) -> PreallocatedKVCache:
         return PreallocatedKVCache(
             len(self.blocks), self.heads, self.head_dim, self.max_length, like=self.token_embedding
@@ -130,6 +134,29 @@ class LeanGPT2:
         packed.commit(caches)
         return packed.split(self._logits(x[packed.logit_rows()]))  # [num_rows, vocab_size] each
 
+    @torch.inference_mode()
+    def static_forward(
+        self,
+        ids: torch.Tensor,  # [count] new token ids
+        positions: torch.Tensor,  # [count] their positions
+        hidden: torch.Tensor,  # [count, key_len] True where a row must not attend
+        keys: Sequence[torch.Tensor],  # per layer [heads, capacity, head_dim], capacity >= key_len
+        values: Sequence[torch.Tensor],
+    ) -> torch.Tensor:  # [count, vocab_size] float32
+        """The forward with every shape fixed by (count, key_len) and every position a tensor, so a CUDA graph
+        can capture it (specpipe/runtime/graphed_forward.py): keys and values are written at `positions`,
+        attention reads the first key_len positions of the cache with `hidden` masking the rest."""
+        count, key_len = hidden.shape
+
+        def attend(qkv: torch.Tensor, layer: int) -> torch.Tensor:  # [count, 3 * width] -> [count, width]
+            q, k, v = qkv.view(count, 3, self.heads, self.head_dim).permute(1, 2, 0, 3)  # [heads, count, hd]
+            keys[layer].index_copy_(1, positions, k)
+            values[layer].index_copy_(1, positions, v)
+            return self._attention(q, keys[layer][:, :key_len], values[layer][:, :key_len], hidden)
+
+        x = self.token_embedding[ids] + self.position_embedding[positions]  # [count, width]
+        return self._logits(self._layers(x, attend))
+
     def _layers(
         self,
         x: torch.Tensor,  # [rows, width]: the embedded new rows
@@ -168,12 +195,21 @@ class LeanGPT2:
         keys, values = cache.keys[layer], cache.values[layer]
         keys[:, start:end] = k
         values[:, start:end] = v
+        return self._attention(q, keys[:, :end], values[:, :end], hidden)
+
+    def _attention(
+        self,
+        q: torch.Tensor,  # [heads, n, head_dim]: one session's new rows
+        keys: torch.Tensor,  # [heads, key_len, head_dim]: its cache, the new rows' keys included
+        values: torch.Tensor,
+        hidden: torch.Tensor | None,  # [n, key_len] True where a row must not attend; None: sees all
+    ) -> torch.Tensor:  # [n, width]
         # Attention as two batched matmuls: about twice as fast as scaled_dot_product_attention for a
         # few query rows on the CPU.
         scores = torch.baddbmm(
-            q.new_empty(()), q, keys[:, :end].transpose(1, 2), beta=0.0, alpha=self.scale
-        )  # [heads, n, end]
+            q.new_empty(()), q, keys.transpose(1, 2), beta=0.0, alpha=self.scale
+        )  # [heads, n, key_len]
         if hidden is not None:
             scores.masked_fill_(hidden, float("-inf"))
-        attended = torch.bmm(scores.softmax(dim=-1), values[:, :end])  # [heads, n, head_dim]
-        return attended.transpose(0, 1).reshape(n, self.width)
+        attended = torch.bmm(scores.softmax(dim=-1), values)  # [heads, n, head_dim]
+        return attended.transpose(0, 1).reshape(q.shape[1], self.width)

@@ -14,7 +14,7 @@ there), not bit for bit.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -60,7 +60,8 @@ class LeanLlama:
         self.max_length = config.max_position_embeddings
         self.scale = self.head_dim**-0.5
         self.token_embedding = body.embed_tokens.weight  # [vocab, hidden]
-        self.inv_freq = body.rotary_emb.inv_freq.detach().float()  # [head_dim / 2]
+        # [head_dim / 2], on the weights' device: a captured CUDA graph may not copy it there.
+        self.inv_freq = body.rotary_emb.inv_freq.detach().float().to(self.token_embedding.device)
         self.layers = [
             (
                 layer.input_layernorm.weight,
@@ -77,6 +78,10 @@ class LeanLlama:
         ]
         self.final_norm = body.norm.weight
         self.lm_head = _linear(model.lm_head)
+
+    def kv_layout(self) -> tuple[int, int, int]:
+        """(layers, key/value heads, head_dim) of the cache."""
+        return len(self.layers), self.kv_heads, self.head_dim
 
     def new_cache(self) -> PreallocatedKVCache:
         return PreallocatedKVCache(
@@ -98,25 +103,66 @@ class LeanLlama:
         attention per session over its own cache (see lean_gpt2.LeanGPT2.forward_packed)."""
         packed = Packed.of(items, self.token_embedding.device)
         caches = [cache for _, cache, _ in items]
-        x = self.token_embedding[packed.ids]  # [total, hidden]
-        cos, sin = self._rotary(packed.positions, x.dtype)  # [total, head_dim] each
+
+        def attend(
+            q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layer: int
+        ) -> torch.Tensor:  # [total, heads * head_dim]
+            return torch.cat(
+                [
+                    self._attend(q, k, v, span.offset, span.count, layer, cache, span.start, span.hidden)
+                    for span, cache in zip(packed.spans, caches, strict=True)
+                ]
+            )
+
+        x = self._layers(self.token_embedding[packed.ids], packed.positions, attend)  # [total, hidden]
+        packed.commit(caches)
+        return packed.split(self._logits(x[packed.logit_rows()]))  # [num_rows, vocab_size] each
+
+    @torch.inference_mode()
+    def static_forward(
+        self,
+        ids: torch.Tensor,  # [count] new token ids
+        positions: torch.Tensor,  # [count] their positions
+        hidden: torch.Tensor,  # [count, key_len] True where a row must not attend
+        keys: Sequence[torch.Tensor],  # per layer [kv_heads, capacity, head_dim], capacity >= key_len
+        values: Sequence[torch.Tensor],
+    ) -> torch.Tensor:  # [count, vocab_size] float32
+        """The forward with every shape fixed by (count, key_len) and every position a tensor, so a CUDA graph
+        can capture it (specpipe/runtime/graphed_forward.py): keys and values are written at `positions`,
+        attention reads the first key_len positions of the cache with `hidden` masking the rest."""
+        key_len = hidden.shape[1]
+
+        def attend(
+            q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layer: int
+        ) -> torch.Tensor:  # [count, heads * head_dim]
+            keys[layer].index_copy_(1, positions, k.transpose(0, 1))
+            values[layer].index_copy_(1, positions, v.transpose(0, 1))
+            return self._attention(q, keys[layer][:, :key_len], values[layer][:, :key_len], hidden)
+
+        return self._logits(self._layers(self.token_embedding[ids], positions, attend))
+
+    def _layers(
+        self,
+        x: torch.Tensor,  # [rows, hidden]: the embedded new rows
+        positions: torch.Tensor,  # [rows]
+        attend: Callable[
+            [torch.Tensor, torch.Tensor, torch.Tensor, int], torch.Tensor
+        ],  # (q [rows, heads, head_dim], k, v [rows, kv_heads, head_dim], layer) -> [rows, heads * head_dim]
+    ) -> torch.Tensor:  # [rows, hidden]
+        """The decoder layers over the new rows; `attend` is the attention over the cache(s)."""
+        cos, sin = self._rotary(positions, x.dtype)  # [rows, head_dim] each
         for layer, (norm1, q_proj, k_proj, v_proj, o_proj, norm2, gate, up, down) in enumerate(self.layers):
             h = self._rms_norm(x, norm1)
             q = self._rotate(F.linear(h, *q_proj).view(-1, self.heads, self.head_dim), cos, sin)
             k = self._rotate(F.linear(h, *k_proj).view(-1, self.kv_heads, self.head_dim), cos, sin)
             v = F.linear(h, *v_proj).view(-1, self.kv_heads, self.head_dim)
-            attended = torch.cat(
-                [
-                    self._attend(q, k, v, span.offset, span.count, layer, cache, span.start, span.hidden)
-                    for span, cache in zip(packed.spans, caches, strict=True)
-                ]
-            )  # [total, heads * head_dim]
-            x = x + F.linear(attended, *o_proj)
+            x = x + F.linear(attend(q, k, v, layer), *o_proj)
             h = self._rms_norm(x, norm2)
             x = x + F.linear(F.silu(F.linear(h, *gate)) * F.linear(h, *up), *down)
-        packed.commit(caches)
-        h = self._rms_norm(x[packed.logit_rows()], self.final_norm)
-        return packed.split(F.linear(h, *self.lm_head).float())  # [num_rows, vocab_size] each
+        return x
+
+    def _logits(self, x: torch.Tensor) -> torch.Tensor:  # [rows, hidden] -> [rows, vocab_size] float32
+        return F.linear(self._rms_norm(x, self.final_norm), *self.lm_head).float()
 
     def _rms_norm(self, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:  # [rows, hidden]
         """transformers' LlamaRMSNorm: the statistics in float32, the scale in the model's dtype."""
@@ -127,9 +173,7 @@ class LeanLlama:
     def _rotary(
         self, positions: torch.Tensor, dtype: torch.dtype
     ) -> tuple[torch.Tensor, torch.Tensor]:  # [rows, head_dim] each
-        freqs = (
-            positions[:, None].float() * self.inv_freq.to(positions.device)[None, :]
-        )  # [rows, head_dim / 2]
+        freqs = positions[:, None].float() * self.inv_freq[None, :]  # [rows, head_dim / 2]
         angles = torch.cat((freqs, freqs), dim=-1)
         return angles.cos().to(dtype), angles.sin().to(dtype)
 
@@ -162,14 +206,22 @@ class LeanLlama:
         keys, values = cache.keys[layer], cache.values[layer]  # [kv_heads, capacity, head_dim]
         keys[:, start:end] = k[rows].transpose(0, 1)
         values[:, start:end] = v[rows].transpose(0, 1)
+        return self._attention(q[rows], keys[:, :end], values[:, :end], hidden)
+
+    def _attention(
+        self,
+        q: torch.Tensor,  # [count, heads, head_dim]: one session's new rows
+        keys: torch.Tensor,  # [kv_heads, key_len, head_dim]: its cache, the new rows' keys included
+        values: torch.Tensor,
+        hidden: torch.Tensor | None,  # [count, key_len] True where a row must not attend; None: sees all
+    ) -> torch.Tensor:  # [count, heads * head_dim]
+        count, key_len = q.shape[0], keys.shape[1]
         # [kv_heads, groups * count, head_dim]: the query heads of each key/value head, row-major by group.
-        grouped = q[rows].transpose(0, 1).reshape(self.kv_heads, self.groups * count, self.head_dim)
-        scores = (
-            torch.bmm(grouped, keys[:, :end].transpose(1, 2)) * self.scale
-        )  # [kv_heads, groups*count, end]
+        grouped = q.transpose(0, 1).reshape(self.kv_heads, self.groups * count, self.head_dim)
+        scores = torch.bmm(grouped, keys.transpose(1, 2)) * self.scale  # [kv_heads, groups*count, key_len]
         if hidden is not None:
-            scores = scores.view(self.kv_heads, self.groups, count, end).masked_fill(hidden, float("-inf"))
-            scores = scores.view(self.kv_heads, self.groups * count, end)
+            by_group = scores.view(self.kv_heads, self.groups, count, key_len)
+            scores = by_group.masked_fill(hidden, float("-inf")).view_as(scores)
         weights = torch.softmax(scores, dim=-1, dtype=torch.float32).to(q.dtype)
-        attended = torch.bmm(weights, values[:, :end])  # [kv_heads, groups * count, head_dim]
+        attended = torch.bmm(weights, values)  # [kv_heads, groups * count, head_dim]
         return attended.view(self.heads, count, self.head_dim).transpose(0, 1).reshape(count, -1)

@@ -14,6 +14,7 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, DynamicCache, PreTrainedTokenizerBase
 
 from specpipe.runtime import lean_gpt2, lean_llama
+from specpipe.runtime.graphed_forward import GraphedForward
 from specpipe.runtime.kv_cache import SessionKV, SessionKVCacheStore, common_prefix_length
 
 if TYPE_CHECKING:
@@ -66,6 +67,8 @@ class CausalLMRunner:
         max_cached_sessions: int,
         max_cache_bytes: int = 0,
         lean_forward: bool = False,
+        static_kv_slots: int = 0,
+        cuda_graphs: bool = True,
     ) -> None:
         self.model = model
         self.tokenizer = tokenizer
@@ -75,8 +78,15 @@ class CausalLMRunner:
         self.device = next(model.parameters()).device
         self.dtype = next(model.parameters()).dtype
         self.vocab_size = int(model.get_output_embeddings().weight.shape[0])
-        # The lean path where asked for and the architecture has one (else transformers' forward).
-        self.lean = lean_forward_for(model) if lean_forward else None
+        # The lean path where asked for and the architecture has one (else transformers' forward); over static
+        # KV slots, with CUDA graphs on a GPU, where static_kv_slots asks for that.
+        lean = lean_forward_for(model) if lean_forward or static_kv_slots else None
+        self.lean: lean_gpt2.LeanGPT2 | lean_llama.LeanLlama | GraphedForward | None = lean
+        if static_kv_slots:
+            if lean is None:
+                name = type(model).__name__
+                raise ValueError(f"static KV slots need a lean forward (GPT-2, Llama), not {name}")
+            self.lean = GraphedForward(lean, static_kv_slots, max_context, cuda_graphs=cuda_graphs)
         self._cache_kwarg = cache_argument(model)
         # Only the last num_rows positions need logits: on a prefill the LM head over every prompt position
         # is ~10% of the forward. Architectures without the argument compute them all and we slice.
@@ -96,6 +106,8 @@ class CausalLMRunner:
             config.max_context,
             max_cache_bytes=config.max_cache_bytes,
             lean_forward=config.lean_forward,
+            static_kv_slots=config.static_kv_slots,
+            cuda_graphs=config.cuda_graphs,
         )
 
     @classmethod
@@ -108,6 +120,8 @@ class CausalLMRunner:
         max_context: int = 0,
         max_cache_bytes: int = 0,
         lean_forward: bool = False,
+        static_kv_slots: int = 0,
+        cuda_graphs: bool = True,
     ) -> CausalLMRunner:
         if dtype not in DTYPES:
             raise ValueError(f"dtype must be one of {sorted(DTYPES)}, got {dtype!r}")
@@ -131,8 +145,20 @@ class CausalLMRunner:
             max_cached_sessions,
             max_cache_bytes,
             lean_forward=lean_forward,
+            static_kv_slots=static_kv_slots,
+            cuda_graphs=cuda_graphs,
         )
-        if lean_forward:
+        if isinstance(runner.lean, GraphedForward):
+            graphed = runner.lean
+            logger.info(
+                "forward: %s over %d static KV slots of %d positions (%.1f MiB), %s",
+                type(graphed.model).__name__,
+                len(graphed.pool.keys),
+                graphed.capacity,
+                graphed.pool.nbytes / 2**20,
+                "CUDA graphs" if graphed.cuda_graphs else "eager",
+            )
+        elif lean_forward:
             logger.info(
                 "forward: %s",
                 type(runner.lean).__name__ if runner.lean else "transformers (no lean path for it)",
@@ -182,7 +208,7 @@ class CausalLMRunner:
     @property
     def packs_sessions(self) -> bool:
         """Whether `forward_many` runs several sessions in one pass (else it runs them one by one)."""
-        return self.lean is not None
+        return self.lean is not None and not isinstance(self.lean, GraphedForward)
 
     @torch.inference_mode()
     def forward_many(self, calls: Sequence[tuple[str, Sequence[int], int]]) -> list[ForwardResult]:
@@ -195,7 +221,7 @@ class CausalLMRunner:
             raise ValueError("forward_many takes each session at most once")
         started = time.perf_counter_ns()
         prepared = [self._reuse_cache(*call) for call in calls]
-        assert self.lean is not None
+        assert self.lean is not None and not isinstance(self.lean, GraphedForward)
         try:
             logits = self.lean.forward_packed(
                 [
@@ -229,6 +255,9 @@ class CausalLMRunner:
         entry = self.caches.get_or_create(session_id)
         # The last num_rows positions must be fed to get their logits, so they are never reused.
         reuse = min(common_prefix_length(entry.token_ids, ids), len(ids) - num_rows)
+        if entry.past is not None:
+            # A static KV slot another session has taken over reads as empty: rebuilt from the history.
+            reuse = min(reuse, entry.past.get_seq_length())
         if entry.past is None or reuse == 0:
             entry.past = self.lean.new_cache() if self.lean else DynamicCache(config=self.model.config)
             reuse = 0

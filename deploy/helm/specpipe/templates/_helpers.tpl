@@ -150,6 +150,9 @@ tolerations: [] over a non-empty default; `image` is kept separately as componen
 {{- if and (eq $device "cpu") (gt (int $merged.gpus) 0) }}
 {{- fail (printf "%s pool %q: gpus is %v but device is cpu; set device: cuda" $role $p.name $merged.gpus) }}
 {{- end }}
+{{- if and (gt (int $merged.staticKvSlots) 0) (gt (int $merged.maxBatchSessions) 1) }}
+{{- fail (printf "%s pool %q: staticKvSlots runs one session per forward; it needs maxBatchSessions 1" $role $p.name) }}
+{{- end }}
 {{- $model := $merged.model }}
 {{- $sources := 0 }}
 {{- range $s := list "pvc" "hostPath" "download" }}{{ if hasKey $model $s }}{{ $sources = add1 $sources }}{{ end }}{{ end }}

@@ -176,6 +176,9 @@ spec:
             {{- if gt (int $pool.maxBatchSessions) 1 }}
             - --max-batch-sessions={{ int $pool.maxBatchSessions }}
             {{- end }}
+            {{- if gt (int $pool.staticKvSlots) 0 }}
+            - --static-kv-slots={{ int $pool.staticKvSlots }}
+            {{- end }}
             {{- if $metrics.enabled }}
             - --metrics-port={{ int $metrics.port }}
             {{- end }}

@@ -1,0 +1,226 @@
+"""Forwards over static KV slots, replayed as CUDA graphs on a GPU: the verify path of a launch-bound target.
+
+On a GPU at batch 1 an eager forward is bound by kernel launches, not by reading the weights: a 7B-shaped
+Llama took 22.6 ms per forward in eager PyTorch where its memory-bandwidth floor is 4.5 ms
+(docs/benchmarks.md, `specpipe bench floor`). A CUDA graph replays every kernel of a captured forward with
+one launch. Capturing needs every address and shape fixed, so this module owns static buffers (as vLLM's
+and nano-vllm's graph runners do, and as `generate` with transformers' StaticCache could not, per
+shared/README.md):
+
+- **slots**: the KV caches of `slots` sessions, preallocated per layer at the full context, so a session's
+  keys and values never move. A session takes a free slot, or the least recently used one; the session that
+  lost it reads as an empty cache and is rebuilt from its history on its next call (the runner's usual path
+  for an evicted session), never a wrong token.
+- **inputs**: one [2, GRAPH_MAX_TOKENS] buffer of (token ids, positions) that each call copies into.
+- **shapes**: attention reads the slot's first `key_len` positions, key_len rounded up to a multiple of
+  `context_bucket`, and masks the positions after each row's own. So a graph serves every context length of
+  its bucket, and one is captured per (slot, new tokens, bucket) on first use.
+
+The lean models' `static_forward` is the captured function; it runs eagerly where there is no graph: on the
+CPU (the tests run this path), for forwards of more than GRAPH_MAX_TOKENS new tokens (prefills), or with
+`cuda_graphs=False`. A verify feeds k + 1 tokens, so every k up to GRAPH_MAX_TOKENS - 1 is graphed.
+"""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+from collections.abc import Sequence
+from typing import Protocol
+
+import torch
+
+GRAPH_MAX_TOKENS = 16  # the most new tokens a captured forward takes: k + 1 for every k < 16
+CONTEXT_BUCKET = 256  # attention reads the cache up to the next multiple of this many positions
+WARMUP_RUNS = 2  # eager runs on a side stream before a capture, as torch.cuda.graphs asks
+
+__all__ = ["CONTEXT_BUCKET", "GRAPH_MAX_TOKENS", "GraphedForward", "SlotKVCache", "SlotPool"]
+
+
+class StaticForwardModel(Protocol):
+    """What a lean model (specpipe/runtime/lean_gpt2.py, lean_llama.py) offers this module."""
+
+    token_embedding: torch.Tensor
+    max_length: int
+
+    def kv_layout(self) -> tuple[int, int, int]: ...  # (layers, key/value heads, head_dim)
+
+    def static_forward(
+        self,
+        ids: torch.Tensor,
+        positions: torch.Tensor,
+        hidden: torch.Tensor,
+        keys: Sequence[torch.Tensor],
+        values: Sequence[torch.Tensor],
+    ) -> torch.Tensor: ...
+
+
+class SlotKVCache:
+    """One session's hold on a slot: the pool's buffers hold its first `length` positions while it owns the
+    slot. It reads as empty (`get_seq_length` 0) once another session has taken the slot over."""
+
+    __slots__ = ("_pool", "_length", "slot")
+
+    def __init__(self, pool: SlotPool, slot: int) -> None:
+        self._pool = pool
+        self.slot = slot
+        self._length = 0
+
+    @property
+    def owned(self) -> bool:
+        return self._pool.owner(self.slot) is self
+
+    @property
+    def length(self) -> int:
+        return self._length if self.owned else 0
+
+    @length.setter
+    def length(self, value: int) -> None:
+        self._length = value
+
+    @property
+    def nbytes(self) -> int:
+        """0: the slots are allocated once, up front, whichever sessions use them (budgets do not apply)."""
+        return 0
+
+    def get_seq_length(self) -> int:
+        return self.length
+
+    def crop(self, max_length: int) -> None:
+        """transformers' Cache.crop semantics: keep the first `max_length` positions (negative: drop that many
+        from the end)."""
+        length = self.length
+        self._length = max(0, length + max_length if max_length < 0 else min(max_length, length))
+
+
+class SlotPool:
+    """Keys and values of `slots` sessions, per slot and layer [kv_heads, capacity, head_dim], allocated
+    once."""
+
+    def __init__(self, slots: int, layout: tuple[int, int, int], capacity: int, like: torch.Tensor) -> None:
+        if slots < 1:
+            raise ValueError(f"slots must be >= 1, got {slots}")
+        layers, heads, head_dim = layout
+        self.capacity = capacity
+        self.keys, self.values = (
+            [[like.new_zeros(heads, capacity, head_dim) for _ in range(layers)] for _ in range(slots)]
+            for _ in range(2)
+        )
+        self._owners: list[SlotKVCache | None] = [None] * slots
+        self._by_use: OrderedDict[int, None] = OrderedDict.fromkeys(range(slots))  # least recently used first
+        self.takeovers = 0  # slots taken from a session that still held them
+
+    @property
+    def nbytes(self) -> int:
+        return sum(t.numel() * t.element_size() for slot in (*self.keys, *self.values) for t in slot)
+
+    def owner(self, slot: int) -> SlotKVCache | None:
+        return self._owners[slot]
+
+    def acquire(self) -> SlotKVCache:
+        """An empty cache on the least recently used slot (a free one first: free slots are never used)."""
+        slot = next(iter(self._by_use))
+        if self._owners[slot] is not None:
+            self.takeovers += 1
+        cache = SlotKVCache(self, slot)
+        self._owners[slot] = cache
+        self.touch(slot)
+        return cache
+
+    def touch(self, slot: int) -> None:
+        self._by_use.move_to_end(slot)
+
+
+class GraphedForward:
+    """`forward(new_ids, cache, num_rows)` and `new_cache()` as the lean models offer them, over a SlotPool,
+    replaying CUDA graphs where it can."""
+
+    def __init__(
+        self,
+        model: StaticForwardModel,
+        slots: int,
+        max_context: int = 0,
+        cuda_graphs: bool = True,
+        context_bucket: int = CONTEXT_BUCKET,
+    ) -> None:
+        if context_bucket < 1:
+            raise ValueError(f"context_bucket must be >= 1, got {context_bucket}")
+        self.model = model
+        self.device = model.token_embedding.device
+        self.capacity = min(max_context, model.max_length) if max_context else model.max_length
+        self.context_bucket = context_bucket
+        self.pool = SlotPool(slots, model.kv_layout(), self.capacity, like=model.token_embedding)
+        self.key_positions = torch.arange(self.capacity, device=self.device)  # [capacity]
+        self.cuda_graphs = cuda_graphs and self.device.type == "cuda"
+        self._inputs = torch.zeros(2, GRAPH_MAX_TOKENS, dtype=torch.long, device=self.device)
+        # (slot, new tokens, key_len) -> the graph and the logits tensor its replays write.
+        self._graphs: dict[tuple[int, int, int], tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
+        self._memory_pool = torch.cuda.graph_pool_handle() if self.cuda_graphs else None
+
+    @property
+    def captured(self) -> int:
+        return len(self._graphs)
+
+    def new_cache(self) -> SlotKVCache:
+        return self.pool.acquire()
+
+    def key_length(self, end: int) -> int:
+        """The positions attention reads for a forward ending at `end`: `end` rounded up to the bucket."""
+        return min(self.capacity, -(-end // self.context_bucket) * self.context_bucket)
+
+    @torch.inference_mode()
+    def forward(
+        self, new_ids: Sequence[int], cache: SlotKVCache, num_rows: int
+    ) -> torch.Tensor:  # [num_rows, vocab_size] float32
+        """Appends `new_ids` after the cache's valid positions; logits for the last `num_rows` of them. A
+        graph's logits are overwritten by its next replay: copy them (`.cpu()`) before the next forward."""
+        if not cache.owned:
+            raise ValueError("the cache's slot belongs to another session now: start a new cache")
+        count, start = len(new_ids), cache.length
+        end = start + count
+        if end > self.capacity:
+            raise ValueError(f"{end} positions exceed the static KV slots' context of {self.capacity}")
+        self.pool.touch(cache.slot)
+        key_len = self.key_length(end)
+        host = torch.tensor([list(new_ids), list(range(start, end))], dtype=torch.long)  # [2, count]
+        if self.cuda_graphs and count <= GRAPH_MAX_TOKENS:
+            inputs = self._inputs[:, :count]  # a fixed address: what the graphs read
+            inputs.copy_(host)
+            key = (cache.slot, count, key_len)
+            captured = self._graphs.get(key)
+            if captured is None:
+                captured = self._graphs[key] = self._capture(inputs, cache.slot, key_len)
+            graph, logits = captured
+            graph.replay()
+        else:
+            logits = self._step(host.to(self.device), cache.slot, key_len)
+        cache.length = end
+        return logits[count - num_rows :]
+
+    def _step(self, inputs: torch.Tensor, slot: int, key_len: int) -> torch.Tensor:  # [count, vocab_size]
+        """The forward of inputs [2, count] (ids; positions) on a slot: device work only, nothing that waits
+        for the device or copies from the host, so a graph can capture it."""
+        ids, positions = inputs[0], inputs[1]
+        # [count, key_len]: a row sees the positions up to its own (the cache and the new rows before it).
+        hidden = self.key_positions[:key_len][None, :] > positions[:, None]
+        return self.model.static_forward(ids, positions, hidden, self.pool.keys[slot], self.pool.values[slot])
+
+    def _capture(
+        self, inputs: torch.Tensor, slot: int, key_len: int
+    ) -> tuple[torch.cuda.CUDAGraph, torch.Tensor]:
+        """Captures the forward of `inputs` (the static input buffer, already holding this call's tokens).
+
+        The warm-up runs write this call's own keys and values at its own positions, which the replay that
+        follows writes again, so they change nothing a session can read. Graphs share one memory pool: they
+        run one at a time and each call's logits are copied out before the next.
+        """
+        current = torch.cuda.current_stream(self.device)
+        side = torch.cuda.Stream(self.device)
+        side.wait_stream(current)
+        with torch.cuda.stream(side):
+            for _ in range(WARMUP_RUNS):
+                self._step(inputs, slot, key_len)
+        current.wait_stream(side)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph, pool=self._memory_pool):
+            logits = self._step(inputs, slot, key_len)
+        return graph, logits
