@@ -2,6 +2,10 @@
 
 Every model call is counted and timed by forward hooks (`ForwardMeter`), so the in-process variants report
 target passes, draft forwards and the time spent outside the models just like specpipe's Usage does.
+
+On a GPU (`specpipe bench latency --device cuda`) the models run there and every timed forward is bracketed
+by a device synchronisation, so its time is the kernels' and not only their launch, as the workers' runner
+measures it (its logits' copy to the host waits for them).
 """
 
 from __future__ import annotations
@@ -20,7 +24,7 @@ from benchmarks import cpu
 from benchmarks.prompts import Prompt
 from benchmarks.results import Mode, VariantRun
 from specpipe.runtime import lean_gpt2
-from specpipe.runtime.model_runner import cache_argument
+from specpipe.runtime.model_runner import DTYPES, cache_argument
 from specpipe.sampling.params import SamplingParams
 from specpipe.sampling.processing import greedy_token_ids, sampling_probs
 from specpipe.sampling.randomness import RandomStream, keyed_uniform, sample_from_probs
@@ -35,24 +39,32 @@ class ModelPair:
     draft: torch.nn.Module
     tokenizer: PreTrainedTokenizerBase
     eos_ids: frozenset[int]
+    device: torch.device = torch.device("cpu")
 
 
-def load_pair(target_dir: Path, draft_dir: Path) -> ModelPair:
-    """Both models in float32 (as the workers run them) and the target's tokenizer."""
-    target = AutoModelForCausalLM.from_pretrained(target_dir, dtype=torch.float32).eval()
-    draft = AutoModelForCausalLM.from_pretrained(draft_dir, dtype=torch.float32).eval()
+def synchronize(device: torch.device) -> None:
+    """Waits for the device's queued kernels (a no-op on the CPU, whose forwards return when done)."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def load_pair(target_dir: Path, draft_dir: Path, device: str = "cpu", dtype: str = "float32") -> ModelPair:
+    """Both models on `device` in `dtype` (as the workers are started) and the target's tokenizer."""
+    target = AutoModelForCausalLM.from_pretrained(target_dir, dtype=DTYPES[dtype]).to(device).eval()
+    draft = AutoModelForCausalLM.from_pretrained(draft_dir, dtype=DTYPES[dtype]).to(device).eval()
     tokenizer = AutoTokenizer.from_pretrained(target_dir)
     eos = target.generation_config.eos_token_id
     if eos is None:
         eos = tokenizer.eos_token_id
     eos_ids = frozenset() if eos is None else frozenset(eos if isinstance(eos, list | tuple) else [eos])
-    return ModelPair(target, draft, tokenizer, frozenset(int(e) for e in eos_ids))
+    return ModelPair(target, draft, tokenizer, frozenset(int(e) for e in eos_ids), torch.device(device))
 
 
 class ForwardMeter:
     """Counts and times a model's top-level forward calls through hooks."""
 
     def __init__(self, model: torch.nn.Module) -> None:
+        self.device = next(model.parameters()).device
         self.calls = 0
         self.seconds = 0.0
         self._started = 0.0
@@ -62,9 +74,11 @@ class ForwardMeter:
         ]
 
     def _before(self, module: torch.nn.Module, args: object) -> None:
+        synchronize(self.device)
         self._started = time.perf_counter()
 
     def _after(self, module: torch.nn.Module, args: object, output: object) -> None:
+        synchronize(self.device)
         self.seconds += time.perf_counter() - self._started
         self.calls += 1
 
@@ -105,10 +119,12 @@ def plain_decode(
     `sampling_probs`, then an inverse-CDF draw with the keyed uniform (seed, position, TARGET_SAMPLE)."""
     cache = DynamicCache(config=model.config)
     with_cache = {cache_argument(model): cache}  # looked up once: not inside the timed loop
-    feed = torch.tensor([list(prompt)], dtype=torch.long)
+    device = model.device
+    feed = torch.tensor([list(prompt)], dtype=torch.long, device=device)
     out: list[int] = []
     for _ in range(max_new):
         logits = model(input_ids=feed, use_cache=True, logits_to_keep=1, **with_cache).logits[0, -1:]
+        logits = logits.float().cpu()  # as the workers decide: float32 on the host (no-ops on a float32 CPU)
         if params.is_greedy:
             token = greedy_token_ids(logits)[0]  # as specpipe's workers take it
         else:
@@ -117,7 +133,7 @@ def plain_decode(
         out.append(token)
         if token in eos:
             break
-        feed = torch.tensor([[token]], dtype=torch.long)
+        feed = torch.tensor([[token]], dtype=torch.long, device=device)
     return out
 
 
@@ -137,7 +153,7 @@ def hf_kwargs(kind: str, pair: ModelPair, mode: Mode) -> dict[str, object]:
 def hf_decode(
     pair: ModelPair, prompt: Sequence[int], max_new: int, kind: str, mode: Mode, seed: int
 ) -> list[int]:
-    ids = torch.tensor([list(prompt)], dtype=torch.long)
+    ids = torch.tensor([list(prompt)], dtype=torch.long, device=pair.device)
     if not mode.greedy:
         torch.manual_seed(seed)
     out = pair.target.generate(
@@ -274,8 +290,10 @@ class Costs:
 
 def _timed_forward(model: torch.nn.Module, cache: DynamicCache, ids: torch.Tensor) -> float:
     with_cache = {cache_argument(model): cache}
+    synchronize(ids.device)
     started = time.perf_counter()
     model(input_ids=ids, use_cache=True, **with_cache)
+    synchronize(ids.device)
     elapsed = time.perf_counter() - started
     cache.crop(-ids.shape[1])  # negative: drop the tokens just appended
     return elapsed * 1000.0
@@ -283,8 +301,10 @@ def _timed_forward(model: torch.nn.Module, cache: DynamicCache, ids: torch.Tenso
 
 def _timed_prefill(model: torch.nn.Module, ids: torch.Tensor) -> float:
     """A prompt into an empty cache, logits for its last position only (as plain decoding prefills)."""
+    synchronize(ids.device)
     started = time.perf_counter()
     model(input_ids=ids, use_cache=True, logits_to_keep=1)
+    synchronize(ids.device)
     return (time.perf_counter() - started) * 1000.0
 
 
@@ -294,7 +314,7 @@ def measure_prefills(
 ) -> tuple[float, float, float | None]:
     """Median ms of prefilling `prompt_ids` through the target, the draft and (where the draft has one) the
     draft's lean forward, timed in alternation like `measure_costs`."""
-    ids = torch.tensor([list(prompt_ids)], dtype=torch.long)
+    ids = torch.tensor([list(prompt_ids)], dtype=torch.long, device=pair.device)
     target: list[float] = []
     draft: list[float] = []
     lean_draft: list[float] = []
@@ -304,6 +324,7 @@ def measure_prefills(
             cache = lean.new_cache()
             started = time.perf_counter()
             lean.forward(list(prompt_ids), cache, 1)
+            synchronize(pair.device)
             lean_ms = (time.perf_counter() - started) * 1000.0
         if run:
             target.append(t)
@@ -331,8 +352,8 @@ def measure_costs(
     them alike and their ratios (c, v_k) hold up better than the absolute milliseconds.
     """
     ids = (list(seed_ids) * (context // max(1, len(seed_ids)) + 2))[: context + max_k + 1]
-    history = torch.tensor([ids[:context]], dtype=torch.long)
-    block = torch.tensor([ids[context:]], dtype=torch.long)  # [1, max_k + 1]
+    history = torch.tensor([ids[:context]], dtype=torch.long, device=pair.device)
+    block = torch.tensor([ids[context:]], dtype=torch.long, device=pair.device)  # [1, max_k + 1]
     caches = [m(input_ids=history, use_cache=True).past_key_values for m in (pair.target, pair.draft)]
     lean = lean_gpt2.LeanGPT2(pair.draft) if lean_gpt2.supports(pair.draft) else None
     lean_cache = lean.new_cache() if lean is not None else None
@@ -348,6 +369,7 @@ def measure_costs(
         if lean is not None:
             started = time.perf_counter()
             lean.forward(ids[context : context + 1], lean_cache, 1)
+            synchronize(pair.device)
             lean_draft.append((time.perf_counter() - started) * 1000.0)
             lean_cache.crop(-1)
         if run >= warmup:

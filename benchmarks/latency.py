@@ -92,6 +92,15 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         "(0: no budget)",
     )  # fmt: skip
     p.add_argument("--max-speculative-tokens", type=int, default=16, help="coordinators' bound on k")
+    p.add_argument(
+        "--device", default="cpu",
+        help="cpu or cuda[:N]: where every model runs, in-process and in the workers (default cpu)",
+    )  # fmt: skip
+    p.add_argument("--dtype", choices=("float32", "float16", "bfloat16"), default="float32")
+    p.add_argument(
+        "--static-kv-slots", type=int, default=0,
+        help="the workers' --static-kv-slots: KV slots and, on a GPU, CUDA graphs of their forwards (0: off)",
+    )  # fmt: skip
     p.add_argument("--cost-runs", type=int, default=30, help="timed forwards per cost measurement")
     p.add_argument(
         "--cost-context",
@@ -105,6 +114,10 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     )
     p.add_argument("--log-level", default="WARNING")
     args = p.parse_args(argv)
+    if not (args.device == "cpu" or args.device.startswith("cuda")):
+        p.error(f"--device must be cpu or cuda[:N], got {args.device!r}")
+    if args.static_kv_slots < 0:
+        p.error("--static-kv-slots must be >= 0")
     if args.quick:
         args.num_prompts = min(args.num_prompts, 2)
         args.max_new_tokens = min(args.max_new_tokens, 8)
@@ -140,7 +153,7 @@ def chosen_variants(args: argparse.Namespace, fixed_ks: Sequence[int]) -> list[s
     return [v for v in known if v in wanted or v == "plain-1t"]
 
 
-def machine() -> dict[str, object]:
+def machine(device: str = "cpu", dtype: str = "float32", static_kv_slots: int = 0) -> dict[str, object]:
     import torch
     import transformers
 
@@ -153,16 +166,25 @@ def machine() -> dict[str, object]:
             cpu = next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), cpu)
     except OSError:
         pass
+    models_on = "CPU"
+    if device != "cpu":
+        models_on = f"{torch.cuda.get_device_name(torch.device(device))} ({device})"
+    runs = f"models on {models_on} in {dtype}"
+    if static_kv_slots:
+        runs += f", workers with {static_kv_slots} static KV slots"
     return {
         "cpu": cpu,
         "cpu_count": os.cpu_count(),
+        "device": device,
+        "dtype": dtype,
+        "static_kv_slots": static_kv_slots,
         "python": platform.python_version(),
         "torch": torch.__version__,
         "transformers": transformers.__version__,
         "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY", "(unset)"),
         "services_event_loop": loop,  # the services' `--event-loop auto` (runs 1-22: asyncio's own)
-        "description": f"{os.cpu_count()}-core {cpu}, PyTorch {torch.__version__} CPU, "
-        f"transformers {transformers.__version__}, services on {loop}",
+        "description": f"{os.cpu_count()}-core {cpu}, PyTorch {torch.__version__}, "
+        f"transformers {transformers.__version__}, {runs}, services on {loop}",
     }
 
 
@@ -205,7 +227,7 @@ def setup(args: argparse.Namespace) -> Setup:
         if m.strip()
     ]
     target_dir, draft_dir = model_dirs(args)
-    pair = inprocess.load_pair(target_dir, draft_dir)
+    pair = inprocess.load_pair(target_dir, draft_dir, args.device, args.dtype)
 
     def encode(text: str) -> list[int]:
         return list(pair.tokenizer(text)["input_ids"])
@@ -365,6 +387,9 @@ def start_services(st: Setup, out_dir: Path, stack: ExitStack) -> services.Servi
             st.args.max_speculative_tokens,
             prompt_lookup=lookup,
             grpc_target=grpc_target,
+            device=st.args.device,
+            dtype=st.args.dtype,
+            static_kv_slots=st.args.static_kv_slots,
         )  # fmt: skip
     )
 
@@ -461,7 +486,7 @@ def run_all(args: argparse.Namespace, out_dir: Path) -> dict[str, object]:
         "meta": {
             "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
             "command": None,  # filled in by main()
-            "machine": machine(),
+            "machine": machine(args.device, args.dtype, args.static_kv_slots),
             "target_model": str(st.target_dir),
             "draft_model": str(st.draft_dir),
             "num_prompts": len(st.prompts),

@@ -117,16 +117,24 @@ class Services:
         threads: int = 1,
         prompt_lookup: bool = False,
         grpc_target: bool = False,
+        device: str = "cpu",
+        dtype: str = "float32",
+        static_kv_slots: int = 0,
     ) -> None:
         self.log_dir = log_dir
         self.max_k = max_k
+        self.device, self.dtype = device, dtype
+        # The model workers' KV slots and CUDA graphs (specpipe/runtime/graphed_forward.py); 0 = off.
+        slots = ["--static-kv-slots", str(static_kv_slots)] if static_kv_slots else []
         self.stack = ExitStack()
         self.redis = RedisServerProcess(data_dir=str(log_dir / "redis"))
-        self.draft = self._worker("draft", draft_dir, threads)
+        self.draft = self._worker("draft", draft_dir, threads, extra=slots)
         direct = ["--direct-stream-port", "0"]  # as `specpipe serve` runs its target
-        self.target = self._worker("target", target_dir, threads, extra=direct)
+        self.target = self._worker("target", target_dir, threads, extra=[*direct, *slots])
         # A second target worker without direct streams, for the variant that measures what they add.
-        self.grpc_target = self._worker("target", target_dir, threads, "target-grpc") if grpc_target else None
+        self.grpc_target = (
+            self._worker("target", target_dir, threads, "target-grpc", slots) if grpc_target else None
+        )
         # A second draft worker without a model, for the prompt-lookup variant (the target's tokenizer).
         self.lookup_draft = (
             self._worker("draft", target_dir, threads, "draft-lookup", ["--drafter", "prompt-lookup"])
@@ -141,7 +149,7 @@ class Services:
     ) -> ServiceProcess:
         port = free_port()
         args = [
-            *worker_args(str(model), port, "cpu", "float32", threads),
+            *worker_args(str(model), port, self.device, self.dtype, threads),
             "--max-speculative-tokens",
             str(self.max_k),
             *extra,

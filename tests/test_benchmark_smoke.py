@@ -24,13 +24,15 @@ ROW_KEYS = {
 
 @pytest.mark.slow  # about 45 s on a 2-core machine: five processes start
 def test_bench_latency_quick(tmp_path: Path) -> None:
+    """The workers run with static KV slots (`--static-kv-slots`, CUDA graphs on a GPU): the flag reaches
+    them, and every greedy output through them is still the target's own."""
     target_dir, draft_dir = build_tiny_pair(tmp_path / "pair")
     out_dir = tmp_path / "out"
     cmd = [
         sys.executable, "-m", "specpipe", "bench", "latency", "--quick",
         "--target-model", str(target_dir), "--draft-model", str(draft_dir),
         "--num-prompts", "2", "--max-new-tokens", "8", "--variants", ",".join(VARIANTS),
-        "--max-speculative-tokens", "4", "--out-dir", str(out_dir),
+        "--max-speculative-tokens", "4", "--out-dir", str(out_dir), "--static-kv-slots", "2",
     ]  # fmt: skip
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONUNBUFFERED": "1"}
     proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=240)
@@ -42,6 +44,11 @@ def test_bench_latency_quick(tmp_path: Path) -> None:
     assert {"meta", "costs", "results", "targets", "round_trip_probes"} <= payload.keys()
     assert payload["meta"]["num_prompts"] == 2 and payload["meta"]["max_new_tokens"] == 8
     assert payload["meta"]["method"].startswith("interleaved") and payload["meta"]["pilot"] == {}
+    machine = payload["meta"]["machine"]
+    assert (machine["device"], machine["dtype"], machine["static_kv_slots"]) == ("cpu", "float32", 2)
+    assert "models on CPU in float32, workers with 2 static KV slots" in machine["description"]
+    logs = out_dir / "logs"
+    assert "static KV slots" in (logs / "target.log").read_text(encoding="utf-8")
     assert payload["costs"]["target_ms"] > 0 and payload["costs"]["c"] > 0
     rows = {(r["variant"], r["mode"]): r for r in payload["results"]}
     assert set(rows) == {(v, m) for v in VARIANTS for m in ("greedy", "sample")}

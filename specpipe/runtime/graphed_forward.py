@@ -210,8 +210,9 @@ class GraphedForward:
         """Captures the forward of `inputs` (the static input buffer, already holding this call's tokens).
 
         The warm-up runs write this call's own keys and values at its own positions, which the replay that
-        follows writes again, so they change nothing a session can read. Graphs share one memory pool: they
-        run one at a time and each call's logits are copied out before the next.
+        follows writes again, so they change nothing a session can read. They run on the stream the capture
+        then records on (per-stream state such as cuBLAS workspaces is set up before capturing). Graphs
+        share one memory pool: they run one at a time and each call's logits are copied out before the next.
         """
         current = torch.cuda.current_stream(self.device)
         side = torch.cuda.Stream(self.device)
@@ -219,8 +220,9 @@ class GraphedForward:
         with torch.cuda.stream(side):
             for _ in range(WARMUP_RUNS):
                 self._step(inputs, slot, key_len)
-        current.wait_stream(side)
+        side.synchronize()
         graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph, pool=self._memory_pool):
+        with torch.cuda.graph(graph, pool=self._memory_pool, stream=side):
             logits = self._step(inputs, slot, key_len)
+        current.wait_stream(side)
         return graph, logits
