@@ -1,0 +1,32 @@
+#!/usr/bin/env bash
+# The GPU checks of issue 4 in one script, sized for a short device session (~8-10 minutes on an H100/H200):
+#   1. the CUDA-graph tests (`-m gpu`): graph replays equal the eager static forward;
+#   2. `bench floor` on a 7B-shaped Llama in bfloat16: eager, lean and CUDA-graph verify forwards against the
+#      HBM floor;
+#   3. `bench latency` on the GPU with the demo pair, the workers on static KV slots (CUDA graphs), greedy,
+#      a reduced variant set.
+# Usage: bash benchmarks/gpu_checks.sh OUT_DIR   (results and logs go there; each step's output in its file)
+set -uo pipefail
+cd "$(dirname "$0")/.."
+out="${1:?usage: gpu_checks.sh OUT_DIR}"
+mkdir -p "$out"
+export HF_HUB_OFFLINE=1 PYTHONUNBUFFERED=1
+
+nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv > "$out/gpu.txt" 2>&1
+python -c "import torch; print(torch.__version__, torch.version.cuda, torch.cuda.get_device_name())" \
+    >> "$out/gpu.txt" 2>&1
+
+timeout 120 python -m pytest -m gpu -p no:cacheprovider -q tests/test_graphed_forward.py \
+    > "$out/1-gpu-tests.txt" 2>&1
+echo "gpu tests: exit $?"
+
+timeout 240 python -m specpipe bench floor --llama-shape 7b --device cuda --dtype bfloat16 --runs 10 \
+    --batch-sessions 4 --out "$out/2-floor-7b.json" > "$out/2-floor-7b.txt" 2>&1
+echo "floor 7b: exit $?"
+
+timeout 300 python -m specpipe bench latency --device cuda --dtype float32 --static-kv-slots 4 \
+    --modes greedy --num-prompts 8 --time-budget 240 \
+    --variants plain-1t,hf-generate,hf-assisted,specpipe-k0,specpipe-adaptive,specpipe-adaptive-pipe \
+    --out-dir "$out/3-latency" > "$out/3-latency.txt" 2>&1
+echo "latency: exit $?"
+tail -n 30 "$out"/*.txt
