@@ -95,6 +95,8 @@ def test_slots_go_to_the_least_recently_used_session() -> None:
     assert a.get_seq_length() == 5 and c.get_seq_length() == 0
     a.crop(-2)
     assert a.length == 3
+    pool.free_all()
+    assert pool.owner(a.slot) is None and a.get_seq_length() == 0
     with pytest.raises(ValueError, match="slots must be >= 1"):
         SlotPool(0, (1, 1, 4), capacity=8, like=torch.zeros(1))
 
@@ -108,6 +110,7 @@ def test_runner_over_slots_equals_transformers_and_rebuilds_a_session_that_lost_
     plain = CausalLMRunner(model, tokenizer=None, model_name="tiny", max_context=64,  # type: ignore[arg-type]
                            max_cached_sessions=8)  # fmt: skip
     assert isinstance(slots.lean, GraphedForward) and not slots.packs_sessions
+    assert slots.capture_graphs() == 0  # the CPU: no graphs, the static forward runs eagerly
     histories = {"a": [1, 2, 3, 4, 5], "b": [9, 8, 7], "c": [4, 4, 4, 4]}
     for session, ids in histories.items():  # c takes a's slot
         torch.testing.assert_close(
@@ -211,3 +214,14 @@ def test_cuda_graph_replays_equal_the_eager_static_forward(make_model) -> None:
             g.crop(-1)
             e.crop(-1)
     assert 0 < graphed.captured <= 2 * GRAPH_MAX_TOKENS * 6
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_the_first_bucket_is_captured_before_serving_and_the_slots_left_free() -> None:
+    graphed = GraphedForward(lean_of(tiny_llama().cuda()), slots=2, max_context=48)
+    assert graphed.capture_first_bucket() == 2 * GRAPH_MAX_TOKENS == graphed.captured
+    assert graphed.pool.owner(0) is None and graphed.pool.owner(1) is None and graphed.pool.takeovers == 0
+    cache = graphed.new_cache()
+    graphed.forward([1, 2, 3], cache, 3)
+    assert graphed.captured == 2 * GRAPH_MAX_TOKENS  # replayed, not captured again

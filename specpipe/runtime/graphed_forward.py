@@ -14,7 +14,8 @@ shared/README.md):
 - **inputs**: one [2, GRAPH_MAX_TOKENS] buffer of (token ids, positions) that each call copies into.
 - **shapes**: attention reads the slot's first `key_len` positions, key_len rounded up to a multiple of
   `context_bucket`, and masks the positions after each row's own. So a graph serves every context length of
-  its bucket, and one is captured per (slot, new tokens, bucket) on first use.
+  its bucket, and one is captured per (slot, new tokens, bucket): those of the first bucket at start-up
+  (`capture_first_bucket`, as vLLM captures its batch sizes before serving), the others on first use.
 
 The lean models' `static_forward` is the captured function; it runs eagerly where there is no graph: on the
 CPU (the tests run this path), for forwards of more than GRAPH_MAX_TOKENS new tokens (prefills), or with
@@ -129,6 +130,10 @@ class SlotPool:
     def touch(self, slot: int) -> None:
         self._by_use.move_to_end(slot)
 
+    def free_all(self) -> None:
+        """Every slot free again (after a warm-up: no session held one)."""
+        self._owners = [None] * len(self._owners)
+
 
 class GraphedForward:
     """`forward(new_ids, cache, num_rows)` and `new_cache()` as the lean models offer them, over a SlotPool,
@@ -162,6 +167,20 @@ class GraphedForward:
 
     def new_cache(self) -> SlotKVCache:
         return self.pool.acquire()
+
+    def capture_first_bucket(self) -> int:
+        """Captures the graphs of every slot and token count (1..GRAPH_MAX_TOKENS) whose context fits the
+        first bucket, so the first requests pay no capture; returns the graphs captured (0 without graphs).
+        The slots are free afterwards."""
+        if not self.cuda_graphs:
+            return 0
+        for _ in self.pool.keys:  # acquire() goes round the free slots, least recently used first
+            cache = self.new_cache()
+            for count in range(1, min(GRAPH_MAX_TOKENS, self.capacity) + 1):
+                self.forward([0] * count, cache, 1)
+                cache.crop(0)
+        self.pool.free_all()
+        return self.captured
 
     def key_length(self, end: int) -> int:
         """The positions attention reads for a forward ending at `end`: `end` rounded up to the bucket."""
