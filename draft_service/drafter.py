@@ -111,8 +111,9 @@ class ModelDrafter:
     def propose(self, request: DraftRequest) -> DraftProposal:
         validate_request(request, self.max_draft_tokens, self.runner.vocab_size, self.runner.max_context)
         drafting = _Drafting(request)
-        for _ in range(request.num_tokens):
-            drafting.take(self.runner.forward(request.session_id, drafting.ids, num_rows=1))
+        steps = request.num_tokens
+        result = self.runner.decode(request.session_id, request.token_ids, steps, drafting.choose)
+        drafting.cached_tokens, drafting.forward_ns = result.cached_tokens, result.forward_ns
         return drafting.proposal()
 
     def propose_many(self, requests: Sequence[DraftRequest]) -> list[DraftProposal | Exception]:
@@ -165,19 +166,23 @@ class _Drafting:
 
     def take(self, result: ForwardResult) -> None:
         """The next token from the logits of a forward over `ids`."""
-        sampling = self.request.sampling
-        step = len(self.proposed)
-        if step == 0:
+        if not self.proposed:
             self.cached_tokens = result.cached_tokens
         self.forward_ns += result.forward_ns
+        self.choose(result.logits)
+
+    def choose(self, logits: torch.Tensor) -> int:  # logits [1, vocab_size]: the step after `ids`
+        """The next token (and its q), appended to `ids`."""
+        sampling = self.request.sampling
+        step = len(self.proposed)
         position = len(self.ids)
         if sampling.is_greedy:
-            token = greedy_token_ids(result.logits)[0]
+            token = greedy_token_ids(logits)[0]
         elif sampling.acceptance == "coupled":
             # The target needs no q under the coupled rule: it compares with its own coupled sample.
-            token = coupled_sample(sampling_probs(result.logits, sampling)[0], sampling.seed, position)
+            token = coupled_sample(sampling_probs(logits, sampling)[0], sampling.seed, position)
         else:
-            probs = sampling_probs(result.logits, sampling)[0]  # [vocab_size]
+            probs = sampling_probs(logits, sampling)[0]  # [vocab_size]
             if step == 0 and self.request.first_is_bonus_guess:
                 # Not a proposal: a guess of the target's bonus draw at this position, made with the same
                 # uniform (stream TARGET_SAMPLE) on q, so it lands on the same token wherever q and p
@@ -190,6 +195,7 @@ class _Drafting:
             self.q_rows.append(probs)
         self.proposed.append(token)
         self.ids.append(token)
+        return token
 
     def proposal(self) -> DraftProposal:
         sampling = self.request.sampling

@@ -70,3 +70,50 @@ def test_session_count_bound() -> None:
     for name in ("a", "b", "c"):
         store.get_or_create(name)
     assert "a" not in store and "b" in store and "c" in store and store.evictions == 1
+
+
+@pytest.mark.parametrize("lean_forward", [False, True], ids=["transformers", "lean"])
+def test_decode_equals_one_forward_per_step(model_pair: ModelPair, lean_forward: bool) -> None:
+    """`decode` (the draft's steps in one call): the tokens and the cache of a `forward` per step; its
+    forward_ns leaves out the time spent choosing tokens; a failing step frees the session's cache."""
+    import time
+
+    runners = [
+        CausalLMRunner.load(model_pair.draft_dir, "cpu", "float32", max_cached_sessions=4, lean_forward=lean)
+        for lean in (lean_forward, lean_forward)
+    ]
+    history = list(range(3, 30))
+    by_forward = list(history)
+    for _ in range(5):
+        by_forward.append(int(runners[0].forward("s", by_forward, 1).logits[0].argmax()))
+    steps_seen: list[int] = []
+    runners[1].forward_observer = steps_seen.append
+
+    def slow_argmax(logits: torch.Tensor) -> int:  # [1, vocab_size]
+        time.sleep(0.02)  # choosing is not the model's time
+        return int(logits[0].argmax())
+
+    result = runners[1].decode("s", history, 5, slow_argmax)
+    assert result.cached_tokens == 0 and len(steps_seen) == 5
+    assert result.forward_ns < 5 * 20_000_000
+    # Both caches hold the history and every token but the last: a next call reuses them alike.
+    follow = [*by_forward, 7]
+    for runner in runners:
+        assert runner.forward("s", follow, 2).cached_tokens == len(by_forward) - 1
+    decoded: list[int] = []
+
+    def record(logits: torch.Tensor) -> int:
+        decoded.append(int(logits[0].argmax()))
+        return decoded[-1]
+
+    runners[1].decode("t", history, 5, record)
+    assert [*history, *decoded] == by_forward
+
+    def fail(logits: torch.Tensor) -> int:
+        raise RuntimeError("boom")
+
+    with pytest.raises(RuntimeError, match="boom"):
+        runners[1].decode("s", follow, 3, fail)
+    assert "s" not in runners[1].caches
+    with pytest.raises(ValueError, match="steps must be >= 1"):
+        runners[1].decode("s", history, 0, record)

@@ -8,7 +8,7 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, DynamicCache, PreTrainedTokenizerBase
@@ -50,6 +50,14 @@ class ForwardResult:
     logits: torch.Tensor  # [num_rows, vocab_size] float32, on the CPU
     cached_tokens: int  # positions reused from the session's cache
     forward_ns: int
+
+
+@dataclass(frozen=True, slots=True)
+class DecodeResult:
+    """What `CausalLMRunner.decode` did: its tokens went to the caller's `next_token`."""
+
+    cached_tokens: int  # positions reused from the session's cache by the first step
+    forward_ns: int  # the steps' model time and the cache bookkeeping, not the time in next_token
 
 
 class CausalLMRunner:
@@ -197,15 +205,7 @@ class CausalLMRunner:
         started = time.perf_counter_ns()
         ids, entry, reuse = self._reuse_cache(session_id, token_ids, num_rows)
         try:
-            if self.lean is not None:
-                logits = self.lean.forward(ids[reuse:], entry.past, num_rows).cpu()  # [num_rows, vocab_size]
-            else:
-                new_ids = torch.tensor([ids[reuse:]], dtype=torch.long, device=self.device)  # [1, n_new]
-                kwargs: dict[str, object] = {self._cache_kwarg: entry.past}
-                if self._keeps_logits:
-                    kwargs["logits_to_keep"] = num_rows
-                out = self.model(input_ids=new_ids, use_cache=True, **kwargs)
-                logits = out.logits[0, -num_rows:, :].float().cpu()  # [num_rows, vocab_size]
+            logits = self._logits(ids[reuse:], entry.past, num_rows)
         except BaseException:
             self.caches.release(session_id)  # a failed forward may have left the cache half-updated
             raise
@@ -215,6 +215,56 @@ class CausalLMRunner:
         if self.forward_observer is not None:
             self.forward_observer(forward_ns)
         return ForwardResult(logits, reuse, forward_ns)
+
+    @torch.inference_mode()
+    def decode(
+        self, session_id: str, token_ids: Sequence[int], steps: int, next_token: Callable[[torch.Tensor], int]
+    ) -> DecodeResult:
+        """`steps` autoregressive steps after `token_ids`: each step's logits [1, vocab_size] go to
+        `next_token`, whose answer the next step feeds. Afterwards the cache holds `token_ids` and every token
+        but the last (which was never fed).
+
+        The same as `steps` calls of `forward` with the history grown by a token each, without their per-call
+        bookkeeping (the history's copy and prefix match, the cache's accounting): one draft step of the demo
+        draft is ~0.55 ms, and that bookkeeping was ~13% of it in process (6 steps: 3.36 against 3.86 ms).
+        """
+        if steps < 1:
+            raise ValueError(f"steps must be >= 1, got {steps}")
+        started = time.perf_counter_ns()
+        ids, entry, reuse = self._reuse_cache(session_id, token_ids, 1)
+        feed = ids[reuse:]
+        chosen: list[int] = []
+        in_next_token_ns = 0
+        try:
+            for _ in range(steps):
+                step_started = time.perf_counter_ns()
+                logits = self._logits(feed, entry.past, 1)  # [1, vocab_size]
+                chose_at = time.perf_counter_ns()
+                if self.forward_observer is not None:
+                    self.forward_observer(chose_at - step_started)
+                feed = [next_token(logits)]
+                chosen.append(feed[0])
+                in_next_token_ns += time.perf_counter_ns() - chose_at
+        except BaseException:
+            self.caches.release(session_id)  # a failed step may have left the cache half-updated
+            raise
+        entry.token_ids = [*ids, *chosen[:-1]]
+        self.caches.account(session_id)
+        return DecodeResult(reuse, time.perf_counter_ns() - started - in_next_token_ns)
+
+    def _logits(
+        self, new_ids: Sequence[int], past: Any, num_rows: int
+    ) -> torch.Tensor:  # [num_rows, vocab_size] float32 on the CPU
+        """The forward of `new_ids` after the positions `past` (the session's cache) holds, which then holds
+        them too."""
+        if self.lean is not None:
+            return self.lean.forward(new_ids, past, num_rows).cpu()
+        ids = torch.tensor([list(new_ids)], dtype=torch.long, device=self.device)  # [1, n_new]
+        kwargs: dict[str, object] = {self._cache_kwarg: past}
+        if self._keeps_logits:
+            kwargs["logits_to_keep"] = num_rows
+        out = self.model(input_ids=ids, use_cache=True, **kwargs)
+        return out.logits[0, -num_rows:, :].float().cpu()
 
     @property
     def packs_sessions(self) -> bool:
