@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM
+from transformers import GPT2Config, GPT2LMHeadModel
 
 from specpipe.client import CoordinatorClient, build_request
 from specpipe.config import WorkerConfig
@@ -22,20 +22,12 @@ from specpipe.store.redis_server import RedisServerProcess
 from tests.conftest import ModelPair, start_pipeline, stop_pipeline
 from tests.prompts import PROMPTS
 from tests.reference import target_alone
+from tests.test_lean_forward import tiny_llama
 from tests.test_metrics import scrape, value
 
 pytestmark = pytest.mark.usefixtures("single_torch_thread")
 
 TOLERANCE = {"rtol": 1e-4, "atol": 1e-4}
-
-
-def tiny_llama(**overrides: object) -> torch.nn.Module:
-    torch.manual_seed(0)
-    config = {
-        "vocab_size": 96, "hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2,
-        "num_attention_heads": 4, "num_key_value_heads": 2, "max_position_embeddings": 64, **overrides,
-    }  # fmt: skip
-    return LlamaForCausalLM(LlamaConfig(**config)).eval()
 
 
 def tiny_gpt2() -> torch.nn.Module:
