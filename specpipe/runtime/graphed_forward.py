@@ -47,12 +47,17 @@ class StaticForwardModel(Protocol):
 
     def static_forward(
         self,
-        ids: torch.Tensor,
-        positions: torch.Tensor,
-        hidden: torch.Tensor,
-        keys: Sequence[torch.Tensor],
+        ids: torch.Tensor,  # [count] new token ids
+        positions: torch.Tensor,  # [count] their positions
+        hidden: torch.Tensor,  # [count, key_len] True where a row must not attend
+        keys: Sequence[torch.Tensor],  # per layer [kv_heads, capacity, head_dim], capacity >= key_len
         values: Sequence[torch.Tensor],
-    ) -> torch.Tensor: ...
+    ) -> torch.Tensor:  # [count, vocab_size] float32
+        """The forward with every shape fixed by (count, key_len) and every position a tensor, so a CUDA graph
+        can capture it: keys and values are written at `positions` (`index_copy_`), attention reads the first
+        key_len positions of the cache with `hidden` masking the rest. Nothing in it may wait for the device
+        or copy from the host."""
+        ...
 
 
 class SlotKVCache:

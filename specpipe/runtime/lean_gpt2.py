@@ -143,9 +143,7 @@ class LeanGPT2:
         keys: Sequence[torch.Tensor],  # per layer [heads, capacity, head_dim], capacity >= key_len
         values: Sequence[torch.Tensor],
     ) -> torch.Tensor:  # [count, vocab_size] float32
-        """The forward with every shape fixed by (count, key_len) and every position a tensor, so a CUDA graph
-        can capture it (specpipe/runtime/graphed_forward.py): keys and values are written at `positions`,
-        attention reads the first key_len positions of the cache with `hidden` masking the rest."""
+        """GPT-2's `StaticForwardModel.static_forward` (specpipe/runtime/graphed_forward.py)."""
         count, key_len = hidden.shape
 
         def attend(qkv: torch.Tensor, layer: int) -> torch.Tensor:  # [count, 3 * width] -> [count, width]

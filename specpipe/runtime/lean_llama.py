@@ -127,9 +127,7 @@ class LeanLlama:
         keys: Sequence[torch.Tensor],  # per layer [kv_heads, capacity, head_dim], capacity >= key_len
         values: Sequence[torch.Tensor],
     ) -> torch.Tensor:  # [count, vocab_size] float32
-        """The forward with every shape fixed by (count, key_len) and every position a tensor, so a CUDA graph
-        can capture it (specpipe/runtime/graphed_forward.py): keys and values are written at `positions`,
-        attention reads the first key_len positions of the cache with `hidden` masking the rest."""
+        """Llama's `StaticForwardModel.static_forward` (specpipe/runtime/graphed_forward.py)."""
         key_len = hidden.shape[1]
 
         def attend(
