@@ -14,7 +14,8 @@ from transformers import GPT2Config, GPT2LMHeadModel
 from specpipe.client import CoordinatorClient, build_request
 from specpipe.config import WorkerConfig
 from specpipe.launcher import PipelineConfig, target_worker_args
-from specpipe.runtime.graphed_forward import GRAPH_MAX_TOKENS, GraphedForward, SlotPool
+from specpipe.runtime import graphed_forward
+from specpipe.runtime.graphed_forward import GRAPH_MAX_TOKENS, WARMUP_RUNS, GraphedForward, SlotPool
 from specpipe.runtime.lean_gpt2 import LeanGPT2
 from specpipe.runtime.lean_llama import LeanLlama
 from specpipe.runtime.model_runner import CausalLMRunner
@@ -63,6 +64,62 @@ def test_static_forward_matches_the_lean_forward_across_buckets(make_model) -> N
     for token in range(40, 44):
         both([token], 1)
     assert graphed.key_length(static.length) == 24 and graphed.key_length(17) == 24
+
+
+class ReplayByRerun:
+    """A CUDA graph's stand-in on the CPU: a replay runs the captured function again and writes its result
+    into the captured output, so whatever the function reads is read again at each replay, as a graph
+    rereads its static buffers' addresses."""
+
+    def __init__(self, run, output: torch.Tensor) -> None:
+        self.run, self.output, self.replays = run, output, 0
+
+    def replay(self) -> None:
+        self.output.copy_(self.run())
+        self.replays += 1
+
+
+def capture_on_the_cpu(run, device: torch.device, memory_pool: object) -> tuple[ReplayByRerun, torch.Tensor]:
+    for _ in range(WARMUP_RUNS):
+        run()
+    output = run()
+    return ReplayByRerun(run, output), output
+
+
+@pytest.mark.parametrize("make_model", [tiny_llama, tiny_gpt2], ids=["llama", "gpt2"])
+def test_graph_mode_replays_what_the_eager_path_computes(make_model, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The graph-mode control flow on the CPU, with replays standing in for CUDA graphs: the static input
+    buffer is refilled before each replay, one graph per (slot, tokens, bucket), prefills eager, slots
+    shared; every call gives the eager path's logits."""
+    monkeypatch.setattr(graphed_forward, "capture_graph", capture_on_the_cpu)
+    lean = lean_of(make_model())
+    graphed = GraphedForward(lean, slots=2, max_context=48, context_bucket=8)
+    graphed.cuda_graphs = True  # the CPU: graph mode through the stand-in
+    eager = GraphedForward(lean, slots=2, max_context=48, context_bucket=8)
+    sessions = [(graphed.new_cache(), eager.new_cache()) for _ in range(2)]
+    blocks = [[3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15, 16, 17, 18, 19], [8], [9, 10, 11], [12], [1, 2]]
+    for block in [*blocks, *blocks]:
+        for g, e in sessions:
+            got = graphed.forward(block, g, len(block)).clone()  # the next replay overwrites it
+            torch.testing.assert_close(got, eager.forward(block, e, len(block)))
+            g.crop(-1)
+            e.crop(-1)
+    keys = set(graphed._graphs)
+    assert all(count <= GRAPH_MAX_TOKENS for _, count, _ in keys)  # the 17-token prefill ran eagerly
+    assert {slot for slot, _, _ in keys} == {0, 1} and len(keys) == graphed.captured
+    assert sum(graph.replays for graph, _ in graphed._graphs.values()) == 2 * 2 * (len(blocks) - 1)
+
+
+def test_the_first_bucket_is_captured_at_start_up(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(graphed_forward, "capture_graph", capture_on_the_cpu)
+    graphed = GraphedForward(lean_of(tiny_llama()), slots=2, max_context=48)
+    assert graphed.capture_first_bucket() == 0  # the CPU: no graphs
+    graphed.cuda_graphs = True
+    assert graphed.capture_first_bucket() == 2 * GRAPH_MAX_TOKENS == graphed.captured
+    assert graphed.pool.owner(0) is None and graphed.pool.owner(1) is None and graphed.pool.takeovers == 0
+    cache = graphed.new_cache()
+    graphed.forward([1, 2, 3], cache, 3)
+    assert graphed.captured == 2 * GRAPH_MAX_TOKENS  # replayed, not captured again
 
 
 def test_a_forward_past_the_slots_context_is_refused() -> None:

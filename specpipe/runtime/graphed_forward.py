@@ -25,8 +25,8 @@ CPU (the tests run this path), for forwards of more than GRAPH_MAX_TOKENS new to
 from __future__ import annotations
 
 from collections import OrderedDict
-from collections.abc import Sequence
-from typing import Protocol
+from collections.abc import Callable, Sequence
+from typing import Any, Protocol
 
 import torch
 
@@ -34,7 +34,30 @@ GRAPH_MAX_TOKENS = 16  # the most new tokens a captured forward takes: k + 1 for
 CONTEXT_BUCKET = 256  # attention reads the cache up to the next multiple of this many positions
 WARMUP_RUNS = 2  # eager runs on a side stream before a capture, as torch.cuda.graphs asks
 
-__all__ = ["CONTEXT_BUCKET", "GRAPH_MAX_TOKENS", "GraphedForward", "SlotKVCache", "SlotPool"]
+__all__ = ["CONTEXT_BUCKET", "GRAPH_MAX_TOKENS", "GraphedForward", "SlotKVCache", "SlotPool", "capture_graph"]
+
+
+def capture_graph(
+    run: Callable[[], torch.Tensor], device: torch.device, memory_pool: Any
+) -> tuple[Any, torch.Tensor]:
+    """A CUDA graph of `run` (device work only, reading static buffers) and the tensor its replays write.
+
+    `run` is called WARMUP_RUNS times first, on the stream the capture then records on, as torch.cuda.graphs
+    asks (per-stream state such as cuBLAS workspaces is set up before capturing). Graphs that share
+    `memory_pool` must run one at a time, and each replay's output be read before the next.
+    """
+    current = torch.cuda.current_stream(device)
+    side = torch.cuda.Stream(device)
+    side.wait_stream(current)
+    with torch.cuda.stream(side):
+        for _ in range(WARMUP_RUNS):
+            run()
+    side.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph, pool=memory_pool, stream=side):
+        output = run()
+    current.wait_stream(side)
+    return graph, output
 
 
 class StaticForwardModel(Protocol):
@@ -162,8 +185,8 @@ class GraphedForward:
         self.key_positions = torch.arange(self.capacity, device=self.device)  # [capacity]
         self.cuda_graphs = cuda_graphs and self.device.type == "cuda"
         self._inputs = torch.zeros(2, GRAPH_MAX_TOKENS, dtype=torch.long, device=self.device)
-        # (slot, new tokens, key_len) -> the graph and the logits tensor its replays write.
-        self._graphs: dict[tuple[int, int, int], tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
+        # (slot, new tokens, key_len) -> the graph (a torch.cuda.CUDAGraph) and the logits its replays write.
+        self._graphs: dict[tuple[int, int, int], tuple[Any, torch.Tensor]] = {}
         self._memory_pool = torch.cuda.graph_pool_handle() if self.cuda_graphs else None
 
     @property
@@ -212,7 +235,13 @@ class GraphedForward:
             key = (cache.slot, count, key_len)
             captured = self._graphs.get(key)
             if captured is None:
-                captured = self._graphs[key] = self._capture(inputs, cache.slot, key_len)
+                # Its warm-up runs write this call's keys and values at this call's positions, which the
+                # replay below writes again: nothing a session can read changes.
+                slot = cache.slot
+                captured = capture_graph(
+                    lambda: self._step(inputs, slot, key_len), self.device, self._memory_pool
+                )
+                self._graphs[key] = captured
             graph, logits = captured
             graph.replay()
         else:
@@ -227,26 +256,3 @@ class GraphedForward:
         # [count, key_len]: a row sees the positions up to its own (the cache and the new rows before it).
         hidden = self.key_positions[:key_len][None, :] > positions[:, None]
         return self.model.static_forward(ids, positions, hidden, self.pool.keys[slot], self.pool.values[slot])
-
-    def _capture(
-        self, inputs: torch.Tensor, slot: int, key_len: int
-    ) -> tuple[torch.cuda.CUDAGraph, torch.Tensor]:
-        """Captures the forward of `inputs` (the static input buffer, already holding this call's tokens).
-
-        The warm-up runs write this call's own keys and values at its own positions, which the replay that
-        follows writes again, so they change nothing a session can read. They run on the stream the capture
-        then records on (per-stream state such as cuBLAS workspaces is set up before capturing). Graphs
-        share one memory pool: they run one at a time and each call's logits are copied out before the next.
-        """
-        current = torch.cuda.current_stream(self.device)
-        side = torch.cuda.Stream(self.device)
-        side.wait_stream(current)
-        with torch.cuda.stream(side):
-            for _ in range(WARMUP_RUNS):
-                self._step(inputs, slot, key_len)
-        side.synchronize()
-        graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph, pool=self._memory_pool, stream=side):
-            logits = self._step(inputs, slot, key_len)
-        current.wait_stream(side)
-        return graph, logits
