@@ -150,6 +150,29 @@ def test_slots_go_to_the_least_recently_used_session() -> None:
         SlotPool(0, (1, 1, 4), capacity=8, like=torch.zeros(1))
 
 
+def test_a_released_or_evicted_session_frees_its_slot_and_a_new_history_keeps_it() -> None:
+    """Slots follow the runner's cache store: a session released (or evicted over max_cached_sessions) frees
+    its slot, which the next session takes before any other (no takeover); a session whose history starts
+    over keeps its slot."""
+    runner = CausalLMRunner(tiny_llama(), tokenizer=None, model_name="tiny", max_context=64,  # type: ignore[arg-type]
+                            max_cached_sessions=2, static_kv_slots=2)  # fmt: skip
+    assert isinstance(runner.lean, GraphedForward)
+    pool = runner.lean.pool
+    runner.forward("a", [1, 2, 3], 1)
+    runner.forward("b", [4, 5, 6], 1)
+    slot_of = {s: runner.caches._sessions[s].past.slot for s in ("a", "b")}
+    runner.caches.release("a")
+    assert pool.owner(slot_of["a"]) is None
+    runner.forward("c", [7, 8], 1)  # takes a's free slot, not b's least recently used one
+    assert runner.caches._sessions["c"].past.slot == slot_of["a"] and pool.takeovers == 0
+    runner.forward("d", [9], 1)  # evicts b (max_cached_sessions 2), which frees its slot for d
+    assert "b" not in runner.caches and runner.caches._sessions["d"].past.slot == slot_of["b"]
+    assert pool.takeovers == 0
+    again = runner.forward("d", [5, 5, 5], 1)  # a new history: recomputed in the same slot
+    assert again.cached_tokens == 0 and runner.caches._sessions["d"].past.slot == slot_of["b"]
+    assert pool.takeovers == 0
+
+
 def test_runner_over_slots_equals_transformers_and_rebuilds_a_session_that_lost_its_slot() -> None:
     """Three sessions on two slots: every call's logits equal transformers' forward of the same history; the
     session whose slot was taken is recomputed from its history (cached_tokens 0), never read stale."""

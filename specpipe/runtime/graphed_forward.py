@@ -10,7 +10,7 @@ shared/README.md):
 - **slots**: the KV caches of `slots` sessions, preallocated per layer at the full context, so a session's
   keys and values never move. A session takes a free slot, or the least recently used one; the session that
   lost it reads as an empty cache and is rebuilt from its history on its next call (the runner's usual path
-  for an evicted session), never a wrong token.
+  for an evicted session), never a wrong token. A session the runner's cache store drops frees its slot.
 - **inputs**: one [2, GRAPH_MAX_TOKENS] buffer of (token ids, positions) that each call copies into.
 - **shapes**: attention reads the slot's first `key_len` positions, key_len rounded up to a multiple of
   `context_bucket`, and masks the positions after each row's own. So a graph serves every context length of
@@ -114,6 +114,10 @@ class SlotKVCache:
     def get_seq_length(self) -> int:
         return self.length
 
+    def release_slot(self) -> None:
+        """The session is gone (released or evicted by the runner's cache store): its slot is free again."""
+        self._pool.release(self)
+
     def crop(self, max_length: int) -> None:
         """transformers' Cache.crop semantics: keep the first `max_length` positions (negative: drop that many
         from the end)."""
@@ -146,7 +150,8 @@ class SlotPool:
         return self._owners[slot]
 
     def acquire(self) -> SlotKVCache:
-        """An empty cache on the least recently used slot (a free one first: free slots are never used)."""
+        """An empty cache on a free slot, else on the least recently used one (free slots come first in
+        that order: never used, or released)."""
         slot = next(iter(self._by_use))
         if self._owners[slot] is not None:
             self.takeovers += 1
@@ -157,6 +162,12 @@ class SlotPool:
 
     def touch(self, slot: int) -> None:
         self._by_use.move_to_end(slot)
+
+    def release(self, cache: SlotKVCache) -> None:
+        """Frees the cache's slot if it still holds it; a free slot is the next one taken."""
+        if self._owners[cache.slot] is cache:
+            self._owners[cache.slot] = None
+            self._by_use.move_to_end(cache.slot, last=False)
 
     def free_all(self) -> None:
         """Every slot free again (after a warm-up: no session held one)."""

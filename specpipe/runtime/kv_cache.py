@@ -97,13 +97,19 @@ class SessionKVCacheStore:
         entry = self._sessions.pop(session_id, None)
         if entry is None:
             return False
-        self.total_bytes -= entry.nbytes
+        self._drop(entry)
         return True
 
     def _evict_oldest(self) -> None:
         _, entry = self._sessions.popitem(last=False)
-        self.total_bytes -= entry.nbytes
+        self._drop(entry)
         self.evictions += 1
+
+    def _drop(self, entry: SessionKV) -> None:
+        self.total_bytes -= entry.nbytes
+        release_slot = getattr(entry.past, "release_slot", None)  # a static KV slot's cache: free the slot
+        if callable(release_slot):
+            release_slot()
 
     def __len__(self) -> int:
         return len(self._sessions)

@@ -14,7 +14,7 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, DynamicCache, PreTrainedTokenizerBase
 
 from specpipe.runtime import lean_gpt2, lean_llama
-from specpipe.runtime.graphed_forward import GraphedForward
+from specpipe.runtime.graphed_forward import GraphedForward, SlotKVCache
 from specpipe.runtime.kv_cache import SessionKV, SessionKVCacheStore, common_prefix_length
 
 if TYPE_CHECKING:
@@ -319,7 +319,9 @@ class CausalLMRunner:
         if entry.past is not None:
             # A static KV slot another session has taken over reads as empty: rebuilt from the history.
             reuse = min(reuse, entry.past.get_seq_length())
-        if entry.past is None or reuse == 0:
+        if isinstance(entry.past, SlotKVCache) and entry.past.owned and reuse == 0:
+            entry.past.crop(0)  # a new history for the session: it keeps its slot
+        elif entry.past is None or reuse == 0:
             entry.past = self.lean.new_cache() if self.lean else DynamicCache(config=self.model.config)
             reuse = 0
         elif entry.past.get_seq_length() > reuse:
