@@ -280,8 +280,11 @@ def test_cuda_graph_replays_equal_the_eager_static_forward(make_model) -> None:
         g, e = graphed.new_cache(), eager.new_cache()
         blocks = [[3, 4, 5, 6, 7], [8], [9, 10, 11], [12], [13, 14, 15, 16]]
         for block in [*blocks, *blocks]:
+            # cuBLAS may pick another algorithm under capture: rounding, not the stale inputs this looks for.
             torch.testing.assert_close(
-                graphed.forward(block, g, len(block)).cpu(), eager.forward(block, e, len(block)).cpu()
+                graphed.forward(block, g, len(block)).cpu(),
+                eager.forward(block, e, len(block)).cpu(),
+                **TOLERANCE,
             )
             g.crop(-1)
             e.crop(-1)
