@@ -6,27 +6,39 @@
 #   3. `bench latency` on the GPU with the demo pair, the workers on static KV slots (CUDA graphs), greedy,
 #      a reduced variant set.
 # Usage: bash benchmarks/gpu_checks.sh OUT_DIR   (results and logs go there; each step's output in its file)
+# On the lent machine: first `bash benchmarks/gpu_wheels.sh` here, then run with carry [".whl"], e.g.
+#   run(command='bash benchmarks/gpu_checks.sh $OUT', carry=['.whl'], timeout_s=600)
+# The wheels (the gRPC, protobuf and Redis pieces the image lacks) install to /tmp/site; the project runs from
+# this checkout (PYTHONPATH), not installed.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 out="${1:?usage: gpu_checks.sh OUT_DIR}"
 mkdir -p "$out"
 export HF_HUB_OFFLINE=1 PYTHONUNBUFFERED=1
+if compgen -G ".whl/*.whl" > /dev/null; then
+    python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site \
+        .whl/*.whl > /tmp/wheels.txt 2>&1 || { echo "wheels: install failed"; tail -n 20 /tmp/wheels.txt; }
+    export PYTHONPATH="/tmp/site:$PWD"
+else
+    export PYTHONPATH="$PWD"
+fi
 
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv > "$out/gpu.txt" 2>&1
-python -c "import torch; print(torch.__version__, torch.version.cuda, torch.cuda.get_device_name())" \
+python3 -c "import torch; print(torch.__version__, torch.version.cuda, torch.cuda.get_device_name())" \
     >> "$out/gpu.txt" 2>&1
 
-timeout 120 python -m pytest -m gpu -p no:cacheprovider -q tests/test_graphed_forward.py \
+timeout 120 python3 -m pytest -m gpu -p no:cacheprovider -q tests/test_graphed_forward.py \
     > "$out/1-gpu-tests.txt" 2>&1
 echo "gpu tests: exit $?"
 
-timeout 240 python -m specpipe bench floor --llama-shape 7b --device cuda --dtype bfloat16 --runs 10 \
+timeout 240 python3 -m specpipe bench floor --llama-shape 7b --device cuda --dtype bfloat16 --runs 10 \
     --batch-sessions 4 --out "$out/2-floor-7b.json" > "$out/2-floor-7b.txt" 2>&1
 echo "floor 7b: exit $?"
 
-timeout 300 python -m specpipe bench latency --device cuda --dtype float32 --static-kv-slots 4 \
+timeout 300 python3 -m specpipe bench latency --device cuda --dtype float32 --static-kv-slots 4 \
     --modes greedy --num-prompts 8 --time-budget 240 \
     --variants plain-1t,hf-generate,hf-assisted,specpipe-k0,specpipe-adaptive,specpipe-adaptive-pipe \
-    --out-dir "$out/3-latency" > "$out/3-latency.txt" 2>&1
+    --out-dir /tmp/latency > "$out/3-latency.txt" 2>&1
 echo "latency: exit $?"
+cp /tmp/latency/latency.json "$out/3-latency.json" 2>/dev/null  # six files in all: what $OUT brings back
 tail -n 30 "$out"/*.txt

