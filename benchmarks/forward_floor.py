@@ -38,6 +38,8 @@ from pathlib import Path
 
 import torch
 
+from benchmarks.inprocess import synchronize
+
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 REPO = Path(__file__).resolve().parent.parent
@@ -93,11 +95,6 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     if args.context < 1 or args.max_k < 0 or args.runs < 1 or args.batch_sessions < 1:
         p.error("--context, --runs and --batch-sessions must be >= 1, --max-k >= 0")
     return args
-
-
-def synchronize(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
 
 
 def median_ms(fn: Callable[[], object], device: torch.device, runs: int, warmup: int = 2) -> float:

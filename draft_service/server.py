@@ -29,7 +29,6 @@ def load_drafter(config: WorkerConfig) -> tuple[Drafter, WorkerModelInfo]:
         lookup = PromptLookupDrafter(vocabulary, config.max_draft_tokens, config.max_ngram, config.min_ngram)
         return lookup, vocabulary.info
     runner = CausalLMRunner.from_config(config)
-    runner.capture_graphs()
     drafter = ModelDrafter(runner, config.max_draft_tokens)
     # Warm-up: one short greedy and one sampled proposal, so the first request pays no lazy initialisation.
     session_id = f"warmup-{uuid.uuid4().hex}"

@@ -25,7 +25,6 @@ SERVICE_NAME = target_pb2.DESCRIPTOR.services_by_name["TargetService"].full_name
 
 def load_verifier(config: WorkerConfig) -> Verifier:
     runner = CausalLMRunner.from_config(config)
-    runner.capture_graphs()
     verifier = Verifier(runner)
     # Warm-up: a greedy and a sampled verification, so the first request pays no lazy initialisation.
     session_id = f"warmup-{uuid.uuid4().hex}"

@@ -143,6 +143,10 @@ class SlotPool:
         self.takeovers = 0  # slots taken from a session that still held them
 
     @property
+    def slots(self) -> int:
+        return len(self._owners)
+
+    @property
     def nbytes(self) -> int:
         return sum(t.numel() * t.element_size() for slot in (*self.keys, *self.values) for t in slot)
 
@@ -213,7 +217,7 @@ class GraphedForward:
         The slots are free afterwards."""
         if not self.cuda_graphs:
             return 0
-        for _ in self.pool.keys:  # acquire() goes round the free slots, least recently used first
+        for _ in range(self.pool.slots):  # acquire() goes round the free slots, least recently used first
             cache = self.new_cache()
             for count in range(1, min(GRAPH_MAX_TOKENS, self.capacity) + 1):
                 self.forward([0] * count, cache, 1)

@@ -106,7 +106,7 @@ class CausalLMRunner:
     def from_config(cls, config: WorkerConfig) -> CausalLMRunner:
         if config.torch_threads:
             torch.set_num_threads(config.torch_threads)
-        return cls.load(
+        runner = cls.load(
             config.model_path,
             config.device,
             config.dtype,
@@ -117,6 +117,8 @@ class CausalLMRunner:
             static_kv_slots=config.static_kv_slots,
             cuda_graphs=config.cuda_graphs,
         )
+        runner.capture_graphs()  # a worker's: before it serves
+        return runner
 
     @classmethod
     def load(
@@ -161,7 +163,7 @@ class CausalLMRunner:
             logger.info(
                 "forward: %s over %d static KV slots of %d positions (%.1f MiB), %s",
                 type(graphed.model).__name__,
-                len(graphed.pool.keys),
+                graphed.pool.slots,
                 graphed.capacity,
                 graphed.pool.nbytes / 2**20,
                 "CUDA graphs" if graphed.cuda_graphs else "eager",
