@@ -78,7 +78,7 @@ class DraftServicer(WorkerServicerBase[Drafter], draft_pb2_grpc.DraftServiceServ
     ) -> AsyncIterator[draft_pb2.SpeculationRound]:
         delegated = DelegatedRequest.from_pb(request)
         self.engine  # noqa: B018 - UNAVAILABLE while the model loads, before any target stream opens
-        self.open_streams += 1
+        self.count_stream(1)
         try:
             # The rounds run in a task of their own (read_ahead), so the loop goes on with the next round
             # while gRPC writes this one, instead of waiting for each write to complete.
@@ -88,7 +88,7 @@ class DraftServicer(WorkerServicerBase[Drafter], draft_pb2_grpc.DraftServiceServ
                     self.delegated_rounds += 1
                     yield speculation_round.to_pb()
         finally:
-            self.open_streams -= 1
+            self.count_stream(-1)
 
     def stats(self, session_id: str = "") -> common_pb2.WorkerStats:
         stats = super().stats(session_id)

@@ -42,8 +42,9 @@ async def run_target_worker(config: WorkerConfig, stop_event: asyncio.Event | No
         direct_port = 0
         if config.direct_stream_port >= 0:
             direct = listener = DirectStreamServer(
-                "target", servicer.VerifyStream, target_pb2.VerifyRequest.FromString
+                "target", servicer.verify_stream_blocking, target_pb2.VerifyRequest.FromString
             )
+            servicer.loop = asyncio.get_running_loop()
             direct_port = await listener.start(config.host, config.direct_stream_port)
             servicer.direct_streams = lambda: listener.streams_served
         metrics = served_worker_metrics("target", servicer, config.metrics_port)

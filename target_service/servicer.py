@@ -2,14 +2,16 @@
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 
 import grpc
 
 from specpipe.rpc.session_batcher import SessionBatcher
 from specpipe.rpc.worker_servicer import WorkerServicerBase
+from specpipe.runtime.stream_history import StreamHistory
 from specpipe.v1 import common_pb2, target_pb2, target_pb2_grpc
 from target_service.batching import verify_batch
 from target_service.chain import ChainCounters, OpenChains, VerifyChain
@@ -34,6 +36,7 @@ class TargetServicer(WorkerServicerBase[Verifier], target_pb2_grpc.TargetService
             )
         # Streams served without gRPC (specpipe/rpc/direct_server.py), where the worker has that listener.
         self.direct_streams: Callable[[], int] = lambda: 0
+        self.loop: asyncio.AbstractEventLoop | None = None  # the batcher's, for a direct stream's thread
 
     async def Verify(
         self, request: target_pb2.VerifyRequest, context: grpc.aio.ServicerContext
@@ -62,6 +65,38 @@ class TargetServicer(WorkerServicerBase[Verifier], target_pb2_grpc.TargetService
         finally:
             with contextlib.suppress(RuntimeError):  # the model thread is gone at shutdown: nothing to forget
                 self.submit(self.end_chain, chain)
+
+    def verify_stream_blocking(
+        self, requests: Iterator[target_pb2.VerifyRequest]
+    ) -> Iterator[target_pb2.VerifyResponse]:
+        """VerifyStream for a direct stream, on the connection's own thread (specpipe/rpc/direct_server.py):
+        the same chain, history and cache rules, with each block verified on this thread under the model
+        lock, or through the event loop's batcher while batching."""
+        chain = VerifyChain(self.engine, self.chain_counters, self.open_chains)  # UNAVAILABLE while loading
+        history = StreamHistory()
+        session_id = ""
+        completed = False
+        self.count_stream(1)
+        try:
+            for request in requests:
+                session_id = request.session_id
+                block = VerifyBlock.from_pb(request, history)
+                yield self.verify_on_this_thread(chain, block, len(request.token_ids)).to_pb()
+            completed = True
+        finally:
+            # Ended without END, broken, or failed: the session will not continue here.
+            self.count_stream(-1)
+            with self.model_lock:
+                self.end_chain(chain)
+                if not completed and session_id:
+                    self.caches.release(session_id)
+
+    def verify_on_this_thread(self, chain: VerifyChain, block: VerifyBlock, new_tokens: int) -> Verdict:
+        if self.batcher is not None and self.loop is not None and self.batching_now():
+            batched = self.batcher.run(block.session_id, new_tokens, (chain, block))
+            return asyncio.run_coroutine_threadsafe(batched, self.loop).result()
+        with self.model_lock:
+            return chain.verify(block)
 
     def end_chain(self, chain: VerifyChain) -> None:
         """On the model thread, once a stream has ended. A session released while its stream was open is freed

@@ -8,7 +8,8 @@ test_delegation.py and the test_pipeline_*.py modules."""
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator
+import time
+from collections.abc import Iterator
 
 import grpc
 import pytest
@@ -164,7 +165,7 @@ def test_a_connection_that_sends_no_hello_is_dropped(monkeypatch: pytest.MonkeyP
 
     monkeypatch.setattr(direct_server, "HELLO_TIMEOUT_S", 0.2)
 
-    async def never_called(requests: object, context: object) -> AsyncIterator[object]:
+    def never_called(requests: object) -> Iterator[object]:
         raise AssertionError("no stream without HELLO")
         yield  # pragma: no cover
 
@@ -190,10 +191,8 @@ def test_large_frames_cross_in_both_directions() -> None:
 
     ended: list[bool] = []
 
-    async def echo_sizes(
-        requests: AsyncIterator[target_pb2.VerifyRequest], context: object
-    ) -> AsyncIterator[object]:
-        async for request in requests:
+    def echo_sizes(requests: Iterator[target_pb2.VerifyRequest]) -> Iterator[object]:
+        for request in requests:
             yield target_pb2.VerifyResponse(
                 num_accepted=len(request.token_ids), cached_tokens=len(request.session_id)
             )
@@ -220,6 +219,43 @@ def test_large_frames_cross_in_both_directions() -> None:
         finally:
             call.cancel()
             await server.stop(1.0)
+
+    asyncio.run(main())
+
+
+def test_stopping_the_listener_ends_open_streams_after_the_grace() -> None:
+    """In-process listener with a stub handler: stop() waits the grace for an open stream, then breaks it;
+    the handler's cleanup runs (a target frees the session's cache there) and the port takes no more
+    connections."""
+    from specpipe.rpc import direct_server
+    from specpipe.v1 import target_pb2
+
+    cleaned_up: list[bool] = []
+
+    def answer_sizes(requests: Iterator[target_pb2.VerifyRequest]) -> Iterator[object]:
+        try:
+            for request in requests:
+                yield target_pb2.VerifyResponse(num_accepted=len(request.token_ids))
+        finally:
+            cleaned_up.append(True)
+
+    async def main() -> None:
+        server = direct_server.DirectStreamServer("test", answer_sizes, target_pb2.VerifyRequest.FromString)
+        port = await server.start("127.0.0.1", 0)
+        call = DirectStreamCall("127.0.0.1", port, target_pb2.VerifyResponse.FromString, set())
+        await call.connect(TIMEOUT_S)
+        try:
+            await call.write(target_pb2.VerifyRequest(session_id="s", token_ids=[1, 2]))
+            assert (await asyncio.wait_for(call.read(), TIMEOUT_S)).num_accepted == 2
+            started = time.monotonic()
+            await server.stop(0.3)
+            assert 0.3 <= time.monotonic() - started < TIMEOUT_S
+            assert cleaned_up == [True]
+            assert await asyncio.wait_for(call.read(), TIMEOUT_S) is grpc.aio.EOF
+            with pytest.raises(OSError):
+                await asyncio.open_connection("127.0.0.1", port)
+        finally:
+            call.cancel()
 
     asyncio.run(main())
 

@@ -1,4 +1,5 @@
-"""Where a worker runs model calls: inline on the event loop only when nothing runs on the model thread."""
+"""Where a worker runs model calls: inline on the event loop only when nothing runs on the model thread and
+no other thread (a direct stream's) holds the model lock."""
 
 from __future__ import annotations
 
@@ -80,6 +81,24 @@ class Requests:
             raise StopAsyncIteration
         self.read += 1
         return self.read
+
+
+def test_a_held_model_lock_sends_small_requests_to_the_model_thread_which_waits_for_it() -> None:
+    """A direct stream's thread verifies under the model lock: meanwhile a small gRPC request must not run
+    inline beside it, and the model thread's job runs only once the lock is free."""
+
+    async def scenario(servicer: WorkerServicerBase[object]) -> None:
+        servicer.model_lock.acquire()  # as a direct stream's thread does around its verify
+        try:
+            queued = asyncio.ensure_future(servicer.run_model(caller_thread, None, 1))
+            await asyncio.sleep(0.05)
+            assert not queued.done()
+        finally:
+            servicer.model_lock.release()
+        assert (await queued).startswith("model")
+        assert not servicer.model_lock.locked()
+
+    run(scenario)
 
 
 def test_read_ahead_keeps_order_and_reads_at_most_a_few_requests_ahead() -> None:

@@ -21,6 +21,7 @@ from __future__ import annotations
 import asyncio
 import socket
 import struct
+from typing import BinaryIO
 
 from specpipe.rpc.server import MAX_MESSAGE_BYTES
 
@@ -89,10 +90,32 @@ async def read_frame(reader: asyncio.StreamReader) -> tuple[int, bytes] | None:
         return None
     if len(header) < _HEADER.size:
         header += await reader.readexactly(_HEADER.size - len(header))
+    length, kind = _parse_header(header)
+    body = await reader.readexactly(length - 1) if length > 1 else b""
+    return kind, body
+
+
+def read_frame_blocking(reader: BinaryIO) -> tuple[int, bytes] | None:
+    """read_frame's twin for a buffered binary file over a blocking socket (socket.makefile("rb")).
+
+    Raises FrameError for a malformed frame and EOFError for a connection that ends inside a frame.
+    """
+    header = reader.read(_HEADER.size)
+    if not header:
+        return None
+    if len(header) < _HEADER.size:
+        raise EOFError("the connection ended inside a frame header")
+    length, kind = _parse_header(header)
+    body = reader.read(length - 1) if length > 1 else b""
+    if len(body) < length - 1:
+        raise EOFError("the connection ended inside a frame")
+    return kind, body
+
+
+def _parse_header(header: bytes) -> tuple[int, int]:
     length, kind = _HEADER.unpack(header)
     if kind not in KINDS:
         raise FrameError(f"unknown frame kind {kind}")
     if not 1 <= length <= MAX_MESSAGE_BYTES + 1:  # gRPC's limit, for the same messages
         raise FrameError(f"frame length {length} out of range")
-    body = await reader.readexactly(length - 1) if length > 1 else b""
-    return kind, body
+    return length, kind

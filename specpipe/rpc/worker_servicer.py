@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import threading
 from collections.abc import AsyncIterator, Awaitable, Callable
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any, Generic, TypeVar
@@ -79,8 +80,13 @@ class WorkerServicerBase(Generic[EngineT]):
     """Holds the loaded engine (a drafter or a verifier, each with a `runner`) once warm-up attaches it."""
 
     def __init__(self, model_thread: ThreadPoolExecutor) -> None:
-        self.model_thread = model_thread  # one thread: the model and its caches are not thread-safe
+        self.model_thread = model_thread
+        # The model and its caches are not thread-safe: whatever uses them holds this lock (the model thread's
+        # jobs, a call run inline on the event loop, a direct stream's thread).
+        self.model_lock = threading.Lock()
         self._loaded: tuple[EngineT, WorkerModelInfo] | None = None
+        # open_streams is counted on the event loop and on direct streams' threads.
+        self._streams_lock = threading.Lock()
         self.open_streams = 0
         # Model-thread jobs not finished yet (counted on the event loop): the model may run inline only at 0.
         self.model_jobs = 0
@@ -115,7 +121,8 @@ class WorkerServicerBase(Generic[EngineT]):
 
         def job() -> Any:
             try:
-                return fn(*args)
+                with self.model_lock:
+                    return fn(*args)
             finally:
                 loop.call_soon_threadsafe(self._job_finished)
 
@@ -139,11 +146,18 @@ class WorkerServicerBase(Generic[EngineT]):
         return await self.submit(fn, *args)
 
     async def run_model(self, fn: Callable[..., Any], arg: Any, new_tokens: int) -> Any:
-        """fn(arg) inline when it is small and the model thread is idle (see INLINE_MAX_NEW_TOKENS), else on
-        the model thread."""
-        if new_tokens <= INLINE_MAX_NEW_TOKENS and self.model_jobs == 0:
-            return fn(arg)
+        """fn(arg) inline when it is small and the model is idle (see INLINE_MAX_NEW_TOKENS), else on the
+        model thread."""
+        if new_tokens <= INLINE_MAX_NEW_TOKENS and self.model_jobs == 0 and self.model_lock.acquire(False):
+            try:
+                return fn(arg)
+            finally:
+                self.model_lock.release()
         return await self.submit(fn, arg)
+
+    def count_stream(self, change: int) -> None:
+        with self._streams_lock:
+            self.open_streams += change
 
     async def serve_stream(
         self,
@@ -161,14 +175,11 @@ class WorkerServicerBase(Generic[EngineT]):
         history = StreamHistory()
         session_id = ""
         completed = False
-        self.open_streams += 1
+        self.count_stream(1)
         try:
             # gRPC passes a request that arrives during an inline forward to the event loop only if a read is
-            # posted (read_ahead); a direct stream's requests wait in its socket, where a read-ahead task
-            # would only add two task switches per request (~35 us of the gap between chained verifies).
-            if not getattr(context, "buffers_requests", False):
-                requests = read_ahead(requests)
-            async with contextlib.aclosing(requests) as ordered:  # closed here: stops its reader
+            # posted (read_ahead).
+            async with contextlib.aclosing(read_ahead(requests)) as ordered:  # closed here: stops its reader
                 async for request in ordered:
                     session_id = request.session_id
                     decoded = decode(request, history)
@@ -181,7 +192,7 @@ class WorkerServicerBase(Generic[EngineT]):
             completed = not context.cancelled()
         finally:
             # Cancelled, closed at a yield (GeneratorExit) or failed: the session will not continue here.
-            self.open_streams -= 1
+            self.count_stream(-1)
             if not completed and session_id:
                 self.submit(self.caches.release, session_id)
 
