@@ -19,8 +19,10 @@ from specpipe import errors
 from specpipe.client import CoordinatorClient, build_request
 from specpipe.rpc import direct_frames as frames
 from specpipe.rpc.direct_call import DirectStreamCall, split_address
+from specpipe.rpc.direct_server import BlockingStreamHandler, DirectStreamServer
 from specpipe.rpc.worker_clients import TargetClient, TargetStream
 from specpipe.sampling.params import SamplingParams
+from specpipe.v1 import target_pb2
 from tests.conftest import Pipeline, with_target_client
 from tests.prompts import PROMPTS
 
@@ -55,6 +57,15 @@ def reader_of(data: bytes) -> asyncio.StreamReader:
     reader.feed_data(data)
     reader.feed_eof()
     return reader
+
+
+async def stub_listener(handler: BlockingStreamHandler) -> tuple[DirectStreamServer, DirectStreamCall]:
+    """An in-process listener answering with a stub handler, and a client stream connected to it."""
+    server = DirectStreamServer("test", handler, target_pb2.VerifyRequest.FromString)
+    port = await server.start("127.0.0.1", 0)
+    call = DirectStreamCall("127.0.0.1", port, target_pb2.VerifyResponse.FromString, set())
+    await call.connect(TIMEOUT_S)
+    return server, call
 
 
 def test_frames_round_trip_and_malformed_input_is_refused() -> None:
@@ -186,9 +197,6 @@ def test_a_connection_that_sends_no_hello_is_dropped(monkeypatch: pytest.MonkeyP
 def test_large_frames_cross_in_both_directions() -> None:
     """In-process listener with a stub handler: a request of several MB (the socket takes it in pieces,
     the client drains) and its reply arrive whole; END then ends the stream normally."""
-    from specpipe.rpc import direct_server
-    from specpipe.v1 import target_pb2
-
     ended: list[bool] = []
 
     def echo_sizes(requests: Iterator[target_pb2.VerifyRequest]) -> Iterator[object]:
@@ -199,10 +207,7 @@ def test_large_frames_cross_in_both_directions() -> None:
         ended.append(True)
 
     async def main() -> None:
-        server = direct_server.DirectStreamServer("test", echo_sizes, target_pb2.VerifyRequest.FromString)
-        port = await server.start("127.0.0.1", 0)
-        call = DirectStreamCall("127.0.0.1", port, target_pb2.VerifyResponse.FromString, set())
-        await call.connect(TIMEOUT_S)
+        server, call = await stub_listener(echo_sizes)
         try:
             for size in (3, 1_500_000, 7):
                 await call.write(
@@ -227,9 +232,6 @@ def test_stopping_the_listener_ends_open_streams_after_the_grace() -> None:
     """In-process listener with a stub handler: stop() waits the grace for an open stream, then breaks it;
     the handler's cleanup runs (a target frees the session's cache there) and the port takes no more
     connections."""
-    from specpipe.rpc import direct_server
-    from specpipe.v1 import target_pb2
-
     cleaned_up: list[bool] = []
 
     def answer_sizes(requests: Iterator[target_pb2.VerifyRequest]) -> Iterator[object]:
@@ -240,10 +242,7 @@ def test_stopping_the_listener_ends_open_streams_after_the_grace() -> None:
             cleaned_up.append(True)
 
     async def main() -> None:
-        server = direct_server.DirectStreamServer("test", answer_sizes, target_pb2.VerifyRequest.FromString)
-        port = await server.start("127.0.0.1", 0)
-        call = DirectStreamCall("127.0.0.1", port, target_pb2.VerifyResponse.FromString, set())
-        await call.connect(TIMEOUT_S)
+        server, call = await stub_listener(answer_sizes)
         try:
             await call.write(target_pb2.VerifyRequest(session_id="s", token_ids=[1, 2]))
             assert (await asyncio.wait_for(call.read(), TIMEOUT_S)).num_accepted == 2
@@ -253,7 +252,7 @@ def test_stopping_the_listener_ends_open_streams_after_the_grace() -> None:
             assert cleaned_up == [True]
             assert await asyncio.wait_for(call.read(), TIMEOUT_S) is grpc.aio.EOF
             with pytest.raises(OSError):
-                await asyncio.open_connection("127.0.0.1", port)
+                await asyncio.open_connection("127.0.0.1", call.port)
         finally:
             call.cancel()
 
