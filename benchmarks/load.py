@@ -36,6 +36,7 @@ import grpc
 
 from benchmarks.prompts import default_prompts
 from specpipe.client import AsyncCoordinatorClient, build_request
+from specpipe.rpc.event_loop import EVENT_LOOPS, resolve, run_event_loop
 
 REPO = Path(__file__).resolve().parent.parent
 SHIPPED_RECORD = REPO / "specpipe" / "assets" / "demo-pair" / "training_record.json"
@@ -90,6 +91,12 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     p.add_argument("--num-speculative-tokens", type=int, default=None, help="default: the coordinator's")
     p.add_argument("--timeout", type=float, default=300.0, help="deadline of each request, seconds")
     p.add_argument("--out", type=Path, help="write the summary and every request as JSON here")
+    p.add_argument(
+        "--event-loop",
+        choices=EVENT_LOOPS,
+        default="auto",
+        help="the client's loop (auto: uvloop where installed, as the services)",
+    )
     args = p.parse_args(argv)
     if args.num_requests < 1 or args.concurrency < 1 or args.max_new_tokens < 1:
         p.error("--num-requests, --concurrency and --max-new-tokens must be >= 1")
@@ -197,7 +204,8 @@ def report(summary: dict[str, object], args: argparse.Namespace) -> str:
     rate = "all at once" if math.isinf(args.request_rate) else f"{args.request_rate:g}/s (Poisson)"
     lines = [
         f"load test of {args.address}: {summary['requests']} requests, arrivals {rate}, concurrency "
-        f"{args.concurrency}, {args.max_new_tokens} new tokens, temperature {args.temperature:g}",
+        f"{args.concurrency}, {args.max_new_tokens} new tokens, temperature {args.temperature:g}, "
+        f"client on {resolve(args.event_loop)}",
         f"completed {summary['completed']}, failed {summary['failed']}"
         + (f" {summary['failures_by_status']}" if summary["failed"] else ""),
         f"duration {summary['duration_s']:.2f} s; {summary['request_throughput_per_s']:.2f} requests/s, "
@@ -218,7 +226,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     args = parse_args(argv)
     prompts = load_prompts(args.num_requests)
-    records, duration_s = asyncio.run(run_load(args, prompts))
+    records, duration_s = run_event_loop(run_load(args, prompts), args.event_loop)
     summary = summarize(records, duration_s)
     print(report(summary, args))
     if args.out:

@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 
 from benchmarks import load
+from specpipe.rpc.event_loop import resolve
 
 
 def _run(tmp_path: Path, *args: str) -> dict:
@@ -33,7 +34,8 @@ def test_concurrent_streams_against_the_pipeline(pipeline, tmp_path: Path, capsy
         assert request["status"] == "OK" and 0 < request["ttft_s"] <= request["e2e_s"]
         assert request["token_chunk_s"] == sorted(request["token_chunk_s"])
     assert payload["command"].startswith("specpipe bench load --address")
-    assert "TTFT" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert "TTFT" in out and f"client on {resolve('auto')}" in out
 
 
 def test_failed_requests_are_counted_by_status(pipeline, tmp_path: Path) -> None:
@@ -43,7 +45,9 @@ def test_failed_requests_are_counted_by_status(pipeline, tmp_path: Path) -> None
     assert summary["completed"] == 0 and summary["failures_by_status"] == {"INVALID_ARGUMENT": 3}
     assert summary["ttft_ms"] is None and summary["output_token_throughput_per_s"] == 0.0
 
+    # On asyncio's own loop too (--event-loop; the default is uvloop where it is installed, as the services).
     unreachable = ["--address", "127.0.0.1:1", "--num-requests", "2", "--timeout", "5"]
+    unreachable += ["--event-loop", "asyncio"]
     summary = _run(tmp_path, *unreachable)["summary"]
     assert summary["failures_by_status"] == {"UNAVAILABLE": 2}
 
