@@ -300,3 +300,27 @@ def test_the_first_bucket_is_captured_before_serving_and_the_slots_left_free() -
     cache = graphed.new_cache()
     graphed.forward([1, 2, 3], cache, 3)
     assert graphed.captured == 2 * GRAPH_MAX_TOKENS  # replayed, not captured again
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_graphs_captured_on_one_thread_replay_on_others() -> None:
+    """The target captures its first buckets on the model thread at start-up and replays them (and captures
+    new ones) on each direct stream's own thread, one at a time under the model lock."""
+    lean = lean_of(tiny_llama().cuda())
+    graphed = GraphedForward(lean, slots=2, max_context=48, context_bucket=8)
+    eager = GraphedForward(lean, slots=2, max_context=48, context_bucket=8, cuda_graphs=False)
+    with ThreadPoolExecutor(max_workers=1) as start_up:
+        start_up.submit(graphed.capture_first_bucket).result()
+    blocks = [[3, 4, 5], [6], [7, 8, 9, 10], [11], [12, 13]]
+
+    def run_session() -> None:
+        g, e = graphed.new_cache(), eager.new_cache()
+        for block in blocks:
+            replayed = graphed.forward(block, g, len(block)).cpu()
+            torch.testing.assert_close(replayed, eager.forward(block, e, len(block)).cpu(), **TOLERANCE)
+
+    for _ in range(2):  # each time on a new thread, as each stream has its own
+        with ThreadPoolExecutor(max_workers=1) as stream_thread:
+            stream_thread.submit(run_session).result()
+    assert graphed.captured > 2 * GRAPH_MAX_TOKENS  # the second bucket: captured off the start-up thread
