@@ -8,6 +8,7 @@ test_delegation.py and the test_pipeline_*.py modules."""
 from __future__ import annotations
 
 import asyncio
+import io
 import time
 from collections.abc import Iterator
 
@@ -85,6 +86,26 @@ def test_frames_round_trip_and_malformed_input_is_refused() -> None:
             await frames.read_frame(reader_of(b"\xff\xff\xff\xff\x02"))
 
     asyncio.run(main())
+
+
+def test_blocking_frame_reads_match_the_async_ones() -> None:
+    """read_frame_blocking (the target's stream threads) over a buffered binary file: the same frames, the
+    same errors."""
+    data = frames.encode_frame(frames.REQUEST, b"abc") + frames.encode_frame(frames.END)
+    reader = io.BytesIO(data + frames.encode_error(3, "bad"))
+    assert frames.read_frame_blocking(reader) == (frames.REQUEST, b"abc")
+    assert frames.read_frame_blocking(reader) == (frames.END, b"")
+    kind, body = frames.read_frame_blocking(reader) or (0, b"")
+    assert kind == frames.ERROR and frames.decode_error(body) == (3, "bad")
+    assert frames.read_frame_blocking(reader) is None  # a clean end between frames
+    whole = frames.encode_frame(frames.REQUEST, b"abcdef")
+    for cut in (whole[:3], whole[:-2]):  # inside the header, inside the body
+        with pytest.raises(EOFError):
+            frames.read_frame_blocking(io.BytesIO(cut))
+    with pytest.raises(frames.FrameError, match="kind"):
+        frames.read_frame_blocking(io.BytesIO(b"\x01\x00\x00\x00\x63"))
+    with pytest.raises(frames.FrameError, match="length"):
+        frames.read_frame_blocking(io.BytesIO(b"\xff\xff\xff\xff\x02"))
 
 
 def test_addresses_split_into_host_and_port() -> None:
