@@ -629,6 +629,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     hf_logging.set_verbosity_error()
     out_dir = args.out_dir or default_out_dir()
     out_dir.mkdir(parents=True, exist_ok=True)
+    no_chart = report.chart_unavailable()
+    if no_chart:
+        logger.warning("%s", no_chart)
     payload = run_all(args, out_dir)
     meta: dict = payload["meta"]  # type: ignore[assignment]
     meta["command"] = " ".join(["specpipe", "bench", "latency", *argv])
@@ -636,15 +639,20 @@ def main(argv: Sequence[str] | None = None) -> int:
     text = summary(payload)
     print(text, flush=True)
     report.write_json(out_dir / "latency.json", payload)
-    report.write_chart(
-        out_dir / "latency.png",
-        payload["results"],
-        list(meta["modes"]),  # type: ignore[arg-type]
-        f"specpipe latency, batch 1, {meta['num_prompts']} prompts x {meta['max_new_tokens']} tokens, "
-        f"{meta['machine']['description']}",
-    )
+    written = [out_dir / "latency.json", out_dir / "latency.txt"]
+    if no_chart:
+        print(f"no chart: {no_chart}", flush=True)
+    else:
+        report.write_chart(
+            out_dir / "latency.png",
+            payload["results"],
+            list(meta["modes"]),  # type: ignore[arg-type]
+            f"specpipe latency, batch 1, {meta['num_prompts']} prompts x {meta['max_new_tokens']} tokens, "
+            f"{meta['machine']['description']}",
+        )
+        written.append(out_dir / "latency.png")
     (out_dir / "latency.txt").write_text(text + "\n", encoding="utf-8")
-    print(f"results: {out_dir / 'latency.json'}, {out_dir / 'latency.png'}", flush=True)
+    print(f"results: {', '.join(map(str, written))}", flush=True)
     total = elapsed_s()
     print(f"total wall time: {total:.0f} s ({total / 60:.1f} min)", flush=True)
     return 0

@@ -3,6 +3,7 @@ JSON and the PNG chart. Definitions: docs/benchmarks.md."""
 
 from __future__ import annotations
 
+import importlib.util
 import json
 from collections.abc import Sequence
 from pathlib import Path
@@ -248,6 +249,17 @@ def _round(value: object) -> object:
 
 def write_json(path: Path, payload: dict[str, object]) -> None:
     path.write_text(json.dumps(_round(payload), indent=2) + "\n", encoding="utf-8")
+
+
+def chart_unavailable() -> str | None:
+    """Why no chart can be drawn (matplotlib is the `bench` extra, not a dependency), or None if it can.
+
+    Asked before a run starts, so a missing package costs a warning, not a run's results at its end."""
+    if importlib.util.find_spec("matplotlib") is None:
+        return (
+            'matplotlib is not installed (pip install -e ".[bench]"): no latency.png, only the JSON and text'
+        )
+    return None
 
 
 def write_chart(path: Path, rows: Sequence[dict[str, object]], modes: Sequence[str], title: str) -> None:

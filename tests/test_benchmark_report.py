@@ -3,8 +3,11 @@ bound per token and per request (prefills included), efficiency and target-forwa
 
 from __future__ import annotations
 
+import sys
+
 import pytest
 
+from benchmarks import report
 from benchmarks.inprocess import Costs
 from benchmarks.report import analytical_speedup, expected_tokens, metrics, request_speedup, solve_alpha
 from benchmarks.results import VariantRun
@@ -84,3 +87,12 @@ def test_prompt_lookup_runs_are_bounded_as_a_free_draft() -> None:
     assert row["steady_state_speedup"] == pytest.approx(steady)
     # No draft model reads the prompt: only the target's prefill is paid.
     assert row["analytical_speedup"] == pytest.approx(request_speedup(steady, 64, 2.0, 8.0, 0.0))
+
+
+def test_a_missing_chart_package_is_named_before_the_run(monkeypatch: pytest.MonkeyPatch) -> None:
+    """matplotlib is the `bench` extra: without it the benchmark warns at its start and writes no chart,
+    rather than losing a whole run's results at its end."""
+    assert report.chart_unavailable() is None  # the dev extra installs it
+    monkeypatch.setitem(sys.modules, "matplotlib", None)  # import machinery: "not installed"
+    reason = report.chart_unavailable()
+    assert reason is not None and 'pip install -e ".[bench]"' in reason
