@@ -183,3 +183,19 @@ def test_bench_batching_quick(tmp_path: Path) -> None:
         assert summary["completed"] == 2 and summary["failed"] == 0
         assert summary["output_token_throughput_per_s"] > 0
     assert (out_dir / "batching.txt").read_text(encoding="utf-8").startswith("cross-session batching")
+
+
+def test_the_cpu_is_named_with_its_family_and_model(tmp_path: Path) -> None:
+    """VMs often name their CPU just "AMD EPYC": the family and model numbers tell the hosts apart."""
+    from benchmarks.latency import cpu_name
+
+    cpuinfo = tmp_path / "cpuinfo"
+    cpuinfo.write_text(
+        "processor\t: 0\ncpu family\t: 25\nmodel\t\t: 17\nmodel name\t: AMD EPYC\n\n"
+        "processor\t: 1\ncpu family\t: 23\nmodel\t\t: 1\nmodel name\t: other\n",
+        encoding="utf-8",
+    )
+    assert cpu_name("x86_64", str(cpuinfo)) == "AMD EPYC (family 25, model 17)"
+    (tmp_path / "arm").write_text("processor\t: 0\nBogoMIPS\t: 50.00\n", encoding="utf-8")
+    assert cpu_name("aarch64", str(tmp_path / "arm")) == "aarch64"
+    assert cpu_name("x86_64", str(tmp_path / "missing")) == "x86_64"
