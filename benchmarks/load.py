@@ -54,6 +54,10 @@ class RequestRecord:
     first_token_s: float | None = None
     token_chunk_s: list[float] = field(default_factory=list)  # arrival of each chunk that carried tokens
     end_s: float = 0.0
+    # From the final chunk's Usage: what speculation did for this request.
+    draft_tokens: int = 0
+    accepted_tokens: int = 0
+    target_passes: int = 0
 
     @property
     def ok(self) -> bool:
@@ -141,6 +145,10 @@ async def one_request(
                     record.first_token_s = now
                 record.token_chunk_s.append(now)
                 record.output_tokens += len(chunk.token_ids)
+            if chunk.HasField("usage"):  # the final chunk
+                usage = chunk.usage
+                record.draft_tokens, record.accepted_tokens = usage.draft_tokens, usage.accepted_tokens
+                record.target_passes = usage.target_passes
     except grpc.aio.AioRpcError as exc:
         record.status, record.detail = exc.code().name, exc.details() or ""
     record.end_s = time.perf_counter() - started
@@ -197,6 +205,25 @@ def summarize(records: Sequence[RequestRecord], duration_s: float) -> dict[str, 
         "tpot_ms": percentiles_ms(tpot),
         "itl_ms": percentiles_ms([gap for r in done for gap in r.inter_token_s]),
         "e2e_latency_ms": percentiles_ms([r.end_s for r in done]),
+        "speculation": speculation(done),
+    }
+
+
+def speculation(done: Sequence[RequestRecord]) -> dict[str, float | int] | None:
+    """What speculation did over the completed requests: the share of drafted tokens the target accepted,
+    and the tokens each target pass yielded (accepted + its own), from the requests' final Usage. None when
+    no target pass was reported."""
+    passes = sum(r.target_passes for r in done)
+    if not passes:
+        return None
+    drafted = sum(r.draft_tokens for r in done)
+    accepted = sum(r.accepted_tokens for r in done)
+    return {
+        "target_passes": passes,
+        "draft_tokens": drafted,
+        "accepted_tokens": accepted,
+        "acceptance_rate": accepted / drafted if drafted else 0.0,
+        "tokens_per_target_pass": sum(r.output_tokens for r in done) / passes,
     }
 
 
@@ -210,8 +237,15 @@ def report(summary: dict[str, object], args: argparse.Namespace) -> str:
         + (f" {summary['failures_by_status']}" if summary["failed"] else ""),
         f"duration {summary['duration_s']:.2f} s; {summary['request_throughput_per_s']:.2f} requests/s, "
         f"{summary['output_token_throughput_per_s']:.1f} output tokens/s ({summary['output_tokens']} tokens)",
-        f"{'ms':<16}{'mean':>10}{'median':>10}{'p90':>10}{'p99':>10}",
     ]
+    spec = summary["speculation"]
+    if isinstance(spec, dict):
+        lines.append(
+            f"speculation: {spec['tokens_per_target_pass']:.2f} tokens per target pass, "
+            f"{spec['acceptance_rate']:.0%} of {spec['draft_tokens']} drafted tokens accepted "
+            f"({spec['target_passes']} passes)"
+        )
+    lines.append(f"{'ms':<16}{'mean':>10}{'median':>10}{'p90':>10}{'p99':>10}")
     for key, name in (("ttft_ms", "TTFT"), ("tpot_ms", "TPOT"), ("itl_ms", "ITL (per chunk)"),
                       ("e2e_latency_ms", "end-to-end")):  # fmt: skip
         stats = summary[key]
@@ -239,7 +273,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                 {
                     "prompt_index": r.prompt_index, "status": r.status, "detail": r.detail,
                     "output_tokens": r.output_tokens, "ttft_s": r.first_token_s, "e2e_s": r.end_s,
-                    "token_chunk_s": r.token_chunk_s,
+                    "token_chunk_s": r.token_chunk_s, "draft_tokens": r.draft_tokens,
+                    "accepted_tokens": r.accepted_tokens, "target_passes": r.target_passes,
                 }
                 for r in records
             ],

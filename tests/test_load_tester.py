@@ -33,9 +33,16 @@ def test_concurrent_streams_against_the_pipeline(pipeline, tmp_path: Path, capsy
     for request in payload["requests"]:
         assert request["status"] == "OK" and 0 < request["ttft_s"] <= request["e2e_s"]
         assert request["token_chunk_s"] == sorted(request["token_chunk_s"])
+        assert 0 < request["target_passes"] <= request["output_tokens"]
+        assert 0 <= request["accepted_tokens"] <= request["draft_tokens"]
+    spec = summary["speculation"]
+    assert spec["target_passes"] == sum(r["target_passes"] for r in payload["requests"])
+    assert spec["tokens_per_target_pass"] == pytest.approx(summary["output_tokens"] / spec["target_passes"])
+    assert spec["draft_tokens"] > 0 and 0 <= spec["acceptance_rate"] <= 1
     assert payload["command"].startswith("specpipe bench load --address")
     out = capsys.readouterr().out
     assert "TTFT" in out and f"client on {resolve('auto')}" in out
+    assert "tokens per target pass" in out
 
 
 def test_failed_requests_are_counted_by_status(pipeline, tmp_path: Path) -> None:
@@ -71,3 +78,20 @@ def test_bad_arguments_exit_with_usage() -> None:
         load.parse_args(["--concurrency", "0"])
     with pytest.raises(SystemExit):
         load.parse_args(["--request-rate", "0"])
+
+
+def test_speculation_stats_sum_the_requests_final_usage() -> None:
+    """Acceptance over every drafted token, tokens per target pass over every pass; k = 0 drafts nothing."""
+    first = load.RequestRecord(0, output_tokens=10, draft_tokens=8, accepted_tokens=6, target_passes=3)
+    second = load.RequestRecord(1, output_tokens=6, draft_tokens=4, accepted_tokens=1, target_passes=3)
+    spec = load.speculation([first, second])
+    assert spec == {
+        "target_passes": 6, "draft_tokens": 12, "accepted_tokens": 7,
+        "acceptance_rate": pytest.approx(7 / 12), "tokens_per_target_pass": pytest.approx(16 / 6),
+    }  # fmt: skip
+    plain = load.RequestRecord(2, output_tokens=4, target_passes=4)
+    assert load.speculation([plain]) == {
+        "target_passes": 4, "draft_tokens": 0, "accepted_tokens": 0,
+        "acceptance_rate": 0.0, "tokens_per_target_pass": 1.0,
+    }  # fmt: skip
+    assert load.speculation([load.RequestRecord(3)]) is None  # failed before any pass
