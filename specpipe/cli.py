@@ -47,7 +47,9 @@ def add_serve_parser(subparsers: argparse._SubParsersAction) -> None:
         description="With no component, starts the session store, a draft worker, a target worker and the "
         "coordinator on this machine. With a component, starts only that one (multi-machine setups).",
     )
-    serve.add_argument("component", nargs="?", choices=COMPONENTS, default="all")
+    serve.add_argument(
+        "component", nargs="?", choices=COMPONENTS, default="all", help="what to start (default: all)"
+    )
     serve.add_argument("--host", default="127.0.0.1", help="address to listen on (0.0.0.0 for all)")
     serve.add_argument(
         "--port", type=int, default=None, help="port (coordinator 50051, draft 50061, target 50062)"
@@ -56,7 +58,10 @@ def add_serve_parser(subparsers: argparse._SubParsersAction) -> None:
     serve.add_argument("--target-model", help="all: target model directory (default: a small local pair)")
     serve.add_argument("--draft-model", help="all: draft model directory (default: a small local pair)")
     serve.add_argument("--device", default="cpu", help="cpu or cuda[:N]")
-    serve.add_argument("--dtype", default="float32", choices=("float32", "float16", "bfloat16"))
+    serve.add_argument(
+        "--dtype", default="float32", choices=("float32", "float16", "bfloat16"),
+        help="the models' weights and compute (default: float32, where greedy outputs match exactly)",
+    )  # fmt: skip
     serve.add_argument(
         "--max-cached-sessions", type=int, default=64, help="draft/target: KV caches kept (LRU)"
     )
@@ -120,13 +125,18 @@ def add_serve_parser(subparsers: argparse._SubParsersAction) -> None:
         "--redis-url", default=os.environ.get("SPECPIPE_REDIS_URL", ""),
         help="session store URL, redis:// or rediss:// (env SPECPIPE_REDIS_URL; all: default is embedded)",
     )  # fmt: skip
-    serve.add_argument("--redis-username", default=os.environ.get("SPECPIPE_REDIS_USERNAME", ""))
+    serve.add_argument(
+        "--redis-username", default=os.environ.get("SPECPIPE_REDIS_USERNAME", ""),
+        help="store user, for ACLs (env SPECPIPE_REDIS_USERNAME)",
+    )  # fmt: skip
     serve.add_argument(
         "--redis-password-file", default="",
         help="file holding the store password (else env SPECPIPE_REDIS_PASSWORD); never logged",
     )  # fmt: skip
     serve.add_argument("--redis-ca-file", default="", help="CA bundle for a rediss:// (TLS) store")
-    serve.add_argument("--session-key-prefix", default="specpipe:session:")
+    serve.add_argument(
+        "--session-key-prefix", default="specpipe:session:", help="store keys' prefix (default: %(default)s)"
+    )
     serve.add_argument("--num-speculative-tokens", type=int, default=4, help="k when --no-adaptive-k")
     serve.add_argument(
         "--adaptive-k", action=argparse.BooleanOptionalAction, default=True,
@@ -147,7 +157,9 @@ def add_serve_parser(subparsers: argparse._SubParsersAction) -> None:
         "(the coordinator commits and streams them)",
     )  # fmt: skip
     serve.add_argument("--max-speculative-tokens", type=int, default=16, help="largest k a request may ask")
-    serve.add_argument("--max-new-tokens-limit", type=int, default=4096)
+    serve.add_argument(
+        "--max-new-tokens-limit", type=int, default=4096, help="largest max_new_tokens a request may ask"
+    )
     serve.add_argument("--worker-timeout", type=float, default=30.0, help="seconds per worker RPC")
     serve.add_argument(
         "--startup-timeout", type=float, default=300.0,
@@ -164,26 +176,45 @@ def add_serve_parser(subparsers: argparse._SubParsersAction) -> None:
         help="the services' event loop: uvloop (auto: where installed) or asyncio's own",
     )  # fmt: skip
     serve.add_argument("--log-dir", default="", help="all: where component logs go (default: a temp dir)")
-    serve.add_argument("--log-level", default="INFO")
+    serve.add_argument("--log-level", default="INFO", help="DEBUG, INFO, WARNING or ERROR")
 
 
 def add_generate_parser(subparsers: argparse._SubParsersAction) -> None:
-    generate = subparsers.add_parser("generate", help="stream a completion from a running coordinator")
-    generate.add_argument("prompt")
-    generate.add_argument("--addr", default="127.0.0.1:50051")
-    generate.add_argument("--max-new-tokens", type=int, default=64)
-    generate.add_argument("--temperature", type=float, default=0.0)
-    generate.add_argument("--top-k", type=int, default=0)
-    generate.add_argument("--top-p", type=float, default=1.0)
-    generate.add_argument("--seed", type=int, default=0)
+    generate = subparsers.add_parser(
+        "generate",
+        help="stream a completion from a running coordinator",
+        description="Prints PROMPT and streams its completion from a running coordinator to stdout, then "
+        "prints the session id and what speculation did (target passes, drafted and accepted tokens) to "
+        "stderr.",
+    )
+    generate.add_argument("prompt", help="the prompt text (empty with --session-id: continue that session)")
+    generate.add_argument("--addr", default="127.0.0.1:50051", help="the coordinator (default: %(default)s)")
+    generate.add_argument("--max-new-tokens", type=int, default=64, help="default: %(default)s")
+    generate.add_argument(
+        "--temperature", type=float, default=0.0, help="0 = greedy, the target's own argmax (default)"
+    )
+    generate.add_argument("--top-k", type=int, default=0, help="sample from the k likeliest tokens (0 = all)")
+    generate.add_argument(
+        "--top-p", type=float, default=1.0, help="sample from the smallest set holding this much probability"
+    )
+    generate.add_argument(
+        "--seed", type=int, default=0, help="sampled tokens are a function of the seed (default: %(default)s)"
+    )
     generate.add_argument(
         "--acceptance", choices=("leviathan", "coupled"), default="leviathan",
         help="acceptance rule for sampled tokens (coupled: the tokens of plain seeded sampling, any k)",
     )  # fmt: skip
-    generate.add_argument("--stop", action="append", default=[])
-    generate.add_argument("--session-id", default="")
-    generate.add_argument("--num-speculative-tokens", type=int, default=None)
-    generate.add_argument("--timeout", type=float, default=300.0)
+    generate.add_argument(
+        "--stop", action="append", default=[], help="end the completion at this string (repeatable)"
+    )
+    generate.add_argument("--session-id", default="", help="continue this session (multi-turn, or resume)")
+    generate.add_argument(
+        "--num-speculative-tokens", type=int, default=None,
+        help="a fixed k for this request (0 = plain decoding; default: the coordinator's choice)",
+    )  # fmt: skip
+    generate.add_argument(
+        "--timeout", type=float, default=300.0, help="deadline in seconds (default: %(default)s)"
+    )
 
 
 BENCHMARKS = {

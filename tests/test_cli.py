@@ -190,3 +190,17 @@ def test_serve_refuses_flags_a_component_cannot_run_in_one_line(
     assert "specpipe serve target: max_batch_sessions and max_batch_tokens must be >= 1" in (
         capsys.readouterr().err
     )
+
+
+def test_every_serve_and_generate_option_says_what_it_does() -> None:
+    """`--help` is the reference a user reads first: no option of `serve` or `generate` without a line."""
+    import argparse
+
+    from specpipe.cli import add_generate_parser, add_serve_parser
+
+    subparsers = argparse.ArgumentParser().add_subparsers()
+    add_serve_parser(subparsers)
+    add_generate_parser(subparsers)
+    for name, parser in subparsers.choices.items():
+        silent = [a.dest for a in parser._actions if not a.help and not isinstance(a, argparse._HelpAction)]
+        assert silent == [], (name, silent)
