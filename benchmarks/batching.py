@@ -37,8 +37,8 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     )
     p.add_argument("--concurrency", default="1,4,8,16", help="comma-separated concurrencies")
     p.add_argument("--num-requests", type=int, default=32, help="requests per concurrency and stack")
-    p.add_argument("--max-new-tokens", type=int, default=128)
-    p.add_argument("--temperature", type=float, default=0.0)
+    p.add_argument("--max-new-tokens", type=int, default=128, help="per request (default: %(default)s)")
+    p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
     p.add_argument(
         "--max-batch-sessions", type=int, default=8, help="the batched stack's --max-batch-sessions"
     )
@@ -46,7 +46,9 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     p.add_argument("--target-model", help="default: the shipped demo pair")
     p.add_argument("--draft-model", help="default: the shipped demo pair")
     p.add_argument("--out-dir", type=Path, help="default: a new directory under /tmp/specpipe-bench/")
-    p.add_argument("--startup-timeout", type=float, default=300.0)
+    p.add_argument(
+        "--startup-timeout", type=float, default=300.0, help="seconds to wait for each stack to serve"
+    )
     p.add_argument("--quick", action="store_true", help="smoke-test settings: concurrency 2, 2 requests of 8")
     args = p.parse_args(argv)
     if args.quick:

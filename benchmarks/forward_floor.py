@@ -74,13 +74,15 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     source = p.add_mutually_exclusive_group()
     source.add_argument("--model", type=Path, help="a local checkpoint (default: the shipped demo target)")
     source.add_argument("--llama-shape", choices=sorted(LLAMA_SHAPES), help="a random Llama of this shape")
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument(
+        "--device", default="cuda" if torch.cuda.is_available() else "cpu", help="default: cuda if present"
+    )
     p.add_argument(
         "--dtype", choices=sorted(DTYPES), default=None, help="default: bfloat16 on GPU, else float32"
     )
     p.add_argument("--context", type=int, default=512, help="tokens in the KV cache before each forward")
-    p.add_argument("--max-k", type=int, default=8)
-    p.add_argument("--runs", type=int, default=20)
+    p.add_argument("--max-k", type=int, default=8, help="verify blocks of 1 to max-k + 1 tokens")
+    p.add_argument("--runs", type=int, default=20, help="timed runs per block size (median)")
     p.add_argument(
         "--probe-mib", type=int, default=0, help="bandwidth probe size (default: 1024 GPU, 256 CPU)"
     )

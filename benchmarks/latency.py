@@ -57,9 +57,9 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         "batch 1, greedy and sampled, in one run on this machine.",
     )
     p.add_argument("--target-model", type=Path, help="default: the shipped demo pair, else the tiny pair")
-    p.add_argument("--draft-model", type=Path)
-    p.add_argument("--num-prompts", type=int, default=12)
-    p.add_argument("--max-new-tokens", type=int, default=128)
+    p.add_argument("--draft-model", type=Path, help="with --target-model (default: the demo pair's draft)")
+    p.add_argument("--num-prompts", type=int, default=12, help="held-out prompts (default: %(default)s)")
+    p.add_argument("--max-new-tokens", type=int, default=128, help="per prompt (default: %(default)s)")
     p.add_argument(
         "--variants",
         default="",
@@ -96,7 +96,9 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         "--device", default="cpu",
         help="cpu or cuda[:N]: where every model runs, in-process and in the workers (default cpu)",
     )  # fmt: skip
-    p.add_argument("--dtype", choices=("float32", "float16", "bfloat16"), default="float32")
+    p.add_argument(
+        "--dtype", choices=("float32", "float16", "bfloat16"), default="float32", help="default: %(default)s"
+    )
     p.add_argument(
         "--static-kv-slots", type=int, default=0,
         help="the workers' --static-kv-slots: KV slots and, on a GPU, CUDA graphs of their forwards (0: off)",
@@ -112,7 +114,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     p.add_argument(
         "--quick", action="store_true", help="tiny settings for smoke tests: 2 prompts (1 pilot), 8 tokens"
     )
-    p.add_argument("--log-level", default="WARNING")
+    p.add_argument("--log-level", default="WARNING", help="the benchmark's own log (default: %(default)s)")
     args = p.parse_args(argv)
     if not (args.device == "cpu" or args.device.startswith("cuda")):
         p.error(f"--device must be cpu or cuda[:N], got {args.device!r}")

@@ -81,7 +81,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         "end-to-end latency percentiles, throughput, and errors by status code.",
     )
     p.add_argument("--address", default="127.0.0.1:50051", help="the coordinator (default: specpipe serve's)")
-    p.add_argument("--num-requests", type=int, default=64)
+    p.add_argument("--num-requests", type=int, default=64, help="default: %(default)s")
     p.add_argument("--concurrency", type=int, default=8, help="most requests in flight at once")
     p.add_argument(
         "--request-rate",
@@ -89,8 +89,8 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         default=math.inf,
         help="Poisson arrivals per second (default: all at once)",
     )
-    p.add_argument("--max-new-tokens", type=int, default=128)
-    p.add_argument("--temperature", type=float, default=0.0)
+    p.add_argument("--max-new-tokens", type=int, default=128, help="per request (default: %(default)s)")
+    p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
     p.add_argument("--seed", type=int, default=0, help="arrival times, and request i samples with seed + i")
     p.add_argument("--num-speculative-tokens", type=int, default=None, help="default: the coordinator's")
     p.add_argument("--timeout", type=float, default=300.0, help="deadline of each request, seconds")

@@ -204,3 +204,23 @@ def test_every_serve_and_generate_option_says_what_it_does() -> None:
     for name, parser in subparsers.choices.items():
         silent = [a.dest for a in parser._actions if not a.help and not isinstance(a, argparse._HelpAction)]
         assert silent == [], (name, silent)
+
+
+@pytest.mark.parametrize(
+    "module", ["benchmarks.latency", "benchmarks.load", "benchmarks.batching", "benchmarks.forward_floor"]
+)
+def test_every_bench_option_says_what_it_does(module: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    import argparse
+    import importlib
+
+    parsers: list[argparse.ArgumentParser] = []
+
+    def capture(parser: argparse.ArgumentParser, *args: object, **kwargs: object) -> None:
+        parsers.append(parser)
+        raise SystemExit(0)
+
+    monkeypatch.setattr(argparse.ArgumentParser, "parse_args", capture)
+    with pytest.raises(SystemExit):
+        importlib.import_module(module).parse_args([])
+    silent = [a.dest for a in parsers[0]._actions if not a.help and not isinstance(a, argparse._HelpAction)]
+    assert silent == []
