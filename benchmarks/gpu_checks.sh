@@ -6,6 +6,8 @@
 #   3. `bench latency` on the GPU with the demo pair, the workers on static KV slots (CUDA graphs), greedy,
 #      a reduced variant set.
 # Usage: bash benchmarks/gpu_checks.sh OUT_DIR   (results and logs go there; each step's output in its file)
+# The steps' timeouts (120 + 200 + 260 s) keep the whole script under the device tool's 600 s per command,
+# so a slow step costs its own results, not the later steps' or the files copied at the end.
 # On the lent machine: first `bash benchmarks/gpu_wheels.sh` here, then run with carry [".whl"], e.g.
 #   run(command='bash benchmarks/gpu_checks.sh $OUT', carry=['.whl'], timeout_s=600)
 # The wheels (the gRPC, protobuf and Redis pieces the image lacks) install to /tmp/site; the project runs from
@@ -31,12 +33,12 @@ timeout 120 python3 -m pytest -m gpu -p no:cacheprovider -q tests/test_graphed_f
     > "$out/1-gpu-tests.txt" 2>&1
 echo "gpu tests: exit $?"
 
-timeout 240 python3 -m specpipe bench floor --llama-shape 7b --device cuda --dtype bfloat16 --runs 10 \
+timeout 200 python3 -m specpipe bench floor --llama-shape 7b --device cuda --dtype bfloat16 --runs 10 \
     --batch-sessions 4 --out "$out/2-floor-7b.json" > "$out/2-floor-7b.txt" 2>&1
 echo "floor 7b: exit $?"
 
-timeout 300 python3 -m specpipe bench latency --device cuda --dtype float32 --static-kv-slots 4 \
-    --modes greedy --num-prompts 8 --time-budget 240 \
+timeout 260 python3 -m specpipe bench latency --device cuda --dtype float32 --static-kv-slots 4 \
+    --modes greedy --num-prompts 8 --time-budget 200 \
     --variants plain-1t,hf-generate,hf-assisted,specpipe-k0,specpipe-adaptive,specpipe-adaptive-pipe \
     --out-dir /tmp/latency > "$out/3-latency.txt" 2>&1
 echo "latency: exit $?"

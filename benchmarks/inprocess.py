@@ -24,7 +24,7 @@ from benchmarks import cpu
 from benchmarks.prompts import Prompt
 from benchmarks.results import Mode, VariantRun
 from specpipe.runtime import lean_gpt2
-from specpipe.runtime.model_runner import DTYPES, cache_argument
+from specpipe.runtime.model_runner import DTYPES, CausalLMRunner, cache_argument
 from specpipe.sampling.params import SamplingParams
 from specpipe.sampling.processing import greedy_token_ids, sampling_probs
 from specpipe.sampling.randomness import RandomStream, keyed_uniform, sample_from_probs
@@ -137,6 +137,61 @@ def plain_decode(
     return out
 
 
+def static_runner(
+    model: torch.nn.Module, tokenizer: PreTrainedTokenizerBase, slots: int = 1
+) -> CausalLMRunner:
+    """`model` over `slots` static KV slots, as a worker started with `--static-kv-slots` runs it (the lean
+    forward; CUDA graphs on a GPU, captured here before any timing; eagerly on the CPU)."""
+    context = int(getattr(model.config, "n_positions", 0) or model.config.max_position_embeddings)
+    runner = CausalLMRunner(
+        model, tokenizer, "static", context, max_cached_sessions=slots, static_kv_slots=slots
+    )
+    runner.capture_graphs()
+    return runner
+
+
+@dataclass(slots=True)
+class RunnerDecode:
+    """What a decode through a runner did: its tokens, and its forwards' count and time (the runner's own
+    timing, as the workers report it: no hooks fire inside the lean forward)."""
+
+    tokens: list[int]
+    passes: int = 0
+    forward_s: float = 0.0
+
+
+@torch.inference_mode()
+def runner_decode(
+    runner: CausalLMRunner,
+    session_id: str,
+    prompt: Sequence[int],
+    max_new: int,
+    params: SamplingParams,
+    eos: frozenset[int],
+) -> RunnerDecode:
+    """`plain_decode` through a worker's runner: one forward per token on the session's slot, the same
+    choice of each token. The session is released at the end (its slot is free for the next prompt)."""
+    history = list(prompt)
+    done = RunnerDecode([])
+    try:
+        for _ in range(max_new):
+            result = runner.forward(session_id, history, 1)
+            done.passes += 1
+            done.forward_s += result.forward_ns / 1e9
+            if params.is_greedy:
+                token = greedy_token_ids(result.logits)[0]
+            else:
+                u = keyed_uniform(params.seed, len(history), RandomStream.TARGET_SAMPLE)
+                token = sample_from_probs(sampling_probs(result.logits, params)[0], u)
+            done.tokens.append(token)
+            history.append(token)
+            if token in eos:
+                break
+    finally:
+        runner.caches.release(session_id)
+    return done
+
+
 def hf_kwargs(kind: str, pair: ModelPair, mode: Mode) -> dict[str, object]:
     """generate() arguments: plain, with the draft as assistant (HF's default schedule), or prompt lookup."""
     kwargs: dict[str, object] = {"do_sample": not mode.greedy}
@@ -174,15 +229,30 @@ VARIANT_KINDS = {
 
 
 class InProcessVariant:
-    """One in-process variant, run prompt by prompt; forwards are counted and timed by hooks per call."""
+    """One in-process variant, run prompt by prompt; forwards are counted and timed by hooks per call (by the
+    runner for `plain-static`)."""
 
-    def __init__(self, variant: str, pair: ModelPair, prompts: Sequence[Prompt], max_new: int) -> None:
+    def __init__(
+        self, variant: str, pair: ModelPair, prompts: Sequence[Prompt], max_new: int, static_kv_slots: int = 0
+    ) -> None:
         self.variant = variant
         self.pair = pair
         self.prompts = prompts
         self.max_new = max_new
         self.threads = 2 if variant == "plain-2t" else 1
-        if variant.startswith("plain"):
+        self.runner: CausalLMRunner | None = None
+        if variant == "plain-static":
+            if static_kv_slots < 1:
+                raise ValueError(
+                    "plain-static runs the workers' static-KV-slot forward: give --static-kv-slots"
+                )
+            self.family, self.kind = "plain", ""
+            self.runner = static_runner(pair.target, pair.tokenizer)  # one session at a time: one slot
+            graphs = "CUDA graphs" if pair.device.type == "cuda" else "eager"
+            self.description = (
+                f"target alone through the workers' static-KV-slot forward ({graphs}), 1 thread"
+            )
+        elif variant.startswith("plain"):
             self.family, self.kind = "plain", ""
             self.description = f"target alone, KV cache, {self.threads} thread(s)"
         else:
@@ -194,6 +264,11 @@ class InProcessVariant:
 
     def _decode(self, i: int, n: int, mode: Mode) -> list[int]:
         prompt = self.prompts[i].token_ids
+        if self.runner is not None:
+            with torch_threads(self.threads):
+                return runner_decode(
+                    self.runner, "warmup", prompt, n, sampling_params(mode, i), self.pair.eos_ids
+                ).tokens
         with torch_threads(self.threads):
             if not self.kind:
                 return plain_decode(self.pair.target, prompt, n, sampling_params(mode, i), self.pair.eos_ids)
@@ -208,6 +283,20 @@ class InProcessVariant:
         return ""
 
     def run_prompt(self, i: int, mode: Mode, run: VariantRun) -> None:
+        if self.runner is not None:
+            runner = self.runner
+            prompt, params = self.prompts[i].token_ids, sampling_params(mode, i)
+            with torch_threads(self.threads):
+                done = cpu.timed(
+                    run,
+                    lambda: runner_decode(
+                        runner, f"plain-{i}", prompt, self.max_new, params, self.pair.eos_ids
+                    ),
+                )
+            run.outputs.append(done.tokens)
+            run.target_passes += done.passes
+            run.target_forward_s += done.forward_s
+            return
         with metered(self.pair.target, self.pair.draft) as (target_meter, draft_meter):
             out = cpu.timed(run, lambda: self._decode(i, self.max_new, mode))
         run.outputs.append(out)
@@ -241,6 +330,15 @@ class Costs:
     target_prefill_ms: float = 0.0
     draft_prefill_ms: float = 0.0
     lean_draft_prefill_ms: float | None = None
+    # With --static-kv-slots: the same figures through the workers' static-KV-slot forwards (lean, CUDA graphs
+    # on a GPU), which the specpipe variants and plain-static run (`for_variant`); None otherwise.
+    static: Costs | None = None
+
+    def for_variant(self, family: str, variant: str) -> Costs:
+        """The costs of the forwards a variant runs: the static ones for specpipe and plain-static."""
+        if self.static is not None and (family == "specpipe" or variant == "plain-static"):
+            return self.static
+        return self
 
     @property
     def c(self) -> float:
@@ -285,6 +383,7 @@ class Costs:
             "lean_draft_prefill_ms": (
                 None if self.lean_draft_prefill_ms is None else round(self.lean_draft_prefill_ms, 4)
             ),
+            "static": None if self.static is None else self.static.to_dict(),
         }
 
 
@@ -333,6 +432,57 @@ def measure_prefills(
                 lean_draft.append(lean_ms)
     lean_median = statistics.median(lean_draft) if lean_draft else None
     return statistics.median(target), statistics.median(draft), lean_median
+
+
+def _runner_ms(runner: CausalLMRunner, session_id: str, token_ids: Sequence[int], num_rows: int) -> float:
+    return runner.forward(session_id, token_ids, num_rows).forward_ns / 1e6
+
+
+@torch.inference_mode()
+def measure_static_costs(
+    pair: ModelPair, seed_ids: Sequence[int], context: int, max_k: int, runs: int, prefill_tokens: int = 0
+) -> Costs:
+    """`measure_costs` through the workers' static-KV-slot forwards (`--static-kv-slots`), timed by the runner
+    as the workers time them: the target's verify of k + 1 tokens and a draft step after `context` cached
+    tokens, and both prefills. The draft's step is both `draft_ms` and `lean_draft_ms` (no transformers'
+    forward runs on this path)."""
+    target, draft = static_runner(pair.target, pair.tokenizer), static_runner(pair.draft, pair.tokenizer)
+    ids = (list(seed_ids) * (context // max(1, len(seed_ids)) + 2))[: context + max_k + 1]
+    history, block = ids[:context], ids[context:]
+    # Two blocks that differ in their first token, used in turn: each call then shares exactly `context`
+    # tokens with the cache, which the runner crops back to them before the timed forward.
+    blocks = (block, [(block[0] + 1) % target.vocab_size, *block[1:]])
+    target.forward("cost", history, 1)
+    draft.forward("cost", history, 1)
+    verify: list[list[float]] = [[] for _ in range(max_k + 1)]
+    steps: list[float] = []
+    warmup = 3
+    for run in range(runs + warmup):
+        times = [
+            _runner_ms(target, "cost", history + blocks[k % 2][: k + 1], k + 1) for k in range(max_k + 1)
+        ]
+        step = _runner_ms(draft, "cost", history + blocks[run % 2][:1], 1)
+        if run >= warmup:
+            for k, t in enumerate(times):
+                verify[k].append(t)
+            steps.append(step)
+    verify_ms = [statistics.median(v) for v in verify]
+    draft_ms = statistics.median(steps)
+    target_prefill = draft_prefill = 0.0
+    if prefill_tokens > 0:
+        prompt = (list(seed_ids) * (prefill_tokens // max(1, len(seed_ids)) + 1))[:prefill_tokens]
+        fills: tuple[list[float], list[float]] = ([], [])
+        for run in range(max(3, runs // 3) + 1):  # the first run warms up
+            for runner, times in zip((target, draft), fills, strict=True):
+                ms = _runner_ms(runner, f"prefill-{run}", prompt, 1)
+                runner.caches.release(f"prefill-{run}")
+                if run:
+                    times.append(ms)
+        target_prefill, draft_prefill = statistics.median(fills[0]), statistics.median(fills[1])
+    return Costs(
+        context, runs, verify_ms[0], draft_ms, verify_ms, draft_ms, prefill_tokens, target_prefill,
+        draft_prefill, draft_prefill,
+    )  # fmt: skip
 
 
 @torch.inference_mode()

@@ -4,7 +4,9 @@ Batch 1, the same held-out prompts for every variant, greedy and sampled (temper
 prompt). Variants:
 
 - ``plain-1t`` / ``plain-2t``: the target alone on a KV cache, one forward per token, 1 or 2 torch threads
-  (the faster one is the baseline);
+  (the faster one is the baseline); with ``--static-kv-slots``, also ``plain-static``: the target alone
+  through the workers' static-KV-slot forward (CUDA graphs on a GPU), a baseline too, so that no speedup
+  counts what that forward gains over transformers' own;
 - ``hf-generate``, ``hf-assisted`` (``assistant_model=draft``, HF's default schedule), ``hf-prompt-lookup``;
 - ``specpipe-*``: the real services (Redis-protocol store, draft and target workers, one coordinator per
   configuration) over loopback: k = 0, fixed k with and without pipelining, adaptive k.
@@ -19,6 +21,7 @@ Run ``specpipe bench latency --help``; definitions of every column: docs/benchma
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import datetime
 import hashlib
 import importlib.metadata
@@ -44,7 +47,11 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 REPO = Path(__file__).resolve().parent.parent
 SHIPPED_PAIR = REPO / "specpipe" / "assets" / "demo-pair"
-IN_PROCESS = ("plain-1t", "plain-2t", "hf-generate", "hf-assisted", "hf-prompt-lookup")
+IN_PROCESS = ("plain-1t", "plain-2t", "plain-static", "hf-generate", "hf-assisted", "hf-prompt-lookup")
+# With --static-kv-slots the workers run the lean forward over static slots (CUDA graphs on a GPU), which is
+# faster than transformers' forward on its own: plain decoding through that same forward is then a baseline
+# too, so no speedup counts what the forward gained rather than what speculation did.
+STATIC_BASELINE = "plain-static"
 PLAIN_2T_KEEP = 0.95  # plain-2t goes on after the pilot only within 5% of plain-1t's tokens/s
 
 logger = logging.getLogger("benchmarks.latency")
@@ -145,14 +152,26 @@ def all_variants(fixed_ks: Sequence[int]) -> list[str]:
 
 
 def chosen_variants(args: argparse.Namespace, fixed_ks: Sequence[int]) -> list[str]:
+    """The variants to run: the default set or `--variants`, always with plain-1t (the outputs' reference)
+    and, with static KV slots, plain-static (a baseline then); plain-static never runs without them."""
     known = all_variants(fixed_ks)
     if not args.variants:
-        return [v for v in known if v not in services.OPT_IN_VARIANTS]
-    wanted = {v.strip() for v in args.variants.split(",") if v.strip()}
-    unknown = wanted - set(known)
-    if unknown:
-        raise SystemExit(f"unknown variants {sorted(unknown)}; known: {', '.join(known)}")
-    return [v for v in known if v in wanted or v == "plain-1t"]
+        wanted = {v for v in known if v not in services.OPT_IN_VARIANTS}
+    else:
+        wanted = {v.strip() for v in args.variants.split(",") if v.strip()}
+        unknown = wanted - set(known)
+        if unknown:
+            raise SystemExit(f"unknown variants {sorted(unknown)}; known: {', '.join(known)}")
+    if STATIC_BASELINE in wanted and not args.static_kv_slots:
+        if args.variants:
+            raise SystemExit(
+                f"{STATIC_BASELINE} decodes through the workers' static KV slots: give --static-kv-slots"
+            )
+        wanted.discard(STATIC_BASELINE)
+    wanted.add("plain-1t")
+    if args.static_kv_slots:
+        wanted.add(STATIC_BASELINE)
+    return [v for v in known if v in wanted]
 
 
 def cpu_name(fallback: str, cpuinfo: str = "/proc/cpuinfo") -> str:
@@ -440,7 +459,11 @@ def run_variants(st: Setup, out_dir: Path) -> tuple[list[VariantRun], dict, dict
             round_trips = probes.probe_round_trips(svc, st.prompts[0].token_ids, vocab, repeats)
         for name in st.variants:
             if name in IN_PROCESS:
-                bench.add(inprocess.InProcessVariant(name, st.pair, st.prompts, st.args.max_new_tokens))
+                bench.add(
+                    inprocess.InProcessVariant(
+                        name, st.pair, st.prompts, st.args.max_new_tokens, st.args.static_kv_slots
+                    )
+                )
             elif svc is not None and name in configs and name not in later:
                 add_specpipe(bench, svc, configs[name], st)
         progress(f"{len(bench.runners)} variants started and warmed up")
@@ -497,6 +520,15 @@ def run_all(args: argparse.Namespace, out_dir: Path) -> dict[str, object]:
         f"(c = {costs.c:.3f}; lean forward c = {costs.c_of('specpipe'):.3f}), v_4 = {costs.v(4):.2f}; "
         f"prefill of {costs.prefill_tokens} tokens: target {costs.target_prefill_ms:.1f} ms"
     )
+    if args.static_kv_slots:
+        static = inprocess.measure_static_costs(
+            st.pair, st.prompts[0].token_ids, context, max_k, args.cost_runs, int(statistics.mean(lengths))
+        )
+        costs = dataclasses.replace(costs, static=static)
+        progress(
+            f"static-slot costs: target {static.target_ms:.3f} ms, c = {static.c:.3f}, "
+            f"v_4 = {static.v(4):.2f}"
+        )
     runs, round_trips, profiles, pilot = run_variants(st, out_dir)
     rows = [report.metrics(run, runs, costs) for run in runs]
     baselines = {m.name: (b.variant if (b := report.best_baseline(runs, m.name)) else None) for m in st.modes}
@@ -586,6 +618,13 @@ def summary(payload: dict[str, object]) -> str:
             f"prefill of {costs['prefill_tokens']} tokens (the prompts' mean): target "
             f"{costs['target_prefill_ms']:.1f} ms, draft {costs['draft_prefill_ms']:.1f} ms (hf), "
             f"lean {costs.get('lean_draft_prefill_ms') or 0:.1f} ms (specpipe)"
+        )
+    if static := costs.get("static"):
+        parts.append(
+            f"through the workers' static KV slots (the costs of specpipe and plain-static): target "
+            f"{static['target_ms']:.3f} ms, draft {static['draft_ms']:.3f} ms, c = {static['c']:.3f}, "
+            f"v_k (k=0..6) = {', '.join(f'{v:.2f}' for v in static['v_k'][:7])}; prefill target "
+            f"{static['target_prefill_ms']:.1f} ms, draft {static['draft_prefill_ms']:.1f} ms"
         )
     pilot = dict(meta.get("pilot") or {})
     method = "variants interleaved prompt by prompt (rotating order)"

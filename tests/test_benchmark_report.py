@@ -3,6 +3,7 @@ bound per token and per request (prefills included), efficiency and target-forwa
 
 from __future__ import annotations
 
+import dataclasses
 import sys
 
 import pytest
@@ -96,3 +97,35 @@ def test_a_missing_chart_package_is_named_before_the_run(monkeypatch: pytest.Mon
     monkeypatch.setitem(sys.modules, "matplotlib", None)  # import machinery: "not installed"
     reason = report.chart_unavailable()
     assert reason is not None and 'pip install -e ".[bench]"' in reason
+
+
+def test_with_static_slots_the_static_path_is_a_baseline_and_each_bound_has_its_own_plain_path() -> None:
+    """--static-kv-slots: specpipe's workers and plain-static run the static forward (here 40% cheaper), whose
+    costs bound them; x plain is against the fastest plain path of all, efficiency against their own."""
+    static = dataclasses.replace(
+        COSTS, target_ms=6.0, verify_ms=[6.0 + 0.9 * k for k in range(9)], draft_ms=0.42, lean_draft_ms=0.42,
+        target_prefill_ms=48.0, draft_prefill_ms=2.4, lean_draft_prefill_ms=2.4,
+    )  # fmt: skip
+    costs = dataclasses.replace(COSTS, static=static)
+    assert costs.for_variant("specpipe", "specpipe-k4") is static
+    assert costs.for_variant("plain", "plain-static") is static
+    assert costs.for_variant("plain", "plain-1t") is costs and costs.for_variant("hf", "hf-assisted") is costs
+
+    plain = _run("plain-1t", "plain", 1.5, 128, 1.42)
+    plain_static = _run("plain-static", "plain", 0.9, 128, 0.852)
+    spec = _run("specpipe-k4", "specpipe", 0.45, 32, 0.3, drafted=128, accepted=96)
+    hf = _run("hf-assisted", "hf", 1.2, 64, 1.0, drafted=64, accepted=64)
+    runs = [plain, plain_static, spec, hf]
+    assert report.best_baseline(runs, "greedy") is plain_static  # the faster plain path
+    spec_row, hf_row = metrics(spec, runs, costs), metrics(hf, runs, costs)
+    assert spec_row["speedup_vs_plain"] == pytest.approx(0.9 / 0.45)
+    assert spec_row["efficiency"] == pytest.approx((0.9 / 0.45) / spec_row["analytical_speedup"])
+    alpha = solve_alpha(4.0, 4.0)
+    steady = analytical_speedup(alpha, 4.0, 0.07, 1.6, pipelined=False)  # static c and v(4), not 0.05 and 1.8
+    assert spec_row["steady_state_speedup"] == pytest.approx(steady)
+    # Hugging Face runs transformers' forward: x plain against plain-static, its bound against plain-1t.
+    assert hf_row["speedup_vs_plain"] == pytest.approx(0.9 / 1.2)
+    assert hf_row["efficiency"] == pytest.approx((1.5 / 1.2) / hf_row["analytical_speedup"])
+    assert metrics(plain_static, runs, costs)["target_forward_inflation"] == pytest.approx(
+        (0.852 - 2 * 0.048) / 126 / 0.006
+    )
