@@ -192,6 +192,21 @@ def runner_decode(
     return done
 
 
+@torch.inference_mode()
+def greedy_reference(model: torch.nn.Module, prompt: Sequence[int], tokens: int) -> list[int]:
+    """`prompt` and `tokens` greedy tokens of `model` after it (past EOS: a draft may look beyond it), as
+    `plain_decode` chooses them."""
+    cache = DynamicCache(config=model.config)
+    with_cache = {cache_argument(model): cache}
+    ids = list(prompt)
+    feed = torch.tensor([ids], dtype=torch.long, device=model.device)
+    for _ in range(tokens):
+        logits = model(input_ids=feed, use_cache=True, logits_to_keep=1, **with_cache).logits[0, -1:]
+        ids.append(greedy_token_ids(logits.float().cpu())[0])
+        feed = torch.tensor([[ids[-1]]], dtype=torch.long, device=model.device)
+    return ids
+
+
 def hf_kwargs(kind: str, pair: ModelPair, mode: Mode) -> dict[str, object]:
     """generate() arguments: plain, with the draft as assistant (HF's default schedule), or prompt lookup."""
     kwargs: dict[str, object] = {"do_sample": not mode.greedy}

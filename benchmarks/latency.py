@@ -110,6 +110,12 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         "--static-kv-slots", type=int, default=0,
         help="the workers' --static-kv-slots: KV slots and, on a GPU, CUDA graphs of their forwards (0: off)",
     )  # fmt: skip
+    p.add_argument(
+        "--controlled-acceptance", type=float, default=None, metavar="A",
+        help="cost profiling on a pair whose draft does not match its target (e.g. random models): the "
+        "specpipe draft worker proposes the target's own greedy token with probability A per position "
+        "(draft_service/controlled.py; the target's continuations are computed first); greedy mode only",
+    )  # fmt: skip
     p.add_argument("--cost-runs", type=int, default=30, help="timed forwards per cost measurement")
     p.add_argument(
         "--cost-context",
@@ -127,6 +133,11 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         p.error(f"--device must be cpu or cuda[:N], got {args.device!r}")
     if args.static_kv_slots < 0:
         p.error("--static-kv-slots must be >= 0")
+    if args.controlled_acceptance is not None:
+        if not 0.0 <= args.controlled_acceptance <= 1.0:
+            p.error("--controlled-acceptance must be in [0, 1]")
+        if any(m.strip() != GREEDY for m in args.modes.split(",") if m.strip()):
+            p.error("--controlled-acceptance steers greedy drafts: use --modes greedy")
     if args.quick:
         args.num_prompts = min(args.num_prompts, 2)
         args.max_new_tokens = min(args.max_new_tokens, 8)
@@ -416,6 +427,15 @@ def start_services(st: Setup, out_dir: Path, stack: ExitStack) -> services.Servi
     logs = out_dir / "logs"
     lookup = services.LOOKUP_VARIANT in st.variants
     grpc_target = services.GRPC_STREAM_VARIANT in st.variants
+    steer: list[str] = []
+    if st.args.controlled_acceptance is not None:
+        references = write_references(st, out_dir / "references.json")
+        steer = [
+            "--controlled-acceptance",
+            str(st.args.controlled_acceptance),
+            "--reference-file",
+            str(references),
+        ]
     return stack.enter_context(
         services.Services(
             st.target_dir,
@@ -427,8 +447,19 @@ def start_services(st: Setup, out_dir: Path, stack: ExitStack) -> services.Servi
             device=st.args.device,
             dtype=st.args.dtype,
             static_kv_slots=st.args.static_kv_slots,
+            draft_extra=steer,
         )  # fmt: skip
     )
+
+
+def write_references(st: Setup, path: Path) -> Path:
+    """Each prompt and the target's greedy continuation, past max_new_tokens by the most a round can draft
+    (and past EOS), for the controlled-acceptance draft worker."""
+    tokens = st.args.max_new_tokens + st.args.max_speculative_tokens + 2
+    sequences = [inprocess.greedy_reference(st.pair.target, p.token_ids, tokens) for p in st.prompts]
+    path.write_text(json.dumps(sequences), encoding="utf-8")
+    progress(f"controlled acceptance {st.args.controlled_acceptance}: {len(sequences)} references in {path}")
+    return path
 
 
 def add_specpipe(bench: Interleaved, svc: services.Services, config: services.SpecConfig, st: Setup) -> None:
@@ -556,6 +587,8 @@ def run_all(args: argparse.Namespace, out_dir: Path) -> dict[str, object]:
             "method": "interleaved: prompt by prompt, every variant and mode per prompt, rotating order",
             "pilot": pilot,
             "max_speculative_tokens": args.max_speculative_tokens,
+            # Cost profiling: the draft worker's greedy drafts were steered to this acceptance (None: off).
+            "controlled_acceptance": args.controlled_acceptance,
             "baseline": baselines,
             "load_average_before": [round(x, 2) for x in load_before],
             "load_average_after": [round(x, 2) for x in os.getloadavg()],
@@ -606,7 +639,12 @@ def summary(payload: dict[str, object]) -> str:
     parts = [
         f"specpipe latency benchmark, {meta['date']}, {meta['machine']['description']}",
         f"target {meta['target_model']}, draft {meta['draft_model']}; {meta['num_prompts']} prompts x "
-        f"{meta['max_new_tokens']} new tokens, batch 1",
+        f"{meta['max_new_tokens']} new tokens, batch 1"
+        + (
+            f"; specpipe's draft steered to acceptance {meta['controlled_acceptance']} (cost profiling)"
+            if meta.get("controlled_acceptance") is not None
+            else ""
+        ),
         f"costs at {costs['context_tokens']} cached tokens (median of {costs['runs']}): target "
         f"{costs['target_ms']:.3f} ms, draft {costs['draft_ms']:.3f} ms, c = {costs['c']:.3f} (hf); "
         f"draft lean forward {costs.get('lean_draft_ms') or 0:.3f} ms, "

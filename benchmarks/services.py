@@ -120,6 +120,7 @@ class Services:
         device: str = "cpu",
         dtype: str = "float32",
         static_kv_slots: int = 0,
+        draft_extra: Sequence[str] = (),
     ) -> None:
         self.log_dir = log_dir
         self.max_k = max_k
@@ -128,7 +129,7 @@ class Services:
         slots = ["--static-kv-slots", str(static_kv_slots)] if static_kv_slots else []
         self.stack = ExitStack()
         self.redis = RedisServerProcess(data_dir=str(log_dir / "redis"))
-        self.draft = self._worker("draft", draft_dir, threads, extra=slots)
+        self.draft = self._worker("draft", draft_dir, threads, extra=[*slots, *draft_extra])
         direct = ["--direct-stream-port", "0"]  # as `specpipe serve` runs its target
         self.target = self._worker("target", target_dir, threads, extra=[*direct, *slots])
         # A second target worker without direct streams, for the variant that measures what they add.

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -84,6 +84,10 @@ def validate_request(request: DraftRequest, max_draft_tokens: int, vocab_size: i
         )
 
 
+# steer(history, model's argmax) -> the token a greedy draft proposes after `history`.
+GreedySteer = Callable[[Sequence[int], int], int]
+
+
 class Drafter(Protocol):
     """What a draft worker serves: a named proposer with (possibly empty) per-session caches."""
 
@@ -100,9 +104,14 @@ class ModelDrafter:
 
     name = "model"
 
-    def __init__(self, runner: CausalLMRunner, max_draft_tokens: int) -> None:
+    def __init__(
+        self, runner: CausalLMRunner, max_draft_tokens: int, steer: GreedySteer | None = None
+    ) -> None:
         self.runner = runner
         self.max_draft_tokens = max_draft_tokens
+        # Greedy requests only: replaces the model's argmax after each step, for cost profiling with a chosen
+        # acceptance rate (draft_service/controlled.py). The forwards still run; exactness is the target's.
+        self.steer = steer
 
     @property
     def caches(self) -> SessionKVCacheStore:
@@ -110,7 +119,7 @@ class ModelDrafter:
 
     def propose(self, request: DraftRequest) -> DraftProposal:
         validate_request(request, self.max_draft_tokens, self.runner.vocab_size, self.runner.max_context)
-        drafting = _Drafting(request)
+        drafting = _Drafting(request, self.steer)
         steps = request.num_tokens
         result = self.runner.decode(request.session_id, request.token_ids, steps, drafting.choose)
         drafting.cached_tokens, drafting.forward_ns = result.cached_tokens, result.forward_ns
@@ -127,7 +136,7 @@ class ModelDrafter:
                 validate_request(
                     request, self.max_draft_tokens, self.runner.vocab_size, self.runner.max_context
                 )
-                active.append((index, _Drafting(request)))
+                active.append((index, _Drafting(request, self.steer)))
             except InvalidArgumentError as exc:
                 outcomes[index] = exc
         while active:
@@ -152,8 +161,9 @@ class ModelDrafter:
 class _Drafting:
     """One request's drafting, a forward pass at a time: the token each step's logits give, and its q."""
 
-    def __init__(self, request: DraftRequest) -> None:
+    def __init__(self, request: DraftRequest, steer: GreedySteer | None = None) -> None:
         self.request = request
+        self.steer = steer
         self.ids = list(request.token_ids)  # the history, then each drafted token
         self.proposed: list[int] = []
         self.q_rows: list[torch.Tensor] = []  # [vocab_size] each: q of each drafted token (Leviathan rule)
@@ -178,6 +188,8 @@ class _Drafting:
         position = len(self.ids)
         if sampling.is_greedy:
             token = greedy_token_ids(logits)[0]
+            if self.steer is not None:
+                token = self.steer(self.ids, token)
         elif sampling.acceptance == "coupled":
             # The target needs no q under the coupled rule: it compares with its own coupled sample.
             token = coupled_sample(sampling_probs(logits, sampling)[0], sampling.seed, position)

@@ -4,9 +4,11 @@ and grpc.health.v1."""
 from __future__ import annotations
 
 import asyncio
+import logging
 import uuid
 from concurrent.futures import ThreadPoolExecutor
 
+from draft_service.controlled import ControlledAcceptance, ReferenceContinuations
 from draft_service.delegated import TargetClients
 from draft_service.drafter import Drafter, DraftRequest, ModelDrafter
 from draft_service.prompt_lookup import PromptLookupDrafter, VocabularyInfo
@@ -19,6 +21,8 @@ from specpipe.runtime.model_runner import CausalLMRunner
 from specpipe.sampling.params import SamplingParams
 from specpipe.v1 import draft_pb2, draft_pb2_grpc
 
+logger = logging.getLogger(__name__)
+
 SERVICE_NAME = draft_pb2.DESCRIPTOR.services_by_name["DraftService"].full_name
 
 
@@ -29,7 +33,15 @@ def load_drafter(config: WorkerConfig) -> tuple[Drafter, WorkerModelInfo]:
         lookup = PromptLookupDrafter(vocabulary, config.max_draft_tokens, config.max_ngram, config.min_ngram)
         return lookup, vocabulary.info
     runner = CausalLMRunner.from_config(config)
-    drafter = ModelDrafter(runner, config.max_draft_tokens)
+    steer = None
+    if config.controlled_acceptance is not None:
+        references = ReferenceContinuations.from_file(config.reference_file)
+        steer = ControlledAcceptance(references, config.controlled_acceptance, runner.vocab_size)
+        logger.info(
+            "controlled acceptance %.2f on greedy drafts: %d reference continuations from %s",
+            config.controlled_acceptance, len(references.sequences), config.reference_file,
+        )  # fmt: skip
+    drafter = ModelDrafter(runner, config.max_draft_tokens, steer)
     # Warm-up: one short greedy and one sampled proposal, so the first request pays no lazy initialisation.
     session_id = f"warmup-{uuid.uuid4().hex}"
     for sampling in (SamplingParams(), SamplingParams(temperature=1.0)):

@@ -110,6 +110,16 @@ def add_serve_parser(subparsers: argparse._SubParsersAction) -> None:
         "--direct-streams", action=argparse.BooleanOptionalAction, default=True,
         help="all: the target serves direct streams (see --direct-stream-port) to the draft worker",
     )  # fmt: skip
+    serve.add_argument(
+        "--controlled-acceptance", type=float, default=None, metavar="A",
+        help="draft, cost profiling: greedy drafts propose the target's token (from --reference-file) with "
+        "probability A per position, another token otherwise; the draft model's forwards still run",
+    )  # fmt: skip
+    serve.add_argument(
+        "--reference-file", default="",
+        help="draft, with --controlled-acceptance: JSON list of token id lists, each a prompt and the "
+        "target's greedy continuation",
+    )  # fmt: skip
     serve.add_argument("--max-ngram", type=int, default=3, help="draft, prompt lookup: longest n-gram")
     serve.add_argument("--min-ngram", type=int, default=1, help="draft, prompt lookup: shortest n-gram")
     serve.add_argument("--draft-addr", help="coordinator: draft worker host:port (comma-separated replicas)")
@@ -222,12 +232,13 @@ BENCHMARKS = {
     "floor": "benchmarks.forward_floor",
     "load": "benchmarks.load",
     "batching": "benchmarks.batching",
+    "random-pair": "benchmarks.random_pair",
 }
 
 
 def add_bench_parser(subparsers: argparse._SubParsersAction) -> None:
     bench = subparsers.add_parser(
-        "bench", help="run a benchmark (latency, floor, load, batching: see docs/benchmarks.md)",
+        "bench", help="run a benchmark (latency, floor, load, batching; random-pair makes a pair to profile)",
         add_help=False,
     )  # fmt: skip
     bench.add_argument("benchmark", choices=sorted(BENCHMARKS))
@@ -291,6 +302,8 @@ def serve_component(args: argparse.Namespace) -> int:
                 metrics_port=args.metrics_port,
                 max_batch_sessions=args.max_batch_sessions,
                 max_batch_tokens=args.max_batch_tokens,
+                controlled_acceptance=args.controlled_acceptance if args.component == "draft" else None,
+                reference_file=args.reference_file if args.component == "draft" else "",
             )
         )
         if args.component == "draft":

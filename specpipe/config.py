@@ -51,6 +51,10 @@ class WorkerConfig:
     # longer request, such as a prefill, runs alone).
     max_batch_sessions: int = 1
     max_batch_tokens: int = 512
+    # Draft workers, for cost profiling (draft_service/controlled.py): greedy drafts propose the target's
+    # token from reference_file with this probability per position, another token otherwise (None = off).
+    controlled_acceptance: float | None = None
+    reference_file: str = ""
 
     def __post_init__(self) -> None:
         if self.role not in WORKER_ROLES:
@@ -96,6 +100,15 @@ class WorkerConfig:
             raise ValueError("static KV slots run one session per forward: they do not batch sessions")
         if self.max_batch_sessions > 1 and self.drafter != "model":
             raise ValueError(f"a {self.drafter} drafter runs no model: it has no passes to batch")
+        if self.controlled_acceptance is not None:
+            if self.role != "draft" or self.drafter != "model":
+                raise ValueError("controlled acceptance steers a draft model: a draft worker's, with a model")
+            if not 0.0 <= self.controlled_acceptance <= 1.0:
+                raise ValueError(f"controlled_acceptance must be in [0, 1], got {self.controlled_acceptance}")
+            if not self.reference_file:
+                raise ValueError("controlled acceptance needs a reference file (the target's continuations)")
+        elif self.reference_file:
+            raise ValueError("a reference file is only read with controlled acceptance")
         if not 1 <= self.min_ngram <= self.max_ngram:
             raise ValueError(f"need 1 <= min_ngram <= max_ngram, got {self.min_ngram} and {self.max_ngram}")
 

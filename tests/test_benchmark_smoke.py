@@ -204,3 +204,30 @@ def test_the_cpu_is_named_with_its_family_and_model(tmp_path: Path) -> None:
     (tmp_path / "arm").write_text("processor\t: 0\nBogoMIPS\t: 50.00\n", encoding="utf-8")
     assert cpu_name("aarch64", str(tmp_path / "arm")) == "aarch64"
     assert cpu_name("x86_64", str(tmp_path / "missing")) == "x86_64"
+
+
+@pytest.mark.slow  # about 25 s: the services start on a random Llama pair
+def test_controlled_acceptance_profiles_a_random_pair(tmp_path: Path) -> None:
+    """`bench random-pair` writes a random Llama pair that loads offline; on it the latency benchmark's draft,
+    steered to acceptance 1, has every draft that was not cut by max_new_tokens accepted, and the outputs
+    are still the target's own."""
+    from benchmarks.random_pair import save_pair
+
+    target_dir, draft_dir = save_pair(tmp_path / "pair", "tiny", "tiny")
+    out_dir = tmp_path / "out"
+    cmd = [
+        sys.executable, "-m", "specpipe", "bench", "latency", "--quick", "--modes", "greedy",
+        "--target-model", str(target_dir), "--draft-model", str(draft_dir), "--max-new-tokens", "12",
+        "--variants", "plain-1t,specpipe-k2", "--controlled-acceptance", "1.0", "--out-dir", str(out_dir),
+    ]  # fmt: skip
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONUNBUFFERED": "1"}
+    proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=240)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    assert "specpipe's draft steered to acceptance 1.0 (cost profiling)" in proc.stdout, proc.stdout
+    payload = json.loads((out_dir / "latency.json").read_text(encoding="utf-8"))
+    assert payload["meta"]["controlled_acceptance"] == 1.0
+    assert len(json.loads((out_dir / "references.json").read_text(encoding="utf-8"))) == 2
+    spec = next(r for r in payload["results"] if r["variant"] == "specpipe-k2")
+    assert spec["match_vs_plain"] == "2/2" and spec["error"] is None
+    # 12 tokens in rounds of 3: every round's 2 drafts accepted (a prompt that ends at EOS may cut one).
+    assert spec["acceptance_rate"] >= 0.75, spec

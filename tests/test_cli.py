@@ -207,7 +207,14 @@ def test_every_serve_and_generate_option_says_what_it_does() -> None:
 
 
 @pytest.mark.parametrize(
-    "module", ["benchmarks.latency", "benchmarks.load", "benchmarks.batching", "benchmarks.forward_floor"]
+    "module",
+    [
+        "benchmarks.latency",
+        "benchmarks.load",
+        "benchmarks.batching",
+        "benchmarks.forward_floor",
+        "benchmarks.random_pair",
+    ],
 )
 def test_every_bench_option_says_what_it_does(module: str, monkeypatch: pytest.MonkeyPatch) -> None:
     import argparse
