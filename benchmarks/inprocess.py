@@ -23,13 +23,14 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, DynamicCache, PreT
 from benchmarks import cpu
 from benchmarks.prompts import Prompt
 from benchmarks.results import Mode, VariantRun
-from specpipe.runtime import lean_gpt2
-from specpipe.runtime.model_runner import DTYPES, CausalLMRunner, cache_argument
+from specpipe.runtime import lean_gpt2, lean_llama
+from specpipe.runtime.model_runner import DTYPES, CausalLMRunner, cache_argument, lean_forward_for
 from specpipe.sampling.params import SamplingParams
 from specpipe.sampling.processing import greedy_token_ids, sampling_probs
 from specpipe.sampling.randomness import RandomStream, keyed_uniform, sample_from_probs
 
 WARMUP_TOKENS = 8
+LeanForward = lean_gpt2.LeanGPT2 | lean_llama.LeanLlama
 PROMPT_LOOKUP_TOKENS = 10
 
 
@@ -424,7 +425,7 @@ def _timed_prefill(model: torch.nn.Module, ids: torch.Tensor) -> float:
 
 @torch.inference_mode()
 def measure_prefills(
-    pair: ModelPair, lean: lean_gpt2.LeanGPT2 | None, prompt_ids: Sequence[int], runs: int
+    pair: ModelPair, lean: LeanForward | None, prompt_ids: Sequence[int], runs: int
 ) -> tuple[float, float, float | None]:
     """Median ms of prefilling `prompt_ids` through the target, the draft and (where the draft has one) the
     draft's lean forward, timed in alternation like `measure_costs`."""
@@ -520,7 +521,7 @@ def measure_costs(
     history = torch.tensor([ids[:context]], dtype=torch.long, device=pair.device)
     block = torch.tensor([ids[context:]], dtype=torch.long, device=pair.device)  # [1, max_k + 1]
     caches = [m(input_ids=history, use_cache=True).past_key_values for m in (pair.target, pair.draft)]
-    lean = lean_gpt2.LeanGPT2(pair.draft) if lean_gpt2.supports(pair.draft) else None
+    lean = lean_forward_for(pair.draft)  # the draft workers' forward: GPT-2's or Llama's lean path
     lean_cache = lean.new_cache() if lean is not None else None
     if lean is not None:
         lean.forward(ids[:context], lean_cache, 1)

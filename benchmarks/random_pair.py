@@ -6,7 +6,7 @@ Both models share the demo pair's tokenizer (copied beside them, so `from_pretra
 on its own, offline) and its vocabulary; the shapes are those of known Llamas with that vocabulary. Random
 models agree on almost nothing, so run the latency benchmark on the pair with `--controlled-acceptance A`:
 
-    specpipe bench random-pair --target-shape 300m --draft-shape 68m --out /tmp/pair
+    specpipe bench random-pair --target-shape 200m --draft-shape 68m --out /tmp/pair
     specpipe bench latency --target-model /tmp/pair/target --draft-model /tmp/pair/draft \\
         --controlled-acceptance 0.8 --modes greedy
 
@@ -33,7 +33,7 @@ SHIPPED_TOKENIZER = REPO / "specpipe" / "assets" / "demo-pair" / "target"
 SHAPES: dict[str, tuple[int, int, int, int, int]] = {
     "7b": (4096, 11008, 32, 32, 32),  # Llama-2-7B
     "1b": (2048, 5632, 22, 32, 4),  # TinyLlama-1.1B
-    "300m": (1024, 2816, 16, 16, 8),  # a CPU-sized target: ~0.2B parameters with a 4096-token vocabulary
+    "200m": (1024, 2816, 16, 16, 8),  # a CPU-sized target: 197M parameters with the 4096-token vocabulary
     "160m": (768, 3072, 12, 12, 12),  # JackFram/llama-160m
     "68m": (768, 3072, 2, 12, 12),  # JackFram/llama-68m, a draft of the Llama family
     "tiny": (64, 128, 2, 4, 2),  # for tests
@@ -46,7 +46,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         description="Saves a randomly initialised Llama target and draft, sharing the demo pair's tokenizer, "
         "as OUT/target and OUT/draft, for `specpipe bench latency --controlled-acceptance`.",
     )
-    p.add_argument("--target-shape", choices=sorted(SHAPES), default="300m", help="default: %(default)s")
+    p.add_argument("--target-shape", choices=sorted(SHAPES), default="200m", help="default: %(default)s")
     p.add_argument("--draft-shape", choices=sorted(SHAPES), default="68m", help="default: %(default)s")
     p.add_argument("--out", type=Path, required=True, help="directory to write target/ and draft/ into")
     p.add_argument("--device", default="cpu", help="where the weights are created (cpu or cuda[:N])")
