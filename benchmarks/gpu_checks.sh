@@ -12,6 +12,13 @@
 #   run(command='bash benchmarks/gpu_checks.sh $OUT', carry=['.whl'], timeout_s=600)
 # The wheels (the gRPC, protobuf and Redis pieces the image lacks) install to /tmp/site; the project runs from
 # this checkout (PYTHONPATH), not installed.
+# Given a second device command, the issue's large-target profile (a 7B-shaped random Llama, 13.5 GB in bf16,
+# with a draft steered to a chosen acceptance; docs/benchmarks.md, "Cost profiling"):
+#   python3 -m specpipe bench random-pair --target-shape 7b --draft-shape 160m --device cuda --dtype bfloat16 \
+#       --out /tmp/pair
+#   python3 -m specpipe bench latency --target-model /tmp/pair/target --draft-model /tmp/pair/draft \
+#       --device cuda --dtype bfloat16 --static-kv-slots 4 --controlled-acceptance 0.8 --modes greedy \
+#       --num-prompts 4 --time-budget 240 --variants plain-1t,specpipe-k0,specpipe-adaptive-pipe
 set -uo pipefail
 cd "$(dirname "$0")/.."
 out="${1:?usage: gpu_checks.sh OUT_DIR}"
