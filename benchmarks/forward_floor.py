@@ -38,6 +38,7 @@ from pathlib import Path
 
 import torch
 
+from benchmarks import random_pair
 from benchmarks.inprocess import synchronize
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -47,10 +48,10 @@ DEMO_TARGET = REPO / "specpipe" / "assets" / "demo-pair" / "target"
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
 # Llama shapes (hidden, intermediate, layers, attention heads, key/value heads, vocabulary).
+# The shapes `bench random-pair` builds, with the vocabulary of the Llamas they come from (32000; the test
+# shape's 512): hidden, intermediate, layers, heads, key/value heads, vocabulary.
 LLAMA_SHAPES: dict[str, tuple[int, int, int, int, int, int]] = {
-    "7b": (4096, 11008, 32, 32, 32, 32000),  # Llama-2-7B
-    "1b": (2048, 5632, 22, 32, 4, 32000),  # TinyLlama-1.1B
-    "tiny": (64, 128, 2, 4, 2, 512),  # for tests
+    name: (*shape, 512 if name == "tiny" else 32000) for name, shape in random_pair.SHAPES.items()
 }
 
 
@@ -136,26 +137,8 @@ def read_bandwidth(device: torch.device, dtype: torch.dtype, mib: int, runs: int
 
 
 def random_llama(shape: str, device: torch.device, dtype: torch.dtype) -> torch.nn.Module:
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    hidden, intermediate, layers, heads, kv_heads, vocab = LLAMA_SHAPES[shape]
-    config = LlamaConfig(
-        hidden_size=hidden,
-        intermediate_size=intermediate,
-        num_hidden_layers=layers,
-        num_attention_heads=heads,
-        num_key_value_heads=kv_heads,
-        vocab_size=vocab,
-        max_position_embeddings=4096,
-    )
-    default = torch.get_default_dtype()
-    torch.set_default_dtype(dtype)  # built in the target dtype on the device: a 7B model never exists in fp32
-    try:
-        with device:
-            model = LlamaForCausalLM(config)
-    finally:
-        torch.set_default_dtype(default)
-    return model.eval()
+    vocab_size = LLAMA_SHAPES[shape][-1]
+    return random_pair.random_llama(shape, vocab_size, 4096, str(device), dtype, eos_token_id=None)
 
 
 def load_model(
