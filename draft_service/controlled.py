@@ -39,7 +39,10 @@ class ReferenceContinuations:
     @classmethod
     def from_file(cls, path: str | Path) -> ReferenceContinuations:
         """A JSON list of token id lists."""
-        data = json.loads(Path(path).read_text(encoding="utf-8"))
+        try:
+            data = json.loads(Path(path).read_text(encoding="utf-8"))
+        except json.JSONDecodeError as exc:
+            raise ValueError(f"{path}: not JSON ({exc})") from exc
         if not isinstance(data, list) or not all(
             isinstance(s, list) and all(isinstance(t, int) for t in s) for s in data
         ):

@@ -306,6 +306,12 @@ def serve_component(args: argparse.Namespace) -> int:
                 reference_file=args.reference_file if args.component == "draft" else "",
             )
         )
+        if config.reference_file:  # read once here too, so a bad file is one line, not a worker's traceback
+            if not os.path.isfile(config.reference_file):
+                raise FlagError(f"--reference-file {config.reference_file}: no such file")
+            from draft_service.controlled import ReferenceContinuations
+
+            checked(lambda: ReferenceContinuations.from_file(config.reference_file))
         if args.component == "draft":
             from draft_service.server import run_draft_worker
 

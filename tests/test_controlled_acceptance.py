@@ -4,6 +4,8 @@ the per-position hit rate, and greedy requests through the real services that st
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -40,6 +42,23 @@ def test_reference_files_are_checked(tmp_path: Path) -> None:
         bad.write_text(json.dumps(content), encoding="utf-8")
         with pytest.raises(ValueError, match="JSON list of token id lists"):
             ReferenceContinuations.from_file(bad)
+    bad.write_text("not json", encoding="utf-8")
+    with pytest.raises(ValueError, match="bad.json: not JSON"):
+        ReferenceContinuations.from_file(bad)
+
+
+def test_a_bad_reference_file_is_one_line_from_the_cli(tmp_path: Path) -> None:
+    """Refused before the worker loads its model: exit status 2 and the file named, no traceback."""
+    bad = tmp_path / "refs.json"
+    bad.write_text('{"a": 1}', encoding="utf-8")
+    for path, message in ((bad, "expected a JSON list"), (tmp_path / "missing.json", "no such file")):
+        proc = subprocess.run(
+            [sys.executable, "-m", "specpipe", "serve", "draft", "--model", "unused", "--port", "0",
+             "--controlled-acceptance", "0.5", "--reference-file", str(path)],
+            capture_output=True, text=True, timeout=60,
+        )  # fmt: skip
+        assert proc.returncode == 2, proc.stderr
+        assert message in proc.stderr and "Traceback" not in proc.stderr, proc.stderr
 
 
 def test_each_position_is_a_hit_with_the_chosen_probability() -> None:
