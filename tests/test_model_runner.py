@@ -117,3 +117,31 @@ def test_decode_equals_one_forward_per_step(model_pair: ModelPair, lean_forward:
     assert "s" not in runners[1].caches
     with pytest.raises(ValueError, match="steps must be >= 1"):
         runners[1].decode("s", history, 0, record)
+
+
+def test_the_thread_count_applies_on_every_thread_that_runs_a_forward(
+    model_pair: ModelPair, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """torch.set_num_threads reaches only its caller's BLAS/OpenMP threads, so the runner applies its count on
+    each thread that runs a forward (a worker's stream threads and event loop too), once per thread."""
+    import threading
+
+    runner = CausalLMRunner.load(model_pair.target_dir, "cpu", "float32", max_cached_sessions=4)
+    runner.torch_threads = 1
+    applied: list[tuple[int, int]] = []  # (thread, count); a finished thread's ident may be reused
+    monkeypatch.setattr(torch, "set_num_threads", lambda n: applied.append((threading.get_ident(), n)))
+
+    def two_forwards(session_id: str) -> None:
+        runner.forward(session_id, [1, 2, 3], 1)
+        runner.decode(session_id, [1, 2, 3, 4], 2, lambda logits: int(logits.argmax()))
+
+    threads = [threading.Thread(target=two_forwards, args=(f"s{i}",)) for i in range(2)]
+    for thread in threads:
+        thread.start()
+        thread.join()
+    assert [n for _, n in applied] == [1, 1]  # once per thread, though each ran a forward and a decode
+    runner.torch_threads = 0  # torch's default: the runner leaves the thread alone
+    thread = threading.Thread(target=two_forwards, args=("s9",))
+    thread.start()
+    thread.join()
+    assert len(applied) == 2

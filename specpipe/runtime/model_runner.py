@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import inspect
 import logging
+import threading
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -21,6 +22,8 @@ if TYPE_CHECKING:
     from specpipe.config import WorkerConfig
 
 logger = logging.getLogger(__name__)
+# The torch thread count set on each thread by a runner (CausalLMRunner._use_torch_threads).
+_THREADS_APPLIED = threading.local()
 
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
@@ -101,6 +104,19 @@ class CausalLMRunner:
         self._keeps_logits = "logits_to_keep" in inspect.signature(model.forward).parameters
         # Called with each forward's duration in ns (the worker's metrics), on the thread that ran it.
         self.forward_observer: Callable[[int], None] | None = None
+        # torch intra-op threads for this runner's forwards (0: torch's default), applied on each thread that
+        # runs one (`_use_torch_threads`).
+        self.torch_threads = 0
+
+    def _use_torch_threads(self) -> None:
+        """Applies `torch_threads` on the calling thread, once per thread. torch.set_num_threads reaches only
+        the thread that calls it for the BLAS/OpenMP kernels of a matrix product: a worker's other threads (a
+        direct stream's, its event loop) ran their forwards with as many threads as the machine has cores.
+        On a 2-core machine shared with the other services that made the target's forwards 11-25% slower in
+        the pipeline than alone (docs/benchmarks.md, "Torch threads on every thread")."""
+        if self.torch_threads and getattr(_THREADS_APPLIED, "count", 0) != self.torch_threads:
+            torch.set_num_threads(self.torch_threads)
+            _THREADS_APPLIED.count = self.torch_threads
 
     @classmethod
     def from_config(cls, config: WorkerConfig) -> CausalLMRunner:
@@ -117,6 +133,7 @@ class CausalLMRunner:
             static_kv_slots=config.static_kv_slots,
             cuda_graphs=config.cuda_graphs,
         )
+        runner.torch_threads = config.torch_threads
         runner.capture_graphs()  # a worker's: before it serves
         return runner
 
@@ -204,6 +221,7 @@ class CausalLMRunner:
         Row i of the result is the distribution over the token at position len(token_ids) - num_rows + i + 1.
         Afterwards the session's cache holds all of `token_ids`.
         """
+        self._use_torch_threads()
         started = time.perf_counter_ns()
         ids, entry, reuse = self._reuse_cache(session_id, token_ids, num_rows)
         try:
@@ -232,6 +250,7 @@ class CausalLMRunner:
         """
         if steps < 1:
             raise ValueError(f"steps must be >= 1, got {steps}")
+        self._use_torch_threads()
         started = time.perf_counter_ns()
         ids, entry, reuse = self._reuse_cache(session_id, token_ids, 1)
         feed = ids[reuse:]
@@ -282,6 +301,7 @@ class CausalLMRunner:
             return [self.forward(*call) for call in calls]
         if len({session_id for session_id, _, _ in calls}) != len(calls):
             raise ValueError("forward_many takes each session at most once")
+        self._use_torch_threads()
         started = time.perf_counter_ns()
         prepared = [self._reuse_cache(*call) for call in calls]
         assert self.lean is not None and not isinstance(self.lean, GraphedForward)
