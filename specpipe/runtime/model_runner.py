@@ -111,9 +111,8 @@ class CausalLMRunner:
     def _use_torch_threads(self) -> None:
         """Applies `torch_threads` on the calling thread, once per thread. torch.set_num_threads reaches only
         the thread that calls it for the BLAS/OpenMP kernels of a matrix product: a worker's other threads (a
-        direct stream's, its event loop) ran their forwards with as many threads as the machine has cores.
-        On a 2-core machine shared with the other services that made the target's forwards 11-25% slower in
-        the pipeline than alone (docs/benchmarks.md, "Torch threads on every thread")."""
+        direct stream's, its event loop) ran their forwards' products on every core, whatever --threads said
+        (docs/benchmarks.md, run 29: +0.4-2.2% tokens/s on the demo pair once fixed)."""
         if self.torch_threads and getattr(_THREADS_APPLIED, "count", 0) != self.torch_threads:
             torch.set_num_threads(self.torch_threads)
             _THREADS_APPLIED.count = self.torch_threads
