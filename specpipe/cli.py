@@ -70,7 +70,11 @@ def add_serve_parser(subparsers: argparse._SubParsersAction) -> None:
         help="draft/target: KV cache memory kept across sessions, LRU-evicted (0 = unlimited)",
     )  # fmt: skip
     serve.add_argument("--max-context", type=int, default=0, help="draft/target: 0 = the model's context")
-    serve.add_argument("--threads", type=int, default=0, help="draft/target: torch threads (0 = default)")
+    serve.add_argument(
+        "--threads", type=int, default=0,
+        help="draft/target: torch threads per worker (0: with no component, half the machine's cores each, "
+        "as the two model workers share it; for one component, torch's default, every core)",
+    )  # fmt: skip
     serve.add_argument(
         "--lean-forward", action=argparse.BooleanOptionalAction, default=None,
         help="draft/target: the lean GPT-2/Llama forward instead of transformers' (default: on for a draft "
@@ -257,6 +261,14 @@ def bench(args: argparse.Namespace) -> int:
     return int(benchmark.main(args.bench_args))
 
 
+def embedded_worker_threads(cores: int | None = None) -> int:
+    """torch threads for each model worker of `specpipe serve` with no component: half the cores, as the
+    target and the draft share the machine. Every core for each (torch's default) oversubscribes it: on 2
+    cores the main job served 22-25% fewer tokens/s that way (docs/benchmarks.md, run 29)."""
+    cores = cores or os.cpu_count() or 2
+    return max(1, cores // 2)
+
+
 def redis_password(args: argparse.Namespace) -> str:
     if args.redis_password_file:
         with open(args.redis_password_file, encoding="utf-8") as handle:
@@ -393,7 +405,7 @@ def serve_all(args: argparse.Namespace) -> int:
             device=args.device,
             dtype=args.dtype,
             num_speculative_tokens=args.num_speculative_tokens,
-            torch_threads=args.threads,
+            torch_threads=args.threads or embedded_worker_threads(),
             drafter=args.drafter,
             log_dir=args.log_dir,
             direct_streams=args.direct_streams,

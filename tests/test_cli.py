@@ -111,6 +111,24 @@ def test_embedded_serve_serves_every_components_metrics_on_consecutive_ports(
         specpipe.launcher.PipelineConfig("t", "d", metrics_port=65534)
 
 
+def test_embedded_serve_splits_the_cores_between_its_workers_unless_told(
+    embedded_configs: list[PipelineConfig], tmp_path: Path
+) -> None:
+    import specpipe.launcher
+    from specpipe.cli import embedded_worker_threads, main
+
+    assert [embedded_worker_threads(n) for n in (1, 2, 3, 16)] == [1, 1, 1, 8]
+    assert main(["serve", "--log-dir", str(tmp_path)]) == 0
+    assert main(["serve", "--threads", "3", "--log-dir", str(tmp_path)]) == 0
+    default, told = embedded_configs
+    for config, threads in ((default, embedded_worker_threads()), (told, 3)):
+        for args in (
+            specpipe.launcher.draft_worker_args(config, 1234),
+            specpipe.launcher.target_worker_args(config, 1234),
+        ):
+            assert args[args.index("--threads") + 1] == str(threads)
+
+
 def test_embedded_serve_gives_its_target_direct_streams_unless_told_not_to(
     embedded_configs: list[PipelineConfig], tmp_path: Path
 ) -> None:
