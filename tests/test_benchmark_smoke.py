@@ -206,28 +206,33 @@ def test_the_cpu_is_named_with_its_family_and_model(tmp_path: Path) -> None:
     assert cpu_name("x86_64", str(tmp_path / "missing")) == "x86_64"
 
 
-@pytest.mark.slow  # about 25 s: the services start on a random Llama pair
-def test_controlled_acceptance_profiles_a_random_pair(tmp_path: Path) -> None:
-    """`bench random-pair` writes a random Llama pair that loads offline; on it the latency benchmark's draft,
-    steered to acceptance 1, has every draft that was not cut by max_new_tokens accepted, and the outputs
-    are still the target's own."""
+def test_controlled_acceptance_reaches_the_draft_worker_of_a_random_pair(tmp_path: Path) -> None:
+    """`bench random-pair` writes a random Llama pair that loads offline; `--controlled-acceptance` computes
+    the target's continuations and starts the draft worker steered by them (the steered worker's requests
+    through the services are tested in tests/test_controlled_acceptance.py)."""
+    from transformers import AutoModelForCausalLM
+
+    from benchmarks import inprocess, latency, services
+    from benchmarks.prompts import Prompt
     from benchmarks.random_pair import save_pair
 
     target_dir, draft_dir = save_pair(tmp_path / "pair", "tiny", "tiny")
-    out_dir = tmp_path / "out"
-    cmd = [
-        sys.executable, "-m", "specpipe", "bench", "latency", "--quick", "--modes", "greedy",
-        "--target-model", str(target_dir), "--draft-model", str(draft_dir), "--max-new-tokens", "12",
-        "--variants", "plain-1t,specpipe-k2", "--controlled-acceptance", "1.0", "--out-dir", str(out_dir),
-    ]  # fmt: skip
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONUNBUFFERED": "1"}
-    proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=240)
-    assert proc.returncode == 0, proc.stderr[-4000:]
-    assert "specpipe's draft steered to acceptance 1.0 (cost profiling)" in proc.stdout, proc.stdout
-    payload = json.loads((out_dir / "latency.json").read_text(encoding="utf-8"))
-    assert payload["meta"]["controlled_acceptance"] == 1.0
-    assert len(json.loads((out_dir / "references.json").read_text(encoding="utf-8"))) == 2
-    spec = next(r for r in payload["results"] if r["variant"] == "specpipe-k2")
-    assert spec["match_vs_plain"] == "2/2" and spec["error"] is None
-    # 12 tokens in rounds of 3: every round's 2 drafts accepted (a prompt that ends at EOS may cut one).
-    assert spec["acceptance_rate"] >= 0.75, spec
+    for directory in (target_dir, draft_dir):
+        model = AutoModelForCausalLM.from_pretrained(directory, local_files_only=True)
+        assert type(model).__name__ == "LlamaForCausalLM" and model.config.vocab_size == 4096
+    steered = ["--controlled-acceptance", "0.7", "--max-new-tokens", "6"]
+    args = latency.parse_args([*steered, "--modes", "greedy"])
+    with pytest.raises(SystemExit):
+        latency.parse_args(["--controlled-acceptance", "0.7"])  # the sample mode too: refused
+    pair = inprocess.load_pair(target_dir, draft_dir)
+    prompts = [Prompt("a.py:1", "", (5, 6, 7)), Prompt("b.py:1", "", (9, 10))]
+    st = latency.Setup(args, target_dir, draft_dir, pair, prompts, "test", [], [2], ["specpipe-k2"])
+    path = latency.write_references(st, tmp_path / "references.json")
+    references = json.loads(path.read_text(encoding="utf-8"))
+    # Each prompt, then max_new_tokens + max k + 2 greedy tokens of the target (past EOS).
+    assert [r[: len(p.token_ids)] for r, p in zip(references, prompts, strict=True)] == [[5, 6, 7], [9, 10]]
+    assert [len(r) for r in references] == [3 + 6 + 16 + 2, 2 + 6 + 16 + 2]
+    assert references[0] == inprocess.greedy_reference(pair.target, [5, 6, 7], 24)
+    steer = ["--controlled-acceptance", "0.7", "--reference-file", str(path)]
+    svc = services.Services(target_dir, draft_dir, tmp_path / "logs", 4, draft_extra=steer)  # not started
+    assert svc.draft.args[-4:] == steer and "--controlled-acceptance" not in svc.target.args
