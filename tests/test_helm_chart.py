@@ -611,6 +611,24 @@ def test_worker_pools_batch_sessions_when_asked() -> None:
     }
 
 
+def test_worker_threads_follow_the_pods_cpu_request_unless_set() -> None:
+    """threads 0 (the default): --threads is the container's CPU request in whole cores, through the downward
+    API (torch's own default would be the node's core count); a pool's threads above 0 is passed as is."""
+    values = values_of("two-gpu-pools-values.yaml")
+    values["draft"]["threads"] = 0
+    values["target"]["pools"][0]["threads"] = 6
+    for deployment in find(render(values), "Deployment"):
+        role = pod_labels(deployment)["app.kubernetes.io/component"]
+        if role not in ("draft", "target"):
+            continue
+        c = container(deployment)
+        request = env_of(c)["SPECPIPE_CPU_REQUEST"]
+        assert request == {"resourceFieldRef": {"resource": "requests.cpu", "divisor": "1"}}
+        name = deployment["metadata"]["name"]
+        pinned = name == f"{FULLNAME}-target-{values['target']['pools'][0]['name']}"
+        assert args_of(c)["--threads"] == ("6" if pinned else "$(SPECPIPE_CPU_REQUEST)"), name
+
+
 def test_worker_pools_keep_static_kv_slots_when_asked() -> None:
     """staticKvSlots (default 0: off) is a per-pool setting of both roles, inherited from the role."""
     for deployment in find(rendered("default"), "Deployment"):

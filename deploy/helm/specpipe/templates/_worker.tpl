@@ -164,7 +164,13 @@ spec:
             - --model={{ include "specpipe.modelPath" $pool }}
             - --device={{ $pool.device }}
             - --dtype={{ $pool.dtype }}
+            {{- if gt (int $pool.threads) 0 }}
             - --threads={{ int $pool.threads }}
+            {{- else }}
+            # The container's CPU request in whole cores (the downward API rounds up; 0 without a request:
+            # torch's default). torch's own default is the node's core count, whatever the pod may use.
+            - --threads=$(SPECPIPE_CPU_REQUEST)
+            {{- end }}
             - --max-context={{ int $pool.maxContext }}
             - --max-cached-sessions={{ int $pool.maxCachedSessions }}
             - --kv-cache-budget-mb={{ toString $pool.kvCacheBudgetMb }}
@@ -187,6 +193,11 @@ spec:
             {{- end }}
           env:
             {{- include "specpipe.cacheEnv" $root | nindent 12 }}
+            - name: SPECPIPE_CPU_REQUEST
+              valueFrom:
+                resourceFieldRef:
+                  resource: requests.cpu
+                  divisor: "1"
             # The model is local (image, volume or the init download): never reach for the hub.
             - name: HF_HUB_OFFLINE
               value: "1"
