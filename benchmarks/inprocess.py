@@ -193,21 +193,6 @@ def runner_decode(
     return done
 
 
-@torch.inference_mode()
-def greedy_reference(model: torch.nn.Module, prompt: Sequence[int], tokens: int) -> list[int]:
-    """`prompt` and `tokens` greedy tokens of `model` after it (past EOS: a draft may look beyond it), as
-    `plain_decode` chooses them."""
-    cache = DynamicCache(config=model.config)
-    with_cache = {cache_argument(model): cache}
-    ids = list(prompt)
-    feed = torch.tensor([ids], dtype=torch.long, device=model.device)
-    for _ in range(tokens):
-        logits = model(input_ids=feed, use_cache=True, logits_to_keep=1, **with_cache).logits[0, -1:]
-        ids.append(greedy_token_ids(logits.float().cpu())[0])
-        feed = torch.tensor([[ids[-1]]], dtype=torch.long, device=model.device)
-    return ids
-
-
 def hf_kwargs(kind: str, pair: ModelPair, mode: Mode) -> dict[str, object]:
     """generate() arguments: plain, with the draft as assistant (HF's default schedule), or prompt lookup."""
     kwargs: dict[str, object] = {"do_sample": not mode.greedy}
@@ -281,14 +266,17 @@ class InProcessVariant:
     def _decode(self, i: int, n: int, mode: Mode) -> list[int]:
         prompt = self.prompts[i].token_ids
         if self.runner is not None:
-            with torch_threads(self.threads):
-                return runner_decode(
-                    self.runner, "warmup", prompt, n, sampling_params(mode, i), self.pair.eos_ids
-                ).tokens
+            return self._decode_static(i, n, mode).tokens
         with torch_threads(self.threads):
             if not self.kind:
                 return plain_decode(self.pair.target, prompt, n, sampling_params(mode, i), self.pair.eos_ids)
             return hf_decode(self.pair, prompt, n, self.kind, mode, mode.seed(i))
+
+    def _decode_static(self, i: int, n: int, mode: Mode) -> RunnerDecode:
+        assert self.runner is not None
+        prompt, params = self.prompts[i].token_ids, sampling_params(mode, i)
+        with torch_threads(self.threads):
+            return runner_decode(self.runner, f"plain-{i}", prompt, n, params, self.pair.eos_ids)
 
     def warmup(self, mode: Mode) -> str:
         """One short request; returns the error of an unsupported combination ("" when it works)."""
@@ -300,15 +288,7 @@ class InProcessVariant:
 
     def run_prompt(self, i: int, mode: Mode, run: VariantRun) -> None:
         if self.runner is not None:
-            runner = self.runner
-            prompt, params = self.prompts[i].token_ids, sampling_params(mode, i)
-            with torch_threads(self.threads):
-                done = cpu.timed(
-                    run,
-                    lambda: runner_decode(
-                        runner, f"plain-{i}", prompt, self.max_new, params, self.pair.eos_ids
-                    ),
-                )
+            done = cpu.timed(run, lambda: self._decode_static(i, self.max_new, mode))
             run.outputs.append(done.tokens)
             run.target_passes += done.passes
             run.target_forward_s += done.forward_s

@@ -42,6 +42,7 @@ from benchmarks import inprocess, probes, report, services
 from benchmarks import prompts as prompts_mod
 from benchmarks.results import GREEDY, SAMPLE, Mode, VariantRun
 from specpipe.rpc.event_loop import resolve as resolve_event_loop
+from specpipe.sampling.params import SamplingParams
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
@@ -456,7 +457,11 @@ def write_references(st: Setup, path: Path) -> Path:
     """Each prompt and the target's greedy continuation, past max_new_tokens by the most a round can draft
     (and past EOS), for the controlled-acceptance draft worker."""
     tokens = st.args.max_new_tokens + st.args.max_speculative_tokens + 2
-    sequences = [inprocess.greedy_reference(st.pair.target, p.token_ids, tokens) for p in st.prompts]
+    greedy, no_eos = SamplingParams(), frozenset[int]()  # past EOS too: a draft may look beyond it
+    sequences = [
+        [*p.token_ids, *inprocess.plain_decode(st.pair.target, p.token_ids, tokens, greedy, no_eos)]
+        for p in st.prompts
+    ]
     path.write_text(json.dumps(sequences), encoding="utf-8")
     progress(f"controlled acceptance {st.args.controlled_acceptance}: {len(sequences)} references in {path}")
     return path

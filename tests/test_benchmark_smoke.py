@@ -12,6 +12,7 @@ from pathlib import Path
 import pytest
 
 from specpipe.models.tiny_pair import build_tiny_pair
+from specpipe.sampling.params import SamplingParams
 
 REPO = Path(__file__).resolve().parent.parent
 VARIANTS = ("plain-1t", "hf-generate", "hf-assisted", "specpipe-k0", "specpipe-k2-pipe", "specpipe-lookup")
@@ -232,7 +233,8 @@ def test_controlled_acceptance_reaches_the_draft_worker_of_a_random_pair(tmp_pat
     # Each prompt, then max_new_tokens + max k + 2 greedy tokens of the target (past EOS).
     assert [r[: len(p.token_ids)] for r, p in zip(references, prompts, strict=True)] == [[5, 6, 7], [9, 10]]
     assert [len(r) for r in references] == [3 + 6 + 16 + 2, 2 + 6 + 16 + 2]
-    assert references[0] == inprocess.greedy_reference(pair.target, [5, 6, 7], 24)
+    continuation = inprocess.plain_decode(pair.target, [5, 6, 7], 24, SamplingParams(), frozenset())
+    assert references[0] == [5, 6, 7, *continuation]
     steer = ["--controlled-acceptance", "0.7", "--reference-file", str(path)]
     svc = services.Services(target_dir, draft_dir, tmp_path / "logs", 4, draft_extra=steer)  # not started
     assert svc.draft.args[-4:] == steer and "--controlled-acceptance" not in svc.target.args
