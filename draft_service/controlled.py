@@ -41,6 +41,8 @@ class ReferenceContinuations:
         """A JSON list of token id lists."""
         try:
             data = json.loads(Path(path).read_text(encoding="utf-8"))
+        except FileNotFoundError as exc:
+            raise ValueError(f"{path}: no such file") from exc
         except json.JSONDecodeError as exc:
             raise ValueError(f"{path}: not JSON ({exc})") from exc
         if not isinstance(data, list) or not all(

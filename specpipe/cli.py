@@ -319,8 +319,6 @@ def serve_component(args: argparse.Namespace) -> int:
             )
         )
         if config.reference_file:  # read once here too, so a bad file is one line, not a worker's traceback
-            if not os.path.isfile(config.reference_file):
-                raise FlagError(f"--reference-file {config.reference_file}: no such file")
             from draft_service.controlled import ReferenceContinuations
 
             checked(lambda: ReferenceContinuations.from_file(config.reference_file))
