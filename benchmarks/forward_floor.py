@@ -47,7 +47,6 @@ REPO = Path(__file__).resolve().parent.parent
 DEMO_TARGET = REPO / "specpipe" / "assets" / "demo-pair" / "target"
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
-# Llama shapes (hidden, intermediate, layers, attention heads, key/value heads, vocabulary).
 # The shapes `bench random-pair` builds, with the vocabulary of the Llamas they come from (32000; the test
 # shape's 512): hidden, intermediate, layers, heads, key/value heads, vocabulary.
 LLAMA_SHAPES: dict[str, tuple[int, int, int, int, int, int]] = {
