@@ -706,7 +706,7 @@ def summary(payload: dict[str, object]) -> str:
             parts.append(f"greedy outputs vs plain-1t: {verdict} ({counts})")
         checks = dict(payload["targets"]).get(mode)  # type: ignore[call-overload]
         if checks:
-            parts.append(f"targets ({mode}): {checks}")
+            parts.append(report.targets_line(mode, checks))
     return "\n".join(parts)
 
 

@@ -129,3 +129,28 @@ def test_with_static_slots_the_static_path_is_a_baseline_and_each_bound_has_its_
     assert metrics(plain_static, runs, costs)["target_forward_inflation"] == pytest.approx(
         (0.852 - 2 * 0.048) / 126 / 0.006
     )
+
+
+def _row(variant: str, speedup: float, vs_assisted: float, overhead_ms: float, efficiency: float) -> dict:
+    return {
+        "variant": variant, "family": "specpipe", "mode": "greedy", "tokens_per_s": 100.0 * speedup,
+        "speedup_vs_plain": speedup, "speedup_vs_hf_assisted": vs_assisted,
+        "overhead_ms_per_round": overhead_ms, "efficiency": efficiency,
+    }
+
+
+def test_targets_judge_the_fastest_configuration_and_name_every_one_meeting_all_four() -> None:
+    rows = [
+        _row("specpipe-adaptive-pipe", 2.95, 2.65, 1.22, 0.91),  # fastest, overhead missed
+        _row("specpipe-k6-pipe", 2.47, 2.22, 0.99, 0.98),  # every target
+        _row("specpipe-k2", 1.36, 1.22, 0.90, 0.86),  # below 1.6x
+        _row("specpipe-k4", 1.77, 0.95, 0.90, 0.90),  # slower than hf-assisted
+    ]
+    checks = report.check_targets(rows, "greedy")
+    assert checks["best_variant"] == "specpipe-adaptive-pipe"
+    assert checks["speedup_vs_plain_met"] and checks["efficiency_met"] and not checks["overhead_met"]
+    assert checks["variants_meeting_every_target"] == ["specpipe-k6-pipe"]
+    line = report.targets_line("greedy", checks)
+    assert "overhead 1.22 ms per round (<= 1.0 NOT met)" in line
+    assert line.endswith("every target met by: specpipe-k6-pipe")
+    assert report.check_targets(rows, "sample") == {}
