@@ -6,8 +6,9 @@
 #   3. `bench latency` on the GPU with the demo pair, the workers on static KV slots (CUDA graphs), greedy,
 #      a reduced variant set.
 # Usage: bash benchmarks/gpu_checks.sh OUT_DIR   (results and logs go there; each step's output in its file)
-# The steps' timeouts (120 + 200 + 260 s) keep the whole script under the device tool's 600 s per command,
-# so a slow step costs its own results, not the later steps' or the files copied at the end.
+# The steps' timeouts (100 + 190 + 250 s) keep the whole script under the device tool's 600 s per command,
+# with ~60 s for the wheels, nvidia-smi and CUDA's start-up, so a slow step costs its own results, not the
+# later steps' or the files copied at the end.
 # On the lent machine: first `bash benchmarks/gpu_wheels.sh` here, then run with carry [".whl"], e.g.
 #   run(command='bash benchmarks/gpu_checks.sh $OUT', carry=['.whl'], timeout_s=600)
 # The wheels (the gRPC, protobuf and Redis pieces the image lacks) install to /tmp/site; the project runs from
@@ -19,6 +20,8 @@
 #   python3 -m specpipe bench latency --target-model /tmp/pair/target --draft-model /tmp/pair/draft \
 #       --device cuda --dtype bfloat16 --static-kv-slots 4 --controlled-acceptance 0.8 --modes greedy \
 #       --num-prompts 4 --time-budget 240 --variants plain-1t,specpipe-k0,specpipe-adaptive-pipe
+#   (the references come from the workers' static forward; in bfloat16 a block of k + 1 may still round
+#   differently from one-token steps, so read the acceptance from the `accept` column, not from A)
 set -uo pipefail
 cd "$(dirname "$0")/.."
 out="${1:?usage: gpu_checks.sh OUT_DIR}"
@@ -29,6 +32,7 @@ if compgen -G ".whl/*.whl" > /dev/null; then
         .whl/*.whl > /tmp/wheels.txt 2>&1 || { echo "wheels: install failed"; tail -n 20 /tmp/wheels.txt; }
     export PYTHONPATH="/tmp/site:$PWD"
 else
+    echo "no .whl/: run benchmarks/gpu_wheels.sh here first and carry ['.whl'] (the image lacks gRPC pieces)"
     export PYTHONPATH="$PWD"
 fi
 
@@ -36,18 +40,21 @@ nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv > "$out/gpu
 python3 -c "import torch; print(torch.__version__, torch.version.cuda, torch.cuda.get_device_name())" \
     >> "$out/gpu.txt" 2>&1
 
-timeout 120 python3 -m pytest -m gpu -p no:cacheprovider -q tests/test_graphed_forward.py \
+timeout 100 python3 -m pytest -m gpu -p no:cacheprovider -q tests/test_graphed_forward.py \
     > "$out/1-gpu-tests.txt" 2>&1
 echo "gpu tests: exit $?"
 
-timeout 200 python3 -m specpipe bench floor --llama-shape 7b --device cuda --dtype bfloat16 --runs 10 \
+timeout 190 python3 -m specpipe bench floor --llama-shape 7b --device cuda --dtype bfloat16 --runs 10 \
     --batch-sessions 4 --out "$out/2-floor-7b.json" > "$out/2-floor-7b.txt" 2>&1
 echo "floor 7b: exit $?"
 
-timeout 260 python3 -m specpipe bench latency --device cuda --dtype float32 --static-kv-slots 4 \
+rm -rf /tmp/latency  # a rerun on a warm machine must not copy back the previous run's results
+timeout 250 python3 -m specpipe bench latency --device cuda --dtype float32 --static-kv-slots 4 \
     --modes greedy --num-prompts 8 --time-budget 200 \
     --variants plain-1t,hf-generate,hf-assisted,specpipe-k0,specpipe-adaptive,specpipe-adaptive-pipe \
     --out-dir /tmp/latency > "$out/3-latency.txt" 2>&1
 echo "latency: exit $?"
-cp /tmp/latency/latency.json "$out/3-latency.json" 2>/dev/null  # six files in all: what $OUT brings back
+cp /tmp/latency/latency.json "$out/3-latency.json" 2>/dev/null
+# The workers' and coordinators' logs (tracebacks, "captured N CUDA graphs"): seven files in all.
+tail -n 60 /tmp/latency/logs/*.log > "$out/3-latency-logs.txt" 2>&1
 tail -n 30 "$out"/*.txt

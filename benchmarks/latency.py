@@ -458,10 +458,23 @@ def write_references(st: Setup, path: Path) -> Path:
     (and past EOS), for the controlled-acceptance draft worker."""
     tokens = st.args.max_new_tokens + st.args.max_speculative_tokens + 2
     greedy, no_eos = SamplingParams(), frozenset[int]()  # past EOS too: a draft may look beyond it
-    sequences = [
-        [*p.token_ids, *inprocess.plain_decode(st.pair.target, p.token_ids, tokens, greedy, no_eos)]
-        for p in st.prompts
-    ]
+    if st.args.static_kv_slots:
+        # Through the forward the target worker runs then (the lean static one): in bfloat16 transformers'
+        # forward rounds differently, a random model's greedy continuation splits from the worker's within
+        # a few dozen tokens, and past the split the draft would find no reference (acceptance near 0).
+        runner = inprocess.static_runner(st.pair.target, st.pair.tokenizer)
+        sequences = [
+            [
+                *p.token_ids,
+                *inprocess.runner_decode(runner, "reference", p.token_ids, tokens, greedy, no_eos).tokens,
+            ]
+            for p in st.prompts
+        ]
+    else:
+        sequences = [
+            [*p.token_ids, *inprocess.plain_decode(st.pair.target, p.token_ids, tokens, greedy, no_eos)]
+            for p in st.prompts
+        ]
     path.write_text(json.dumps(sequences), encoding="utf-8")
     progress(f"controlled acceptance {st.args.controlled_acceptance}: {len(sequences)} references in {path}")
     return path
@@ -487,7 +500,16 @@ def run_variants(st: Setup, out_dir: Path) -> tuple[list[VariantRun], dict, dict
     round_trips: dict[str, float] = {}
     pilot_record: dict[str, object] = {}
     with ExitStack() as stack:
-        svc = start_services(st, out_dir, stack)
+        try:
+            svc = start_services(st, out_dir, stack)
+        except Exception as exc:  # noqa: BLE001
+            # A worker that cannot start (a GPU capture, a model it cannot load) costs the specpipe rows, not
+            # the in-process baselines that run beside them.
+            svc = None
+            error = f"services failed to start: {type(exc).__name__}: {exc} (logs: {out_dir / 'logs'})"
+            for name in st.variants:
+                if name in configs:
+                    bench.fail(name, "specpipe", configs[name].describe(), error)
         if svc is not None:
             progress("services serving; round-trip probes")
             vocab = int(st.pair.target.get_output_embeddings().weight.shape[0])

@@ -83,8 +83,8 @@ def add_serve_parser(subparsers: argparse._SubParsersAction) -> None:
     serve.add_argument(
         "--static-kv-slots", type=int, default=0,
         help="all/draft/target: keep the KV caches of this many sessions in preallocated slots and run "
-        "forwards with static shapes over them; on a GPU a forward of up to 16 new tokens replays a CUDA "
-        "graph captured per slot, token count and 256-position context bucket (0 = off; GPT-2 and Llama)",
+        "forwards with static shapes over them; on a GPU a forward of up to 18 new tokens replays a CUDA "
+        "graph captured per slot, token count and 512-position context bucket (0 = off; GPT-2 and Llama)",
     )  # fmt: skip
     serve.add_argument(
         "--cuda-graphs", action=argparse.BooleanOptionalAction, default=True,

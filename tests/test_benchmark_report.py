@@ -133,9 +133,14 @@ def test_with_static_slots_the_static_path_is_a_baseline_and_each_bound_has_its_
 
 def _row(variant: str, speedup: float, vs_assisted: float, overhead_ms: float, efficiency: float) -> dict:
     return {
-        "variant": variant, "family": "specpipe", "mode": "greedy", "tokens_per_s": 100.0 * speedup,
-        "speedup_vs_plain": speedup, "speedup_vs_hf_assisted": vs_assisted,
-        "overhead_ms_per_round": overhead_ms, "efficiency": efficiency,
+        "variant": variant,
+        "family": "specpipe",
+        "mode": "greedy",
+        "tokens_per_s": 100.0 * speedup,
+        "speedup_vs_plain": speedup,
+        "speedup_vs_hf_assisted": vs_assisted,
+        "overhead_ms_per_round": overhead_ms,
+        "efficiency": efficiency,
     }
 
 

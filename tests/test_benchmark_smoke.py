@@ -238,3 +238,63 @@ def test_controlled_acceptance_reaches_the_draft_worker_of_a_random_pair(tmp_pat
     steer = ["--controlled-acceptance", "0.7", "--reference-file", str(path)]
     svc = services.Services(target_dir, draft_dir, tmp_path / "logs", 4, draft_extra=steer)  # not started
     assert svc.draft.args[-4:] == steer and "--controlled-acceptance" not in svc.target.args
+
+
+def test_with_static_slots_the_references_come_from_the_workers_forward(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """With `--static-kv-slots` the target worker runs the lean static forward: the references must be its
+    greedy continuations (in bfloat16 transformers' forward would split from them within a few dozen tokens
+    of a random model, and the steered draft find no reference past the split)."""
+    from benchmarks import inprocess, latency
+    from benchmarks.prompts import Prompt
+    from benchmarks.random_pair import save_pair
+
+    target_dir, draft_dir = save_pair(tmp_path / "pair", "tiny", "tiny")
+    args = latency.parse_args(
+        [
+            "--controlled-acceptance",
+            "0.7",
+            "--max-new-tokens",
+            "6",
+            "--modes",
+            "greedy",
+            "--static-kv-slots",
+            "1",
+        ]
+    )
+    pair = inprocess.load_pair(target_dir, draft_dir)
+    prompts = [Prompt("a.py:1", "", (5, 6, 7))]
+    st = latency.Setup(args, target_dir, draft_dir, pair, prompts, "test", [], [2], ["specpipe-k2"])
+
+    def not_transformers(*_: object) -> list[int]:
+        raise AssertionError("the references went through transformers' forward")
+
+    monkeypatch.setattr(inprocess, "plain_decode", not_transformers)
+    references = json.loads(latency.write_references(st, tmp_path / "references.json").read_text("utf-8"))
+    runner = inprocess.static_runner(pair.target, pair.tokenizer)
+    alone = inprocess.runner_decode(runner, "check", [5, 6, 7], 24, SamplingParams(), frozenset())
+    assert references == [[5, 6, 7, *alone.tokens]]
+
+
+def test_services_that_fail_to_start_cost_the_specpipe_rows_only(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A worker that cannot start (on a GPU: a failed graph capture) fails the specpipe variants; the
+    in-process baselines still run and the run still reports."""
+    from benchmarks import latency
+
+    target_dir, draft_dir = build_tiny_pair(tmp_path / "pair")
+    args = latency.parse_args(
+        ["--target-model", str(target_dir), "--draft-model", str(draft_dir), "--num-prompts", "1"]
+        + ["--max-new-tokens", "4", "--modes", "greedy", "--variants", "plain-1t,specpipe-k2"]
+    )
+
+    def worker_exits(*_: object) -> None:
+        raise RuntimeError("target worker exited with code 1")
+
+    monkeypatch.setattr(latency, "start_services", worker_exits)
+    runs, _, _, _ = latency.run_variants(latency.setup(args), tmp_path / "out")
+    by_variant = {run.variant: run for run in runs}
+    assert not by_variant["plain-1t"].error and by_variant["plain-1t"].tokens > 0
+    assert by_variant["specpipe-k2"].error.startswith("services failed to start: RuntimeError: target worker")

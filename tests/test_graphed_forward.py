@@ -79,7 +79,7 @@ class ReplayByRerun:
         self.replays += 1
 
 
-def capture_on_the_cpu(run, device: torch.device, memory_pool: object) -> tuple[ReplayByRerun, torch.Tensor]:
+def capture_on_the_cpu(run, side: object, memory_pool: object) -> tuple[ReplayByRerun, torch.Tensor]:
     for _ in range(WARMUP_RUNS):
         run()
     output = run()
@@ -97,7 +97,7 @@ def test_graph_mode_replays_what_the_eager_path_computes(make_model, monkeypatch
     graphed.cuda_graphs = True  # the CPU: graph mode through the stand-in
     eager = GraphedForward(lean, slots=2, max_context=48, context_bucket=8)
     sessions = [(graphed.new_cache(), eager.new_cache()) for _ in range(2)]
-    blocks = [[3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15, 16, 17, 18, 19], [8], [9, 10, 11], [12], [1, 2]]
+    blocks = [list(range(3, 4 + GRAPH_MAX_TOKENS)), [8], [9, 10, 11], [12], [1, 2]]  # a prefill, then blocks
     for block in [*blocks, *blocks]:
         for g, e in sessions:
             got = graphed.forward(block, g, len(block)).clone()  # the next replay overwrites it
@@ -105,7 +105,7 @@ def test_graph_mode_replays_what_the_eager_path_computes(make_model, monkeypatch
             g.crop(-1)
             e.crop(-1)
     keys = set(graphed._graphs)
-    assert all(count <= GRAPH_MAX_TOKENS for _, count, _ in keys)  # the 17-token prefill ran eagerly
+    assert all(count <= GRAPH_MAX_TOKENS for _, count, _ in keys)  # the longer prefill ran eagerly
     assert {slot for slot, _, _ in keys} == {0, 1} and len(keys) == graphed.captured
     assert sum(graph.replays for graph, _ in graphed._graphs.values()) == 2 * 2 * (len(blocks) - 1)
 

@@ -19,7 +19,8 @@ shared/README.md):
 
 The lean models' `static_forward` is the captured function; it runs eagerly where there is no graph: on the
 CPU (the tests run this path), for forwards of more than GRAPH_MAX_TOKENS new tokens (prefills), or with
-`cuda_graphs=False`. A verify feeds k + 1 tokens, so every k up to GRAPH_MAX_TOKENS - 1 is graphed.
+`cuda_graphs=False`. A verify feeds k + 1 tokens, so every k up to GRAPH_MAX_TOKENS - 1 is graphed (a longer
+block runs eagerly: correct, launch-bound).
 """
 
 from __future__ import annotations
@@ -30,24 +31,29 @@ from typing import Any, Protocol
 
 import torch
 
-GRAPH_MAX_TOKENS = 16  # the most new tokens a captured forward takes: k + 1 for every k < 16
-CONTEXT_BUCKET = 256  # attention reads the cache up to the next multiple of this many positions
+# The most new tokens a captured forward takes: k + 1 for every k up to the coordinator's default maximum
+# of 16 (so a profile's or a block's k = 16 replays a graph too), and one to spare.
+GRAPH_MAX_TOKENS = 18
+# Attention reads the cache up to the next multiple of this many positions. 512 puts a typical request (a
+# prompt of a few hundred tokens and its answer) in the first bucket, whose graphs are captured at start-up,
+# instead of capturing the next bucket's inside timed requests; the masked positions it reads cost little
+# beside the weights (a 7B-shaped Llama's 512 positions are ~2% of its weight bytes in bfloat16).
+CONTEXT_BUCKET = 512
 WARMUP_RUNS = 2  # eager runs on a side stream before a capture, as torch.cuda.graphs asks
 
 __all__ = ["CONTEXT_BUCKET", "GRAPH_MAX_TOKENS", "GraphedForward", "SlotKVCache", "SlotPool", "capture_graph"]
 
 
-def capture_graph(
-    run: Callable[[], torch.Tensor], device: torch.device, memory_pool: Any
-) -> tuple[Any, torch.Tensor]:
+def capture_graph(run: Callable[[], torch.Tensor], side: Any, memory_pool: Any) -> tuple[Any, torch.Tensor]:
     """A CUDA graph of `run` (device work only, reading static buffers) and the tensor its replays write.
 
-    `run` is called WARMUP_RUNS times first, on the stream the capture then records on, as torch.cuda.graphs
-    asks (per-stream state such as cuBLAS workspaces is set up before capturing). Graphs that share
+    `run` is called WARMUP_RUNS times first, on the side stream (a torch.cuda.Stream) the capture then records
+    on, as torch.cuda.graphs asks (per-stream state such as cuBLAS workspaces is set up before capturing).
+    Every capture of a pool uses the same side stream, as torch.cuda.graph's default capture stream is
+    shared: the caching allocator reuses a freed block only on the stream that freed it. Graphs that share
     `memory_pool` must run one at a time, and each replay's output be read before the next.
     """
-    current = torch.cuda.current_stream(device)
-    side = torch.cuda.Stream(device)
+    current = torch.cuda.current_stream(side.device)
     side.wait_stream(current)
     with torch.cuda.stream(side):
         for _ in range(WARMUP_RUNS):
@@ -203,6 +209,7 @@ class GraphedForward:
         # (slot, new tokens, key_len) -> the graph (a torch.cuda.CUDAGraph) and the logits its replays write.
         self._graphs: dict[tuple[int, int, int], tuple[Any, torch.Tensor]] = {}
         self._memory_pool = torch.cuda.graph_pool_handle() if self.cuda_graphs else None
+        self._capture_stream = torch.cuda.Stream(self.device) if self.cuda_graphs else None
 
     @property
     def captured(self) -> int:
@@ -254,7 +261,7 @@ class GraphedForward:
                 # replay below writes again: nothing a session can read changes.
                 slot = cache.slot
                 captured = capture_graph(
-                    lambda: self._step(inputs, slot, key_len), self.device, self._memory_pool
+                    lambda: self._step(inputs, slot, key_len), self._capture_stream, self._memory_pool
                 )
                 self._graphs[key] = captured
             graph, logits = captured
