@@ -26,8 +26,12 @@ WARMUP_TOKENS = 8
 UNCHAINED_VARIANT = "specpipe-pipe-nochain"  # adaptive k, pipelined, not chained
 UNDELEGATED_VARIANT = "specpipe-pipe-nodeleg"  # adaptive k, pipelined, chained, rounds on the coordinator
 GRPC_STREAM_VARIANT = "specpipe-pipe-grpc"  # the default configuration, delegated rounds over gRPC streams
+# Adaptive k by Hugging Face's +2/-1 rule instead of the cost model, without and with pipelining.
+HEURISTIC_VARIANTS = ("specpipe-heuristic", "specpipe-heuristic-pipe")
 # Run only when --variants names them.
-OPT_IN_VARIANTS = frozenset({UNCHAINED_VARIANT, UNDELEGATED_VARIANT, GRPC_STREAM_VARIANT})
+OPT_IN_VARIANTS = frozenset(
+    {UNCHAINED_VARIANT, UNDELEGATED_VARIANT, GRPC_STREAM_VARIANT, *HEURISTIC_VARIANTS}
+)
 COST_PROFILE = re.compile(
     r"cost profile: draft ([\d.]+) ms/token, verify ([\d.]+) ms \+ ([\d.]+) ms/token, "
     r"overhead ([\d.]+) ms/round(?: \(c = [\d.]+\), draft call ([\d.]+) ms)?"
@@ -48,6 +52,7 @@ class SpecConfig:
     delegation: bool = True  # the rounds run on the draft worker (specpipe/speculation/delegation.py)
     # Its target serves direct streams (specpipe/rpc/direct_frames.py); else a second target worker without.
     direct_streams: bool = True
+    heuristic: bool = False  # adaptive k by Hugging Face's +2/-1 rule (--adaptive-k-rule hf-heuristic)
 
     def flags(self, max_k: int) -> list[str]:
         return [
@@ -57,12 +62,14 @@ class SpecConfig:
             "--adaptive-k" if self.adaptive else "--no-adaptive-k",
             "--num-speculative-tokens", str(self.k),
             "--max-speculative-tokens", str(max_k),
+            "--adaptive-k-rule", "hf-heuristic" if self.heuristic else "cost",
         ]  # fmt: skip
 
     def describe(self) -> str:
         if self.request_k == 0:
             return "specpipe services, k = 0 (plain target decoding through the services)"
         k = "adaptive k" if self.adaptive else f"k = {self.k}"
+        k += " by Hugging Face's +2/-1 rule" if self.heuristic else ""
         drafter = ", prompt lookup (no draft model)" if self.drafter == "prompt-lookup" else ""
         chaining = "" if self.chaining or not self.pipelining else " (not chained)"
         delegated = "" if self.delegation else ", rounds on the coordinator (not delegated)"
@@ -90,6 +97,9 @@ def spec_configs(fixed_ks: Sequence[int]) -> dict[str, SpecConfig]:
     configs[UNDELEGATED_VARIANT] = SpecConfig(UNDELEGATED_VARIANT, True, True, 4, None, delegation=False)
     # Opt-in: what direct streams add (a target worker without them serves this variant).
     configs[GRPC_STREAM_VARIANT] = SpecConfig(GRPC_STREAM_VARIANT, True, True, 4, None, direct_streams=False)
+    # Opt-in: the k schedule of Hugging Face's assisted generation in the same system, against the cost model.
+    for name in HEURISTIC_VARIANTS:
+        configs[name] = SpecConfig(name, name.endswith("-pipe"), True, 4, None, heuristic=True)
     return configs
 
 

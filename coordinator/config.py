@@ -6,6 +6,8 @@ from dataclasses import dataclass, field
 
 from coordinator.cluster_config import ClusterConfig
 
+ADAPTIVE_K_RULES = ("cost", "hf-heuristic")
+
 
 @dataclass(frozen=True, slots=True)
 class CoordinatorConfig:
@@ -20,6 +22,9 @@ class CoordinatorConfig:
     max_speculative_tokens: int = 16
     # Choose k per round from the session's acceptance rate and the measured costs.
     adaptive_k: bool = True
+    # How adaptive k chooses: "cost" (the expected tokens per unit time from acceptance and costs) or
+    # "hf-heuristic" (Hugging Face's +2/-1 schedule, to compare the two in one system).
+    adaptive_k_rule: str = "cost"
     # Draft the next block while the target verifies the current one.
     pipelining: bool = True
     # With pipelining: queue the next block on the target before the verdict (target_service/chain.py).
@@ -54,6 +59,10 @@ class CoordinatorConfig:
                 f"num_speculative_tokens must be in [0, {self.max_speculative_tokens}] "
                 "(max_speculative_tokens), "
                 f"got {self.num_speculative_tokens}"
+            )
+        if self.adaptive_k_rule not in ADAPTIVE_K_RULES:
+            raise ValueError(
+                f"adaptive_k_rule must be one of {ADAPTIVE_K_RULES}, got {self.adaptive_k_rule!r}"
             )
         if self.max_new_tokens_limit < 1:
             raise ValueError(f"max_new_tokens_limit must be >= 1, got {self.max_new_tokens_limit}")

@@ -21,6 +21,7 @@ from specpipe.errors import SpecpipeError
 from specpipe.rpc.server import serve
 from specpipe.runtime.model_info import WorkerModelInfo
 from specpipe.runtime.tokenizer_files import tokenizer_from_files
+from specpipe.speculation.adaptive_k import HF_HEURISTIC_START
 from specpipe.speculation.limits import ModelLimits
 from specpipe.store.session_store import SessionStore
 from specpipe.v1 import coordinator_pb2, coordinator_pb2_grpc
@@ -136,6 +137,11 @@ async def pair_workers(
         pipelining=config.pipelining,
         chaining=config.chaining,
         delegation=config.delegation,
+        heuristic_start=(
+            min(HF_HEURISTIC_START, config.max_speculative_tokens)
+            if config.adaptive_k_rule == "hf-heuristic" and config.max_speculative_tokens > 0
+            else None
+        ),
     )
 
 

@@ -69,6 +69,7 @@ class SpeculativeGenerator:
         pipelining: bool,
         chaining: bool = True,
         delegation: bool = False,
+        heuristic_start: int | None = None,
     ) -> None:
         self.drafts = drafts
         self.targets = targets
@@ -82,6 +83,8 @@ class SpeculativeGenerator:
         self.pipelining = pipelining
         self.chaining = chaining  # queue pipelined blocks on the target before the verdict (see draft_ahead)
         self.delegation = delegation  # run the rounds on the draft worker (_delegated_rounds)
+        # Set: requests without a k follow Hugging Face's +2/-1 rule from this k instead of the costs.
+        self.heuristic_start = heuristic_start
         self.delegation_backoff = DelegationBackoff()
         self._background: set[asyncio.Future[None]] = set()  # keeps fire-and-forget tasks referenced
 
@@ -161,7 +164,11 @@ class SpeculativeGenerator:
         progress = RequestProgress(Usage(prompt_tokens=len(session.history)), detokenizer)
         usage, generated = progress.usage, progress.generated
         policy = DraftLengthPolicy(
-            request.num_speculative_tokens, self.costs, self.max_speculative_tokens, pipelined=self.pipelining
+            request.num_speculative_tokens,
+            self.costs,
+            self.max_speculative_tokens,
+            pipelined=self.pipelining,
+            heuristic_k=self.heuristic_start,
         )
         planner: RoundPlanner[TargetStream] = self.planner(policy)
         # The previous round's commit and chunk: the commit overlaps this round's first worker call, and

@@ -157,6 +157,12 @@ def add_serve_parser(subparsers: argparse._SubParsersAction) -> None:
         help="choose k per round from acceptance and measured costs (requests may still fix k)",
     )  # fmt: skip
     serve.add_argument(
+        "--adaptive-k-rule", choices=("cost", "hf-heuristic"), default="cost",
+        help="how adaptive k chooses: cost = the most expected tokens per unit time from the acceptance "
+        "rate and the measured costs; hf-heuristic = Hugging Face's +2/-1 schedule (5 to start, +2 after a "
+        "block accepted whole, -1 otherwise), to compare (default: %(default)s)",
+    )  # fmt: skip
+    serve.add_argument(
         "--pipelining", action=argparse.BooleanOptionalAction, default=True,
         help="draft the next block while the target verifies the current one",
     )  # fmt: skip
@@ -360,6 +366,7 @@ def serve_component(args: argparse.Namespace) -> int:
             num_speculative_tokens=args.num_speculative_tokens,
             max_speculative_tokens=args.max_speculative_tokens,
             adaptive_k=args.adaptive_k,
+            adaptive_k_rule=args.adaptive_k_rule,
             pipelining=args.pipelining,
             chaining=args.chaining,
             delegation=args.delegation,
@@ -424,6 +431,8 @@ def serve_all(args: argparse.Namespace) -> int:
         "--session-ttl",
         str(args.session_ttl),
         "--adaptive-k" if args.adaptive_k else "--no-adaptive-k",
+        "--adaptive-k-rule",
+        args.adaptive_k_rule,
         "--pipelining" if args.pipelining else "--no-pipelining",
         "--chaining" if args.chaining else "--no-chaining",
         "--delegation" if args.delegation else "--no-delegation",

@@ -7,6 +7,7 @@ import random
 import pytest
 
 from specpipe.speculation.adaptive_k import (
+    HF_HEURISTIC_START,
     PROBE_INTERVAL,
     AcceptanceEstimator,
     CostProfile,
@@ -207,3 +208,23 @@ def test_the_verify_cost_line_goes_through_the_median_at_each_k() -> None:
     base, per_token = median_line(points)  # the 31 ms hiccup at k = 8 is ignored
     assert per_token == pytest.approx(1.0, abs=0.01)
     assert base == pytest.approx(10.0, abs=0.1)
+
+
+def test_the_hf_heuristic_rule_adds_two_after_a_whole_block_and_drops_one_otherwise() -> None:
+    """Hugging Face's +2/-1 schedule, run by the policy to compare it with the cost model in one system: it
+    ignores the costs and the acceptance estimate, and a fixed k still overrides it."""
+    costs = CostProfile(draft_token_s=0.09, verify_base_s=1.0, verify_token_s=0.06, round_overhead_s=0.05)
+    policy = DraftLengthPolicy(None, costs, max_k=8, heuristic_k=HF_HEURISTIC_START)
+    assert policy.adaptive and policy.next_k() == 5
+    assert policy.next_k_if_accepted(5) == 7 and policy.next_k() == 5  # a look ahead changes nothing
+    ks = []
+    for accepted_whole in (True, True, False, False, False, False, False, True):
+        k = policy.next_k()
+        ks.append(k)
+        policy.record(k, k if accepted_whole else 0)
+    assert ks == [5, 7, 8, 7, 6, 5, 4, 3]  # capped at max_k, then down by one per rejection
+    assert policy.next_k() == 5
+    for _ in range(10):
+        policy.record(policy.next_k(), 0)
+    assert policy.next_k() == 1  # never below one draft token
+    assert DraftLengthPolicy(3, costs, max_k=8, heuristic_k=HF_HEURISTIC_START).next_k() == 3

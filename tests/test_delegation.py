@@ -18,7 +18,7 @@ from specpipe.client import CoordinatorClient, build_request
 from specpipe.launcher import stop_all
 from specpipe.rpc.worker_clients import DraftClient, TargetClient
 from specpipe.sampling.params import SamplingParams
-from specpipe.speculation.adaptive_k import CostProfile
+from specpipe.speculation.adaptive_k import HF_HEURISTIC_START, CostProfile
 from specpipe.speculation.delegation import DelegatedRequest, DraftSchedule, SpeculationRound
 from specpipe.speculation.limits import ModelLimits
 from specpipe.v1 import common_pb2, coordinator_pb2, draft_pb2
@@ -95,13 +95,26 @@ def test_delegated_seeded_sampling_gives_the_coordinators_tokens(
 
 
 @pytest.mark.parametrize("temperature", [0.0, 0.8])
-def test_the_draft_follows_the_schedule_it_was_given(pipeline: Pipeline, temperature: float) -> None:
-    """Replaying the adaptive policy on the rounds that came back gives every round's k: the draft's loop
-    (pipelined and chained) sizes blocks exactly as the coordinator's would, so a request can move between
-    the two without changing its block boundaries."""
+@pytest.mark.parametrize("heuristic_k", [None, HF_HEURISTIC_START], ids=["cost", "hf-heuristic"])
+def test_the_draft_follows_the_schedule_it_was_given(
+    pipeline: Pipeline, temperature: float, heuristic_k: int | None
+) -> None:
+    """Replaying the adaptive policy (the cost model, or Hugging Face's +2/-1 rule) on the rounds that came
+    back gives every round's k: the draft's loop (pipelined and chained) sizes blocks exactly as the
+    coordinator's would, so a request can move between the two without changing its block boundaries."""
     costs = CostProfile(0.0006, 0.012, 0.0008, 0.001, 0.0018)
     limits = ModelLimits(256, 256, 100, frozenset())
-    schedule = DraftSchedule(None, 8, pipelining=True, chaining=True, costs=costs, accepted=1.0, rejected=2.0)
+    schedule = DraftSchedule(
+        None,
+        8,
+        pipelining=True,
+        chaining=True,
+        costs=costs,
+        accepted=1.0,
+        rejected=2.0,
+        heuristic_k=heuristic_k,
+    )
+    assert DraftSchedule.from_pb(schedule.to_pb()) == schedule
     history = [5, 17, 42, 8, 99, 3, 61, 20]
     request = DelegatedRequest(
         "schedule-replay", tuple(history), 60, SamplingParams(temperature=temperature, seed=4),
@@ -181,11 +194,13 @@ def test_speculate_refuses_bad_requests_with_invalid_argument(pipeline: Pipeline
             schedule=draft_pb2.DraftSchedule(max_k=4), target_context=256, draft_context=256,
             vocab_size=100, worker_timeout_s=10,
         )  # fmt: skip
-        broken = [draft_pb2.SpeculateRequest(), draft_pb2.SpeculateRequest()]
+        broken = [draft_pb2.SpeculateRequest() for _ in range(3)]
         broken[0].CopyFrom(good)
         broken[0].ClearField("token_ids")
         broken[1].CopyFrom(good)
         broken[1].schedule.fixed_k = 9  # more than max_k
+        broken[2].CopyFrom(good)
+        broken[2].schedule.heuristic_k = 0  # the +2/-1 rule never drafts fewer than one
         try:
             for request in broken:
                 with pytest.raises(grpc.aio.AioRpcError) as info:
@@ -236,3 +251,38 @@ def test_a_draft_dying_mid_request_leaves_the_coordinator_to_finish_it(
         assert "delegated rounds on draft" in coordinator.log_tail(200)
     finally:
         stop_all([coordinator, draft])
+
+
+def test_hf_heuristic_rule_through_the_services(pipeline: Pipeline, tmp_path: Path) -> None:
+    """`--adaptive-k-rule hf-heuristic` (Hugging Face's +2/-1 schedule in place of the cost model, for the
+    benchmark's comparison): greedy outputs are the target's own, and since that schedule depends on the
+    tokens alone (no measured costs), seeded Leviathan-rule tokens with adaptive k are the same whether the
+    rounds run on the draft worker or on the coordinator."""
+    for name in ("delegated", "local"):
+        (tmp_path / name).mkdir()
+    coordinators = [
+        start_coordinator(
+            pipeline.draft.address,
+            pipeline.target.address,
+            pipeline.redis.url,
+            tmp_path / name,
+            extra=["--adaptive-k-rule", "hf-heuristic", *extra],
+        )  # fmt: skip
+        for name, extra in (("delegated", []), ("local", ["--no-delegation"]))
+    ]
+    try:
+        for coordinator in coordinators:
+            coordinator.wait_serving(120)
+        expected = target_alone(pipeline.pair.target_dir, PROMPTS, MAX_NEW_TOKENS)
+        with CoordinatorClient(coordinators[0].address) as client:
+            for prompt in PROMPTS:
+                result = client.generate(build_request(prompt, MAX_NEW_TOKENS), timeout_s=60)
+                assert result.token_ids == expected[prompt], prompt
+        sampled = build_request(PROMPTS[0], 40, temperature=0.8, seed=7)
+        outputs = []
+        for coordinator in coordinators:
+            with CoordinatorClient(coordinator.address) as client:
+                outputs.append(client.generate(sampled, timeout_s=60).token_ids)
+        assert outputs[0] == outputs[1]
+    finally:
+        stop_all(coordinators)

@@ -120,11 +120,23 @@ class AcceptanceEstimator:
 PROBE_INTERVAL = 4
 
 
+# Hugging Face's "heuristic" schedule of assisted generation (its default through transformers 4.x), which
+# `DraftLengthPolicy(heuristic_k=HF_HEURISTIC_START)` runs for comparison: 5 draft tokens to start, 2 more
+# after a block accepted whole, 1 fewer otherwise (at least 1).
+HF_HEURISTIC_START = 5
+
+
 class DraftLengthPolicy:
-    """k for each round of one request: fixed, or adaptive from the session's acceptance and the costs."""
+    """k for each round of one request: fixed, or adaptive from the session's acceptance and the costs (or,
+    to compare, adaptive by Hugging Face's +2/-1 rule)."""
 
     def __init__(
-        self, fixed_k: int | None, costs: CostProfile | None, max_k: int, pipelined: bool = False
+        self,
+        fixed_k: int | None,
+        costs: CostProfile | None,
+        max_k: int,
+        pipelined: bool = False,
+        heuristic_k: int | None = None,
     ) -> None:
         self.fixed_k = fixed_k
         self.costs = costs
@@ -132,14 +144,19 @@ class DraftLengthPolicy:
         self.pipelined = pipelined  # the coordinator drafts the next block during each verify
         self.acceptance = AcceptanceEstimator()
         self.rounds_since_draft = 0  # rounds decoded plainly since the last one that drafted
+        # Set: k follows Hugging Face's +2/-1 rule from here instead of the costs (for requests without a
+        # fixed k); the costs then only decide where pipelining pays.
+        self.heuristic_k = heuristic_k
 
     @property
     def adaptive(self) -> bool:
-        return self.fixed_k is None and self.costs is not None
+        return self.fixed_k is None and (self.costs is not None or self.heuristic_k is not None)
 
     def next_k(self) -> int:
         if self.fixed_k is not None:
             return self.fixed_k
+        if self.heuristic_k is not None:
+            return min(self.heuristic_k, self.max_k)
         if self.costs is None:
             return self.max_k
         k = best_draft_length(self.acceptance.alpha, self.costs, self.max_k, self.pipelined)
@@ -154,14 +171,24 @@ class DraftLengthPolicy:
     def record(self, drafted: int, accepted: int) -> None:
         self.acceptance.record(drafted, accepted)
         self.rounds_since_draft = 0 if drafted > 0 else self.rounds_since_draft + 1
+        self._step_heuristic(drafted, accepted)
+
+    def _step_heuristic(self, drafted: int, accepted: int) -> None:
+        if self.heuristic_k is None or self.fixed_k is not None or drafted <= 0:
+            return
+        if accepted == drafted:
+            self.heuristic_k = min(self.heuristic_k + 2, max(self.max_k, 1))
+        else:
+            self.heuristic_k = max(1, self.heuristic_k - 1)
 
     def next_k_if_accepted(self, drafted: int) -> int:
         """The k the policy will choose after a round whose `drafted` tokens are all accepted: the size of
         the block a pipelined draft prepares during that round's verify."""
         if not self.adaptive:
             return self.next_k()
-        saved = (self.acceptance.accepted, self.acceptance.rejected)
+        saved = (self.acceptance.accepted, self.acceptance.rejected, self.heuristic_k)
         self.acceptance.record(drafted, drafted)
+        self._step_heuristic(drafted, drafted)
         k = self.next_k()
-        self.acceptance.accepted, self.acceptance.rejected = saved
+        self.acceptance.accepted, self.acceptance.rejected, self.heuristic_k = saved
         return k

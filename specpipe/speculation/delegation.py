@@ -32,6 +32,7 @@ class DraftSchedule:
     accepted: float = 0.0
     rejected: float = 0.0
     rounds_since_draft: int = 0
+    heuristic_k: int | None = None  # Hugging Face's +2/-1 rule's k where the policy runs that rule
 
     @classmethod
     def of(cls, policy: DraftLengthPolicy, chaining: bool) -> DraftSchedule:
@@ -44,10 +45,13 @@ class DraftSchedule:
             accepted=policy.acceptance.accepted,
             rejected=policy.acceptance.rejected,
             rounds_since_draft=policy.rounds_since_draft,
+            heuristic_k=policy.heuristic_k,
         )
 
     def policy(self) -> DraftLengthPolicy:
-        policy = DraftLengthPolicy(self.fixed_k, self.costs, self.max_k, pipelined=self.pipelining)
+        policy = DraftLengthPolicy(
+            self.fixed_k, self.costs, self.max_k, pipelined=self.pipelining, heuristic_k=self.heuristic_k
+        )
         policy.acceptance.accepted = self.accepted
         policy.acceptance.rejected = self.rejected
         policy.rounds_since_draft = self.rounds_since_draft
@@ -64,6 +68,8 @@ class DraftSchedule:
         )
         if self.fixed_k is not None:
             pb.fixed_k = self.fixed_k
+        if self.heuristic_k is not None:
+            pb.heuristic_k = self.heuristic_k
         if self.costs is not None:
             c = self.costs
             pb.costs.CopyFrom(
@@ -96,6 +102,11 @@ class DraftSchedule:
             raise InvalidArgumentError(f"schedule.fixed_k ({fixed_k}) exceeds schedule.max_k ({pb.max_k})")
         if pb.accepted < 0 or pb.rejected < 0:
             raise InvalidArgumentError("schedule.accepted and schedule.rejected must be >= 0")
+        heuristic_k = pb.heuristic_k if pb.HasField("heuristic_k") else None
+        if heuristic_k is not None and not 1 <= heuristic_k <= max(pb.max_k, 1):
+            raise InvalidArgumentError(
+                f"schedule.heuristic_k must be in [1, {max(pb.max_k, 1)}], got {heuristic_k}"
+            )
         return cls(
             fixed_k,
             pb.max_k,
@@ -105,6 +116,7 @@ class DraftSchedule:
             pb.accepted,
             pb.rejected,
             pb.rounds_since_draft,
+            heuristic_k,
         )
 
 

@@ -36,7 +36,7 @@ class ProposeResponse(_message.Message):
     def __init__(self, token_ids: _Optional[_Iterable[int]] = ..., draft_probs: _Optional[_Iterable[_Union[_common_pb2.TokenDistribution, _Mapping]]] = ..., forward_ns: _Optional[int] = ..., cached_tokens: _Optional[int] = ...) -> None: ...
 
 class DraftSchedule(_message.Message):
-    __slots__ = ("fixed_k", "max_k", "pipelining", "chaining", "costs", "accepted", "rejected", "rounds_since_draft")
+    __slots__ = ("fixed_k", "max_k", "pipelining", "chaining", "costs", "accepted", "rejected", "rounds_since_draft", "heuristic_k")
     FIXED_K_FIELD_NUMBER: _ClassVar[int]
     MAX_K_FIELD_NUMBER: _ClassVar[int]
     PIPELINING_FIELD_NUMBER: _ClassVar[int]
@@ -45,6 +45,7 @@ class DraftSchedule(_message.Message):
     ACCEPTED_FIELD_NUMBER: _ClassVar[int]
     REJECTED_FIELD_NUMBER: _ClassVar[int]
     ROUNDS_SINCE_DRAFT_FIELD_NUMBER: _ClassVar[int]
+    HEURISTIC_K_FIELD_NUMBER: _ClassVar[int]
     fixed_k: int
     max_k: int
     pipelining: bool
@@ -53,7 +54,8 @@ class DraftSchedule(_message.Message):
     accepted: float
     rejected: float
     rounds_since_draft: int
-    def __init__(self, fixed_k: _Optional[int] = ..., max_k: _Optional[int] = ..., pipelining: _Optional[bool] = ..., chaining: _Optional[bool] = ..., costs: _Optional[_Union[CostProfile, _Mapping]] = ..., accepted: _Optional[float] = ..., rejected: _Optional[float] = ..., rounds_since_draft: _Optional[int] = ...) -> None: ...
+    heuristic_k: int
+    def __init__(self, fixed_k: _Optional[int] = ..., max_k: _Optional[int] = ..., pipelining: _Optional[bool] = ..., chaining: _Optional[bool] = ..., costs: _Optional[_Union[CostProfile, _Mapping]] = ..., accepted: _Optional[float] = ..., rejected: _Optional[float] = ..., rounds_since_draft: _Optional[int] = ..., heuristic_k: _Optional[int] = ...) -> None: ...
 
 class CostProfile(_message.Message):
     __slots__ = ("draft_token_s", "verify_base_s", "verify_token_s", "round_overhead_s", "draft_call_s")
