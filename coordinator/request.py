@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import re
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 from specpipe.errors import InvalidArgumentError
+from specpipe.sampling.logprobs import TokenLogprob
 from specpipe.sampling.params import SamplingParams
 from specpipe.v1 import coordinator_pb2
 
@@ -106,6 +108,7 @@ class GenerationChunk:
     text: str
     finish_reason: str = ""  # "", "length", "stop" or "eos"
     usage: Usage | None = field(default=None)
+    logprobs: Sequence[TokenLogprob] = ()  # one per token where the request's sampling asks
 
     def to_pb(self) -> coordinator_pb2.GenerateResponse:
         return coordinator_pb2.GenerateResponse(
@@ -114,4 +117,5 @@ class GenerationChunk:
             text=self.text,
             finish_reason=FINISH_REASONS.get(self.finish_reason, coordinator_pb2.FINISH_REASON_UNSPECIFIED),
             usage=self.usage.to_pb() if self.usage is not None else None,
+            logprobs=[logprob.to_pb() for logprob in self.logprobs],
         )

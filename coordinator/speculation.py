@@ -295,10 +295,11 @@ class SpeculativeGenerator:
         usage.target_passes += 1
         usage.target_forward_ns += verdict.forward_ns
         progress.finish_reason = finish_reason
+        logprobs = verdict.logprobs[: len(new_ids)]
         if finish_reason:
-            chunk = GenerationChunk(session.session_id, new_ids, text, finish_reason, usage)
+            chunk = GenerationChunk(session.session_id, new_ids, text, finish_reason, usage, logprobs)
         else:
-            chunk = GenerationChunk(session.session_id, new_ids, text)
+            chunk = GenerationChunk(session.session_id, new_ids, text, logprobs=logprobs)
         return PendingChunk(commit, chunk)
 
     def planner(self, policy: DraftLengthPolicy) -> RoundPlanner[TargetStream]:
@@ -367,6 +368,7 @@ class SpeculativeGenerator:
                         speculation_round.num_accepted,
                         speculation_round.next_token_id,
                         speculation_round.target_forward_ns,
+                        tuple(speculation_round.logprobs),  # the round's tokens': a prefix of the verdict's
                     )
                     planner.policy.record(len(draft_ids), verdict.num_accepted)
                     progress.usage.draft_forward_ns += speculation_round.draft_forward_ns

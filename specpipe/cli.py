@@ -8,12 +8,15 @@ import os
 import sys
 import time
 from collections.abc import Callable, Sequence
-from typing import TypeVar
+from typing import TYPE_CHECKING, TypeVar
 
 import grpc
 
 from specpipe.rpc.event_loop import EVENT_LOOPS, run_event_loop
 from specpipe.rpc.event_loop import resolve as resolve_event_loop
+
+if TYPE_CHECKING:
+    from specpipe.client import GenerationResult
 
 COMPONENTS = ("all", "coordinator", "draft", "target")
 
@@ -233,6 +236,11 @@ def add_generate_parser(subparsers: argparse._SubParsersAction) -> None:
         help="a fixed k for this request (0 = plain decoding; default: the coordinator's choice)",
     )  # fmt: skip
     generate.add_argument(
+        "--logprobs", type=int, default=None, metavar="N",
+        help="after the text, print each token's log-probability under the target and the N most likely "
+        "tokens at its position (0-20)",
+    )  # fmt: skip
+    generate.add_argument(
         "--timeout", type=float, default=300.0, help="deadline in seconds (default: %(default)s)"
     )
 
@@ -440,6 +448,13 @@ def serve_all(args: argparse.Namespace) -> int:
     return run_pipeline(config, extra)
 
 
+def print_logprobs(result: GenerationResult) -> None:
+    """One line per generated token: its id and log-probability, then the likeliest tokens (ids)."""
+    for position, token in enumerate(result.logprobs):
+        top = " ".join(f"{t}:{lp:.3f}" for t, lp in zip(token.top_token_ids, token.top_logprobs, strict=True))
+        print(f"{position:>4} token {token.token_id:>6} logprob {token.logprob:8.4f}  {top}".rstrip())
+
+
 def generate(args: argparse.Namespace) -> int:
     from specpipe.client import CoordinatorClient, GenerationResult, build_request
 
@@ -454,6 +469,7 @@ def generate(args: argparse.Namespace) -> int:
         session_id=args.session_id,
         num_speculative_tokens=args.num_speculative_tokens,
         acceptance=args.acceptance,
+        logprobs=args.logprobs,
     )
     result = GenerationResult()
     started = time.perf_counter()
@@ -469,6 +485,8 @@ def generate(args: argparse.Namespace) -> int:
             return 1
     elapsed = time.perf_counter() - started
     sys.stdout.write("\n")
+    if args.logprobs is not None:
+        print_logprobs(result)
     usage = result.usage
     if usage is not None:
         rate = usage.accepted_tokens / usage.draft_tokens if usage.draft_tokens else 0.0

@@ -22,6 +22,7 @@ def build_request(
     session_id: str = "",
     num_speculative_tokens: int | None = None,
     acceptance: str = "leviathan",
+    logprobs: int | None = None,
 ) -> coordinator_pb2.GenerateRequest:
     rule = (
         common_pb2.ACCEPTANCE_RULE_COUPLED
@@ -31,7 +32,7 @@ def build_request(
     request = coordinator_pb2.GenerateRequest(
         max_new_tokens=max_new_tokens,
         sampling=common_pb2.SamplingParams(
-            temperature=temperature, top_k=top_k, top_p=top_p, seed=seed, acceptance=rule
+            temperature=temperature, top_k=top_k, top_p=top_p, seed=seed, acceptance=rule, logprobs=logprobs
         ),
         stop=list(stop),
         session_id=session_id,
@@ -55,10 +56,13 @@ class GenerationResult:
     chunks: int = 0
     finish_reason: str = ""
     usage: coordinator_pb2.Usage | None = None
+    # One per token where the request's sampling.logprobs asked (common.proto: TokenLogprob).
+    logprobs: list[common_pb2.TokenLogprob] = field(default_factory=list)
 
     def add(self, chunk: coordinator_pb2.GenerateResponse) -> None:
         self.session_id = chunk.session_id
         self.token_ids.extend(chunk.token_ids)
+        self.logprobs.extend(chunk.logprobs)
         self.text += chunk.text
         self.chunks += 1
         if chunk.finish_reason:

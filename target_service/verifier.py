@@ -14,6 +14,7 @@ from specpipe.runtime.model_runner import CausalLMRunner, ForwardResult
 from specpipe.runtime.stream_history import StreamHistory, resolve_history
 from specpipe.sampling.coupled import verify_coupled
 from specpipe.sampling.draft_sampling import expand_distributions
+from specpipe.sampling.logprobs import TokenLogprob, token_logprobs
 from specpipe.sampling.params import SamplingParams
 from specpipe.sampling.processing import sampling_probs
 from specpipe.sampling.rejection_sampler import rejection_sample, verify_greedy
@@ -66,6 +67,8 @@ class Verdict:
     forward_ns: int
     cached_tokens: int
     skipped: bool = False
+    # Where the request's sampling asks: the accepted draft tokens' and the next token's (num_accepted + 1).
+    logprobs: tuple[TokenLogprob, ...] = ()
 
     @classmethod
     def skip(cls) -> Verdict:
@@ -83,6 +86,7 @@ class Verdict:
             recovered=self.recovered,
             forward_ns=self.forward_ns,
             cached_tokens=self.cached_tokens,
+            logprobs=[logprob.to_pb() for logprob in self.logprobs],
         )
 
 
@@ -171,12 +175,18 @@ class Verifier:
                     first_position=len(block.token_ids),
                     seed=block.sampling.seed,
                 )
+        logprobs: tuple[TokenLogprob, ...] = ()
+        if block.sampling.logprobs is not None:
+            emitted = [*block.draft_token_ids[: outcome.num_accepted], outcome.next_token_id]
+            rows = result.logits[: len(emitted)]  # [num_accepted + 1, vocab_size]: row i scored emitted[i]
+            logprobs = tuple(token_logprobs(rows, emitted, block.sampling.logprobs))
         return Verdict(
             num_accepted=outcome.num_accepted,
             next_token_id=outcome.next_token_id,
             recovered=outcome.recovered,
             forward_ns=result.forward_ns,
             cached_tokens=result.cached_tokens,
+            logprobs=logprobs,
         )
 
 

@@ -269,8 +269,16 @@ def test_concurrent_greedy_requests_through_batching_workers_equal_the_target_al
     expected = target_alone(batching_pipeline.pair.target_dir, prompts, MAX_NEW_TOKENS)
 
     def generate(prompt: str) -> list[int]:
+        # Every other request asks for log-probs: passes mix blocks with and without them.
+        logprobs = 2 if prompts.index(prompt) % 2 else None
         with CoordinatorClient(batching_pipeline.coordinator_addr) as client:
-            return client.generate(build_request(prompt, MAX_NEW_TOKENS), timeout_s=120).token_ids
+            result = client.generate(build_request(prompt, MAX_NEW_TOKENS, logprobs=logprobs), timeout_s=120)
+        if logprobs is None:
+            assert result.logprobs == []
+        else:  # each from its own row of the packed pass: greedy, so its token is that row's most likely
+            assert [lp.token_id for lp in result.logprobs] == result.token_ids
+            assert all(lp.top_token_ids[0] == lp.token_id for lp in result.logprobs)
+        return result.token_ids
 
     with ThreadPoolExecutor(len(prompts)) as clients:
         outputs = list(clients.map(generate, prompts))

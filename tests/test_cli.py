@@ -46,6 +46,14 @@ def test_serve_with_no_flags_then_generate(tmp_path: Path) -> None:
         )
         assert stats, out.stderr
         assert int(stats.group(1)) == 16
+        with_logprobs = subprocess.run(
+            [sys.executable, "-m", "specpipe", "generate", "def fibonacci(n):", "--addr", f"127.0.0.1:{port}",
+             "--max-new-tokens", "4", "--logprobs", "2"],
+            capture_output=True, text=True, env=env, timeout=120,
+        )  # fmt: skip
+        assert with_logprobs.returncode == 0, with_logprobs.stderr
+        lines = [line for line in with_logprobs.stdout.splitlines() if " logprob " in line]
+        assert len(lines) == 4 and all(len(line.split()) == 7 for line in lines), with_logprobs.stdout
         bad = subprocess.run(
             [sys.executable, "-m", "specpipe", "generate", "x", "--addr", f"127.0.0.1:{port}",
              "--top-p", "2"],

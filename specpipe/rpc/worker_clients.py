@@ -16,6 +16,7 @@ from specpipe.rpc.direct_call import DirectStreamCall, split_address
 from specpipe.rpc.server import server_options
 from specpipe.runtime.kv_cache import common_prefix_length
 from specpipe.runtime.model_info import WorkerModelInfo
+from specpipe.sampling.logprobs import TokenLogprob
 from specpipe.sampling.params import SamplingParams
 from specpipe.speculation.delegation import DelegatedRequest, SpeculationRound
 from specpipe.speculation.rounds import Proposal, Verification
@@ -201,7 +202,8 @@ class TargetStream(WorkerStream):
         reply = await self.read(timeout_s)
         if reply.skipped:
             return None
-        return Verification(reply.num_accepted, reply.next_token_id, reply.forward_ns)
+        logprobs = tuple(TokenLogprob.from_pb(pb) for pb in reply.logprobs) if reply.logprobs else ()
+        return Verification(reply.num_accepted, reply.next_token_id, reply.forward_ns, logprobs)
 
     async def verify(
         self,

@@ -6,6 +6,7 @@ import math
 from dataclasses import dataclass
 
 from specpipe.errors import InvalidArgumentError
+from specpipe.sampling.logprobs import MAX_TOP_LOGPROBS
 from specpipe.v1 import common_pb2
 
 ACCEPTANCE_RULES = ("leviathan", "coupled")
@@ -26,6 +27,8 @@ class SamplingParams:
     seed: int = 0
     # "leviathan" (rejection sampling) or "coupled" (shared noise; see specpipe/sampling/coupled.py).
     acceptance: str = "leviathan"
+    # Set: report each generated token's log-prob and this many top alternatives (sampling/logprobs.py).
+    logprobs: int | None = None
 
     def __post_init__(self) -> None:
         if not math.isfinite(self.temperature) or self.temperature < 0:
@@ -40,6 +43,10 @@ class SamplingParams:
             )
         if not 0 <= self.seed < 2**64:
             raise InvalidArgumentError(f"sampling.seed must fit in uint64, got {self.seed}")
+        if self.logprobs is not None and not 0 <= self.logprobs <= MAX_TOP_LOGPROBS:
+            raise InvalidArgumentError(
+                f"sampling.logprobs must be in [0, {MAX_TOP_LOGPROBS}] (unset = none), got {self.logprobs}"
+            )
 
     @property
     def is_greedy(self) -> bool:
@@ -52,7 +59,12 @@ class SamplingParams:
         if acceptance is None:
             raise InvalidArgumentError(f"sampling.acceptance: unknown rule {pb.acceptance}")
         return cls(
-            temperature=pb.temperature, top_k=pb.top_k, top_p=top_p, seed=pb.seed, acceptance=acceptance
+            temperature=pb.temperature,
+            top_k=pb.top_k,
+            top_p=top_p,
+            seed=pb.seed,
+            acceptance=acceptance,
+            logprobs=pb.logprobs if pb.HasField("logprobs") else None,
         )
 
     def to_pb(self) -> common_pb2.SamplingParams:
@@ -62,6 +74,7 @@ class SamplingParams:
             top_p=self.top_p,
             seed=self.seed,
             acceptance=_RULE_TO_PB[self.acceptance],
+            logprobs=self.logprobs,
         )
 
     def to_dict(self) -> dict[str, float | int]:

@@ -14,6 +14,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 from specpipe.errors import InvalidArgumentError
+from specpipe.sampling.logprobs import TokenLogprob
 from specpipe.sampling.params import SamplingParams
 from specpipe.speculation.adaptive_k import CostProfile, DraftLengthPolicy
 from specpipe.speculation.limits import ModelLimits
@@ -186,6 +187,7 @@ class SpeculationRound:
     finish_reason: str  # "eos", "length" or ""
     draft_forward_ns: int
     target_forward_ns: int
+    logprobs: Sequence[TokenLogprob] = ()  # those of new_token_ids where the sampling asks
 
     def to_pb(self) -> draft_pb2.SpeculationRound:
         return draft_pb2.SpeculationRound(
@@ -196,6 +198,7 @@ class SpeculationRound:
             finish_reason=self.finish_reason,
             draft_forward_ns=self.draft_forward_ns,
             target_forward_ns=self.target_forward_ns,
+            logprobs=[logprob.to_pb() for logprob in self.logprobs],
         )
 
     @classmethod
@@ -208,4 +211,5 @@ class SpeculationRound:
             pb.finish_reason,
             pb.draft_forward_ns,
             pb.target_forward_ns,
+            tuple(TokenLogprob.from_pb(logprob) for logprob in pb.logprobs),
         )

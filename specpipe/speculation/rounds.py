@@ -21,6 +21,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Generic, TypeVar
 
+from specpipe.sampling.logprobs import TokenLogprob
 from specpipe.speculation.adaptive_k import CostProfile, DraftLengthPolicy
 from specpipe.speculation.limits import ModelLimits, should_pipeline
 from specpipe.v1 import common_pb2
@@ -56,6 +57,9 @@ class Verification:
     num_accepted: int
     next_token_id: int
     forward_ns: int
+    # Where the request's sampling asks: those of the accepted tokens and the next one (a prefix of them
+    # when the round's tokens were cut, as in a delegated round).
+    logprobs: tuple[TokenLogprob, ...] = ()
 
 
 @dataclass(frozen=True, slots=True)
