@@ -6,9 +6,10 @@
 #   3. `bench latency` on the GPU with the demo pair, the workers on static KV slots (CUDA graphs), greedy,
 #      a reduced variant set.
 # Usage: bash benchmarks/gpu_checks.sh OUT_DIR   (results and logs go there; each step's output in its file)
-# The steps' timeouts (100 + 190 + 250 s) keep the whole script under the device tool's 600 s per command,
+# The steps' timeouts (95 + 180 + 240 s, and 10 s each to stop) keep the whole script under the device tool's 600 s per command,
 # with ~60 s for the wheels, nvidia-smi and CUDA's start-up, so a slow step costs its own results, not the
-# later steps' or the files copied at the end.
+# later steps' or the files copied at the end. A step past its time gets SIGINT (KeyboardInterrupt: the
+# benchmark stops the services it started, instead of leaving them on the GPU) and SIGKILL 10 s later.
 # On the lent machine: first `bash benchmarks/gpu_wheels.sh` here, then run with carry [".whl"], e.g.
 #   run(command='bash benchmarks/gpu_checks.sh $OUT', carry=['.whl'], timeout_s=600)
 # The wheels (the gRPC, protobuf and Redis pieces the image lacks) install to /tmp/site; the project runs from
@@ -40,17 +41,17 @@ nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv > "$out/gpu
 python3 -c "import torch; print(torch.__version__, torch.version.cuda, torch.cuda.get_device_name())" \
     >> "$out/gpu.txt" 2>&1
 
-timeout 100 python3 -m pytest -m gpu -p no:cacheprovider -q tests/test_graphed_forward.py \
+timeout -s INT -k 10 95 python3 -m pytest -m gpu -p no:cacheprovider -q tests/test_graphed_forward.py \
     > "$out/1-gpu-tests.txt" 2>&1
 echo "gpu tests: exit $?"
 
-timeout 190 python3 -m specpipe bench floor --llama-shape 7b --device cuda --dtype bfloat16 --runs 10 \
+timeout -s INT -k 10 180 python3 -m specpipe bench floor --llama-shape 7b --device cuda --dtype bfloat16 --runs 10 \
     --batch-sessions 4 --out "$out/2-floor-7b.json" > "$out/2-floor-7b.txt" 2>&1
 echo "floor 7b: exit $?"
 
 rm -rf /tmp/latency  # a rerun on a warm machine must not copy back the previous run's results
-timeout 250 python3 -m specpipe bench latency --device cuda --dtype float32 --static-kv-slots 4 \
-    --modes greedy --num-prompts 8 --time-budget 200 \
+timeout -s INT -k 10 240 python3 -m specpipe bench latency --device cuda --dtype float32 --static-kv-slots 4 \
+    --modes greedy --num-prompts 8 --time-budget 190 \
     --variants plain-1t,hf-generate,hf-assisted,specpipe-k0,specpipe-adaptive,specpipe-adaptive-pipe \
     --out-dir /tmp/latency > "$out/3-latency.txt" 2>&1
 echo "latency: exit $?"

@@ -263,7 +263,10 @@ _TARGET_KEYS = ("speedup_vs_plain_met", "faster_than_hf_assisted", "overhead_met
 
 def targets_line(mode: str, checks: dict[str, object]) -> str:
     """The printed form of `check_targets`' result."""
-    verdict = {key: "met" if checks.get(key) else "NOT met" for key in _TARGET_KEYS}
+    verdict = {
+        key: "n/a (no hf-assisted row)" if checks.get(key) is None else "met" if checks[key] else "NOT met"
+        for key in _TARGET_KEYS
+    }
     meeting = ", ".join(checks.get("variants_meeting_every_target") or []) or "none"  # type: ignore[arg-type]
     return (
         f"targets ({mode}), fastest {checks['best_variant']}: "

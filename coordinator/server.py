@@ -138,7 +138,7 @@ async def pair_workers(
         chaining=config.chaining,
         delegation=config.delegation,
         heuristic_start=(
-            min(HF_HEURISTIC_START, config.max_speculative_tokens)
+            HF_HEURISTIC_START
             if config.adaptive_k_rule == "hf-heuristic" and config.max_speculative_tokens > 0
             else None
         ),

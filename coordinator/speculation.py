@@ -25,7 +25,7 @@ from coordinator.delegation_backoff import DelegationBackoff
 from coordinator.replicas import ReplicaSet
 from coordinator.request import GenerationChunk, GenerationRequest, Usage
 from coordinator.worker_links import DraftLink, TargetLink
-from specpipe.errors import InvalidArgumentError, SpecpipeError, UnavailableError
+from specpipe.errors import FailedPreconditionError, InvalidArgumentError, SpecpipeError, UnavailableError
 from specpipe.rpc.worker_clients import TargetStream, WorkerClient
 from specpipe.sampling.params import SamplingParams
 from specpipe.speculation.adaptive_k import CostProfile, DraftLengthPolicy
@@ -271,6 +271,13 @@ class SpeculativeGenerator:
         new_ids, finish_reason = self.limits.round_tokens(
             draft_ids, verdict.num_accepted, verdict.next_token_id, remaining, len(history)
         )
+        if request.sampling.logprobs is not None and len(verdict.logprobs) < len(new_ids):
+            # A worker from before log-probs drops the field it does not know: say so rather than stream
+            # chunks without them.
+            raise FailedPreconditionError(
+                "sampling.logprobs was asked for but the workers returned none (a worker older than the "
+                "coordinator?)"
+            )
         text = detokenizer.push(new_ids)
         if detokenizer.stopped:
             # Keep the tokens up to the one that completed the stop string.

@@ -12,6 +12,7 @@ from typing import TYPE_CHECKING, TypeVar
 
 import grpc
 
+from coordinator.config import ADAPTIVE_K_RULES
 from specpipe.rpc.event_loop import EVENT_LOOPS, run_event_loop
 from specpipe.rpc.event_loop import resolve as resolve_event_loop
 
@@ -160,7 +161,7 @@ def add_serve_parser(subparsers: argparse._SubParsersAction) -> None:
         help="choose k per round from acceptance and measured costs (requests may still fix k)",
     )  # fmt: skip
     serve.add_argument(
-        "--adaptive-k-rule", choices=("cost", "hf-heuristic"), default="cost",
+        "--adaptive-k-rule", choices=ADAPTIVE_K_RULES, default="cost",
         help="how adaptive k chooses: cost = the most expected tokens per unit time from the acceptance "
         "rate and the measured costs; hf-heuristic = Hugging Face's +2/-1 schedule (5 to start, +2 after a "
         "block accepted whole, -1 otherwise), to compare (default: %(default)s)",
@@ -458,19 +459,23 @@ def print_logprobs(result: GenerationResult) -> None:
 def generate(args: argparse.Namespace) -> int:
     from specpipe.client import CoordinatorClient, GenerationResult, build_request
 
-    request = build_request(
-        args.prompt,
-        args.max_new_tokens,
-        temperature=args.temperature,
-        top_k=args.top_k,
-        top_p=args.top_p,
-        seed=args.seed,
-        stop=args.stop,
-        session_id=args.session_id,
-        num_speculative_tokens=args.num_speculative_tokens,
-        acceptance=args.acceptance,
-        logprobs=args.logprobs,
-    )
+    try:
+        request = build_request(
+            args.prompt,
+            args.max_new_tokens,
+            temperature=args.temperature,
+            top_k=args.top_k,
+            top_p=args.top_p,
+            seed=args.seed,
+            stop=args.stop,
+            session_id=args.session_id,
+            num_speculative_tokens=args.num_speculative_tokens,
+            acceptance=args.acceptance,
+            logprobs=args.logprobs,
+        )
+    except ValueError as exc:  # a negative number for an unsigned field: protobuf refuses it
+        print(f"specpipe generate: {exc}", file=sys.stderr)
+        return 2
     result = GenerationResult()
     started = time.perf_counter()
     with CoordinatorClient(args.addr) as client:

@@ -228,3 +228,15 @@ def test_the_hf_heuristic_rule_adds_two_after_a_whole_block_and_drops_one_otherw
         policy.record(policy.next_k(), 0)
     assert policy.next_k() == 1  # never below one draft token
     assert DraftLengthPolicy(3, costs, max_k=8, heuristic_k=HF_HEURISTIC_START).next_k() == 3
+
+
+def test_the_hf_heuristic_start_is_capped_at_max_k() -> None:
+    """A coordinator with --max-speculative-tokens below 5 starts the rule at its maximum, so the schedule it
+    hands a draft worker is one the worker accepts."""
+    from specpipe.speculation.delegation import DraftSchedule
+
+    costs = CostProfile(draft_token_s=0.09, verify_base_s=1.0, verify_token_s=0.06, round_overhead_s=0.05)
+    policy = DraftLengthPolicy(None, costs, max_k=3, heuristic_k=HF_HEURISTIC_START)
+    assert policy.heuristic_k == 3 and policy.next_k() == 3
+    schedule = DraftSchedule.of(policy, chaining=True)
+    assert DraftSchedule.from_pb(schedule.to_pb()).policy().next_k() == 3

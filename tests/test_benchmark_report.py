@@ -159,3 +159,7 @@ def test_targets_judge_the_fastest_configuration_and_name_every_one_meeting_all_
     assert "overhead 1.22 ms per round (<= 1.0 NOT met)" in line
     assert line.endswith("every target met by: specpipe-k6-pipe")
     assert report.check_targets(rows, "sample") == {}
+    without_assisted = [{**row, "speedup_vs_hf_assisted": None} for row in rows]
+    checks = report.check_targets(without_assisted, "greedy")
+    assert checks["variants_meeting_every_target"] == []
+    assert "faster than hf-assisted n/a (no hf-assisted row)" in report.targets_line("greedy", checks)

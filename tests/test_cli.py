@@ -257,3 +257,12 @@ def test_every_bench_option_says_what_it_does(module: str, monkeypatch: pytest.M
         importlib.import_module(module).parse_args([])
     silent = [a.dest for a in parsers[0]._actions if not a.help and not isinstance(a, argparse._HelpAction)]
     assert silent == []
+
+
+def test_generate_refuses_a_negative_count_in_one_line(capsys: pytest.CaptureFixture[str]) -> None:
+    """protobuf refuses a negative value for an unsigned field before anything is sent: one line, exit 2."""
+    from specpipe.cli import main
+
+    assert main(["generate", "x", "--addr", "127.0.0.1:1", "--logprobs", "-1"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("specpipe generate:") and len(err.strip().splitlines()) == 1

@@ -118,3 +118,31 @@ def test_a_stop_string_cuts_the_logprobs_with_the_tokens(pipeline: Pipeline) -> 
     assert [lp.logprob for lp in stopped.logprobs] == [
         lp.logprob for lp in free.logprobs[: len(stopped.logprobs)]
     ]
+
+
+def test_a_smaller_vocabulary_than_the_ask_gives_every_token() -> None:
+    logits = torch.tensor([[1.0, 2.0, 3.0]])
+    (only,) = token_logprobs(logits, [2], top=MAX_TOP_LOGPROBS)
+    assert [token for token, _ in only.top] == [2, 1, 0]
+
+
+def test_workers_that_return_no_logprobs_fail_the_round_with_failed_precondition() -> None:
+    """A worker from before log-probs drops the field: the coordinator says so instead of streaming chunks
+    without them (and before committing the round)."""
+    from coordinator.request import GenerationRequest, Usage
+    from coordinator.speculation import OpenSession, RequestProgress, SpeculativeGenerator
+    from specpipe.errors import FailedPreconditionError
+    from specpipe.speculation.limits import ModelLimits
+    from specpipe.speculation.rounds import Verification
+    from specpipe.text.detokenizer import IncrementalDetokenizer
+
+    limits = ModelLimits(256, 256, 100, frozenset())
+    generator = SpeculativeGenerator(
+        None, None, None, None, limits, 10.0, "test", max_speculative_tokens=4, costs=None, pipelining=False
+    )  # type: ignore[arg-type]  # nothing but the round's arithmetic is reached
+    request = GenerationRequest("", (1, 2, 3), 8, SamplingParams(logprobs=0), (), "", 2)
+    session = OpenSession("s", [1, 2, 3], [1, 2, 3], None, is_new=True)
+    progress = RequestProgress(Usage(), IncrementalDetokenizer(None))  # type: ignore[arg-type]
+    with pytest.raises(FailedPreconditionError, match="logprobs"):
+        generator.settle(request, session, progress, [5, 6], Verification(2, 7, 0))
+    assert session.history == [1, 2, 3] and not session.persisted  # nothing committed

@@ -4,7 +4,8 @@ Reported from the target's raw distribution, log_softmax of its logits before te
 (as vLLM reports by default): a greedy request's processed distribution is a point mass, whose log-probs say
 nothing. Every emitted token comes from one row of the verify pass: an accepted draft token from the row
 that checked it, the recovered or bonus token from the row after the last accepted one, so a token's
-log-prob does not depend on where the block boundaries fell. Torch only, no gRPC.
+log-prob does not depend on where the block boundaries fell (up to float rounding: a forward of k + 1 rows,
+a packed batch or a CUDA graph rounds differently from one of a single row). Torch only, no gRPC.
 """
 
 from __future__ import annotations
@@ -14,9 +15,10 @@ from dataclasses import dataclass
 
 import torch
 
+from specpipe.sampling.params import MAX_TOP_LOGPROBS
 from specpipe.v1 import common_pb2
 
-MAX_TOP_LOGPROBS = 20  # as OpenAI's API: each is a gather and a protobuf entry per generated token
+__all__ = ["MAX_TOP_LOGPROBS", "TokenLogprob", "token_logprobs"]
 
 
 @dataclass(frozen=True, slots=True)
@@ -48,6 +50,7 @@ def token_logprobs(
         raise ValueError(f"{logits.shape[0]} rows of logits for {len(token_ids)} tokens")
     log_probs = torch.log_softmax(logits.float(), dim=-1)  # [n, vocab_size]
     chosen = log_probs.gather(1, torch.tensor(list(token_ids), dtype=torch.long)[:, None])[:, 0]  # [n]
+    top = min(top, log_probs.shape[-1])  # a vocabulary smaller than the ask (toy models)
     if top > 0:
         top_values, top_ids = log_probs.topk(top, dim=-1)  # [n, top] each, most likely first
         tops = [

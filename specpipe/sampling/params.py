@@ -6,10 +6,10 @@ import math
 from dataclasses import dataclass
 
 from specpipe.errors import InvalidArgumentError
-from specpipe.sampling.logprobs import MAX_TOP_LOGPROBS
 from specpipe.v1 import common_pb2
 
 ACCEPTANCE_RULES = ("leviathan", "coupled")
+MAX_TOP_LOGPROBS = 20  # as OpenAI's API: each is a gather and a protobuf entry per generated token
 _RULE_TO_PB = {
     "leviathan": common_pb2.ACCEPTANCE_RULE_LEVIATHAN,
     "coupled": common_pb2.ACCEPTANCE_RULE_COUPLED,

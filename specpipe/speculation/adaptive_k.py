@@ -120,9 +120,11 @@ class AcceptanceEstimator:
 PROBE_INTERVAL = 4
 
 
-# Hugging Face's "heuristic" schedule of assisted generation (its default through transformers 4.x), which
+# Hugging Face's "heuristic" schedule of assisted generation (its earlier default; transformers now defaults
+# to 20 candidate tokens, constant, with a draft-confidence stop), which
 # `DraftLengthPolicy(heuristic_k=HF_HEURISTIC_START)` runs for comparison: 5 draft tokens to start, 2 more
-# after a block accepted whole, 1 fewer otherwise (at least 1).
+# after a block accepted whole, 1 fewer otherwise (at least 1), per request (its "heuristic_transient").
+# A block cut short (the request's end, the context) counts as accepted whole when all of it was.
 HF_HEURISTIC_START = 5
 
 
@@ -144,9 +146,9 @@ class DraftLengthPolicy:
         self.pipelined = pipelined  # the coordinator drafts the next block during each verify
         self.acceptance = AcceptanceEstimator()
         self.rounds_since_draft = 0  # rounds decoded plainly since the last one that drafted
-        # Set: k follows Hugging Face's +2/-1 rule from here instead of the costs (for requests without a
-        # fixed k); the costs then only decide where pipelining pays.
-        self.heuristic_k = heuristic_k
+        # Set: k follows Hugging Face's +2/-1 rule from here (within [1, max_k]) instead of the costs (for
+        # requests without a fixed k); the costs then only decide where pipelining pays.
+        self.heuristic_k = None if heuristic_k is None else max(1, min(heuristic_k, max(max_k, 1)))
 
     @property
     def adaptive(self) -> bool:
