@@ -368,7 +368,12 @@ def test_worker_ports_and_args() -> None:
     args = args_of(c)
     assert args["--port"] == "50051" and args["--cluster-config"] == "/etc/specpipe/cluster.yaml"
     assert "--adaptive-k" in args and "--pipelining" in args and "--chaining" in args
-    assert "--delegation" in args
+    assert "--delegation" in args and args["--adaptive-k-rule"] == "cost"
+    heuristic = render({"coordinator": {"adaptiveKRule": "hf-heuristic"}})
+    assert args_of(container(one(heuristic, "Deployment", f"{FULLNAME}-coordinator")))[
+        "--adaptive-k-rule"
+    ] == ("hf-heuristic")
+    assert "adaptiveKRule" in schema_error({"coordinator": {"adaptiveKRule": "fastest"}})
 
 
 @pytest.mark.parametrize("value_set", VALUE_SETS)
