@@ -237,6 +237,11 @@ def add_generate_parser(subparsers: argparse._SubParsersAction) -> None:
         help="a fixed k for this request (0 = plain decoding; default: the coordinator's choice)",
     )  # fmt: skip
     generate.add_argument(
+        "--repetition-penalty", type=float, default=1.0,
+        help="divide (or, when negative, multiply) the logit of every token already in the sequence by this "
+        "(Hugging Face's repetition_penalty; 1 = off, e.g. 1.2 against loops)",
+    )  # fmt: skip
+    generate.add_argument(
         "--logprobs", type=int, default=None, metavar="N",
         help="after the text, print each token's log-probability under the target and the N most likely "
         "tokens at its position (0-20)",
@@ -472,6 +477,7 @@ def generate(args: argparse.Namespace) -> int:
             num_speculative_tokens=args.num_speculative_tokens,
             acceptance=args.acceptance,
             logprobs=args.logprobs,
+            repetition_penalty=args.repetition_penalty,
         )
     except ValueError as exc:  # a negative number for an unsigned field: protobuf refuses it
         print(f"specpipe generate: {exc}", file=sys.stderr)

@@ -23,6 +23,7 @@ def build_request(
     num_speculative_tokens: int | None = None,
     acceptance: str = "leviathan",
     logprobs: int | None = None,
+    repetition_penalty: float = 1.0,
 ) -> coordinator_pb2.GenerateRequest:
     rule = (
         common_pb2.ACCEPTANCE_RULE_COUPLED
@@ -43,6 +44,8 @@ def build_request(
         request.prompt_token_ids.extend(prompt)
     if num_speculative_tokens is not None:
         request.num_speculative_tokens = num_speculative_tokens
+    if repetition_penalty != 1.0:
+        request.sampling.repetition_penalty = repetition_penalty
     return request
 
 

@@ -16,6 +16,7 @@ from specpipe.sampling.coupled import verify_coupled
 from specpipe.sampling.draft_sampling import expand_distributions
 from specpipe.sampling.logprobs import TokenLogprob, token_logprobs
 from specpipe.sampling.params import SamplingParams
+from specpipe.sampling.penalties import penalize_repetitions
 from specpipe.sampling.processing import sampling_probs
 from specpipe.sampling.rejection_sampler import rejection_sample, verify_greedy
 from specpipe.v1 import common_pb2, target_pb2
@@ -153,11 +154,17 @@ class Verifier:
 
     def decide(self, block: VerifyBlock, result: ForwardResult) -> Verdict:
         """The verdict on a block from the target's logits at its k + 1 positions: the acceptance rule."""
+        logits = result.logits  # [k + 1, vocab_size]
+        if block.sampling.repetition_penalty != 1.0:
+            # Row i scores the position after history + draft[:i], and sees exactly those tokens.
+            logits = penalize_repetitions(
+                logits, block.token_ids, block.draft_token_ids, block.sampling.repetition_penalty
+            )
         if block.sampling.is_greedy:
             # Only the argmax matters, and the logits' is the one-hot p's: skip building p.
-            outcome = verify_greedy(result.logits, block.draft_token_ids)
+            outcome = verify_greedy(logits, block.draft_token_ids)
         else:
-            target_probs = sampling_probs(result.logits, block.sampling)  # [k + 1, vocab_size]
+            target_probs = sampling_probs(logits, block.sampling)  # [k + 1, vocab_size]
             if block.sampling.acceptance == "coupled":
                 outcome = verify_coupled(
                     target_probs, list(block.draft_token_ids), len(block.token_ids), block.sampling.seed
@@ -178,7 +185,8 @@ class Verifier:
         logprobs: tuple[TokenLogprob, ...] = ()
         if block.sampling.logprobs is not None:
             emitted = [*block.draft_token_ids[: outcome.num_accepted], outcome.next_token_id]
-            rows = result.logits[: len(emitted)]  # [num_accepted + 1, vocab_size]: row i scored emitted[i]
+            # [num_accepted + 1, vocab_size]: row i scored emitted[i]; the raw logits, before any penalty.
+            rows = result.logits[: len(emitted)]
             logprobs = tuple(token_logprobs(rows, emitted, block.sampling.logprobs))
         return Verdict(
             num_accepted=outcome.num_accepted,

@@ -29,6 +29,8 @@ class SamplingParams:
     acceptance: str = "leviathan"
     # Set: report each generated token's log-prob and this many top alternatives (sampling/logprobs.py).
     logprobs: int | None = None
+    # CTRL's repetition penalty over the whole sequence (sampling/penalties.py); 1 = off.
+    repetition_penalty: float = 1.0
 
     def __post_init__(self) -> None:
         if not math.isfinite(self.temperature) or self.temperature < 0:
@@ -43,6 +45,10 @@ class SamplingParams:
             )
         if not 0 <= self.seed < 2**64:
             raise InvalidArgumentError(f"sampling.seed must fit in uint64, got {self.seed}")
+        if not math.isfinite(self.repetition_penalty) or self.repetition_penalty <= 0:
+            raise InvalidArgumentError(
+                f"sampling.repetition_penalty must be > 0 (1 = off), got {self.repetition_penalty}"
+            )
         if self.logprobs is not None and not 0 <= self.logprobs <= MAX_TOP_LOGPROBS:
             raise InvalidArgumentError(
                 f"sampling.logprobs must be in [0, {MAX_TOP_LOGPROBS}] (unset = none), got {self.logprobs}"
@@ -65,6 +71,7 @@ class SamplingParams:
             seed=pb.seed,
             acceptance=acceptance,
             logprobs=pb.logprobs if pb.HasField("logprobs") else None,
+            repetition_penalty=pb.repetition_penalty if pb.HasField("repetition_penalty") else 1.0,
         )
 
     def to_pb(self) -> common_pb2.SamplingParams:
@@ -75,6 +82,7 @@ class SamplingParams:
             seed=self.seed,
             acceptance=_RULE_TO_PB[self.acceptance],
             logprobs=self.logprobs,
+            repetition_penalty=None if self.repetition_penalty == 1.0 else self.repetition_penalty,
         )
 
     def to_dict(self) -> dict[str, float | int]:
@@ -84,4 +92,5 @@ class SamplingParams:
             "top_p": self.top_p,
             "seed": self.seed,
             "acceptance": self.acceptance,
+            "repetition_penalty": self.repetition_penalty,
         }

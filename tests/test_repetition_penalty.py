@@ -1,0 +1,126 @@
+"""The repetition penalty (`SamplingParams.repetition_penalty`): the math against Hugging Face's processor row
+by row, then through the real services, where greedy output must equal `generate(repetition_penalty=...)`
+and the coupled rule's seeded tokens must not depend on k."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer
+from transformers.generation.logits_process import RepetitionPenaltyLogitsProcessor
+
+from specpipe.client import CoordinatorClient, build_request
+from specpipe.errors import InvalidArgumentError
+from specpipe.sampling.params import SamplingParams
+from specpipe.sampling.penalties import penalize_repetitions
+from tests.conftest import Pipeline, start_coordinator
+from tests.prompts import PROMPTS
+
+PENALTY = 1.3
+MAX_NEW_TOKENS = 24
+
+
+def test_each_row_is_penalized_over_the_history_and_the_block_before_it() -> None:
+    torch.manual_seed(0)
+    vocab = 50
+    logits = torch.randn(4, vocab) * 3  # [4, vocab]: positive and negative logits
+    history, block = [3, 7, 7, 12, 49], [12, 20, 3]
+    got = penalize_repetitions(logits, history, block, PENALTY)
+    processor = RepetitionPenaltyLogitsProcessor(PENALTY)
+    for i in range(4):
+        ids = torch.tensor([[*history, *block[:i]]])
+        torch.testing.assert_close(got[i : i + 1], processor(ids, logits[i : i + 1].clone()), rtol=0, atol=0)
+    assert not torch.equal(got[1], got[0]) or logits[1].equal(logits[0])  # row 1 also saw block[0]
+    torch.testing.assert_close(penalize_repetitions(logits, history, block, 1.0), logits)  # 1: off
+
+
+def test_the_request_field_is_checked_and_round_trips() -> None:
+    for value in (1.0, 0.8, PENALTY):
+        assert (
+            SamplingParams.from_pb(SamplingParams(repetition_penalty=value).to_pb()).repetition_penalty
+            == value
+        )
+    assert not SamplingParams().to_pb().HasField("repetition_penalty")
+    for bad in (0.0, -1.0, float("nan"), float("inf")):
+        with pytest.raises(InvalidArgumentError, match="repetition_penalty"):
+            SamplingParams(repetition_penalty=bad)
+
+
+def penalized_target_alone(pipeline: Pipeline, prompts: list[str]) -> dict[str, list[int]]:
+    tokenizer = AutoTokenizer.from_pretrained(pipeline.pair.target_dir)
+    model = AutoModelForCausalLM.from_pretrained(pipeline.pair.target_dir, dtype=torch.float32).eval()
+    expected = {}
+    for prompt in prompts:
+        ids = tokenizer(prompt, return_tensors="pt")["input_ids"]
+        with torch.inference_mode():
+            out = model.generate(
+                ids, max_new_tokens=MAX_NEW_TOKENS, do_sample=False, repetition_penalty=PENALTY
+            )
+        expected[prompt] = out[0, ids.shape[1] :].tolist()
+    return expected
+
+
+@pytest.fixture(scope="module")
+def local_coordinator(pipeline: Pipeline, tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    """A coordinator on the shared workers that runs the rounds itself (the shared one delegates them)."""
+    coordinator = start_coordinator(
+        pipeline.draft.address, pipeline.target.address, pipeline.redis.url,
+        tmp_path_factory.mktemp("penalty-local"), extra=["--no-delegation"],
+    )  # fmt: skip
+    try:
+        coordinator.wait_serving(120)
+        yield coordinator.address
+    finally:
+        coordinator.stop()
+
+
+@pytest.mark.parametrize("where", ["delegated", "coordinator"])
+def test_greedy_with_a_penalty_equals_generate_with_it(
+    pipeline: Pipeline, local_coordinator: str, where: str
+) -> None:
+    address = pipeline.coordinator_addr if where == "delegated" else local_coordinator
+    prompts = PROMPTS[:6]
+    expected = penalized_target_alone(pipeline, prompts)
+    plain = {}
+    with CoordinatorClient(address) as client:
+        for k in (None, 0, 3):
+            for prompt in prompts:
+                request = build_request(
+                    prompt, MAX_NEW_TOKENS, num_speculative_tokens=k, repetition_penalty=PENALTY
+                )
+                assert client.generate(request, 60).token_ids == expected[prompt], (k, prompt)
+        for prompt in prompts:
+            plain[prompt] = client.generate(build_request(prompt, MAX_NEW_TOKENS), 60).token_ids
+    assert plain != expected  # the penalty changed some outputs: the test tests something
+
+
+def test_coupled_seeded_tokens_with_a_penalty_do_not_depend_on_k(pipeline: Pipeline) -> None:
+    """Under the coupled rule every token is the target's own seeded sample, so k = 0 (plain decoding through
+    the target) and speculation give the same tokens only if each verify row applied the penalty over
+    exactly the tokens before its position, as the plain step there did."""
+    with CoordinatorClient(pipeline.coordinator_addr) as client:
+        for seed in (1, 2):
+            outputs = [
+                client.generate(
+                    build_request(
+                        PROMPTS[0], 32, temperature=0.9, seed=seed, acceptance="coupled",
+                        num_speculative_tokens=k, repetition_penalty=PENALTY,
+                    ),
+                    60,
+                ).token_ids
+                for k in (0, 2, 5, None)
+            ]  # fmt: skip
+            assert all(output == outputs[0] for output in outputs), seed
+
+
+def test_a_bad_penalty_is_invalid_argument(pipeline: Pipeline) -> None:
+    import grpc
+
+    request = build_request(PROMPTS[0], 4)
+    request.sampling.repetition_penalty = -0.5
+    with CoordinatorClient(pipeline.coordinator_addr) as client, pytest.raises(grpc.RpcError) as caught:
+        client.generate(request, 30)
+    assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert "repetition_penalty" in caught.value.details()
