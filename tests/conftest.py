@@ -116,6 +116,24 @@ def pipeline(
     stop_pipeline(pipeline)
 
 
+@pytest.fixture(scope="session")
+def undelegated_coordinator(pipeline: Pipeline, tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    """A second coordinator on the shared pipeline's workers that runs the rounds itself (--no-delegation);
+    the shared one delegates them (the default)."""
+    coordinator = start_coordinator(
+        pipeline.draft.address,
+        pipeline.target.address,
+        pipeline.redis.url,
+        tmp_path_factory.mktemp("undelegated"),
+        extra=["--no-delegation"],
+    )
+    try:
+        coordinator.wait_serving(120)
+        yield coordinator.address
+    finally:
+        coordinator.stop()
+
+
 def start_pipeline(
     pair: ModelPair,
     redis: RedisServerProcess,

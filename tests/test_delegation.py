@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import Iterator
 from pathlib import Path
 
 import grpc
@@ -27,24 +26,6 @@ from tests.prompts import PROMPTS
 from tests.reference import target_alone
 
 MAX_NEW_TOKENS = 24
-
-
-@pytest.fixture(scope="module")
-def undelegated_coordinator(pipeline: Pipeline, tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
-    """A second coordinator on the shared pipeline's workers that runs the rounds itself (--no-delegation);
-    the shared one delegates (the default)."""
-    coordinator = start_coordinator(
-        pipeline.draft.address,
-        pipeline.target.address,
-        pipeline.redis.url,
-        tmp_path_factory.mktemp("undelegated"),
-        extra=["--no-delegation"],
-    )
-    try:
-        coordinator.wait_serving(120)
-        yield coordinator.address
-    finally:
-        coordinator.stop()
 
 
 def delegated_rounds(pipeline: Pipeline) -> int:

@@ -5,7 +5,6 @@ in one forward pass of its own."""
 from __future__ import annotations
 
 import math
-from collections.abc import Iterator
 from pathlib import Path
 
 import grpc
@@ -17,7 +16,7 @@ from specpipe.client import CoordinatorClient, GenerationResult, build_request
 from specpipe.errors import InvalidArgumentError
 from specpipe.sampling.logprobs import MAX_TOP_LOGPROBS, TokenLogprob, token_logprobs
 from specpipe.sampling.params import SamplingParams
-from tests.conftest import Pipeline, start_coordinator
+from tests.conftest import Pipeline
 from tests.prompts import PROMPTS
 
 TOLERANCE = 1e-4  # the workers score a token in a block over a KV cache, the reference in one pass
@@ -56,26 +55,12 @@ def reference_logprobs(model_dir: Path, prompt_ids: list[int], generated: list[i
     return [float(log_probs[start + i, token]) for i, token in enumerate(generated)]
 
 
-@pytest.fixture(scope="module")
-def local_coordinator(pipeline: Pipeline, tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
-    """A coordinator on the shared workers that runs the rounds itself (the shared one delegates them)."""
-    coordinator = start_coordinator(
-        pipeline.draft.address, pipeline.target.address, pipeline.redis.url,
-        tmp_path_factory.mktemp("logprobs-local"), extra=["--no-delegation"],
-    )  # fmt: skip
-    try:
-        coordinator.wait_serving(120)
-        yield coordinator.address
-    finally:
-        coordinator.stop()
-
-
 @pytest.mark.parametrize("where", ["delegated", "coordinator"])
 @pytest.mark.parametrize(("temperature", "k"), [(0.0, None), (0.0, 0), (0.8, 3)])
 def test_logprobs_are_the_targets_own_through_the_services(
-    pipeline: Pipeline, local_coordinator: str, where: str, temperature: float, k: int | None
+    pipeline: Pipeline, undelegated_coordinator: str, where: str, temperature: float, k: int | None
 ) -> None:
-    address = pipeline.coordinator_addr if where == "delegated" else local_coordinator
+    address = pipeline.coordinator_addr if where == "delegated" else undelegated_coordinator
     prompt_ids = [11, 42, 7, 99, 3, 250, 18]
     request = build_request(
         prompt_ids, 24, temperature=temperature, seed=5, num_speculative_tokens=k, logprobs=3

@@ -4,8 +4,6 @@ and the coupled rule's seeded tokens must not depend on k."""
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-
 import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -15,7 +13,7 @@ from specpipe.client import CoordinatorClient, build_request
 from specpipe.errors import InvalidArgumentError
 from specpipe.sampling.params import SamplingParams
 from specpipe.sampling.penalties import penalize_repetitions
-from tests.conftest import Pipeline, start_coordinator
+from tests.conftest import Pipeline
 from tests.prompts import PROMPTS
 
 PENALTY = 1.3
@@ -62,25 +60,11 @@ def penalized_target_alone(pipeline: Pipeline, prompts: list[str]) -> dict[str, 
     return expected
 
 
-@pytest.fixture(scope="module")
-def local_coordinator(pipeline: Pipeline, tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
-    """A coordinator on the shared workers that runs the rounds itself (the shared one delegates them)."""
-    coordinator = start_coordinator(
-        pipeline.draft.address, pipeline.target.address, pipeline.redis.url,
-        tmp_path_factory.mktemp("penalty-local"), extra=["--no-delegation"],
-    )  # fmt: skip
-    try:
-        coordinator.wait_serving(120)
-        yield coordinator.address
-    finally:
-        coordinator.stop()
-
-
 @pytest.mark.parametrize("where", ["delegated", "coordinator"])
 def test_greedy_with_a_penalty_equals_generate_with_it(
-    pipeline: Pipeline, local_coordinator: str, where: str
+    pipeline: Pipeline, undelegated_coordinator: str, where: str
 ) -> None:
-    address = pipeline.coordinator_addr if where == "delegated" else local_coordinator
+    address = pipeline.coordinator_addr if where == "delegated" else undelegated_coordinator
     prompts = PROMPTS[:6]
     expected = penalized_target_alone(pipeline, prompts)
     plain = {}
