@@ -93,6 +93,10 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
     p.add_argument("--seed", type=int, default=0, help="arrival times, and request i samples with seed + i")
     p.add_argument("--num-speculative-tokens", type=int, default=None, help="default: the coordinator's")
+    p.add_argument(
+        "--ignore-eos", action="store_true",
+        help="every request generates max_new_tokens, past end-of-sequence tokens (fixed output lengths)",
+    )  # fmt: skip
     p.add_argument("--timeout", type=float, default=300.0, help="deadline of each request, seconds")
     p.add_argument("--out", type=Path, help="write the summary and every request as JSON here")
     p.add_argument(
@@ -134,7 +138,7 @@ async def one_request(
     record = RequestRecord(index)
     request = build_request(
         prompt, args.max_new_tokens, temperature=args.temperature, seed=args.seed + index,
-        num_speculative_tokens=args.num_speculative_tokens,
+        num_speculative_tokens=args.num_speculative_tokens, ignore_eos=args.ignore_eos,
     )  # fmt: skip
     started = time.perf_counter()
     try:

@@ -43,6 +43,7 @@ class GenerationRequest:
     stop: tuple[str, ...]
     session_id: str  # empty = new session
     num_speculative_tokens: int | None  # None = adaptive
+    ignore_eos: bool = False  # generate past end-of-sequence tokens, up to max_new_tokens
 
     @classmethod
     def from_pb(cls, pb: coordinator_pb2.GenerateRequest, limits: RequestLimits) -> GenerationRequest:
@@ -76,6 +77,7 @@ class GenerationRequest:
             stop=tuple(pb.stop),
             session_id=pb.session_id,
             num_speculative_tokens=k,
+            ignore_eos=pb.ignore_eos,
         )
 
 

@@ -13,6 +13,7 @@ decoding) yields the target's own output.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
 import uuid
 from collections.abc import AsyncIterator, Callable, Coroutine
@@ -170,7 +171,7 @@ class SpeculativeGenerator:
             pipelined=self.pipelining,
             heuristic_k=self.heuristic_start,
         )
-        planner: RoundPlanner[TargetStream] = self.planner(policy)
+        planner: RoundPlanner[TargetStream] = self.planner(policy, self.request_limits(request))
         # The previous round's commit and chunk: the commit overlaps this round's first worker call, and
         # the chunk is sent only once its commit succeeded.
         pending: PendingChunk | None = None
@@ -268,7 +269,7 @@ class SpeculativeGenerator:
         generated, usage, detokenizer = progress.generated, progress.usage, progress.detokenizer
         history = session.history
         remaining = request.max_new_tokens - len(generated)
-        new_ids, finish_reason = self.limits.round_tokens(
+        new_ids, finish_reason = self.request_limits(request).round_tokens(
             draft_ids, verdict.num_accepted, verdict.next_token_id, remaining, len(history)
         )
         if request.sampling.logprobs is not None and len(verdict.logprobs) < len(new_ids):
@@ -309,8 +310,17 @@ class SpeculativeGenerator:
             chunk = GenerationChunk(session.session_id, new_ids, text, logprobs=logprobs)
         return PendingChunk(commit, chunk)
 
-    def planner(self, policy: DraftLengthPolicy) -> RoundPlanner[TargetStream]:
-        return RoundPlanner(policy, self.limits, self.costs, self.pipelining, self.chaining)
+    def planner(
+        self, policy: DraftLengthPolicy, limits: ModelLimits | None = None
+    ) -> RoundPlanner[TargetStream]:
+        return RoundPlanner(policy, limits or self.limits, self.costs, self.pipelining, self.chaining)
+
+    def request_limits(self, request: GenerationRequest) -> ModelLimits:
+        """The pair's limits as a request sees them: without end-of-sequence tokens when it ignores them (the
+        rounds then stop at max_new_tokens, a stop string or the context, wherever they run)."""
+        if request.ignore_eos:
+            return dataclasses.replace(self.limits, eos_token_ids=frozenset())
+        return self.limits
 
     def delegates(self, request: GenerationRequest) -> bool:
         """Whether the request's rounds run on the draft worker (one that never drafts would gain nothing)."""
@@ -345,7 +355,7 @@ class SpeculativeGenerator:
             sampling=request.sampling,
             target_address=target.replica.address,
             schedule=DraftSchedule.of(planner.policy, self.chaining),
-            limits=self.limits,
+            limits=self.request_limits(request),
             worker_timeout_s=self.worker_timeout_s,
         )
         with self.drafts.lease(replica):

@@ -242,6 +242,10 @@ def add_generate_parser(subparsers: argparse._SubParsersAction) -> None:
         "(Hugging Face's repetition_penalty; 1 = off, e.g. 1.2 against loops)",
     )  # fmt: skip
     generate.add_argument(
+        "--ignore-eos", action="store_true",
+        help="generate past end-of-sequence tokens, up to --max-new-tokens (fixed output lengths)",
+    )  # fmt: skip
+    generate.add_argument(
         "--logprobs", type=int, default=None, metavar="N",
         help="after the text, print each token's log-probability under the target and the N most likely "
         "tokens at its position (0-20)",
@@ -478,6 +482,7 @@ def generate(args: argparse.Namespace) -> int:
             acceptance=args.acceptance,
             logprobs=args.logprobs,
             repetition_penalty=args.repetition_penalty,
+            ignore_eos=args.ignore_eos,
         )
     except ValueError as exc:  # a negative number for an unsigned field: protobuf refuses it
         print(f"specpipe generate: {exc}", file=sys.stderr)

@@ -24,6 +24,7 @@ def build_request(
     acceptance: str = "leviathan",
     logprobs: int | None = None,
     repetition_penalty: float = 1.0,
+    ignore_eos: bool = False,
 ) -> coordinator_pb2.GenerateRequest:
     rule = (
         common_pb2.ACCEPTANCE_RULE_COUPLED
@@ -37,6 +38,7 @@ def build_request(
         ),
         stop=list(stop),
         session_id=session_id,
+        ignore_eos=ignore_eos,
     )
     if isinstance(prompt, str):
         request.prompt = prompt

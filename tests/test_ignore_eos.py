@@ -1,0 +1,44 @@
+"""`GenerateRequest.ignore_eos`: the rounds run past end-of-sequence tokens to max_new_tokens, delegated and
+on the coordinator, and the tokens up to the EOS are the ones a request without it gives."""
+
+from __future__ import annotations
+
+import pytest
+
+from specpipe.client import CoordinatorClient, GenerationResult, build_request
+from tests.conftest import Pipeline
+from tests.prompts import PROMPTS
+
+MAX_NEW_TOKENS = 48
+
+
+def sampled(prompt: str, seed: int, ignore_eos: bool, k: int | None) -> object:
+    # Hot sampling under the coupled rule: the tiny target then ends some continuations with EOS, and the
+    # tokens are the target's own seeded samples whatever k, so runs with and without EOS compare exactly.
+    return build_request(
+        prompt, MAX_NEW_TOKENS, temperature=1.5, seed=seed, acceptance="coupled",
+        num_speculative_tokens=k, ignore_eos=ignore_eos,
+    )  # fmt: skip
+
+
+def first_ending_in_eos(client: CoordinatorClient) -> tuple[str, int, GenerationResult]:
+    for seed in range(60):
+        for prompt in PROMPTS[:4]:
+            result = client.generate(sampled(prompt, seed, False, None), 60)
+            if result.finish_reason == "eos":
+                return prompt, seed, result
+    raise AssertionError("no sampled request ended with EOS: the test needs one")
+
+
+@pytest.mark.parametrize("where", ["delegated", "coordinator"])
+def test_ignore_eos_runs_to_max_new_tokens_past_eos(
+    pipeline: Pipeline, undelegated_coordinator: str, where: str
+) -> None:
+    address = pipeline.coordinator_addr if where == "delegated" else undelegated_coordinator
+    with CoordinatorClient(address) as client:
+        prompt, seed, ended = first_ending_in_eos(client)
+        assert len(ended.token_ids) < MAX_NEW_TOKENS
+        for k in (None, 0, 3):
+            full = client.generate(sampled(prompt, seed, True, k), 60)
+            assert full.finish_reason == "length" and len(full.token_ids) == MAX_NEW_TOKENS, k
+            assert full.token_ids[: len(ended.token_ids)] == ended.token_ids, k  # the EOS, then on
