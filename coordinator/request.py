@@ -44,6 +44,7 @@ class GenerationRequest:
     session_id: str  # empty = new session
     num_speculative_tokens: int | None  # None = adaptive
     ignore_eos: bool = False  # generate past end-of-sequence tokens, up to max_new_tokens
+    stop_token_ids: frozenset[int] = frozenset()  # end after any of these, as after EOS (finish "stop")
 
     @classmethod
     def from_pb(cls, pb: coordinator_pb2.GenerateRequest, limits: RequestLimits) -> GenerationRequest:
@@ -78,6 +79,7 @@ class GenerationRequest:
             session_id=pb.session_id,
             num_speculative_tokens=k,
             ignore_eos=pb.ignore_eos,
+            stop_token_ids=frozenset(pb.stop_token_ids),
         )
 
 

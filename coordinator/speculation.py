@@ -89,6 +89,10 @@ class SpeculativeGenerator:
         self.delegation_backoff = DelegationBackoff()
         self._background: set[asyncio.Future[None]] = set()  # keeps fire-and-forget tasks referenced
 
+    def check_stop_token_ids(self, request: GenerationRequest) -> None:
+        if any(not 0 <= t < self.limits.vocab_size for t in request.stop_token_ids):
+            raise InvalidArgumentError(f"stop_token_ids must be in [0, {self.limits.vocab_size})")
+
     def prompt_ids(self, request: GenerationRequest) -> list[int]:
         if request.prompt_token_ids:
             ids = list(request.prompt_token_ids)
@@ -103,6 +107,7 @@ class SpeculativeGenerator:
         return list(ids)
 
     async def open_session(self, request: GenerationRequest) -> OpenSession:
+        self.check_stop_token_ids(request)
         prompt_ids = self.prompt_ids(request)
         if request.session_id:
             state = await self.store.load(request.session_id)  # NotFoundError names the id
@@ -272,6 +277,8 @@ class SpeculativeGenerator:
         new_ids, finish_reason = self.request_limits(request).round_tokens(
             draft_ids, verdict.num_accepted, verdict.next_token_id, remaining, len(history)
         )
+        if finish_reason == "eos" and new_ids[-1] in request.stop_token_ids:
+            finish_reason = "stop"  # a stop token id: kept, and the text flushed, as after EOS
         if request.sampling.logprobs is not None and len(verdict.logprobs) < len(new_ids):
             # A worker from before log-probs drops the field it does not know: say so rather than stream
             # chunks without them.
@@ -284,7 +291,7 @@ class SpeculativeGenerator:
             # Keep the tokens up to the one that completed the stop string.
             new_ids = new_ids[: detokenizer.stop_token_index - len(generated)]
             finish_reason = "stop"
-        if finish_reason and finish_reason != "stop":
+        if finish_reason and not detokenizer.stopped:  # a stop string cuts the text; anything else flushes it
             text += detokenizer.finish()
 
         delta = SessionStats(
@@ -316,11 +323,13 @@ class SpeculativeGenerator:
         return RoundPlanner(policy, limits or self.limits, self.costs, self.pipelining, self.chaining)
 
     def request_limits(self, request: GenerationRequest) -> ModelLimits:
-        """The pair's limits as a request sees them: without end-of-sequence tokens when it ignores them (the
-        rounds then stop at max_new_tokens, a stop string or the context, wherever they run)."""
-        if request.ignore_eos:
-            return dataclasses.replace(self.limits, eos_token_ids=frozenset())
-        return self.limits
+        """The pair's limits as a request sees them: its stop token ids end it as end-of-sequence tokens do,
+        and the model's end-of-sequence tokens do not when it ignores them (the rounds then stop at
+        max_new_tokens, a stop string or the context, wherever they run)."""
+        if not request.ignore_eos and not request.stop_token_ids:
+            return self.limits
+        eos = frozenset() if request.ignore_eos else self.limits.eos_token_ids
+        return dataclasses.replace(self.limits, eos_token_ids=eos | request.stop_token_ids)
 
     def delegates(self, request: GenerationRequest) -> bool:
         """Whether the request's rounds run on the draft worker (one that never drafts would gain nothing)."""

@@ -242,6 +242,10 @@ def add_generate_parser(subparsers: argparse._SubParsersAction) -> None:
         "(Hugging Face's repetition_penalty; 1 = off, e.g. 1.2 against loops)",
     )  # fmt: skip
     generate.add_argument(
+        "--stop-token-id", type=int, action="append", default=[], metavar="ID",
+        help="end the completion after this token, kept, as after end-of-sequence (repeatable)",
+    )  # fmt: skip
+    generate.add_argument(
         "--ignore-eos", action="store_true",
         help="generate past end-of-sequence tokens, up to --max-new-tokens (fixed output lengths)",
     )  # fmt: skip
@@ -483,6 +487,7 @@ def generate(args: argparse.Namespace) -> int:
             logprobs=args.logprobs,
             repetition_penalty=args.repetition_penalty,
             ignore_eos=args.ignore_eos,
+            stop_token_ids=args.stop_token_id,
         )
     except ValueError as exc:  # a negative number for an unsigned field: protobuf refuses it
         print(f"specpipe generate: {exc}", file=sys.stderr)

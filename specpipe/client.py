@@ -25,6 +25,7 @@ def build_request(
     logprobs: int | None = None,
     repetition_penalty: float = 1.0,
     ignore_eos: bool = False,
+    stop_token_ids: Sequence[int] = (),
 ) -> coordinator_pb2.GenerateRequest:
     rule = (
         common_pb2.ACCEPTANCE_RULE_COUPLED
@@ -39,6 +40,7 @@ def build_request(
         stop=list(stop),
         session_id=session_id,
         ignore_eos=ignore_eos,
+        stop_token_ids=list(stop_token_ids),
     )
     if isinstance(prompt, str):
         request.prompt = prompt

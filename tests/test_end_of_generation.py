@@ -1,8 +1,10 @@
-"""`GenerateRequest.ignore_eos`: the rounds run past end-of-sequence tokens to max_new_tokens, delegated and
-on the coordinator, and the tokens up to the EOS are the ones a request without it gives."""
+"""Where generation ends. `GenerateRequest.ignore_eos`: the rounds run past end-of-sequence tokens to
+max_new_tokens, delegated and on the coordinator, and the tokens up to the EOS are the ones a request
+without it gives. `stop_token_ids`: generation ends after the first of them, kept, as after EOS."""
 
 from __future__ import annotations
 
+import grpc
 import pytest
 
 from specpipe.client import CoordinatorClient, GenerationResult, build_request
@@ -42,3 +44,32 @@ def test_ignore_eos_runs_to_max_new_tokens_past_eos(
             full = client.generate(sampled(prompt, seed, True, k), 60)
             assert full.finish_reason == "length" and len(full.token_ids) == MAX_NEW_TOKENS, k
             assert full.token_ids[: len(ended.token_ids)] == ended.token_ids, k  # the EOS, then on
+
+
+@pytest.mark.parametrize("where", ["delegated", "coordinator"])
+def test_stop_token_ids_end_generation_after_the_first_of_them(
+    pipeline: Pipeline, undelegated_coordinator: str, where: str
+) -> None:
+    address = pipeline.coordinator_addr if where == "delegated" else undelegated_coordinator
+    with CoordinatorClient(address) as client:
+        free = client.generate(build_request(PROMPTS[0], 24), 60)
+        stop_id = free.token_ids[5]
+        end = free.token_ids.index(stop_id) + 1  # its first occurrence, kept
+        for k in (None, 0, 3):
+            for ignore_eos in (False, True):  # stop ids stop even when EOS does not
+                stopped = client.generate(
+                    build_request(
+                        PROMPTS[0],
+                        24,
+                        num_speculative_tokens=k,
+                        stop_token_ids=[stop_id],
+                        ignore_eos=ignore_eos,
+                    ),
+                    60,
+                )
+                assert stopped.token_ids == free.token_ids[:end], (k, ignore_eos)
+                assert stopped.finish_reason == "stop" and free.text.startswith(stopped.text), (k, ignore_eos)
+        with pytest.raises(grpc.RpcError) as caught:
+            client.generate(build_request(PROMPTS[0], 4, stop_token_ids=[10**6]), 30)
+    assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert "stop_token_ids" in caught.value.details()
