@@ -279,6 +279,13 @@ class SpeculativeGenerator:
         )
         if finish_reason == "eos" and new_ids[-1] in request.stop_token_ids:
             finish_reason = "stop"  # a stop token id: kept, and the text flushed, as after EOS
+        if verdict.repetition_penalty != request.sampling.repetition_penalty:
+            # A worker from before the penalty drops it (a draft worker on the way to the target, or the
+            # target): its tokens are not the ones asked for, so none of them reach the client.
+            raise FailedPreconditionError(
+                "sampling.repetition_penalty was not applied by the workers (a worker older than the "
+                "coordinator?)"
+            )
         if request.sampling.logprobs is not None and len(verdict.logprobs) < len(new_ids):
             # A worker from before log-probs drops the field it does not know: say so rather than stream
             # chunks without them.
@@ -395,6 +402,7 @@ class SpeculativeGenerator:
                         speculation_round.next_token_id,
                         speculation_round.target_forward_ns,
                         tuple(speculation_round.logprobs),  # the round's tokens': a prefix of the verdict's
+                        speculation_round.repetition_penalty,
                     )
                     planner.policy.record(len(draft_ids), verdict.num_accepted)
                     progress.usage.draft_forward_ns += speculation_round.draft_forward_ns

@@ -70,6 +70,7 @@ class Verdict:
     skipped: bool = False
     # Where the request's sampling asks: the accepted draft tokens' and the next token's (num_accepted + 1).
     logprobs: tuple[TokenLogprob, ...] = ()
+    repetition_penalty: float = 1.0  # the penalty the verdict applied (echoed, so a dropped one shows)
 
     @classmethod
     def skip(cls) -> Verdict:
@@ -88,6 +89,7 @@ class Verdict:
             forward_ns=self.forward_ns,
             cached_tokens=self.cached_tokens,
             logprobs=[logprob.to_pb() for logprob in self.logprobs],
+            repetition_penalty=None if self.repetition_penalty == 1.0 else self.repetition_penalty,
         )
 
 
@@ -195,6 +197,7 @@ class Verifier:
             forward_ns=result.forward_ns,
             cached_tokens=result.cached_tokens,
             logprobs=logprobs,
+            repetition_penalty=block.sampling.repetition_penalty,
         )
 
 

@@ -119,7 +119,8 @@ def pipeline(
 @pytest.fixture(scope="session")
 def undelegated_coordinator(pipeline: Pipeline, tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     """A second coordinator on the shared pipeline's workers that runs the rounds itself (--no-delegation);
-    the shared one delegates them (the default)."""
+    the shared one delegates them (the default). Session-scoped like the pipeline: started by the first test
+    that asks for it, it stays up (idle but for health checks) until the run ends."""
     coordinator = start_coordinator(
         pipeline.draft.address,
         pipeline.target.address,

@@ -24,13 +24,13 @@ def test_each_row_is_penalized_over_the_history_and_the_block_before_it() -> Non
     torch.manual_seed(0)
     vocab = 50
     logits = torch.randn(4, vocab) * 3  # [4, vocab]: positive and negative logits
-    history, block = [3, 7, 7, 12, 49], [12, 20, 3]
+    history, block = [3, 7, 7, 12, 49], [11, 20, 3]
     got = penalize_repetitions(logits, history, block, PENALTY)
     processor = RepetitionPenaltyLogitsProcessor(PENALTY)
     for i in range(4):
         ids = torch.tensor([[*history, *block[:i]]])
         torch.testing.assert_close(got[i : i + 1], processor(ids, logits[i : i + 1].clone()), rtol=0, atol=0)
-    assert not torch.equal(got[1], got[0]) or logits[1].equal(logits[0])  # row 1 also saw block[0]
+    assert got[0, 11] == logits[0, 11] and got[1, 11] != logits[1, 11]  # block[0] counts from row 1 on
     torch.testing.assert_close(penalize_repetitions(logits, history, block, 1.0), logits)  # 1: off
 
 
@@ -108,3 +108,51 @@ def test_a_bad_penalty_is_invalid_argument(pipeline: Pipeline) -> None:
         client.generate(request, 30)
     assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT
     assert "repetition_penalty" in caught.value.details()
+
+
+@pytest.mark.parametrize("temperature", [0.0, 0.9])
+def test_the_draft_penalizes_each_step_as_the_target_does_its_row(temperature: float) -> None:
+    """The draft's tokens (greedy) and q (sampled) come from the penalized logits over its history and the
+    tokens it drafted before, the rows the target's verify scores: exactness does not need it (the target
+    decides), acceptance does."""
+    from draft_service.drafter import DraftRequest, _Drafting
+    from specpipe.sampling.processing import sampling_probs
+
+    torch.manual_seed(1)
+    params = SamplingParams(temperature=temperature, seed=3, repetition_penalty=PENALTY)
+    history = [4, 9, 9, 17]
+    drafting = _Drafting(DraftRequest("s", tuple(history), 3, params))
+    steps = [torch.randn(1, 32) * 3 for _ in range(3)]  # [1, vocab] each
+    for logits in steps:
+        drafting.choose(logits)
+    drafted = drafting.proposed
+    expected = penalize_repetitions(torch.cat(steps), history, drafted, PENALTY)  # [3, vocab]
+    if temperature == 0.0:
+        assert drafted == expected.argmax(dim=-1).tolist()
+    else:
+        torch.testing.assert_close(
+            torch.stack(drafting.q_rows), sampling_probs(expected, params), rtol=0, atol=0
+        )
+
+
+def test_workers_that_drop_the_penalty_fail_the_round_with_failed_precondition() -> None:
+    """A worker older than the penalty drops the field (a draft worker on the way to the target, or the
+    target): the verdict then says no penalty was applied, and the coordinator refuses the round before
+    committing it."""
+    from coordinator.request import GenerationRequest, Usage
+    from coordinator.speculation import OpenSession, RequestProgress, SpeculativeGenerator
+    from specpipe.errors import FailedPreconditionError
+    from specpipe.speculation.limits import ModelLimits
+    from specpipe.speculation.rounds import Verification
+    from specpipe.text.detokenizer import IncrementalDetokenizer
+
+    generator = SpeculativeGenerator(
+        None, None, None, None, ModelLimits(256, 256, 100, frozenset()), 10.0, "test",
+        max_speculative_tokens=4, costs=None, pipelining=False,
+    )  # fmt: skip  # type: ignore[arg-type]  # nothing but the round's arithmetic is reached
+    request = GenerationRequest("", (1, 2, 3), 8, SamplingParams(repetition_penalty=PENALTY), (), "", 2)
+    session = OpenSession("s", [1, 2, 3], [1, 2, 3], None, is_new=True)
+    progress = RequestProgress(Usage(), IncrementalDetokenizer(None))  # type: ignore[arg-type]
+    with pytest.raises(FailedPreconditionError, match="repetition_penalty"):
+        generator.settle(request, session, progress, [5, 6], Verification(2, 7, 0))
+    assert session.history == [1, 2, 3] and not session.persisted

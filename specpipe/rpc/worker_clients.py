@@ -203,7 +203,8 @@ class TargetStream(WorkerStream):
         if reply.skipped:
             return None
         logprobs = tuple(TokenLogprob.from_pb(pb) for pb in reply.logprobs) if reply.logprobs else ()
-        return Verification(reply.num_accepted, reply.next_token_id, reply.forward_ns, logprobs)
+        penalty = reply.repetition_penalty if reply.HasField("repetition_penalty") else 1.0
+        return Verification(reply.num_accepted, reply.next_token_id, reply.forward_ns, logprobs, penalty)
 
     async def verify(
         self,

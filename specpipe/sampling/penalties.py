@@ -23,9 +23,9 @@ def seen_mask(token_ids: Sequence[int], vocab_size: int) -> torch.Tensor:  # [vo
     """True at every id in `token_ids` (ids past the vocabulary, which the model cannot produce, are left
     out, as Hugging Face does)."""
     mask = torch.zeros(vocab_size, dtype=torch.bool)
-    ids = [t for t in token_ids if 0 <= t < vocab_size]
-    if ids:
-        mask[torch.tensor(ids, dtype=torch.long)] = True
+    if len(token_ids):
+        ids = torch.as_tensor(token_ids, dtype=torch.long)  # [len(token_ids)]
+        mask[ids[(ids >= 0) & (ids < vocab_size)]] = True
     return mask
 
 

@@ -188,6 +188,7 @@ class SpeculationRound:
     draft_forward_ns: int
     target_forward_ns: int
     logprobs: Sequence[TokenLogprob] = ()  # those of new_token_ids where the sampling asks
+    repetition_penalty: float = 1.0  # the verdict's (the target applied it)
 
     def to_pb(self) -> draft_pb2.SpeculationRound:
         return draft_pb2.SpeculationRound(
@@ -199,6 +200,7 @@ class SpeculationRound:
             draft_forward_ns=self.draft_forward_ns,
             target_forward_ns=self.target_forward_ns,
             logprobs=[logprob.to_pb() for logprob in self.logprobs],
+            repetition_penalty=None if self.repetition_penalty == 1.0 else self.repetition_penalty,
         )
 
     @classmethod
@@ -212,4 +214,5 @@ class SpeculationRound:
             pb.draft_forward_ns,
             pb.target_forward_ns,
             tuple(TokenLogprob.from_pb(logprob) for logprob in pb.logprobs),
+            pb.repetition_penalty if pb.HasField("repetition_penalty") else 1.0,
         )

@@ -60,6 +60,7 @@ class Verification:
     # Where the request's sampling asks: those of the accepted tokens and the next one (a prefix of them
     # when the round's tokens were cut, as in a delegated round).
     logprobs: tuple[TokenLogprob, ...] = ()
+    repetition_penalty: float = 1.0  # the one the target applied (VerifyResponse.repetition_penalty)
 
 
 @dataclass(frozen=True, slots=True)

@@ -26,7 +26,7 @@ class VerifyRequest(_message.Message):
     def __init__(self, session_id: _Optional[str] = ..., token_ids: _Optional[_Iterable[int]] = ..., draft_token_ids: _Optional[_Iterable[int]] = ..., draft_probs: _Optional[_Iterable[_Union[_common_pb2.TokenDistribution, _Mapping]]] = ..., sampling: _Optional[_Union[_common_pb2.SamplingParams, _Mapping]] = ..., start_position: _Optional[int] = ..., chained: _Optional[bool] = ...) -> None: ...
 
 class VerifyResponse(_message.Message):
-    __slots__ = ("num_accepted", "next_token_id", "recovered", "forward_ns", "cached_tokens", "skipped", "logprobs")
+    __slots__ = ("num_accepted", "next_token_id", "recovered", "forward_ns", "cached_tokens", "skipped", "logprobs", "repetition_penalty")
     NUM_ACCEPTED_FIELD_NUMBER: _ClassVar[int]
     NEXT_TOKEN_ID_FIELD_NUMBER: _ClassVar[int]
     RECOVERED_FIELD_NUMBER: _ClassVar[int]
@@ -34,6 +34,7 @@ class VerifyResponse(_message.Message):
     CACHED_TOKENS_FIELD_NUMBER: _ClassVar[int]
     SKIPPED_FIELD_NUMBER: _ClassVar[int]
     LOGPROBS_FIELD_NUMBER: _ClassVar[int]
+    REPETITION_PENALTY_FIELD_NUMBER: _ClassVar[int]
     num_accepted: int
     next_token_id: int
     recovered: bool
@@ -41,4 +42,5 @@ class VerifyResponse(_message.Message):
     cached_tokens: int
     skipped: bool
     logprobs: _containers.RepeatedCompositeFieldContainer[_common_pb2.TokenLogprob]
-    def __init__(self, num_accepted: _Optional[int] = ..., next_token_id: _Optional[int] = ..., recovered: _Optional[bool] = ..., forward_ns: _Optional[int] = ..., cached_tokens: _Optional[int] = ..., skipped: _Optional[bool] = ..., logprobs: _Optional[_Iterable[_Union[_common_pb2.TokenLogprob, _Mapping]]] = ...) -> None: ...
+    repetition_penalty: float
+    def __init__(self, num_accepted: _Optional[int] = ..., next_token_id: _Optional[int] = ..., recovered: _Optional[bool] = ..., forward_ns: _Optional[int] = ..., cached_tokens: _Optional[int] = ..., skipped: _Optional[bool] = ..., logprobs: _Optional[_Iterable[_Union[_common_pb2.TokenLogprob, _Mapping]]] = ..., repetition_penalty: _Optional[float] = ...) -> None: ...
