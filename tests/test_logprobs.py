@@ -114,20 +114,9 @@ def test_a_smaller_vocabulary_than_the_ask_gives_every_token() -> None:
 def test_workers_that_return_no_logprobs_fail_the_round_with_failed_precondition() -> None:
     """A worker from before log-probs drops the field: the coordinator says so instead of streaming chunks
     without them (and before committing the round)."""
-    from coordinator.request import GenerationRequest, Usage
-    from coordinator.speculation import OpenSession, RequestProgress, SpeculativeGenerator
     from specpipe.errors import FailedPreconditionError
-    from specpipe.speculation.limits import ModelLimits
     from specpipe.speculation.rounds import Verification
-    from specpipe.text.detokenizer import IncrementalDetokenizer
+    from tests.rounds import refused_round
 
-    limits = ModelLimits(256, 256, 100, frozenset())
-    generator = SpeculativeGenerator(
-        None, None, None, None, limits, 10.0, "test", max_speculative_tokens=4, costs=None, pipelining=False
-    )  # type: ignore[arg-type]  # nothing but the round's arithmetic is reached
-    request = GenerationRequest("", (1, 2, 3), 8, SamplingParams(logprobs=0), (), "", 2)
-    session = OpenSession("s", [1, 2, 3], [1, 2, 3], None, is_new=True)
-    progress = RequestProgress(Usage(), IncrementalDetokenizer(None))  # type: ignore[arg-type]
-    with pytest.raises(FailedPreconditionError, match="logprobs"):
-        generator.settle(request, session, progress, [5, 6], Verification(2, 7, 0))
-    assert session.history == [1, 2, 3] and not session.persisted  # nothing committed
+    refused = refused_round(SamplingParams(logprobs=0), [5, 6], Verification(2, 7, 0))
+    assert isinstance(refused, FailedPreconditionError) and "logprobs" in str(refused)

@@ -139,20 +139,10 @@ def test_workers_that_drop_the_penalty_fail_the_round_with_failed_precondition()
     """A worker older than the penalty drops the field (a draft worker on the way to the target, or the
     target): the verdict then says no penalty was applied, and the coordinator refuses the round before
     committing it."""
-    from coordinator.request import GenerationRequest, Usage
-    from coordinator.speculation import OpenSession, RequestProgress, SpeculativeGenerator
     from specpipe.errors import FailedPreconditionError
-    from specpipe.speculation.limits import ModelLimits
     from specpipe.speculation.rounds import Verification
-    from specpipe.text.detokenizer import IncrementalDetokenizer
+    from tests.rounds import refused_round
 
-    generator = SpeculativeGenerator(
-        None, None, None, None, ModelLimits(256, 256, 100, frozenset()), 10.0, "test",
-        max_speculative_tokens=4, costs=None, pipelining=False,
-    )  # fmt: skip  # type: ignore[arg-type]  # nothing but the round's arithmetic is reached
-    request = GenerationRequest("", (1, 2, 3), 8, SamplingParams(repetition_penalty=PENALTY), (), "", 2)
-    session = OpenSession("s", [1, 2, 3], [1, 2, 3], None, is_new=True)
-    progress = RequestProgress(Usage(), IncrementalDetokenizer(None))  # type: ignore[arg-type]
-    with pytest.raises(FailedPreconditionError, match="repetition_penalty"):
-        generator.settle(request, session, progress, [5, 6], Verification(2, 7, 0))
-    assert session.history == [1, 2, 3] and not session.persisted
+    sampling = SamplingParams(repetition_penalty=PENALTY)
+    refused = refused_round(sampling, [5, 6], Verification(2, 7, 0))
+    assert isinstance(refused, FailedPreconditionError) and "repetition_penalty" in str(refused)
