@@ -16,7 +16,7 @@ import asyncio
 import dataclasses
 import logging
 import uuid
-from collections.abc import AsyncIterator, Callable, Coroutine
+from collections.abc import AsyncIterator, Callable, Coroutine, Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -89,15 +89,14 @@ class SpeculativeGenerator:
         self.delegation_backoff = DelegationBackoff()
         self._background: set[asyncio.Future[None]] = set()  # keeps fire-and-forget tasks referenced
 
-    def check_stop_token_ids(self, request: GenerationRequest) -> None:
-        if any(not 0 <= t < self.limits.vocab_size for t in request.stop_token_ids):
-            raise InvalidArgumentError(f"stop_token_ids must be in [0, {self.limits.vocab_size})")
+    def check_in_vocab(self, token_ids: Iterable[int], field_name: str) -> None:
+        if any(not 0 <= t < self.limits.vocab_size for t in token_ids):
+            raise InvalidArgumentError(f"{field_name} must be in [0, {self.limits.vocab_size})")
 
     def prompt_ids(self, request: GenerationRequest) -> list[int]:
         if request.prompt_token_ids:
             ids = list(request.prompt_token_ids)
-            if any(not 0 <= t < self.limits.vocab_size for t in ids):
-                raise InvalidArgumentError(f"prompt_token_ids must be in [0, {self.limits.vocab_size})")
+            self.check_in_vocab(ids, "prompt_token_ids")
             return ids
         if not request.prompt:
             return []  # a continued session without a new turn
@@ -107,7 +106,7 @@ class SpeculativeGenerator:
         return list(ids)
 
     async def open_session(self, request: GenerationRequest) -> OpenSession:
-        self.check_stop_token_ids(request)
+        self.check_in_vocab(request.stop_token_ids, "stop_token_ids")
         prompt_ids = self.prompt_ids(request)
         if request.session_id:
             state = await self.store.load(request.session_id)  # NotFoundError names the id
@@ -167,7 +166,9 @@ class SpeculativeGenerator:
         sampling = request.sampling
         sid = session.session_id
         detokenizer = IncrementalDetokenizer(self.tokenizer, stop=request.stop)
-        progress = RequestProgress(Usage(prompt_tokens=len(session.history)), detokenizer)
+        progress = RequestProgress(
+            Usage(prompt_tokens=len(session.history)), detokenizer, self.request_limits(request)
+        )
         usage, generated = progress.usage, progress.generated
         policy = DraftLengthPolicy(
             request.num_speculative_tokens,
@@ -176,7 +177,7 @@ class SpeculativeGenerator:
             pipelined=self.pipelining,
             heuristic_k=self.heuristic_start,
         )
-        planner: RoundPlanner[TargetStream] = self.planner(policy, self.request_limits(request))
+        planner: RoundPlanner[TargetStream] = self.planner(policy, progress.limits)
         # The previous round's commit and chunk: the commit overlaps this round's first worker call, and
         # the chunk is sent only once its commit succeeded.
         pending: PendingChunk | None = None
@@ -274,7 +275,7 @@ class SpeculativeGenerator:
         generated, usage, detokenizer = progress.generated, progress.usage, progress.detokenizer
         history = session.history
         remaining = request.max_new_tokens - len(generated)
-        new_ids, finish_reason = self.request_limits(request).round_tokens(
+        new_ids, finish_reason = progress.limits.round_tokens(
             draft_ids, verdict.num_accepted, verdict.next_token_id, remaining, len(history)
         )
         if finish_reason == "eos" and new_ids[-1] in request.stop_token_ids:
@@ -371,7 +372,7 @@ class SpeculativeGenerator:
             sampling=request.sampling,
             target_address=target.replica.address,
             schedule=DraftSchedule.of(planner.policy, self.chaining),
-            limits=self.request_limits(request),
+            limits=progress.limits,
             worker_timeout_s=self.worker_timeout_s,
         )
         with self.drafts.lease(replica):
@@ -447,6 +448,7 @@ class RequestProgress:
 
     usage: Usage
     detokenizer: IncrementalDetokenizer
+    limits: ModelLimits  # the pair's limits as this request sees them (SpeculativeGenerator.request_limits)
     generated: list[int] = field(default_factory=list)
     finish_reason: str = ""
 

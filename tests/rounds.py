@@ -24,7 +24,7 @@ def refused_round(sampling: SamplingParams, draft_ids: list[int], verdict: Verif
     prompt = [1, 2, 3]
     request = GenerationRequest("", tuple(prompt), 8, sampling, (), "", len(draft_ids))
     session = OpenSession("s", list(prompt), list(prompt), None, is_new=True)
-    progress = RequestProgress(Usage(), IncrementalDetokenizer(None))  # type: ignore[arg-type]
+    progress = RequestProgress(Usage(), IncrementalDetokenizer(None), generator.limits)  # type: ignore[arg-type]
     with pytest.raises(SpecpipeError) as refused:
         generator.settle(request, session, progress, draft_ids, verdict)
     assert session.history == prompt and not session.persisted and progress.generated == []
