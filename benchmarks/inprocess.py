@@ -112,12 +112,20 @@ def sampling_params(mode: Mode, prompt_index: int) -> SamplingParams:
     return SamplingParams(temperature=mode.temperature, top_p=mode.top_p, seed=mode.seed(prompt_index))
 
 
+def plain_token(logits: torch.Tensor, params: SamplingParams, position: int) -> int:  # logits [1, vocab_size]
+    """The token plain decoding takes at `position`, as specpipe's k = 0 does: the argmax (greedy), else
+    `sampling_probs` and an inverse-CDF draw with the keyed uniform (seed, position, TARGET_SAMPLE)."""
+    if params.is_greedy:
+        return greedy_token_ids(logits)[0]  # as specpipe's workers take it
+    u = keyed_uniform(params.seed, position, RandomStream.TARGET_SAMPLE)
+    return sample_from_probs(sampling_probs(logits, params)[0], u)
+
+
 @torch.inference_mode()
 def plain_decode(
     model: torch.nn.Module, prompt: Sequence[int], max_new: int, params: SamplingParams, eos: frozenset[int]
 ) -> list[int]:
-    """One target forward per token on a DynamicCache. Sampling draws exactly as specpipe's k = 0 does:
-    `sampling_probs`, then an inverse-CDF draw with the keyed uniform (seed, position, TARGET_SAMPLE)."""
+    """One target forward per token on a DynamicCache, each token chosen by `plain_token`."""
     cache = DynamicCache(config=model.config)
     with_cache = {cache_argument(model): cache}  # looked up once: not inside the timed loop
     device = model.device
@@ -126,11 +134,7 @@ def plain_decode(
     for _ in range(max_new):
         logits = model(input_ids=feed, use_cache=True, logits_to_keep=1, **with_cache).logits[0, -1:]
         logits = logits.float().cpu()  # as the workers decide: float32 on the host (no-ops on a float32 CPU)
-        if params.is_greedy:
-            token = greedy_token_ids(logits)[0]  # as specpipe's workers take it
-        else:
-            u = keyed_uniform(params.seed, len(prompt) + len(out), RandomStream.TARGET_SAMPLE)
-            token = sample_from_probs(sampling_probs(logits, params)[0], u)
+        token = plain_token(logits, params, len(prompt) + len(out))
         out.append(token)
         if token in eos:
             break
@@ -179,11 +183,7 @@ def runner_decode(
             result = runner.forward(session_id, history, 1)
             done.passes += 1
             done.forward_s += result.forward_ns / 1e9
-            if params.is_greedy:
-                token = greedy_token_ids(result.logits)[0]
-            else:
-                u = keyed_uniform(params.seed, len(history), RandomStream.TARGET_SAMPLE)
-                token = sample_from_probs(sampling_probs(result.logits, params)[0], u)
+            token = plain_token(result.logits, params, len(history))
             done.tokens.append(token)
             history.append(token)
             if token in eos:
