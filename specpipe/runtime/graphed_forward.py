@@ -81,7 +81,8 @@ class StaticForwardModel(Protocol):
         hidden: torch.Tensor,  # [count, key_len] True where a row must not attend
         keys: Sequence[torch.Tensor],  # per layer [kv_heads, capacity, head_dim], capacity >= key_len
         values: Sequence[torch.Tensor],
-    ) -> torch.Tensor:  # [count, vocab_size] float32
+        logit_rows: int,  # logits for the last logit_rows rows only (a prefill needs one, a graph all)
+    ) -> torch.Tensor:  # [logit_rows, vocab_size] float32
         """The forward with every shape fixed by (count, key_len) and every position a tensor, so a CUDA graph
         can capture it: keys and values are written at `positions` (`index_copy_`), attention reads the first
         key_len positions of the cache with `hidden` masking the rest. Nothing in it may wait for the device
@@ -261,20 +262,27 @@ class GraphedForward:
                 # replay below writes again: nothing a session can read changes.
                 slot = cache.slot
                 captured = capture_graph(
-                    lambda: self._step(inputs, slot, key_len), self._capture_stream, self._memory_pool
+                    lambda: self._step(inputs, slot, key_len, count), self._capture_stream, self._memory_pool
                 )
                 self._graphs[key] = captured
             graph, logits = captured
             graph.replay()
+            logits = logits[count - num_rows :]
         else:
-            logits = self._step(host.to(self.device), cache.slot, key_len)
+            # Only the rows asked for: a prompt's prefill would otherwise make [prompt, vocab] logits on the
+            # device (2k positions of a 128k vocabulary: 1 GB of float32) to keep one row.
+            logits = self._step(host.to(self.device), cache.slot, key_len, num_rows)
         cache.length = end
-        return logits[count - num_rows :]
+        return logits
 
-    def _step(self, inputs: torch.Tensor, slot: int, key_len: int) -> torch.Tensor:  # [count, vocab_size]
-        """The forward of inputs [2, count] (ids; positions) on a slot: device work only, nothing that waits
-        for the device or copies from the host, so a graph can capture it."""
+    def _step(
+        self, inputs: torch.Tensor, slot: int, key_len: int, logit_rows: int
+    ) -> torch.Tensor:  # [logit_rows, vocab_size]
+        """The forward of inputs [2, count] (ids; positions) on a slot, with the logits of its last logit_rows
+        rows: device work only, nothing that waits for the device or copies from the host, so a graph can
+        capture it."""
         ids, positions = inputs[0], inputs[1]
         # [count, key_len]: a row sees the positions up to its own (the cache and the new rows before it).
         hidden = self.key_positions[:key_len][None, :] > positions[:, None]
-        return self.model.static_forward(ids, positions, hidden, self.pool.keys[slot], self.pool.values[slot])
+        keys, values = self.pool.keys[slot], self.pool.values[slot]
+        return self.model.static_forward(ids, positions, hidden, keys, values, logit_rows)

@@ -142,7 +142,8 @@ class LeanGPT2:
         hidden: torch.Tensor,  # [count, key_len] True where a row must not attend
         keys: Sequence[torch.Tensor],  # per layer [heads, capacity, head_dim], capacity >= key_len
         values: Sequence[torch.Tensor],
-    ) -> torch.Tensor:  # [count, vocab_size] float32
+        logit_rows: int,
+    ) -> torch.Tensor:  # [logit_rows, vocab_size] float32
         """GPT-2's `StaticForwardModel.static_forward` (specpipe/runtime/graphed_forward.py)."""
         count, key_len = hidden.shape
 
@@ -153,7 +154,7 @@ class LeanGPT2:
             return self._attention(q, keys[layer][:, :key_len], values[layer][:, :key_len], hidden)
 
         x = self.token_embedding[ids] + self.position_embedding[positions]  # [count, width]
-        return self._logits(self._layers(x, attend))
+        return self._logits(self._layers(x, attend)[count - logit_rows :])
 
     def _layers(
         self,

@@ -126,7 +126,8 @@ class LeanLlama:
         hidden: torch.Tensor,  # [count, key_len] True where a row must not attend
         keys: Sequence[torch.Tensor],  # per layer [kv_heads, capacity, head_dim], capacity >= key_len
         values: Sequence[torch.Tensor],
-    ) -> torch.Tensor:  # [count, vocab_size] float32
+        logit_rows: int,
+    ) -> torch.Tensor:  # [logit_rows, vocab_size] float32
         """Llama's `StaticForwardModel.static_forward` (specpipe/runtime/graphed_forward.py)."""
         key_len = hidden.shape[1]
 
@@ -137,7 +138,8 @@ class LeanLlama:
             values[layer].index_copy_(1, positions, v.transpose(0, 1))
             return self._attention(q, keys[layer][:, :key_len], values[layer][:, :key_len], hidden)
 
-        return self._logits(self._layers(self.token_embedding[ids], positions, attend))
+        rows = self._layers(self.token_embedding[ids], positions, attend)  # [count, hidden]
+        return self._logits(rows[rows.shape[0] - logit_rows :])
 
     def _layers(
         self,
