@@ -8,7 +8,7 @@ from dataclasses import dataclass, field
 
 from specpipe.errors import InvalidArgumentError
 from specpipe.sampling.logprobs import TokenLogprob
-from specpipe.sampling.params import SamplingParams
+from specpipe.sampling.params import MAX_TOP_LOGPROBS, SamplingParams
 from specpipe.v1 import coordinator_pb2
 
 SESSION_ID_PATTERN = re.compile(r"^[A-Za-z0-9_.-]{1,128}$")
@@ -45,6 +45,8 @@ class GenerationRequest:
     num_speculative_tokens: int | None  # None = adaptive
     ignore_eos: bool = False  # generate past end-of-sequence tokens, up to max_new_tokens
     stop_token_ids: frozenset[int] = frozenset()  # end after any of these, as after EOS (finish "stop")
+    # Set: the first chunk carries this turn's prompt tokens' log-probs, with this many top alternatives.
+    prompt_logprobs: int | None = None
 
     @classmethod
     def from_pb(cls, pb: coordinator_pb2.GenerateRequest, limits: RequestLimits) -> GenerationRequest:
@@ -70,6 +72,11 @@ class GenerationRequest:
                 raise InvalidArgumentError(
                     f"num_speculative_tokens must be in [0, {limits.max_speculative_tokens}], got {k}"
                 )
+        prompt_logprobs = pb.prompt_logprobs if pb.HasField("prompt_logprobs") else None
+        if prompt_logprobs is not None and prompt_logprobs > MAX_TOP_LOGPROBS:
+            raise InvalidArgumentError(
+                f"prompt_logprobs must be in [0, {MAX_TOP_LOGPROBS}] (unset = none), got {prompt_logprobs}"
+            )
         return cls(
             prompt=pb.prompt,
             prompt_token_ids=tuple(pb.prompt_token_ids),
@@ -80,6 +87,7 @@ class GenerationRequest:
             num_speculative_tokens=k,
             ignore_eos=pb.ignore_eos,
             stop_token_ids=frozenset(pb.stop_token_ids),
+            prompt_logprobs=prompt_logprobs,
         )
 
 
@@ -113,6 +121,7 @@ class GenerationChunk:
     finish_reason: str = ""  # "", "length", "stop" or "eos"
     usage: Usage | None = field(default=None)
     logprobs: Sequence[TokenLogprob] = ()  # one per token where the request's sampling asks
+    prompt_logprobs: Sequence[TokenLogprob] = ()  # the first chunk's, where the request asks
 
     def to_pb(self) -> coordinator_pb2.GenerateResponse:
         return coordinator_pb2.GenerateResponse(
@@ -122,4 +131,5 @@ class GenerationChunk:
             finish_reason=FINISH_REASONS.get(self.finish_reason, coordinator_pb2.FINISH_REASON_UNSPECIFIED),
             usage=self.usage.to_pb() if self.usage is not None else None,
             logprobs=[logprob.to_pb() for logprob in self.logprobs],
+            prompt_logprobs=[logprob.to_pb() for logprob in self.prompt_logprobs],
         )

@@ -28,6 +28,7 @@ from coordinator.request import GenerationChunk, GenerationRequest, Usage
 from coordinator.worker_links import DraftLink, TargetLink
 from specpipe.errors import FailedPreconditionError, InvalidArgumentError, SpecpipeError, UnavailableError
 from specpipe.rpc.worker_clients import TargetStream, WorkerClient
+from specpipe.sampling.logprobs import TokenLogprob
 from specpipe.sampling.params import SamplingParams
 from specpipe.speculation.adaptive_k import CostProfile, DraftLengthPolicy
 from specpipe.speculation.delegation import DelegatedRequest, DraftSchedule
@@ -189,6 +190,8 @@ class SpeculativeGenerator:
             # No target in rotation: UNAVAILABLE before any work. The stream opens with the first verify the
             # coordinator makes itself (a delegated request may never make one).
             await target.choose()
+            if request.prompt_logprobs is not None:
+                progress.prompt_logprobs = await self.score_prompt(request, session, target, usage)
             if self.delegates(request):
                 async for chunk in self._delegated_rounds(
                     request, session, progress, planner, draft, target, time_remaining
@@ -294,6 +297,7 @@ class SpeculativeGenerator:
                 "sampling.logprobs was asked for but the workers returned none (a worker older than the "
                 "coordinator?)"
             )
+        first_chunk = not generated
         text = detokenizer.push(new_ids)
         if detokenizer.stopped:
             # Keep the tokens up to the one that completed the stop string.
@@ -318,12 +322,31 @@ class SpeculativeGenerator:
         usage.target_passes += 1
         usage.target_forward_ns += verdict.forward_ns
         progress.finish_reason = finish_reason
-        logprobs = verdict.logprobs[: len(new_ids)]
-        if finish_reason:
-            chunk = GenerationChunk(session.session_id, new_ids, text, finish_reason, usage, logprobs)
-        else:
-            chunk = GenerationChunk(session.session_id, new_ids, text, logprobs=logprobs)
+        chunk = GenerationChunk(
+            session.session_id,
+            new_ids,
+            text,
+            finish_reason,
+            usage if finish_reason else None,
+            verdict.logprobs[: len(new_ids)],
+            progress.prompt_logprobs if first_chunk else (),
+        )
         return PendingChunk(commit, chunk)
+
+    async def score_prompt(
+        self, request: GenerationRequest, session: OpenSession, target: TargetLink, usage: Usage
+    ) -> tuple[TokenLogprob, ...]:
+        """This turn's prompt tokens' log-probs, each given the history before it: a continued session's first
+        prompt token has one, a new session's first token none. The target keeps the prompt in the session's
+        cache, so the first verify does not compute it again."""
+        assert request.prompt_logprobs is not None
+        history = session.opening_history
+        first_position = max(1, len(history) - len(session.prompt_ids))
+        if first_position >= len(history):
+            return ()  # no prompt this turn (a resumed session), or a one-token new session
+        scores = await target.score_prompt(history, first_position, request.prompt_logprobs)
+        usage.target_forward_ns += scores.forward_ns
+        return scores.logprobs
 
     def planner(
         self, policy: DraftLengthPolicy, limits: ModelLimits | None = None
@@ -451,6 +474,7 @@ class RequestProgress:
     limits: ModelLimits  # the pair's limits as this request sees them (SpeculativeGenerator.request_limits)
     generated: list[int] = field(default_factory=list)
     finish_reason: str = ""
+    prompt_logprobs: tuple[TokenLogprob, ...] = ()  # where the request asks: sent with the first chunk
 
 
 @dataclass(slots=True)

@@ -36,6 +36,7 @@ from specpipe.rpc.worker_clients import (
     call_timeout,
 )
 from specpipe.sampling.params import SamplingParams
+from specpipe.speculation.prompt_scores import PromptScores, PromptScoring
 from specpipe.v1 import common_pb2
 
 logger = logging.getLogger(__name__)
@@ -134,15 +135,35 @@ class TargetLink(WorkerLink):
             except (UnavailableError, DeadlineExceededError) as exc:
                 if self.replica is None or not self.replica_failed(exc) or attempt == MAX_ATTEMPTS - 1:
                     raise  # no replica was chosen (none in rotation), or the request's own deadline
-                self._fail_over_verify(exc)
+                self._move_to_another_replica(exc)
         raise AssertionError("unreachable")
 
-    def _fail_over_verify(self, exc: Exception) -> None:
+    def _move_to_another_replica(self, exc: Exception) -> None:
         assert self.replica is not None
         failed = self.replica.address
         self.fail_over(exc)
-        logger.warning("session %s: target %s failed, verifying on another replica: %s",
+        logger.warning("session %s: target %s failed, continuing on another replica: %s",
                        self.session_id, failed, exc)  # fmt: skip
+
+    async def score_prompt(
+        self, history: Sequence[int], first_position: int, top_logprobs: int
+    ) -> PromptScores:
+        """The log-probabilities of history[first_position:] (target_service/prompt_scoring.py), scored on the
+        session's replica, whose cache then holds the history for the first verify; on another replica if
+        that one is unreachable. A scoring that runs out of time is not blamed on the replica, unlike a
+        verify: a long prompt may take longer than one worker timeout on a healthy target, and blaming it
+        would take healthy replicas out of rotation one after another."""
+        scoring = PromptScoring(self.session_id, tuple(history), first_position, top_logprobs)
+        for attempt in range(MAX_ATTEMPTS):
+            try:
+                replica = await self.choose()
+                assert isinstance(replica.client, TargetClient)
+                return await replica.client.score_prompt(scoring, self.call_timeout())
+            except UnavailableError as exc:
+                if self.replica is None or attempt == MAX_ATTEMPTS - 1:
+                    raise  # none in rotation, or the last attempt
+                self._move_to_another_replica(exc)
+        raise AssertionError("unreachable")
 
     async def send_chained(
         self,
@@ -183,7 +204,7 @@ class TargetLink(WorkerLink):
             except (UnavailableError, DeadlineExceededError) as exc:
                 if not self.replica_failed(exc):
                     raise
-                self._fail_over_verify(exc)
+                self._move_to_another_replica(exc)
             else:
                 if verdict is not None:
                     return verdict

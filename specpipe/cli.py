@@ -17,7 +17,7 @@ from specpipe.rpc.event_loop import EVENT_LOOPS, run_event_loop
 from specpipe.rpc.event_loop import resolve as resolve_event_loop
 
 if TYPE_CHECKING:
-    from specpipe.client import GenerationResult
+    from specpipe.v1 import common_pb2
 
 COMPONENTS = ("all", "coordinator", "draft", "target")
 
@@ -255,6 +255,11 @@ def add_generate_parser(subparsers: argparse._SubParsersAction) -> None:
         "tokens at its position (0-20)",
     )  # fmt: skip
     generate.add_argument(
+        "--prompt-logprobs", type=int, default=None, metavar="N",
+        help="after the text, print each prompt token's log-probability under the target given the tokens "
+        "before it, and the N most likely tokens at its position (0-20)",
+    )  # fmt: skip
+    generate.add_argument(
         "--timeout", type=float, default=300.0, help="deadline in seconds (default: %(default)s)"
     )
 
@@ -462,9 +467,10 @@ def serve_all(args: argparse.Namespace) -> int:
     return run_pipeline(config, extra)
 
 
-def print_logprobs(result: GenerationResult) -> None:
-    """One line per generated token: its id and log-probability, then the likeliest tokens (ids)."""
-    for position, token in enumerate(result.logprobs):
+def print_logprobs(title: str, logprobs: Sequence[common_pb2.TokenLogprob]) -> None:
+    """A title, then one line per token: its id and log-probability, then the likeliest tokens (ids)."""
+    print(title)
+    for position, token in enumerate(logprobs):
         top = " ".join(f"{t}:{lp:.3f}" for t, lp in zip(token.top_token_ids, token.top_logprobs, strict=True))
         print(f"{position:>4} token {token.token_id:>6} logprob {token.logprob:8.4f}  {top}".rstrip())
 
@@ -485,6 +491,7 @@ def generate(args: argparse.Namespace) -> int:
             num_speculative_tokens=args.num_speculative_tokens,
             acceptance=args.acceptance,
             logprobs=args.logprobs,
+            prompt_logprobs=args.prompt_logprobs,
             repetition_penalty=args.repetition_penalty,
             ignore_eos=args.ignore_eos,
             stop_token_ids=args.stop_token_id,
@@ -506,8 +513,11 @@ def generate(args: argparse.Namespace) -> int:
             return 1
     elapsed = time.perf_counter() - started
     sys.stdout.write("\n")
+    if args.prompt_logprobs is not None:
+        # A new session's first token has nothing before it, so it has none.
+        print_logprobs("prompt log-probs:", result.prompt_logprobs)
     if args.logprobs is not None:
-        print_logprobs(result)
+        print_logprobs("generated tokens' log-probs:", result.logprobs)
     usage = result.usage
     if usage is not None:
         rate = usage.accepted_tokens / usage.draft_tokens if usage.draft_tokens else 0.0

@@ -7,6 +7,7 @@ from dataclasses import dataclass, field
 
 import grpc
 
+from specpipe.rpc.server import server_options
 from specpipe.v1 import common_pb2, coordinator_pb2, coordinator_pb2_grpc
 
 
@@ -23,6 +24,7 @@ def build_request(
     num_speculative_tokens: int | None = None,
     acceptance: str = "leviathan",
     logprobs: int | None = None,
+    prompt_logprobs: int | None = None,
     repetition_penalty: float = 1.0,
     ignore_eos: bool = False,
     stop_token_ids: Sequence[int] = (),
@@ -41,6 +43,7 @@ def build_request(
         session_id=session_id,
         ignore_eos=ignore_eos,
         stop_token_ids=list(stop_token_ids),
+        prompt_logprobs=prompt_logprobs,
     )
     if isinstance(prompt, str):
         request.prompt = prompt
@@ -65,11 +68,14 @@ class GenerationResult:
     usage: coordinator_pb2.Usage | None = None
     # One per token where the request's sampling.logprobs asked (common.proto: TokenLogprob).
     logprobs: list[common_pb2.TokenLogprob] = field(default_factory=list)
+    # Where the request's prompt_logprobs asked: one per prompt token that has one (the first chunk's).
+    prompt_logprobs: list[common_pb2.TokenLogprob] = field(default_factory=list)
 
     def add(self, chunk: coordinator_pb2.GenerateResponse) -> None:
         self.session_id = chunk.session_id
         self.token_ids.extend(chunk.token_ids)
         self.logprobs.extend(chunk.logprobs)
+        self.prompt_logprobs.extend(chunk.prompt_logprobs)
         self.text += chunk.text
         self.chunks += 1
         if chunk.finish_reason:
@@ -82,7 +88,8 @@ class CoordinatorClient:
     """Blocking client."""
 
     def __init__(self, address: str) -> None:
-        self.channel = grpc.insecure_channel(address)
+        # gRPC's default 4 MB receive limit is below a long prompt's prompt_logprobs (~160 B per token at 20).
+        self.channel = grpc.insecure_channel(address, options=server_options())
         self.stub = coordinator_pb2_grpc.CoordinatorStub(self.channel)
 
     def stream(
@@ -121,7 +128,7 @@ class AsyncCoordinatorClient:
     """asyncio client, for many concurrent streams from one process."""
 
     def __init__(self, address: str) -> None:
-        self.channel = grpc.aio.insecure_channel(address)
+        self.channel = grpc.aio.insecure_channel(address, options=server_options())
         self.stub = coordinator_pb2_grpc.CoordinatorStub(self.channel)
 
     async def stream(

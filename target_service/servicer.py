@@ -12,9 +12,11 @@ import grpc
 from specpipe.rpc.session_batcher import SessionBatcher
 from specpipe.rpc.worker_servicer import WorkerServicerBase
 from specpipe.runtime.stream_history import StreamHistory
+from specpipe.speculation.prompt_scores import PromptScoring
 from specpipe.v1 import common_pb2, target_pb2, target_pb2_grpc
 from target_service.batching import verify_batch
 from target_service.chain import ChainCounters, OpenChains, VerifyChain
+from target_service.prompt_scoring import merge_scores, score_chunk, scoring_chunks, validate_scoring
 from target_service.verifier import Verdict, Verifier, VerifyBlock
 
 
@@ -43,6 +45,19 @@ class TargetServicer(WorkerServicerBase[Verifier], target_pb2_grpc.TargetService
     ) -> target_pb2.VerifyResponse:
         verdict = await self.on_model_thread(self.engine.verify, VerifyBlock.from_pb(request))
         return verdict.to_pb()
+
+    async def ScorePrompt(
+        self, request: target_pb2.ScorePromptRequest, context: grpc.aio.ServicerContext
+    ) -> target_pb2.ScorePromptResponse:
+        scoring = PromptScoring.from_pb(request)
+        runner = self.engine.runner
+        validate_scoring(runner, scoring)
+        # A job per chunk: other sessions' verifies run between them (target_service/prompt_scoring.py).
+        parts = [
+            await self.on_model_thread(score_chunk, runner, scoring, start, end)
+            for start, end in scoring_chunks(scoring)
+        ]
+        return merge_scores(parts).to_pb()
 
     async def VerifyStream(
         self, request_iterator: AsyncIterator[target_pb2.VerifyRequest], context: grpc.aio.ServicerContext

@@ -19,6 +19,7 @@ from specpipe.runtime.model_info import WorkerModelInfo
 from specpipe.sampling.logprobs import TokenLogprob
 from specpipe.sampling.params import SamplingParams
 from specpipe.speculation.delegation import DelegatedRequest, SpeculationRound
+from specpipe.speculation.prompt_scores import PromptScores, PromptScoring
 from specpipe.speculation.rounds import Proposal, Verification
 from specpipe.v1 import common_pb2, draft_pb2, draft_pb2_grpc, target_pb2, target_pb2_grpc
 
@@ -328,6 +329,20 @@ class TargetClient(WorkerClient):
 
     def open_stream(self, timeout_s: float | None) -> TargetStream:
         return TargetStream(self, self.stub.VerifyStream(timeout=timeout_s))
+
+    async def score_prompt(self, scoring: PromptScoring, timeout_s: float) -> PromptScores:
+        try:
+            reply = await self.stub.ScorePrompt(scoring.to_pb(), timeout=timeout_s)
+        except grpc.aio.AioRpcError as exc:
+            if exc.code() == grpc.StatusCode.UNIMPLEMENTED:
+                # A target older than the RPC: healthy (not to be taken out of rotation), but it cannot serve
+                # this request as asked.
+                raise errors.FailedPreconditionError(
+                    f"target worker at {self.address} cannot score prompts (prompt_logprobs): "
+                    "a worker older than the coordinator?"
+                ) from exc
+            raise self._error(exc) from exc
+        return PromptScores.from_pb(reply)
 
     async def connect_stream(self, timeout_s: float) -> TargetStream:
         """A session stream over the target's direct-stream listener where it has one (fewer thread

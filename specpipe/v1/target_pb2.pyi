@@ -44,3 +44,25 @@ class VerifyResponse(_message.Message):
     logprobs: _containers.RepeatedCompositeFieldContainer[_common_pb2.TokenLogprob]
     repetition_penalty: float
     def __init__(self, num_accepted: _Optional[int] = ..., next_token_id: _Optional[int] = ..., recovered: _Optional[bool] = ..., forward_ns: _Optional[int] = ..., cached_tokens: _Optional[int] = ..., skipped: _Optional[bool] = ..., logprobs: _Optional[_Iterable[_Union[_common_pb2.TokenLogprob, _Mapping]]] = ..., repetition_penalty: _Optional[float] = ...) -> None: ...
+
+class ScorePromptRequest(_message.Message):
+    __slots__ = ("session_id", "token_ids", "first_position", "top_logprobs")
+    SESSION_ID_FIELD_NUMBER: _ClassVar[int]
+    TOKEN_IDS_FIELD_NUMBER: _ClassVar[int]
+    FIRST_POSITION_FIELD_NUMBER: _ClassVar[int]
+    TOP_LOGPROBS_FIELD_NUMBER: _ClassVar[int]
+    session_id: str
+    token_ids: _containers.RepeatedScalarFieldContainer[int]
+    first_position: int
+    top_logprobs: int
+    def __init__(self, session_id: _Optional[str] = ..., token_ids: _Optional[_Iterable[int]] = ..., first_position: _Optional[int] = ..., top_logprobs: _Optional[int] = ...) -> None: ...
+
+class ScorePromptResponse(_message.Message):
+    __slots__ = ("logprobs", "forward_ns", "cached_tokens")
+    LOGPROBS_FIELD_NUMBER: _ClassVar[int]
+    FORWARD_NS_FIELD_NUMBER: _ClassVar[int]
+    CACHED_TOKENS_FIELD_NUMBER: _ClassVar[int]
+    logprobs: _containers.RepeatedCompositeFieldContainer[_common_pb2.TokenLogprob]
+    forward_ns: int
+    cached_tokens: int
+    def __init__(self, logprobs: _Optional[_Iterable[_Union[_common_pb2.TokenLogprob, _Mapping]]] = ..., forward_ns: _Optional[int] = ..., cached_tokens: _Optional[int] = ...) -> None: ...

@@ -50,6 +50,11 @@ class TargetServiceStub:
                 request_serializer=specpipe_dot_v1_dot_target__pb2.VerifyRequest.SerializeToString,
                 response_deserializer=specpipe_dot_v1_dot_target__pb2.VerifyResponse.FromString,
                 _registered_method=True)
+        self.ScorePrompt = channel.unary_unary(
+                '/specpipe.v1.TargetService/ScorePrompt',
+                request_serializer=specpipe_dot_v1_dot_target__pb2.ScorePromptRequest.SerializeToString,
+                response_deserializer=specpipe_dot_v1_dot_target__pb2.ScorePromptResponse.FromString,
+                _registered_method=True)
         self.ReleaseSession = channel.unary_unary(
                 '/specpipe.v1.TargetService/ReleaseSession',
                 request_serializer=specpipe_dot_v1_dot_common__pb2.ReleaseSessionRequest.SerializeToString,
@@ -84,6 +89,14 @@ class TargetServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def ScorePrompt(self, request, context):
+        """The log-probabilities of a session's prompt tokens (GenerateRequest.prompt_logprobs). The session's KV
+        cache keeps the prompt, so the verify that follows feeds only its block.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
     def ReleaseSession(self, request, context):
         """Missing associated documentation comment in .proto file."""
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
@@ -113,6 +126,11 @@ def add_TargetServiceServicer_to_server(servicer, server):
                     servicer.VerifyStream,
                     request_deserializer=specpipe_dot_v1_dot_target__pb2.VerifyRequest.FromString,
                     response_serializer=specpipe_dot_v1_dot_target__pb2.VerifyResponse.SerializeToString,
+            ),
+            'ScorePrompt': grpc.unary_unary_rpc_method_handler(
+                    servicer.ScorePrompt,
+                    request_deserializer=specpipe_dot_v1_dot_target__pb2.ScorePromptRequest.FromString,
+                    response_serializer=specpipe_dot_v1_dot_target__pb2.ScorePromptResponse.SerializeToString,
             ),
             'ReleaseSession': grpc.unary_unary_rpc_method_handler(
                     servicer.ReleaseSession,
@@ -206,6 +224,33 @@ class TargetService:
             '/specpipe.v1.TargetService/VerifyStream',
             specpipe_dot_v1_dot_target__pb2.VerifyRequest.SerializeToString,
             specpipe_dot_v1_dot_target__pb2.VerifyResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ScorePrompt(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/specpipe.v1.TargetService/ScorePrompt',
+            specpipe_dot_v1_dot_target__pb2.ScorePromptRequest.SerializeToString,
+            specpipe_dot_v1_dot_target__pb2.ScorePromptResponse.FromString,
             options,
             channel_credentials,
             insecure,
