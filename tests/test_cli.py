@@ -48,12 +48,16 @@ def test_serve_with_no_flags_then_generate(tmp_path: Path) -> None:
         assert int(stats.group(1)) == 16
         with_logprobs = subprocess.run(
             [sys.executable, "-m", "specpipe", "generate", "def fibonacci(n):", "--addr", f"127.0.0.1:{port}",
-             "--max-new-tokens", "4", "--logprobs", "2"],
+             "--max-new-tokens", "4", "--logprobs", "2", "--prompt-logprobs", "1"],
             capture_output=True, text=True, env=env, timeout=120,
         )  # fmt: skip
         assert with_logprobs.returncode == 0, with_logprobs.stderr
-        lines = [line for line in with_logprobs.stdout.splitlines() if " logprob " in line]
+        _, prompt_part, generated_part = re.split(r"^(?:prompt|generated tokens') log-probs:$",
+                                                  with_logprobs.stdout, flags=re.MULTILINE)  # fmt: skip
+        lines = [line for line in generated_part.splitlines() if " logprob " in line]
         assert len(lines) == 4 and all(len(line.split()) == 7 for line in lines), with_logprobs.stdout
+        lines = [line for line in prompt_part.splitlines() if " logprob " in line]
+        assert len(lines) >= 2 and all(len(line.split()) == 6 for line in lines), with_logprobs.stdout
         bad = subprocess.run(
             [sys.executable, "-m", "specpipe", "generate", "x", "--addr", f"127.0.0.1:{port}",
              "--top-p", "2"],
