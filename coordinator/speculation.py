@@ -290,6 +290,13 @@ class SpeculativeGenerator:
                 "sampling.repetition_penalty was not applied by the workers (a worker older than the "
                 "coordinator?)"
             )
+        if request.sampling.needs_applied_echo and verdict.applied_sampling != request.sampling:
+            # A worker older than a field of the sampling (min_p) drops it: the tokens come from another
+            # distribution than the one asked for, so none of them reach the client.
+            raise FailedPreconditionError(
+                "the workers did not apply the request's sampling (sampling.min_p): a worker older than the "
+                "coordinator?"
+            )
         if request.sampling.logprobs is not None and len(verdict.logprobs) < len(new_ids):
             # A worker from before log-probs drops the field it does not know: say so rather than stream
             # chunks without them.
@@ -427,6 +434,7 @@ class SpeculativeGenerator:
                         speculation_round.target_forward_ns,
                         tuple(speculation_round.logprobs),  # the round's tokens': a prefix of the verdict's
                         speculation_round.repetition_penalty,
+                        speculation_round.applied_sampling,
                     )
                     planner.policy.record(len(draft_ids), verdict.num_accepted)
                     progress.usage.draft_forward_ns += speculation_round.draft_forward_ns

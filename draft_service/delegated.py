@@ -133,6 +133,7 @@ class DelegatedRounds:
                 yield SpeculationRound(
                     draft_ids, verdict.num_accepted, verdict.next_token_id, new_ids, finish_reason, draft_ns,
                     verdict.forward_ns, verdict.logprobs[: len(new_ids)], verdict.repetition_penalty,
+                    verdict.applied_sampling,
                 )  # fmt: skip
                 if finish_reason:
                     break

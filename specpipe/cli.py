@@ -222,6 +222,10 @@ def add_generate_parser(subparsers: argparse._SubParsersAction) -> None:
         "--top-p", type=float, default=1.0, help="sample from the smallest set holding this much probability"
     )
     generate.add_argument(
+        "--min-p", type=float, default=0.0,
+        help="drop tokens less likely than this times the most likely one (0 = off, e.g. 0.05)",
+    )  # fmt: skip
+    generate.add_argument(
         "--seed", type=int, default=0, help="sampled tokens are a function of the seed (default: %(default)s)"
     )
     generate.add_argument(
@@ -485,6 +489,7 @@ def generate(args: argparse.Namespace) -> int:
             temperature=args.temperature,
             top_k=args.top_k,
             top_p=args.top_p,
+            min_p=args.min_p,
             seed=args.seed,
             stop=args.stop,
             session_id=args.session_id,

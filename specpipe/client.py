@@ -18,6 +18,7 @@ def build_request(
     temperature: float = 0.0,
     top_k: int = 0,
     top_p: float = 1.0,
+    min_p: float = 0.0,
     seed: int = 0,
     stop: Sequence[str] = (),
     session_id: str = "",
@@ -53,6 +54,8 @@ def build_request(
         request.num_speculative_tokens = num_speculative_tokens
     if repetition_penalty != 1.0:
         request.sampling.repetition_penalty = repetition_penalty
+    if min_p:
+        request.sampling.min_p = min_p
     return request
 
 

@@ -71,6 +71,8 @@ class Verdict:
     # Where the request's sampling asks: the accepted draft tokens' and the next token's (num_accepted + 1).
     logprobs: tuple[TokenLogprob, ...] = ()
     repetition_penalty: float = 1.0  # the penalty the verdict applied (echoed, so a dropped one shows)
+    # The sampling the verdict applied, where it uses a field newer than this echo (needs_applied_echo).
+    applied_sampling: SamplingParams | None = None
 
     @classmethod
     def skip(cls) -> Verdict:
@@ -90,6 +92,7 @@ class Verdict:
             cached_tokens=self.cached_tokens,
             logprobs=[logprob.to_pb() for logprob in self.logprobs],
             repetition_penalty=None if self.repetition_penalty == 1.0 else self.repetition_penalty,
+            applied_sampling=None if self.applied_sampling is None else self.applied_sampling.to_pb(),
         )
 
 
@@ -198,6 +201,7 @@ class Verifier:
             cached_tokens=result.cached_tokens,
             logprobs=logprobs,
             repetition_penalty=block.sampling.repetition_penalty,
+            applied_sampling=block.sampling if block.sampling.needs_applied_echo else None,
         )
 
 

@@ -205,7 +205,12 @@ class TargetStream(WorkerStream):
             return None
         logprobs = tuple(TokenLogprob.from_pb(pb) for pb in reply.logprobs) if reply.logprobs else ()
         penalty = reply.repetition_penalty if reply.HasField("repetition_penalty") else 1.0
-        return Verification(reply.num_accepted, reply.next_token_id, reply.forward_ns, logprobs, penalty)
+        applied = None
+        if reply.HasField("applied_sampling"):
+            applied = SamplingParams.from_pb(reply.applied_sampling)
+        return Verification(
+            reply.num_accepted, reply.next_token_id, reply.forward_ns, logprobs, penalty, applied
+        )
 
     async def verify(
         self,

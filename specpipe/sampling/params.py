@@ -31,6 +31,8 @@ class SamplingParams:
     logprobs: int | None = None
     # CTRL's repetition penalty over the whole sequence (sampling/penalties.py); 1 = off.
     repetition_penalty: float = 1.0
+    # Min-p: drop tokens below min_p times the top token's probability (sampling/processing.py); 0 = off.
+    min_p: float = 0.0
 
     def __post_init__(self) -> None:
         if not math.isfinite(self.temperature) or self.temperature < 0:
@@ -49,6 +51,8 @@ class SamplingParams:
             raise InvalidArgumentError(
                 f"sampling.repetition_penalty must be > 0 (1 = off), got {self.repetition_penalty}"
             )
+        if not math.isfinite(self.min_p) or not 0.0 <= self.min_p <= 1.0:
+            raise InvalidArgumentError(f"sampling.min_p must be in [0, 1] (0 = off), got {self.min_p}")
         if self.logprobs is not None and not 0 <= self.logprobs <= MAX_TOP_LOGPROBS:
             raise InvalidArgumentError(
                 f"sampling.logprobs must be in [0, {MAX_TOP_LOGPROBS}] (unset = none), got {self.logprobs}"
@@ -57,6 +61,14 @@ class SamplingParams:
     @property
     def is_greedy(self) -> bool:
         return self.temperature == 0.0
+
+    @property
+    def needs_applied_echo(self) -> bool:
+        """Whether the sampling uses a field newer than the target's echo of the sampling it applied
+        (VerifyResponse.applied_sampling): a worker older than such a field would drop it silently and
+        sample from another distribution, so the target echoes what it applied and the coordinator checks it.
+        (repetition_penalty, older than the echo, has an echo of its own.)"""
+        return self.min_p > 0.0 and not self.is_greedy  # greedy ignores min_p
 
     @classmethod
     def from_pb(cls, pb: common_pb2.SamplingParams) -> SamplingParams:
@@ -72,6 +84,7 @@ class SamplingParams:
             acceptance=acceptance,
             logprobs=pb.logprobs if pb.HasField("logprobs") else None,
             repetition_penalty=pb.repetition_penalty if pb.HasField("repetition_penalty") else 1.0,
+            min_p=pb.min_p if pb.HasField("min_p") else 0.0,
         )
 
     def to_pb(self) -> common_pb2.SamplingParams:
@@ -83,6 +96,7 @@ class SamplingParams:
             acceptance=_RULE_TO_PB[self.acceptance],
             logprobs=self.logprobs,
             repetition_penalty=None if self.repetition_penalty == 1.0 else self.repetition_penalty,
+            min_p=self.min_p or None,
         )
 
     def to_dict(self) -> dict[str, float | int]:
@@ -93,4 +107,5 @@ class SamplingParams:
             "seed": self.seed,
             "acceptance": self.acceptance,
             "repetition_penalty": self.repetition_penalty,
+            "min_p": self.min_p,
         }

@@ -9,7 +9,9 @@ samples from, so both sides build them with this one function, in Hugging Face's
    (`TopKLogitsWarper`, which masks `scores < topk[..., -1]`);
 4. top-p: sort ascending, take the cumulative softmax, mask the tokens whose cumulative probability is
    `<= 1 - top_p`, always keeping the largest one (`TopPLogitsWarper`);
-5. softmax in float32.
+5. min-p: mask the tokens whose softmax is below min_p times the largest (`MinPLogitsWarper`, which
+   keeps the most likely token; with min_p <= 1 it is never below the threshold);
+6. softmax in float32.
 
 Greedy requests (temperature 0) get a one-hot at `torch.argmax`, whose first-maximum tie rule is the one
 Hugging Face greedy search uses. `greedy_token_ids` gives the same tokens without building p.
@@ -43,6 +45,8 @@ def sampling_probs(
         scores = _apply_top_k(scores, params.top_k)
     if params.top_p < 1.0:
         scores = _apply_top_p(scores, params.top_p)
+    if params.min_p > 0.0:
+        scores = _apply_min_p(scores, params.min_p)
     return torch.softmax(scores, dim=-1)
 
 
@@ -100,6 +104,15 @@ def _apply_top_p(
     ties_removed = removed - below.sum(dim=-1, keepdim=True)  # [n, 1]
     to_remove = below | (ties & (ties.cumsum(dim=-1) <= ties_removed))
     return scores.masked_fill(to_remove, float("-inf"))
+
+
+def _apply_min_p(
+    scores: torch.Tensor,  # [n, vocab_size] float32
+    min_p: float,
+) -> torch.Tensor:  # [n, vocab_size] float32
+    probs = torch.softmax(scores, dim=-1)
+    threshold = min_p * probs.amax(dim=-1, keepdim=True)  # [n, 1]
+    return scores.masked_fill(probs < threshold, float("-inf"))
 
 
 def _sorted_values(

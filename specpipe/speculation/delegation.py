@@ -189,6 +189,7 @@ class SpeculationRound:
     target_forward_ns: int
     logprobs: Sequence[TokenLogprob] = ()  # those of new_token_ids where the sampling asks
     repetition_penalty: float = 1.0  # the verdict's (the target applied it)
+    applied_sampling: SamplingParams | None = None  # the verdict's (Verification.applied_sampling)
 
     def to_pb(self) -> draft_pb2.SpeculationRound:
         return draft_pb2.SpeculationRound(
@@ -201,6 +202,7 @@ class SpeculationRound:
             target_forward_ns=self.target_forward_ns,
             logprobs=[logprob.to_pb() for logprob in self.logprobs],
             repetition_penalty=None if self.repetition_penalty == 1.0 else self.repetition_penalty,
+            applied_sampling=None if self.applied_sampling is None else self.applied_sampling.to_pb(),
         )
 
     @classmethod
@@ -215,4 +217,5 @@ class SpeculationRound:
             pb.target_forward_ns,
             tuple(TokenLogprob.from_pb(logprob) for logprob in pb.logprobs),
             pb.repetition_penalty if pb.HasField("repetition_penalty") else 1.0,
+            SamplingParams.from_pb(pb.applied_sampling) if pb.HasField("applied_sampling") else None,
         )

@@ -22,6 +22,7 @@ from dataclasses import dataclass
 from typing import Generic, TypeVar
 
 from specpipe.sampling.logprobs import TokenLogprob
+from specpipe.sampling.params import SamplingParams
 from specpipe.speculation.adaptive_k import CostProfile, DraftLengthPolicy
 from specpipe.speculation.limits import ModelLimits, should_pipeline
 from specpipe.v1 import common_pb2
@@ -61,6 +62,8 @@ class Verification:
     # when the round's tokens were cut, as in a delegated round).
     logprobs: tuple[TokenLogprob, ...] = ()
     repetition_penalty: float = 1.0  # the one the target applied (VerifyResponse.repetition_penalty)
+    # Where the sampling needs it (SamplingParams.needs_applied_echo): the one the target applied.
+    applied_sampling: SamplingParams | None = None
 
 
 @dataclass(frozen=True, slots=True)

@@ -98,7 +98,7 @@ class SpeculateRequest(_message.Message):
     def __init__(self, session_id: _Optional[str] = ..., token_ids: _Optional[_Iterable[int]] = ..., max_new_tokens: _Optional[int] = ..., sampling: _Optional[_Union[_common_pb2.SamplingParams, _Mapping]] = ..., target_address: _Optional[str] = ..., schedule: _Optional[_Union[DraftSchedule, _Mapping]] = ..., target_context: _Optional[int] = ..., draft_context: _Optional[int] = ..., eos_token_ids: _Optional[_Iterable[int]] = ..., worker_timeout_s: _Optional[float] = ..., vocab_size: _Optional[int] = ...) -> None: ...
 
 class SpeculationRound(_message.Message):
-    __slots__ = ("draft_token_ids", "num_accepted", "next_token_id", "new_token_ids", "finish_reason", "draft_forward_ns", "target_forward_ns", "logprobs", "repetition_penalty")
+    __slots__ = ("draft_token_ids", "num_accepted", "next_token_id", "new_token_ids", "finish_reason", "draft_forward_ns", "target_forward_ns", "logprobs", "repetition_penalty", "applied_sampling")
     DRAFT_TOKEN_IDS_FIELD_NUMBER: _ClassVar[int]
     NUM_ACCEPTED_FIELD_NUMBER: _ClassVar[int]
     NEXT_TOKEN_ID_FIELD_NUMBER: _ClassVar[int]
@@ -108,6 +108,7 @@ class SpeculationRound(_message.Message):
     TARGET_FORWARD_NS_FIELD_NUMBER: _ClassVar[int]
     LOGPROBS_FIELD_NUMBER: _ClassVar[int]
     REPETITION_PENALTY_FIELD_NUMBER: _ClassVar[int]
+    APPLIED_SAMPLING_FIELD_NUMBER: _ClassVar[int]
     draft_token_ids: _containers.RepeatedScalarFieldContainer[int]
     num_accepted: int
     next_token_id: int
@@ -117,4 +118,5 @@ class SpeculationRound(_message.Message):
     target_forward_ns: int
     logprobs: _containers.RepeatedCompositeFieldContainer[_common_pb2.TokenLogprob]
     repetition_penalty: float
-    def __init__(self, draft_token_ids: _Optional[_Iterable[int]] = ..., num_accepted: _Optional[int] = ..., next_token_id: _Optional[int] = ..., new_token_ids: _Optional[_Iterable[int]] = ..., finish_reason: _Optional[str] = ..., draft_forward_ns: _Optional[int] = ..., target_forward_ns: _Optional[int] = ..., logprobs: _Optional[_Iterable[_Union[_common_pb2.TokenLogprob, _Mapping]]] = ..., repetition_penalty: _Optional[float] = ...) -> None: ...
+    applied_sampling: _common_pb2.SamplingParams
+    def __init__(self, draft_token_ids: _Optional[_Iterable[int]] = ..., num_accepted: _Optional[int] = ..., next_token_id: _Optional[int] = ..., new_token_ids: _Optional[_Iterable[int]] = ..., finish_reason: _Optional[str] = ..., draft_forward_ns: _Optional[int] = ..., target_forward_ns: _Optional[int] = ..., logprobs: _Optional[_Iterable[_Union[_common_pb2.TokenLogprob, _Mapping]]] = ..., repetition_penalty: _Optional[float] = ..., applied_sampling: _Optional[_Union[_common_pb2.SamplingParams, _Mapping]] = ...) -> None: ...

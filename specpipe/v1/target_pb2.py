@@ -25,7 +25,7 @@ _sym_db = _symbol_database.Default()
 from specpipe.v1 import common_pb2 as specpipe_dot_v1_dot_common__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x18specpipe/v1/target.proto\x12\x0bspecpipe.v1\x1a\x18specpipe/v1/common.proto\"\xdc\x01\n\rVerifyRequest\x12\x12\n\nsession_id\x18\x01 \x01(\t\x12\x11\n\ttoken_ids\x18\x02 \x03(\x05\x12\x17\n\x0f\x64raft_token_ids\x18\x03 \x03(\x05\x12\x33\n\x0b\x64raft_probs\x18\x04 \x03(\x0b\x32\x1e.specpipe.v1.TokenDistribution\x12-\n\x08sampling\x18\x05 \x01(\x0b\x32\x1b.specpipe.v1.SamplingParams\x12\x16\n\x0estart_position\x18\x06 \x01(\r\x12\x0f\n\x07\x63hained\x18\x07 \x01(\x08\"\xf1\x01\n\x0eVerifyResponse\x12\x14\n\x0cnum_accepted\x18\x01 \x01(\r\x12\x15\n\rnext_token_id\x18\x02 \x01(\x05\x12\x11\n\trecovered\x18\x03 \x01(\x08\x12\x12\n\nforward_ns\x18\x04 \x01(\x04\x12\x15\n\rcached_tokens\x18\x05 \x01(\r\x12\x0f\n\x07skipped\x18\x06 \x01(\x08\x12+\n\x08logprobs\x18\x07 \x03(\x0b\x32\x19.specpipe.v1.TokenLogprob\x12\x1f\n\x12repetition_penalty\x18\x08 \x01(\x01H\x00\x88\x01\x01\x42\x15\n\x13_repetition_penalty\"i\n\x12ScorePromptRequest\x12\x12\n\nsession_id\x18\x01 \x01(\t\x12\x11\n\ttoken_ids\x18\x02 \x03(\x05\x12\x16\n\x0e\x66irst_position\x18\x03 \x01(\r\x12\x14\n\x0ctop_logprobs\x18\x04 \x01(\r\"m\n\x13ScorePromptResponse\x12+\n\x08logprobs\x18\x01 \x03(\x0b\x32\x19.specpipe.v1.TokenLogprob\x12\x12\n\nforward_ns\x18\x02 \x01(\x04\x12\x15\n\rcached_tokens\x18\x03 \x01(\r2\xda\x03\n\rTargetService\x12H\n\x0cGetModelInfo\x12 .specpipe.v1.GetModelInfoRequest\x1a\x16.specpipe.v1.ModelInfo\x12\x41\n\x06Verify\x12\x1a.specpipe.v1.VerifyRequest\x1a\x1b.specpipe.v1.VerifyResponse\x12K\n\x0cVerifyStream\x12\x1a.specpipe.v1.VerifyRequest\x1a\x1b.specpipe.v1.VerifyResponse(\x01\x30\x01\x12P\n\x0bScorePrompt\x12\x1f.specpipe.v1.ScorePromptRequest\x1a .specpipe.v1.ScorePromptResponse\x12Y\n\x0eReleaseSession\x12\".specpipe.v1.ReleaseSessionRequest\x1a#.specpipe.v1.ReleaseSessionResponse\x12\x42\n\x08GetStats\x12\x1c.specpipe.v1.GetStatsRequest\x1a\x18.specpipe.v1.WorkerStatsb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x18specpipe/v1/target.proto\x12\x0bspecpipe.v1\x1a\x18specpipe/v1/common.proto\"\xdc\x01\n\rVerifyRequest\x12\x12\n\nsession_id\x18\x01 \x01(\t\x12\x11\n\ttoken_ids\x18\x02 \x03(\x05\x12\x17\n\x0f\x64raft_token_ids\x18\x03 \x03(\x05\x12\x33\n\x0b\x64raft_probs\x18\x04 \x03(\x0b\x32\x1e.specpipe.v1.TokenDistribution\x12-\n\x08sampling\x18\x05 \x01(\x0b\x32\x1b.specpipe.v1.SamplingParams\x12\x16\n\x0estart_position\x18\x06 \x01(\r\x12\x0f\n\x07\x63hained\x18\x07 \x01(\x08\"\xa8\x02\n\x0eVerifyResponse\x12\x14\n\x0cnum_accepted\x18\x01 \x01(\r\x12\x15\n\rnext_token_id\x18\x02 \x01(\x05\x12\x11\n\trecovered\x18\x03 \x01(\x08\x12\x12\n\nforward_ns\x18\x04 \x01(\x04\x12\x15\n\rcached_tokens\x18\x05 \x01(\r\x12\x0f\n\x07skipped\x18\x06 \x01(\x08\x12+\n\x08logprobs\x18\x07 \x03(\x0b\x32\x19.specpipe.v1.TokenLogprob\x12\x1f\n\x12repetition_penalty\x18\x08 \x01(\x01H\x00\x88\x01\x01\x12\x35\n\x10\x61pplied_sampling\x18\t \x01(\x0b\x32\x1b.specpipe.v1.SamplingParamsB\x15\n\x13_repetition_penalty\"i\n\x12ScorePromptRequest\x12\x12\n\nsession_id\x18\x01 \x01(\t\x12\x11\n\ttoken_ids\x18\x02 \x03(\x05\x12\x16\n\x0e\x66irst_position\x18\x03 \x01(\r\x12\x14\n\x0ctop_logprobs\x18\x04 \x01(\r\"m\n\x13ScorePromptResponse\x12+\n\x08logprobs\x18\x01 \x03(\x0b\x32\x19.specpipe.v1.TokenLogprob\x12\x12\n\nforward_ns\x18\x02 \x01(\x04\x12\x15\n\rcached_tokens\x18\x03 \x01(\r2\xda\x03\n\rTargetService\x12H\n\x0cGetModelInfo\x12 .specpipe.v1.GetModelInfoRequest\x1a\x16.specpipe.v1.ModelInfo\x12\x41\n\x06Verify\x12\x1a.specpipe.v1.VerifyRequest\x1a\x1b.specpipe.v1.VerifyResponse\x12K\n\x0cVerifyStream\x12\x1a.specpipe.v1.VerifyRequest\x1a\x1b.specpipe.v1.VerifyResponse(\x01\x30\x01\x12P\n\x0bScorePrompt\x12\x1f.specpipe.v1.ScorePromptRequest\x1a .specpipe.v1.ScorePromptResponse\x12Y\n\x0eReleaseSession\x12\".specpipe.v1.ReleaseSessionRequest\x1a#.specpipe.v1.ReleaseSessionResponse\x12\x42\n\x08GetStats\x12\x1c.specpipe.v1.GetStatsRequest\x1a\x18.specpipe.v1.WorkerStatsb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -35,11 +35,11 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_VERIFYREQUEST']._serialized_start=68
   _globals['_VERIFYREQUEST']._serialized_end=288
   _globals['_VERIFYRESPONSE']._serialized_start=291
-  _globals['_VERIFYRESPONSE']._serialized_end=532
-  _globals['_SCOREPROMPTREQUEST']._serialized_start=534
-  _globals['_SCOREPROMPTREQUEST']._serialized_end=639
-  _globals['_SCOREPROMPTRESPONSE']._serialized_start=641
-  _globals['_SCOREPROMPTRESPONSE']._serialized_end=750
-  _globals['_TARGETSERVICE']._serialized_start=753
-  _globals['_TARGETSERVICE']._serialized_end=1227
+  _globals['_VERIFYRESPONSE']._serialized_end=587
+  _globals['_SCOREPROMPTREQUEST']._serialized_start=589
+  _globals['_SCOREPROMPTREQUEST']._serialized_end=694
+  _globals['_SCOREPROMPTRESPONSE']._serialized_start=696
+  _globals['_SCOREPROMPTRESPONSE']._serialized_end=805
+  _globals['_TARGETSERVICE']._serialized_start=808
+  _globals['_TARGETSERVICE']._serialized_end=1282
 # @@protoc_insertion_point(module_scope)

@@ -26,7 +26,7 @@ class VerifyRequest(_message.Message):
     def __init__(self, session_id: _Optional[str] = ..., token_ids: _Optional[_Iterable[int]] = ..., draft_token_ids: _Optional[_Iterable[int]] = ..., draft_probs: _Optional[_Iterable[_Union[_common_pb2.TokenDistribution, _Mapping]]] = ..., sampling: _Optional[_Union[_common_pb2.SamplingParams, _Mapping]] = ..., start_position: _Optional[int] = ..., chained: _Optional[bool] = ...) -> None: ...
 
 class VerifyResponse(_message.Message):
-    __slots__ = ("num_accepted", "next_token_id", "recovered", "forward_ns", "cached_tokens", "skipped", "logprobs", "repetition_penalty")
+    __slots__ = ("num_accepted", "next_token_id", "recovered", "forward_ns", "cached_tokens", "skipped", "logprobs", "repetition_penalty", "applied_sampling")
     NUM_ACCEPTED_FIELD_NUMBER: _ClassVar[int]
     NEXT_TOKEN_ID_FIELD_NUMBER: _ClassVar[int]
     RECOVERED_FIELD_NUMBER: _ClassVar[int]
@@ -35,6 +35,7 @@ class VerifyResponse(_message.Message):
     SKIPPED_FIELD_NUMBER: _ClassVar[int]
     LOGPROBS_FIELD_NUMBER: _ClassVar[int]
     REPETITION_PENALTY_FIELD_NUMBER: _ClassVar[int]
+    APPLIED_SAMPLING_FIELD_NUMBER: _ClassVar[int]
     num_accepted: int
     next_token_id: int
     recovered: bool
@@ -43,7 +44,8 @@ class VerifyResponse(_message.Message):
     skipped: bool
     logprobs: _containers.RepeatedCompositeFieldContainer[_common_pb2.TokenLogprob]
     repetition_penalty: float
-    def __init__(self, num_accepted: _Optional[int] = ..., next_token_id: _Optional[int] = ..., recovered: _Optional[bool] = ..., forward_ns: _Optional[int] = ..., cached_tokens: _Optional[int] = ..., skipped: _Optional[bool] = ..., logprobs: _Optional[_Iterable[_Union[_common_pb2.TokenLogprob, _Mapping]]] = ..., repetition_penalty: _Optional[float] = ...) -> None: ...
+    applied_sampling: _common_pb2.SamplingParams
+    def __init__(self, num_accepted: _Optional[int] = ..., next_token_id: _Optional[int] = ..., recovered: _Optional[bool] = ..., forward_ns: _Optional[int] = ..., cached_tokens: _Optional[int] = ..., skipped: _Optional[bool] = ..., logprobs: _Optional[_Iterable[_Union[_common_pb2.TokenLogprob, _Mapping]]] = ..., repetition_penalty: _Optional[float] = ..., applied_sampling: _Optional[_Union[_common_pb2.SamplingParams, _Mapping]] = ...) -> None: ...
 
 class ScorePromptRequest(_message.Message):
     __slots__ = ("session_id", "token_ids", "first_position", "top_logprobs")
