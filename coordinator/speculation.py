@@ -51,9 +51,14 @@ class OpenSession:
     # The history when the request began: what a new session is created with, whatever the rounds that
     # ran since (commits overlap the next round, so `history` may already be ahead).
     opening_history: list[int] = field(default_factory=list)
+    # Where the output begins: the history's length after the latest prompt, for a resumed session the one
+    # its interrupted request began at, so the presence and frequency penalties count the same tokens.
+    output_start: int = -1
 
     def __post_init__(self) -> None:
         self.opening_history = list(self.history)
+        if self.output_start < 0:
+            self.output_start = len(self.history)
 
 
 class SpeculativeGenerator:
@@ -116,6 +121,8 @@ class SpeculativeGenerator:
             )
             # No new prompt: continue the history as it is (resume); the first commit needs no prompt write.
             session.persisted = not prompt_ids
+            if not prompt_ids:
+                session.output_start = state.prompt_len
         else:
             await self.store.ping()  # fail fast (UNAVAILABLE) before any model work
             session = OpenSession(uuid.uuid4().hex, list(prompt_ids), prompt_ids, None, is_new=True)
@@ -164,6 +171,10 @@ class SpeculativeGenerator:
     async def _rounds(
         self, request: GenerationRequest, session: OpenSession, time_remaining: Callable[[], float | None]
     ) -> AsyncIterator[GenerationChunk]:
+        # Every worker call carries where the output begins (the presence and frequency penalties' window).
+        request = dataclasses.replace(
+            request, sampling=dataclasses.replace(request.sampling, output_start=session.output_start)
+        )
         sampling = request.sampling
         sid = session.session_id
         detokenizer = IncrementalDetokenizer(self.tokenizer, stop=request.stop)
@@ -291,11 +302,11 @@ class SpeculativeGenerator:
                 "coordinator?)"
             )
         if request.sampling.needs_applied_echo and verdict.applied_sampling != request.sampling:
-            # A worker older than a field of the sampling (min_p) drops it: the tokens come from another
-            # distribution than the one asked for, so none of them reach the client.
+            # A worker older than a field of the sampling (min_p, the presence and frequency penalties) drops
+            # it: the tokens come from another distribution than the one asked for, so none reach the client.
             raise FailedPreconditionError(
-                "the workers did not apply the request's sampling (sampling.min_p): a worker older than the "
-                "coordinator?"
+                "the workers did not apply the request's sampling (sampling.min_p, presence_penalty or "
+                "frequency_penalty): a worker older than the coordinator?"
             )
         if request.sampling.logprobs is not None and len(verdict.logprobs) < len(new_ids):
             # A worker from before log-probs drops the field it does not know: say so rather than stream

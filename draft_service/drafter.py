@@ -15,7 +15,7 @@ from specpipe.runtime.stream_history import StreamHistory, resolve_history
 from specpipe.sampling.coupled import coupled_sample
 from specpipe.sampling.draft_sampling import compact_supports, sample_draft_token
 from specpipe.sampling.params import SamplingParams
-from specpipe.sampling.penalties import penalize_row, seen_mask
+from specpipe.sampling.penalties import SequencePenalties
 from specpipe.sampling.processing import greedy_token_ids, sampling_probs
 from specpipe.sampling.randomness import RandomStream, keyed_uniform, sample_from_probs
 from specpipe.v1 import common_pb2, draft_pb2
@@ -170,7 +170,7 @@ class _Drafting:
         self.q_rows: list[torch.Tensor] = []  # [vocab_size] each: q of each drafted token (Leviathan rule)
         self.forward_ns = 0
         self.cached_tokens = 0
-        self._seen: torch.Tensor | None = None  # [vocab_size] bool: the ids so far, for a repetition penalty
+        self._penalties: SequencePenalties | None = None  # the sequence so far, where penalties apply
 
     @property
     def done(self) -> bool:
@@ -188,7 +188,7 @@ class _Drafting:
         sampling = self.request.sampling
         step = len(self.proposed)
         position = len(self.ids)
-        if sampling.repetition_penalty != 1.0:
+        if sampling.penalizes:
             logits = self._penalized(logits)
         if sampling.is_greedy:
             token = greedy_token_ids(logits)[0]
@@ -211,17 +211,17 @@ class _Drafting:
             self.q_rows.append(probs)
         self.proposed.append(token)
         self.ids.append(token)
-        if self._seen is not None and 0 <= token < self._seen.shape[0]:
-            self._seen[token] = True
+        if self._penalties is not None:
+            self._penalties.append(token)
         return token
 
     def _penalized(self, logits: torch.Tensor) -> torch.Tensor:  # [1, vocab_size] float32, a copy
-        """The step's logits with the repetition penalty over `ids` (specpipe/sampling/penalties.py), as the
-        target applies it to the same position."""
-        if self._seen is None:
-            self._seen = seen_mask(self.ids, logits.shape[-1])
+        """The step's logits with the penalties over `ids` (specpipe/sampling/penalties.py), as the target
+        applies them to the same position."""
+        if self._penalties is None:
+            self._penalties = SequencePenalties(self.ids, logits.shape[-1], self.request.sampling)
         scores = logits.to(torch.float32).clone()
-        penalize_row(scores[0], self._seen, self.request.sampling.repetition_penalty)
+        self._penalties.apply(scores[0])
         return scores
 
     def proposal(self) -> DraftProposal:

@@ -246,6 +246,15 @@ def add_generate_parser(subparsers: argparse._SubParsersAction) -> None:
         "(Hugging Face's repetition_penalty; 1 = off, e.g. 1.2 against loops)",
     )  # fmt: skip
     generate.add_argument(
+        "--presence-penalty", type=float, default=0.0,
+        help="subtract this from the logit of every token already generated (OpenAI's; -2..2, 0 = off)",
+    )  # fmt: skip
+    generate.add_argument(
+        "--frequency-penalty", type=float, default=0.0,
+        help="subtract this times its count from the logit of every token already generated "
+        "(OpenAI's; -2..2, 0 = off)",
+    )  # fmt: skip
+    generate.add_argument(
         "--stop-token-id", type=int, action="append", default=[], metavar="ID",
         help="end the completion after this token, kept, as after end-of-sequence (repeatable)",
     )  # fmt: skip
@@ -498,6 +507,8 @@ def generate(args: argparse.Namespace) -> int:
             logprobs=args.logprobs,
             prompt_logprobs=args.prompt_logprobs,
             repetition_penalty=args.repetition_penalty,
+            presence_penalty=args.presence_penalty,
+            frequency_penalty=args.frequency_penalty,
             ignore_eos=args.ignore_eos,
             stop_token_ids=args.stop_token_id,
         )

@@ -27,6 +27,8 @@ def build_request(
     logprobs: int | None = None,
     prompt_logprobs: int | None = None,
     repetition_penalty: float = 1.0,
+    presence_penalty: float = 0.0,
+    frequency_penalty: float = 0.0,
     ignore_eos: bool = False,
     stop_token_ids: Sequence[int] = (),
 ) -> coordinator_pb2.GenerateRequest:
@@ -56,6 +58,10 @@ def build_request(
         request.sampling.repetition_penalty = repetition_penalty
     if min_p:
         request.sampling.min_p = min_p
+    if presence_penalty:
+        request.sampling.presence_penalty = presence_penalty
+    if frequency_penalty:
+        request.sampling.frequency_penalty = frequency_penalty
     return request
 
 

@@ -16,7 +16,7 @@ from specpipe.sampling.coupled import verify_coupled
 from specpipe.sampling.draft_sampling import expand_distributions
 from specpipe.sampling.logprobs import TokenLogprob, token_logprobs
 from specpipe.sampling.params import SamplingParams
-from specpipe.sampling.penalties import penalize_repetitions
+from specpipe.sampling.penalties import penalize_block
 from specpipe.sampling.processing import sampling_probs
 from specpipe.sampling.rejection_sampler import rejection_sample, verify_greedy
 from specpipe.v1 import common_pb2, target_pb2
@@ -160,11 +160,9 @@ class Verifier:
     def decide(self, block: VerifyBlock, result: ForwardResult) -> Verdict:
         """The verdict on a block from the target's logits at its k + 1 positions: the acceptance rule."""
         logits = result.logits  # [k + 1, vocab_size]
-        if block.sampling.repetition_penalty != 1.0:
+        if block.sampling.penalizes:
             # Row i scores the position after history + draft[:i], and sees exactly those tokens.
-            logits = penalize_repetitions(
-                logits, block.token_ids, block.draft_token_ids, block.sampling.repetition_penalty
-            )
+            logits = penalize_block(logits, block.token_ids, block.draft_token_ids, block.sampling)
         if block.sampling.is_greedy:
             # Only the argmax matters, and the logits' is the one-hot p's: skip building p.
             outcome = verify_greedy(logits, block.draft_token_ids)

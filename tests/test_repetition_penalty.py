@@ -12,7 +12,7 @@ from transformers.generation.logits_process import RepetitionPenaltyLogitsProces
 from specpipe.client import CoordinatorClient, build_request
 from specpipe.errors import InvalidArgumentError
 from specpipe.sampling.params import SamplingParams
-from specpipe.sampling.penalties import penalize_repetitions
+from specpipe.sampling.penalties import penalize_block
 from tests.conftest import Pipeline
 from tests.prompts import PROMPTS
 
@@ -25,13 +25,13 @@ def test_each_row_is_penalized_over_the_history_and_the_block_before_it() -> Non
     vocab = 50
     logits = torch.randn(4, vocab) * 3  # [4, vocab]: positive and negative logits
     history, block = [3, 7, 7, 12, 49], [11, 20, 3]
-    got = penalize_repetitions(logits, history, block, PENALTY)
+    got = penalize_block(logits, history, block, SamplingParams(repetition_penalty=PENALTY))
     processor = RepetitionPenaltyLogitsProcessor(PENALTY)
     for i in range(4):
         ids = torch.tensor([[*history, *block[:i]]])
         torch.testing.assert_close(got[i : i + 1], processor(ids, logits[i : i + 1].clone()), rtol=0, atol=0)
     assert got[0, 11] == logits[0, 11] and got[1, 11] != logits[1, 11]  # block[0] counts from row 1 on
-    torch.testing.assert_close(penalize_repetitions(logits, history, block, 1.0), logits)  # 1: off
+    torch.testing.assert_close(penalize_block(logits, history, block, SamplingParams()), logits)  # 1: off
 
 
 def test_the_request_field_is_checked_and_round_trips() -> None:
@@ -126,7 +126,7 @@ def test_the_draft_penalizes_each_step_as_the_target_does_its_row(temperature: f
     for logits in steps:
         drafting.choose(logits)
     drafted = drafting.proposed
-    expected = penalize_repetitions(torch.cat(steps), history, drafted, PENALTY)  # [3, vocab]
+    expected = penalize_block(torch.cat(steps), history, drafted, params)  # [3, vocab]
     if temperature == 0.0:
         assert drafted == expected.argmax(dim=-1).tolist()
     else:

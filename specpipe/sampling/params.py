@@ -10,6 +10,7 @@ from specpipe.v1 import common_pb2
 
 ACCEPTANCE_RULES = ("leviathan", "coupled")
 MAX_TOP_LOGPROBS = 20  # as OpenAI's API: each is a gather and a protobuf entry per generated token
+MAX_OCCURRENCE_PENALTY = 2.0  # presence and frequency penalties lie in [-2, 2], as OpenAI's and vLLM's
 _RULE_TO_PB = {
     "leviathan": common_pb2.ACCEPTANCE_RULE_LEVIATHAN,
     "coupled": common_pb2.ACCEPTANCE_RULE_COUPLED,
@@ -33,6 +34,11 @@ class SamplingParams:
     repetition_penalty: float = 1.0
     # Min-p: drop tokens below min_p times the top token's probability (sampling/processing.py); 0 = off.
     min_p: float = 0.0
+    # OpenAI's penalties on tokens in the output so far (sampling/penalties.py); 0 = off.
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    # Where the output begins in the session's history (the coordinator sets it, for those penalties).
+    output_start: int = 0
 
     def __post_init__(self) -> None:
         if not math.isfinite(self.temperature) or self.temperature < 0:
@@ -53,6 +59,13 @@ class SamplingParams:
             )
         if not math.isfinite(self.min_p) or not 0.0 <= self.min_p <= 1.0:
             raise InvalidArgumentError(f"sampling.min_p must be in [0, 1] (0 = off), got {self.min_p}")
+        for name in ("presence_penalty", "frequency_penalty"):
+            value = getattr(self, name)
+            if not math.isfinite(value) or not -MAX_OCCURRENCE_PENALTY <= value <= MAX_OCCURRENCE_PENALTY:
+                raise InvalidArgumentError(
+                    f"sampling.{name} must be in [-{MAX_OCCURRENCE_PENALTY:g}, {MAX_OCCURRENCE_PENALTY:g}] "
+                    f"(0 = off), got {value}"
+                )
         if self.logprobs is not None and not 0 <= self.logprobs <= MAX_TOP_LOGPROBS:
             raise InvalidArgumentError(
                 f"sampling.logprobs must be in [0, {MAX_TOP_LOGPROBS}] (unset = none), got {self.logprobs}"
@@ -68,7 +81,17 @@ class SamplingParams:
         (VerifyResponse.applied_sampling): a worker older than such a field would drop it silently and
         sample from another distribution, so the target echoes what it applied and the coordinator checks it.
         (repetition_penalty, older than the echo, has an echo of its own.)"""
-        return self.min_p > 0.0 and not self.is_greedy  # greedy ignores min_p
+        return (self.min_p > 0.0 and not self.is_greedy) or self.penalizes_occurrences  # greedy ignores min_p
+
+    @property
+    def penalizes_occurrences(self) -> bool:
+        """Whether presence or frequency penalties apply."""
+        return self.presence_penalty != 0.0 or self.frequency_penalty != 0.0
+
+    @property
+    def penalizes(self) -> bool:
+        """Whether any penalty on the sequence so far applies (sampling/penalties.py)."""
+        return self.repetition_penalty != 1.0 or self.penalizes_occurrences
 
     @classmethod
     def from_pb(cls, pb: common_pb2.SamplingParams) -> SamplingParams:
@@ -85,6 +108,9 @@ class SamplingParams:
             logprobs=pb.logprobs if pb.HasField("logprobs") else None,
             repetition_penalty=pb.repetition_penalty if pb.HasField("repetition_penalty") else 1.0,
             min_p=pb.min_p if pb.HasField("min_p") else 0.0,
+            presence_penalty=pb.presence_penalty if pb.HasField("presence_penalty") else 0.0,
+            frequency_penalty=pb.frequency_penalty if pb.HasField("frequency_penalty") else 0.0,
+            output_start=pb.output_start,
         )
 
     def to_pb(self) -> common_pb2.SamplingParams:
@@ -97,6 +123,9 @@ class SamplingParams:
             logprobs=self.logprobs,
             repetition_penalty=None if self.repetition_penalty == 1.0 else self.repetition_penalty,
             min_p=self.min_p or None,
+            presence_penalty=self.presence_penalty or None,
+            frequency_penalty=self.frequency_penalty or None,
+            output_start=self.output_start,
         )
 
     def to_dict(self) -> dict[str, float | int]:
@@ -108,4 +137,6 @@ class SamplingParams:
             "acceptance": self.acceptance,
             "repetition_penalty": self.repetition_penalty,
             "min_p": self.min_p,
+            "presence_penalty": self.presence_penalty,
+            "frequency_penalty": self.frequency_penalty,
         }
