@@ -33,6 +33,9 @@ class CoordinatorConfig:
     # directly (specpipe/speculation/delegation.py); the coordinator commits and streams them.
     delegation: bool = True
     max_new_tokens_limit: int = 4096
+    # Generate calls served at once; one more gets RESOURCE_EXHAUSTED at once rather than queueing behind
+    # them (as TGI's --max-concurrent-requests): clients retry, or a load balancer moves them elsewhere.
+    max_concurrent_requests: int = 256
     # Upper bound on one worker RPC; the client's own deadline is applied when shorter.
     worker_timeout_s: float = 30.0
     # How long start-up waits for the workers and the session store to answer.
@@ -64,6 +67,8 @@ class CoordinatorConfig:
             raise ValueError(
                 f"adaptive_k_rule must be one of {ADAPTIVE_K_RULES}, got {self.adaptive_k_rule!r}"
             )
+        if self.max_concurrent_requests < 1:
+            raise ValueError(f"max_concurrent_requests must be >= 1, got {self.max_concurrent_requests}")
         if self.max_new_tokens_limit < 1:
             raise ValueError(f"max_new_tokens_limit must be >= 1, got {self.max_new_tokens_limit}")
         for name in ("worker_timeout_s", "startup_timeout_s", "shutdown_grace_s"):

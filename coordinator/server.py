@@ -163,6 +163,7 @@ async def run_coordinator(config: CoordinatorConfig, stop_event: asyncio.Event |
             default_speculative_tokens=None if config.adaptive_k else config.num_speculative_tokens,
         ),
         metrics,
+        config.max_concurrent_requests,
     )
 
     async def warmup() -> None:

@@ -10,14 +10,21 @@ from coordinator.metrics import CoordinatorMetrics
 from coordinator.request import GenerationRequest, RequestLimits, validate_session_id
 from coordinator.sessions import SessionService
 from coordinator.speculation import SpeculativeGenerator
-from specpipe.errors import UnavailableError
+from specpipe.errors import ResourceExhaustedError, UnavailableError
 from specpipe.v1 import coordinator_pb2, coordinator_pb2_grpc
 
 
 class CoordinatorServicer(coordinator_pb2_grpc.CoordinatorServicer):
-    def __init__(self, limits: RequestLimits, metrics: CoordinatorMetrics | None = None) -> None:
+    def __init__(
+        self,
+        limits: RequestLimits,
+        metrics: CoordinatorMetrics | None = None,
+        max_concurrent_requests: int = 256,
+    ) -> None:
         self.limits = limits
         self.metrics = metrics or CoordinatorMetrics()
+        self.max_concurrent_requests = max_concurrent_requests
+        self.running = 0  # Generate calls in flight
         self._generator: SpeculativeGenerator | None = None
 
         self._sessions: SessionService | None = None
@@ -43,10 +50,19 @@ class CoordinatorServicer(coordinator_pb2_grpc.CoordinatorServicer):
         self, request: coordinator_pb2.GenerateRequest, context: grpc.aio.ServicerContext
     ) -> AsyncIterator[coordinator_pb2.GenerateResponse]:
         with self.metrics.request() as observed:
-            generation = GenerationRequest.from_pb(request, self.limits)
-            async for chunk in self.generator.generate(generation, context.time_remaining):
-                observed.chunk(chunk, self.metrics)
-                yield chunk.to_pb()
+            if self.running >= self.max_concurrent_requests:
+                raise ResourceExhaustedError(
+                    f"the coordinator is serving its limit of {self.max_concurrent_requests} concurrent "
+                    "requests (--max-concurrent-requests): retry later"
+                )
+            self.running += 1
+            try:
+                generation = GenerationRequest.from_pb(request, self.limits)
+                async for chunk in self.generator.generate(generation, context.time_remaining):
+                    observed.chunk(chunk, self.metrics)
+                    yield chunk.to_pb()
+            finally:
+                self.running -= 1
 
     async def GetSession(
         self, request: coordinator_pb2.GetSessionRequest, context: grpc.aio.ServicerContext

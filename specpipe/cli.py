@@ -184,6 +184,10 @@ def add_serve_parser(subparsers: argparse._SubParsersAction) -> None:
     serve.add_argument(
         "--max-new-tokens-limit", type=int, default=4096, help="largest max_new_tokens a request may ask"
     )
+    serve.add_argument(
+        "--max-concurrent-requests", type=int, default=256,
+        help="Generate calls served at once; more get RESOURCE_EXHAUSTED at once (default: %(default)s)",
+    )  # fmt: skip
     serve.add_argument("--worker-timeout", type=float, default=30.0, help="seconds per worker RPC")
     serve.add_argument(
         "--startup-timeout", type=float, default=300.0,
@@ -411,6 +415,7 @@ def serve_component(args: argparse.Namespace) -> int:
             chaining=args.chaining,
             delegation=args.delegation,
             max_new_tokens_limit=args.max_new_tokens_limit,
+            max_concurrent_requests=args.max_concurrent_requests,
             worker_timeout_s=args.worker_timeout,
             startup_timeout_s=args.startup_timeout,
             session_ttl_s=args.session_ttl,
@@ -466,6 +471,8 @@ def serve_all(args: argparse.Namespace) -> int:
         str(args.max_speculative_tokens),
         "--max-new-tokens-limit",
         str(args.max_new_tokens_limit),
+        "--max-concurrent-requests",
+        str(args.max_concurrent_requests),
         "--worker-timeout",
         str(args.worker_timeout),
         "--session-ttl",

@@ -35,6 +35,7 @@ def test_defaults_are_valid_and_adaptive_by_the_cost_model() -> None:
         ("port", 70000),
         ("worker_timeout_s", 0.0),
         ("redis_url", ""),
+        ("max_concurrent_requests", 0),
     ],
 )
 def test_bad_values_are_refused_by_name(field: str, value: object) -> None:

@@ -94,3 +94,47 @@ def test_deadline_exceeded(pipeline: Pipeline) -> None:
         with pytest.raises(grpc.RpcError) as caught:
             client.generate(build_request("hi", 256), timeout_s=0.05)
     assert caught.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+
+
+def test_requests_over_the_concurrency_limit_get_resource_exhausted(
+    pipeline: Pipeline, tmp_path_factory: pytest.TempPathFactory
+) -> None:
+    """A coordinator serving its limit of Generate calls refuses one more at once, and serves again once they
+    end."""
+    import asyncio
+
+    from specpipe.client import AsyncCoordinatorClient
+    from tests.conftest import start_coordinator
+
+    coordinator = start_coordinator(
+        pipeline.draft.address, pipeline.target.address, pipeline.redis.url,
+        tmp_path_factory.mktemp("limited"), extra=["--max-concurrent-requests", "2"],
+    )  # fmt: skip
+    # Long enough to be in flight while the third call arrives: one target pass per token, 256 of them.
+    long_request = build_request("hello", 256, num_speculative_tokens=0, ignore_eos=True)
+
+    async def main() -> None:
+        async with AsyncCoordinatorClient(coordinator.address) as client:
+            streams = [client.stub.Generate(long_request, timeout=60) for _ in range(2)]
+            for stream in streams:
+                await stream.read()  # both are being served
+            with pytest.raises(grpc.aio.AioRpcError) as caught:
+                await client.generate(build_request("hi", 4), timeout_s=30)
+            assert caught.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+            assert "--max-concurrent-requests" in (caught.value.details() or "")
+            for stream in streams:
+                stream.cancel()
+            for _ in range(100):  # the cancelled calls end on the server shortly after
+                try:
+                    result = await client.generate(build_request("hi", 4), timeout_s=30)
+                    break
+                except grpc.aio.AioRpcError as exc:
+                    assert exc.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+                    await asyncio.sleep(0.05)
+            assert len(result.token_ids) == 4
+
+    try:
+        coordinator.wait_serving(120)
+        asyncio.run(main())
+    finally:
+        coordinator.stop()
