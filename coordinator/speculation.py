@@ -113,6 +113,8 @@ class SpeculativeGenerator:
 
     async def open_session(self, request: GenerationRequest) -> OpenSession:
         self.check_in_vocab(request.stop_token_ids, "stop_token_ids")
+        biased_ids = (token_id for token_id, _ in request.sampling.logit_bias)
+        self.check_in_vocab(biased_ids, "sampling.logit_bias ids")
         prompt_ids = self.prompt_ids(request)
         if request.session_id:
             state = await self.store.load(request.session_id)  # NotFoundError names the id
@@ -302,11 +304,11 @@ class SpeculativeGenerator:
                 "coordinator?)"
             )
         if request.sampling.needs_applied_echo and verdict.applied_sampling != request.sampling:
-            # A worker older than a field of the sampling (min_p, the presence and frequency penalties) drops
-            # it: the tokens come from another distribution than the one asked for, so none reach the client.
+            # A worker older than a field of the sampling (min_p, the penalties, the bias) drops it: the
+            # tokens come from another distribution than the one asked for, so none reach the client.
             raise FailedPreconditionError(
-                "the workers did not apply the request's sampling (sampling.min_p, presence_penalty or "
-                "frequency_penalty): a worker older than the coordinator?"
+                "the workers did not apply the request's sampling (sampling.min_p, presence_penalty, "
+                "frequency_penalty or logit_bias): a worker older than the coordinator?"
             )
         if request.sampling.logprobs is not None and len(verdict.logprobs) < len(new_ids):
             # A worker from before log-probs drops the field it does not know: say so rather than stream

@@ -14,6 +14,7 @@ from specpipe.runtime.model_runner import CausalLMRunner, ForwardResult, in_voca
 from specpipe.runtime.stream_history import StreamHistory, resolve_history
 from specpipe.sampling.coupled import coupled_sample
 from specpipe.sampling.draft_sampling import compact_supports, sample_draft_token
+from specpipe.sampling.logit_bias import bias_logits
 from specpipe.sampling.params import SamplingParams
 from specpipe.sampling.penalties import SequencePenalties
 from specpipe.sampling.processing import greedy_token_ids, sampling_probs
@@ -188,6 +189,8 @@ class _Drafting:
         sampling = self.request.sampling
         step = len(self.proposed)
         position = len(self.ids)
+        if sampling.logit_bias:
+            logits = bias_logits(logits, sampling.logit_bias)
         if sampling.penalizes:
             logits = self._penalized(logits)
         if sampling.is_greedy:

@@ -259,6 +259,10 @@ def add_generate_parser(subparsers: argparse._SubParsersAction) -> None:
         "(OpenAI's; -2..2, 0 = off)",
     )  # fmt: skip
     generate.add_argument(
+        "--logit-bias", action="append", default=[], metavar="ID=BIAS", type=logit_bias_entry,
+        help="add BIAS (-100..100) to the logit of token ID before sampling (repeatable; -100 bans it)",
+    )  # fmt: skip
+    generate.add_argument(
         "--stop-token-id", type=int, action="append", default=[], metavar="ID",
         help="end the completion after this token, kept, as after end-of-sequence (repeatable)",
     )  # fmt: skip
@@ -487,6 +491,17 @@ def serve_all(args: argparse.Namespace) -> int:
     return run_pipeline(config, extra)
 
 
+def logit_bias_entry(text: str) -> tuple[int, float]:
+    """`--logit-bias ID=BIAS`."""
+    token_id, separator, bias = text.partition("=")
+    try:
+        if not separator:
+            raise ValueError
+        return int(token_id), float(bias)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected ID=BIAS (e.g. 198=-100), got {text!r}") from None
+
+
 def print_logprobs(title: str, logprobs: Sequence[common_pb2.TokenLogprob]) -> None:
     """A title, then one line per token: its id and log-probability, then the likeliest tokens (ids)."""
     print(title)
@@ -516,6 +531,7 @@ def generate(args: argparse.Namespace) -> int:
             repetition_penalty=args.repetition_penalty,
             presence_penalty=args.presence_penalty,
             frequency_penalty=args.frequency_penalty,
+            logit_bias=dict(args.logit_bias),
             ignore_eos=args.ignore_eos,
             stop_token_ids=args.stop_token_id,
         )

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Iterator, Sequence
+from collections.abc import AsyncIterator, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 
 import grpc
@@ -29,6 +29,7 @@ def build_request(
     repetition_penalty: float = 1.0,
     presence_penalty: float = 0.0,
     frequency_penalty: float = 0.0,
+    logit_bias: Mapping[int, float] | None = None,
     ignore_eos: bool = False,
     stop_token_ids: Sequence[int] = (),
 ) -> coordinator_pb2.GenerateRequest:
@@ -62,6 +63,8 @@ def build_request(
         request.sampling.presence_penalty = presence_penalty
     if frequency_penalty:
         request.sampling.frequency_penalty = frequency_penalty
+    if logit_bias:
+        request.sampling.logit_bias.update(logit_bias)
     return request
 
 

@@ -14,6 +14,7 @@ from specpipe.runtime.model_runner import CausalLMRunner, ForwardResult
 from specpipe.runtime.stream_history import StreamHistory, resolve_history
 from specpipe.sampling.coupled import verify_coupled
 from specpipe.sampling.draft_sampling import expand_distributions
+from specpipe.sampling.logit_bias import bias_logits
 from specpipe.sampling.logprobs import TokenLogprob, token_logprobs
 from specpipe.sampling.params import SamplingParams
 from specpipe.sampling.penalties import penalize_block
@@ -160,6 +161,8 @@ class Verifier:
     def decide(self, block: VerifyBlock, result: ForwardResult) -> Verdict:
         """The verdict on a block from the target's logits at its k + 1 positions: the acceptance rule."""
         logits = result.logits  # [k + 1, vocab_size]
+        if block.sampling.logit_bias:
+            logits = bias_logits(logits, block.sampling.logit_bias)
         if block.sampling.penalizes:
             # Row i scores the position after history + draft[:i], and sees exactly those tokens.
             logits = penalize_block(logits, block.token_ids, block.draft_token_ids, block.sampling)

@@ -376,9 +376,10 @@ def test_worker_ports_and_args() -> None:
     assert "adaptiveKRule" in schema_error({"coordinator": {"adaptiveKRule": "fastest"}})
     assert args["--max-concurrent-requests"] == "256"
     limited = render({"coordinator": {"maxConcurrentRequests": 32}})
-    assert args_of(container(one(limited, "Deployment", f"{FULLNAME}-coordinator")))[
-        "--max-concurrent-requests"
-    ] == "32"
+    assert (
+        args_of(container(one(limited, "Deployment", f"{FULLNAME}-coordinator")))["--max-concurrent-requests"]
+        == "32"
+    )
     assert "maxConcurrentRequests" in schema_error({"coordinator": {"maxConcurrentRequests": 0}})
 
 

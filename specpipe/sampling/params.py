@@ -11,6 +11,8 @@ from specpipe.v1 import common_pb2
 ACCEPTANCE_RULES = ("leviathan", "coupled")
 MAX_TOP_LOGPROBS = 20  # as OpenAI's API: each is a gather and a protobuf entry per generated token
 MAX_OCCURRENCE_PENALTY = 2.0  # presence and frequency penalties lie in [-2, 2], as OpenAI's and vLLM's
+MAX_LOGIT_BIAS = 100.0  # as OpenAI's: +-100 is as good as forcing or banning a token
+MAX_LOGIT_BIAS_TOKENS = 1024  # each is an entry in every worker message of the request
 _RULE_TO_PB = {
     "leviathan": common_pb2.ACCEPTANCE_RULE_LEVIATHAN,
     "coupled": common_pb2.ACCEPTANCE_RULE_COUPLED,
@@ -39,6 +41,8 @@ class SamplingParams:
     frequency_penalty: float = 0.0
     # Where the output begins in the session's history (the coordinator sets it, for those penalties).
     output_start: int = 0
+    # (token id, bias) pairs by id, added to the logits before the penalties (sampling/logit_bias.py).
+    logit_bias: tuple[tuple[int, float], ...] = ()
 
     def __post_init__(self) -> None:
         if not math.isfinite(self.temperature) or self.temperature < 0:
@@ -66,6 +70,17 @@ class SamplingParams:
                     f"sampling.{name} must be in [-{MAX_OCCURRENCE_PENALTY:g}, {MAX_OCCURRENCE_PENALTY:g}] "
                     f"(0 = off), got {value}"
                 )
+        if len(self.logit_bias) > MAX_LOGIT_BIAS_TOKENS:
+            raise InvalidArgumentError(
+                f"sampling.logit_bias may bias at most {MAX_LOGIT_BIAS_TOKENS} tokens, "
+                f"got {len(self.logit_bias)}"
+            )
+        for token_id, bias in self.logit_bias:
+            if token_id < 0 or not math.isfinite(bias) or not -MAX_LOGIT_BIAS <= bias <= MAX_LOGIT_BIAS:
+                raise InvalidArgumentError(
+                    f"sampling.logit_bias maps token ids >= 0 to biases in [-{MAX_LOGIT_BIAS:g}, "
+                    f"{MAX_LOGIT_BIAS:g}], got {token_id}: {bias}"
+                )
         if self.logprobs is not None and not 0 <= self.logprobs <= MAX_TOP_LOGPROBS:
             raise InvalidArgumentError(
                 f"sampling.logprobs must be in [0, {MAX_TOP_LOGPROBS}] (unset = none), got {self.logprobs}"
@@ -81,7 +96,9 @@ class SamplingParams:
         (VerifyResponse.applied_sampling): a worker older than such a field would drop it silently and
         sample from another distribution, so the target echoes what it applied and the coordinator checks it.
         (repetition_penalty, older than the echo, has an echo of its own.)"""
-        return (self.min_p > 0.0 and not self.is_greedy) or self.penalizes_occurrences  # greedy ignores min_p
+        # Greedy ignores min_p; a bias or a penalty moves even the argmax.
+        filters = self.min_p > 0.0 and not self.is_greedy
+        return filters or self.penalizes_occurrences or bool(self.logit_bias)
 
     @property
     def penalizes_occurrences(self) -> bool:
@@ -111,6 +128,7 @@ class SamplingParams:
             presence_penalty=pb.presence_penalty if pb.HasField("presence_penalty") else 0.0,
             frequency_penalty=pb.frequency_penalty if pb.HasField("frequency_penalty") else 0.0,
             output_start=pb.output_start,
+            logit_bias=tuple(sorted(pb.logit_bias.items())),
         )
 
     def to_pb(self) -> common_pb2.SamplingParams:
@@ -126,9 +144,10 @@ class SamplingParams:
             presence_penalty=self.presence_penalty or None,
             frequency_penalty=self.frequency_penalty or None,
             output_start=self.output_start,
+            logit_bias=dict(self.logit_bias),
         )
 
-    def to_dict(self) -> dict[str, float | int]:
+    def to_dict(self) -> dict[str, object]:
         return {
             "temperature": self.temperature,
             "top_k": self.top_k,
@@ -139,4 +158,5 @@ class SamplingParams:
             "min_p": self.min_p,
             "presence_penalty": self.presence_penalty,
             "frequency_penalty": self.frequency_penalty,
+            "logit_bias": {str(token_id): bias for token_id, bias in self.logit_bias},
         }

@@ -9,7 +9,8 @@
   generated since the latest prompt, which a resumed request counts too, so resuming changes nothing.
 
 All before temperature, top-k, top-p and min-p (Hugging Face applies its logits processors before its
-warpers, vLLM its penalties before its sampler), the repetition penalty first, as vLLM orders them.
+warpers, vLLM its penalties before its sampler), the repetition penalty first, as vLLM orders them, and
+after the logit bias (sampling/logit_bias.py), as there.
 
 In a verify pass row i scores the position after history + block[:i], so each row sees the draft tokens
 before it: p is the distribution plain decoding would have had at that position, whatever the block
