@@ -173,16 +173,20 @@ class SpeculativeGenerator:
     async def _rounds(
         self, request: GenerationRequest, session: OpenSession, time_remaining: Callable[[], float | None]
     ) -> AsyncIterator[GenerationChunk]:
-        # Every worker call carries where the output begins (the presence and frequency penalties' window).
+        limits = self.request_limits(request)
+        # Every worker call carries where the output begins (the window of the presence and frequency
+        # penalties and of min_tokens) and, for min_tokens, the tokens that would end this request.
+        end_token_ids = tuple(sorted(limits.eos_token_ids)) if request.sampling.min_tokens else ()
         request = dataclasses.replace(
-            request, sampling=dataclasses.replace(request.sampling, output_start=session.output_start)
+            request,
+            sampling=dataclasses.replace(
+                request.sampling, output_start=session.output_start, end_token_ids=end_token_ids
+            ),
         )
         sampling = request.sampling
         sid = session.session_id
         detokenizer = IncrementalDetokenizer(self.tokenizer, stop=request.stop)
-        progress = RequestProgress(
-            Usage(prompt_tokens=len(session.history)), detokenizer, self.request_limits(request)
-        )
+        progress = RequestProgress(Usage(prompt_tokens=len(session.history)), detokenizer, limits)
         usage, generated = progress.usage, progress.generated
         policy = DraftLengthPolicy(
             request.num_speculative_tokens,
@@ -308,7 +312,7 @@ class SpeculativeGenerator:
             # tokens come from another distribution than the one asked for, so none reach the client.
             raise FailedPreconditionError(
                 "the workers did not apply the request's sampling (sampling.min_p, presence_penalty, "
-                "frequency_penalty or logit_bias): a worker older than the coordinator?"
+                "frequency_penalty, logit_bias or min_tokens): a worker older than the coordinator?"
             )
         if request.sampling.logprobs is not None and len(verdict.logprobs) < len(new_ids):
             # A worker from before log-probs drops the field it does not know: say so rather than stream

@@ -15,6 +15,7 @@ from specpipe.runtime.stream_history import StreamHistory, resolve_history
 from specpipe.sampling.coupled import coupled_sample
 from specpipe.sampling.draft_sampling import compact_supports, sample_draft_token
 from specpipe.sampling.logit_bias import bias_logits
+from specpipe.sampling.min_tokens import hold_back_ends
 from specpipe.sampling.params import SamplingParams
 from specpipe.sampling.penalties import SequencePenalties
 from specpipe.sampling.processing import greedy_token_ids, sampling_probs
@@ -191,6 +192,8 @@ class _Drafting:
         position = len(self.ids)
         if sampling.logit_bias:
             logits = bias_logits(logits, sampling.logit_bias)
+        if sampling.min_tokens:
+            logits = hold_back_ends(logits, position, sampling)
         if sampling.penalizes:
             logits = self._penalized(logits)
         if sampling.is_greedy:

@@ -267,6 +267,10 @@ def add_generate_parser(subparsers: argparse._SubParsersAction) -> None:
         help="end the completion after this token, kept, as after end-of-sequence (repeatable)",
     )  # fmt: skip
     generate.add_argument(
+        "--min-tokens", type=int, default=0,
+        help="never end (end-of-sequence, --stop-token-id) before this many tokens (stop strings still end)",
+    )  # fmt: skip
+    generate.add_argument(
         "--ignore-eos", action="store_true",
         help="generate past end-of-sequence tokens, up to --max-new-tokens (fixed output lengths)",
     )  # fmt: skip
@@ -532,6 +536,7 @@ def generate(args: argparse.Namespace) -> int:
             presence_penalty=args.presence_penalty,
             frequency_penalty=args.frequency_penalty,
             logit_bias=dict(args.logit_bias),
+            min_tokens=args.min_tokens,
             ignore_eos=args.ignore_eos,
             stop_token_ids=args.stop_token_id,
         )

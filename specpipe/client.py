@@ -30,6 +30,7 @@ def build_request(
     presence_penalty: float = 0.0,
     frequency_penalty: float = 0.0,
     logit_bias: Mapping[int, float] | None = None,
+    min_tokens: int = 0,
     ignore_eos: bool = False,
     stop_token_ids: Sequence[int] = (),
 ) -> coordinator_pb2.GenerateRequest:
@@ -65,6 +66,7 @@ def build_request(
         request.sampling.frequency_penalty = frequency_penalty
     if logit_bias:
         request.sampling.logit_bias.update(logit_bias)
+    request.sampling.min_tokens = min_tokens
     return request
 
 

@@ -16,6 +16,7 @@ from specpipe.sampling.coupled import verify_coupled
 from specpipe.sampling.draft_sampling import expand_distributions
 from specpipe.sampling.logit_bias import bias_logits
 from specpipe.sampling.logprobs import TokenLogprob, token_logprobs
+from specpipe.sampling.min_tokens import hold_back_ends
 from specpipe.sampling.params import SamplingParams
 from specpipe.sampling.penalties import penalize_block
 from specpipe.sampling.processing import sampling_probs
@@ -163,6 +164,8 @@ class Verifier:
         logits = result.logits  # [k + 1, vocab_size]
         if block.sampling.logit_bias:
             logits = bias_logits(logits, block.sampling.logit_bias)
+        if block.sampling.min_tokens:
+            logits = hold_back_ends(logits, len(block.token_ids), block.sampling)
         if block.sampling.penalizes:
             # Row i scores the position after history + draft[:i], and sees exactly those tokens.
             logits = penalize_block(logits, block.token_ids, block.draft_token_ids, block.sampling)

@@ -43,6 +43,10 @@ class SamplingParams:
     output_start: int = 0
     # (token id, bias) pairs by id, added to the logits before the penalties (sampling/logit_bias.py).
     logit_bias: tuple[tuple[int, float], ...] = ()
+    # Until the output holds min_tokens tokens, end_token_ids are never chosen (sampling/min_tokens.py); the
+    # coordinator sets end_token_ids to the request's (end-of-sequence unless ignored, stop token ids).
+    min_tokens: int = 0
+    end_token_ids: tuple[int, ...] = ()
 
     def __post_init__(self) -> None:
         if not math.isfinite(self.temperature) or self.temperature < 0:
@@ -98,7 +102,7 @@ class SamplingParams:
         (repetition_penalty, older than the echo, has an echo of its own.)"""
         # Greedy ignores min_p; a bias or a penalty moves even the argmax.
         filters = self.min_p > 0.0 and not self.is_greedy
-        return filters or self.penalizes_occurrences or bool(self.logit_bias)
+        return filters or self.penalizes_occurrences or bool(self.logit_bias) or self.min_tokens > 0
 
     @property
     def penalizes_occurrences(self) -> bool:
@@ -129,6 +133,8 @@ class SamplingParams:
             frequency_penalty=pb.frequency_penalty if pb.HasField("frequency_penalty") else 0.0,
             output_start=pb.output_start,
             logit_bias=tuple(sorted(pb.logit_bias.items())),
+            min_tokens=pb.min_tokens,
+            end_token_ids=tuple(pb.end_token_ids),
         )
 
     def to_pb(self) -> common_pb2.SamplingParams:
@@ -145,6 +151,8 @@ class SamplingParams:
             frequency_penalty=self.frequency_penalty or None,
             output_start=self.output_start,
             logit_bias=dict(self.logit_bias),
+            min_tokens=self.min_tokens,
+            end_token_ids=self.end_token_ids,
         )
 
     def to_dict(self) -> dict[str, object]:
@@ -159,4 +167,5 @@ class SamplingParams:
             "presence_penalty": self.presence_penalty,
             "frequency_penalty": self.frequency_penalty,
             "logit_bias": {str(token_id): bias for token_id, bias in self.logit_bias},
+            "min_tokens": self.min_tokens,
         }
