@@ -72,11 +72,6 @@ class GenerationRequest:
                 raise InvalidArgumentError(
                     f"num_speculative_tokens must be in [0, {limits.max_speculative_tokens}], got {k}"
                 )
-        if pb.sampling.min_tokens > pb.max_new_tokens:
-            raise InvalidArgumentError(
-                f"sampling.min_tokens ({pb.sampling.min_tokens}) must not exceed max_new_tokens "
-                f"({pb.max_new_tokens})"
-            )
         prompt_logprobs = pb.prompt_logprobs if pb.HasField("prompt_logprobs") else None
         if prompt_logprobs is not None and prompt_logprobs > MAX_TOP_LOGPROBS:
             raise InvalidArgumentError(

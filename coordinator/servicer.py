@@ -49,12 +49,14 @@ class CoordinatorServicer(coordinator_pb2_grpc.CoordinatorServicer):
     async def Generate(
         self, request: coordinator_pb2.GenerateRequest, context: grpc.aio.ServicerContext
     ) -> AsyncIterator[coordinator_pb2.GenerateResponse]:
+        if self.running >= self.max_concurrent_requests:
+            # Counted by outcome only: refusals are not requests in flight, nor latencies.
+            self.metrics.requests.labels(outcome=grpc.StatusCode.RESOURCE_EXHAUSTED.name).inc()
+            raise ResourceExhaustedError(
+                f"the coordinator is serving its limit of {self.max_concurrent_requests} concurrent "
+                "requests (--max-concurrent-requests): retry later"
+            )
         with self.metrics.request() as observed:
-            if self.running >= self.max_concurrent_requests:
-                raise ResourceExhaustedError(
-                    f"the coordinator is serving its limit of {self.max_concurrent_requests} concurrent "
-                    "requests (--max-concurrent-requests): retry later"
-                )
             self.running += 1
             try:
                 generation = GenerationRequest.from_pb(request, self.limits)

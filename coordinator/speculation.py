@@ -128,6 +128,13 @@ class SpeculativeGenerator:
         else:
             await self.store.ping()  # fail fast (UNAVAILABLE) before any model work
             session = OpenSession(uuid.uuid4().hex, list(prompt_ids), prompt_ids, None, is_new=True)
+        # min_tokens counts the turn's output, a resumed request's included: what is left must fit.
+        still_held = request.sampling.min_tokens - (len(session.history) - session.output_start)
+        if still_held > request.max_new_tokens:
+            raise InvalidArgumentError(
+                f"sampling.min_tokens ({request.sampling.min_tokens}) leaves {still_held} tokens to "
+                f"generate, more than max_new_tokens ({request.max_new_tokens})"
+            )
         if len(session.history) >= self.limits.target_context:
             raise InvalidArgumentError(
                 f"prompt too long: {len(session.history)} tokens (session history included) leave no room "
@@ -453,11 +460,25 @@ class SpeculativeGenerator:
                         speculation_round.repetition_penalty,
                         speculation_round.applied_sampling,
                     )
+                    try:
+                        pending = self.settle(request, session, progress, draft_ids, verdict)
+                    except FailedPreconditionError as exc:
+                        if received > 1:
+                            raise
+                        # The draft worker predates a field of the request (a rolling upgrade) and dropped it
+                        # on the way to the target: nothing was committed, and the coordinator's own rounds,
+                        # whose requests to the target carry every field, can serve it.
+                        self.delegation_backoff.failed(replica.address, target.replica.address)
+                        logger.warning(
+                            "session %s: delegated rounds on draft %s refused, continuing here: %s",
+                            session.session_id, replica.address, exc,
+                        )  # fmt: skip
+                        return
                     planner.policy.record(len(draft_ids), verdict.num_accepted)
                     progress.usage.draft_forward_ns += speculation_round.draft_forward_ns
                     # Only the delegated call's failures are continued here: a failed commit fails the request
                     # as in the coordinator's own loop (the session's state must not run ahead of the store).
-                    yield await self.settle(request, session, progress, draft_ids, verdict).flush()
+                    yield await pending.flush()
             finally:
                 call.cancel()  # stops the draft's rounds (a stop string, a failure, the client left)
 

@@ -235,7 +235,7 @@ class _Drafting:
         draft_probs: list[tuple[list[int], torch.Tensor]] | None = None
         if self.q_rows:
             # Untruncated q is dense (softmax leaves no zeros worth dropping): skip the support search.
-            if sampling.top_k == 0 and sampling.top_p >= 1.0:
+            if sampling.top_k == 0 and sampling.top_p >= 1.0 and sampling.min_p == 0.0:
                 draft_probs = [([], q) for q in self.q_rows]
             else:
                 draft_probs = compact_supports(torch.stack(self.q_rows))  # one search for the block

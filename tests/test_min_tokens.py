@@ -28,7 +28,8 @@ def test_rows_before_the_minimum_hold_back_the_end_tokens() -> None:
     assert torch.isinf(held[:2, [2, 5]]).all() and torch.isfinite(held[2:]).all()
     assert torch.isfinite(held[:2, [0, 1, 3, 4]]).all()
     assert hold_back_ends(logits, 12, sampling) is logits  # past the minimum: nothing to do
-    assert SamplingParams(min_tokens=3).needs_applied_echo
+    assert SamplingParams(min_tokens=3, end_token_ids=(2,)).needs_applied_echo
+    assert not SamplingParams(min_tokens=3).needs_applied_echo  # ignore_eos, no stop ids: nothing held back
     assert "end_token_ids" not in sampling.to_dict()
 
 
@@ -90,3 +91,16 @@ def test_min_tokens_above_max_new_tokens_is_invalid_argument(pipeline: Pipeline)
         client.generate(build_request(PROMPTS[0], 4, min_tokens=5), 30)
     assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT
     assert "min_tokens" in caught.value.details()
+
+
+def test_a_resumed_request_needs_room_only_for_what_min_tokens_still_holds(pipeline: Pipeline) -> None:
+    """min_tokens counts the turn's output, a resumed request's included: 4 generated, 6 still held back."""
+    with CoordinatorClient(pipeline.coordinator_addr) as client:
+        first = client.generate(build_request(PROMPTS[1], 4, ignore_eos=True), 60)
+        with pytest.raises(grpc.RpcError) as caught:
+            client.generate(build_request([], 5, session_id=first.session_id, min_tokens=10), 30)
+        assert (
+            caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "min_tokens" in caught.value.details()
+        )
+        resumed = client.generate(build_request([], 6, session_id=first.session_id, min_tokens=10), 60)
+    assert len(resumed.token_ids) == 6

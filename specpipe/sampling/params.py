@@ -113,7 +113,8 @@ class SamplingParams:
         (repetition_penalty, older than the echo, has an echo of its own.)"""
         # Greedy ignores min_p; a bias or a penalty moves even the argmax.
         filters = self.min_p > 0.0 and not self.is_greedy
-        return filters or self.penalizes_occurrences or bool(self.logit_bias) or self.min_tokens > 0
+        holds_back = self.min_tokens > 0 and bool(self.end_token_ids)  # the coordinator sets the ids
+        return filters or self.penalizes_occurrences or bool(self.logit_bias) or holds_back
 
     @property
     def penalizes_occurrences(self) -> bool:
