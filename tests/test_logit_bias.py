@@ -118,3 +118,50 @@ def test_a_bad_bias_or_an_unknown_token_is_invalid_argument(pipeline: Pipeline) 
                 client.generate(build_request(PROMPTS[0], 4, logit_bias=bias), 30)
             assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT
             assert field in caught.value.details()
+
+
+def test_first_token_follows_the_biased_target_distribution(pipeline: Pipeline) -> None:
+    """Through the draft and the Leviathan rule (q and p both biased): never the banned token, and the
+    biased p's frequencies."""
+    import asyncio
+    from collections import Counter
+
+    from scipy import stats
+
+    from specpipe.client import AsyncCoordinatorClient
+    from specpipe.sampling.processing import sampling_probs
+    from tests.test_pipeline_sampling import PROMPT
+
+    tokenizer = AutoTokenizer.from_pretrained(pipeline.pair.target_dir)
+    model = AutoModelForCausalLM.from_pretrained(pipeline.pair.target_dir, dtype=torch.float32).eval()
+    prompt_ids = tokenizer(PROMPT)["input_ids"]
+    with torch.inference_mode():
+        logits = model(torch.tensor([prompt_ids])).logits[0, -1:]  # [1, vocab]
+    ranked = logits[0].argsort(descending=True).tolist()
+    bias = {ranked[0]: -100.0, ranked[7]: 3.0}  # ban the likeliest, lift one from outside the top 6
+    sampling = SamplingParams(temperature=1.0, top_k=6, logit_bias=tuple(sorted(bias.items())))
+    p = sampling_probs(bias_logits(logits, sampling.logit_bias), sampling)[0]
+    support = [int(t) for t in torch.nonzero(p).flatten()]
+    assert ranked[0] not in support and ranked[7] in support
+    n = 400
+
+    async def first_tokens() -> list[int]:
+        async with AsyncCoordinatorClient(pipeline.coordinator_addr) as client:
+            limit = asyncio.Semaphore(8)
+
+            async def one(seed: int) -> int:
+                async with limit:
+                    request = build_request(
+                        prompt_ids, 2, temperature=1.0, top_k=6, seed=seed, num_speculative_tokens=2,
+                        logit_bias=bias,
+                    )  # fmt: skip
+                    return (await client.generate(request, timeout_s=60)).token_ids[0]
+
+            return list(await asyncio.gather(*(one(seed) for seed in range(n))))
+
+    counts = Counter(asyncio.run(first_tokens()))
+    assert set(counts) <= set(support), "a token outside the biased support was sampled"
+    observed = [counts.get(t, 0) for t in support]
+    expected = [float(p[t]) * n for t in support]
+    scale = n / sum(expected)
+    assert stats.chisquare(observed, [e * scale for e in expected]).pvalue > 1e-3, (observed, expected)

@@ -86,9 +86,10 @@ def wait_in_rotation(cluster: PoolCluster, timeout_s: float = 30.0) -> None:
     """Until the coordinator's log shows every worker replica in rotation (health checks run every 0.5 s)."""
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
-        log = cluster.coordinator.log_path.read_text(errors="replace")
+        lines = cluster.coordinator.log_path.read_text(errors="replace").splitlines()
+        # Each replica's own "in rotation" line (its "discovered" line names it before it is checked).
         if all(
-            f"replica {s.address} " in log and "in rotation" in log
+            any(f"replica {s.address} " in line and "in rotation" in line for line in lines)
             for s in (*cluster.drafts, *cluster.targets)
         ):
             return
@@ -132,6 +133,14 @@ MODES = [
     # profile each coordinator measures at start-up (timings), so the reference these requests are checked
     # against (run to their length) would change from run to run.
     {"temperature": 0.9, "seed": 7, "acceptance": "leviathan", "num_speculative_tokens": 4},
+    # The penalties' window (output_start) and the bias travel with every worker call, so a replica that
+    # rebuilds the session, and a resume, give the same tokens.
+    {
+        "temperature": 0.0,
+        "presence_penalty": 0.4,
+        "frequency_penalty": 0.6,
+        "logit_bias": {13: -3.0, 30: 1.5},
+    },
 ]
 
 
