@@ -14,6 +14,7 @@ from coordinator.discovery.factory import make_discovery
 from coordinator.metrics import CoordinatorMetrics
 from coordinator.replicas import Compatibility
 from coordinator.request import RequestLimits
+from coordinator.server_info import ServerInfo
 from coordinator.servicer import CoordinatorServicer
 from coordinator.sessions import SessionService
 from coordinator.speculation import SpeculativeGenerator
@@ -85,7 +86,7 @@ def replica_compatibility(role: str, reference: WorkerModelInfo, context: int) -
 
 async def pair_workers(
     config: CoordinatorConfig, cluster: Cluster, store: SessionStore
-) -> SpeculativeGenerator:
+) -> tuple[SpeculativeGenerator, tuple[str, str]]:
     """Waits for a draft and a target replica in rotation, checks they pair, and measures their costs; other
     replicas join rotation later only if they match this pair."""
     timeout = config.startup_timeout_s
@@ -124,7 +125,7 @@ async def pair_workers(
             context,
         )
     owner = f"{socket.gethostname()}:{config.port}"
-    return SpeculativeGenerator(
+    generator = SpeculativeGenerator(
         cluster.drafts,
         cluster.targets,
         store,
@@ -143,6 +144,7 @@ async def pair_workers(
             else None
         ),
     )
+    return generator, (target_info.model_name, draft_info.model_name)
 
 
 async def run_coordinator(config: CoordinatorConfig, stop_event: asyncio.Event | None = None) -> None:
@@ -156,23 +158,23 @@ async def run_coordinator(config: CoordinatorConfig, stop_event: asyncio.Event |
         ssl_ca_certs=config.redis_ca_file or None,
     )
     metrics = CoordinatorMetrics()
-    servicer = CoordinatorServicer(
-        RequestLimits(
-            max_new_tokens=config.max_new_tokens_limit,
-            max_speculative_tokens=config.max_speculative_tokens,
-            default_speculative_tokens=None if config.adaptive_k else config.num_speculative_tokens,
-        ),
-        metrics,
-        config.max_concurrent_requests,
+    request_limits = RequestLimits(
+        max_new_tokens=config.max_new_tokens_limit,
+        max_speculative_tokens=config.max_speculative_tokens,
+        default_speculative_tokens=None if config.adaptive_k else config.num_speculative_tokens,
     )
+    servicer = CoordinatorServicer(request_limits, metrics, config.max_concurrent_requests)
 
     async def warmup() -> None:
         cluster.start()
-        generator = await pair_workers(config, cluster, store)
+        generator, (target_model, draft_model) = await pair_workers(config, cluster, store)
         sessions = SessionService(
             store, generator.tokenizer, lambda: [*cluster.drafts.clients(), *cluster.targets.clients()]
         )
-        servicer.attach(generator, sessions)
+        info = ServerInfo(
+            target_model, draft_model, generator.limits, request_limits, config.max_concurrent_requests
+        )
+        servicer.attach(generator, sessions, info)
 
     try:
         await serve(

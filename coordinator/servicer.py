@@ -8,8 +8,10 @@ import grpc
 
 from coordinator.metrics import CoordinatorMetrics
 from coordinator.request import GenerationRequest, RequestLimits, validate_session_id
+from coordinator.server_info import ServerInfo
 from coordinator.sessions import SessionService
 from coordinator.speculation import SpeculativeGenerator
+from coordinator.tokenization import Tokenized
 from specpipe.errors import ResourceExhaustedError, UnavailableError
 from specpipe.v1 import coordinator_pb2, coordinator_pb2_grpc
 
@@ -28,11 +30,19 @@ class CoordinatorServicer(coordinator_pb2_grpc.CoordinatorServicer):
         self._generator: SpeculativeGenerator | None = None
 
         self._sessions: SessionService | None = None
+        self._info: ServerInfo | None = None
 
-    def attach(self, generator: SpeculativeGenerator, sessions: SessionService) -> None:
+    def attach(self, generator: SpeculativeGenerator, sessions: SessionService, info: ServerInfo) -> None:
         """Called once the workers are paired; until then every RPC answers UNAVAILABLE."""
         self._generator = generator
         self._sessions = sessions
+        self._info = info
+
+    @property
+    def info(self) -> ServerInfo:
+        if self._info is None:
+            raise UnavailableError("the coordinator is still starting (waiting for its workers)")
+        return self._info
 
     @property
     def generator(self) -> SpeculativeGenerator:
@@ -77,3 +87,14 @@ class CoordinatorServicer(coordinator_pb2_grpc.CoordinatorServicer):
     ) -> coordinator_pb2.DeleteSessionResponse:
         deleted = await self.sessions.delete(validate_session_id(request.session_id))
         return coordinator_pb2.DeleteSessionResponse(deleted=deleted)
+
+    async def GetServerInfo(
+        self, request: coordinator_pb2.GetServerInfoRequest, context: grpc.aio.ServicerContext
+    ) -> coordinator_pb2.ServerInfo:
+        return self.info.to_pb(self.running)
+
+    async def Tokenize(
+        self, request: coordinator_pb2.TokenizeRequest, context: grpc.aio.ServicerContext
+    ) -> coordinator_pb2.TokenizeResponse:
+        add_special_tokens = request.add_special_tokens if request.HasField("add_special_tokens") else True
+        return Tokenized.of(self.generator.tokenizer, request.text, add_special_tokens).to_pb()

@@ -207,6 +207,32 @@ def add_serve_parser(subparsers: argparse._SubParsersAction) -> None:
     serve.add_argument("--log-level", default="INFO", help="DEBUG, INFO, WARNING or ERROR")
 
 
+def add_info_parser(subparsers: argparse._SubParsersAction) -> None:
+    info = subparsers.add_parser(
+        "info", help="print what a running coordinator serves: its models, their limits, the request limits"
+    )
+    info.add_argument("--addr", default="127.0.0.1:50051", help="coordinator address (default: %(default)s)")
+    info.add_argument("--timeout", type=float, default=10.0, help="deadline in seconds")
+
+
+def server_info(args: argparse.Namespace) -> int:
+    """`specpipe info`: the coordinator's GetServerInfo, as JSON."""
+    import json
+
+    from google.protobuf.json_format import MessageToDict
+
+    from specpipe.client import CoordinatorClient
+
+    with CoordinatorClient(args.addr) as client:
+        try:
+            info = client.server_info(args.timeout)
+        except grpc.RpcError as exc:
+            print(f"specpipe info: {exc.code().name}: {exc.details()}", file=sys.stderr)
+            return 1
+    print(json.dumps(MessageToDict(info, always_print_fields_with_no_presence=True), indent=2))
+    return 0
+
+
 def add_generate_parser(subparsers: argparse._SubParsersAction) -> None:
     generate = subparsers.add_parser(
         "generate",
@@ -582,6 +608,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     subparsers = parser.add_subparsers(dest="command", required=True)
     add_serve_parser(subparsers)
     add_generate_parser(subparsers)
+    add_info_parser(subparsers)
     add_bench_parser(subparsers)
     args = parser.parse_args(argv)
     # Idle OpenMP threads otherwise spin for a while after each op, stealing the cores of the other worker
@@ -597,4 +624,6 @@ def main(argv: Sequence[str] | None = None) -> int:
             return 2
     if args.command == "bench":
         return bench(args)
+    if args.command == "info":
+        return server_info(args)
     return generate(args)

@@ -124,6 +124,15 @@ class CoordinatorClient:
             coordinator_pb2.GetSessionRequest(session_id=session_id), timeout=timeout_s
         )
 
+    def server_info(self, timeout_s: float = 10.0) -> coordinator_pb2.ServerInfo:
+        return self.stub.GetServerInfo(coordinator_pb2.GetServerInfoRequest(), timeout=timeout_s)
+
+    def tokenize(
+        self, text: str, add_special_tokens: bool = True, timeout_s: float = 10.0
+    ) -> coordinator_pb2.TokenizeResponse:
+        request = coordinator_pb2.TokenizeRequest(text=text, add_special_tokens=add_special_tokens)
+        return self.stub.Tokenize(request, timeout=timeout_s)
+
     def delete_session(self, session_id: str, timeout_s: float = 10.0) -> bool:
         request = coordinator_pb2.DeleteSessionRequest(session_id=session_id)
         return self.stub.DeleteSession(request, timeout=timeout_s).deleted

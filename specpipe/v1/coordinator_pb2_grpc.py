@@ -49,6 +49,16 @@ class CoordinatorStub:
                 request_serializer=specpipe_dot_v1_dot_coordinator__pb2.DeleteSessionRequest.SerializeToString,
                 response_deserializer=specpipe_dot_v1_dot_coordinator__pb2.DeleteSessionResponse.FromString,
                 _registered_method=True)
+        self.GetServerInfo = channel.unary_unary(
+                '/specpipe.v1.Coordinator/GetServerInfo',
+                request_serializer=specpipe_dot_v1_dot_coordinator__pb2.GetServerInfoRequest.SerializeToString,
+                response_deserializer=specpipe_dot_v1_dot_coordinator__pb2.ServerInfo.FromString,
+                _registered_method=True)
+        self.Tokenize = channel.unary_unary(
+                '/specpipe.v1.Coordinator/Tokenize',
+                request_serializer=specpipe_dot_v1_dot_coordinator__pb2.TokenizeRequest.SerializeToString,
+                response_deserializer=specpipe_dot_v1_dot_coordinator__pb2.TokenizeResponse.FromString,
+                _registered_method=True)
 
 
 class CoordinatorServicer:
@@ -75,6 +85,21 @@ class CoordinatorServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def GetServerInfo(self, request, context):
+        """What this coordinator serves and allows (as TGI's /info): the models, their limits, the request limits.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def Tokenize(self, request, context):
+        """The prompt's token ids as Generate would encode it (as TGI's and vLLM's /tokenize), to count or build
+        prompts with the served model's tokenizer.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_CoordinatorServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -92,6 +117,16 @@ def add_CoordinatorServicer_to_server(servicer, server):
                     servicer.DeleteSession,
                     request_deserializer=specpipe_dot_v1_dot_coordinator__pb2.DeleteSessionRequest.FromString,
                     response_serializer=specpipe_dot_v1_dot_coordinator__pb2.DeleteSessionResponse.SerializeToString,
+            ),
+            'GetServerInfo': grpc.unary_unary_rpc_method_handler(
+                    servicer.GetServerInfo,
+                    request_deserializer=specpipe_dot_v1_dot_coordinator__pb2.GetServerInfoRequest.FromString,
+                    response_serializer=specpipe_dot_v1_dot_coordinator__pb2.ServerInfo.SerializeToString,
+            ),
+            'Tokenize': grpc.unary_unary_rpc_method_handler(
+                    servicer.Tokenize,
+                    request_deserializer=specpipe_dot_v1_dot_coordinator__pb2.TokenizeRequest.FromString,
+                    response_serializer=specpipe_dot_v1_dot_coordinator__pb2.TokenizeResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -175,6 +210,60 @@ class Coordinator:
             '/specpipe.v1.Coordinator/DeleteSession',
             specpipe_dot_v1_dot_coordinator__pb2.DeleteSessionRequest.SerializeToString,
             specpipe_dot_v1_dot_coordinator__pb2.DeleteSessionResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def GetServerInfo(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/specpipe.v1.Coordinator/GetServerInfo',
+            specpipe_dot_v1_dot_coordinator__pb2.GetServerInfoRequest.SerializeToString,
+            specpipe_dot_v1_dot_coordinator__pb2.ServerInfo.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Tokenize(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/specpipe.v1.Coordinator/Tokenize',
+            specpipe_dot_v1_dot_coordinator__pb2.TokenizeRequest.SerializeToString,
+            specpipe_dot_v1_dot_coordinator__pb2.TokenizeResponse.FromString,
             options,
             channel_credentials,
             insecure,
