@@ -9,14 +9,17 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 
-def target_alone(model_dir: Path, prompts: Sequence[str], max_new_tokens: int) -> dict[str, list[int]]:
-    """`generate(do_sample=False)` of the model in `model_dir`, float32 on the CPU, per prompt."""
+def target_alone(
+    model_dir: Path, prompts: Sequence[str], max_new_tokens: int, **generate_kwargs: object
+) -> dict[str, list[int]]:
+    """`generate(do_sample=False, **generate_kwargs)` of the model in `model_dir` (its logits processors:
+    repetition_penalty, sequence_bias, ...), float32 on the CPU, per prompt."""
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
     expected = {}
     for prompt in prompts:
         ids = tokenizer(prompt, return_tensors="pt")["input_ids"]
         with torch.inference_mode():
-            out = model.generate(ids, max_new_tokens=max_new_tokens, do_sample=False)
+            out = model.generate(ids, max_new_tokens=max_new_tokens, do_sample=False, **generate_kwargs)
         expected[prompt] = out[0, ids.shape[1] :].tolist()
     return expected

@@ -16,7 +16,9 @@ from specpipe.sampling.params import MAX_LOGIT_BIAS_TOKENS, SamplingParams
 from specpipe.speculation.rounds import Verification
 from tests.conftest import Pipeline
 from tests.prompts import PROMPTS
+from tests.reference import target_alone
 from tests.rounds import refused_round
+from tests.sampling_checks import assert_distributed_as, coupled_outputs_for_each_k, first_tokens
 
 MAX_NEW_TOKENS = 24
 
@@ -56,25 +58,6 @@ def biases_for(pipeline: Pipeline) -> dict[int, float]:
     return {most: -100.0, (most + 1) % 200: 4.0}
 
 
-def biased_target_alone(
-    pipeline: Pipeline, prompts: list[str], bias: dict[int, float]
-) -> dict[str, list[int]]:
-    tokenizer = AutoTokenizer.from_pretrained(pipeline.pair.target_dir)
-    model = AutoModelForCausalLM.from_pretrained(pipeline.pair.target_dir, dtype=torch.float32).eval()
-    expected = {}
-    for prompt in prompts:
-        ids = tokenizer(prompt, return_tensors="pt")["input_ids"]
-        with torch.inference_mode():
-            out = model.generate(
-                ids,
-                max_new_tokens=MAX_NEW_TOKENS,
-                do_sample=False,
-                sequence_bias={(token,): value for token, value in bias.items()},
-            )
-        expected[prompt] = out[0, ids.shape[1] :].tolist()
-    return expected
-
-
 @pytest.mark.parametrize("where", ["delegated", "coordinator"])
 def test_greedy_with_a_bias_equals_generate_with_it(
     pipeline: Pipeline, undelegated_coordinator: str, where: str
@@ -82,7 +65,8 @@ def test_greedy_with_a_bias_equals_generate_with_it(
     address = pipeline.coordinator_addr if where == "delegated" else undelegated_coordinator
     prompts = PROMPTS[:4]
     bias = biases_for(pipeline)
-    expected = biased_target_alone(pipeline, prompts, bias)
+    sequence_bias = {(token,): value for token, value in bias.items()}
+    expected = target_alone(pipeline.pair.target_dir, prompts, MAX_NEW_TOKENS, sequence_bias=sequence_bias)
     with CoordinatorClient(address) as client:
         for k in (None, 0, 3):
             for prompt in prompts:
@@ -96,19 +80,11 @@ def test_greedy_with_a_bias_equals_generate_with_it(
 
 def test_coupled_seeded_tokens_with_a_bias_do_not_depend_on_k(pipeline: Pipeline) -> None:
     bias = biases_for(pipeline)
-    with CoordinatorClient(pipeline.coordinator_addr) as client:
-        for seed in (1, 2):
-            outputs = [
-                client.generate(
-                    build_request(
-                        PROMPTS[0], 32, temperature=0.9, seed=seed, acceptance="coupled",
-                        num_speculative_tokens=k, logit_bias=bias,
-                    ),
-                    60,
-                ).token_ids
-                for k in (0, 2, 5, None)
-            ]  # fmt: skip
-            assert all(output == outputs[0] for output in outputs), seed
+    for seed in (1, 2):
+        outputs = coupled_outputs_for_each_k(
+            pipeline.coordinator_addr, PROMPTS[0], seed, (0, 2, 5, None), temperature=0.9, logit_bias=bias
+        )
+        assert all(output == outputs[0] for output in outputs), seed
 
 
 def test_a_bad_bias_or_an_unknown_token_is_invalid_argument(pipeline: Pipeline) -> None:
@@ -123,12 +99,6 @@ def test_a_bad_bias_or_an_unknown_token_is_invalid_argument(pipeline: Pipeline) 
 def test_first_token_follows_the_biased_target_distribution(pipeline: Pipeline) -> None:
     """Through the draft and the Leviathan rule (q and p both biased): never the banned token, and the
     biased p's frequencies."""
-    import asyncio
-    from collections import Counter
-
-    from scipy import stats
-
-    from specpipe.client import AsyncCoordinatorClient
     from specpipe.sampling.processing import sampling_probs
     from tests.test_pipeline_sampling import PROMPT
 
@@ -141,27 +111,8 @@ def test_first_token_follows_the_biased_target_distribution(pipeline: Pipeline) 
     bias = {ranked[0]: -100.0, ranked[7]: 3.0}  # ban the likeliest, lift one from outside the top 6
     sampling = SamplingParams(temperature=1.0, top_k=6, logit_bias=tuple(sorted(bias.items())))
     p = sampling_probs(bias_logits(logits, sampling.logit_bias), sampling)[0]
-    support = [int(t) for t in torch.nonzero(p).flatten()]
-    assert ranked[0] not in support and ranked[7] in support
-    n = 400
-
-    async def first_tokens() -> list[int]:
-        async with AsyncCoordinatorClient(pipeline.coordinator_addr) as client:
-            limit = asyncio.Semaphore(8)
-
-            async def one(seed: int) -> int:
-                async with limit:
-                    request = build_request(
-                        prompt_ids, 2, temperature=1.0, top_k=6, seed=seed, num_speculative_tokens=2,
-                        logit_bias=bias,
-                    )  # fmt: skip
-                    return (await client.generate(request, timeout_s=60)).token_ids[0]
-
-            return list(await asyncio.gather(*(one(seed) for seed in range(n))))
-
-    counts = Counter(asyncio.run(first_tokens()))
-    assert set(counts) <= set(support), "a token outside the biased support was sampled"
-    observed = [counts.get(t, 0) for t in support]
-    expected = [float(p[t]) * n for t in support]
-    scale = n / sum(expected)
-    assert stats.chisquare(observed, [e * scale for e in expected]).pvalue > 1e-3, (observed, expected)
+    assert p[ranked[0]] == 0 and p[ranked[7]] > 0
+    counts = first_tokens(
+        pipeline.coordinator_addr, prompt_ids, 400, temperature=1.0, top_k=6, logit_bias=bias
+    )
+    assert_distributed_as(counts, p)

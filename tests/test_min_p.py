@@ -4,13 +4,9 @@ k and the first token must follow the target's min-p distribution."""
 
 from __future__ import annotations
 
-import asyncio
-from collections import Counter
-
 import grpc
 import pytest
 import torch
-from scipy import stats
 from transformers.generation.logits_process import (
     LogitsProcessorList,
     MinPLogitsWarper,
@@ -19,7 +15,7 @@ from transformers.generation.logits_process import (
     TopPLogitsWarper,
 )
 
-from specpipe.client import AsyncCoordinatorClient, CoordinatorClient, build_request
+from specpipe.client import CoordinatorClient, build_request
 from specpipe.errors import FailedPreconditionError, InvalidArgumentError
 from specpipe.sampling.params import SamplingParams
 from specpipe.sampling.processing import sampling_probs
@@ -27,7 +23,8 @@ from specpipe.speculation.rounds import Verification
 from tests.conftest import Pipeline
 from tests.prompts import PROMPTS
 from tests.rounds import refused_round
-from tests.test_pipeline_sampling import PROMPT, target_first_token_probs
+from tests.sampling_checks import assert_distributed_as, coupled_outputs_for_each_k, first_tokens
+from tests.test_pipeline_sampling import PROMPT, request_fields, target_first_token_probs
 
 
 @pytest.mark.parametrize(
@@ -91,21 +88,13 @@ def test_coupled_seeded_tokens_with_min_p_do_not_depend_on_k(
     the same tokens only if every verify row applied min-p, as the plain step did."""
     address = pipeline.coordinator_addr if where == "delegated" else undelegated_coordinator
     changed = False
-    with CoordinatorClient(address) as client:
-        for seed in (1, 2):
-            outputs = [
-                client.generate(
-                    build_request(
-                        PROMPTS[1], 32, temperature=1.2, min_p=0.15, seed=seed, acceptance="coupled",
-                        num_speculative_tokens=k,
-                    ),
-                    60,
-                ).token_ids
-                for k in (0, 3, None)
-            ]  # fmt: skip
-            assert all(output == outputs[0] for output in outputs), seed
-            unfiltered = build_request(PROMPTS[1], 32, temperature=1.2, seed=seed, acceptance="coupled")
-            changed |= client.generate(unfiltered, 60).token_ids != outputs[0]
+    for seed in (1, 2):
+        outputs = coupled_outputs_for_each_k(
+            address, PROMPTS[1], seed, (0, 3, None), temperature=1.2, min_p=0.15
+        )
+        assert all(output == outputs[0] for output in outputs), seed
+        (unfiltered,) = coupled_outputs_for_each_k(address, PROMPTS[1], seed, (None,), temperature=1.2)
+        changed |= unfiltered != outputs[0]
     assert changed, "min-p changed no output: the test tests nothing"
 
 
@@ -113,34 +102,12 @@ def test_first_token_follows_the_targets_min_p_distribution(pipeline: Pipeline) 
     """Through the draft and the Leviathan rule: never a token min-p removed, and p's frequencies."""
     sampling = SamplingParams(temperature=1.0, min_p=0.3)
     prompt_ids, p = target_first_token_probs(pipeline, sampling)
-    support = [int(t) for t in torch.nonzero(p).flatten()]
-    assert 2 <= len(support) <= 16, "choose params with a small support so the chi-square test has power"
-    n = 400
-
-    async def first_tokens() -> list[int]:
-        async with AsyncCoordinatorClient(pipeline.coordinator_addr) as client:
-            limit = asyncio.Semaphore(8)
-
-            async def one(seed: int) -> int:
-                async with limit:
-                    request = build_request(
-                        prompt_ids,
-                        2,
-                        temperature=1.0,
-                        min_p=sampling.min_p,
-                        seed=seed,
-                        num_speculative_tokens=2,
-                    )
-                    return (await client.generate(request, timeout_s=60)).token_ids[0]
-
-            return list(await asyncio.gather(*(one(seed) for seed in range(n))))
-
-    counts = Counter(asyncio.run(first_tokens()))
-    assert set(counts) <= set(support), "a token outside the min-p support was sampled"
-    observed = [counts.get(t, 0) for t in support]
-    expected = [float(p[t]) * n for t in support]
-    scale = n / sum(expected)
-    assert stats.chisquare(observed, [e * scale for e in expected]).pvalue > 1e-3, (observed, expected)
+    assert 2 <= int((p > 0).sum()) <= 16, (
+        "choose params with a small support so the chi-square test has power"
+    )
+    assert_distributed_as(
+        first_tokens(pipeline.coordinator_addr, prompt_ids, 400, **request_fields(sampling)), p
+    )
 
 
 def test_a_bad_min_p_is_invalid_argument(pipeline: Pipeline) -> None:

@@ -8,13 +8,14 @@ from __future__ import annotations
 import grpc
 import pytest
 import torch
-from transformers import AutoModelForCausalLM, AutoTokenizer
+from transformers import AutoModelForCausalLM
 
 from specpipe.client import CoordinatorClient, build_request
 from specpipe.sampling.min_tokens import hold_back_ends
 from specpipe.sampling.params import SamplingParams
 from tests.conftest import Pipeline
 from tests.prompts import PROMPTS
+from tests.reference import target_alone
 from tests.test_end_of_generation import first_ending_in_eos, sampled
 
 MIN_TOKENS = 12
@@ -44,20 +45,15 @@ def test_greedy_with_min_tokens_equals_generate_with_min_new_tokens(
     pipeline: Pipeline, undelegated_coordinator: str, where: str
 ) -> None:
     address = pipeline.coordinator_addr if where == "delegated" else undelegated_coordinator
-    tokenizer = AutoTokenizer.from_pretrained(pipeline.pair.target_dir)
-    model = AutoModelForCausalLM.from_pretrained(pipeline.pair.target_dir, dtype=torch.float32).eval()
     with CoordinatorClient(address) as client:
         free = client.generate(build_request(PROMPTS[0], 24), 60)
         stop_id = free.token_ids[2]  # a stop token the free run reaches early
         early = client.generate(build_request(PROMPTS[0], 24, stop_token_ids=[stop_id]), 60)
         assert early.finish_reason == "stop" and len(early.token_ids) < MIN_TOKENS
-        ids = tokenizer(PROMPTS[0], return_tensors="pt")["input_ids"]
-        with torch.inference_mode():
-            out = model.generate(
-                ids, max_new_tokens=24, do_sample=False, min_new_tokens=MIN_TOKENS,
-                eos_token_id=[*end_token_ids(pipeline), stop_id],
-            )  # fmt: skip
-        expected = out[0, ids.shape[1] :].tolist()
+        expected = target_alone(
+            pipeline.pair.target_dir, [PROMPTS[0]], 24,
+            min_new_tokens=MIN_TOKENS, eos_token_id=[*end_token_ids(pipeline), stop_id],
+        )[PROMPTS[0]]  # fmt: skip
         assert len(expected) >= MIN_TOKENS and stop_id not in expected[: MIN_TOKENS - 1]
         for k in (None, 0, 3):
             request = build_request(

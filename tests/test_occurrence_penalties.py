@@ -21,6 +21,7 @@ from specpipe.speculation.rounds import Verification
 from tests.conftest import Pipeline
 from tests.prompts import PROMPTS
 from tests.rounds import refused_round
+from tests.sampling_checks import coupled_outputs_for_each_k
 
 PRESENCE, FREQUENCY = 0.6, 0.9
 
@@ -139,19 +140,12 @@ def test_greedy_with_the_penalties_is_plain_decoding_with_them_also_on_a_later_t
 
 
 def test_coupled_seeded_tokens_with_the_penalties_do_not_depend_on_k(pipeline: Pipeline) -> None:
-    with CoordinatorClient(pipeline.coordinator_addr) as client:
-        for seed in (1, 2):
-            outputs = [
-                client.generate(
-                    build_request(
-                        PROMPTS[0], 32, temperature=0.9, seed=seed, acceptance="coupled",
-                        num_speculative_tokens=k, presence_penalty=PRESENCE, frequency_penalty=FREQUENCY,
-                    ),
-                    60,
-                ).token_ids
-                for k in (0, 2, 5, None)
-            ]  # fmt: skip
-            assert all(output == outputs[0] for output in outputs), seed
+    for seed in (1, 2):
+        outputs = coupled_outputs_for_each_k(
+            pipeline.coordinator_addr, PROMPTS[0], seed, (0, 2, 5, None),
+            temperature=0.9, presence_penalty=PRESENCE, frequency_penalty=FREQUENCY,
+        )  # fmt: skip
+        assert all(output == outputs[0] for output in outputs), seed
 
 
 def test_a_bad_penalty_is_invalid_argument(pipeline: Pipeline) -> None:

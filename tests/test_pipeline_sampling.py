@@ -2,18 +2,15 @@
 
 from __future__ import annotations
 
-import asyncio
-from collections import Counter
-
 import pytest
 import torch
-from scipy import stats
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from specpipe.client import AsyncCoordinatorClient, CoordinatorClient, build_request
+from specpipe.client import CoordinatorClient, build_request
 from specpipe.sampling.params import SamplingParams
 from specpipe.sampling.processing import sampling_probs
 from tests.conftest import Pipeline
+from tests.sampling_checks import assert_distributed_as, first_tokens
 
 PROMPT = "def fibonacci(n):"
 
@@ -30,6 +27,14 @@ def test_seeded_request_is_reproducible(pipeline: Pipeline, k: int) -> None:
     assert runs[0] != runs[2]
 
 
+def request_fields(sampling: SamplingParams) -> dict[str, object]:
+    """build_request's fields for a SamplingParams of temperature, top-k, top-p, min-p and the rule."""
+    return {
+        "temperature": sampling.temperature, "top_k": sampling.top_k, "top_p": sampling.top_p,
+        "min_p": sampling.min_p, "acceptance": sampling.acceptance,
+    }  # fmt: skip
+
+
 def target_first_token_probs(pipeline: Pipeline, sampling: SamplingParams) -> tuple[list[int], torch.Tensor]:
     tokenizer = AutoTokenizer.from_pretrained(pipeline.pair.target_dir)
     model = AutoModelForCausalLM.from_pretrained(pipeline.pair.target_dir, dtype=torch.float32).eval()
@@ -37,25 +42,6 @@ def target_first_token_probs(pipeline: Pipeline, sampling: SamplingParams) -> tu
     with torch.inference_mode():
         logits = model(torch.tensor([ids])).logits[0, -1:]
     return ids, sampling_probs(logits, sampling)[0]
-
-
-async def first_tokens(address: str, prompt_ids: list[int], sampling: SamplingParams, n: int) -> list[int]:
-    client = AsyncCoordinatorClient(address)
-    limit = asyncio.Semaphore(8)
-
-    async def one(seed: int) -> int:
-        async with limit:
-            request = build_request(
-                prompt_ids, 2, temperature=sampling.temperature, top_k=sampling.top_k, top_p=sampling.top_p,
-                seed=seed, num_speculative_tokens=2, acceptance=sampling.acceptance,
-            )  # fmt: skip
-            result = await client.generate(request, timeout_s=60)
-            return result.token_ids[0]
-
-    try:
-        return list(await asyncio.gather(*(one(seed) for seed in range(n))))
-    finally:
-        await client.close()
 
 
 @pytest.mark.parametrize(
@@ -72,14 +58,8 @@ def test_first_token_follows_the_target_distribution(pipeline: Pipeline, samplin
     prompt_ids, p = target_first_token_probs(pipeline, sampling)
     support = [int(t) for t in torch.nonzero(p).flatten()]
     assert 2 <= len(support) <= 16, "choose params with a small support so the chi-square test has power"
-    n = 600
-    counts = Counter(asyncio.run(first_tokens(pipeline.coordinator_addr, prompt_ids, sampling, n)))
-    assert set(counts) <= set(support), "a token outside the target's support was sampled"
-    observed = [counts.get(t, 0) for t in support]
-    expected = [float(p[t]) * n for t in support]
-    scale = n / sum(expected)  # float32 probabilities sum to 1 only up to rounding
-    result = stats.chisquare(observed, [e * scale for e in expected])
-    assert result.pvalue > 1e-3, (observed, expected)
+    counts = first_tokens(pipeline.coordinator_addr, prompt_ids, 600, **request_fields(sampling))
+    assert_distributed_as(counts, p)
 
 
 def test_coupled_rule_gives_the_same_tokens_for_any_k(pipeline: Pipeline) -> None:
@@ -108,10 +88,6 @@ def test_coupled_rule_gives_the_same_tokens_for_any_k(pipeline: Pipeline) -> Non
 def test_coupled_first_token_follows_the_target_distribution(pipeline: Pipeline) -> None:
     sampling = SamplingParams(temperature=1.0, top_k=6, acceptance="coupled")
     prompt_ids, p = target_first_token_probs(pipeline, sampling)
-    support = [int(t) for t in torch.nonzero(p).flatten()]
-    n = 600
-    counts = Counter(asyncio.run(first_tokens(pipeline.coordinator_addr, prompt_ids, sampling, n)))
-    observed = [counts.get(t, 0) for t in support]
-    expected = [float(p[t]) * n for t in support]
-    scale = n / sum(expected)
-    assert stats.chisquare(observed, [e * scale for e in expected]).pvalue > 1e-3
+    assert_distributed_as(
+        first_tokens(pipeline.coordinator_addr, prompt_ids, 600, **request_fields(sampling)), p
+    )

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import pytest
 import torch
-from transformers import AutoModelForCausalLM, AutoTokenizer
 from transformers.generation.logits_process import RepetitionPenaltyLogitsProcessor
 
 from specpipe.client import CoordinatorClient, build_request
@@ -15,6 +14,8 @@ from specpipe.sampling.params import SamplingParams
 from specpipe.sampling.penalties import penalize_block
 from tests.conftest import Pipeline
 from tests.prompts import PROMPTS
+from tests.reference import target_alone
+from tests.sampling_checks import coupled_outputs_for_each_k
 
 PENALTY = 1.3
 MAX_NEW_TOKENS = 24
@@ -46,27 +47,13 @@ def test_the_request_field_is_checked_and_round_trips() -> None:
             SamplingParams(repetition_penalty=bad)
 
 
-def penalized_target_alone(pipeline: Pipeline, prompts: list[str]) -> dict[str, list[int]]:
-    tokenizer = AutoTokenizer.from_pretrained(pipeline.pair.target_dir)
-    model = AutoModelForCausalLM.from_pretrained(pipeline.pair.target_dir, dtype=torch.float32).eval()
-    expected = {}
-    for prompt in prompts:
-        ids = tokenizer(prompt, return_tensors="pt")["input_ids"]
-        with torch.inference_mode():
-            out = model.generate(
-                ids, max_new_tokens=MAX_NEW_TOKENS, do_sample=False, repetition_penalty=PENALTY
-            )
-        expected[prompt] = out[0, ids.shape[1] :].tolist()
-    return expected
-
-
 @pytest.mark.parametrize("where", ["delegated", "coordinator"])
 def test_greedy_with_a_penalty_equals_generate_with_it(
     pipeline: Pipeline, undelegated_coordinator: str, where: str
 ) -> None:
     address = pipeline.coordinator_addr if where == "delegated" else undelegated_coordinator
     prompts = PROMPTS[:6]
-    expected = penalized_target_alone(pipeline, prompts)
+    expected = target_alone(pipeline.pair.target_dir, prompts, MAX_NEW_TOKENS, repetition_penalty=PENALTY)
     plain = {}
     with CoordinatorClient(address) as client:
         for k in (None, 0, 3):
@@ -84,19 +71,12 @@ def test_coupled_seeded_tokens_with_a_penalty_do_not_depend_on_k(pipeline: Pipel
     """Under the coupled rule every token is the target's own seeded sample, so k = 0 (plain decoding through
     the target) and speculation give the same tokens only if each verify row applied the penalty over
     exactly the tokens before its position, as the plain step there did."""
-    with CoordinatorClient(pipeline.coordinator_addr) as client:
-        for seed in (1, 2):
-            outputs = [
-                client.generate(
-                    build_request(
-                        PROMPTS[0], 32, temperature=0.9, seed=seed, acceptance="coupled",
-                        num_speculative_tokens=k, repetition_penalty=PENALTY,
-                    ),
-                    60,
-                ).token_ids
-                for k in (0, 2, 5, None)
-            ]  # fmt: skip
-            assert all(output == outputs[0] for output in outputs), seed
+    for seed in (1, 2):
+        outputs = coupled_outputs_for_each_k(
+            pipeline.coordinator_addr, PROMPTS[0], seed, (0, 2, 5, None), temperature=0.9,
+            repetition_penalty=PENALTY,
+        )  # fmt: skip
+        assert all(output == outputs[0] for output in outputs), seed
 
 
 def test_a_bad_penalty_is_invalid_argument(pipeline: Pipeline) -> None:
