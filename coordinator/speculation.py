@@ -192,7 +192,9 @@ class SpeculativeGenerator:
         )
         sampling = request.sampling
         sid = session.session_id
-        detokenizer = IncrementalDetokenizer(self.tokenizer, stop=request.stop)
+        # min_tokens holds back stop strings too, counting the turn's output (a resumed request's included).
+        stops_from = sampling.min_tokens - (len(session.history) - session.output_start)
+        detokenizer = IncrementalDetokenizer(self.tokenizer, stop=request.stop, stops_from_token=stops_from)
         progress = RequestProgress(Usage(prompt_tokens=len(session.history)), detokenizer, limits)
         usage, generated = progress.usage, progress.generated
         policy = DraftLengthPolicy(

@@ -294,7 +294,7 @@ def add_generate_parser(subparsers: argparse._SubParsersAction) -> None:
     )  # fmt: skip
     generate.add_argument(
         "--min-tokens", type=int, default=0,
-        help="never end (end-of-sequence, --stop-token-id) before this many tokens (stop strings still end)",
+        help="never end (end-of-sequence, --stop-token-id, --stop) before this many tokens",
     )  # fmt: skip
     generate.add_argument(
         "--ignore-eos", action="store_true",

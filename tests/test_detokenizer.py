@@ -210,3 +210,22 @@ def test_held_prefix_released_when_stop_diverges(tok: PreTrainedTokenizerFast) -
 def test_empty_stop_rejected(tok: PreTrainedTokenizerFast) -> None:
     with pytest.raises(ValueError):
         IncrementalDetokenizer(tok, stop=[""])
+
+
+def test_stops_before_the_minimum_are_text(tok: PreTrainedTokenizerFast) -> None:
+    """min_tokens: a stop string completed by fewer tokens than stops_from_token is sent as text, and the
+    stream stops at the next one completed later, wherever the pushes split the ids."""
+    text = "a = foo(x)\nb = foo(y)\nc = 3"
+    ids = tok(text)["input_ids"]
+    first_end = next(k for k in range(1, len(ids) + 1) if "foo(" in decode(tok, ids[:k]))
+    for seed in range(10):
+        det = IncrementalDetokenizer(tok, stop=["foo("], stops_from_token=first_end + 1)
+        for chunk in random_chunks(ids, random.Random(seed)):
+            det.push(chunk)
+        assert det.stopped and det.text == "a = foo(x)\nb = ", seed
+        k = det.stop_token_index
+        assert k is not None and k > first_end and decode(tok, ids[:k]).count("foo(") == 2
+    # At the minimum itself the first one stops, as without it.
+    det = IncrementalDetokenizer(tok, stop=["foo("], stops_from_token=first_end)
+    det.push(ids)
+    assert det.text == "a = " and det.stop_token_index == first_end

@@ -100,3 +100,21 @@ def test_a_resumed_request_needs_room_only_for_what_min_tokens_still_holds(pipel
         )
         resumed = client.generate(build_request([], 6, session_id=first.session_id, min_tokens=10), 60)
     assert len(resumed.token_ids) == 6
+
+
+@pytest.mark.parametrize("where", ["delegated", "coordinator"])
+def test_stop_strings_are_held_back_too(pipeline: Pipeline, undelegated_coordinator: str, where: str) -> None:
+    """As vLLM: a stop string completed before the output holds min_tokens tokens does not end it."""
+    address = pipeline.coordinator_addr if where == "delegated" else undelegated_coordinator
+    with CoordinatorClient(address) as client:
+        free = client.generate(build_request(PROMPTS[0], 32, ignore_eos=True), 60)
+        stop = free.text[4:7]
+        early = client.generate(build_request(PROMPTS[0], 32, ignore_eos=True, stop=[stop]), 60)
+        assert early.finish_reason == "stop" and len(early.token_ids) < 8
+        held = client.generate(
+            build_request(PROMPTS[0], 32, ignore_eos=True, stop=[stop], min_tokens=len(early.token_ids) + 6),
+            60,
+        )
+    assert held.token_ids == free.token_ids[: len(held.token_ids)]
+    assert held.text.startswith(early.text + stop)  # the early stop string was sent as text
+    assert len(held.token_ids) >= len(early.token_ids) + 6 or held.finish_reason == "length"

@@ -30,7 +30,11 @@ class IncrementalDetokenizer:
     """
 
     def __init__(
-        self, tokenizer: Decoder, stop: Sequence[str] = (), skip_special_tokens: bool = True
+        self,
+        tokenizer: Decoder,
+        stop: Sequence[str] = (),
+        skip_special_tokens: bool = True,
+        stops_from_token: int = 0,
     ) -> None:
         if isinstance(stop, str):
             stop = (stop,)
@@ -50,6 +54,9 @@ class IncrementalDetokenizer:
         self._stopped = False
         self._finished = False
         self._stop_token_index: int | None = None
+        # A stop string completed by fewer pushed tokens than this is text like any other (min_tokens: vLLM
+        # does not check stop strings before the output holds that many tokens).
+        self._stops_from_token = stops_from_token
 
     @property
     def stopped(self) -> bool:
@@ -112,20 +119,28 @@ class IncrementalDetokenizer:
 
     def _emit(self, final: bool, read_before: int) -> str:
         """Sends pending text up to a stop string, or all of it but a possible stop-string start."""
-        hit = self._find_stop()
-        if hit is not None:
+        sent = ""
+        while (hit := self._find_stop()) is not None:
             start, stop = hit
+            tokens = self._tokens_for(len(self._text) + start, stop, read_before)
+            if tokens < self._stops_from_token:
+                # Too early to stop: the stop string is sent as text, and the search goes on after it.
+                end = start + len(stop)
+                sent += self._pending[:end]
+                self._text += self._pending[:end]
+                self._pending = self._pending[end:]
+                continue
             out = self._pending[:start]
             self._text += out
             self._pending = ""
             self._stopped = True
-            self._stop_token_index = self._tokens_for(len(self._text), stop, read_before)
-            return out
+            self._stop_token_index = tokens
+            return sent + out
         keep = 0 if final else self._stop_prefix_len(self._pending)
         cut = len(self._pending) - keep
         out, self._pending = self._pending[:cut], self._pending[cut:]
         self._text += out
-        return out
+        return sent + out
 
     def _find_stop(self) -> tuple[int, str] | None:
         # Only pending text can contain a stop: sent text never ends with the start of one.
