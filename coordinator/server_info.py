@@ -29,7 +29,7 @@ class ServerInfo:
             eos_token_ids=sorted(self.models.eos_token_ids),
             max_new_tokens=self.requests.max_new_tokens,
             max_speculative_tokens=self.requests.max_speculative_tokens,
-            adaptive_k=default_k is None,
+            adaptive_k=default_k is None and self.requests.max_speculative_tokens > 0,
             default_speculative_tokens=default_k or 0,
             max_concurrent_requests=self.max_concurrent_requests,
             requests_running=requests_running,

@@ -97,4 +97,8 @@ class CoordinatorServicer(coordinator_pb2_grpc.CoordinatorServicer):
         self, request: coordinator_pb2.TokenizeRequest, context: grpc.aio.ServicerContext
     ) -> coordinator_pb2.TokenizeResponse:
         add_special_tokens = request.add_special_tokens if request.HasField("add_special_tokens") else True
-        return Tokenized.of(self.generator.tokenizer, request.text, add_special_tokens).to_pb()
+        generator = self.generator
+        tokenized = Tokenized.of(
+            generator.tokenizer, request.text, add_special_tokens, generator.limits.target_context
+        )
+        return tokenized.to_pb()

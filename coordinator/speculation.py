@@ -25,6 +25,7 @@ from transformers import PreTrainedTokenizerBase
 from coordinator.delegation_backoff import DelegationBackoff
 from coordinator.replicas import ReplicaSet
 from coordinator.request import GenerationChunk, GenerationRequest, Usage
+from coordinator.tokenization import check_length
 from coordinator.worker_links import DraftLink, TargetLink
 from specpipe.errors import FailedPreconditionError, InvalidArgumentError, SpecpipeError, UnavailableError
 from specpipe.rpc.worker_clients import TargetStream, WorkerClient
@@ -106,6 +107,7 @@ class SpeculativeGenerator:
             return ids
         if not request.prompt:
             return []  # a continued session without a new turn
+        check_length(request.prompt, self.limits.target_context, "prompt")  # before encoding it, on the loop
         ids = self.tokenizer(request.prompt, add_special_tokens=True)["input_ids"]
         if not ids:
             raise InvalidArgumentError("prompt encodes to no tokens")

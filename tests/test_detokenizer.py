@@ -229,3 +229,19 @@ def test_stops_before_the_minimum_are_text(tok: PreTrainedTokenizerFast) -> None
     det = IncrementalDetokenizer(tok, stop=["foo("], stops_from_token=first_end)
     det.push(ids)
     assert det.text == "a = " and det.stop_token_index == first_end
+
+
+def test_a_stop_overlapping_an_early_one_still_stops(tok: PreTrainedTokenizerFast) -> None:
+    """An early "foo(" sent as text must not hide a "(x)" that starts inside it and completes later."""
+    text = "a = foo(x) + 1"
+    ids = tok(text)["input_ids"]
+    completes = {
+        stop: next(k for k in range(1, len(ids) + 1) if stop in decode(tok, ids[:k]))
+        for stop in ("foo(", "(x)")
+    }
+    assert completes["(x)"] > completes["foo("]
+    for seed in range(10):
+        det = IncrementalDetokenizer(tok, stop=["foo(", "(x)"], stops_from_token=completes["(x)"])
+        for chunk in random_chunks(ids, random.Random(seed)):
+            det.push(chunk)
+        assert det.stopped and det.text == "a = foo" and det.stop_token_index == completes["(x)"], seed

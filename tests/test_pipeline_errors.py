@@ -33,6 +33,7 @@ def call_error(pipeline: Pipeline, request: coordinator_pb2.GenerateRequest) -> 
         (build_request("hi", 8, top_p=0.0), grpc.StatusCode.INVALID_ARGUMENT, "top_p"),
         (build_request("hi", 8, top_p=1.5), grpc.StatusCode.INVALID_ARGUMENT, "top_p"),
         (build_request([1] * 600, 8), grpc.StatusCode.INVALID_ARGUMENT, "prompt too long"),
+        (build_request("x" * 10**6, 8), grpc.StatusCode.INVALID_ARGUMENT, "prompt too long"),  # not encoded
         (build_request([10**6], 8), grpc.StatusCode.INVALID_ARGUMENT, "prompt_token_ids"),
         (
             build_request("hi", 8, num_speculative_tokens=99),
@@ -52,6 +53,7 @@ def call_error(pipeline: Pipeline, request: coordinator_pb2.GenerateRequest) -> 
         "top-p-zero",
         "top-p-above-one",
         "prompt-too-long",
+        "prompt-text-too-long-to-encode",
         "token-id-out-of-range",
         "k-too-large",
         "empty-stop",

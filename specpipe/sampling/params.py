@@ -15,6 +15,7 @@ MAX_TOP_LOGPROBS = 20  # as OpenAI's API: each is a gather and a protobuf entry 
 MAX_OCCURRENCE_PENALTY = 2.0  # presence and frequency penalties lie in [-2, 2], as OpenAI's and vLLM's
 MAX_LOGIT_BIAS = 100.0  # as OpenAI's: +-100 is as good as forcing or banning a token
 MAX_LOGIT_BIAS_TOKENS = 1024  # each is an entry in every worker message of the request
+MAX_MEMOIZED_BYTES = 512  # from_pb memoizes messages up to this size (all but long logit biases)
 _RULE_TO_PB = {
     "leviathan": common_pb2.ACCEPTANCE_RULE_LEVIATHAN,
     "coupled": common_pb2.ACCEPTANCE_RULE_COUPLED,
@@ -131,7 +132,10 @@ class SamplingParams:
         """The params a message holds; memoized by its bytes: every worker message carries its request's
         sampling, the same in all of the request's rounds, and building this frozen dataclass (16 fields,
         validated) costs ~4 us a message on the round's critical path, a hit ~0.5 us."""
-        return _from_wire(pb.SerializeToString())
+        serialized = pb.SerializeToString()
+        if len(serialized) > MAX_MEMOIZED_BYTES:
+            return cls._build(pb)  # a long logit_bias: an entry would pin ~120 KB per 1024 ids
+        return _from_wire(serialized)
 
     @classmethod
     def _build(cls, pb: common_pb2.SamplingParams) -> SamplingParams:

@@ -57,6 +57,7 @@ class IncrementalDetokenizer:
         # A stop string completed by fewer pushed tokens than this is text like any other (min_tokens: vLLM
         # does not check stop strings before the output holds that many tokens).
         self._stops_from_token = stops_from_token
+        self._early_stops: set[tuple[int, str]] = set()  # (text offset, stop) of those sent as text
 
     @property
     def stopped(self) -> bool:
@@ -119,34 +120,36 @@ class IncrementalDetokenizer:
 
     def _emit(self, final: bool, read_before: int) -> str:
         """Sends pending text up to a stop string, or all of it but a possible stop-string start."""
-        sent = ""
         while (hit := self._find_stop()) is not None:
             start, stop = hit
-            tokens = self._tokens_for(len(self._text) + start, stop, read_before)
-            if tokens < self._stops_from_token:
-                # Too early to stop: the stop string is sent as text, and the search goes on after it.
-                end = start + len(stop)
-                sent += self._pending[:end]
-                self._text += self._pending[:end]
-                self._pending = self._pending[end:]
+            # Every hit is early while fewer tokens than that were pushed (no re-decode needed).
+            early = len(self._ids) < self._stops_from_token
+            tokens = 0 if early else self._tokens_for(len(self._text) + start, stop, read_before)
+            if early or tokens < self._stops_from_token:
+                # Too early to stop: text like any other, and the search goes on, past this one only (a
+                # later stop string may overlap it).
+                self._early_stops.add((len(self._text) + start, stop))
                 continue
             out = self._pending[:start]
             self._text += out
             self._pending = ""
             self._stopped = True
             self._stop_token_index = tokens
-            return sent + out
+            return out
         keep = 0 if final else self._stop_prefix_len(self._pending)
         cut = len(self._pending) - keep
         out, self._pending = self._pending[:cut], self._pending[cut:]
         self._text += out
-        return sent + out
+        return out
 
     def _find_stop(self) -> tuple[int, str] | None:
         # Only pending text can contain a stop: sent text never ends with the start of one.
         best: tuple[int, str] | None = None
+        sent = len(self._text)
         for stop in self._stop:
             i = self._pending.find(stop)
+            while i >= 0 and (sent + i, stop) in self._early_stops:
+                i = self._pending.find(stop, i + 1)
             if i >= 0 and (best is None or i < best[0]):
                 best = (i, stop)
         return best
@@ -164,8 +167,9 @@ class IncrementalDetokenizer:
     def _tokens_for(self, start: int, stop: str, read_before: int) -> int:
         """Smallest number of pushed ids whose decoded text contains ``stop`` at char ``start``."""
         end = start + len(stop)
-        # The text of ids[:read_before] was released before this call and held no stop, so the answer is
-        # later; this full re-decode runs once per stream, at the stop.
+        # The text of ids[:read_before] was released before this call and held no stop (but early ones), so
+        # the answer is later; this full re-decode runs once per stream at the stop, and for an early stop
+        # string only in the push that reaches min_tokens.
         for k in range(read_before + 1, len(self._ids) + 1):
             text = self._decode(self._ids[:k])
             if len(text) >= end and text[start:end] == stop:
