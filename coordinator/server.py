@@ -144,7 +144,9 @@ async def pair_workers(
             else None
         ),
     )
-    return generator, (target_info.model_name, draft_info.model_name)
+    # A model-free drafter (prompt lookup) reports the tokenizer directory as its model: name it instead.
+    model_free = draft_info.drafter not in ("", "model")
+    return generator, (target_info.model_name, draft_info.drafter if model_free else draft_info.model_name)
 
 
 async def run_coordinator(config: CoordinatorConfig, stop_event: asyncio.Event | None = None) -> None:

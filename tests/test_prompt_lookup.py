@@ -90,6 +90,7 @@ def test_greedy_through_prompt_lookup_equals_target_alone(lookup_pipeline: Pipel
     model = AutoModelForCausalLM.from_pretrained(lookup_pipeline.pair.target_dir, dtype=torch.float32).eval()
     drafted = accepted = 0
     with CoordinatorClient(lookup_pipeline.coordinator_addr) as client:
+        assert client.server_info().draft_model == "prompt-lookup"  # not the tokenizer's directory
         for prompt in PROMPTS[:8]:
             ids = tokenizer(prompt, return_tensors="pt")["input_ids"]
             with torch.inference_mode():
