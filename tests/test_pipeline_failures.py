@@ -51,7 +51,11 @@ def test_dead_workers_keep_sessions_intact(own_pipeline: Pipeline) -> None:
         assert time.monotonic() - started < 10, "a dead draft must not stall the request"
 
         kill(own_pipeline.target)
-        for request in (build_request("hello", 16), build_request("more", 16, session_id=session.session_id)):
+        for request in (
+            build_request("hello", 16),
+            build_request("more", 16, session_id=session.session_id),
+            build_request("scored", 16, prompt_logprobs=2),  # its first call is ScorePrompt
+        ):
             started = time.monotonic()
             with pytest.raises(grpc.RpcError) as caught:
                 client.generate(request, timeout_s=30)
