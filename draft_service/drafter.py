@@ -12,10 +12,9 @@ from specpipe.errors import InvalidArgumentError
 from specpipe.runtime.kv_cache import SessionKVCacheStore
 from specpipe.runtime.model_runner import CausalLMRunner, ForwardResult, in_vocab
 from specpipe.runtime.stream_history import StreamHistory, resolve_history
+from specpipe.sampling.adjustments import adjust_logits
 from specpipe.sampling.coupled import coupled_sample
 from specpipe.sampling.draft_sampling import compact_supports, sample_draft_token
-from specpipe.sampling.logit_bias import bias_logits
-from specpipe.sampling.min_tokens import hold_back_ends
 from specpipe.sampling.params import SamplingParams
 from specpipe.sampling.penalties import SequencePenalties
 from specpipe.sampling.processing import greedy_token_ids, sampling_probs
@@ -190,12 +189,7 @@ class _Drafting:
         sampling = self.request.sampling
         step = len(self.proposed)
         position = len(self.ids)
-        if sampling.logit_bias:
-            logits = bias_logits(logits, sampling.logit_bias)
-        if sampling.min_tokens:
-            logits = hold_back_ends(logits, position, sampling)
-        if sampling.penalizes:
-            logits = self._penalized(logits)
+        logits = adjust_logits(logits, position, sampling, self._penalized)  # as the target's verify does
         if sampling.is_greedy:
             token = greedy_token_ids(logits)[0]
             if self.steer is not None:

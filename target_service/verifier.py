@@ -12,11 +12,10 @@ from specpipe.errors import InvalidArgumentError
 from specpipe.runtime.kv_cache import SessionKVCacheStore
 from specpipe.runtime.model_runner import CausalLMRunner, ForwardResult
 from specpipe.runtime.stream_history import StreamHistory, resolve_history
+from specpipe.sampling.adjustments import adjust_logits
 from specpipe.sampling.coupled import verify_coupled
 from specpipe.sampling.draft_sampling import expand_distributions
-from specpipe.sampling.logit_bias import bias_logits
 from specpipe.sampling.logprobs import TokenLogprob, token_logprobs
-from specpipe.sampling.min_tokens import hold_back_ends
 from specpipe.sampling.params import SamplingParams
 from specpipe.sampling.penalties import penalize_block
 from specpipe.sampling.processing import sampling_probs
@@ -161,14 +160,14 @@ class Verifier:
 
     def decide(self, block: VerifyBlock, result: ForwardResult) -> Verdict:
         """The verdict on a block from the target's logits at its k + 1 positions: the acceptance rule."""
-        logits = result.logits  # [k + 1, vocab_size]
-        if block.sampling.logit_bias:
-            logits = bias_logits(logits, block.sampling.logit_bias)
-        if block.sampling.min_tokens:
-            logits = hold_back_ends(logits, len(block.token_ids), block.sampling)
-        if block.sampling.penalizes:
-            # Row i scores the position after history + draft[:i], and sees exactly those tokens.
-            logits = penalize_block(logits, block.token_ids, block.draft_token_ids, block.sampling)
+        # [k + 1, vocab_size]: row i scores the position after history + draft[:i], and its penalties see
+        # exactly those tokens.
+        logits = adjust_logits(
+            result.logits,
+            len(block.token_ids),
+            block.sampling,
+            lambda rows: penalize_block(rows, block.token_ids, block.draft_token_ids, block.sampling),
+        )
         if block.sampling.is_greedy:
             # Only the argmax matters, and the logits' is the one-hot p's: skip building p.
             outcome = verify_greedy(logits, block.draft_token_ids)
