@@ -21,7 +21,8 @@ from __future__ import annotations
 import contextlib
 import logging
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Awaitable, Callable, Sequence
+from typing import TypeVar
 
 from coordinator.replicas import Replica, ReplicaSet
 from specpipe.errors import DeadlineExceededError, UnavailableError
@@ -40,6 +41,8 @@ from specpipe.speculation.prompt_scores import PromptScores, PromptScoring
 from specpipe.v1 import common_pb2
 
 logger = logging.getLogger(__name__)
+
+T = TypeVar("T")
 
 # Replicas one call tries before giving up (each failed one leaves rotation, so a retry never repeats one).
 MAX_ATTEMPTS = 3
@@ -124,17 +127,27 @@ class TargetLink(WorkerLink):
         draft_probs: Sequence[common_pb2.TokenDistribution],
         sampling: SamplingParams,
     ) -> Verification:
+        async def verify_once() -> Verification:
+            if self.stream is None:
+                await self.connect()  # UnavailableError: no healthy target left, or this one is down
+            assert isinstance(self.stream, TargetStream)
+            return await self.stream.verify(
+                self.session_id, history, draft_token_ids, draft_probs, sampling, self.call_timeout()
+            )
+
+        return await self._on_replicas(verify_once, self.replica_failed)
+
+    async def _on_replicas(
+        self, call: Callable[[], Awaitable[T]], blames_replica: Callable[[Exception], bool]
+    ) -> T:
+        """call() on the session's replica, then on another one each time it fails in a way that
+        blames_replica, up to MAX_ATTEMPTS replicas."""
         for attempt in range(MAX_ATTEMPTS):
             try:
-                if self.stream is None:
-                    await self.connect()  # UnavailableError: no healthy target left, or this one is down
-                assert isinstance(self.stream, TargetStream)
-                return await self.stream.verify(
-                    self.session_id, history, draft_token_ids, draft_probs, sampling, self.call_timeout()
-                )
+                return await call()
             except (UnavailableError, DeadlineExceededError) as exc:
-                if self.replica is None or not self.replica_failed(exc) or attempt == MAX_ATTEMPTS - 1:
-                    raise  # no replica was chosen (none in rotation), or the request's own deadline
+                if self.replica is None or not blames_replica(exc) or attempt == MAX_ATTEMPTS - 1:
+                    raise  # no replica was chosen (none in rotation), the request's own deadline, or the last
                 self._move_to_another_replica(exc)
         raise AssertionError("unreachable")
 
@@ -154,16 +167,13 @@ class TargetLink(WorkerLink):
         verify: a long prompt may take longer than one worker timeout on a healthy target, and blaming it
         would take healthy replicas out of rotation one after another."""
         scoring = PromptScoring(self.session_id, tuple(history), first_position, top_logprobs)
-        for attempt in range(MAX_ATTEMPTS):
-            try:
-                replica = await self.choose()
-                assert isinstance(replica.client, TargetClient)
-                return await replica.client.score_prompt(scoring, self.call_timeout())
-            except UnavailableError as exc:
-                if self.replica is None or attempt == MAX_ATTEMPTS - 1:
-                    raise  # none in rotation, or the last attempt
-                self._move_to_another_replica(exc)
-        raise AssertionError("unreachable")
+
+        async def score_once() -> PromptScores:
+            replica = await self.choose()
+            assert isinstance(replica.client, TargetClient)
+            return await replica.client.score_prompt(scoring, self.call_timeout())
+
+        return await self._on_replicas(score_once, lambda exc: isinstance(exc, UnavailableError))
 
     async def send_chained(
         self,
