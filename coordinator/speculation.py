@@ -16,7 +16,7 @@ import asyncio
 import dataclasses
 import logging
 import uuid
-from collections.abc import AsyncIterator, Callable, Coroutine, Iterable
+from collections.abc import AsyncIterator, Callable, Collection, Coroutine
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -29,6 +29,7 @@ from coordinator.tokenization import check_length
 from coordinator.worker_links import DraftLink, TargetLink
 from specpipe.errors import FailedPreconditionError, InvalidArgumentError, SpecpipeError, UnavailableError
 from specpipe.rpc.worker_clients import TargetStream, WorkerClient
+from specpipe.runtime.model_runner import in_vocab
 from specpipe.sampling.logprobs import TokenLogprob
 from specpipe.sampling.params import SamplingParams
 from specpipe.speculation.adaptive_k import CostProfile, DraftLengthPolicy
@@ -60,6 +61,11 @@ class OpenSession:
         self.opening_history = list(self.history)
         if self.output_start < 0:
             self.output_start = len(self.history)
+
+    def still_held(self, min_tokens: int) -> int:
+        """How many of the request's tokens min_tokens holds back (ending tokens, stop strings): it counts the
+        turn's output, a resumed request's included."""
+        return min_tokens - (len(self.opening_history) - self.output_start)
 
 
 class SpeculativeGenerator:
@@ -96,8 +102,8 @@ class SpeculativeGenerator:
         self.delegation_backoff = DelegationBackoff()
         self._background: set[asyncio.Future[None]] = set()  # keeps fire-and-forget tasks referenced
 
-    def check_in_vocab(self, token_ids: Iterable[int], field_name: str) -> None:
-        if any(not 0 <= t < self.limits.vocab_size for t in token_ids):
+    def check_in_vocab(self, token_ids: Collection[int], field_name: str) -> None:
+        if not in_vocab(token_ids, self.limits.vocab_size):
             raise InvalidArgumentError(f"{field_name} must be in [0, {self.limits.vocab_size})")
 
     def prompt_ids(self, request: GenerationRequest) -> list[int]:
@@ -115,7 +121,7 @@ class SpeculativeGenerator:
 
     async def open_session(self, request: GenerationRequest) -> OpenSession:
         self.check_in_vocab(request.stop_token_ids, "stop_token_ids")
-        biased_ids = (token_id for token_id, _ in request.sampling.logit_bias)
+        biased_ids = [token_id for token_id, _ in request.sampling.logit_bias]
         self.check_in_vocab(biased_ids, "sampling.logit_bias ids")
         prompt_ids = self.prompt_ids(request)
         if request.session_id:
@@ -130,8 +136,7 @@ class SpeculativeGenerator:
         else:
             await self.store.ping()  # fail fast (UNAVAILABLE) before any model work
             session = OpenSession(uuid.uuid4().hex, list(prompt_ids), prompt_ids, None, is_new=True)
-        # min_tokens counts the turn's output, a resumed request's included: what is left must fit.
-        still_held = request.sampling.min_tokens - (len(session.history) - session.output_start)
+        still_held = session.still_held(request.sampling.min_tokens)  # what is left must fit
         if still_held > request.max_new_tokens:
             raise InvalidArgumentError(
                 f"sampling.min_tokens ({request.sampling.min_tokens}) leaves {still_held} tokens to "
@@ -194,8 +199,8 @@ class SpeculativeGenerator:
         )
         sampling = request.sampling
         sid = session.session_id
-        # min_tokens holds back stop strings too, counting the turn's output (a resumed request's included).
-        stops_from = sampling.min_tokens - (len(session.history) - session.output_start)
+        # min_tokens holds back stop strings too.
+        stops_from = session.still_held(sampling.min_tokens)
         detokenizer = IncrementalDetokenizer(self.tokenizer, stop=request.stop, stops_from_token=stops_from)
         progress = RequestProgress(Usage(prompt_tokens=len(session.history)), detokenizer, limits)
         usage, generated = progress.usage, progress.generated

@@ -6,7 +6,7 @@ import inspect
 import logging
 import threading
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Collection, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -43,7 +43,7 @@ def lean_forward_for(model: torch.nn.Module) -> lean_gpt2.LeanGPT2 | lean_llama.
     return None
 
 
-def in_vocab(token_ids: Sequence[int], vocab_size: int) -> bool:
+def in_vocab(token_ids: Collection[int], vocab_size: int) -> bool:
     """Every id in [0, vocab_size): min and max run at C speed over the whole history of every call."""
     return not token_ids or (min(token_ids) >= 0 and max(token_ids) < vocab_size)
 
