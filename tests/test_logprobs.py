@@ -5,12 +5,10 @@ in one forward pass of its own."""
 from __future__ import annotations
 
 import math
-from pathlib import Path
 
 import grpc
 import pytest
 import torch
-from transformers import AutoModelForCausalLM
 
 from specpipe.client import CoordinatorClient, GenerationResult, build_request
 from specpipe.errors import InvalidArgumentError
@@ -18,6 +16,7 @@ from specpipe.sampling.logprobs import MAX_TOP_LOGPROBS, TokenLogprob, token_log
 from specpipe.sampling.params import SamplingParams
 from tests.conftest import Pipeline
 from tests.prompts import PROMPTS
+from tests.reference import one_pass_logprobs
 
 TOLERANCE = 1e-4  # the workers score a token in a block over a KV cache, the reference in one pass
 
@@ -45,16 +44,6 @@ def test_the_request_field_is_checked_and_round_trips() -> None:
         SamplingParams(logprobs=MAX_TOP_LOGPROBS + 1)
 
 
-def reference_logprobs(model_dir: Path, prompt_ids: list[int], generated: list[int]) -> list[float]:
-    """Each generated token's log_softmax under the target, scored in one pass over prompt + output."""
-    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
-    ids = torch.tensor([[*prompt_ids, *generated]])
-    with torch.inference_mode():
-        log_probs = torch.log_softmax(model(ids).logits[0].float(), dim=-1)  # [n, vocab]
-    start = len(prompt_ids) - 1
-    return [float(log_probs[start + i, token]) for i, token in enumerate(generated)]
-
-
 @pytest.mark.parametrize("where", ["delegated", "coordinator"])
 @pytest.mark.parametrize(("temperature", "k"), [(0.0, None), (0.0, 0), (0.8, 3)])
 def test_logprobs_are_the_targets_own_through_the_services(
@@ -72,7 +61,9 @@ def test_logprobs_are_the_targets_own_through_the_services(
         assert len(chunk.logprobs) == len(chunk.token_ids)  # one per token in every chunk
         result.add(chunk)
     assert [lp.token_id for lp in result.logprobs] == result.token_ids
-    expected = reference_logprobs(pipeline.pair.target_dir, prompt_ids, result.token_ids)
+    # The generated tokens' entries of the one-pass scoring of prompt + output.
+    scored = one_pass_logprobs(pipeline.pair.target_dir, [*prompt_ids, *result.token_ids])
+    expected = scored[len(prompt_ids) - 1 :]
     for got, want in zip(result.logprobs, expected, strict=True):
         assert got.logprob == pytest.approx(want, abs=TOLERANCE)
         assert len(got.top_token_ids) == 3 and list(got.top_logprobs) == sorted(

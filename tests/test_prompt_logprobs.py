@@ -5,12 +5,9 @@ the services (delegated and on the coordinator, a new and a continued session)."
 from __future__ import annotations
 
 import asyncio
-from pathlib import Path
 
 import grpc
 import pytest
-import torch
-from transformers import AutoModelForCausalLM
 
 from coordinator.cluster_config import ClusterConfig
 from coordinator.discovery.base import Endpoint
@@ -26,19 +23,10 @@ from specpipe.speculation.prompt_scores import PromptScores, PromptScoring
 from specpipe.v1 import common_pb2, target_pb2, target_pb2_grpc
 from target_service.prompt_scoring import score_prompt
 from tests.conftest import ModelPair, Pipeline, with_target_client
+from tests.reference import one_pass_logprobs
 
 TOLERANCE = 1e-4  # the worker scores in chunks over a KV cache, the reference in one pass
 PROMPT_IDS = [11, 42, 7, 99, 3, 250, 18, 64, 5, 120, 33]
-
-
-def reference_logprobs(model_dir: Path, token_ids: list[int]) -> list[float]:
-    """The log_softmax of each token after the first given the tokens before it, in one pass."""
-    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
-    with torch.inference_mode():
-        log_probs = torch.log_softmax(
-            model(torch.tensor([token_ids])).logits[0].float(), dim=-1
-        )  # [n, vocab]
-    return [float(log_probs[i - 1, token]) for i, token in enumerate(token_ids) if i > 0]
 
 
 RUNNERS = {  # the target worker's forwards: transformers', the lean one, and static KV slots (as on a GPU)
@@ -56,7 +44,7 @@ def test_scoring_in_chunks_is_the_one_pass_scoring_and_leaves_the_prompt_cached(
     runner = CausalLMRunner.load(
         model_pair.target_dir, "cpu", "float32", max_cached_sessions=4, max_context=64, **RUNNERS[runner_kind]
     )
-    expected = reference_logprobs(model_pair.target_dir, PROMPT_IDS)
+    expected = one_pass_logprobs(model_pair.target_dir, PROMPT_IDS)
     scores = score_prompt(runner, PromptScoring("s", tuple(PROMPT_IDS), 1, 2), rows_per_forward)
     assert [lp.token_id for lp in scores.logprobs] == PROMPT_IDS[1:]
     assert [lp.logprob for lp in scores.logprobs] == pytest.approx(expected, abs=TOLERANCE)
@@ -93,7 +81,7 @@ def test_the_target_worker_scores_and_its_first_verify_feeds_only_the_block(pipe
         scoring = PromptScoring("prompt-scored", tuple(PROMPT_IDS), 1, 1)
         scores = await client.score_prompt(scoring, 30)
         assert PromptScores.from_pb(scores.to_pb()) == scores
-        expected = reference_logprobs(pipeline.pair.target_dir, PROMPT_IDS)
+        expected = one_pass_logprobs(pipeline.pair.target_dir, PROMPT_IDS)
         assert [lp.logprob for lp in scores.logprobs] == pytest.approx(expected, abs=TOLERANCE)
         reply = await client.stub.Verify(
             target_pb2.VerifyRequest(
@@ -155,7 +143,7 @@ def test_scoring_fails_over_to_a_live_replica(pipeline: Pipeline) -> None:
         link = TargetLink(replicas, session_id, lambda: None, 10.0)
         try:
             scores = await link.score_prompt(PROMPT_IDS, 1, 0)
-            expected = reference_logprobs(pipeline.pair.target_dir, PROMPT_IDS)
+            expected = one_pass_logprobs(pipeline.pair.target_dir, PROMPT_IDS)
             assert [lp.logprob for lp in scores.logprobs] == pytest.approx(expected, abs=TOLERANCE)
             assert replicas.replicas[dead].state == DOWN and link.replica is not None
             assert link.replica.address == live
@@ -187,13 +175,13 @@ def test_prompt_logprobs_through_the_services_new_and_continued_session(
     assert all(not chunk.prompt_logprobs for chunk in chunks[1:])
     assert [t for chunk in chunks for t in chunk.token_ids] == plain.token_ids
     first = chunks[0].prompt_logprobs
-    expected = reference_logprobs(pipeline.pair.target_dir, PROMPT_IDS)
+    expected = one_pass_logprobs(pipeline.pair.target_dir, PROMPT_IDS)
     assert [lp.token_id for lp in first] == PROMPT_IDS[1:]
     assert [lp.logprob for lp in first] == pytest.approx(expected, abs=TOLERANCE)
     assert all(len(lp.top_token_ids) == 3 for lp in first)
     # The second turn's prompt tokens, each given the whole history before it (first turn included).
     history = [*PROMPT_IDS, *plain.token_ids, *second_turn]
-    expected = reference_logprobs(pipeline.pair.target_dir, history)[-len(second_turn) :]
+    expected = one_pass_logprobs(pipeline.pair.target_dir, history)[-len(second_turn) :]
     scored = continued[0].prompt_logprobs
     assert [lp.token_id for lp in scored] == second_turn
     assert [lp.logprob for lp in scored] == pytest.approx(expected, abs=TOLERANCE)
