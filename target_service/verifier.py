@@ -20,6 +20,7 @@ from specpipe.sampling.params import SamplingParams
 from specpipe.sampling.penalties import penalize_block
 from specpipe.sampling.processing import sampling_probs
 from specpipe.sampling.rejection_sampler import rejection_sample, verify_greedy
+from specpipe.speculation.rounds import report_fields
 from specpipe.v1 import common_pb2, target_pb2
 
 
@@ -91,9 +92,7 @@ class Verdict:
             recovered=self.recovered,
             forward_ns=self.forward_ns,
             cached_tokens=self.cached_tokens,
-            logprobs=[logprob.to_pb() for logprob in self.logprobs],
-            repetition_penalty=None if self.repetition_penalty == 1.0 else self.repetition_penalty,
-            applied_sampling=None if self.applied_sampling is None else self.applied_sampling.to_pb(),
+            **report_fields(self.logprobs, self.repetition_penalty, self.applied_sampling),
         )
 
 

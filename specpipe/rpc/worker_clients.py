@@ -16,11 +16,10 @@ from specpipe.rpc.direct_call import DirectStreamCall, split_address
 from specpipe.rpc.server import server_options
 from specpipe.runtime.kv_cache import common_prefix_length
 from specpipe.runtime.model_info import WorkerModelInfo
-from specpipe.sampling.logprobs import TokenLogprob
 from specpipe.sampling.params import SamplingParams
 from specpipe.speculation.delegation import DelegatedRequest, SpeculationRound
 from specpipe.speculation.prompt_scores import PromptScores, PromptScoring
-from specpipe.speculation.rounds import Proposal, Verification
+from specpipe.speculation.rounds import Proposal, Verification, read_report
 from specpipe.v1 import common_pb2, draft_pb2, draft_pb2_grpc, target_pb2, target_pb2_grpc
 
 logger = logging.getLogger(__name__)
@@ -203,14 +202,7 @@ class TargetStream(WorkerStream):
         reply = await self.read(timeout_s)
         if reply.skipped:
             return None
-        logprobs = tuple(TokenLogprob.from_pb(pb) for pb in reply.logprobs) if reply.logprobs else ()
-        penalty = reply.repetition_penalty if reply.HasField("repetition_penalty") else 1.0
-        applied = None
-        if reply.HasField("applied_sampling"):
-            applied = SamplingParams.from_pb(reply.applied_sampling)
-        return Verification(
-            reply.num_accepted, reply.next_token_id, reply.forward_ns, logprobs, penalty, applied
-        )
+        return Verification(reply.num_accepted, reply.next_token_id, reply.forward_ns, *read_report(reply))
 
     async def verify(
         self,

@@ -18,6 +18,7 @@ from specpipe.sampling.logprobs import TokenLogprob
 from specpipe.sampling.params import SamplingParams
 from specpipe.speculation.adaptive_k import CostProfile, DraftLengthPolicy
 from specpipe.speculation.limits import ModelLimits
+from specpipe.speculation.rounds import read_report, report_fields
 from specpipe.v1 import draft_pb2
 
 
@@ -200,9 +201,7 @@ class SpeculationRound:
             finish_reason=self.finish_reason,
             draft_forward_ns=self.draft_forward_ns,
             target_forward_ns=self.target_forward_ns,
-            logprobs=[logprob.to_pb() for logprob in self.logprobs],
-            repetition_penalty=None if self.repetition_penalty == 1.0 else self.repetition_penalty,
-            applied_sampling=None if self.applied_sampling is None else self.applied_sampling.to_pb(),
+            **report_fields(self.logprobs, self.repetition_penalty, self.applied_sampling),
         )
 
     @classmethod
@@ -215,7 +214,5 @@ class SpeculationRound:
             pb.finish_reason,
             pb.draft_forward_ns,
             pb.target_forward_ns,
-            tuple(TokenLogprob.from_pb(logprob) for logprob in pb.logprobs),
-            pb.repetition_penalty if pb.HasField("repetition_penalty") else 1.0,
-            SamplingParams.from_pb(pb.applied_sampling) if pb.HasField("applied_sampling") else None,
+            *read_report(pb),
         )

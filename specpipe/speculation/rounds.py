@@ -19,7 +19,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Generic, TypeVar
+from typing import Any, Generic, TypeVar
 
 from specpipe.sampling.logprobs import TokenLogprob
 from specpipe.sampling.params import SamplingParams
@@ -51,6 +51,30 @@ class Proposal:
 
 
 NO_PROPOSAL = Proposal([], (), 0)
+
+
+# What a verdict reports beside its tokens, as VerifyResponse and SpeculationRound both carry it (fields of
+# the same names): the tokens' log-probs, and the echoes of the processing the target applied.
+VerdictReport = tuple[tuple[TokenLogprob, ...], float, SamplingParams | None]
+
+
+def report_fields(
+    logprobs: Sequence[TokenLogprob], repetition_penalty: float, applied_sampling: SamplingParams | None
+) -> dict[str, Any]:
+    """A verdict's report as keyword arguments of either message (unset: no penalty, no echo)."""
+    return {
+        "logprobs": [logprob.to_pb() for logprob in logprobs],
+        "repetition_penalty": None if repetition_penalty == 1.0 else repetition_penalty,
+        "applied_sampling": None if applied_sampling is None else applied_sampling.to_pb(),
+    }
+
+
+def read_report(pb: Any) -> VerdictReport:  # a VerifyResponse or a SpeculationRound
+    return (
+        tuple(TokenLogprob.from_pb(logprob) for logprob in pb.logprobs),
+        pb.repetition_penalty if pb.HasField("repetition_penalty") else 1.0,
+        SamplingParams.from_pb(pb.applied_sampling) if pb.HasField("applied_sampling") else None,
+    )
 
 
 @dataclass(frozen=True, slots=True)
