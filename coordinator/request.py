@@ -8,7 +8,7 @@ from dataclasses import dataclass, field
 
 from specpipe.errors import InvalidArgumentError
 from specpipe.sampling.logprobs import TokenLogprob
-from specpipe.sampling.params import MAX_TOP_LOGPROBS, SamplingParams
+from specpipe.sampling.params import MAX_BAD_WORDS, MAX_TOP_LOGPROBS, SamplingParams
 from specpipe.v1 import coordinator_pb2
 
 SESSION_ID_PATTERN = re.compile(r"^[A-Za-z0-9_.-]{1,128}$")
@@ -47,6 +47,8 @@ class GenerationRequest:
     stop_token_ids: frozenset[int] = frozenset()  # end after any of these, as after EOS (finish "stop")
     # Set: the first chunk carries this turn's prompt tokens' log-probs, with this many top alternatives.
     prompt_logprobs: int | None = None
+    # Words never generated, as text (the coordinator adds their token sequences to the sampling's).
+    bad_words: tuple[str, ...] = ()
 
     @classmethod
     def from_pb(cls, pb: coordinator_pb2.GenerateRequest, limits: RequestLimits) -> GenerationRequest:
@@ -63,6 +65,12 @@ class GenerationRequest:
             )
         if any(not s for s in pb.stop):
             raise InvalidArgumentError("stop strings must not be empty")
+        if any(not word.strip() for word in pb.bad_words):
+            raise InvalidArgumentError("bad_words must not be empty")
+        if len(pb.bad_words) > MAX_BAD_WORDS:
+            raise InvalidArgumentError(
+                f"bad_words may hold at most {MAX_BAD_WORDS} words, got {len(pb.bad_words)}"
+            )
         if pb.session_id:
             validate_session_id(pb.session_id)
         k = limits.default_speculative_tokens
@@ -88,6 +96,7 @@ class GenerationRequest:
             ignore_eos=pb.ignore_eos,
             stop_token_ids=frozenset(pb.stop_token_ids),
             prompt_logprobs=prompt_logprobs,
+            bad_words=tuple(pb.bad_words),
         )
 
 

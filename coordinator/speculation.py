@@ -25,7 +25,7 @@ from transformers import PreTrainedTokenizerBase
 from coordinator.delegation_backoff import DelegationBackoff
 from coordinator.replicas import ReplicaSet
 from coordinator.request import GenerationChunk, GenerationRequest, Usage
-from coordinator.tokenization import check_length
+from coordinator.tokenization import check_length, encode_bad_words
 from coordinator.worker_links import DraftLink, TargetLink
 from specpipe.errors import FailedPreconditionError, InvalidArgumentError, SpecpipeError, UnavailableError
 from specpipe.rpc.worker_clients import TargetStream, WorkerClient
@@ -123,6 +123,9 @@ class SpeculativeGenerator:
         self.check_in_vocab(request.stop_token_ids, "stop_token_ids")
         biased_ids = [token_id for token_id, _ in request.sampling.logit_bias]
         self.check_in_vocab(biased_ids, "sampling.logit_bias ids")
+        self.check_in_vocab(request.sampling.allowed_token_ids, "sampling.allowed_token_ids")
+        bad_word_ids = [token_id for word in request.sampling.bad_words for token_id in word]
+        self.check_in_vocab(bad_word_ids, "sampling.bad_words ids")
         prompt_ids = self.prompt_ids(request)
         if request.session_id:
             state = await self.store.load(request.session_id)  # NotFoundError names the id
@@ -180,6 +183,10 @@ class SpeculativeGenerator:
     async def generate(
         self, request: GenerationRequest, time_remaining: Callable[[], float | None]
     ) -> AsyncIterator[GenerationChunk]:
+        if request.bad_words:
+            encoded = encode_bad_words(self.tokenizer, request.bad_words)
+            sampling = dataclasses.replace(request.sampling, bad_words=request.sampling.bad_words + encoded)
+            request = dataclasses.replace(request, sampling=sampling)
         session = await self.open_session(request)
         async for chunk in self._rounds(request, session, time_remaining):
             yield chunk

@@ -189,7 +189,7 @@ class _Drafting:
         sampling = self.request.sampling
         step = len(self.proposed)
         position = len(self.ids)
-        logits = adjust_logits(logits, position, sampling, self._penalized)  # as the target's verify does
+        logits = adjust_logits(logits, self.ids, (), sampling, self._penalized)  # as the target's verify does
         if sampling.is_greedy:
             token = greedy_token_ids(logits)[0]
             if self.steer is not None:

@@ -289,6 +289,14 @@ def add_generate_parser(subparsers: argparse._SubParsersAction) -> None:
         help="add BIAS (-100..100) to the logit of token ID before sampling (repeatable; -100 bans it)",
     )  # fmt: skip
     generate.add_argument(
+        "--allowed-token-id", type=int, action="append", default=[], metavar="ID",
+        help="choose only among these tokens (repeatable; vLLM's allowed_token_ids)",
+    )  # fmt: skip
+    generate.add_argument(
+        "--bad-word", action="append", default=[], metavar="WORD",
+        help="never generate this word, at the start of the text or after a space (repeatable)",
+    )  # fmt: skip
+    generate.add_argument(
         "--stop-token-id", type=int, action="append", default=[], metavar="ID",
         help="end the completion after this token, kept, as after end-of-sequence (repeatable)",
     )  # fmt: skip
@@ -565,6 +573,8 @@ def generate(args: argparse.Namespace) -> int:
             min_tokens=args.min_tokens,
             ignore_eos=args.ignore_eos,
             stop_token_ids=args.stop_token_id,
+            allowed_token_ids=args.allowed_token_id,
+            bad_words=args.bad_word,
         )
     except ValueError as exc:  # a negative number for an unsigned field: protobuf refuses it
         print(f"specpipe generate: {exc}", file=sys.stderr)

@@ -33,6 +33,9 @@ def build_request(
     min_tokens: int = 0,
     ignore_eos: bool = False,
     stop_token_ids: Sequence[int] = (),
+    allowed_token_ids: Sequence[int] = (),
+    bad_words: Sequence[str] = (),
+    bad_word_token_ids: Sequence[Sequence[int]] = (),
 ) -> coordinator_pb2.GenerateRequest:
     rule = (
         common_pb2.ACCEPTANCE_RULE_COUPLED
@@ -49,6 +52,7 @@ def build_request(
         ignore_eos=ignore_eos,
         stop_token_ids=list(stop_token_ids),
         prompt_logprobs=prompt_logprobs,
+        bad_words=list(bad_words),
     )
     if isinstance(prompt, str):
         request.prompt = prompt
@@ -67,6 +71,9 @@ def build_request(
     if logit_bias:
         request.sampling.logit_bias.update(logit_bias)
     request.sampling.min_tokens = min_tokens
+    request.sampling.allowed_token_ids.extend(allowed_token_ids)
+    for word in bad_word_token_ids:
+        request.sampling.bad_words.add(token_ids=word)
     return request
 
 

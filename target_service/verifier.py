@@ -163,7 +163,8 @@ class Verifier:
         # exactly those tokens.
         logits = adjust_logits(
             result.logits,
-            len(block.token_ids),
+            block.token_ids,
+            block.draft_token_ids,
             block.sampling,
             lambda rows: penalize_block(rows, block.token_ids, block.draft_token_ids, block.sampling),
         )

@@ -1,15 +1,19 @@
 """The adjustments a request asks of the raw logits, in the one order both the draft (q) and the target (p)
-apply them, before temperature, top-k, top-p and min-p: the logit bias, min_tokens' hold-back of the ending
-tokens, then the penalties on the tokens before each row (as vLLM orders its logits processors and its
-penalties). The draft and the target must agree on it exactly, so it lives here once. Torch only.
+apply them, before temperature, top-k, top-p and min-p: the allowed tokens and the bad words, the logit
+bias, min_tokens' hold-back of the ending tokens, then the penalties on the tokens before each row (as vLLM
+orders its masks, its logits processors and its penalties). The draft and the target must agree on it
+exactly, so it lives here once. Torch only.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 
 import torch
 
+from specpipe.errors import InvalidArgumentError
+from specpipe.sampling.allowed_tokens import allow_only
+from specpipe.sampling.bad_words import ban_bad_words
 from specpipe.sampling.logit_bias import bias_logits
 from specpipe.sampling.min_tokens import hold_back_ends
 from specpipe.sampling.params import SamplingParams
@@ -18,17 +22,39 @@ __all__ = ["adjust_logits"]
 
 
 def adjust_logits(
-    logits: torch.Tensor,  # [n, vocab_size]: row i scores position first_position + i
-    first_position: int,
+    logits: torch.Tensor,  # [n, vocab_size]: row i scores the position after history + block[:i]
+    history: Sequence[int],
+    block: Sequence[int],  # at least n - 1 tokens (a draft step: none)
     sampling: SamplingParams,
     penalize: Callable[
         [torch.Tensor], torch.Tensor
     ],  # the rows with the penalties over the tokens before each
 ) -> torch.Tensor:  # [n, vocab_size]: `logits` itself where the request asks for none
+    if sampling.allowed_token_ids:
+        logits = allow_only(logits, sampling.allowed_token_ids)
+    if sampling.bad_words:
+        logits = ban_bad_words(logits, history, block, sampling)
     if sampling.logit_bias:
         logits = bias_logits(logits, sampling.logit_bias)
     if sampling.min_tokens:
-        logits = hold_back_ends(logits, first_position, sampling)
+        logits = hold_back_ends(logits, len(history), sampling)
     if sampling.penalizes:
         logits = penalize(logits)
+    if sampling.allowed_token_ids or sampling.bad_words:
+        check_some_token_left(logits, len(history))
     return logits
+
+
+def check_some_token_left(
+    logits: torch.Tensor,  # [n, vocab_size]: row i scores position first_position + i
+    first_position: int,
+) -> None:
+    """Refuse a row where the masks left no token to choose (say, allowed ids that are all bad words there):
+    its softmax would be NaN, and argmax would pick token 0, which no mask allowed."""
+    left = torch.isfinite(logits).any(dim=-1)  # [n] bool
+    if not bool(left.all()):
+        row = int((~left).nonzero()[0])
+        raise InvalidArgumentError(
+            f"sampling.allowed_token_ids, bad_words and min_tokens leave no token to choose at position "
+            f"{first_position + row}"
+        )

@@ -15,6 +15,9 @@ MAX_TOP_LOGPROBS = 20  # as OpenAI's API: each is a gather and a protobuf entry 
 MAX_OCCURRENCE_PENALTY = 2.0  # presence and frequency penalties lie in [-2, 2], as OpenAI's and vLLM's
 MAX_LOGIT_BIAS = 100.0  # as OpenAI's: +-100 is as good as forcing or banning a token
 MAX_LOGIT_BIAS_TOKENS = 1024  # each is an entry in every worker message of the request
+MAX_ALLOWED_TOKEN_IDS = 4096  # each is an entry in every worker message of the request
+MAX_BAD_WORDS = 256  # sequences; each is matched at every row of every draft step and verify
+MAX_BAD_WORD_TOKENS = 32
 MAX_MEMOIZED_BYTES = 512  # from_pb memoizes messages up to this size (all but long logit biases)
 _RULE_TO_PB = {
     "leviathan": common_pb2.ACCEPTANCE_RULE_LEVIATHAN,
@@ -50,6 +53,10 @@ class SamplingParams:
     # coordinator sets end_token_ids to the request's (end-of-sequence unless ignored, stop token ids).
     min_tokens: int = 0
     end_token_ids: tuple[int, ...] = ()
+    # Only these tokens may be chosen (sampling/allowed_tokens.py); empty = off.
+    allowed_token_ids: tuple[int, ...] = ()
+    # Token sequences the output never completes (sampling/bad_words.py).
+    bad_words: tuple[tuple[int, ...], ...] = ()
 
     def __post_init__(self) -> None:
         if not math.isfinite(self.temperature) or self.temperature < 0:
@@ -79,6 +86,8 @@ class SamplingParams:
                 )
         if self.logit_bias:
             self._check_logit_bias()
+        if self.allowed_token_ids or self.bad_words:
+            self._check_token_masks()
         if self.min_tokens < 0 or self.output_start < 0:
             raise InvalidArgumentError(
                 f"sampling.min_tokens and output_start must be >= 0, "
@@ -102,6 +111,23 @@ class SamplingParams:
                     f"{MAX_LOGIT_BIAS:g}], got {token_id}: {bias}"
                 )
 
+    def _check_token_masks(self) -> None:
+        if len(self.allowed_token_ids) > MAX_ALLOWED_TOKEN_IDS or min(self.allowed_token_ids, default=0) < 0:
+            raise InvalidArgumentError(
+                f"sampling.allowed_token_ids must be at most {MAX_ALLOWED_TOKEN_IDS} token ids >= 0, "
+                f"got {len(self.allowed_token_ids)} (smallest {min(self.allowed_token_ids, default=0)})"
+            )
+        if len(self.bad_words) > MAX_BAD_WORDS:
+            raise InvalidArgumentError(
+                f"sampling.bad_words may hold at most {MAX_BAD_WORDS} sequences, got {len(self.bad_words)}"
+            )
+        for word in self.bad_words:
+            if not 1 <= len(word) <= MAX_BAD_WORD_TOKENS or min(word) < 0:
+                raise InvalidArgumentError(
+                    f"sampling.bad_words must be sequences of 1..{MAX_BAD_WORD_TOKENS} token ids >= 0, "
+                    f"got {list(word)}"
+                )
+
     @property
     def is_greedy(self) -> bool:
         return self.temperature == 0.0
@@ -115,7 +141,8 @@ class SamplingParams:
         # Greedy ignores min_p; a bias or a penalty moves even the argmax.
         filters = self.min_p > 0.0 and not self.is_greedy
         holds_back = self.min_tokens > 0 and bool(self.end_token_ids)  # the coordinator sets the ids
-        return filters or self.penalizes_occurrences or bool(self.logit_bias) or holds_back
+        masks = bool(self.allowed_token_ids) or bool(self.bad_words)
+        return filters or self.penalizes_occurrences or bool(self.logit_bias) or holds_back or masks
 
     @property
     def penalizes_occurrences(self) -> bool:
@@ -160,6 +187,10 @@ class SamplingParams:
             extras["min_tokens"] = pb.min_tokens
         if pb.end_token_ids:
             extras["end_token_ids"] = tuple(pb.end_token_ids)
+        if pb.allowed_token_ids:
+            extras["allowed_token_ids"] = tuple(pb.allowed_token_ids)
+        if pb.bad_words:
+            extras["bad_words"] = tuple(tuple(word.token_ids) for word in pb.bad_words)
         return cls(
             temperature=pb.temperature,
             top_k=pb.top_k,
@@ -195,6 +226,10 @@ class SamplingParams:
             pb.min_tokens = self.min_tokens
         if self.end_token_ids:
             pb.end_token_ids.extend(self.end_token_ids)
+        if self.allowed_token_ids:
+            pb.allowed_token_ids.extend(self.allowed_token_ids)
+        for word in self.bad_words:
+            pb.bad_words.add(token_ids=word)
         return pb
 
     def to_dict(self) -> dict[str, object]:
@@ -210,6 +245,8 @@ class SamplingParams:
             "frequency_penalty": self.frequency_penalty,
             "logit_bias": {str(token_id): bias for token_id, bias in self.logit_bias},
             "min_tokens": self.min_tokens,
+            "allowed_token_ids": list(self.allowed_token_ids),
+            "bad_words": [list(word) for word in self.bad_words],
         }
 
 
