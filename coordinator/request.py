@@ -49,6 +49,8 @@ class GenerationRequest:
     prompt_logprobs: int | None = None
     # Words never generated, as text (the coordinator adds their token sequences to the sampling's).
     bad_words: tuple[str, ...] = ()
+    include_stop_str_in_output: bool = False  # the text ends with the stop string rather than before it
+    skip_special_tokens: bool = True  # special tokens' text is left out of the text
 
     @classmethod
     def from_pb(cls, pb: coordinator_pb2.GenerateRequest, limits: RequestLimits) -> GenerationRequest:
@@ -97,6 +99,8 @@ class GenerationRequest:
             stop_token_ids=frozenset(pb.stop_token_ids),
             prompt_logprobs=prompt_logprobs,
             bad_words=tuple(pb.bad_words),
+            include_stop_str_in_output=pb.include_stop_str_in_output,
+            skip_special_tokens=pb.skip_special_tokens if pb.HasField("skip_special_tokens") else True,
         )
 
 

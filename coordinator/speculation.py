@@ -208,7 +208,13 @@ class SpeculativeGenerator:
         sid = session.session_id
         # min_tokens holds back stop strings too.
         stops_from = session.still_held(sampling.min_tokens)
-        detokenizer = IncrementalDetokenizer(self.tokenizer, stop=request.stop, stops_from_token=stops_from)
+        detokenizer = IncrementalDetokenizer(
+            self.tokenizer,
+            stop=request.stop,
+            skip_special_tokens=request.skip_special_tokens,
+            stops_from_token=stops_from,
+            include_stop=request.include_stop_str_in_output,
+        )
         progress = RequestProgress(Usage(prompt_tokens=len(session.history)), detokenizer, limits)
         usage, generated = progress.usage, progress.generated
         policy = DraftLengthPolicy(

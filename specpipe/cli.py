@@ -297,6 +297,14 @@ def add_generate_parser(subparsers: argparse._SubParsersAction) -> None:
         help="never generate this word, at the start of the text or after a space (repeatable)",
     )  # fmt: skip
     generate.add_argument(
+        "--include-stop-str", action="store_true",
+        help="end the text with the stop string that ended it rather than before it",
+    )  # fmt: skip
+    generate.add_argument(
+        "--keep-special-tokens", action="store_true",
+        help="print special tokens' text (end-of-sequence...) rather than leave it out",
+    )  # fmt: skip
+    generate.add_argument(
         "--stop-token-id", type=int, action="append", default=[], metavar="ID",
         help="end the completion after this token, kept, as after end-of-sequence (repeatable)",
     )  # fmt: skip
@@ -575,6 +583,8 @@ def generate(args: argparse.Namespace) -> int:
             stop_token_ids=args.stop_token_id,
             allowed_token_ids=args.allowed_token_id,
             bad_words=args.bad_word,
+            include_stop_str_in_output=args.include_stop_str,
+            skip_special_tokens=False if args.keep_special_tokens else None,
         )
     except ValueError as exc:  # a negative number for an unsigned field: protobuf refuses it
         print(f"specpipe generate: {exc}", file=sys.stderr)

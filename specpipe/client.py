@@ -36,6 +36,8 @@ def build_request(
     allowed_token_ids: Sequence[int] = (),
     bad_words: Sequence[str] = (),
     bad_word_token_ids: Sequence[Sequence[int]] = (),
+    include_stop_str_in_output: bool = False,
+    skip_special_tokens: bool | None = None,
 ) -> coordinator_pb2.GenerateRequest:
     rule = (
         common_pb2.ACCEPTANCE_RULE_COUPLED
@@ -53,6 +55,8 @@ def build_request(
         stop_token_ids=list(stop_token_ids),
         prompt_logprobs=prompt_logprobs,
         bad_words=list(bad_words),
+        include_stop_str_in_output=include_stop_str_in_output,
+        skip_special_tokens=skip_special_tokens,
     )
     if isinstance(prompt, str):
         request.prompt = prompt

@@ -192,6 +192,14 @@ def test_earliest_of_several_stops_wins(tok: PreTrainedTokenizerFast) -> None:
     assert det.stopped
 
 
+def test_the_stop_string_can_end_the_text(tok: PreTrainedTokenizerFast) -> None:
+    ids = tok("one two three two four")["input_ids"]
+    for chunk in (1, len(ids)):
+        det = IncrementalDetokenizer(tok, stop=["two", "thr"], include_stop=True)
+        sent = "".join(det.push(ids[i : i + chunk]) for i in range(0, len(ids), chunk))
+        assert sent == det.text == "one two" and det.stopped, chunk
+
+
 def test_unfinished_stop_prefix_is_flushed(tok: PreTrainedTokenizerFast) -> None:
     ids = tok("abc foo(")["input_ids"]
     det = IncrementalDetokenizer(tok, stop=["foo(y)"])

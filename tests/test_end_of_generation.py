@@ -80,3 +80,29 @@ def test_stop_token_ids_end_generation_after_the_first_of_them(
             client.generate(build_request(PROMPTS[0], 4, stop_token_ids=[10**6]), 30)
     assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT
     assert "stop_token_ids" in caught.value.details()
+
+
+def test_the_text_can_hold_the_stop_string_and_special_tokens(pipeline: Pipeline) -> None:
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(pipeline.pair.target_dir)
+    with CoordinatorClient(pipeline.coordinator_addr) as client:
+        free = client.generate(build_request(PROMPTS[0], 24), 60)
+        stop = free.text[5:9]
+        assert stop.strip(), free.text
+        for include in (False, True):
+            stopped = client.generate(
+                build_request(PROMPTS[0], 24, stop=[stop], include_stop_str_in_output=include), 60
+            )
+            cut = free.text.index(stop) + (len(stop) if include else 0)
+            assert stopped.finish_reason == "stop" and stopped.text == free.text[:cut], include
+        # Only end-of-sequence may be chosen: its text is sent only when asked for.
+        eos = tokenizer.eos_token_id
+        for skip, text in ((None, ""), (True, ""), (False, tokenizer.eos_token * 3)):
+            forced = client.generate(
+                build_request(
+                    PROMPTS[0], 3, allowed_token_ids=[eos], ignore_eos=True, skip_special_tokens=skip
+                ),
+                60,
+            )
+            assert forced.token_ids == [eos] * 3 and forced.text == text, skip

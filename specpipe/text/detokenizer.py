@@ -35,6 +35,7 @@ class IncrementalDetokenizer:
         stop: Sequence[str] = (),
         skip_special_tokens: bool = True,
         stops_from_token: int = 0,
+        include_stop: bool = False,
     ) -> None:
         if isinstance(stop, str):
             stop = (stop,)
@@ -58,10 +59,11 @@ class IncrementalDetokenizer:
         # does not check stop strings before the output holds that many tokens).
         self._stops_from_token = stops_from_token
         self._early_stops: set[tuple[int, str]] = set()  # (text offset, stop) of those sent as text
+        self._include_stop = include_stop  # the text sent ends with the stop string rather than before it
 
     @property
     def stopped(self) -> bool:
-        """True once a stop string has appeared; the text sent ends right before it."""
+        """True once a stop string has appeared; the text sent ends right before it (or with it)."""
         return self._stopped
 
     @property
@@ -130,7 +132,7 @@ class IncrementalDetokenizer:
                 # later stop string may overlap it).
                 self._early_stops.add((len(self._text) + start, stop))
                 continue
-            out = self._pending[:start]
+            out = self._pending[: start + len(stop) if self._include_stop else start]
             self._text += out
             self._pending = ""
             self._stopped = True
