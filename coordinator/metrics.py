@@ -11,7 +11,7 @@ from __future__ import annotations
 import contextlib
 import time
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import grpc
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
@@ -95,8 +95,7 @@ class CoordinatorMetrics:
         if observer.tokens > 1 and observer.first_token_at is not None and observer.last_token_at is not None:
             per_token = (observer.last_token_at - observer.first_token_at) / (observer.tokens - 1)
             self.time_per_output_token.observe(per_token)
-        usage = observer.usage
-        if usage is not None:
+        for usage in observer.usages:
             self.prompt_tokens.inc(usage.prompt_tokens)
             self.draft_tokens.inc(usage.draft_tokens)
             self.accepted_tokens.inc(usage.accepted_tokens)
@@ -110,7 +109,7 @@ class RequestObserver:
     first_token_at: float | None = None
     last_token_at: float | None = None
     finish_reason: str = ""
-    usage: Usage | None = None  # the final chunk's
+    usages: list[Usage] = field(default_factory=list)  # each completion's final chunk's
 
     def chunk(self, chunk: GenerationChunk, metrics: CoordinatorMetrics) -> None:
         """A chunk about to be streamed: its tokens count, the first one stops the time to first token."""
@@ -124,4 +123,5 @@ class RequestObserver:
             metrics.generated_tokens.inc(len(chunk.token_ids))
         if chunk.finish_reason:
             self.finish_reason = chunk.finish_reason
-            self.usage = chunk.usage
+            if chunk.usage is not None:
+                self.usages.append(chunk.usage)

@@ -11,6 +11,7 @@ from specpipe.sampling.logprobs import TokenLogprob
 from specpipe.sampling.params import MAX_BAD_WORDS, MAX_TOP_LOGPROBS, SamplingParams
 from specpipe.v1 import coordinator_pb2
 
+MAX_COMPLETIONS = 16  # GenerateRequest.n: each completion is a session and a speculation loop of its own
 SESSION_ID_PATTERN = re.compile(r"^[A-Za-z0-9_.-]{1,128}$")
 
 FINISH_REASONS = {
@@ -51,6 +52,7 @@ class GenerationRequest:
     bad_words: tuple[str, ...] = ()
     include_stop_str_in_output: bool = False  # the text ends with the stop string rather than before it
     skip_special_tokens: bool = True  # special tokens' text is left out of the text
+    n: int = 1  # completions of the prompt, each a new session (coordinator/completions.py)
 
     @classmethod
     def from_pb(cls, pb: coordinator_pb2.GenerateRequest, limits: RequestLimits) -> GenerationRequest:
@@ -73,8 +75,15 @@ class GenerationRequest:
             raise InvalidArgumentError(
                 f"bad_words may hold at most {MAX_BAD_WORDS} words, got {len(pb.bad_words)}"
             )
+        n = pb.n if pb.HasField("n") else 1
+        if not 1 <= n <= MAX_COMPLETIONS:
+            raise InvalidArgumentError(f"n must be in [1, {MAX_COMPLETIONS}] (unset = 1), got {n}")
         if pb.session_id:
             validate_session_id(pb.session_id)
+            if n > 1:
+                raise InvalidArgumentError(
+                    "n > 1 starts n new sessions, one per completion: leave session_id empty"
+                )
         k = limits.default_speculative_tokens
         if pb.HasField("num_speculative_tokens"):
             k = pb.num_speculative_tokens
@@ -101,6 +110,7 @@ class GenerationRequest:
             bad_words=tuple(pb.bad_words),
             include_stop_str_in_output=pb.include_stop_str_in_output,
             skip_special_tokens=pb.skip_special_tokens if pb.HasField("skip_special_tokens") else True,
+            n=n,
         )
 
 
@@ -135,6 +145,7 @@ class GenerationChunk:
     usage: Usage | None = field(default=None)
     logprobs: Sequence[TokenLogprob] = ()  # one per token where the request's sampling asks
     prompt_logprobs: Sequence[TokenLogprob] = ()  # the first chunk's, where the request asks
+    index: int = 0  # which of the request's n completions
 
     def to_pb(self) -> coordinator_pb2.GenerateResponse:
         return coordinator_pb2.GenerateResponse(
@@ -145,4 +156,5 @@ class GenerationChunk:
             usage=self.usage.to_pb() if self.usage is not None else None,
             logprobs=[logprob.to_pb() for logprob in self.logprobs],
             prompt_logprobs=[logprob.to_pb() for logprob in self.prompt_logprobs],
+            index=self.index,
         )

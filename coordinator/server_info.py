@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from coordinator.request import RequestLimits
+from coordinator.request import MAX_COMPLETIONS, RequestLimits
 from specpipe import __version__
 from specpipe.speculation.limits import ModelLimits
 from specpipe.v1 import coordinator_pb2
@@ -33,4 +33,5 @@ class ServerInfo:
             default_speculative_tokens=default_k or 0,
             max_concurrent_requests=self.max_concurrent_requests,
             requests_running=requests_running,
+            max_completions=min(MAX_COMPLETIONS, self.max_concurrent_requests),
         )

@@ -6,13 +6,20 @@ from collections.abc import AsyncIterator
 
 import grpc
 
+from coordinator.completions import completion_requests, interleaved_completions
 from coordinator.metrics import CoordinatorMetrics
-from coordinator.request import GenerationRequest, RequestLimits, validate_session_id
+from coordinator.request import (
+    MAX_COMPLETIONS,
+    GenerationChunk,
+    GenerationRequest,
+    RequestLimits,
+    validate_session_id,
+)
 from coordinator.server_info import ServerInfo
 from coordinator.sessions import SessionService
 from coordinator.speculation import SpeculativeGenerator
 from coordinator.tokenization import Tokenized
-from specpipe.errors import ResourceExhaustedError, UnavailableError
+from specpipe.errors import InvalidArgumentError, ResourceExhaustedError, UnavailableError
 from specpipe.v1 import coordinator_pb2, coordinator_pb2_grpc
 
 
@@ -59,22 +66,39 @@ class CoordinatorServicer(coordinator_pb2_grpc.CoordinatorServicer):
     async def Generate(
         self, request: coordinator_pb2.GenerateRequest, context: grpc.aio.ServicerContext
     ) -> AsyncIterator[coordinator_pb2.GenerateResponse]:
-        if self.running >= self.max_concurrent_requests:
+        # n completions count as n requests (an n out of range is refused below, by from_pb).
+        slots = min(max(request.n, 1), MAX_COMPLETIONS)
+        if slots > self.max_concurrent_requests:
+            raise InvalidArgumentError(
+                f"n ({slots}) is above the coordinator's limit of {self.max_concurrent_requests} concurrent "
+                "requests (--max-concurrent-requests)"
+            )
+        if self.running + slots > self.max_concurrent_requests:
             # Counted by outcome only: refusals are not requests in flight, nor latencies.
             self.metrics.requests.labels(outcome=grpc.StatusCode.RESOURCE_EXHAUSTED.name).inc()
             raise ResourceExhaustedError(
-                f"the coordinator is serving its limit of {self.max_concurrent_requests} concurrent "
-                "requests (--max-concurrent-requests): retry later"
+                f"the coordinator is serving {self.running} of its limit of {self.max_concurrent_requests} "
+                f"concurrent requests (--max-concurrent-requests), too many for {slots} more: retry later"
             )
         with self.metrics.request() as observed:
-            self.running += 1
+            self.running += slots
             try:
                 generation = GenerationRequest.from_pb(request, self.limits)
-                async for chunk in self.generator.generate(generation, context.time_remaining):
+                async for chunk in self.chunks(generation, context):
                     observed.chunk(chunk, self.metrics)
                     yield chunk.to_pb()
             finally:
-                self.running -= 1
+                self.running -= slots
+
+    def chunks(
+        self, generation: GenerationRequest, context: grpc.aio.ServicerContext
+    ) -> AsyncIterator[GenerationChunk]:
+        generator = self.generator
+        if generation.n == 1:
+            return generator.generate(generation, context.time_remaining)
+        return interleaved_completions(
+            lambda single: generator.generate(single, context.time_remaining), completion_requests(generation)
+        )
 
     async def GetSession(
         self, request: coordinator_pb2.GetSessionRequest, context: grpc.aio.ServicerContext

@@ -17,6 +17,7 @@ from specpipe.rpc.event_loop import EVENT_LOOPS, run_event_loop
 from specpipe.rpc.event_loop import resolve as resolve_event_loop
 
 if TYPE_CHECKING:
+    from specpipe.client import GenerationResult
     from specpipe.v1 import common_pb2
 
 COMPONENTS = ("all", "coordinator", "draft", "target")
@@ -297,6 +298,10 @@ def add_generate_parser(subparsers: argparse._SubParsersAction) -> None:
         help="never generate this word, at the start of the text or after a space (repeatable)",
     )  # fmt: skip
     generate.add_argument(
+        "-n", "--n", type=int, default=1,
+        help="generate this many completions (1..16; completion i samples with --seed + i), each a session",
+    )  # fmt: skip
+    generate.add_argument(
         "--include-stop-str", action="store_true",
         help="end the text with the stop string that ended it rather than before it",
     )  # fmt: skip
@@ -557,7 +562,7 @@ def print_logprobs(title: str, logprobs: Sequence[common_pb2.TokenLogprob]) -> N
 
 
 def generate(args: argparse.Namespace) -> int:
-    from specpipe.client import CoordinatorClient, GenerationResult, build_request
+    from specpipe.client import Completions, CoordinatorClient, build_request
 
     try:
         request = build_request(
@@ -585,25 +590,41 @@ def generate(args: argparse.Namespace) -> int:
             bad_words=args.bad_word,
             include_stop_str_in_output=args.include_stop_str,
             skip_special_tokens=False if args.keep_special_tokens else None,
+            n=args.n,
         )
     except ValueError as exc:  # a negative number for an unsigned field: protobuf refuses it
         print(f"specpipe generate: {exc}", file=sys.stderr)
         return 2
-    result = GenerationResult()
+    completions = Completions()
     started = time.perf_counter()
+    streamed = args.n == 1  # n completions arrive interleaved: each is printed whole at the end
     with CoordinatorClient(args.addr) as client:
         try:
-            sys.stdout.write(args.prompt)
+            if streamed:
+                sys.stdout.write(args.prompt)
             for chunk in client.stream(request, timeout_s=args.timeout):
-                result.add(chunk)
-                sys.stdout.write(chunk.text)
-                sys.stdout.flush()
+                completions.add(chunk)
+                if streamed:
+                    sys.stdout.write(chunk.text)
+                    sys.stdout.flush()
         except grpc.RpcError as exc:
             print(f"\nspecpipe generate: {exc.code().name}: {exc.details()}", file=sys.stderr)
             return 1
     elapsed = time.perf_counter() - started
-    sys.stdout.write("\n")
-    if args.prompt_logprobs is not None:
+    for index, result in enumerate(completions.by_index()):
+        if streamed:
+            sys.stdout.write("\n")
+        else:
+            print(f"--- completion {index} ---\n{args.prompt}{result.text}")
+        print_result(args, result, elapsed, with_prompt_logprobs=index == 0)
+    return 0
+
+
+def print_result(
+    args: argparse.Namespace, result: GenerationResult, elapsed: float, with_prompt_logprobs: bool
+) -> None:
+    """A completion's log-probs where asked (stdout), and its session and usage (stderr)."""
+    if args.prompt_logprobs is not None and with_prompt_logprobs:
         # A new session's first token has nothing before it, so it has none.
         print_logprobs("prompt log-probs:", result.prompt_logprobs)
     if args.logprobs is not None:
@@ -620,7 +641,6 @@ def generate(args: argparse.Namespace) -> int:
             f"draft tokens={usage.draft_tokens} accepted={usage.accepted_tokens} ({rate:.1%})",
             file=sys.stderr,
         )
-    return 0
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -38,6 +38,7 @@ def build_request(
     bad_word_token_ids: Sequence[Sequence[int]] = (),
     include_stop_str_in_output: bool = False,
     skip_special_tokens: bool | None = None,
+    n: int | None = None,
 ) -> coordinator_pb2.GenerateRequest:
     rule = (
         common_pb2.ACCEPTANCE_RULE_COUPLED
@@ -57,6 +58,7 @@ def build_request(
         bad_words=list(bad_words),
         include_stop_str_in_output=include_stop_str_in_output,
         skip_special_tokens=skip_special_tokens,
+        n=n,
     )
     if isinstance(prompt, str):
         request.prompt = prompt
@@ -109,6 +111,22 @@ class GenerationResult:
             self.usage = chunk.usage
 
 
+@dataclass
+class Completions:
+    """The streams of a request's n completions (GenerateRequest.n), gathered apart by chunk index."""
+
+    results: dict[int, GenerationResult] = field(default_factory=dict)
+
+    def add(self, chunk: coordinator_pb2.GenerateResponse) -> GenerationResult:
+        """Adds the chunk to its completion's result, which it returns."""
+        result = self.results.setdefault(chunk.index, GenerationResult())
+        result.add(chunk)
+        return result
+
+    def by_index(self) -> list[GenerationResult]:
+        return [self.results[index] for index in sorted(self.results)]
+
+
 class CoordinatorClient:
     """Blocking client."""
 
@@ -129,6 +147,15 @@ class CoordinatorClient:
         for chunk in self.stream(request, timeout_s):
             result.add(chunk)
         return result
+
+    def generate_completions(
+        self, request: coordinator_pb2.GenerateRequest, timeout_s: float | None = None
+    ) -> list[GenerationResult]:
+        """A request's n completions (GenerateRequest.n), gathered, by index."""
+        results = Completions()
+        for chunk in self.stream(request, timeout_s):
+            results.add(chunk)
+        return results.by_index()
 
     def get_session(self, session_id: str, timeout_s: float = 10.0) -> coordinator_pb2.SessionInfo:
         return self.stub.GetSession(

@@ -58,6 +58,14 @@ def test_serve_with_no_flags_then_generate(tmp_path: Path) -> None:
         assert len(lines) == 4 and all(len(line.split()) == 7 for line in lines), with_logprobs.stdout
         lines = [line for line in prompt_part.splitlines() if " logprob " in line]
         assert len(lines) >= 2 and all(len(line.split()) == 6 for line in lines), with_logprobs.stdout
+        two = subprocess.run(
+            [sys.executable, "-m", "specpipe", "generate", "def f(x):", "--addr", f"127.0.0.1:{port}",
+             "--max-new-tokens", "4", "-n", "2", "--temperature", "1.0"],
+            capture_output=True, text=True, env=env, timeout=120,
+        )  # fmt: skip
+        assert two.returncode == 0, two.stderr
+        assert re.findall(r"^--- completion (\d) ---\ndef f\(x\):", two.stdout, re.MULTILINE) == ["0", "1"]
+        assert len(set(re.findall(r"\[session (\w+)\]", two.stderr))) == 2, two.stderr
         bad = subprocess.run(
             [sys.executable, "-m", "specpipe", "generate", "x", "--addr", f"127.0.0.1:{port}",
              "--top-p", "2"],

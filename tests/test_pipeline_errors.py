@@ -134,6 +134,13 @@ def test_requests_over_the_concurrency_limit_get_resource_exhausted(
                     assert exc.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
                     await asyncio.sleep(0.05)
             assert len(result.token_ids) == 4
+            # n completions take n of the limit: more than it can ever serve is invalid, not a retry.
+            with pytest.raises(grpc.aio.AioRpcError) as caught:
+                await client.generate(build_request("hi", 4, temperature=1.0, n=3), timeout_s=30)
+            assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+            async for chunk in client.stream(build_request("hi", 4, temperature=1.0, n=2), timeout_s=30):
+                if chunk.finish_reason:
+                    assert len(chunk.token_ids) <= 4 and chunk.index in (0, 1)
 
     try:
         coordinator.wait_serving(120)

@@ -30,6 +30,7 @@ def test_server_info_names_the_models_and_the_limits(pipeline: Pipeline) -> None
     assert info.max_new_tokens == 256  # the fixture's --max-new-tokens-limit
     assert info.max_speculative_tokens == 16 and info.adaptive_k and info.default_speculative_tokens == 0
     assert info.max_concurrent_requests == 256 and 0 <= info.requests_running < 256
+    assert info.max_completions == 16
     assert info.max_context > 0 and list(info.eos_token_ids) == sorted(info.eos_token_ids)
 
 

@@ -1,0 +1,66 @@
+"""GenerateRequest.n: n completions of one prompt, each its own request with n = 1, streamed interleaved.
+
+Completion i is the request with seed + i (so it is exactly what that single request returns, and can be
+replayed or resumed alone) and a new session of its own; only completion 0 scores the prompt (its log-probs
+are the same for all). The completions run concurrently, each its own speculation loop, as n clients' requests
+would: the workers see n sessions. The first failure fails the call and cancels the others; the completions
+that already committed rounds keep them in their sessions, as an interrupted request does.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+from collections.abc import AsyncIterator, Callable, Sequence
+
+from coordinator.request import GenerationChunk, GenerationRequest
+
+SEED_MODULUS = 2**64  # SamplingParams.seed is a uint64
+
+__all__ = ["completion_requests", "interleaved_completions"]
+
+
+def completion_requests(request: GenerationRequest) -> list[GenerationRequest]:
+    """The n single requests a request with n completions stands for."""
+    return [
+        dataclasses.replace(
+            request,
+            n=1,
+            sampling=dataclasses.replace(request.sampling, seed=(request.sampling.seed + i) % SEED_MODULUS),
+            prompt_logprobs=request.prompt_logprobs if i == 0 else None,
+        )
+        for i in range(request.n)
+    ]
+
+
+async def interleaved_completions(
+    generate: Callable[[GenerationRequest], AsyncIterator[GenerationChunk]],
+    requests: Sequence[GenerationRequest],
+) -> AsyncIterator[GenerationChunk]:
+    """Each request's chunks, tagged with its index, as they come; in order within each completion."""
+    queue: asyncio.Queue[GenerationChunk | Exception | None] = asyncio.Queue()
+
+    async def run(index: int, request: GenerationRequest) -> None:
+        try:
+            async for chunk in generate(request):
+                queue.put_nowait(dataclasses.replace(chunk, index=index))
+        except Exception as exc:  # the caller raises it; a cancellation is not caught
+            queue.put_nowait(exc)
+            return
+        queue.put_nowait(None)
+
+    tasks = [asyncio.create_task(run(index, request)) for index, request in enumerate(requests)]
+    try:
+        running = len(tasks)
+        while running:
+            item = await queue.get()
+            if item is None:
+                running -= 1
+            elif isinstance(item, Exception):
+                raise item
+            else:
+                yield item
+    finally:
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
