@@ -341,7 +341,8 @@ class SpeculativeGenerator:
             # tokens come from another distribution than the one asked for, so none reach the client.
             raise FailedPreconditionError(
                 "the workers did not apply the request's sampling (sampling.min_p, presence_penalty, "
-                "frequency_penalty, logit_bias or min_tokens): a worker older than the coordinator?"
+                "frequency_penalty, logit_bias, min_tokens, allowed_token_ids or bad_words): a worker older "
+                "than the coordinator?"
             )
         if request.sampling.logprobs is not None and len(verdict.logprobs) < len(new_ids):
             # A worker from before log-probs drops the field it does not know: say so rather than stream
@@ -358,6 +359,11 @@ class SpeculativeGenerator:
             finish_reason = "stop"
         if finish_reason and not detokenizer.stopped:  # a stop string cuts the text; anything else flushes it
             text += detokenizer.finish()
+            if detokenizer.stopped:
+                # The flush completed a stop string (its end was an incomplete character until then): the
+                # tokens end with it too, as for one found by push.
+                new_ids = new_ids[: detokenizer.stop_token_index - len(generated)]
+                finish_reason = "stop"
 
         delta = SessionStats(
             generated_tokens=len(new_ids),
@@ -464,7 +470,9 @@ class SpeculativeGenerator:
                         remaining = time_remaining()
                         if remaining is not None and remaining <= 0:
                             raise
-                        if received == 0:
+                        if received == 0 and not isinstance(exc, InvalidArgumentError):
+                            # (INVALID_ARGUMENT is most likely the request's own: say, masks that leave no
+                            # token. The rounds here meet it again, and the pair stays delegating.)
                             self.delegation_backoff.failed(replica.address, target.replica.address)
                         logger.warning(
                             "session %s: delegated rounds on draft %s failed after %d tokens, "

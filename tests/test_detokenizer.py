@@ -115,6 +115,15 @@ def test_split_multibyte_chars_never_stream_replacement(tok: PreTrainedTokenizer
     assert det.text == text
 
 
+def test_a_stop_string_completed_by_the_final_flush_stops(tok: PreTrainedTokenizerFast) -> None:
+    ids = tok("ok 🙂")["input_ids"][:-1]  # cut inside the emoji's bytes: only the flush releases its text
+    det = IncrementalDetokenizer(tok, stop=["k " + FFFD])
+    assert det.push(ids) == "" and not det.stopped  # all held: the text ends in an incomplete character
+    assert det.finish() == "o" and det.stopped and det.text == "o"
+    k = det.stop_token_index
+    assert k is not None and k < len(ids) and "k " + FFFD in decode(tok, ids[:k])
+
+
 def test_finish_flushes_incomplete_char(tok: PreTrainedTokenizerFast) -> None:
     ids = tok("ok 🙂")["input_ids"][:-1]  # cut inside the emoji's bytes
     expected = decode(tok, ids)

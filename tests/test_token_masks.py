@@ -25,6 +25,7 @@ from tests.prompts import PROMPTS
 from tests.reference import target_alone
 from tests.rounds import refused_round
 from tests.sampling_checks import assert_distributed_as, coupled_outputs_for_each_k, first_tokens
+from tests.test_metrics import scrape, value
 
 MAX_NEW_TOKENS = 24
 INF = float("-inf")
@@ -242,3 +243,8 @@ def test_bad_masks_are_invalid_argument_and_lose_nothing(pipeline: Pipeline) -> 
             assert message in caught.value.details(), caught.value.details()
         session = client.get_session(first.session_id)
         assert list(session.token_ids)[-4:] == first.token_ids  # nothing committed by the refused requests
+        # The request's own INVALID_ARGUMENT does not turn delegation off for the draft-target pair.
+        rounds = "specpipe_worker_delegated_rounds_total"
+        before = value(scrape(pipeline, "draft"), rounds, role="draft")
+        client.generate(build_request(PROMPTS[1], 8, num_speculative_tokens=2), 60)
+        assert value(scrape(pipeline, "draft"), rounds, role="draft") > before
