@@ -64,6 +64,28 @@ def test_nothing_runs_inline_beside_a_model_thread_job_even_after_its_caller_gav
     run(scenario)
 
 
+def test_a_queued_job_whose_caller_gave_up_never_runs_and_stops_counting() -> None:
+    async def scenario(servicer: WorkerServicerBase[object]) -> None:
+        release = threading.Event()
+        ran: list[str] = []
+        running = asyncio.ensure_future(servicer.run_model(lambda _: release.wait(5.0), None, 1000))
+        queued = asyncio.ensure_future(servicer.run_model(ran.append, "queued", 1000))
+        await asyncio.sleep(0.05)
+        assert servicer.model_jobs == 2
+        queued.cancel()  # its stream went away while it waited behind the running job
+        await asyncio.gather(queued, return_exceptions=True)
+        release.set()
+        assert await running
+        deadline = time.monotonic() + 5.0
+        while servicer.model_jobs and time.monotonic() < deadline:
+            await asyncio.sleep(0.01)
+        # Counted out (else the inline path would stay off for good, and the jobs gauge would never fall).
+        assert servicer.model_jobs == 0 and ran == []
+        assert await servicer.run_model(caller_thread, None, 1) == threading.current_thread().name
+
+    run(scenario)
+
+
 class Requests:
     """A request stream that records how far it has been read and may fail after `fail_after` requests."""
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import contextlib
 import threading
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -116,7 +117,8 @@ class WorkerServicerBase(Generic[EngineT]):
 
     def submit(self, fn: Callable[..., Any], *args: Any) -> asyncio.Future[Any]:
         """Runs fn on the model thread; the job counts as running until fn has returned, even if the
-        caller stops waiting (a cancelled stream), so nothing runs inline beside it."""
+        caller stops waiting (a cancelled stream), so nothing runs inline beside it. A job whose caller stops
+        waiting before it started never runs, and stops counting then."""
         loop = asyncio.get_running_loop()  # always called on the event loop, which alone runs work inline
 
         def job() -> Any:
@@ -126,12 +128,20 @@ class WorkerServicerBase(Generic[EngineT]):
             finally:
                 loop.call_soon_threadsafe(self._job_finished)
 
+        def dropped(queued: concurrent.futures.Future[Any]) -> None:
+            # Cancelled while queued (the caller's future was cancelled): job() never runs, so its finally
+            # cannot count it out; a running job cannot be cancelled, and counts itself out.
+            if queued.cancelled():
+                loop.call_soon_threadsafe(self._job_finished)
+
         self.model_jobs += 1
         try:
-            return loop.run_in_executor(self.model_thread, job)
+            queued = self.model_thread.submit(job)
         except BaseException:
             self.model_jobs -= 1
             raise
+        queued.add_done_callback(dropped)
+        return asyncio.wrap_future(queued, loop=loop)
 
     def _job_finished(self) -> None:
         self.model_jobs -= 1
