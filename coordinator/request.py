@@ -6,6 +6,7 @@ import re
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
+from coordinator.structured_requests import output_regex
 from specpipe.errors import InvalidArgumentError
 from specpipe.sampling.logprobs import TokenLogprob
 from specpipe.sampling.params import MAX_BAD_WORDS, MAX_TOP_LOGPROBS, SamplingParams
@@ -53,6 +54,8 @@ class GenerationRequest:
     include_stop_str_in_output: bool = False  # the text ends with the stop string rather than before it
     skip_special_tokens: bool = True  # special tokens' text is left out of the text
     n: int = 1  # completions of the prompt, each a new session (coordinator/completions.py)
+    # GenerateRequest.structured_output compiled (coordinator/structured_requests.py); "" = none.
+    output_regex: str = ""
 
     @classmethod
     def from_pb(cls, pb: coordinator_pb2.GenerateRequest, limits: RequestLimits) -> GenerationRequest:
@@ -91,6 +94,9 @@ class GenerationRequest:
                 raise InvalidArgumentError(
                     f"num_speculative_tokens must be in [0, {limits.max_speculative_tokens}], got {k}"
                 )
+        regex = output_regex(pb.structured_output) if pb.HasField("structured_output") else ""
+        if regex and pb.sampling.output_regex:
+            raise InvalidArgumentError("set only one of structured_output and sampling.output_regex")
         prompt_logprobs = pb.prompt_logprobs if pb.HasField("prompt_logprobs") else None
         if prompt_logprobs is not None and prompt_logprobs > MAX_TOP_LOGPROBS:
             raise InvalidArgumentError(
@@ -111,6 +117,7 @@ class GenerationRequest:
             include_stop_str_in_output=pb.include_stop_str_in_output,
             skip_special_tokens=pb.skip_special_tokens if pb.HasField("skip_special_tokens") else True,
             n=n,
+            output_regex=regex,
         )
 
 

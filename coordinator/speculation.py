@@ -32,6 +32,7 @@ from specpipe.rpc.worker_clients import TargetStream, WorkerClient
 from specpipe.runtime.model_runner import in_vocab
 from specpipe.sampling.logprobs import TokenLogprob
 from specpipe.sampling.params import SamplingParams
+from specpipe.sampling.structured_output import OutputAutomata
 from specpipe.speculation.adaptive_k import CostProfile, DraftLengthPolicy
 from specpipe.speculation.delegation import DelegatedRequest, DraftSchedule
 from specpipe.speculation.limits import ModelLimits
@@ -89,6 +90,7 @@ class SpeculativeGenerator:
         self.targets = targets
         self.store = store
         self.tokenizer = tokenizer
+        self.automata = OutputAutomata(tokenizer)  # structured output's, to check a request's regex early
         self.limits = limits
         self.worker_timeout_s = worker_timeout_s
         self.owner = owner
@@ -187,6 +189,13 @@ class SpeculativeGenerator:
             encoded = encode_bad_words(self.tokenizer, request.bad_words)
             sampling = dataclasses.replace(request.sampling, bad_words=request.sampling.bad_words + encoded)
             request = dataclasses.replace(request, sampling=sampling)
+        if request.output_regex:
+            sampling = dataclasses.replace(request.sampling, output_regex=request.output_regex)
+            request = dataclasses.replace(request, sampling=sampling)
+        if request.sampling.output_regex:
+            # Built here first: a regex the vocabulary cannot match is INVALID_ARGUMENT before any session
+            # work (a large JSON schema's automaton takes a while: off the event loop).
+            await asyncio.to_thread(self.automata.automaton, request.sampling.output_regex)
         session = await self.open_session(request)
         async for chunk in self._rounds(request, session, time_remaining):
             yield chunk

@@ -19,6 +19,7 @@ from specpipe.sampling.params import SamplingParams
 from specpipe.sampling.penalties import SequencePenalties
 from specpipe.sampling.processing import greedy_token_ids, sampling_probs
 from specpipe.sampling.randomness import RandomStream, keyed_uniform, sample_from_probs
+from specpipe.sampling.structured_output import OutputAutomata
 from specpipe.v1 import common_pb2, draft_pb2
 
 
@@ -110,6 +111,7 @@ class ModelDrafter:
         self, runner: CausalLMRunner, max_draft_tokens: int, steer: GreedySteer | None = None
     ) -> None:
         self.runner = runner
+        self.automata = OutputAutomata(runner.tokenizer)  # structured output's, built per regex on first use
         self.max_draft_tokens = max_draft_tokens
         # Greedy requests only: replaces the model's argmax after each step, for cost profiling with a chosen
         # acceptance rate (draft_service/controlled.py). The forwards still run; exactness is the target's.
@@ -121,7 +123,7 @@ class ModelDrafter:
 
     def propose(self, request: DraftRequest) -> DraftProposal:
         validate_request(request, self.max_draft_tokens, self.runner.vocab_size, self.runner.max_context)
-        drafting = _Drafting(request, self.steer)
+        drafting = _Drafting(request, self.steer, self.automata)
         steps = request.num_tokens
         result = self.runner.decode(request.session_id, request.token_ids, steps, drafting.choose)
         drafting.cached_tokens, drafting.forward_ns = result.cached_tokens, result.forward_ns
@@ -138,7 +140,7 @@ class ModelDrafter:
                 validate_request(
                     request, self.max_draft_tokens, self.runner.vocab_size, self.runner.max_context
                 )
-                active.append((index, _Drafting(request, self.steer)))
+                active.append((index, _Drafting(request, self.steer, self.automata)))
             except InvalidArgumentError as exc:
                 outcomes[index] = exc
         while active:
@@ -163,9 +165,12 @@ class ModelDrafter:
 class _Drafting:
     """One request's drafting, a forward pass at a time: the token each step's logits give, and its q."""
 
-    def __init__(self, request: DraftRequest, steer: GreedySteer | None = None) -> None:
+    def __init__(
+        self, request: DraftRequest, steer: GreedySteer | None = None, automata: OutputAutomata | None = None
+    ) -> None:
         self.request = request
         self.steer = steer
+        self.automata = automata
         self.ids = list(request.token_ids)  # the history, then each drafted token
         self.proposed: list[int] = []
         self.q_rows: list[torch.Tensor] = []  # [vocab_size] each: q of each drafted token (Leviathan rule)
@@ -189,7 +194,8 @@ class _Drafting:
         sampling = self.request.sampling
         step = len(self.proposed)
         position = len(self.ids)
-        logits = adjust_logits(logits, self.ids, (), sampling, self._penalized)  # as the target's verify does
+        # As the target's verify does.
+        logits = adjust_logits(logits, self.ids, (), sampling, self._penalized, self.automata)
         if sampling.is_greedy:
             token = greedy_token_ids(logits)[0]
             if self.steer is not None:

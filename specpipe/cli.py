@@ -8,6 +8,7 @@ import os
 import sys
 import time
 from collections.abc import Callable, Sequence
+from pathlib import Path
 from typing import TYPE_CHECKING, TypeVar
 
 import grpc
@@ -301,6 +302,21 @@ def add_generate_parser(subparsers: argparse._SubParsersAction) -> None:
         "-n", "--n", type=int, default=1,
         help="generate this many completions (1..16; completion i samples with --seed + i), each a session",
     )  # fmt: skip
+    structured = generate.add_mutually_exclusive_group()
+    structured.add_argument(
+        "--json-schema", metavar="SCHEMA",
+        help="make the output a JSON value this JSON Schema accepts (JSON text, or @FILE to read it)",
+    )  # fmt: skip
+    structured.add_argument(
+        "--json-object", action="store_true", help="make the output a JSON object",
+    )  # fmt: skip
+    structured.add_argument(
+        "--regex", help="make the output match this regular expression (Rust's syntax)",
+    )  # fmt: skip
+    structured.add_argument(
+        "--choice", action="append", metavar="TEXT",
+        help="make the output exactly one of these strings (repeatable)",
+    )  # fmt: skip
     generate.add_argument(
         "--include-stop-str", action="store_true",
         help="end the text with the stop string that ended it rather than before it",
@@ -542,6 +558,13 @@ def serve_all(args: argparse.Namespace) -> int:
     return run_pipeline(config, extra)
 
 
+def read_argument(value: str | None) -> str | None:
+    """An option's value, or the content of the file it names as @FILE."""
+    if value is not None and value.startswith("@"):
+        return Path(value[1:]).read_text()
+    return value
+
+
 def logit_bias_entry(text: str) -> tuple[int, float]:
     """`--logit-bias ID=BIAS`."""
     token_id, separator, bias = text.partition("=")
@@ -591,8 +614,12 @@ def generate(args: argparse.Namespace) -> int:
             include_stop_str_in_output=args.include_stop_str,
             skip_special_tokens=False if args.keep_special_tokens else None,
             n=args.n,
+            json_schema=read_argument(args.json_schema),
+            json_object=args.json_object,
+            regex=args.regex,
+            choice=args.choice,
         )
-    except ValueError as exc:  # a negative number for an unsigned field: protobuf refuses it
+    except (ValueError, OSError) as exc:  # a negative number for an unsigned field, an unreadable @FILE
         print(f"specpipe generate: {exc}", file=sys.stderr)
         return 2
     completions = Completions()

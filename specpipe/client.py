@@ -39,6 +39,10 @@ def build_request(
     include_stop_str_in_output: bool = False,
     skip_special_tokens: bool | None = None,
     n: int | None = None,
+    json_schema: str | None = None,
+    json_object: bool = False,
+    regex: str | None = None,
+    choice: Sequence[str] | None = None,
 ) -> coordinator_pb2.GenerateRequest:
     rule = (
         common_pb2.ACCEPTANCE_RULE_COUPLED
@@ -80,6 +84,14 @@ def build_request(
     request.sampling.allowed_token_ids.extend(allowed_token_ids)
     for word in bad_word_token_ids:
         request.sampling.bad_words.add(token_ids=word)
+    if json_schema is not None:
+        request.structured_output.json_schema = json_schema
+    elif json_object:
+        request.structured_output.json_object = True
+    elif regex is not None:
+        request.structured_output.regex = regex
+    elif choice is not None:
+        request.structured_output.choice.choices.extend(choice)
     return request
 
 

@@ -20,6 +20,7 @@ from specpipe.sampling.params import SamplingParams
 from specpipe.sampling.penalties import penalize_block
 from specpipe.sampling.processing import sampling_probs
 from specpipe.sampling.rejection_sampler import rejection_sample, verify_greedy
+from specpipe.sampling.structured_output import OutputAutomata
 from specpipe.speculation.rounds import report_fields
 from specpipe.v1 import common_pb2, target_pb2
 
@@ -99,6 +100,7 @@ class Verdict:
 class Verifier:
     def __init__(self, runner: CausalLMRunner) -> None:
         self.runner = runner
+        self.automata = OutputAutomata(runner.tokenizer)  # structured output's, built per regex on first use
 
     @property
     def caches(self) -> SessionKVCacheStore:
@@ -167,6 +169,7 @@ class Verifier:
             block.draft_token_ids,
             block.sampling,
             lambda rows: penalize_block(rows, block.token_ids, block.draft_token_ids, block.sampling),
+            self.automata,
         )
         if block.sampling.is_greedy:
             # Only the argmax matters, and the logits' is the one-hot p's: skip building p.

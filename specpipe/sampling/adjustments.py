@@ -1,8 +1,8 @@
 """The adjustments a request asks of the raw logits, in the one order both the draft (q) and the target (p)
-apply them, before temperature, top-k, top-p and min-p: the allowed tokens and the bad words, the logit
-bias, min_tokens' hold-back of the ending tokens, then the penalties on the tokens before each row (as vLLM
-orders its masks, its logits processors and its penalties). The draft and the target must agree on it
-exactly, so it lives here once. Torch only.
+apply them, before temperature, top-k, top-p and min-p: structured output's automaton, the allowed tokens
+and the bad words, the logit bias, min_tokens' hold-back of the ending tokens, then the penalties on the
+tokens before each row (as vLLM orders its masks, its logits processors and its penalties). The draft and the
+target must agree on it exactly, so it lives here once. Torch (and outlines-core, for the automaton) only.
 """
 
 from __future__ import annotations
@@ -11,12 +11,13 @@ from collections.abc import Callable, Sequence
 
 import torch
 
-from specpipe.errors import InvalidArgumentError
+from specpipe.errors import FailedPreconditionError, InvalidArgumentError
 from specpipe.sampling.allowed_tokens import allow_only
 from specpipe.sampling.bad_words import ban_bad_words
 from specpipe.sampling.logit_bias import bias_logits
 from specpipe.sampling.min_tokens import hold_back_ends
 from specpipe.sampling.params import SamplingParams
+from specpipe.sampling.structured_output import OutputAutomata
 
 __all__ = ["adjust_logits"]
 
@@ -29,7 +30,12 @@ def adjust_logits(
     penalize: Callable[
         [torch.Tensor], torch.Tensor
     ],  # the rows with the penalties over the tokens before each
+    automata: OutputAutomata | None = None,  # the worker's, where a request may ask for structured output
 ) -> torch.Tensor:  # [n, vocab_size]: `logits` itself where the request asks for none
+    if sampling.output_regex:
+        if automata is None:
+            raise FailedPreconditionError("sampling.output_regex: this worker cannot apply structured output")
+        logits = automata.mask(logits, history, block, sampling)
     if sampling.allowed_token_ids:
         logits = allow_only(logits, sampling.allowed_token_ids)
     if sampling.bad_words:
@@ -40,7 +46,7 @@ def adjust_logits(
         logits = hold_back_ends(logits, len(history), sampling)
     if sampling.penalizes:
         logits = penalize(logits)
-    if sampling.allowed_token_ids or sampling.bad_words:
+    if sampling.allowed_token_ids or sampling.bad_words or sampling.output_regex:
         check_some_token_left(logits, len(history))
     return logits
 
@@ -55,6 +61,6 @@ def check_some_token_left(
     if not bool(left.all()):
         row = int((~left).nonzero()[0])
         raise InvalidArgumentError(
-            f"sampling.allowed_token_ids, bad_words and min_tokens leave no token to choose at position "
-            f"{first_position + row}"
+            f"sampling.output_regex, allowed_token_ids, bad_words and min_tokens leave no token to choose at "
+            f"position {first_position + row}"
         )

@@ -18,6 +18,7 @@ MAX_LOGIT_BIAS_TOKENS = 1024  # each is an entry in every worker message of the 
 MAX_ALLOWED_TOKEN_IDS = 4096  # each is an entry in every worker message of the request
 MAX_BAD_WORDS = 256  # sequences; each is matched at every row of every draft step and verify
 MAX_BAD_WORD_TOKENS = 32
+MAX_OUTPUT_REGEX_CHARS = 65_536  # a JSON schema's regex is a few KB; the automaton's size follows it
 MAX_MEMOIZED_BYTES = 512  # from_pb memoizes messages up to this size (all but long logit biases)
 _RULE_TO_PB = {
     "leviathan": common_pb2.ACCEPTANCE_RULE_LEVIATHAN,
@@ -57,6 +58,9 @@ class SamplingParams:
     allowed_token_ids: tuple[int, ...] = ()
     # Token sequences the output never completes (sampling/bad_words.py).
     bad_words: tuple[tuple[int, ...], ...] = ()
+    # Structured output: the output must match this regular expression (sampling/structured_output.py);
+    # "" = off. The coordinator compiles GenerateRequest.structured_output into it.
+    output_regex: str = ""
 
     def __post_init__(self) -> None:
         if not math.isfinite(self.temperature) or self.temperature < 0:
@@ -88,6 +92,11 @@ class SamplingParams:
             self._check_logit_bias()
         if self.allowed_token_ids or self.bad_words:
             self._check_token_masks()
+        if len(self.output_regex) > MAX_OUTPUT_REGEX_CHARS:
+            raise InvalidArgumentError(
+                f"sampling.output_regex must be at most {MAX_OUTPUT_REGEX_CHARS} characters, "
+                f"got {len(self.output_regex)}"
+            )
         if self.min_tokens < 0 or self.output_start < 0:
             raise InvalidArgumentError(
                 f"sampling.min_tokens and output_start must be >= 0, "
@@ -141,7 +150,7 @@ class SamplingParams:
         # Greedy ignores min_p; a bias or a penalty moves even the argmax.
         filters = self.min_p > 0.0 and not self.is_greedy
         holds_back = self.min_tokens > 0 and bool(self.end_token_ids)  # the coordinator sets the ids
-        masks = bool(self.allowed_token_ids) or bool(self.bad_words)
+        masks = bool(self.allowed_token_ids) or bool(self.bad_words) or bool(self.output_regex)
         return filters or self.penalizes_occurrences or bool(self.logit_bias) or holds_back or masks
 
     @property
@@ -191,6 +200,8 @@ class SamplingParams:
             extras["allowed_token_ids"] = tuple(pb.allowed_token_ids)
         if pb.bad_words:
             extras["bad_words"] = tuple(tuple(word.token_ids) for word in pb.bad_words)
+        if pb.output_regex:
+            extras["output_regex"] = pb.output_regex
         return cls(
             temperature=pb.temperature,
             top_k=pb.top_k,
@@ -230,6 +241,8 @@ class SamplingParams:
             pb.allowed_token_ids.extend(self.allowed_token_ids)
         for word in self.bad_words:
             pb.bad_words.add(token_ids=word)
+        if self.output_regex:
+            pb.output_regex = self.output_regex
         return pb
 
     def to_dict(self) -> dict[str, object]:
@@ -247,6 +260,7 @@ class SamplingParams:
             "min_tokens": self.min_tokens,
             "allowed_token_ids": list(self.allowed_token_ids),
             "bad_words": [list(word) for word in self.bad_words],
+            "output_regex": self.output_regex,
         }
 
 

@@ -1,0 +1,158 @@
+"""Structured output (`SamplingParams.output_regex`): the output must match a regular expression, shared by
+the draft (q) and the target (p).
+
+The regular expression (a JSON schema, a choice or a regex as the client gave it, compiled to one by the
+coordinator: coordinator/structured_requests.py) is compiled with the tokenizer's vocabulary into a token
+automaton by outlines-core (the engine TGI's grammars and vLLM's "outlines" backend use): a state per prefix
+of a match, the tokens allowed in each, the next state after each. At a row, every token that cannot continue
+a match of the output so far is -inf; where the output matches in full and cannot grow, end-of-sequence is
+all that is left, so the request ends there.
+
+The output is the session's history from `SamplingParams.output_start` on. In a verify pass, row i follows
+history + block[:i], so each row is masked by the state after the draft tokens before it, as plain decoding
+would be at that position: a draft token outside its row's mask has p = 0 and is never accepted, and the rows
+after it (never reached) are left unmasked. Ids the automaton does not know (special tokens but the
+end-of-sequence) are never allowed. Torch and outlines-core only.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections import OrderedDict
+from collections.abc import Sequence
+from functools import cache
+
+import torch
+from outlines_core import Index, Vocabulary
+from transformers import PreTrainedTokenizerBase
+
+from specpipe.errors import InvalidArgumentError
+from specpipe.sampling.params import SamplingParams
+
+__all__ = ["OutputAutomata", "token_bytes_vocabulary"]
+
+MAX_CACHED_AUTOMATA = 64  # each holds a state table over the vocabulary: up to a few MB for a JSON schema
+SENTENCEPIECE_SPACE = "\u2581"
+ENDED = -1  # the state after end-of-sequence (outlines-core's states are >= 0)
+
+
+@cache
+def _byte_level_decoder() -> dict[str, int]:
+    """GPT-2's byte-level BPE alphabet (the printable character standing for each byte) -> the byte."""
+    printable = [
+        *range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)
+    ]  # fmt: skip
+    stands_for = dict(zip(printable, printable, strict=True))
+    extra = 0
+    for byte in range(256):
+        if byte not in stands_for:
+            stands_for[byte] = 256 + extra
+            extra += 1
+    return {chr(char): byte for byte, char in stands_for.items()}
+
+
+def _token_bytes(token: str, byte_level: bool) -> bytes:
+    if byte_level:
+        decoder = _byte_level_decoder()
+        return bytes(decoder[char] for char in token)
+    if len(token) == 6 and token.startswith("<0x") and token.endswith(">"):
+        return bytes([int(token[3:5], 16)])  # SentencePiece's byte fallback
+    return token.replace(SENTENCEPIECE_SPACE, " ").encode()
+
+
+def token_bytes_vocabulary(tokenizer: PreTrainedTokenizerBase) -> Vocabulary:
+    """The tokenizer's vocabulary as the bytes each token stands for (byte-level BPE as GPT-2's, or
+    SentencePiece's with its byte fallback), special tokens left out but end-of-sequence (the automaton's
+    end)."""
+    byte_level = set("".join(tokenizer.get_vocab())) <= _byte_level_decoder().keys()
+    special = set(tokenizer.all_special_ids)
+    by_bytes: dict[bytes, list[int]] = {}
+    for token, token_id in tokenizer.get_vocab().items():
+        if token_id in special:
+            continue
+        encoded = _token_bytes(token, byte_level)
+        if encoded:
+            by_bytes.setdefault(encoded, []).append(token_id)
+    if tokenizer.eos_token_id is None:
+        raise InvalidArgumentError("structured output needs a tokenizer with an end-of-sequence token")
+    return Vocabulary(tokenizer.eos_token_id, by_bytes)
+
+
+def _next_state(automaton: Index, state: int, token_id: int, eos: int) -> int | None:
+    """The state after `token_id`; None where the automaton forbids it. End-of-sequence, allowed where a
+    match is complete, leads to ENDED: a draft drafting past the end of the output (pipelined, on the
+    assumption that its block is accepted), or a request that ignores EOS, goes on with EOS only."""
+    if state == ENDED:
+        return ENDED if token_id == eos else None
+    if token_id == eos:
+        return ENDED if automaton.is_final_state(state) else None
+    return automaton.get_next_state(state, token_id)
+
+
+class OutputAutomata:
+    """A worker's (or the coordinator's) automata, one per regular expression, built from its tokenizer's
+    vocabulary on first use and kept for the next requests (LRU)."""
+
+    def __init__(self, tokenizer: PreTrainedTokenizerBase) -> None:
+        self.tokenizer = tokenizer
+        self._vocabulary: Vocabulary | None = None
+        self._automata: OrderedDict[str, Index] = OrderedDict()
+        # The coordinator builds automata on worker threads (a worker, on its model thread only).
+        self._lock = threading.Lock()
+
+    def automaton(self, regex: str) -> Index:
+        """The token automaton of `regex`; INVALID_ARGUMENT where it is malformed or no token sequence of the
+        vocabulary can match it."""
+        with self._lock:
+            found = self._automata.get(regex)
+            if found is not None:
+                self._automata.move_to_end(regex)
+                return found
+            if self._vocabulary is None:
+                self._vocabulary = token_bytes_vocabulary(self.tokenizer)
+            vocabulary = self._vocabulary
+        try:
+            built = Index(regex, vocabulary)
+        except (ValueError, RuntimeError, TypeError) as exc:  # outlines-core's errors name the problem
+            raise InvalidArgumentError(f"sampling.output_regex: {exc}") from None
+        with self._lock:
+            self._automata[regex] = built
+            if len(self._automata) > MAX_CACHED_AUTOMATA:
+                self._automata.popitem(last=False)
+        return built
+
+    def mask(
+        self,
+        logits: torch.Tensor,  # [n, vocab_size]: row i scores the position after history + block[:i]
+        history: Sequence[int],
+        block: Sequence[int],  # at least n - 1 tokens
+        sampling: SamplingParams,
+    ) -> torch.Tensor:  # [n, vocab_size] float32, a new tensor
+        """Every row's logits with the tokens that cannot continue a match of the output before it at -inf."""
+        automaton = self.automaton(sampling.output_regex)
+        eos = self.tokenizer.eos_token_id
+        state: int | None = automaton.get_initial_state()
+        for position in range(sampling.output_start, len(history)):
+            state = _next_state(automaton, state, history[position], eos)
+            if state is None:
+                # Committed tokens outside the automaton: a resumed session whose request changed the
+                # constraint (its own tokens always match it).
+                raise InvalidArgumentError(
+                    f"sampling.output_regex: the output so far leaves it at position {position}"
+                )
+        scores = logits.to(torch.float32).clone()
+        vocab_size = scores.shape[-1]
+        for row in range(scores.shape[0]):
+            if row > 0 and state is not None and len(history) + row - 1 >= sampling.output_start:
+                state = _next_state(automaton, state, block[row - 1], eos)
+            if state is None:
+                # A draft token the automaton forbids came before this row: it has p = 0 and is never
+                # accepted, so this row is never reached. Left unmasked.
+                continue
+            ids = [eos] if state == ENDED else automaton.get_allowed_tokens(state)
+            allowed = torch.tensor(ids, dtype=torch.long)  # [m]
+            allowed = allowed[allowed < vocab_size]
+            row_scores = torch.full((vocab_size,), float("-inf"), dtype=torch.float32, device=scores.device)
+            row_scores[allowed] = scores[row, allowed]
+            scores[row] = row_scores
+        return scores
