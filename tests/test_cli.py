@@ -60,11 +60,13 @@ def test_serve_with_no_flags_then_generate(tmp_path: Path) -> None:
         assert len(lines) >= 2 and all(len(line.split()) == 6 for line in lines), with_logprobs.stdout
         two = subprocess.run(
             [sys.executable, "-m", "specpipe", "generate", "def f(x):", "--addr", f"127.0.0.1:{port}",
-             "--max-new-tokens", "4", "-n", "2", "--temperature", "1.0"],
+             "--max-new-tokens", "8", "-n", "2", "--temperature", "1.0",
+             "--choice", " yes", "--choice", " no"],
             capture_output=True, text=True, env=env, timeout=120,
         )  # fmt: skip
         assert two.returncode == 0, two.stderr
-        assert re.findall(r"^--- completion (\d) ---\ndef f\(x\):", two.stdout, re.MULTILINE) == ["0", "1"]
+        completions = re.findall(r"^--- completion (\d) ---\ndef f\(x\):( yes| no)$", two.stdout, re.M)
+        assert [index for index, _ in completions] == ["0", "1"], two.stdout
         assert len(set(re.findall(r"\[session (\w+)\]", two.stderr))) == 2, two.stderr
         bad = subprocess.run(
             [sys.executable, "-m", "specpipe", "generate", "x", "--addr", f"127.0.0.1:{port}",
