@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import dataclasses
 import re
+import secrets
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
@@ -102,11 +104,16 @@ class GenerationRequest:
             raise InvalidArgumentError(
                 f"prompt_logprobs must be in [0, {MAX_TOP_LOGPROBS}] (unset = none), got {prompt_logprobs}"
             )
+        sampling = SamplingParams.from_pb(pb.sampling)
+        if not pb.sampling.HasField("seed") and not sampling.is_greedy:
+            # No seed: a fresh one, so repeated requests sample afresh (and this one's rounds, fail-overs
+            # included, still share it).
+            sampling = dataclasses.replace(sampling, seed=secrets.randbits(64))
         return cls(
             prompt=pb.prompt,
             prompt_token_ids=tuple(pb.prompt_token_ids),
             max_new_tokens=pb.max_new_tokens,
-            sampling=SamplingParams.from_pb(pb.sampling),
+            sampling=sampling,
             stop=tuple(pb.stop),
             session_id=pb.session_id,
             num_speculative_tokens=k,

@@ -258,7 +258,10 @@ def add_generate_parser(subparsers: argparse._SubParsersAction) -> None:
         help="drop tokens less likely than this times the most likely one (0 = off, e.g. 0.05)",
     )  # fmt: skip
     generate.add_argument(
-        "--seed", type=int, default=0, help="sampled tokens are a function of the seed (default: %(default)s)"
+        "--seed",
+        type=int,
+        default=None,
+        help="sampled tokens are a function of the seed (default: a random one per request)",
     )
     generate.add_argument(
         "--acceptance", choices=("leviathan", "coupled"), default="leviathan",

@@ -19,7 +19,7 @@ def build_request(
     top_k: int = 0,
     top_p: float = 1.0,
     min_p: float = 0.0,
-    seed: int = 0,
+    seed: int | None = 0,  # None: unset, the coordinator draws one
     stop: Sequence[str] = (),
     session_id: str = "",
     num_speculative_tokens: int | None = None,

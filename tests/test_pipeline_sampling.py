@@ -27,6 +27,21 @@ def test_seeded_request_is_reproducible(pipeline: Pipeline, k: int) -> None:
     assert runs[0] != runs[2]
 
 
+def test_an_unseeded_sampled_request_draws_its_own_seed(pipeline: Pipeline) -> None:
+    from coordinator.request import GenerationRequest, RequestLimits
+
+    limits = RequestLimits(max_new_tokens=64, max_speculative_tokens=8, default_speculative_tokens=None)
+    unseeded = build_request(PROMPT, 16, temperature=1.0, seed=None)
+    assert not unseeded.sampling.HasField("seed")
+    seeds = {GenerationRequest.from_pb(unseeded, limits).sampling.seed for _ in range(4)}
+    assert len(seeds) == 4  # drawn per request
+    greedy = build_request(PROMPT, 16, seed=None)
+    assert GenerationRequest.from_pb(greedy, limits).sampling.seed == 0  # nothing to key
+    with CoordinatorClient(pipeline.coordinator_addr) as client:
+        outputs = {tuple(client.generate(unseeded, timeout_s=60).token_ids) for _ in range(4)}
+    assert len(outputs) > 1  # as vLLM's and OpenAI's sampling without a seed; a seed repeats (above)
+
+
 def request_fields(sampling: SamplingParams) -> dict[str, object]:
     """build_request's fields for a SamplingParams of temperature, top-k, top-p, min-p and the rule."""
     return {

@@ -24,7 +24,7 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x18specpipe/v1/common.proto\x12\x0bspecpipe.v1\"\x83\x05\n\x0eSamplingParams\x12\x13\n\x0btemperature\x18\x01 \x01(\x02\x12\r\n\x05top_k\x18\x02 \x01(\r\x12\x12\n\x05top_p\x18\x03 \x01(\x02H\x00\x88\x01\x01\x12\x0c\n\x04seed\x18\x04 \x01(\x04\x12/\n\nacceptance\x18\x05 \x01(\x0e\x32\x1b.specpipe.v1.AcceptanceRule\x12\x15\n\x08logprobs\x18\x06 \x01(\rH\x01\x88\x01\x01\x12\x1f\n\x12repetition_penalty\x18\x07 \x01(\x01H\x02\x88\x01\x01\x12\x12\n\x05min_p\x18\x08 \x01(\x02H\x03\x88\x01\x01\x12\x1d\n\x10presence_penalty\x18\t \x01(\x02H\x04\x88\x01\x01\x12\x1e\n\x11\x66requency_penalty\x18\n \x01(\x02H\x05\x88\x01\x01\x12\x14\n\x0coutput_start\x18\x0b \x01(\r\x12>\n\nlogit_bias\x18\x0c \x03(\x0b\x32*.specpipe.v1.SamplingParams.LogitBiasEntry\x12\x12\n\nmin_tokens\x18\r \x01(\r\x12\x15\n\rend_token_ids\x18\x0e \x03(\x05\x12\x19\n\x11\x61llowed_token_ids\x18\x0f \x03(\x05\x12(\n\tbad_words\x18\x10 \x03(\x0b\x32\x15.specpipe.v1.TokenIds\x12\x14\n\x0coutput_regex\x18\x11 \x01(\t\x1a\x30\n\x0eLogitBiasEntry\x12\x0b\n\x03key\x18\x01 \x01(\x05\x12\r\n\x05value\x18\x02 \x01(\x02:\x02\x38\x01\x42\x08\n\x06_top_pB\x0b\n\t_logprobsB\x15\n\x13_repetition_penaltyB\x08\n\x06_min_pB\x13\n\x11_presence_penaltyB\x14\n\x12_frequency_penalty\"\x1d\n\x08TokenIds\x12\x11\n\ttoken_ids\x18\x01 \x03(\x05\"^\n\x0cTokenLogprob\x12\x10\n\x08token_id\x18\x01 \x01(\x05\x12\x0f\n\x07logprob\x18\x02 \x01(\x02\x12\x15\n\rtop_token_ids\x18\x03 \x03(\x05\x12\x14\n\x0ctop_logprobs\x18\x04 \x03(\x02\"K\n\x11TokenDistribution\x12\x11\n\ttoken_ids\x18\x01 \x03(\x05\x12\r\n\x05probs\x18\x02 \x03(\x02\x12\x14\n\x0cpacked_probs\x18\x03 \x01(\x0c\"6\n\x13GetModelInfoRequest\x12\x1f\n\x17include_tokenizer_files\x18\x01 \x01(\x08\"\xd4\x02\n\tModelInfo\x12\x12\n\nmodel_name\x18\x01 \x01(\t\x12\x12\n\nvocab_size\x18\x02 \x01(\r\x12\x1d\n\x15tokenizer_fingerprint\x18\x03 \x01(\t\x12\x13\n\x0bmax_context\x18\x04 \x01(\r\x12\r\n\x05\x64type\x18\x05 \x01(\t\x12\x0e\n\x06\x64\x65vice\x18\x06 \x01(\t\x12\x15\n\reos_token_ids\x18\x07 \x03(\x05\x12\x43\n\x0ftokenizer_files\x18\x08 \x03(\x0b\x32*.specpipe.v1.ModelInfo.TokenizerFilesEntry\x12\x0c\n\x04role\x18\t \x01(\t\x12\x0f\n\x07\x64rafter\x18\n \x01(\t\x12\x1a\n\x12\x64irect_stream_port\x18\x0b \x01(\r\x1a\x35\n\x13TokenizerFilesEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x0c:\x02\x38\x01\"+\n\x15ReleaseSessionRequest\x12\x12\n\nsession_id\x18\x01 \x01(\t\"*\n\x16ReleaseSessionResponse\x12\x10\n\x08released\x18\x01 \x01(\x08\"%\n\x0fGetStatsRequest\x12\x12\n\nsession_id\x18\x01 \x01(\t\"\xd6\x02\n\x0bWorkerStats\x12\x17\n\x0f\x63\x61\x63hed_sessions\x18\x01 \x01(\r\x12\x13\n\x0b\x63\x61\x63he_bytes\x18\x02 \x01(\x04\x12\x11\n\tevictions\x18\x03 \x01(\x04\x12\x16\n\x0esession_cached\x18\x04 \x01(\x08\x12\x14\n\x0copen_streams\x18\x05 \x01(\r\x12\x18\n\x10\x63hained_verifies\x18\x06 \x01(\x04\x12\x15\n\rchained_skips\x18\x07 \x01(\x04\x12\x18\n\x10\x64\x65legated_rounds\x18\x08 \x01(\x04\x12\x16\n\x0e\x64irect_streams\x18\t \x01(\x04\x12\x16\n\x0e\x62\x61tched_passes\x18\n \x01(\x04\x12\x16\n\x0e\x62\x61tched_blocks\x18\x0b \x01(\x04\x12\x15\n\rlargest_batch\x18\x0c \x01(\r\x12\x19\n\x11kv_slot_takeovers\x18\r \x01(\x04\x12\x13\n\x0b\x63uda_graphs\x18\x0e \x01(\r*L\n\x0e\x41\x63\x63\x65ptanceRule\x12\x1d\n\x19\x41\x43\x43\x45PTANCE_RULE_LEVIATHAN\x10\x00\x12\x1b\n\x17\x41\x43\x43\x45PTANCE_RULE_COUPLED\x10\x01\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x18specpipe/v1/common.proto\x12\x0bspecpipe.v1\"\x91\x05\n\x0eSamplingParams\x12\x13\n\x0btemperature\x18\x01 \x01(\x02\x12\r\n\x05top_k\x18\x02 \x01(\r\x12\x12\n\x05top_p\x18\x03 \x01(\x02H\x00\x88\x01\x01\x12\x11\n\x04seed\x18\x04 \x01(\x04H\x01\x88\x01\x01\x12/\n\nacceptance\x18\x05 \x01(\x0e\x32\x1b.specpipe.v1.AcceptanceRule\x12\x15\n\x08logprobs\x18\x06 \x01(\rH\x02\x88\x01\x01\x12\x1f\n\x12repetition_penalty\x18\x07 \x01(\x01H\x03\x88\x01\x01\x12\x12\n\x05min_p\x18\x08 \x01(\x02H\x04\x88\x01\x01\x12\x1d\n\x10presence_penalty\x18\t \x01(\x02H\x05\x88\x01\x01\x12\x1e\n\x11\x66requency_penalty\x18\n \x01(\x02H\x06\x88\x01\x01\x12\x14\n\x0coutput_start\x18\x0b \x01(\r\x12>\n\nlogit_bias\x18\x0c \x03(\x0b\x32*.specpipe.v1.SamplingParams.LogitBiasEntry\x12\x12\n\nmin_tokens\x18\r \x01(\r\x12\x15\n\rend_token_ids\x18\x0e \x03(\x05\x12\x19\n\x11\x61llowed_token_ids\x18\x0f \x03(\x05\x12(\n\tbad_words\x18\x10 \x03(\x0b\x32\x15.specpipe.v1.TokenIds\x12\x14\n\x0coutput_regex\x18\x11 \x01(\t\x1a\x30\n\x0eLogitBiasEntry\x12\x0b\n\x03key\x18\x01 \x01(\x05\x12\r\n\x05value\x18\x02 \x01(\x02:\x02\x38\x01\x42\x08\n\x06_top_pB\x07\n\x05_seedB\x0b\n\t_logprobsB\x15\n\x13_repetition_penaltyB\x08\n\x06_min_pB\x13\n\x11_presence_penaltyB\x14\n\x12_frequency_penalty\"\x1d\n\x08TokenIds\x12\x11\n\ttoken_ids\x18\x01 \x03(\x05\"^\n\x0cTokenLogprob\x12\x10\n\x08token_id\x18\x01 \x01(\x05\x12\x0f\n\x07logprob\x18\x02 \x01(\x02\x12\x15\n\rtop_token_ids\x18\x03 \x03(\x05\x12\x14\n\x0ctop_logprobs\x18\x04 \x03(\x02\"K\n\x11TokenDistribution\x12\x11\n\ttoken_ids\x18\x01 \x03(\x05\x12\r\n\x05probs\x18\x02 \x03(\x02\x12\x14\n\x0cpacked_probs\x18\x03 \x01(\x0c\"6\n\x13GetModelInfoRequest\x12\x1f\n\x17include_tokenizer_files\x18\x01 \x01(\x08\"\xd4\x02\n\tModelInfo\x12\x12\n\nmodel_name\x18\x01 \x01(\t\x12\x12\n\nvocab_size\x18\x02 \x01(\r\x12\x1d\n\x15tokenizer_fingerprint\x18\x03 \x01(\t\x12\x13\n\x0bmax_context\x18\x04 \x01(\r\x12\r\n\x05\x64type\x18\x05 \x01(\t\x12\x0e\n\x06\x64\x65vice\x18\x06 \x01(\t\x12\x15\n\reos_token_ids\x18\x07 \x03(\x05\x12\x43\n\x0ftokenizer_files\x18\x08 \x03(\x0b\x32*.specpipe.v1.ModelInfo.TokenizerFilesEntry\x12\x0c\n\x04role\x18\t \x01(\t\x12\x0f\n\x07\x64rafter\x18\n \x01(\t\x12\x1a\n\x12\x64irect_stream_port\x18\x0b \x01(\r\x1a\x35\n\x13TokenizerFilesEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x0c:\x02\x38\x01\"+\n\x15ReleaseSessionRequest\x12\x12\n\nsession_id\x18\x01 \x01(\t\"*\n\x16ReleaseSessionResponse\x12\x10\n\x08released\x18\x01 \x01(\x08\"%\n\x0fGetStatsRequest\x12\x12\n\nsession_id\x18\x01 \x01(\t\"\xd6\x02\n\x0bWorkerStats\x12\x17\n\x0f\x63\x61\x63hed_sessions\x18\x01 \x01(\r\x12\x13\n\x0b\x63\x61\x63he_bytes\x18\x02 \x01(\x04\x12\x11\n\tevictions\x18\x03 \x01(\x04\x12\x16\n\x0esession_cached\x18\x04 \x01(\x08\x12\x14\n\x0copen_streams\x18\x05 \x01(\r\x12\x18\n\x10\x63hained_verifies\x18\x06 \x01(\x04\x12\x15\n\rchained_skips\x18\x07 \x01(\x04\x12\x18\n\x10\x64\x65legated_rounds\x18\x08 \x01(\x04\x12\x16\n\x0e\x64irect_streams\x18\t \x01(\x04\x12\x16\n\x0e\x62\x61tched_passes\x18\n \x01(\x04\x12\x16\n\x0e\x62\x61tched_blocks\x18\x0b \x01(\x04\x12\x15\n\rlargest_batch\x18\x0c \x01(\r\x12\x19\n\x11kv_slot_takeovers\x18\r \x01(\x04\x12\x13\n\x0b\x63uda_graphs\x18\x0e \x01(\r*L\n\x0e\x41\x63\x63\x65ptanceRule\x12\x1d\n\x19\x41\x43\x43\x45PTANCE_RULE_LEVIATHAN\x10\x00\x12\x1b\n\x17\x41\x43\x43\x45PTANCE_RULE_COUPLED\x10\x01\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -35,30 +35,30 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_SAMPLINGPARAMS_LOGITBIASENTRY']._serialized_options = b'8\001'
   _globals['_MODELINFO_TOKENIZERFILESENTRY']._loaded_options = None
   _globals['_MODELINFO_TOKENIZERFILESENTRY']._serialized_options = b'8\001'
-  _globals['_ACCEPTANCERULE']._serialized_start=1763
-  _globals['_ACCEPTANCERULE']._serialized_end=1839
+  _globals['_ACCEPTANCERULE']._serialized_start=1777
+  _globals['_ACCEPTANCERULE']._serialized_end=1853
   _globals['_SAMPLINGPARAMS']._serialized_start=42
-  _globals['_SAMPLINGPARAMS']._serialized_end=685
-  _globals['_SAMPLINGPARAMS_LOGITBIASENTRY']._serialized_start=538
-  _globals['_SAMPLINGPARAMS_LOGITBIASENTRY']._serialized_end=586
-  _globals['_TOKENIDS']._serialized_start=687
-  _globals['_TOKENIDS']._serialized_end=716
-  _globals['_TOKENLOGPROB']._serialized_start=718
-  _globals['_TOKENLOGPROB']._serialized_end=812
-  _globals['_TOKENDISTRIBUTION']._serialized_start=814
-  _globals['_TOKENDISTRIBUTION']._serialized_end=889
-  _globals['_GETMODELINFOREQUEST']._serialized_start=891
-  _globals['_GETMODELINFOREQUEST']._serialized_end=945
-  _globals['_MODELINFO']._serialized_start=948
-  _globals['_MODELINFO']._serialized_end=1288
-  _globals['_MODELINFO_TOKENIZERFILESENTRY']._serialized_start=1235
-  _globals['_MODELINFO_TOKENIZERFILESENTRY']._serialized_end=1288
-  _globals['_RELEASESESSIONREQUEST']._serialized_start=1290
-  _globals['_RELEASESESSIONREQUEST']._serialized_end=1333
-  _globals['_RELEASESESSIONRESPONSE']._serialized_start=1335
-  _globals['_RELEASESESSIONRESPONSE']._serialized_end=1377
-  _globals['_GETSTATSREQUEST']._serialized_start=1379
-  _globals['_GETSTATSREQUEST']._serialized_end=1416
-  _globals['_WORKERSTATS']._serialized_start=1419
-  _globals['_WORKERSTATS']._serialized_end=1761
+  _globals['_SAMPLINGPARAMS']._serialized_end=699
+  _globals['_SAMPLINGPARAMS_LOGITBIASENTRY']._serialized_start=543
+  _globals['_SAMPLINGPARAMS_LOGITBIASENTRY']._serialized_end=591
+  _globals['_TOKENIDS']._serialized_start=701
+  _globals['_TOKENIDS']._serialized_end=730
+  _globals['_TOKENLOGPROB']._serialized_start=732
+  _globals['_TOKENLOGPROB']._serialized_end=826
+  _globals['_TOKENDISTRIBUTION']._serialized_start=828
+  _globals['_TOKENDISTRIBUTION']._serialized_end=903
+  _globals['_GETMODELINFOREQUEST']._serialized_start=905
+  _globals['_GETMODELINFOREQUEST']._serialized_end=959
+  _globals['_MODELINFO']._serialized_start=962
+  _globals['_MODELINFO']._serialized_end=1302
+  _globals['_MODELINFO_TOKENIZERFILESENTRY']._serialized_start=1249
+  _globals['_MODELINFO_TOKENIZERFILESENTRY']._serialized_end=1302
+  _globals['_RELEASESESSIONREQUEST']._serialized_start=1304
+  _globals['_RELEASESESSIONREQUEST']._serialized_end=1347
+  _globals['_RELEASESESSIONRESPONSE']._serialized_start=1349
+  _globals['_RELEASESESSIONRESPONSE']._serialized_end=1391
+  _globals['_GETSTATSREQUEST']._serialized_start=1393
+  _globals['_GETSTATSREQUEST']._serialized_end=1430
+  _globals['_WORKERSTATS']._serialized_start=1433
+  _globals['_WORKERSTATS']._serialized_end=1775
 # @@protoc_insertion_point(module_scope)
