@@ -8,7 +8,7 @@ from typing import Protocol
 
 import torch
 
-from specpipe.errors import InvalidArgumentError
+from specpipe.errors import InvalidArgumentError, SpecpipeError
 from specpipe.runtime.kv_cache import SessionKVCacheStore
 from specpipe.runtime.model_runner import CausalLMRunner, ForwardResult, in_vocab
 from specpipe.runtime.stream_history import StreamHistory, resolve_history
@@ -153,7 +153,11 @@ class ModelDrafter:
                 break
             still: list[tuple[int, _Drafting]] = []
             for (index, drafting), result in zip(active, results, strict=True):
-                drafting.take(result)
+                try:
+                    drafting.take(result)
+                except SpecpipeError as exc:  # this request's own (its constraint), not the batch's
+                    outcomes[index] = exc
+                    continue
                 if drafting.done:
                     outcomes[index] = drafting.proposal()
                 else:
@@ -195,7 +199,9 @@ class _Drafting:
         step = len(self.proposed)
         position = len(self.ids)
         # As the target's verify does.
-        logits = adjust_logits(logits, self.ids, (), sampling, self._penalized, self.automata)
+        # A step the masks leave no token (after a guess the target will reject, or where the target will
+        # refuse the request) proposes from zeros: the verdict decides (AdjustedLogits).
+        logits = adjust_logits(logits, self.ids, (), sampling, self._penalized, self.automata).logits
         if sampling.is_greedy:
             token = greedy_token_ids(logits)[0]
             if self.steer is not None:

@@ -163,7 +163,7 @@ class Verifier:
         """The verdict on a block from the target's logits at its k + 1 positions: the acceptance rule."""
         # [k + 1, vocab_size]: row i scores the position after history + draft[:i], and its penalties see
         # exactly those tokens.
-        logits = adjust_logits(
+        adjusted = adjust_logits(
             result.logits,
             block.token_ids,
             block.draft_token_ids,
@@ -171,6 +171,7 @@ class Verifier:
             lambda rows: penalize_block(rows, block.token_ids, block.draft_token_ids, block.sampling),
             self.automata,
         )
+        logits = adjusted.logits
         if block.sampling.is_greedy:
             # Only the argmax matters, and the logits' is the one-hot p's: skip building p.
             outcome = verify_greedy(logits, block.draft_token_ids)
@@ -193,6 +194,7 @@ class Verifier:
                     first_position=len(block.token_ids),
                     seed=block.sampling.seed,
                 )
+        adjusted.check_reached(outcome.num_accepted + 1)  # rows 0..num_accepted made the tokens
         logprobs: tuple[TokenLogprob, ...] = ()
         if block.sampling.logprobs is not None:
             emitted = [*block.draft_token_ids[: outcome.num_accepted], outcome.next_token_id]

@@ -197,7 +197,7 @@ def test_first_token_follows_the_masked_target_distribution(
     sampling = SamplingParams(temperature=1.0, output_regex=regex, output_start=len(prompt_ids))
     automata = OutputAutomata(tokenizer)
     p = sampling_probs(
-        adjust_logits(logits, prompt_ids, (), sampling, lambda rows: rows, automata), sampling
+        adjust_logits(logits, prompt_ids, (), sampling, lambda rows: rows, automata).logits, sampling
     )[0]
     assert torch.count_nonzero(p) >= 3
     counts = first_tokens(pipeline.coordinator_addr, prompt_ids, 300, temperature=1.0, choice=choices)

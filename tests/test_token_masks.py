@@ -53,15 +53,18 @@ def test_a_bad_word_is_banned_where_the_output_before_it_would_complete_it() -> 
     assert torch.isfinite(ban_bad_words(logits[:1], [5, 1], (), sampling)[0, :6]).all()
 
 
-def test_masks_that_leave_no_token_are_invalid_argument_and_unset_masks_cost_nothing() -> None:
-    logits = torch.zeros(2, 6)  # [2, 6]
+def test_a_row_the_masks_leave_no_token_is_refused_only_where_the_verdict_reaches_it() -> None:
+    logits = torch.zeros(3, 6)  # [3, 6]: rows follow [9] * 5, then + [2], then + [2, 4]
     sampling = SamplingParams(allowed_token_ids=(3,), bad_words=((2, 3),))
-    with pytest.raises(InvalidArgumentError, match="no token to choose at position 5"):
-        adjust_logits(logits, [9, 9, 9, 9, 2], [4], sampling, lambda rows: rows)
-    assert torch.isfinite(
-        adjust_logits(logits, [9, 9, 9, 9, 4], [4], sampling, lambda rows: rows)[:, 3]
-    ).all()
-    assert adjust_logits(logits, [1], [2], SamplingParams(), lambda rows: rows) is logits
+    adjusted = adjust_logits(logits, [9] * 5, [2, 4], sampling, lambda rows: rows)
+    # Row 1 follows a 2, which bans the only allowed token: it and the rows after it hold zeros.
+    assert adjusted.dead_from == 1 and torch.equal(adjusted.logits[1:], torch.zeros(2, 6))
+    assert torch.isfinite(adjusted.logits[0]).tolist() == [False, False, False, True, False, False]
+    adjusted.check_reached(1)  # the verdict rejected the draft's 2: row 1 is never reached
+    with pytest.raises(InvalidArgumentError, match="no token to choose at position 6"):
+        adjusted.check_reached(2)
+    assert adjust_logits(logits, [9] * 5, [4, 4], sampling, lambda rows: rows).dead_from is None
+    assert adjust_logits(logits, [1], [2], SamplingParams(), lambda rows: rows).logits is logits
 
 
 def test_the_request_fields_are_checked_and_round_trip() -> None:
@@ -216,7 +219,7 @@ def test_first_token_follows_the_masked_target_distribution(pipeline: Pipeline) 
     ranked = logits[0].argsort(descending=True).tolist()
     allowed, bad = ranked[:3] + ranked[8:11], ranked[1]
     sampling = SamplingParams(temperature=1.0, allowed_token_ids=tuple(allowed), bad_words=((bad,),))
-    p = sampling_probs(adjust_logits(logits, prompt_ids, (), sampling, lambda rows: rows), sampling)[0]
+    p = sampling_probs(adjust_logits(logits, prompt_ids, (), sampling, lambda rows: rows).logits, sampling)[0]
     assert torch.count_nonzero(p) == 5 and p[bad] == 0
     counts = first_tokens(
         pipeline.coordinator_addr, prompt_ids, 300, temperature=1.0, allowed_token_ids=allowed,

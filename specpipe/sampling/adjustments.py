@@ -8,6 +8,7 @@ target must agree on it exactly, so it lives here once. Torch (and outlines-core
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
+from typing import NamedTuple
 
 import torch
 
@@ -19,7 +20,7 @@ from specpipe.sampling.min_tokens import hold_back_ends
 from specpipe.sampling.params import SamplingParams
 from specpipe.sampling.structured_output import OutputAutomata
 
-__all__ = ["adjust_logits"]
+__all__ = ["AdjustedLogits", "adjust_logits"]
 
 
 def adjust_logits(
@@ -31,7 +32,7 @@ def adjust_logits(
         [torch.Tensor], torch.Tensor
     ],  # the rows with the penalties over the tokens before each
     automata: OutputAutomata | None = None,  # the worker's, where a request may ask for structured output
-) -> torch.Tensor:  # [n, vocab_size]: `logits` itself where the request asks for none
+) -> AdjustedLogits:  # its logits are `logits` itself where the request asks for none
     if sampling.output_regex:
         if automata is None:
             raise FailedPreconditionError("sampling.output_regex: this worker cannot apply structured output")
@@ -47,20 +48,38 @@ def adjust_logits(
     if sampling.penalizes:
         logits = penalize(logits)
     if sampling.allowed_token_ids or sampling.bad_words or sampling.output_regex:
-        check_some_token_left(logits, len(history))
-    return logits
+        return _without_dead_rows(logits, len(history))
+    return AdjustedLogits(logits, len(history))
 
 
-def check_some_token_left(
+class AdjustedLogits(NamedTuple):
+    """The adjusted rows, and where the masks left a row no token to choose (allowed ids that are all bad
+    words there, an automaton's end held back by min_tokens...). Such a row is reached only if every token
+    before it is accepted, which a draft token the target rejects before it prevents; so it is not an error
+    until the verdict reaches it (`check_reached`). It and the rows after it hold zeros rather than -inf
+    everywhere, whose softmax would be NaN."""
+
+    logits: torch.Tensor  # [n, vocab_size]
+    first_position: int  # the position row 0 scores
+    dead_from: int | None = None  # the first row without a token to choose
+
+    def check_reached(self, rows_reached: int) -> None:
+        """INVALID_ARGUMENT where the verdict's tokens (rows 0..rows_reached - 1) reach a dead row."""
+        if self.dead_from is not None and self.dead_from < rows_reached:
+            raise InvalidArgumentError(
+                "sampling.output_regex, allowed_token_ids, bad_words and min_tokens leave no token to choose "
+                f"at position {self.first_position + self.dead_from}"
+            )
+
+
+def _without_dead_rows(
     logits: torch.Tensor,  # [n, vocab_size]: row i scores position first_position + i
     first_position: int,
-) -> None:
-    """Refuse a row where the masks left no token to choose (say, allowed ids that are all bad words there):
-    its softmax would be NaN, and argmax would pick token 0, which no mask allowed."""
+) -> AdjustedLogits:
     left = torch.isfinite(logits).any(dim=-1)  # [n] bool
-    if not bool(left.all()):
-        row = int((~left).nonzero()[0])
-        raise InvalidArgumentError(
-            f"sampling.output_regex, allowed_token_ids, bad_words and min_tokens leave no token to choose at "
-            f"position {first_position + row}"
-        )
+    if bool(left.all()):
+        return AdjustedLogits(logits, first_position)
+    dead_from = int((~left).nonzero()[0])
+    filled = logits.clone()
+    filled[dead_from:] = 0.0  # never used: the rows are unreachable, or their verdict is refused
+    return AdjustedLogits(filled, first_position, dead_from)
