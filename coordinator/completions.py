@@ -38,15 +38,18 @@ async def interleaved_completions(
     requests: Sequence[GenerationRequest],
 ) -> AsyncIterator[GenerationChunk]:
     """Each request's chunks, tagged with its index, as they come; in order within each completion."""
-    queue: asyncio.Queue[GenerationChunk | Exception | None] = asyncio.Queue()
+    queue: asyncio.Queue[GenerationChunk | BaseException | None] = asyncio.Queue()
 
     async def run(index: int, request: GenerationRequest) -> None:
         try:
             async for chunk in generate(request):
                 queue.put_nowait(dataclasses.replace(chunk, index=index))
-        except Exception as exc:  # the caller raises it; a cancellation is not caught
+        except BaseException as exc:
+            # The caller raises it, a CancelledError too (one the completion's own calls raised, where the
+            # caller did not cancel it): every completion ends with an item, so the caller never waits on
+            # a completion that is gone.
             queue.put_nowait(exc)
-            return
+            raise
         queue.put_nowait(None)
 
     tasks = [asyncio.create_task(run(index, request)) for index, request in enumerate(requests)]
@@ -56,7 +59,7 @@ async def interleaved_completions(
             item = await queue.get()
             if item is None:
                 running -= 1
-            elif isinstance(item, Exception):
+            elif isinstance(item, BaseException):
                 raise item
             else:
                 yield item

@@ -37,7 +37,9 @@ def test_completion_i_is_the_request_with_seed_plus_i_and_only_the_first_scores_
 
 
 def fake_generate(
-    closed: list[tuple[int, bool]], fail_after: int | None = None
+    closed: list[tuple[int, bool]],
+    fail_after: int | None = None,
+    failure: BaseException | None = None,  # None: InvalidArgumentError("completion 1 failed")
 ) -> Callable[[GenerationRequest], AsyncIterator[GenerationChunk]]:
     """Three chunks per completion, the later completions slower; completion 1 fails where asked. `closed`
     gets each completion's seed as its generator ends (finished, failed or cancelled), and whether it
@@ -49,7 +51,8 @@ def fake_generate(
         try:
             for step in range(3):
                 if fail_after is not None and seed == 1 and step == fail_after:
-                    raise InvalidArgumentError("completion 1 failed")
+                    raise failure or InvalidArgumentError("completion 1 failed")
+
                 await asyncio.sleep(0.01 * (seed + 1))
                 yield GenerationChunk(f"s{seed}", [step], str(step))
         finally:
@@ -63,9 +66,10 @@ def test_chunks_keep_their_order_within_each_completion_and_a_failure_cancels_th
 
     closed: list[tuple[int, bool]] = []
 
-    async def gather(fail_after: int | None) -> list[GenerationChunk]:
-        generate = fake_generate(closed, fail_after)
-        return [chunk async for chunk in interleaved_completions(generate, requests)]
+    async def gather(fail_after: int | None, **failure: BaseException) -> list[GenerationChunk]:
+        generate = fake_generate(closed, fail_after, **failure)
+        chunks = interleaved_completions(generate, requests)
+        return await asyncio.wait_for(_collect(chunks), timeout=10)  # a hang fails rather than waits
 
     chunks = asyncio.run(gather(None))
     for index in range(3):
@@ -77,6 +81,13 @@ def test_chunks_keep_their_order_within_each_completion_and_a_failure_cancels_th
         asyncio.run(gather(1))
     # Completion 2, still running at the failure, was cancelled (and closed) rather than waited for.
     assert sorted(seed for seed, _ in closed) == [0, 1, 2] and (2, False) in closed
+    # A completion whose own call was cancelled (not by the fan-out) ends the call too, rather than hang it.
+    with pytest.raises(asyncio.CancelledError):
+        asyncio.run(gather(1, failure=asyncio.CancelledError()))
+
+
+async def _collect(chunks: AsyncIterator[GenerationChunk]) -> list[GenerationChunk]:
+    return [chunk async for chunk in chunks]
 
 
 @pytest.mark.parametrize("where", ["delegated", "coordinator"])
