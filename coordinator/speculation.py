@@ -31,7 +31,7 @@ from specpipe.errors import FailedPreconditionError, InvalidArgumentError, Specp
 from specpipe.rpc.worker_clients import TargetStream, WorkerClient
 from specpipe.runtime.model_runner import in_vocab
 from specpipe.sampling.logprobs import TokenLogprob
-from specpipe.sampling.params import SamplingParams
+from specpipe.sampling.params import MAX_BAD_WORDS, SamplingParams
 from specpipe.sampling.structured_output import OutputAutomata
 from specpipe.speculation.adaptive_k import CostProfile, DraftLengthPolicy
 from specpipe.speculation.delegation import DelegatedRequest, DraftSchedule
@@ -186,8 +186,13 @@ class SpeculativeGenerator:
         self, request: GenerationRequest, time_remaining: Callable[[], float | None]
     ) -> AsyncIterator[GenerationChunk]:
         if request.bad_words:
-            encoded = encode_bad_words(self.tokenizer, request.bad_words)
-            sampling = dataclasses.replace(request.sampling, bad_words=request.sampling.bad_words + encoded)
+            encoded = request.sampling.bad_words + encode_bad_words(self.tokenizer, request.bad_words)
+            if len(encoded) > MAX_BAD_WORDS:
+                raise InvalidArgumentError(
+                    f"bad_words and sampling.bad_words come to {len(encoded)} token sequences (a word is one "
+                    f"or two), more than {MAX_BAD_WORDS}"
+                )
+            sampling = dataclasses.replace(request.sampling, bad_words=encoded)
             request = dataclasses.replace(request, sampling=sampling)
         if request.output_regex:
             sampling = dataclasses.replace(request.sampling, output_regex=request.output_regex)
@@ -350,8 +355,8 @@ class SpeculativeGenerator:
             # tokens come from another distribution than the one asked for, so none reach the client.
             raise FailedPreconditionError(
                 "the workers did not apply the request's sampling (sampling.min_p, presence_penalty, "
-                "frequency_penalty, logit_bias, min_tokens, allowed_token_ids or bad_words): a worker older "
-                "than the coordinator?"
+                "frequency_penalty, logit_bias, min_tokens, allowed_token_ids, bad_words or output_regex): a "
+                "worker older than the coordinator?"
             )
         if request.sampling.logprobs is not None and len(verdict.logprobs) < len(new_ids):
             # A worker from before log-probs drops the field it does not know: say so rather than stream

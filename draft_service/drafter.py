@@ -111,7 +111,8 @@ class ModelDrafter:
         self, runner: CausalLMRunner, max_draft_tokens: int, steer: GreedySteer | None = None
     ) -> None:
         self.runner = runner
-        self.automata = OutputAutomata(runner.tokenizer)  # structured output's, built per regex on first use
+        # Structured output's, built per regex on first use; a match may end with any of the model's EOS ids.
+        self.automata = OutputAutomata(runner.tokenizer, runner.eos_token_ids() if runner.tokenizer else ())
         self.max_draft_tokens = max_draft_tokens
         # Greedy requests only: replaces the model's argmax after each step, for cost profiling with a chosen
         # acceptance rate (draft_service/controlled.py). The forwards still run; exactness is the target's.
@@ -241,7 +242,8 @@ class _Drafting:
         draft_probs: list[tuple[list[int], torch.Tensor]] | None = None
         if self.q_rows:
             # Untruncated q is dense (softmax leaves no zeros worth dropping): skip the support search.
-            if sampling.top_k == 0 and sampling.top_p >= 1.0 and sampling.min_p == 0.0:
+            unmasked = not sampling.masks_tokens
+            if sampling.top_k == 0 and sampling.top_p >= 1.0 and sampling.min_p == 0.0 and unmasked:
                 draft_probs = [([], q) for q in self.q_rows]
             else:
                 draft_probs = compact_supports(torch.stack(self.q_rows))  # one search for the block

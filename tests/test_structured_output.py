@@ -60,6 +60,63 @@ def test_each_token_stands_for_the_bytes_it_decodes_to(tokenizer: AutoTokenizer)
     assert vocabulary.get_eos_token_id() == tokenizer.eos_token_id
 
 
+def test_a_byte_level_tokenizer_with_added_tokens_and_a_sentencepiece_one_spell_their_bytes(
+    tokenizer: AutoTokenizer,
+) -> None:
+    from tests.test_detokenizer import metaspace_tok
+
+    with_added = AutoTokenizer.from_pretrained(tokenizer.name_or_path)
+    with_added.add_tokens(["    "])  # a run of spaces, as GPT-NeoX adds: literal text, not byte-level
+    spaces = with_added.convert_tokens_to_ids("    ")
+    vocabulary = token_bytes_vocabulary(with_added)
+    assert spaces in vocabulary.get(b"    ")
+    assert tokenizer.encode(" def", add_special_tokens=False)[0] in vocabulary.get(b" def")
+    sentencepiece = metaspace_tok.__wrapped__()  # type: ignore[attr-defined]
+    pieces = token_bytes_vocabulary(sentencepiece)
+    spaced = next(t for t, i in sentencepiece.get_vocab().items() if t.startswith("\u2581") and len(t) > 2)
+    assert sentencepiece.convert_tokens_to_ids(spaced) in pieces.get((" " + spaced[1:]).encode())
+
+
+def test_every_end_of_sequence_id_ends_a_complete_match(tokenizer: AutoTokenizer) -> None:
+    other_end = tokenizer.convert_tokens_to_ids("]")  # stands in for a model's second EOS id
+    automata = OutputAutomata(tokenizer, end_token_ids=[other_end])
+    ids = tokenizer.encode("123-4567", add_special_tokens=False)
+    sampling = SamplingParams(output_regex=PHONE)
+    masked = automata.mask(torch.zeros(2, len(tokenizer)), ids, [other_end], sampling)
+    ends = {tokenizer.eos_token_id, other_end}
+    assert set(torch.isfinite(masked[0]).nonzero().flatten().tolist()) == ends  # complete
+    assert set(torch.isfinite(masked[1]).nonzero().flatten().tolist()) == ends  # ended by the other id
+
+
+def test_concurrent_requests_for_one_regex_share_its_build(
+    tokenizer: AutoTokenizer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import threading
+    import time
+
+    import specpipe.sampling.structured_output as structured
+
+    builds: list[str] = []
+    real_index = structured.Index
+
+    def slow_index(regex: str, vocabulary: object) -> object:
+        builds.append(regex)
+        time.sleep(0.2)
+        return real_index(regex, vocabulary)
+
+    monkeypatch.setattr(structured, "Index", slow_index)
+    automata = OutputAutomata(tokenizer)
+    found: list[object] = []
+    threads = [threading.Thread(target=lambda: found.append(automata.automaton("[0-9]+"))) for _ in range(4)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert builds == ["[0-9]+"] and len(found) == 4 and all(one is found[0] for one in found)
+    with pytest.raises(InvalidArgumentError, match="output_regex"):
+        automata.automaton("a(")
+
+
 def test_rows_are_masked_by_the_state_after_the_tokens_before_them(tokenizer: AutoTokenizer) -> None:
     automata = OutputAutomata(tokenizer)
     ids = tokenizer.encode("123-4567", add_special_tokens=False)

@@ -237,6 +237,10 @@ def test_bad_masks_are_invalid_argument_and_lose_nothing(pipeline: Pipeline) -> 
             ({"bad_words": ["   "]}, "bad_words must not be empty"),
             ({"bad_words": ["x" * 5000]}, "bad_words[0] too long"),
             ({"allowed_token_ids": [7], "bad_word_token_ids": [[7]]}, "no token to choose"),
+            (
+                {"bad_words": [f"w{i}" for i in range(128)], "bad_word_token_ids": [[i] for i in range(200)]},
+                "come to",
+            ),
         ]
         for fields, message in cases:
             with pytest.raises(grpc.RpcError) as caught:

@@ -47,7 +47,7 @@ def adjust_logits(
         logits = hold_back_ends(logits, len(history), sampling)
     if sampling.penalizes:
         logits = penalize(logits)
-    if sampling.allowed_token_ids or sampling.bad_words or sampling.output_regex:
+    if sampling.masks_tokens:
         return _without_dead_rows(logits, len(history))
     return AdjustedLogits(logits, len(history))
 

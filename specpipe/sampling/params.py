@@ -150,8 +150,14 @@ class SamplingParams:
         # Greedy ignores min_p; a bias or a penalty moves even the argmax.
         filters = self.min_p > 0.0 and not self.is_greedy
         holds_back = self.min_tokens > 0 and bool(self.end_token_ids)  # the coordinator sets the ids
-        masks = bool(self.allowed_token_ids) or bool(self.bad_words) or bool(self.output_regex)
-        return filters or self.penalizes_occurrences or bool(self.logit_bias) or holds_back or masks
+        biased = bool(self.logit_bias)
+        return filters or self.penalizes_occurrences or biased or holds_back or self.masks_tokens
+
+    @property
+    def masks_tokens(self) -> bool:
+        """Whether some tokens are never chosen at some positions (output_regex, allowed_token_ids,
+        bad_words): a row may be left with no token, and q is mostly zeros."""
+        return bool(self.output_regex) or bool(self.allowed_token_ids) or bool(self.bad_words)
 
     @property
     def penalizes_occurrences(self) -> bool:

@@ -17,6 +17,8 @@ end-of-sequence) are never allowed. Torch and outlines-core only.
 
 from __future__ import annotations
 
+import concurrent.futures
+import json
 import threading
 from collections import OrderedDict
 from collections.abc import Sequence
@@ -32,6 +34,7 @@ from specpipe.sampling.params import SamplingParams
 __all__ = ["OutputAutomata", "token_bytes_vocabulary"]
 
 MAX_CACHED_AUTOMATA = 64  # each holds a state table over the vocabulary: up to a few MB for a JSON schema
+MAX_CACHED_MASKS = 1024  # [vocab_size] bool each: 128 MB at most for a 128k vocabulary
 SENTENCEPIECE_SPACE = "\u2581"
 ENDED = -1  # the state after end-of-sequence (outlines-core's states are >= 0)
 
@@ -60,45 +63,62 @@ def _token_bytes(token: str, byte_level: bool) -> bytes:
     return token.replace(SENTENCEPIECE_SPACE, " ").encode()
 
 
+def _is_byte_level(tokenizer: PreTrainedTokenizerBase) -> bool:
+    """Whether the tokenizer's tokens spell bytes in GPT-2's alphabet: its decoder says so (a fast
+    tokenizer's), else every token of its model's vocabulary is in the alphabet."""
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    if backend is not None:
+        decoder = json.loads(backend.to_str()).get("decoder") or {}
+        kinds = [decoder.get("type"), *(part.get("type") for part in decoder.get("decoders") or [])]
+        return "ByteLevel" in kinds
+    added = tokenizer.get_added_vocab()
+    modelled = "".join(token for token in tokenizer.get_vocab() if token not in added)
+    return set(modelled) <= _byte_level_decoder().keys()
+
+
 def token_bytes_vocabulary(tokenizer: PreTrainedTokenizerBase) -> Vocabulary:
     """The tokenizer's vocabulary as the bytes each token stands for (byte-level BPE as GPT-2's, or
-    SentencePiece's with its byte fallback), special tokens left out but end-of-sequence (the automaton's
-    end)."""
-    byte_level = set("".join(tokenizer.get_vocab())) <= _byte_level_decoder().keys()
+    SentencePiece's with its byte fallback; an added token is its text), special tokens left out but
+    end-of-sequence (the automaton's end)."""
+    if tokenizer.eos_token_id is None:
+        raise InvalidArgumentError("structured output needs a tokenizer with an end-of-sequence token")
+    byte_level = _is_byte_level(tokenizer)
+    added = tokenizer.get_added_vocab()
     special = set(tokenizer.all_special_ids)
     by_bytes: dict[bytes, list[int]] = {}
     for token, token_id in tokenizer.get_vocab().items():
         if token_id in special:
             continue
-        encoded = _token_bytes(token, byte_level)
+        encoded = token.encode() if token in added else _token_bytes(token, byte_level)
         if encoded:
             by_bytes.setdefault(encoded, []).append(token_id)
-    if tokenizer.eos_token_id is None:
-        raise InvalidArgumentError("structured output needs a tokenizer with an end-of-sequence token")
     return Vocabulary(tokenizer.eos_token_id, by_bytes)
-
-
-def _next_state(automaton: Index, state: int, token_id: int, eos: int) -> int | None:
-    """The state after `token_id`; None where the automaton forbids it. End-of-sequence, allowed where a
-    match is complete, leads to ENDED: a draft drafting past the end of the output (pipelined, on the
-    assumption that its block is accepted), or a request that ignores EOS, goes on with EOS only."""
-    if state == ENDED:
-        return ENDED if token_id == eos else None
-    if token_id == eos:
-        return ENDED if automaton.is_final_state(state) else None
-    return automaton.get_next_state(state, token_id)
 
 
 class OutputAutomata:
     """A worker's (or the coordinator's) automata, one per regular expression, built from its tokenizer's
-    vocabulary on first use and kept for the next requests (LRU)."""
+    vocabulary on first use and kept for the next requests (LRU), with the token mask of each state met.
 
-    def __init__(self, tokenizer: PreTrainedTokenizerBase) -> None:
+    `end_token_ids`: the tokens that end an output (the model's end-of-sequence ids; the tokenizer's is
+    always one): wherever a match is complete, each of them is allowed, and leads to ENDED."""
+
+    def __init__(self, tokenizer: PreTrainedTokenizerBase, end_token_ids: Sequence[int] = ()) -> None:
         self.tokenizer = tokenizer
+        self.end_token_ids = tuple(end_token_ids)
         self._vocabulary: Vocabulary | None = None
         self._automata: OrderedDict[str, Index] = OrderedDict()
-        # The coordinator builds automata on worker threads (a worker, on its model thread only).
+        # The mask of a state: [vocab_size] bool, by (regex, state, vocab_size). A state inside a JSON string
+        # allows most of the vocabulary: its list of ids costs ~4 ms to turn into a tensor at 50k.
+        self._masks: OrderedDict[tuple[str, int, int], torch.Tensor] = OrderedDict()
+        # Builds in progress, so concurrent requests for one regex wait for one build rather than each run
+        # it (the coordinator builds on worker threads; a worker, on its model thread).
+        self._building: dict[str, concurrent.futures.Future[Index]] = {}
         self._lock = threading.Lock()
+
+    @property
+    def ends(self) -> frozenset[int]:
+        eos = self.tokenizer.eos_token_id
+        return frozenset(self.end_token_ids) | ({eos} if eos is not None else set())
 
     def automaton(self, regex: str) -> Index:
         """The token automaton of `regex`; INVALID_ARGUMENT where it is malformed or no token sequence of the
@@ -108,17 +128,29 @@ class OutputAutomata:
             if found is not None:
                 self._automata.move_to_end(regex)
                 return found
-            if self._vocabulary is None:
+            building = self._building.get(regex)
+            owner = building is None
+            if building is None:
+                building = self._building[regex] = concurrent.futures.Future()
+            if owner and self._vocabulary is None:
                 self._vocabulary = token_bytes_vocabulary(self.tokenizer)
             vocabulary = self._vocabulary
+        if not owner:
+            return building.result()  # raises the owner's error too
         try:
             built = Index(regex, vocabulary)
         except (ValueError, RuntimeError, TypeError) as exc:  # outlines-core's errors name the problem
-            raise InvalidArgumentError(f"sampling.output_regex: {exc}") from None
+            error = InvalidArgumentError(f"sampling.output_regex: {exc}")
+            with self._lock:
+                del self._building[regex]
+            building.set_exception(error)
+            raise error from None
         with self._lock:
             self._automata[regex] = built
+            del self._building[regex]
             if len(self._automata) > MAX_CACHED_AUTOMATA:
                 self._automata.popitem(last=False)
+        building.set_result(built)
         return built
 
     def mask(
@@ -129,11 +161,12 @@ class OutputAutomata:
         sampling: SamplingParams,
     ) -> torch.Tensor:  # [n, vocab_size] float32, a new tensor
         """Every row's logits with the tokens that cannot continue a match of the output before it at -inf."""
-        automaton = self.automaton(sampling.output_regex)
-        eos = self.tokenizer.eos_token_id
+        regex = sampling.output_regex
+        automaton = self.automaton(regex)
+        ends = self.ends
         state: int | None = automaton.get_initial_state()
         for position in range(sampling.output_start, len(history)):
-            state = _next_state(automaton, state, history[position], eos)
+            state = _next_state(automaton, state, history[position], ends)
             if state is None:
                 # Committed tokens outside the automaton: a resumed session whose request changed the
                 # constraint (its own tokens always match it).
@@ -144,15 +177,45 @@ class OutputAutomata:
         vocab_size = scores.shape[-1]
         for row in range(scores.shape[0]):
             if row > 0 and state is not None and len(history) + row - 1 >= sampling.output_start:
-                state = _next_state(automaton, state, block[row - 1], eos)
+                state = _next_state(automaton, state, block[row - 1], ends)
             if state is None:
                 # A draft token the automaton forbids came before this row: it has p = 0 and is never
                 # accepted, so this row is never reached. Left unmasked.
                 continue
-            ids = [eos] if state == ENDED else automaton.get_allowed_tokens(state)
-            allowed = torch.tensor(ids, dtype=torch.long)  # [m]
-            allowed = allowed[allowed < vocab_size]
-            row_scores = torch.full((vocab_size,), float("-inf"), dtype=torch.float32, device=scores.device)
-            row_scores[allowed] = scores[row, allowed]
-            scores[row] = row_scores
+            allowed = self._state_mask(regex, automaton, state, vocab_size).to(scores.device)
+            scores[row] = scores[row].masked_fill(~allowed, float("-inf"))
         return scores
+
+    def _state_mask(self, regex: str, automaton: Index, state: int, vocab_size: int) -> torch.Tensor:
+        key = (regex, state, vocab_size)
+        with self._lock:
+            found = self._masks.get(key)
+            if found is not None:
+                self._masks.move_to_end(key)
+                return found
+        ends = self.ends
+        if state == ENDED:
+            ids = list(ends)
+        else:
+            ids = [t for t in automaton.get_allowed_tokens(state) if t not in ends]
+            if automaton.is_final_state(state):
+                ids.extend(ends)
+        allowed = torch.zeros(vocab_size, dtype=torch.bool)  # [vocab_size]
+        index = torch.tensor(ids, dtype=torch.long)
+        allowed[index[index < vocab_size]] = True
+        with self._lock:
+            self._masks[key] = allowed
+            if len(self._masks) > MAX_CACHED_MASKS:
+                self._masks.popitem(last=False)
+        return allowed
+
+
+def _next_state(automaton: Index, state: int, token_id: int, ends: frozenset[int]) -> int | None:
+    """The state after `token_id`; None where the automaton forbids it. An end token, allowed where a match
+    is complete, leads to ENDED: a draft drafting past the end of the output (pipelined, on the assumption
+    that its block is accepted), or a request that ignores EOS, goes on with end tokens only."""
+    if state == ENDED:
+        return ENDED if token_id in ends else None
+    if token_id in ends:
+        return ENDED if automaton.is_final_state(state) else None
+    return automaton.get_next_state(state, token_id)
