@@ -49,6 +49,7 @@ class DraftServicer(WorkerServicerBase[Drafter], draft_pb2_grpc.DraftServiceServ
     async def run_drafter(self, request: DraftRequest, inline: bool) -> DraftProposal:
         """A proposal: batched with other sessions' where several are drafting, else on its own (inline when
         the caller waits for it anyway and the model thread is idle)."""
+        await self.prepare(request)  # the delegated rounds' (a stream's was prepared as it was decoded)
         if self.batcher is not None and self.batching_now():
             # The pass's new tokens: the history too where the session has no cache here (a prefill, which
             # --max-batch-tokens keeps from holding up a pass of short steps).
@@ -64,7 +65,9 @@ class DraftServicer(WorkerServicerBase[Drafter], draft_pb2_grpc.DraftServiceServ
     async def Propose(
         self, request: draft_pb2.ProposeRequest, context: grpc.aio.ServicerContext
     ) -> draft_pb2.ProposeResponse:
-        proposal = await self.on_model_thread(self.engine.propose, DraftRequest.from_pb(request))
+        draft_request = DraftRequest.from_pb(request)
+        await self.prepare(draft_request)
+        proposal = await self.on_model_thread(self.engine.propose, draft_request)
         return proposal.to_pb()
 
     def ProposeStream(

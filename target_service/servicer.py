@@ -43,7 +43,9 @@ class TargetServicer(WorkerServicerBase[Verifier], target_pb2_grpc.TargetService
     async def Verify(
         self, request: target_pb2.VerifyRequest, context: grpc.aio.ServicerContext
     ) -> target_pb2.VerifyResponse:
-        verdict = await self.on_model_thread(self.engine.verify, VerifyBlock.from_pb(request))
+        block = VerifyBlock.from_pb(request)
+        await self.prepare(block)
+        verdict = await self.on_model_thread(self.engine.verify, block)
         return verdict.to_pb()
 
     async def ScorePrompt(
@@ -96,6 +98,7 @@ class TargetServicer(WorkerServicerBase[Verifier], target_pb2_grpc.TargetService
             for request in requests:
                 session_id = request.session_id
                 block = VerifyBlock.from_pb(request, history)
+                self.prepare_on_this_thread(block)
                 yield self.verify_on_this_thread(chain, block, len(request.token_ids)).to_pb()
             completed = True
         finally:

@@ -117,6 +117,37 @@ def test_concurrent_requests_for_one_regex_share_its_build(
         automata.automaton("a(")
 
 
+def test_a_worker_builds_a_requests_automaton_off_its_model_thread(
+    tokenizer: AutoTokenizer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import asyncio
+    import threading
+    from concurrent.futures import ThreadPoolExecutor
+    from types import SimpleNamespace
+
+    import specpipe.sampling.structured_output as structured
+    from specpipe.rpc.worker_servicer import WorkerServicerBase
+
+    built_on: list[str] = []
+    real_index = structured.Index
+
+    def recording_index(regex: str, vocabulary: object) -> object:
+        built_on.append(threading.current_thread().name)
+        return real_index(regex, vocabulary)
+
+    monkeypatch.setattr(structured, "Index", recording_index)
+    request = SimpleNamespace(sampling=SamplingParams(output_regex="[0-9]{2}"))
+    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="model") as model_thread:
+        servicer: WorkerServicerBase[object] = WorkerServicerBase(model_thread)
+        servicer._loaded = (SimpleNamespace(automata=OutputAutomata(tokenizer)), None)  # type: ignore[assignment]
+        assert servicer.automaton_to_build(request) is not None
+        asyncio.run(servicer.prepare(request))
+        assert servicer.automaton_to_build(request) is None  # built: the model call finds it
+        assert servicer.automaton_to_build(SimpleNamespace(sampling=SamplingParams())) is None
+    assert len(built_on) == 1 and threading.current_thread().name not in built_on[0]
+    assert not built_on[0].startswith("model")
+
+
 def test_rows_are_masked_by_the_state_after_the_tokens_before_them(tokenizer: AutoTokenizer) -> None:
     automata = OutputAutomata(tokenizer)
     ids = tokenizer.encode("123-4567", add_special_tokens=False)

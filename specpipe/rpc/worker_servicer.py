@@ -18,6 +18,7 @@ from specpipe.runtime.graphed_forward import GraphedForward
 from specpipe.runtime.kv_cache import SessionKVCacheStore
 from specpipe.runtime.model_info import WorkerModelInfo
 from specpipe.runtime.stream_history import StreamHistory
+from specpipe.sampling.structured_output import OutputAutomata
 from specpipe.v1 import common_pb2
 
 EngineT = TypeVar("EngineT")
@@ -152,6 +153,30 @@ class WorkerServicerBase(Generic[EngineT]):
         there is nothing to batch it with, and the hand-over to the model thread costs 0.3-0.5 ms."""
         return self.batcher is not None and (self.open_streams > 1 or not self.batcher.idle)
 
+    def automaton_to_build(self, decoded: Any) -> tuple[OutputAutomata, str] | None:
+        """The engine's automata and the request's regex, where its structured output's automaton is not
+        built yet (building one takes a while for a large vocabulary: seconds for a JSON schema at 50k)."""
+        sampling = getattr(decoded, "sampling", None)
+        automata = getattr(self.engine, "automata", None)
+        regex = sampling.output_regex if sampling is not None else ""
+        if not regex or automata is None or automata.is_built(regex):
+            return None
+        return automata, regex
+
+    async def prepare(self, decoded: Any) -> None:
+        """Builds the request's automaton off the model thread before its model call: built inside it, the
+        build would hold up every session's calls (the model lock), and could outlast the coordinator's
+        worker timeout."""
+        pending = self.automaton_to_build(decoded)
+        if pending is not None:
+            await asyncio.to_thread(pending[0].automaton, pending[1])
+
+    def prepare_on_this_thread(self, decoded: Any) -> None:
+        """`prepare` for a direct stream's thread, before it takes the model lock."""
+        pending = self.automaton_to_build(decoded)
+        if pending is not None:
+            pending[0].automaton(pending[1])
+
     async def on_model_thread(self, fn: Callable[..., Any], *args: Any) -> Any:
         return await self.submit(fn, *args)
 
@@ -193,6 +218,8 @@ class WorkerServicerBase(Generic[EngineT]):
                 async for request in ordered:
                     session_id = request.session_id
                     decoded = decode(request, history)
+                    if self.automaton_to_build(decoded) is not None:  # (no await on the hot path otherwise)
+                        await self.prepare(decoded)
                     if run is not None:
                         result = await run(decoded, len(request.token_ids))
                     else:

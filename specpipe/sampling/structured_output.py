@@ -120,6 +120,10 @@ class OutputAutomata:
         eos = self.tokenizer.eos_token_id
         return frozenset(self.end_token_ids) | ({eos} if eos is not None else set())
 
+    def is_built(self, regex: str) -> bool:
+        with self._lock:
+            return regex in self._automata
+
     def automaton(self, regex: str) -> Index:
         """The token automaton of `regex`; INVALID_ARGUMENT where it is malformed or no token sequence of the
         vocabulary can match it."""
