@@ -14,6 +14,7 @@ import dataclasses
 from collections.abc import AsyncIterator, Callable, Sequence
 
 from coordinator.request import GenerationChunk, GenerationRequest
+from specpipe.errors import UnavailableError
 
 SEED_MODULUS = 2**64  # SamplingParams.seed is a uint64
 
@@ -59,6 +60,10 @@ async def interleaved_completions(
             item = await queue.get()
             if item is None:
                 running -= 1
+            elif isinstance(item, asyncio.CancelledError):
+                # Not this call's cancellation (that would have ended the wait above): a completion's own
+                # call was cancelled under it.
+                raise UnavailableError("a completion's call was cancelled") from item
             elif isinstance(item, BaseException):
                 raise item
             else:

@@ -202,6 +202,10 @@ class SpeculativeGenerator:
             # work (a large JSON schema's automaton takes a while: off the event loop).
             await asyncio.to_thread(self.automata.automaton, request.sampling.output_regex)
         session = await self.open_session(request)
+        if request.sampling.output_regex and session.output_start < len(session.history):
+            # A resume: its committed output must fit the constraint the rounds continue under.
+            output = session.history[session.output_start :]
+            await asyncio.to_thread(self.automata.check_output, request.sampling.output_regex, output)
         async for chunk in self._rounds(request, session, time_remaining):
             yield chunk
 

@@ -111,8 +111,7 @@ class ModelDrafter:
         self, runner: CausalLMRunner, max_draft_tokens: int, steer: GreedySteer | None = None
     ) -> None:
         self.runner = runner
-        # Structured output's, built per regex on first use; a match may end with any of the model's EOS ids.
-        self.automata = OutputAutomata(runner.tokenizer, runner.eos_token_ids() if runner.tokenizer else ())
+        self.automata = OutputAutomata(runner.tokenizer)  # structured output's, built per regex on first use
         self.max_draft_tokens = max_draft_tokens
         # Greedy requests only: replaces the model's argmax after each step, for cost profiling with a chosen
         # acceptance rate (draft_service/controlled.py). The forwards still run; exactness is the target's.

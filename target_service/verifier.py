@@ -100,8 +100,7 @@ class Verdict:
 class Verifier:
     def __init__(self, runner: CausalLMRunner) -> None:
         self.runner = runner
-        # Structured output's, built per regex on first use; a match may end with any of the model's EOS ids.
-        self.automata = OutputAutomata(runner.tokenizer, runner.eos_token_ids() if runner.tokenizer else ())
+        self.automata = OutputAutomata(runner.tokenizer)  # structured output's, built per regex on first use
 
     @property
     def caches(self) -> SessionKVCacheStore:

@@ -28,7 +28,7 @@ import torch
 from outlines_core import Index, Vocabulary
 from transformers import PreTrainedTokenizerBase
 
-from specpipe.errors import InvalidArgumentError
+from specpipe.errors import InvalidArgumentError, SpecpipeError
 from specpipe.sampling.params import SamplingParams
 
 __all__ = ["OutputAutomata", "token_bytes_vocabulary"]
@@ -99,17 +99,17 @@ class OutputAutomata:
     """A worker's (or the coordinator's) automata, one per regular expression, built from its tokenizer's
     vocabulary on first use and kept for the next requests (LRU), with the token mask of each state met.
 
-    `end_token_ids`: the tokens that end an output (the model's end-of-sequence ids; the tokenizer's is
-    always one): wherever a match is complete, each of them is allowed, and leads to ENDED."""
+    A match ends with the tokenizer's end-of-sequence token: the draft and the target share the tokenizer
+    (the coordinator pairs them by its fingerprint), so their masks agree; the models' generation configs
+    may list other EOS ids, and need not agree."""
 
-    def __init__(self, tokenizer: PreTrainedTokenizerBase, end_token_ids: Sequence[int] = ()) -> None:
+    def __init__(self, tokenizer: PreTrainedTokenizerBase) -> None:
         self.tokenizer = tokenizer
-        self.end_token_ids = tuple(end_token_ids)
         self._vocabulary: Vocabulary | None = None
         self._automata: OrderedDict[str, Index] = OrderedDict()
-        # The mask of a state: [vocab_size] bool, by (regex, state, vocab_size). A state inside a JSON string
-        # allows most of the vocabulary: its list of ids costs ~4 ms to turn into a tensor at 50k.
-        self._masks: OrderedDict[tuple[str, int, int], torch.Tensor] = OrderedDict()
+        # The mask of a state: [vocab_size] bool, by (regex, state, vocab_size, device). A state in a JSON
+        # string allows most of the vocabulary: its list of ids costs ~4 ms to turn into a tensor at 50k.
+        self._masks: OrderedDict[tuple[str, int, int, str], torch.Tensor] = OrderedDict()
         # Builds in progress, so concurrent requests for one regex wait for one build rather than each run
         # it (the coordinator builds on worker threads; a worker, on its model thread).
         self._building: dict[str, concurrent.futures.Future[Index]] = {}
@@ -118,7 +118,19 @@ class OutputAutomata:
     @property
     def ends(self) -> frozenset[int]:
         eos = self.tokenizer.eos_token_id
-        return frozenset(self.end_token_ids) | ({eos} if eos is not None else set())
+        return frozenset() if eos is None else frozenset({eos})
+
+    def check_output(self, regex: str, output: Sequence[int]) -> None:
+        """INVALID_ARGUMENT where a session's committed output leaves the automaton of `regex` (a resumed
+        request asking for another constraint than its output was made under)."""
+        automaton = self.automaton(regex)
+        state: int | None = automaton.get_initial_state()
+        for offset, token_id in enumerate(output):
+            state = _next_state(automaton, state, token_id, self.ends)
+            if state is None:
+                raise InvalidArgumentError(
+                    f"sampling.output_regex: the session's output so far leaves it at its token {offset}"
+                )
 
     def is_built(self, regex: str) -> bool:
         with self._lock:
@@ -136,26 +148,46 @@ class OutputAutomata:
             owner = building is None
             if building is None:
                 building = self._building[regex] = concurrent.futures.Future()
-            if owner and self._vocabulary is None:
-                self._vocabulary = token_bytes_vocabulary(self.tokenizer)
-            vocabulary = self._vocabulary
         if not owner:
             return building.result()  # raises the owner's error too
+        # The owner resolves the future and clears the entry whatever happens (an error of any kind, a
+        # panic outlines-core raises as a BaseException): a waiter must never wait on a build that is gone.
         try:
-            built = Index(regex, vocabulary)
-        except (ValueError, RuntimeError, TypeError) as exc:  # outlines-core's errors name the problem
-            error = InvalidArgumentError(f"sampling.output_regex: {exc}")
-            with self._lock:
-                del self._building[regex]
+            built = Index(regex, self._token_vocabulary())
+        except (SpecpipeError, KeyboardInterrupt, SystemExit) as exc:
+            building.set_exception(exc)
+            raise
+        except BaseException as exc:  # outlines-core's errors (ValueError..., a Rust panic) name the problem
+            error = InvalidArgumentError(f"sampling.output_regex: {type(exc).__name__}: {exc}")
             building.set_exception(error)
             raise error from None
-        with self._lock:
-            self._automata[regex] = built
-            del self._building[regex]
-            if len(self._automata) > MAX_CACHED_AUTOMATA:
-                self._automata.popitem(last=False)
-        building.set_result(built)
+        else:
+            building.set_result(built)
+        finally:
+            with self._lock:
+                del self._building[regex]
+                if building.done() and building.exception() is None:
+                    self._cache(regex, built)
         return built
+
+    def _token_vocabulary(self) -> Vocabulary:
+        with self._lock:
+            vocabulary = self._vocabulary
+        if vocabulary is None:
+            # The same for every caller: a race only builds it twice.
+            vocabulary = token_bytes_vocabulary(self.tokenizer)
+            with self._lock:
+                self._vocabulary = vocabulary
+        return vocabulary
+
+    def _cache(self, regex: str, built: Index) -> None:
+        """Keeps a built automaton, dropping the least recently used one and its states' masks (under the
+        lock)."""
+        self._automata[regex] = built
+        if len(self._automata) > MAX_CACHED_AUTOMATA:
+            evicted, _ = self._automata.popitem(last=False)
+            for key in [key for key in self._masks if key[0] == evicted]:
+                del self._masks[key]
 
     def mask(
         self,
@@ -172,11 +204,11 @@ class OutputAutomata:
         for position in range(sampling.output_start, len(history)):
             state = _next_state(automaton, state, history[position], ends)
             if state is None:
-                # Committed tokens outside the automaton: a resumed session whose request changed the
-                # constraint (its own tokens always match it).
-                raise InvalidArgumentError(
-                    f"sampling.output_regex: the output so far leaves it at position {position}"
-                )
+                # A history that assumes a draft token the automaton forbids (a block drafted or verified
+                # ahead of the verdict on the one before, which holds a token from a row the masks left
+                # empty): it is never committed, so its rows are never reached. (A committed output always
+                # fits: the coordinator checks a resumed one, OutputAutomata.check_output.) Left unmasked.
+                break
         scores = logits.to(torch.float32).clone()
         vocab_size = scores.shape[-1]
         for row in range(scores.shape[0]):
@@ -186,12 +218,14 @@ class OutputAutomata:
                 # A draft token the automaton forbids came before this row: it has p = 0 and is never
                 # accepted, so this row is never reached. Left unmasked.
                 continue
-            allowed = self._state_mask(regex, automaton, state, vocab_size).to(scores.device)
+            allowed = self._state_mask(regex, automaton, state, vocab_size, scores.device)
             scores[row] = scores[row].masked_fill(~allowed, float("-inf"))
         return scores
 
-    def _state_mask(self, regex: str, automaton: Index, state: int, vocab_size: int) -> torch.Tensor:
-        key = (regex, state, vocab_size)
+    def _state_mask(
+        self, regex: str, automaton: Index, state: int, vocab_size: int, device: torch.device
+    ) -> torch.Tensor:  # [vocab_size] bool, on `device`
+        key = (regex, state, vocab_size, str(device))
         with self._lock:
             found = self._masks.get(key)
             if found is not None:
@@ -207,6 +241,7 @@ class OutputAutomata:
         allowed = torch.zeros(vocab_size, dtype=torch.bool)  # [vocab_size]
         index = torch.tensor(ids, dtype=torch.long)
         allowed[index[index < vocab_size]] = True
+        allowed = allowed.to(device)
         with self._lock:
             self._masks[key] = allowed
             if len(self._masks) > MAX_CACHED_MASKS:
