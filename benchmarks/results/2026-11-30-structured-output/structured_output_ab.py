@@ -48,7 +48,7 @@ tokenizer = AutoTokenizer.from_pretrained(TARGET)
 model = AutoModelForCausalLM.from_pretrained(TARGET, dtype=torch.float32).eval()
 eos = tokenizer.eos_token_id
 regex = output_regex(build_request("", 1, json_schema=SCHEMA).structured_output)
-automata = OutputAutomata(tokenizer, [eos])
+automata = OutputAutomata(tokenizer)
 prompts = [tokenizer(text)["input_ids"] for text in load_prompts(12)]
 
 
