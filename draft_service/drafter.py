@@ -201,7 +201,9 @@ class _Drafting:
         # As the target's verify does.
         # A step the masks leave no token (after a guess the target will reject, or where the target will
         # refuse the request) proposes from zeros: the verdict decides (AdjustedLogits).
-        logits = adjust_logits(logits, self.ids, (), sampling, self._penalized, self.automata).logits
+        logits = adjust_logits(
+            logits, self.ids, (), sampling, self._penalized, self.automata, self.request.session_id
+        ).logits
         if sampling.is_greedy:
             token = greedy_token_ids(logits)[0]
             if self.steer is not None:

@@ -170,6 +170,7 @@ class Verifier:
             block.sampling,
             lambda rows: penalize_block(rows, block.token_ids, block.draft_token_ids, block.sampling),
             self.automata,
+            block.session_id,
         )
         logits = adjusted.logits
         if block.sampling.is_greedy:

@@ -148,6 +148,23 @@ def test_a_worker_builds_a_requests_automaton_off_its_model_thread(
     assert not built_on[0].startswith("model")
 
 
+def test_a_sessions_remembered_walk_gives_the_masks_of_a_walk_from_the_start(
+    tokenizer: AutoTokenizer,
+) -> None:
+    ids = tokenizer.encode("123-4567", add_special_tokens=False)
+    other = tokenizer.encode("98-7", add_special_tokens=False)
+    sampling = SamplingParams(output_regex=PHONE, output_start=1)
+    remembering, fresh = OutputAutomata(tokenizer), OutputAutomata(tokenizer)
+    logits = torch.zeros(2, len(tokenizer))
+    # Growing, then diverging (a draft's assumed history, a new turn), then shorter, then another regex.
+    histories = [[5, *ids[:n]] for n in range(len(ids) + 1)] + [[5, *other], [5, *ids[:2]], [5]]
+    for history in histories:
+        for regex in (PHONE, "[0-9-]+"):
+            asked = SamplingParams(output_regex=regex, output_start=sampling.output_start)
+            walked_on = remembering.mask(logits, history, [0], asked, "session")
+            assert torch.equal(walked_on, fresh.mask(logits, history, [0], asked)), (history, regex)
+
+
 def test_rows_are_masked_by_the_state_after_the_tokens_before_them(tokenizer: AutoTokenizer) -> None:
     automata = OutputAutomata(tokenizer)
     ids = tokenizer.encode("123-4567", add_special_tokens=False)

@@ -32,11 +32,12 @@ def adjust_logits(
         [torch.Tensor], torch.Tensor
     ],  # the rows with the penalties over the tokens before each
     automata: OutputAutomata | None = None,  # the worker's, where a request may ask for structured output
+    session_id: str = "",  # the request's: structured output walks the session's output on from its last
 ) -> AdjustedLogits:  # its logits are `logits` itself where the request asks for none
     if sampling.output_regex:
         if automata is None:
             raise FailedPreconditionError("sampling.output_regex: this worker cannot apply structured output")
-        logits = automata.mask(logits, history, block, sampling)
+        logits = automata.mask(logits, history, block, sampling, session_id)
     if sampling.allowed_token_ids:
         logits = allow_only(logits, sampling.allowed_token_ids)
     if sampling.bad_words:
