@@ -20,7 +20,8 @@ from specpipe.client import CoordinatorClient, build_request
 from specpipe.errors import FailedPreconditionError, InvalidArgumentError
 from specpipe.sampling.adjustments import adjust_logits
 from specpipe.sampling.params import SamplingParams
-from specpipe.sampling.structured_output import OutputAutomata, token_bytes_vocabulary
+from specpipe.sampling.structured_output import OutputAutomata
+from specpipe.sampling.token_bytes import token_bytes_vocabulary
 from specpipe.speculation.rounds import Verification
 from specpipe.v1 import coordinator_pb2
 from tests.conftest import Pipeline

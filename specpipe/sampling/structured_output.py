@@ -18,12 +18,10 @@ end-of-sequence) are never allowed. Torch and outlines-core only.
 from __future__ import annotations
 
 import concurrent.futures
-import json
 import threading
 from collections import OrderedDict
 from collections.abc import Sequence
 from dataclasses import dataclass
-from functools import cache
 
 import torch
 from outlines_core import Index, Vocabulary
@@ -31,70 +29,14 @@ from transformers import PreTrainedTokenizerBase
 
 from specpipe.errors import InvalidArgumentError, SpecpipeError
 from specpipe.sampling.params import SamplingParams
+from specpipe.sampling.token_bytes import token_bytes_vocabulary
 
-__all__ = ["OutputAutomata", "token_bytes_vocabulary"]
+__all__ = ["OutputAutomata"]
 
 MAX_CACHED_AUTOMATA = 64  # each holds a state table over the vocabulary: up to a few MB for a JSON schema
 MAX_REMEMBERED_WALKS = 4096  # sessions; each holds its output's token ids
 MAX_CACHED_MASKS = 1024  # [vocab_size] bool each: 128 MB at most for a 128k vocabulary
-SENTENCEPIECE_SPACE = "\u2581"
 ENDED = -1  # the state after end-of-sequence (outlines-core's states are >= 0)
-
-
-@cache
-def _byte_level_decoder() -> dict[str, int]:
-    """GPT-2's byte-level BPE alphabet (the printable character standing for each byte) -> the byte."""
-    printable = [
-        *range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)
-    ]  # fmt: skip
-    stands_for = dict(zip(printable, printable, strict=True))
-    extra = 0
-    for byte in range(256):
-        if byte not in stands_for:
-            stands_for[byte] = 256 + extra
-            extra += 1
-    return {chr(char): byte for byte, char in stands_for.items()}
-
-
-def _token_bytes(token: str, byte_level: bool) -> bytes:
-    if byte_level:
-        decoder = _byte_level_decoder()
-        return bytes(decoder[char] for char in token)
-    if len(token) == 6 and token.startswith("<0x") and token.endswith(">"):
-        return bytes([int(token[3:5], 16)])  # SentencePiece's byte fallback
-    return token.replace(SENTENCEPIECE_SPACE, " ").encode()
-
-
-def _is_byte_level(tokenizer: PreTrainedTokenizerBase) -> bool:
-    """Whether the tokenizer's tokens spell bytes in GPT-2's alphabet: its decoder says so (a fast
-    tokenizer's), else every token of its model's vocabulary is in the alphabet."""
-    backend = getattr(tokenizer, "backend_tokenizer", None)
-    if backend is not None:
-        decoder = json.loads(backend.to_str()).get("decoder") or {}
-        kinds = [decoder.get("type"), *(part.get("type") for part in decoder.get("decoders") or [])]
-        return "ByteLevel" in kinds
-    added = tokenizer.get_added_vocab()
-    modelled = "".join(token for token in tokenizer.get_vocab() if token not in added)
-    return set(modelled) <= _byte_level_decoder().keys()
-
-
-def token_bytes_vocabulary(tokenizer: PreTrainedTokenizerBase) -> Vocabulary:
-    """The tokenizer's vocabulary as the bytes each token stands for (byte-level BPE as GPT-2's, or
-    SentencePiece's with its byte fallback; an added token is its text), special tokens left out but
-    end-of-sequence (the automaton's end)."""
-    if tokenizer.eos_token_id is None:
-        raise InvalidArgumentError("structured output needs a tokenizer with an end-of-sequence token")
-    byte_level = _is_byte_level(tokenizer)
-    added = tokenizer.get_added_vocab()
-    special = set(tokenizer.all_special_ids)
-    by_bytes: dict[bytes, list[int]] = {}
-    for token, token_id in tokenizer.get_vocab().items():
-        if token_id in special:
-            continue
-        encoded = token.encode() if token in added else _token_bytes(token, byte_level)
-        if encoded:
-            by_bytes.setdefault(encoded, []).append(token_id)
-    return Vocabulary(tokenizer.eos_token_id, by_bytes)
 
 
 @dataclass(frozen=True, slots=True)
