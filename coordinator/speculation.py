@@ -185,6 +185,18 @@ class SpeculativeGenerator:
     async def generate(
         self, request: GenerationRequest, time_remaining: Callable[[], float | None]
     ) -> AsyncIterator[GenerationChunk]:
+        request = await self.with_token_constraints(request)
+        session = await self.open_session(request)
+        if request.sampling.output_regex and session.output_start < len(session.history):
+            # A resume: its committed output must fit the constraint the rounds continue under.
+            output = session.history[session.output_start :]
+            await asyncio.to_thread(self.automata.check_output, request.sampling.output_regex, output)
+        async for chunk in self._rounds(request, session, time_remaining):
+            yield chunk
+
+    async def with_token_constraints(self, request: GenerationRequest) -> GenerationRequest:
+        """The request with its text-level constraints in its sampling, as the workers apply them: the bad
+        words as token sequences, structured output as its regex (whose automaton is built here first)."""
         if request.bad_words:
             encoded = request.sampling.bad_words + encode_bad_words(self.tokenizer, request.bad_words)
             if len(encoded) > MAX_BAD_WORDS:
@@ -201,13 +213,7 @@ class SpeculativeGenerator:
             # Built here first: a regex the vocabulary cannot match is INVALID_ARGUMENT before any session
             # work (a large JSON schema's automaton takes a while: off the event loop).
             await asyncio.to_thread(self.automata.automaton, request.sampling.output_regex)
-        session = await self.open_session(request)
-        if request.sampling.output_regex and session.output_start < len(session.history):
-            # A resume: its committed output must fit the constraint the rounds continue under.
-            output = session.history[session.output_start :]
-            await asyncio.to_thread(self.automata.check_output, request.sampling.output_regex, output)
-        async for chunk in self._rounds(request, session, time_remaining):
-            yield chunk
+        return request
 
     async def _rounds(
         self, request: GenerationRequest, session: OpenSession, time_remaining: Callable[[], float | None]
