@@ -135,6 +135,15 @@ def undelegated_coordinator(pipeline: Pipeline, tmp_path_factory: pytest.TempPat
         coordinator.stop()
 
 
+@pytest.fixture(params=["delegated", "coordinator"])
+def coordinator_address(request: pytest.FixtureRequest, pipeline: Pipeline) -> str:
+    """A test that takes it runs twice: against the shared coordinator, whose rounds run on the draft worker
+    (delegated), and against `undelegated_coordinator`, which runs them itself."""
+    if request.param == "delegated":
+        return pipeline.coordinator_addr
+    return request.getfixturevalue("undelegated_coordinator")
+
+
 def start_pipeline(
     pair: ModelPair,
     redis: RedisServerProcess,

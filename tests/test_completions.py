@@ -90,13 +90,9 @@ async def _collect(chunks: AsyncIterator[GenerationChunk]) -> list[GenerationChu
     return [chunk async for chunk in chunks]
 
 
-@pytest.mark.parametrize("where", ["delegated", "coordinator"])
-def test_each_completion_is_the_single_request_with_its_seed(
-    pipeline: Pipeline, undelegated_coordinator: str, where: str
-) -> None:
-    address = pipeline.coordinator_addr if where == "delegated" else undelegated_coordinator
+def test_each_completion_is_the_single_request_with_its_seed(coordinator_address: str) -> None:
     fields = {"temperature": 1.0, "seed": 7, "acceptance": "coupled"}
-    with CoordinatorClient(address) as client:
+    with CoordinatorClient(coordinator_address) as client:
         completions = Completions()
         for chunk in client.stream(build_request(PROMPTS[0], 24, n=3, prompt_logprobs=1, **fields), 60):
             completions.add(chunk)

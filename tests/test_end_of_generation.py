@@ -32,12 +32,8 @@ def first_ending_in_eos(client: CoordinatorClient) -> tuple[str, int, Generation
     raise AssertionError("no sampled request ended with EOS: the test needs one")
 
 
-@pytest.mark.parametrize("where", ["delegated", "coordinator"])
-def test_ignore_eos_runs_to_max_new_tokens_past_eos(
-    pipeline: Pipeline, undelegated_coordinator: str, where: str
-) -> None:
-    address = pipeline.coordinator_addr if where == "delegated" else undelegated_coordinator
-    with CoordinatorClient(address) as client:
+def test_ignore_eos_runs_to_max_new_tokens_past_eos(coordinator_address: str) -> None:
+    with CoordinatorClient(coordinator_address) as client:
         prompt, seed, ended = first_ending_in_eos(client)
         assert len(ended.token_ids) < MAX_NEW_TOKENS
         for k in (None, 0, 3):
@@ -46,15 +42,13 @@ def test_ignore_eos_runs_to_max_new_tokens_past_eos(
             assert full.token_ids[: len(ended.token_ids)] == ended.token_ids, k  # the EOS, then on
 
 
-@pytest.mark.parametrize("where", ["delegated", "coordinator"])
 def test_stop_token_ids_end_generation_after_the_first_of_them(
-    pipeline: Pipeline, undelegated_coordinator: str, where: str
+    pipeline: Pipeline, coordinator_address: str
 ) -> None:
     from transformers import AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(pipeline.pair.target_dir)
-    address = pipeline.coordinator_addr if where == "delegated" else undelegated_coordinator
-    with CoordinatorClient(address) as client:
+    with CoordinatorClient(coordinator_address) as client:
         free = client.generate(build_request(PROMPTS[0], 24), 60)
         stop_id = free.token_ids[5]
         end = free.token_ids.index(stop_id) + 1  # its first occurrence, kept

@@ -44,17 +44,15 @@ def test_the_request_field_is_checked_and_round_trips() -> None:
         SamplingParams(logprobs=MAX_TOP_LOGPROBS + 1)
 
 
-@pytest.mark.parametrize("where", ["delegated", "coordinator"])
 @pytest.mark.parametrize(("temperature", "k"), [(0.0, None), (0.0, 0), (0.8, 3)])
 def test_logprobs_are_the_targets_own_through_the_services(
-    pipeline: Pipeline, undelegated_coordinator: str, where: str, temperature: float, k: int | None
+    pipeline: Pipeline, coordinator_address: str, temperature: float, k: int | None
 ) -> None:
-    address = pipeline.coordinator_addr if where == "delegated" else undelegated_coordinator
     prompt_ids = [11, 42, 7, 99, 3, 250, 18]
     request = build_request(
         prompt_ids, 24, temperature=temperature, seed=5, num_speculative_tokens=k, logprobs=3
     )
-    with CoordinatorClient(address) as client:
+    with CoordinatorClient(coordinator_address) as client:
         chunks = list(client.stream(request, 60))
     result = GenerationResult()
     for chunk in chunks:

@@ -40,12 +40,10 @@ def end_token_ids(pipeline: Pipeline) -> list[int]:
     return [] if eos is None else [eos] if isinstance(eos, int) else list(eos)
 
 
-@pytest.mark.parametrize("where", ["delegated", "coordinator"])
 def test_greedy_with_min_tokens_equals_generate_with_min_new_tokens(
-    pipeline: Pipeline, undelegated_coordinator: str, where: str
+    pipeline: Pipeline, coordinator_address: str
 ) -> None:
-    address = pipeline.coordinator_addr if where == "delegated" else undelegated_coordinator
-    with CoordinatorClient(address) as client:
+    with CoordinatorClient(coordinator_address) as client:
         free = client.generate(build_request(PROMPTS[0], 24), 60)
         stop_id = free.token_ids[2]  # a stop token the free run reaches early
         early = client.generate(build_request(PROMPTS[0], 24, stop_token_ids=[stop_id]), 60)
@@ -62,12 +60,8 @@ def test_greedy_with_min_tokens_equals_generate_with_min_new_tokens(
             assert client.generate(request, 60).token_ids == expected, k
 
 
-@pytest.mark.parametrize("where", ["delegated", "coordinator"])
-def test_a_sampled_request_that_ended_at_eos_runs_past_it_whatever_k(
-    pipeline: Pipeline, undelegated_coordinator: str, where: str
-) -> None:
-    address = pipeline.coordinator_addr if where == "delegated" else undelegated_coordinator
-    with CoordinatorClient(address) as client:
+def test_a_sampled_request_that_ended_at_eos_runs_past_it_whatever_k(coordinator_address: str) -> None:
+    with CoordinatorClient(coordinator_address) as client:
         prompt, seed, ended = first_ending_in_eos(client)
         minimum = len(ended.token_ids) + 4
         outputs = []
@@ -102,11 +96,9 @@ def test_a_resumed_request_needs_room_only_for_what_min_tokens_still_holds(pipel
     assert len(resumed.token_ids) == 6
 
 
-@pytest.mark.parametrize("where", ["delegated", "coordinator"])
-def test_stop_strings_are_held_back_too(pipeline: Pipeline, undelegated_coordinator: str, where: str) -> None:
+def test_stop_strings_are_held_back_too(coordinator_address: str) -> None:
     """As vLLM: a stop string completed before the output holds min_tokens tokens does not end it."""
-    address = pipeline.coordinator_addr if where == "delegated" else undelegated_coordinator
-    with CoordinatorClient(address) as client:
+    with CoordinatorClient(coordinator_address) as client:
         free = client.generate(build_request(PROMPTS[0], 32, ignore_eos=True), 60)
         stop = free.text[4:7]
         early = client.generate(build_request(PROMPTS[0], 32, ignore_eos=True, stop=[stop]), 60)

@@ -113,14 +113,12 @@ def reference_greedy(model_dir: Path, history: list[int], output_start: int, new
     return ids[len(history) :]
 
 
-@pytest.mark.parametrize("where", ["delegated", "coordinator"])
 def test_greedy_with_the_penalties_is_plain_decoding_with_them_also_on_a_later_turn_and_after_a_resume(
-    pipeline: Pipeline, undelegated_coordinator: str, where: str
+    pipeline: Pipeline, coordinator_address: str
 ) -> None:
-    address = pipeline.coordinator_addr if where == "delegated" else undelegated_coordinator
     prompt = [11, 42, 7, 99, 3, 64, 5]
     penalties = {"presence_penalty": PRESENCE, "frequency_penalty": FREQUENCY, "ignore_eos": True}
-    with CoordinatorClient(address) as client:
+    with CoordinatorClient(coordinator_address) as client:
         plain = client.generate(build_request(prompt, 24, ignore_eos=True), 60).token_ids
         runs = {
             k: client.generate(build_request(prompt, 24, num_speculative_tokens=k, **penalties), 60)

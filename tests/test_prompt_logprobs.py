@@ -157,12 +157,10 @@ def test_scoring_fails_over_to_a_live_replica(pipeline: Pipeline) -> None:
     asyncio.run(main())
 
 
-@pytest.mark.parametrize("where", ["delegated", "coordinator"])
 def test_prompt_logprobs_through_the_services_new_and_continued_session(
-    pipeline: Pipeline, undelegated_coordinator: str, where: str
+    pipeline: Pipeline, coordinator_address: str
 ) -> None:
-    address = pipeline.coordinator_addr if where == "delegated" else undelegated_coordinator
-    with CoordinatorClient(address) as client:
+    with CoordinatorClient(coordinator_address) as client:
         plain = client.generate(build_request(PROMPT_IDS, 12), 60)
         chunks = list(client.stream(build_request(PROMPT_IDS, 12, prompt_logprobs=3), 60))
         second_turn = [250, 18, 9]

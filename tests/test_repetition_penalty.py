@@ -47,15 +47,11 @@ def test_the_request_field_is_checked_and_round_trips() -> None:
             SamplingParams(repetition_penalty=bad)
 
 
-@pytest.mark.parametrize("where", ["delegated", "coordinator"])
-def test_greedy_with_a_penalty_equals_generate_with_it(
-    pipeline: Pipeline, undelegated_coordinator: str, where: str
-) -> None:
-    address = pipeline.coordinator_addr if where == "delegated" else undelegated_coordinator
+def test_greedy_with_a_penalty_equals_generate_with_it(pipeline: Pipeline, coordinator_address: str) -> None:
     prompts = PROMPTS[:6]
     expected = target_alone(pipeline.pair.target_dir, prompts, MAX_NEW_TOKENS, repetition_penalty=PENALTY)
     plain = {}
-    with CoordinatorClient(address) as client:
+    with CoordinatorClient(coordinator_address) as client:
         for k in (None, 0, 3):
             for prompt in prompts:
                 request = build_request(

@@ -245,18 +245,16 @@ def expected_outputs(
     }  # fmt: skip
 
 
-@pytest.mark.parametrize("where", ["delegated", "coordinator"])
 def test_greedy_structured_output_equals_generate_with_the_automaton(
-    pipeline: Pipeline, undelegated_coordinator: str, tokenizer: AutoTokenizer, where: str
+    pipeline: Pipeline, tokenizer: AutoTokenizer, coordinator_address: str
 ) -> None:
-    address = pipeline.coordinator_addr if where == "delegated" else undelegated_coordinator
     prompts = PROMPTS[:2]
     cases: list[tuple[dict[str, object], str]] = [
         ({"regex": PHONE}, PHONE),
         ({"choice": CHOICES}, output_regex(build_request("", 1, choice=CHOICES).structured_output)),
         ({"json_schema": SCHEMA}, output_regex(build_request("", 1, json_schema=SCHEMA).structured_output)),
     ]
-    with CoordinatorClient(address) as client:
+    with CoordinatorClient(coordinator_address) as client:
         for fields, regex in cases:
             expected = expected_outputs(pipeline, tokenizer, prompts, regex)
             for prompt in prompts:

@@ -137,13 +137,11 @@ def greedy_outputs(address: str, prompts: Sequence[str]) -> dict[str, list[int]]
         return {p: client.generate(build_request(p, MAX_NEW_TOKENS), 60).token_ids for p in prompts}
 
 
-@pytest.mark.parametrize("where", ["delegated", "coordinator"])
 def test_greedy_with_bad_words_equals_generate_with_them(
-    pipeline: Pipeline, undelegated_coordinator: str, where: str
+    pipeline: Pipeline, coordinator_address: str
 ) -> None:
-    address = pipeline.coordinator_addr if where == "delegated" else undelegated_coordinator
     prompts = PROMPTS[:3]
-    plain = greedy_outputs(address, prompts)
+    plain = greedy_outputs(coordinator_address, prompts)
     tokens = [t for output in plain.values() for t in output]
     most = max(set(tokens), key=tokens.count)
     first = plain[prompts[0]]
@@ -160,7 +158,7 @@ def test_greedy_with_bad_words_equals_generate_with_them(
         for p in prompts
     }  # fmt: skip
     assert expected != plain  # the words changed some outputs: the test tests something
-    with CoordinatorClient(address) as client:
+    with CoordinatorClient(coordinator_address) as client:
         for k in (None, 0, 3):
             for prompt in prompts:
                 request = build_request(
@@ -173,13 +171,11 @@ def test_greedy_with_bad_words_equals_generate_with_them(
                 assert client.generate(request, 60).token_ids == expected[prompt], (k, prompt)
 
 
-@pytest.mark.parametrize("where", ["delegated", "coordinator"])
 def test_greedy_with_allowed_ids_equals_generate_with_them(
-    pipeline: Pipeline, undelegated_coordinator: str, where: str
+    pipeline: Pipeline, coordinator_address: str
 ) -> None:
-    address = pipeline.coordinator_addr if where == "delegated" else undelegated_coordinator
     prompts = PROMPTS[:3]
-    plain = greedy_outputs(address, prompts)
+    plain = greedy_outputs(coordinator_address, prompts)
     # Most of what the plain outputs use, less their first tokens: outputs change, and stay likely.
     allowed = sorted({t for output in plain.values() for t in output[3:]})
     expected = target_alone(
@@ -187,7 +183,7 @@ def test_greedy_with_allowed_ids_equals_generate_with_them(
         logits_processor=LogitsProcessorList([AllowedOnly(allowed)]),
     )  # fmt: skip
     assert expected != plain and all(set(output) <= set(allowed) for output in expected.values())
-    with CoordinatorClient(address) as client:
+    with CoordinatorClient(coordinator_address) as client:
         for k in (None, 0, 3):
             for prompt in prompts:
                 request = build_request(
