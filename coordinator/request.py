@@ -56,8 +56,6 @@ class GenerationRequest:
     include_stop_str_in_output: bool = False  # the text ends with the stop string rather than before it
     skip_special_tokens: bool = True  # special tokens' text is left out of the text
     n: int = 1  # completions of the prompt, each a new session (coordinator/completions.py)
-    # GenerateRequest.structured_output compiled (coordinator/structured_requests.py); "" = none.
-    output_regex: str = ""
 
     @classmethod
     def from_pb(cls, pb: coordinator_pb2.GenerateRequest, limits: RequestLimits) -> GenerationRequest:
@@ -109,6 +107,8 @@ class GenerationRequest:
             # No seed: a fresh one, so repeated requests sample afresh (and this one's rounds, fail-overs
             # included, still share it).
             sampling = dataclasses.replace(sampling, seed=secrets.randbits(64))
+        if regex:  # structured_output, compiled (coordinator/structured_requests.py)
+            sampling = dataclasses.replace(sampling, output_regex=regex)
         return cls(
             prompt=pb.prompt,
             prompt_token_ids=tuple(pb.prompt_token_ids),
@@ -124,7 +124,6 @@ class GenerationRequest:
             include_stop_str_in_output=pb.include_stop_str_in_output,
             skip_special_tokens=pb.skip_special_tokens if pb.HasField("skip_special_tokens") else True,
             n=n,
-            output_regex=regex,
         )
 
 

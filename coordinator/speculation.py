@@ -195,8 +195,8 @@ class SpeculativeGenerator:
             yield chunk
 
     async def with_token_constraints(self, request: GenerationRequest) -> GenerationRequest:
-        """The request with its text-level constraints in its sampling, as the workers apply them: the bad
-        words as token sequences, structured output as its regex (whose automaton is built here first)."""
+        """The request with its bad words in its sampling as token sequences, as the workers apply them, and
+        its structured output's automaton built here first."""
         if request.bad_words:
             encoded = request.sampling.bad_words + encode_bad_words(self.tokenizer, request.bad_words)
             if len(encoded) > MAX_BAD_WORDS:
@@ -205,9 +205,6 @@ class SpeculativeGenerator:
                     f"or two), more than {MAX_BAD_WORDS}"
                 )
             sampling = dataclasses.replace(request.sampling, bad_words=encoded)
-            request = dataclasses.replace(request, sampling=sampling)
-        if request.output_regex:
-            sampling = dataclasses.replace(request.sampling, output_regex=request.output_regex)
             request = dataclasses.replace(request, sampling=sampling)
         if request.sampling.output_regex:
             # Built here first: a regex the vocabulary cannot match is INVALID_ARGUMENT before any session
