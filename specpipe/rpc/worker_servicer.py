@@ -218,8 +218,7 @@ class WorkerServicerBase(Generic[EngineT]):
                 async for request in ordered:
                     session_id = request.session_id
                     decoded = decode(request, history)
-                    if self.automaton_to_build(decoded) is not None:  # (no await on the hot path otherwise)
-                        await self.prepare(decoded)
+                    await self.prepare(decoded)
                     if run is not None:
                         result = await run(decoded, len(request.token_ids))
                     else:
