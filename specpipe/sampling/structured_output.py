@@ -30,6 +30,7 @@ from transformers import PreTrainedTokenizerBase
 from specpipe.errors import InvalidArgumentError, SpecpipeError
 from specpipe.sampling.params import SamplingParams
 from specpipe.sampling.token_bytes import token_bytes_vocabulary
+from specpipe.sampling.vocab_ids import ids_in_vocab
 
 __all__ = ["OutputAutomata"]
 
@@ -78,13 +79,11 @@ class OutputAutomata:
         """INVALID_ARGUMENT where a session's committed output leaves the automaton of `regex` (a resumed
         request asking for another constraint than its output was made under)."""
         automaton = self.automaton(regex)
-        state: int | None = automaton.get_initial_state()
-        for offset, token_id in enumerate(output):
-            state = _next_state(automaton, state, token_id, self.ends)
-            if state is None:
-                raise InvalidArgumentError(
-                    f"sampling.output_regex: the session's output so far leaves it at its token {offset}"
-                )
+        state, walked = _walk(automaton, automaton.get_initial_state(), output, self.ends)
+        if state is None:
+            raise InvalidArgumentError(
+                f"sampling.output_regex: the session's output so far leaves it at its token {walked}"
+            )
 
     def is_built(self, regex: str) -> bool:
         with self._lock:
@@ -116,13 +115,13 @@ class OutputAutomata:
             building.set_exception(error)
             raise error from None
         else:
+            with self._lock:
+                self._cache(regex, built)
             building.set_result(built)
+            return built
         finally:
             with self._lock:
                 del self._building[regex]
-                if building.done() and building.exception() is None:
-                    self._cache(regex, built)
-        return built
 
     def _token_vocabulary(self) -> Vocabulary:
         with self._lock:
@@ -177,7 +176,7 @@ class OutputAutomata:
         walked ones; the state depends on those tokens only, so any match is right. (A walk from the start
         costs ~0.45 ms at 2000 tokens, at every draft step and verify.)"""
         output = tuple(history[output_start:])
-        state: int | None = automaton.get_initial_state()
+        state = automaton.get_initial_state()
         start = 0
         with self._lock:
             walk = self._walks.get(session_id) if session_id else None
@@ -185,14 +184,13 @@ class OutputAutomata:
                 self._walks.move_to_end(session_id)
         if walk is not None and walk.regex == regex and output[: len(walk.output)] == walk.output:
             start, state = len(walk.output), walk.state
-        for token_id in output[start:]:
-            state = _next_state(automaton, state, token_id, self.ends)
-            if state is None:
-                # A history that assumes a draft token the automaton forbids (a block drafted or verified
-                # ahead of the verdict on the one before, which holds a token from a row the masks left
-                # empty): it is never committed, so its rows are never reached. (A committed output always
-                # fits: the coordinator checks a resumed one, OutputAutomata.check_output.) Left unmasked.
-                return None
+        state, _ = _walk(automaton, state, output[start:], self.ends)
+        if state is None:
+            # A history that assumes a draft token the automaton forbids (a block drafted or verified ahead of
+            # the verdict on the one before, which holds a token from a row the masks left empty): it is never
+            # committed, so its rows are never reached. (A committed output always fits: the coordinator
+            # checks a resumed one, OutputAutomata.check_output.) Left unmasked.
+            return None
         if session_id:
             with self._lock:
                 self._walks[session_id] = _Walk(regex, output, state)
@@ -217,14 +215,26 @@ class OutputAutomata:
             if automaton.is_final_state(state):
                 ids.extend(ends)
         allowed = torch.zeros(vocab_size, dtype=torch.bool)  # [vocab_size]
-        index = torch.tensor(ids, dtype=torch.long)
-        allowed[index[index < vocab_size]] = True
+        allowed[ids_in_vocab(ids, vocab_size)] = True
         allowed = allowed.to(device)
         with self._lock:
             self._masks[key] = allowed
             if len(self._masks) > MAX_CACHED_MASKS:
                 self._masks.popitem(last=False)
         return allowed
+
+
+def _walk(
+    automaton: Index, state: int, tokens: Sequence[int], ends: frozenset[int]
+) -> tuple[int | None, int]:
+    """The state after `tokens` from `state`, and how many of them it walked: all, or up to the first the
+    automaton forbids (the state then None)."""
+    for walked, token_id in enumerate(tokens):
+        after = _next_state(automaton, state, token_id, ends)
+        if after is None:
+            return None, walked
+        state = after
+    return state, len(tokens)
 
 
 def _next_state(automaton: Index, state: int, token_id: int, ends: frozenset[int]) -> int | None:
