@@ -12,6 +12,8 @@ from collections.abc import Sequence
 
 import torch
 
+from specpipe.sampling.vocab_ids import ids_in_vocab
+
 __all__ = ["allow_only"]
 
 
@@ -19,8 +21,7 @@ def allow_only(
     logits: torch.Tensor,  # [n, vocab_size]
     allowed_token_ids: Sequence[int],
 ) -> torch.Tensor:  # [n, vocab_size] float32, a new tensor: -inf but at the allowed ids
-    vocab_size = logits.shape[-1]
-    ids = torch.tensor([t for t in allowed_token_ids if 0 <= t < vocab_size], dtype=torch.long)  # [m]
+    ids = ids_in_vocab(allowed_token_ids, logits.shape[-1])  # [m]
     scores = torch.full(logits.shape, float("-inf"), dtype=torch.float32, device=logits.device)
     scores[:, ids] = logits[:, ids].to(torch.float32)
     return scores

@@ -12,6 +12,7 @@ from __future__ import annotations
 import torch
 
 from specpipe.sampling.params import SamplingParams
+from specpipe.sampling.vocab_ids import ids_in_vocab
 
 __all__ = ["hold_back_ends"]
 
@@ -23,11 +24,12 @@ def hold_back_ends(
 ) -> torch.Tensor:  # [n, vocab_size]: a new float32 tensor where any row changed, else `logits`
     # Rows scoring positions before output_start + min_tokens: the output then holds fewer than min_tokens.
     held = min(logits.shape[0], sampling.output_start + sampling.min_tokens - first_position)
-    vocab_size = logits.shape[-1]
-    ends = [token_id for token_id in sampling.end_token_ids if 0 <= token_id < vocab_size]
-    if held <= 0 or not ends:
+    if held <= 0:
+        return logits
+    ends = ids_in_vocab(sampling.end_token_ids, logits.shape[-1])  # [m]
+    if ends.numel() == 0:
         return logits
     scores = logits.to(torch.float32).clone()
     rows = scores[:held]  # [held, vocab_size], a view
-    rows[:, torch.tensor(ends, dtype=torch.long)] = float("-inf")
+    rows[:, ends] = float("-inf")
     return scores

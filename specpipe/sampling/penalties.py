@@ -24,14 +24,9 @@ from collections.abc import Sequence
 import torch
 
 from specpipe.sampling.params import SamplingParams
+from specpipe.sampling.vocab_ids import ids_in_vocab
 
 __all__ = ["SequencePenalties", "penalize_block"]
-
-
-def _in_vocab(token_ids: Sequence[int], vocab_size: int) -> torch.Tensor:  # [m] long
-    """The ids the model can produce (ids past the vocabulary are left out, as Hugging Face does)."""
-    ids = torch.as_tensor(list(token_ids), dtype=torch.long)
-    return ids[(ids >= 0) & (ids < vocab_size)]
 
 
 class SequencePenalties:
@@ -45,9 +40,9 @@ class SequencePenalties:
         self.counts: torch.Tensor | None = None  # [vocab_size] float32
         if sampling.repetition_penalty != 1.0:
             self.seen = torch.zeros(vocab_size, dtype=torch.bool)
-            self.seen[_in_vocab(token_ids, vocab_size)] = True
+            self.seen[ids_in_vocab(token_ids, vocab_size)] = True
         if sampling.penalizes_occurrences:
-            output = _in_vocab(token_ids[sampling.output_start :], vocab_size)
+            output = ids_in_vocab(token_ids[sampling.output_start :], vocab_size)
             self.counts = torch.bincount(output, minlength=vocab_size).to(torch.float32)
 
     def append(self, token_id: int) -> None:
