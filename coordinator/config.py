@@ -49,6 +49,8 @@ class CoordinatorConfig:
     shutdown_grace_s: float = 10.0
     # Prometheus metrics over HTTP on `host` (coordinator/metrics.py): 0 = a free port, -1 = none.
     metrics_port: int = -1
+    # A Jinja chat template for GenerateRequest.messages, replacing the tokenizer's own ("" = that one).
+    chat_template: str = ""
 
     def __post_init__(self) -> None:
         if not self.redis_url:

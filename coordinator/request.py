@@ -8,6 +8,7 @@ import secrets
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
+from coordinator.chat import ChatMessage, messages_from_pb
 from coordinator.structured_requests import output_regex
 from specpipe.errors import InvalidArgumentError
 from specpipe.sampling.logprobs import TokenLogprob
@@ -56,16 +57,26 @@ class GenerationRequest:
     include_stop_str_in_output: bool = False  # the text ends with the stop string rather than before it
     skip_special_tokens: bool = True  # special tokens' text is left out of the text
     n: int = 1  # completions of the prompt, each a new session (coordinator/completions.py)
+    # A conversation the chat template renders into the prompt (coordinator/chat.py), instead of one.
+    messages: tuple[ChatMessage, ...] = ()
+    continue_final_message: bool = False  # the last message is continued rather than a new turn opened
 
     @classmethod
     def from_pb(cls, pb: coordinator_pb2.GenerateRequest, limits: RequestLimits) -> GenerationRequest:
-        if not pb.prompt and not pb.prompt_token_ids and not pb.session_id:
+        if not pb.prompt and not pb.prompt_token_ids and not pb.messages and not pb.session_id:
             raise InvalidArgumentError(
-                "prompt must not be empty (set prompt or prompt_token_ids, "
+                "prompt must not be empty (set prompt, prompt_token_ids or messages, "
                 "or session_id to continue a session)"
             )
-        if pb.prompt and pb.prompt_token_ids:
-            raise InvalidArgumentError("set only one of prompt and prompt_token_ids")
+        if sum(map(bool, (pb.prompt, pb.prompt_token_ids, pb.messages))) > 1:
+            raise InvalidArgumentError("set only one of prompt, prompt_token_ids and messages")
+        if pb.messages and pb.session_id:
+            raise InvalidArgumentError(
+                "messages start a new conversation: leave session_id empty (a session's next turn is a "
+                "prompt)"
+            )
+        if pb.continue_final_message and not pb.messages:
+            raise InvalidArgumentError("continue_final_message needs messages")
         if not 1 <= pb.max_new_tokens <= limits.max_new_tokens:
             raise InvalidArgumentError(
                 f"max_new_tokens must be in [1, {limits.max_new_tokens}], got {pb.max_new_tokens}"
@@ -124,6 +135,8 @@ class GenerationRequest:
             include_stop_str_in_output=pb.include_stop_str_in_output,
             skip_special_tokens=pb.skip_special_tokens if pb.HasField("skip_special_tokens") else True,
             n=n,
+            messages=messages_from_pb(pb.messages),
+            continue_final_message=pb.continue_final_message,
         )
 
 

@@ -143,6 +143,7 @@ async def pair_workers(
             if config.adaptive_k_rule == "hf-heuristic" and config.max_speculative_tokens > 0
             else None
         ),
+        chat_template=config.chat_template,
     )
     # A model-free drafter (prompt lookup) reports the tokenizer directory as its model: name it instead.
     model_free = draft_info.drafter not in ("", "model")
@@ -174,7 +175,12 @@ async def run_coordinator(config: CoordinatorConfig, stop_event: asyncio.Event |
             store, generator.tokenizer, lambda: [*cluster.drafts.clients(), *cluster.targets.clients()]
         )
         info = ServerInfo(
-            target_model, draft_model, generator.limits, request_limits, config.max_concurrent_requests
+            target_model,
+            draft_model,
+            generator.limits,
+            request_limits,
+            config.max_concurrent_requests,
+            chat_template=generator.chat.available,
         )
         servicer.attach(generator, sessions, info)
 

@@ -17,6 +17,7 @@ class ServerInfo:
     models: ModelLimits
     requests: RequestLimits
     max_concurrent_requests: int
+    chat_template: bool = False  # GenerateRequest.messages accepted
 
     def to_pb(self, requests_running: int) -> coordinator_pb2.ServerInfo:
         default_k = self.requests.default_speculative_tokens
@@ -34,4 +35,5 @@ class ServerInfo:
             max_concurrent_requests=self.max_concurrent_requests,
             requests_running=requests_running,
             max_completions=min(MAX_COMPLETIONS, self.max_concurrent_requests),
+            chat_template=self.chat_template,
         )

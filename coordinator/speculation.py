@@ -22,6 +22,7 @@ from typing import Any
 
 from transformers import PreTrainedTokenizerBase
 
+from coordinator.chat import ChatTemplate
 from coordinator.delegation_backoff import DelegationBackoff
 from coordinator.replicas import ReplicaSet
 from coordinator.request import GenerationChunk, GenerationRequest, Usage
@@ -85,11 +86,13 @@ class SpeculativeGenerator:
         chaining: bool = True,
         delegation: bool = False,
         heuristic_start: int | None = None,
+        chat_template: str = "",
     ) -> None:
         self.drafts = drafts
         self.targets = targets
         self.store = store
         self.tokenizer = tokenizer
+        self.chat = ChatTemplate(tokenizer, chat_template)  # renders GenerateRequest.messages
         self.automata = OutputAutomata(tokenizer)  # structured output's, to check a request's regex early
         self.limits = limits
         self.worker_timeout_s = worker_timeout_s
@@ -113,6 +116,15 @@ class SpeculativeGenerator:
             ids = list(request.prompt_token_ids)
             self.check_in_vocab(ids, "prompt_token_ids")
             return ids
+        if request.messages:
+            text = self.chat.render(
+                request.messages, request.continue_final_message, self.limits.target_context
+            )
+            # The template wrote the special tokens it wants (coordinator/chat.py).
+            ids = self.tokenizer(text, add_special_tokens=False)["input_ids"]
+            if not ids:
+                raise InvalidArgumentError("messages render to no tokens")
+            return list(ids)
         if not request.prompt:
             return []  # a continued session without a new turn
         check_length(request.prompt, self.limits.target_context, "prompt")  # before encoding it, on the loop

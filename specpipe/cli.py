@@ -157,6 +157,11 @@ def add_serve_parser(subparsers: argparse._SubParsersAction) -> None:
     serve.add_argument(
         "--session-key-prefix", default="specpipe:session:", help="store keys' prefix (default: %(default)s)"
     )
+    serve.add_argument(
+        "--chat-template", default="",
+        help="all/coordinator: a Jinja chat template for chat requests (GenerateRequest.messages, the HTTP "
+        "API's /v1/chat/completions), as a file or the template itself; default: the tokenizer's own",
+    )  # fmt: skip
     serve.add_argument("--num-speculative-tokens", type=int, default=4, help="k when --no-adaptive-k")
     serve.add_argument(
         "--adaptive-k", action=argparse.BooleanOptionalAction, default=True,
@@ -498,6 +503,7 @@ def serve_component(args: argparse.Namespace) -> int:
             redis_password=redis_password(args),
             redis_ca_file=args.redis_ca_file,
             metrics_port=args.metrics_port,
+            chat_template=chat_template(args.chat_template),
         )
     )
     try:
@@ -558,7 +564,19 @@ def serve_all(args: argparse.Namespace) -> int:
         "--chaining" if args.chaining else "--no-chaining",
         "--delegation" if args.delegation else "--no-delegation",
     ]
+    if args.chat_template:  # read here: a missing file is refused before anything starts
+        extra += ["--chat-template", chat_template(args.chat_template)]
     return run_pipeline(config, extra)
+
+
+def chat_template(value: str) -> str:
+    """--chat-template: the file's content, or the value itself where it is a template (as vLLM's)."""
+    if not value or "{{" in value or "{%" in value:
+        return value
+    try:
+        return Path(value).read_text()
+    except OSError as exc:
+        raise FlagError(f"--chat-template: cannot read {value!r}: {exc.strerror}") from None
 
 
 def read_argument(value: str | None) -> str | None:

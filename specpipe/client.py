@@ -43,7 +43,10 @@ def build_request(
     json_object: bool = False,
     regex: str | None = None,
     choice: Sequence[str] | None = None,
+    messages: Sequence[Mapping[str, str]] = (),
+    continue_final_message: bool = False,
 ) -> coordinator_pb2.GenerateRequest:
+    """A GenerateRequest; with `messages` ({"role": ..., "content": ...} each), pass "" as the prompt."""
     rule = (
         common_pb2.ACCEPTANCE_RULE_COUPLED
         if acceptance == "coupled"
@@ -63,6 +66,8 @@ def build_request(
         include_stop_str_in_output=include_stop_str_in_output,
         skip_special_tokens=skip_special_tokens,
         n=n,
+        messages=[coordinator_pb2.ChatMessage(role=m["role"], content=m["content"]) for m in messages],
+        continue_final_message=continue_final_message,
     )
     if isinstance(prompt, str):
         request.prompt = prompt

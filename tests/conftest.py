@@ -17,6 +17,9 @@ from specpipe.models.tiny_pair import build_tiny_pair  # noqa: E402
 from specpipe.rpc.worker_clients import TargetClient  # noqa: E402
 from specpipe.store.redis_server import RedisServerProcess  # noqa: E402
 
+# The shared pipeline's coordinator renders chat requests with it (the tiny pair's tokenizer has none).
+CHAT_TEMPLATE = Path(__file__).parent / "data" / "chat_template.jinja"
+
 
 @dataclass(frozen=True)
 class ModelPair:
@@ -160,9 +163,8 @@ def start_pipeline(
     # Direct streams on, as `specpipe serve` runs its target.
     target_args = ["--direct-stream-port", "0", "--metrics-port", str(ports["target"]), *(target_extra or [])]
     target = start_worker("target", pair.target_dir, log_dir, extra=target_args)
-    coordinator = start_coordinator(
-        draft.address, target.address, redis.url, log_dir, extra=["--metrics-port", str(ports["coordinator"])]
-    )
+    coordinator_args = ["--metrics-port", str(ports["coordinator"]), "--chat-template", str(CHAT_TEMPLATE)]
+    coordinator = start_coordinator(draft.address, target.address, redis.url, log_dir, extra=coordinator_args)
     pipeline = Pipeline(coordinator.address, draft, target, coordinator, redis, pair, ports)
     try:
         for service in (draft, target, coordinator):
