@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import functools
 from collections.abc import AsyncIterator, Callable, Sequence
 
 from coordinator.request import GenerationChunk, GenerationRequest
@@ -18,7 +19,7 @@ from specpipe.errors import UnavailableError
 
 SEED_MODULUS = 2**64  # SamplingParams.seed is a uint64
 
-__all__ = ["completion_requests", "interleaved_completions"]
+__all__ = ["completion_requests", "interleaved", "interleaved_completions"]
 
 
 def completion_requests(request: GenerationRequest) -> list[GenerationRequest]:
@@ -39,12 +40,22 @@ async def interleaved_completions(
     requests: Sequence[GenerationRequest],
 ) -> AsyncIterator[GenerationChunk]:
     """Each request's chunks, tagged with its index, as they come; in order within each completion."""
-    queue: asyncio.Queue[GenerationChunk | BaseException | None] = asyncio.Queue()
+    streams = [functools.partial(generate, request) for request in requests]
+    async for index, chunk in interleaved(streams):
+        yield dataclasses.replace(chunk, index=index)
 
-    async def run(index: int, request: GenerationRequest) -> None:
+
+async def interleaved(
+    streams: Sequence[Callable[[], AsyncIterator[GenerationChunk]]],
+) -> AsyncIterator[tuple[int, GenerationChunk]]:
+    """The streams run concurrently; each chunk comes as it is made, with its stream's index, in order within
+    each stream. The first failure ends the iteration with it and cancels the other streams."""
+    queue: asyncio.Queue[tuple[int, GenerationChunk] | BaseException | None] = asyncio.Queue()
+
+    async def run(index: int, stream: Callable[[], AsyncIterator[GenerationChunk]]) -> None:
         try:
-            async for chunk in generate(request):
-                queue.put_nowait(dataclasses.replace(chunk, index=index))
+            async for chunk in stream():
+                queue.put_nowait((index, chunk))
         except BaseException as exc:
             # The caller raises it, a CancelledError too (one the completion's own calls raised, where the
             # caller did not cancel it): every completion ends with an item, so the caller never waits on
@@ -53,7 +64,7 @@ async def interleaved_completions(
             raise
         queue.put_nowait(None)
 
-    tasks = [asyncio.create_task(run(index, request)) for index, request in enumerate(requests)]
+    tasks = [asyncio.create_task(run(index, stream)) for index, stream in enumerate(streams)]
     try:
         running = len(tasks)
         while running:

@@ -51,6 +51,10 @@ class CoordinatorConfig:
     metrics_port: int = -1
     # A Jinja chat template for GenerateRequest.messages, replacing the tokenizer's own ("" = that one).
     chat_template: str = ""
+    # The OpenAI-compatible HTTP API on `host` (coordinator/openai_api): 0 = a free port, -1 = none.
+    http_port: int = -1
+    # The model's name in the HTTP API ("" = the target's name as the worker reports it).
+    served_model_name: str = ""
 
     def __post_init__(self) -> None:
         if not self.redis_url:
@@ -76,7 +80,8 @@ class CoordinatorConfig:
         for name in ("worker_timeout_s", "startup_timeout_s", "shutdown_grace_s"):
             if getattr(self, name) <= 0:
                 raise ValueError(f"{name} must be > 0, got {getattr(self, name)}")
-        if not -1 <= self.metrics_port < 65536:
-            raise ValueError(f"metrics_port must be in [-1, 65535], got {self.metrics_port}")
+        for name in ("metrics_port", "http_port"):
+            if not -1 <= getattr(self, name) < 65536:
+                raise ValueError(f"{name} must be in [-1, 65535], got {getattr(self, name)}")
         if self.session_ttl_s < 1:
             raise ValueError(f"session_ttl_s must be >= 1, got {self.session_ttl_s}")

@@ -12,6 +12,7 @@ from coordinator.config import CoordinatorConfig
 from coordinator.cost_profile import measure_cost_profile
 from coordinator.discovery.factory import make_discovery
 from coordinator.metrics import CoordinatorMetrics
+from coordinator.openai_api.server import HttpServer, OpenAIApi
 from coordinator.replicas import Compatibility
 from coordinator.request import RequestLimits
 from coordinator.server_info import ServerInfo
@@ -184,6 +185,11 @@ async def run_coordinator(config: CoordinatorConfig, stop_event: asyncio.Event |
         )
         servicer.attach(generator, sessions, info)
 
+    http = None
+    if config.http_port >= 0:  # listening from the start: 503 until the workers are paired, as gRPC's
+        api = OpenAIApi(servicer, config.served_model_name)
+        http = HttpServer(api, config.host, config.http_port, config.shutdown_grace_s)
+        await http.start()
     try:
         await serve(
             name="coordinator",
@@ -196,8 +202,11 @@ async def run_coordinator(config: CoordinatorConfig, stop_event: asyncio.Event |
             stop_event=stop_event,
             metrics=metrics.registry if config.metrics_port >= 0 else None,
             metrics_port=config.metrics_port,
+            drains=[http.drain] if http is not None else [],
         )
     finally:
+        if http is not None:
+            await http.close()
         await cluster.close()
         try:
             await store.close()

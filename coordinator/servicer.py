@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 
 import grpc
 
@@ -66,6 +66,14 @@ class CoordinatorServicer(coordinator_pb2_grpc.CoordinatorServicer):
     async def Generate(
         self, request: coordinator_pb2.GenerateRequest, context: grpc.aio.ServicerContext
     ) -> AsyncIterator[coordinator_pb2.GenerateResponse]:
+        async for chunk in self.generate(request, context.time_remaining):
+            yield chunk.to_pb()
+
+    async def generate(
+        self, request: coordinator_pb2.GenerateRequest, time_remaining: Callable[[], float | None]
+    ) -> AsyncIterator[GenerationChunk]:
+        """Generate's work, behind the concurrency limit and observed by the metrics; also what the HTTP API
+        calls (coordinator/openai_api), so both count against one limit."""
         # n completions count as n requests (an n out of range is refused below, by from_pb).
         slots = min(max(request.n, 1), MAX_COMPLETIONS)
         if slots > self.max_concurrent_requests:
@@ -84,20 +92,20 @@ class CoordinatorServicer(coordinator_pb2_grpc.CoordinatorServicer):
             self.running += slots
             try:
                 generation = GenerationRequest.from_pb(request, self.limits)
-                async for chunk in self.chunks(generation, context):
+                async for chunk in self.chunks(generation, time_remaining):
                     observed.chunk(chunk, self.metrics)
-                    yield chunk.to_pb()
+                    yield chunk
             finally:
                 self.running -= slots
 
     def chunks(
-        self, generation: GenerationRequest, context: grpc.aio.ServicerContext
+        self, generation: GenerationRequest, time_remaining: Callable[[], float | None]
     ) -> AsyncIterator[GenerationChunk]:
         generator = self.generator
         if generation.n == 1:
-            return generator.generate(generation, context.time_remaining)
+            return generator.generate(generation, time_remaining)
         return interleaved_completions(
-            lambda single: generator.generate(single, context.time_remaining), completion_requests(generation)
+            lambda single: generator.generate(single, time_remaining), completion_requests(generation)
         )
 
     async def GetSession(

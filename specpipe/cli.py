@@ -207,6 +207,15 @@ def add_serve_parser(subparsers: argparse._SubParsersAction) -> None:
         "component, the coordinator's on PORT, the draft's on PORT+1 and the target's on PORT+2",
     )  # fmt: skip
     serve.add_argument(
+        "--http-port", type=int, default=None,
+        help="all/coordinator: serve the OpenAI-compatible HTTP API (/v1/completions, /v1/chat/completions, "
+        "/v1/models) on this port (0 = a free port, -1 = not; default: 8000 with no component, else -1)",
+    )  # fmt: skip
+    serve.add_argument(
+        "--served-model-name", default="",
+        help="all/coordinator: the model's name in the HTTP API (default: the target model's path)",
+    )  # fmt: skip
+    serve.add_argument(
         "--event-loop", choices=EVENT_LOOPS, default="auto",
         help="the services' event loop: uvloop (auto: where installed) or asyncio's own",
     )  # fmt: skip
@@ -504,6 +513,8 @@ def serve_component(args: argparse.Namespace) -> int:
             redis_ca_file=args.redis_ca_file,
             metrics_port=args.metrics_port,
             chat_template=chat_template(args.chat_template),
+            http_port=-1 if args.http_port is None else args.http_port,
+            served_model_name=args.served_model_name,
         )
     )
     try:
@@ -544,6 +555,7 @@ def serve_all(args: argparse.Namespace) -> int:
             static_kv_slots=args.static_kv_slots,
             cuda_graphs=args.cuda_graphs,
             event_loop=args.event_loop,
+            http_port=8000 if args.http_port is None else args.http_port,
         )
     )
     extra = [
@@ -564,6 +576,8 @@ def serve_all(args: argparse.Namespace) -> int:
         "--chaining" if args.chaining else "--no-chaining",
         "--delegation" if args.delegation else "--no-delegation",
     ]
+    if args.served_model_name:
+        extra += ["--served-model-name", args.served_model_name]
     if args.chat_template:  # read here: a missing file is refused before anything starts
         extra += ["--chat-template", chat_template(args.chat_template)]
     return run_pipeline(config, extra)

@@ -130,6 +130,9 @@ class PipelineConfig:
     cuda_graphs: bool = True
     # Every component's event loop (specpipe/rpc/event_loop.py).
     event_loop: str = "auto"
+    # The coordinator's OpenAI-compatible HTTP API (coordinator/openai_api): vLLM's port by default, 0 = a
+    # free one, -1 = none.
+    http_port: int = 8000
 
     def __post_init__(self) -> None:
         if self.max_batch_sessions < 1:
@@ -146,6 +149,8 @@ class PipelineConfig:
             raise ValueError(
                 f"metrics_port must be in [-1, 65533] (it and the next two ports), got {self.metrics_port}"
             )
+        if not -1 <= self.http_port < 65536:
+            raise ValueError(f"http_port must be in [-1, 65535], got {self.http_port}")
         if self.event_loop not in EVENT_LOOPS:
             raise ValueError(f"event_loop must be one of {EVENT_LOOPS}, got {self.event_loop!r}")
         from specpipe.config import DRAFTERS  # here: the launcher itself needs no torch until a config exists
@@ -244,6 +249,8 @@ def run_pipeline(config: PipelineConfig, extra_coordinator_args: Sequence[str] =
                 "--num-speculative-tokens",
                 str(config.num_speculative_tokens),
                 *config.component_args("coordinator"),
+                "--http-port",
+                str(config.http_port),
                 *extra_coordinator_args,
             ],
             log_dir / "coordinator.log",
@@ -266,6 +273,8 @@ def run_pipeline(config: PipelineConfig, extra_coordinator_args: Sequence[str] =
             f"(target {config.target_model}, draft {config.draft_model}; logs in {log_dir})",
             flush=True,
         )
+        if config.http_port > 0:
+            print(f"specpipe OpenAI-compatible API on http://{config.host}:{config.http_port}/v1", flush=True)
         if config.metrics_port > 0:
             urls = ", ".join(
                 f"{name} http://{host}:{config.metrics_port + offset}/metrics"

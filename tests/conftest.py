@@ -37,6 +37,11 @@ class Pipeline:
     pair: ModelPair
     # Prometheus ports by component ("coordinator", "draft", "target"); empty: none.
     metrics_ports: dict[str, int] = field(default_factory=dict)
+    http_port: int = -1  # the coordinator's OpenAI-compatible HTTP API
+
+    @property
+    def http_url(self) -> str:
+        return f"http://127.0.0.1:{self.http_port}"
 
     def logs(self) -> str:
         return "\n".join(
@@ -163,9 +168,13 @@ def start_pipeline(
     # Direct streams on, as `specpipe serve` runs its target.
     target_args = ["--direct-stream-port", "0", "--metrics-port", str(ports["target"]), *(target_extra or [])]
     target = start_worker("target", pair.target_dir, log_dir, extra=target_args)
-    coordinator_args = ["--metrics-port", str(ports["coordinator"]), "--chat-template", str(CHAT_TEMPLATE)]
+    http_port = free_port()
+    coordinator_args = [
+        "--metrics-port", str(ports["coordinator"]), "--chat-template", str(CHAT_TEMPLATE),
+        "--http-port", str(http_port),
+    ]  # fmt: skip
     coordinator = start_coordinator(draft.address, target.address, redis.url, log_dir, extra=coordinator_args)
-    pipeline = Pipeline(coordinator.address, draft, target, coordinator, redis, pair, ports)
+    pipeline = Pipeline(coordinator.address, draft, target, coordinator, redis, pair, ports, http_port)
     try:
         for service in (draft, target, coordinator):
             service.wait_serving(120)

@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import signal
 import subprocess
 import sys
 import time
+import urllib.request
 from pathlib import Path
 
 import pytest
@@ -17,11 +19,11 @@ from specpipe.launcher import PipelineConfig, free_port, health_status
 
 def test_serve_with_no_flags_then_generate(tmp_path: Path) -> None:
     env = {**os.environ, "SPECPIPE_CACHE_DIR": str(tmp_path / "cache"), "PYTHONUNBUFFERED": "1"}
-    port = free_port()
-    # No flags but the port, so this test does not collide with a developer's running server on 50051.
+    port, http_port = free_port(), free_port()
+    # No flags but the ports, so this test does not collide with a developer's running server on 50051/8000.
     serve = subprocess.Popen(
-        [sys.executable, "-m", "specpipe", "serve", "--port", str(port), "--threads", "1",
-         "--log-dir", str(tmp_path / "logs")],
+        [sys.executable, "-m", "specpipe", "serve", "--port", str(port), "--http-port", str(http_port),
+         "--threads", "1", "--log-dir", str(tmp_path / "logs")],
         stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env,
     )  # fmt: skip
     try:
@@ -58,6 +60,18 @@ def test_serve_with_no_flags_then_generate(tmp_path: Path) -> None:
         assert len(lines) == 4 and all(len(line.split()) == 7 for line in lines), with_logprobs.stdout
         lines = [line for line in prompt_part.splitlines() if " logprob " in line]
         assert len(lines) >= 2 and all(len(line.split()) == 6 for line in lines), with_logprobs.stdout
+        assert (
+            serve.stdout.readline().strip()
+            == f"specpipe OpenAI-compatible API on http://127.0.0.1:{http_port}/v1"
+        )
+        http_request = urllib.request.Request(
+            f"http://127.0.0.1:{http_port}/v1/completions",
+            data=json.dumps({"prompt": "def fibonacci(n):", "max_tokens": 16, "temperature": 0}).encode(),
+            headers={"Content-Type": "application/json"},
+        )
+        with urllib.request.urlopen(http_request, timeout=60) as response:
+            completion = json.loads(response.read())
+        assert out.stdout.startswith("def fibonacci(n):" + completion["choices"][0]["text"])
         two = subprocess.run(
             [sys.executable, "-m", "specpipe", "generate", "def f(x):", "--addr", f"127.0.0.1:{port}",
              "--max-new-tokens", "8", "-n", "2", "--temperature", "1.0",
@@ -131,6 +145,17 @@ def test_embedded_serve_serves_every_components_metrics_on_consecutive_ports(
     assert {free.metrics_args(name)[1] for name in ("coordinator", "draft", "target")} == {"0"}
     with pytest.raises(ValueError, match="metrics_port"):
         specpipe.launcher.PipelineConfig("t", "d", metrics_port=65534)
+
+
+def test_embedded_serve_serves_the_http_api_on_8000_unless_told(
+    embedded_configs: list[PipelineConfig], tmp_path: Path
+) -> None:
+    from specpipe.cli import main
+
+    for ports in ([], ["--http-port", "-1"], ["--http-port", "9000"]):
+        assert main(["serve", *ports, "--log-dir", str(tmp_path)]) == 0
+    assert [config.http_port for config in embedded_configs] == [8000, -1, 9000]
+    assert main(["serve", "--http-port", "70000", "--log-dir", str(tmp_path)]) == 2
 
 
 def test_embedded_serve_splits_the_cores_between_its_workers_unless_told(

@@ -1,0 +1,298 @@
+"""OpenAI request bodies (completions and chat completions) as GenerateRequests.
+
+The fields are OpenAI's, with their defaults (temperature 1, max_tokens 16 for completions), plus vLLM's
+sampling extensions under vLLM's names (top_k, min_p, repetition_penalty, min_tokens, ignore_eos,
+stop_token_ids, include_stop_str_in_output, skip_special_tokens, allowed_token_ids, bad_words,
+guided_json/guided_regex/guided_choice) and specpipe's num_speculative_tokens. A field that specpipe cannot
+honour (suffix, best_of above n, tools, echo with log-probs) is refused, never ignored; unknown fields are
+ignored, as vLLM and OpenAI do. Ranges are checked by the Generate request itself, with the same messages.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from specpipe.client import build_request
+from specpipe.errors import InvalidArgumentError
+from specpipe.v1 import coordinator_pb2
+
+MAX_PROMPTS = 64  # prompts in one completions body (each is a Generate of its own)
+COMPLETIONS_DEFAULT_MAX_TOKENS = 16  # OpenAI's default for /v1/completions
+
+
+@dataclass(frozen=True, slots=True)
+class ApiCall:
+    """One HTTP request: a Generate per prompt, each with n completions."""
+
+    chat: bool
+    model: str  # as the body names it ("" = not named)
+    requests: tuple[coordinator_pb2.GenerateRequest, ...]
+    n: int
+    stream: bool
+    include_usage: bool  # stream_options.include_usage: a last event with the usage
+    echoes: tuple[str, ...]  # per prompt, the text its choices start with (echo), else ""
+    logprobs: bool  # the choices carry log-probs
+
+    def choice_index(self, prompt: int, completion: int) -> int:
+        return prompt * self.n + completion
+
+
+class Fields:
+    """Typed reads of a JSON body: a wrong type is INVALID_ARGUMENT naming the field."""
+
+    def __init__(self, body: Any) -> None:
+        if not isinstance(body, dict):
+            raise InvalidArgumentError("the request body must be a JSON object")
+        self.body: dict[str, Any] = body
+
+    def value(self, name: str, kinds: tuple[type, ...], what: str, default: Any = None) -> Any:
+        value = self.body.get(name)
+        if value is None:
+            return default
+        # JSON true is not a number here, though bool is an int in Python.
+        if isinstance(value, bool) and bool not in kinds or not isinstance(value, kinds):
+            raise InvalidArgumentError(f"{name} must be {what}, got {json.dumps(value)[:80]}")
+        return value
+
+    def integer(self, name: str, default: int | None = None) -> int | None:
+        return self.value(name, (int,), "an integer", default)
+
+    def number(self, name: str, default: float | None = None) -> float | None:
+        value = self.value(name, (int, float), "a number", default)
+        return None if value is None else float(value)
+
+    def boolean(self, name: str, default: bool = False) -> bool:
+        return bool(self.value(name, (bool,), "true or false", default))
+
+    def string(self, name: str, default: str | None = None) -> str | None:
+        return self.value(name, (str,), "a string", default)
+
+    def integers(self, name: str) -> list[int]:
+        values = self.value(name, (list,), "a list of integers", [])
+        if not all(isinstance(v, int) and not isinstance(v, bool) for v in values):
+            raise InvalidArgumentError(f"{name} must be a list of integers")
+        return values
+
+    def strings(self, name: str) -> list[str]:
+        """A string or a list of them (as OpenAI's stop)."""
+        values = self.value(name, (str, list), "a string or a list of strings", [])
+        values = [values] if isinstance(values, str) else values
+        if not all(isinstance(v, str) for v in values):
+            raise InvalidArgumentError(f"{name} must be a string or a list of strings")
+        return values
+
+
+def completion_call(body: Any, decode: Callable[[Sequence[int]], str]) -> ApiCall:
+    """/v1/completions: `decode` spells a token-id prompt for echo."""
+    fields = Fields(body)
+    prompts = completion_prompts(fields.body.get("prompt"))
+    if fields.body.get("suffix"):
+        raise InvalidArgumentError("suffix is not supported")
+    top = fields.integer("logprobs")
+    if top is not None and top < 0:
+        raise InvalidArgumentError(f"logprobs must be >= 0, got {top}")
+    echo = fields.boolean("echo")
+    if echo and top is not None:
+        raise InvalidArgumentError("echo with logprobs is not supported (prompt log-probs are not reported)")
+    max_tokens = fields.integer("max_tokens", COMPLETIONS_DEFAULT_MAX_TOKENS)
+    assert max_tokens is not None
+    requests = tuple(generate_request(fields, prompt, max_tokens, top_logprobs=top) for prompt in prompts)
+    echoes = tuple(
+        (prompt if isinstance(prompt, str) else decode(prompt)) if echo else "" for prompt in prompts
+    )
+    return api_call(fields, chat=False, requests=requests, echoes=echoes, logprobs=top is not None)
+
+
+def chat_call(body: Any, default_max_tokens: int) -> ApiCall:
+    """/v1/chat/completions: without max_tokens, the output may run to the server's max_new_tokens (or the
+    context), as vLLM's does."""
+    fields = Fields(body)
+    if fields.body.get("tools") and fields.body.get("tool_choice") != "none":
+        raise InvalidArgumentError("tools are not supported")
+    if fields.boolean("echo"):
+        raise InvalidArgumentError("echo is not supported for chat completions")
+    if not fields.boolean("add_generation_prompt", True) and not fields.boolean("continue_final_message"):
+        raise InvalidArgumentError(
+            "add_generation_prompt false is supported with continue_final_message only"
+        )
+    messages = chat_messages(fields.body.get("messages"))
+    top = fields.integer("top_logprobs", 0) if fields.boolean("logprobs") else None
+    max_tokens = fields.integer("max_completion_tokens", fields.integer("max_tokens", default_max_tokens))
+    assert max_tokens is not None
+    request = generate_request(
+        fields,
+        "",
+        max_tokens,
+        top_logprobs=top,
+        messages=messages,
+        continue_final_message=fields.boolean("continue_final_message"),
+    )
+    return api_call(fields, chat=True, requests=(request,), echoes=("",), logprobs=top is not None)
+
+
+def api_call(
+    fields: Fields,
+    *,
+    chat: bool,
+    requests: tuple[coordinator_pb2.GenerateRequest, ...],
+    echoes: tuple[str, ...],
+    logprobs: bool,
+) -> ApiCall:
+    stream_options = fields.value("stream_options", (dict,), "an object", {})
+    stream = fields.boolean("stream")
+    include_usage = stream and bool(Fields(stream_options).boolean("include_usage"))
+    return ApiCall(
+        chat=chat,
+        model=fields.string("model", "") or "",
+        requests=requests,
+        n=requests[0].n or 1,
+        stream=stream,
+        include_usage=include_usage,
+        echoes=echoes,
+        logprobs=logprobs,
+    )
+
+
+def completion_prompts(prompt: Any) -> list[str | list[int]]:
+    """OpenAI's prompt: a text, a list of texts, token ids, or a list of token-id lists."""
+    if isinstance(prompt, str):
+        return [prompt]
+    if isinstance(prompt, list) and prompt:
+        if all(isinstance(p, int) and not isinstance(p, bool) for p in prompt):
+            return [prompt]
+        if all(isinstance(p, str) for p in prompt) or all(
+            isinstance(p, list) and all(isinstance(t, int) and not isinstance(t, bool) for t in p)
+            for p in prompt
+        ):
+            if len(prompt) > MAX_PROMPTS:
+                raise InvalidArgumentError(
+                    f"prompt may hold at most {MAX_PROMPTS} prompts, got {len(prompt)}"
+                )
+            return list(prompt)
+    raise InvalidArgumentError(
+        "prompt must be a string, a list of strings, a list of token ids or a list of token-id lists"
+    )
+
+
+def chat_messages(messages: Any) -> list[dict[str, str]]:
+    """OpenAI's messages; a content given as parts must be text parts (no images here)."""
+    if not isinstance(messages, list) or not messages:
+        raise InvalidArgumentError("messages must be a non-empty list of {role, content} objects")
+    converted: list[dict[str, str]] = []
+    for index, message in enumerate(messages):
+        if not isinstance(message, dict) or not isinstance(message.get("role"), str):
+            raise InvalidArgumentError(f"messages[{index}] must be an object with a string role")
+        if message.get("tool_calls"):
+            raise InvalidArgumentError(f"messages[{index}].tool_calls: tools are not supported")
+        converted.append({"role": message["role"], "content": message_text(message.get("content"), index)})
+    return converted
+
+
+def message_text(content: Any, index: int) -> str:
+    if content is None or isinstance(content, str):
+        return content or ""
+    if isinstance(content, list):
+        texts = []
+        for part in content:
+            if (
+                not isinstance(part, dict)
+                or part.get("type") != "text"
+                or not isinstance(part.get("text"), str)
+            ):
+                raise InvalidArgumentError(
+                    f"messages[{index}].content: only text parts ({{type: text, text}}) are supported"
+                )
+            texts.append(part["text"])
+        return "\n".join(texts)
+    raise InvalidArgumentError(f"messages[{index}].content must be a string or a list of text parts")
+
+
+def generate_request(
+    fields: Fields,
+    prompt: str | Sequence[int],
+    max_tokens: int,
+    *,
+    top_logprobs: int | None,
+    messages: Sequence[Mapping[str, str]] = (),
+    continue_final_message: bool = False,
+) -> coordinator_pb2.GenerateRequest:
+    n = fields.integer("n", 1)
+    best_of = fields.integer("best_of")
+    if best_of is not None and best_of != n:
+        raise InvalidArgumentError("best_of is not supported (other than equal to n)")
+    top_k = fields.integer("top_k", 0)
+    logit_bias = fields.value("logit_bias", (dict,), "an object of token id to bias", {})
+    try:
+        bias = {int(token_id): float(value) for token_id, value in logit_bias.items()}
+    except (TypeError, ValueError):
+        raise InvalidArgumentError("logit_bias must map token ids (as strings) to numbers") from None
+    for name in ("max_tokens", "max_completion_tokens", "n", "min_tokens", "top_logprobs"):
+        if (fields.integer(name) or 0) < 0:
+            raise InvalidArgumentError(f"{name} must be >= 0, got {fields.integer(name)}")
+    seed = fields.integer("seed")
+    try:
+        return build_request(
+            prompt,
+            max_tokens,
+            temperature=fields.number("temperature", 1.0),  # type: ignore[arg-type]
+            top_k=0 if top_k is None or top_k < 0 else top_k,  # vLLM's -1 is off
+            top_p=fields.number("top_p", 1.0),  # type: ignore[arg-type]
+            min_p=fields.number("min_p", 0.0),  # type: ignore[arg-type]
+            seed=None if seed is None else seed % 2**64,  # OpenAI's seed may be negative
+            stop=fields.strings("stop"),
+            num_speculative_tokens=fields.integer("num_speculative_tokens"),
+            logprobs=top_logprobs,
+            repetition_penalty=fields.number("repetition_penalty", 1.0),  # type: ignore[arg-type]
+            presence_penalty=fields.number("presence_penalty", 0.0),  # type: ignore[arg-type]
+            frequency_penalty=fields.number("frequency_penalty", 0.0),  # type: ignore[arg-type]
+            logit_bias=bias,
+            min_tokens=fields.integer("min_tokens", 0),  # type: ignore[arg-type]
+            ignore_eos=fields.boolean("ignore_eos"),
+            stop_token_ids=fields.integers("stop_token_ids"),
+            allowed_token_ids=fields.integers("allowed_token_ids"),
+            bad_words=fields.strings("bad_words"),
+            include_stop_str_in_output=fields.boolean("include_stop_str_in_output"),
+            skip_special_tokens=fields.value("skip_special_tokens", (bool,), "true or false"),
+            n=n,
+            messages=messages,
+            continue_final_message=continue_final_message,
+            **structured_output(fields),
+        )
+    except ValueError as exc:  # a number beyond its protobuf field (a uint32 above 2^32...)
+        raise InvalidArgumentError(f"a field is out of range: {exc}") from None
+
+
+def structured_output(fields: Fields) -> dict[str, Any]:
+    """OpenAI's response_format, or vLLM's guided_json / guided_regex / guided_choice, as build_request's
+    arguments (at most one of them)."""
+    chosen: dict[str, Any] = {}
+    response_format = fields.value("response_format", (dict,), "an object", None)
+    if response_format is not None:
+        kind = response_format.get("type")
+        if kind == "json_object":
+            chosen["json_object"] = True
+        elif kind == "json_schema":
+            json_schema = response_format.get("json_schema")
+            schema = json_schema.get("schema") if isinstance(json_schema, dict) else None
+            if not isinstance(schema, dict | bool):
+                raise InvalidArgumentError("response_format.json_schema.schema must be a JSON Schema object")
+            chosen["json_schema"] = json.dumps(schema)
+        elif kind != "text":
+            raise InvalidArgumentError(
+                f"response_format.type must be text, json_object or json_schema, got {json.dumps(kind)}"
+            )
+    guided_json = fields.value("guided_json", (dict, str), "a JSON Schema (an object or its text)")
+    if guided_json is not None:
+        chosen["json_schema"] = guided_json if isinstance(guided_json, str) else json.dumps(guided_json)
+    if (regex := fields.string("guided_regex")) is not None:
+        chosen["regex"] = regex
+    if fields.body.get("guided_choice") is not None:
+        chosen["choice"] = fields.strings("guided_choice")
+    if len(chosen) > 1:
+        raise InvalidArgumentError(
+            "set at most one of response_format (json), guided_json, guided_regex and guided_choice"
+        )
+    return chosen

@@ -1,0 +1,166 @@
+"""Generate's chunks as OpenAI's objects: a whole (chat) completion, or the chunks of its event stream.
+
+Choice i of a body with several prompts is prompt i // n's completion i % n, as OpenAI numbers them. A
+finish reason of "eos" (the model ended) and "stop" (a stop string or stop token) are both OpenAI's "stop".
+Usage counts each prompt once and every completion's tokens.
+"""
+
+from __future__ import annotations
+
+import time
+import uuid
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from coordinator.openai_api.requests import ApiCall
+from coordinator.request import GenerationChunk
+from specpipe.sampling.logprobs import TokenLogprob
+
+FINISH_REASONS = {"eos": "stop", "stop": "stop", "length": "length"}
+LOWEST_LOGPROB = -9999.0  # for -inf (a token the masks ruled out), which JSON cannot hold; vLLM's value
+
+
+def finite(logprob: float) -> float:
+    return max(logprob, LOWEST_LOGPROB)
+
+
+@dataclass(slots=True)
+class ChoiceState:
+    """One choice so far: its text, log-probs and how it ended."""
+
+    index: int
+    echo: str
+    started: bool = False  # a chunk of it was seen (the echo and a chat's role go with the first)
+    texts: list[str] = field(default_factory=list)
+    logprobs: list[TokenLogprob] = field(default_factory=list)
+    text_offset: int = 0  # characters before the next token (completions' logprobs.text_offset)
+    finish_reason: str | None = None
+
+
+class ResponseBuilder:
+    """Turns one ApiCall's chunks into OpenAI's response objects; `token_text` spells one token."""
+
+    def __init__(self, call: ApiCall, model: str, token_text: Callable[[int], str]) -> None:
+        self.call = call
+        self.model = model
+        self.token_text = token_text
+        self.id = f"{'chatcmpl' if call.chat else 'cmpl'}-{uuid.uuid4().hex}"
+        self.created = int(time.time())
+        self.object = "chat.completion" if call.chat else "text_completion"
+        self.choices = {
+            call.choice_index(prompt, completion): ChoiceState(call.choice_index(prompt, completion), echo)
+            for prompt, echo in enumerate(call.echoes)
+            for completion in range(call.n)
+        }
+        self.prompt_tokens = 0
+        self.completion_tokens = 0
+
+    def add(self, prompt: int, chunk: GenerationChunk) -> dict[str, Any]:
+        """Takes a chunk; returns its choice's part, as a stream event carries it."""
+        choice = self.choices[self.call.choice_index(prompt, chunk.index)]
+        text = chunk.text
+        first = not choice.started
+        if first:
+            choice.started = True
+            text = choice.echo + text
+            choice.text_offset = len(choice.echo)
+        choice.texts.append(text)
+        logprobs = self.logprobs(choice, chunk.logprobs) if self.call.logprobs else None
+        choice.logprobs.extend(chunk.logprobs)
+        if chunk.finish_reason:
+            choice.finish_reason = FINISH_REASONS[chunk.finish_reason]
+        if chunk.usage is not None:
+            self.completion_tokens += chunk.usage.generated_tokens
+            if chunk.index == 0:  # the prompt counts once, whatever n
+                self.prompt_tokens += chunk.usage.prompt_tokens
+        part: dict[str, Any] = {"index": choice.index}
+        if self.call.chat:
+            part["delta"] = {"role": "assistant", "content": text} if first else {"content": text}
+        else:
+            part["text"] = text
+        part["logprobs"] = logprobs
+        part["finish_reason"] = FINISH_REASONS.get(chunk.finish_reason)
+        return part
+
+    def event(self, part: dict[str, Any]) -> dict[str, Any]:
+        """A stream event with one choice's part."""
+        return {
+            "id": self.id,
+            "object": f"{self.object}.chunk" if self.call.chat else self.object,
+            "created": self.created,
+            "model": self.model,
+            "choices": [part],
+        }
+
+    def usage_event(self) -> dict[str, Any]:
+        """stream_options.include_usage: the last event, with no choices."""
+        return {**self.event({}), "choices": [], "usage": self.usage()}
+
+    def usage(self) -> dict[str, int]:
+        return {
+            "prompt_tokens": self.prompt_tokens,
+            "completion_tokens": self.completion_tokens,
+            "total_tokens": self.prompt_tokens + self.completion_tokens,
+        }
+
+    def response(self) -> dict[str, Any]:
+        """The whole response, once every chunk was added."""
+        choices = []
+        for index in sorted(self.choices):
+            choice = self.choices[index]
+            text = "".join(choice.texts) or choice.echo
+            entry: dict[str, Any] = {"index": index}
+            if self.call.chat:
+                entry["message"] = {"role": "assistant", "content": text}
+            else:
+                entry["text"] = text
+            entry["logprobs"] = self.whole_logprobs(choice) if self.call.logprobs else None
+            entry["finish_reason"] = choice.finish_reason
+            choices.append(entry)
+        return {
+            "id": self.id,
+            "object": self.object,
+            "created": self.created,
+            "model": self.model,
+            "choices": choices,
+            "usage": self.usage(),
+        }
+
+    def whole_logprobs(self, choice: ChoiceState) -> dict[str, Any]:
+        choice.text_offset = len(choice.echo)
+        return self.logprobs(choice, choice.logprobs)
+
+    def logprobs(self, choice: ChoiceState, logprobs: Sequence[TokenLogprob]) -> dict[str, Any]:
+        """OpenAI's log-probs of these tokens: chat's `content` list, or completions' parallel lists."""
+        if self.call.chat:
+            return {"content": [self.chat_logprob(logprob) for logprob in logprobs]}
+        tokens, offsets = [], []
+        for logprob in logprobs:
+            token = self.token_text(logprob.token_id)
+            tokens.append(token)
+            offsets.append(choice.text_offset)
+            choice.text_offset += len(token)
+        return {
+            "tokens": tokens,
+            "token_logprobs": [finite(logprob.logprob) for logprob in logprobs],
+            # The chosen token and the likeliest others, as vLLM reports them.
+            "top_logprobs": [
+                {
+                    token: finite(logprob.logprob),
+                    **{self.token_text(token_id): finite(value) for token_id, value in logprob.top},
+                }
+                for token, logprob in zip(tokens, logprobs, strict=True)
+            ],
+            "text_offset": offsets,
+        }
+
+    def chat_logprob(self, logprob: TokenLogprob) -> dict[str, Any]:
+        return {
+            **self.token_entry(logprob.token_id, logprob.logprob),
+            "top_logprobs": [self.token_entry(token_id, value) for token_id, value in logprob.top],
+        }
+
+    def token_entry(self, token_id: int, logprob: float) -> dict[str, Any]:
+        token = self.token_text(token_id)
+        return {"token": token, "logprob": finite(logprob), "bytes": list(token.encode("utf-8"))}

@@ -1,0 +1,240 @@
+"""The OpenAI-compatible HTTP API, driven by OpenAI's own client and by raw HTTP, against the shared pipeline.
+
+Every output is compared with the gRPC Generate of the same request: the HTTP API is a translation, so it
+must return exactly the tokens the gRPC API does (greedy and seeded sampling alike).
+"""
+
+from __future__ import annotations
+
+import json
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Iterator
+from typing import Any
+
+import grpc
+import openai
+import pytest
+
+from coordinator.openai_api.server import error_of
+from specpipe import errors
+from specpipe.client import CoordinatorClient, build_request
+from tests.conftest import Pipeline
+from tests.prompts import PROMPTS
+
+CONVERSATION = [
+    {"role": "system", "content": "You write Python."},
+    {"role": "user", "content": "def parse(text):"},
+]
+
+
+@pytest.fixture
+def client(pipeline: Pipeline) -> Iterator[openai.OpenAI]:
+    with openai.OpenAI(
+        base_url=f"{pipeline.http_url}/v1", api_key="unused", max_retries=0, timeout=60
+    ) as client:
+        yield client
+
+
+@pytest.fixture
+def model(client: openai.OpenAI) -> str:
+    return client.models.list().data[0].id
+
+
+def post(pipeline: Pipeline, path: str, body: Any, raw: bytes | None = None) -> tuple[int, Any]:
+    """A POST's status and JSON body (an error's too)."""
+    request = urllib.request.Request(
+        pipeline.http_url + path,
+        data=raw if raw is not None else json.dumps(body).encode(),
+        headers={"Content-Type": "application/json"},
+    )
+    try:
+        with urllib.request.urlopen(request, timeout=60) as response:
+            return response.status, json.loads(response.read())
+    except urllib.error.HTTPError as error:
+        return error.code, json.loads(error.read())
+
+
+def events(pipeline: Pipeline, path: str, body: dict[str, Any]) -> list[Any]:
+    """A streamed POST's server-sent events, parsed; "[DONE]" as itself."""
+    request = urllib.request.Request(
+        pipeline.http_url + path, data=json.dumps({**body, "stream": True}).encode(),
+        headers={"Content-Type": "application/json"},
+    )  # fmt: skip
+    with urllib.request.urlopen(request, timeout=60) as response:
+        assert response.headers["Content-Type"].startswith("text/event-stream")
+        lines = response.read().decode().split("\n\n")
+    assert lines[-1] == ""
+    payloads = [line.removeprefix("data: ") for line in lines[:-1]]
+    return [payload if payload == "[DONE]" else json.loads(payload) for payload in payloads]
+
+
+def test_models_lists_the_served_model(pipeline: Pipeline, client: openai.OpenAI) -> None:
+    models = client.models.list().data
+    with CoordinatorClient(pipeline.coordinator_addr) as grpc_client:
+        info = grpc_client.server_info()
+    assert [m.id for m in models] == [info.target_model] and models[0].owned_by == "specpipe"
+    with urllib.request.urlopen(f"{pipeline.http_url}/health", timeout=10) as response:
+        assert response.status == 200
+
+
+def test_greedy_completions_are_the_grpc_tokens(
+    pipeline: Pipeline, client: openai.OpenAI, model: str
+) -> None:
+    with CoordinatorClient(pipeline.coordinator_addr) as grpc_client:
+        for prompt in PROMPTS[:3]:
+            expected = grpc_client.generate(build_request(prompt, 32, ignore_eos=True))
+            completion = client.completions.create(
+                model=model, prompt=prompt, max_tokens=32, temperature=0, extra_body={"ignore_eos": True}
+            )
+            assert completion.choices[0].text == expected.text
+            assert completion.choices[0].finish_reason == "length"
+            assert completion.usage.completion_tokens == 32
+            assert completion.usage.prompt_tokens == expected.usage.prompt_tokens
+            assert completion.usage.total_tokens == 32 + expected.usage.prompt_tokens
+
+
+def test_streamed_completions_add_up_to_the_whole(pipeline: Pipeline, model: str) -> None:
+    body = {"model": model, "prompt": PROMPTS[0], "max_tokens": 40, "temperature": 0, "ignore_eos": True}
+    status, whole = post(pipeline, "/v1/completions", body)
+    assert status == 200
+    streamed = events(pipeline, "/v1/completions", {**body, "stream_options": {"include_usage": True}})
+    assert streamed[-1] == "[DONE]"
+    usage_event, chunks = streamed[-2], streamed[:-2]
+    assert usage_event["choices"] == [] and usage_event["usage"] == whole["usage"]
+    assert "".join(c["choices"][0]["text"] for c in chunks) == whole["choices"][0]["text"]
+    assert [c["choices"][0]["finish_reason"] for c in chunks][-1] == "length"
+    assert all(c["choices"][0]["finish_reason"] is None for c in chunks[:-1])
+    assert {c["id"] for c in chunks} == {chunks[0]["id"]} and chunks[0]["object"] == "text_completion"
+
+
+def test_chat_completions_are_the_grpc_chat(pipeline: Pipeline, client: openai.OpenAI, model: str) -> None:
+    with CoordinatorClient(pipeline.coordinator_addr) as grpc_client:
+        expected = grpc_client.generate(build_request("", 24, messages=CONVERSATION, ignore_eos=True))
+    chat = client.chat.completions.create(
+        model=model, messages=CONVERSATION, max_tokens=24, temperature=0, extra_body={"ignore_eos": True}
+    )
+    assert chat.choices[0].message.role == "assistant"
+    assert chat.choices[0].message.content == expected.text
+    assert chat.usage.prompt_tokens == expected.usage.prompt_tokens
+    stream = client.chat.completions.create(
+        model=model, messages=CONVERSATION, max_tokens=24, temperature=0, stream=True,
+        extra_body={"ignore_eos": True},
+    )  # fmt: skip
+    deltas = [chunk.choices[0].delta for chunk in stream]
+    assert deltas[0].role == "assistant" and "".join(d.content or "" for d in deltas) == expected.text
+
+
+def test_seeded_n_and_several_prompts_are_the_grpc_completions(
+    pipeline: Pipeline, client: openai.OpenAI, model: str
+) -> None:
+    prompts = PROMPTS[:2]
+    completion = client.completions.create(
+        model=model, prompt=prompts, max_tokens=20, temperature=0.8, seed=7, n=2,
+        extra_body={"ignore_eos": True},
+    )  # fmt: skip
+    assert [c.index for c in completion.choices] == [0, 1, 2, 3]
+    with CoordinatorClient(pipeline.coordinator_addr) as grpc_client:
+        for p, prompt in enumerate(prompts):
+            request = build_request(prompt, 20, temperature=0.8, seed=7, n=2, ignore_eos=True)
+            expected = grpc_client.generate_completions(request)
+            assert [completion.choices[p * 2 + i].text for i in range(2)] == [e.text for e in expected]
+    assert completion.usage.completion_tokens == 80
+
+
+def test_logprobs_spell_the_tokens_of_the_text(pipeline: Pipeline, client: openai.OpenAI, model: str) -> None:
+    completion = client.completions.create(
+        model=model,
+        prompt=PROMPTS[1],
+        max_tokens=12,
+        temperature=0,
+        logprobs=2,
+        extra_body={"ignore_eos": True},
+    )
+    choice = completion.choices[0]
+    with CoordinatorClient(pipeline.coordinator_addr) as grpc_client:
+        expected = grpc_client.generate(build_request(PROMPTS[1], 12, logprobs=2, ignore_eos=True))
+    assert "".join(choice.logprobs.tokens) == choice.text
+    assert choice.logprobs.token_logprobs == pytest.approx([lp.logprob for lp in expected.logprobs])
+    assert all(len(top) >= 2 for top in choice.logprobs.top_logprobs)
+    assert choice.logprobs.text_offset[0] == 0 and choice.logprobs.text_offset == sorted(
+        choice.logprobs.text_offset
+    )
+    chat = client.chat.completions.create(
+        model=model, messages=CONVERSATION, max_tokens=6, temperature=0, logprobs=True, top_logprobs=3
+    )
+    content = chat.choices[0].logprobs.content
+    assert "".join(entry.token for entry in content) == chat.choices[0].message.content
+    assert all(
+        len(entry.top_logprobs) == 3 and entry.bytes == list(entry.token.encode()) for entry in content
+    )
+
+
+def test_echo_and_structured_output(pipeline: Pipeline, client: openai.OpenAI, model: str) -> None:
+    echoed = client.completions.create(model=model, prompt=PROMPTS[0], max_tokens=4, temperature=0, echo=True)
+    assert echoed.choices[0].text.startswith(PROMPTS[0])
+    schema = {"type": "object", "properties": {"n": {"type": "integer"}}, "required": ["n"]}
+    chat = client.chat.completions.create(
+        model=model, messages=CONVERSATION, max_tokens=60, temperature=0,
+        response_format={"type": "json_schema", "json_schema": {"name": "n", "schema": schema}},
+    )  # fmt: skip
+    assert isinstance(json.loads(chat.choices[0].message.content)["n"], int)
+    choice = client.completions.create(
+        model=model, prompt=PROMPTS[0], max_tokens=10, extra_body={"guided_choice": ["yes", "no"]}
+    )
+    assert choice.choices[0].text in ("yes", "no")
+
+
+@pytest.mark.parametrize(
+    ("path", "body", "status", "message"),
+    [
+        ("/v1/completions", {"prompt": "x", "max_tokens": 100000}, 400, "max_new_tokens must be in [1, 256]"),
+        ("/v1/completions", {"prompt": "x", "temperature": "hot"}, 400, "temperature must be a number"),
+        ("/v1/completions", {"prompt": "x", "suffix": "y"}, 400, "suffix is not supported"),
+        ("/v1/completions", {"prompt": "x", "best_of": 3}, 400, "best_of is not supported"),
+        ("/v1/completions", {"prompt": {"x": 1}}, 400, "prompt must be a string"),
+        ("/v1/completions", {"prompt": "x", "max_tokens": 2**40}, 400, "out of range"),
+        ("/v1/completions", {"prompt": "x", "model": "gpt-4"}, 404, "the model 'gpt-4' does not exist"),
+        ("/v1/completions", [1, 2], 400, "must be a JSON object"),
+        ("/v1/chat/completions", {"messages": []}, 400, "messages must be a non-empty list"),
+        ("/v1/chat/completions", {"messages": CONVERSATION, "tools": [{"type": "function"}]}, 400, "tools"),
+        ("/v1/chat/completions", {"messages": [{"role": "robot", "content": "x"}]}, 400, "unknown role"),
+        ("/v1/chat/completions", {"messages": CONVERSATION, "stream": True, "n": 99}, 400, "n must be in"),
+    ],
+)
+def test_bad_requests_get_openai_errors(
+    pipeline: Pipeline, path: str, body: Any, status: int, message: str
+) -> None:
+    answered, error = post(pipeline, path, body)
+    assert answered == status
+    assert message in error["error"]["message"] and error["error"]["type"] == "invalid_request_error"
+
+
+def test_a_body_that_is_not_json_is_400(pipeline: Pipeline) -> None:
+    status, error = post(pipeline, "/v1/completions", None, raw=b"{not json")
+    assert status == 400 and "not JSON" in error["error"]["message"]
+
+
+def test_domain_errors_map_to_http_statuses() -> None:
+    assert error_of(errors.ResourceExhaustedError("busy"))[0] == 429
+    assert error_of(errors.UnavailableError("down"))[0] == 503
+    assert error_of(errors.DeadlineExceededError("late"))[0] == 504
+    status, body = error_of(errors.FailedPreconditionError("no template"))
+    assert status == 400 and body["error"]["code"] == grpc.StatusCode.FAILED_PRECONDITION.name
+    assert error_of(RuntimeError("boom"))[1]["error"]["type"] == "server_error"
+
+
+def test_a_client_that_disconnects_ends_its_generation(pipeline: Pipeline, model: str) -> None:
+    body = {"model": model, "prompt": PROMPTS[2], "max_tokens": 256, "ignore_eos": True, "stream": True}
+    request = urllib.request.Request(
+        pipeline.http_url + "/v1/completions", data=json.dumps(body).encode(),
+        headers={"Content-Type": "application/json"},
+    )  # fmt: skip
+    with urllib.request.urlopen(request, timeout=60) as response:
+        assert response.readline().startswith(b"data: ")
+    with CoordinatorClient(pipeline.coordinator_addr) as grpc_client:
+        deadline = time.monotonic() + 20
+        while grpc_client.server_info().requests_running and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert grpc_client.server_info().requests_running == 0
