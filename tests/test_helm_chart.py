@@ -537,7 +537,8 @@ def test_network_policies_let_only_the_coordinator_reach_workers_and_redis(value
                 if component == "coordinator":
                     if rule["ports"] == [{"protocol": "TCP", "port": "metrics"}]:
                         continue  # the Prometheus port (its own test)
-                    assert rule["ports"] == [{"protocol": "TCP", "port": "grpc"}]
+                    # The public APIs: gRPC and the OpenAI-compatible HTTP one.
+                    assert rule["ports"] == [{"protocol": "TCP", "port": port} for port in ("grpc", "http")]
                     if peers:  # restricted: the helm test Pod stays allowed
                         assert any(_selects(p.get("podSelector", {}), test_labels) for p in peers)
                     continue
@@ -684,10 +685,44 @@ def test_coordinator_serves_prometheus_metrics_unless_turned_off() -> None:
     docs = render({"coordinator": {"metrics": {"enabled": False}}})
     deployment = one(docs, "Deployment", f"{FULLNAME}-coordinator")
     c = container(deployment)
-    assert "--metrics-port" not in args_of(c) and [p["name"] for p in c["ports"]] == ["grpc"]
+    assert "--metrics-port" not in args_of(c) and [p["name"] for p in c["ports"]] == ["grpc", "http"]
     assert "prometheus.io/scrape" not in deployment["spec"]["template"]["metadata"]["annotations"]
     rules = one(docs, "NetworkPolicy", f"{FULLNAME}-coordinator")["spec"]["ingress"]
     assert all(rule["ports"] != [{"protocol": "TCP", "port": "metrics"}] for rule in rules)
+
+
+def test_coordinator_serves_the_http_api_unless_turned_off() -> None:
+    """coordinator.http (on, port 8000): --http-port, an `http` container port, the Service's httpPort and
+    the same ingress rule as gRPC; chatTemplate goes through the ConfigMap and rolls the pods."""
+    docs = rendered("default")
+    c = container(one(docs, "Deployment", f"{FULLNAME}-coordinator"))
+    assert args_of(c)["--http-port"] == "8000" and "--chat-template" not in args_of(c)
+    assert {"name": "http", "containerPort": 8000, "protocol": "TCP"} in c["ports"]
+    service = one(docs, "Service", f"{FULLNAME}-coordinator")
+    assert {"name": "http", "port": 8000, "targetPort": "http", "protocol": "TCP"} in service["spec"]["ports"]
+    rules = one(docs, "NetworkPolicy", f"{FULLNAME}-coordinator")["spec"]["ingress"]
+    assert {"protocol": "TCP", "port": "http"} in rules[0]["ports"]
+    template = "{% for m in messages %}{{ m['content'] }}{% endfor %}"
+    before = one(docs, "Deployment", f"{FULLNAME}-coordinator")["spec"]["template"]["metadata"]["annotations"]
+    docs = render(
+        {"coordinator": {"chatTemplate": template, "servedModelName": "demo", "service": {"httpPort": 80}}}
+    )
+    deployment = one(docs, "Deployment", f"{FULLNAME}-coordinator")
+    c = container(deployment)
+    assert args_of(c)["--chat-template"] == "/etc/specpipe/chat_template.jinja"
+    assert args_of(c)["--served-model-name"] == "demo"
+    assert (
+        one(docs, "ConfigMap", f"{FULLNAME}-coordinator")["data"]["chat_template.jinja"].strip() == template
+    )
+    assert {"name": "cluster-config", "mountPath": "/etc/specpipe/chat_template.jinja",
+            "subPath": "chat_template.jinja", "readOnly": True} in c["volumeMounts"]  # fmt: skip
+    annotations = deployment["spec"]["template"]["metadata"]["annotations"]
+    assert annotations["checksum/cluster-config"] != before["checksum/cluster-config"]
+    assert one(docs, "Service", f"{FULLNAME}-coordinator")["spec"]["ports"][1]["port"] == 80
+    docs = render({"coordinator": {"http": {"enabled": False}}})
+    c = container(one(docs, "Deployment", f"{FULLNAME}-coordinator"))
+    assert "--http-port" not in args_of(c) and "http" not in [p["name"] for p in c["ports"]]
+    assert [p["name"] for p in one(docs, "Service", f"{FULLNAME}-coordinator")["spec"]["ports"]] == ["grpc"]
 
 
 def test_workers_serve_prometheus_metrics_unless_turned_off() -> None:
@@ -883,6 +918,11 @@ def test_helm_test_hook_checks_health_and_generates() -> None:
     service = one(docs, "Service", f"{FULLNAME}-coordinator")
     assert env["SPECPIPE_ADDR"] == f"{service['metadata']['name']}:{service['spec']['ports'][0]['port']}"
     assert env["SPECPIPE_PROMPT"] == "def fibonacci(n):" and env["SPECPIPE_MAX_NEW_TOKENS"] == "8"
+    assert "/v1/completions" in script  # and the HTTP API
+    assert (
+        env["SPECPIPE_HTTP_URL"]
+        == f"http://{service['metadata']['name']}:{service['spec']['ports'][1]['port']}"
+    )
     assert gpu_count(c) == (None, None)
     assert not find(render({"tests": {"enabled": False}}), "Pod")
 

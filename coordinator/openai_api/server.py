@@ -10,6 +10,7 @@ in the session).
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import time
@@ -25,7 +26,7 @@ from coordinator.openai_api.requests import ApiCall, chat_call, completion_call
 from coordinator.openai_api.responses import ResponseBuilder
 from coordinator.request import GenerationChunk
 from coordinator.servicer import CoordinatorServicer
-from specpipe.errors import NotFoundError, SpecpipeError
+from specpipe.errors import InvalidArgumentError, NotFoundError, SpecpipeError
 from specpipe.rpc.interceptor import status_for
 
 logger = logging.getLogger(__name__)
@@ -38,6 +39,7 @@ HTTP_STATUS_BY_CODE = {
     grpc.StatusCode.UNAVAILABLE: 503,
     grpc.StatusCode.DEADLINE_EXCEEDED: 504,
 }
+EVENT_STREAM_HEADERS = {"Content-Type": "text/event-stream", "Cache-Control": "no-cache"}
 MAX_BODY_BYTES = 64 * 1024 * 1024  # as the gRPC API's message limit
 
 
@@ -126,28 +128,30 @@ class OpenAIApi:
 
     async def serve(self, request: web.Request, parse: Callable[[Any], ApiCall]) -> web.StreamResponse:
         try:
-            body = await request.json()
-        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-            return web.json_response(
-                error_body(400, f"the body is not JSON: {exc}", "INVALID_ARGUMENT"), status=400
-            )
-        try:
-            call = parse(body)
+            call = parse(await self.body(request))
             model = self.model_name()
             if call.model and call.model != model:
                 raise NotFoundError(f"the model {call.model!r} does not exist: this server serves {model!r}")
             builder = ResponseBuilder(call, model, self.token_text())
-            chunks = self.chunks(call)
-            if not call.stream:
-                async for prompt, chunk in chunks:
-                    builder.add(prompt, chunk)
-                return web.json_response(
-                    builder.response(), dumps=lambda o: json.dumps(o, ensure_ascii=False)
-                )
-            first = await anext(chunks)  # an error before the first token is the response's status
         except Exception as exc:  # noqa: BLE001 - every failure is an HTTP error, never a dropped connection
             return error_response(exc)
-        return await self.stream(request, call, builder, first, chunks)
+        # Closed on every way out, a disconnected client's cancellation included: that stops the generations.
+        async with contextlib.aclosing(self.chunks(call)) as chunks:
+            try:
+                if not call.stream:
+                    async for prompt, chunk in chunks:
+                        builder.add(prompt, chunk)
+                    return web.json_response(builder.response(), dumps=unescaped_json)
+                first = await anext(chunks)  # an error before the first token is the response's status
+            except Exception as exc:  # noqa: BLE001
+                return error_response(exc)
+            return await self.stream(request, call, builder, first, chunks)
+
+    async def body(self, request: web.Request) -> Any:
+        try:
+            return await request.json()
+        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+            raise InvalidArgumentError(f"the body is not JSON: {exc}") from None
 
     async def stream(
         self,
@@ -157,9 +161,7 @@ class OpenAIApi:
         first: tuple[int, GenerationChunk],
         chunks: AsyncIterator[tuple[int, GenerationChunk]],
     ) -> web.StreamResponse:
-        response = web.StreamResponse(
-            headers={"Content-Type": "text/event-stream", "Cache-Control": "no-cache"}
-        )
+        response = web.StreamResponse(headers=EVENT_STREAM_HEADERS)
         await response.prepare(request)
         try:
             await response.write(sse(builder.event(builder.add(*first))))
@@ -167,8 +169,8 @@ class OpenAIApi:
                 await response.write(sse(builder.event(builder.add(prompt, chunk))))
             if call.include_usage:
                 await response.write(sse(builder.usage_event()))
-        except (ConnectionResetError, ConnectionError):
-            raise  # the client left: the handler's cancellation ends the generation
+        except ConnectionError:
+            raise  # the client left: nothing to tell it
         except Exception as exc:  # noqa: BLE001 - the status was sent: the error is the stream's last event
             await response.write(sse(error_of(exc)[1]))
         await response.write(sse("[DONE]"))
