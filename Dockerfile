@@ -70,7 +70,7 @@ ENV HOME=/tmp \
 USER 10001
 WORKDIR /tmp
 # coordinator, draft worker, target worker
-EXPOSE 50051 50061 50062
+EXPOSE 50051 50061 50062 8000
 
 ENTRYPOINT ["specpipe"]
 CMD ["serve"]
