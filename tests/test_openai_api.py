@@ -189,12 +189,18 @@ def test_echo_and_structured_output(pipeline: Pipeline, client: openai.OpenAI, m
 @pytest.mark.parametrize(
     ("path", "body", "status", "message"),
     [
-        ("/v1/completions", {"prompt": "x", "max_tokens": 100000}, 400, "max_new_tokens must be in [1, 256]"),
+        ("/v1/completions", {"prompt": "x", "max_tokens": 100000}, 400, "max_tokens must be in [1, 256]"),
+        (
+            "/v1/chat/completions",
+            {"messages": CONVERSATION, "max_completion_tokens": 0},
+            400,
+            "max_completion",
+        ),
         ("/v1/completions", {"prompt": "x", "temperature": "hot"}, 400, "temperature must be a number"),
         ("/v1/completions", {"prompt": "x", "suffix": "y"}, 400, "suffix is not supported"),
         ("/v1/completions", {"prompt": "x", "best_of": 3}, 400, "best_of is not supported"),
         ("/v1/completions", {"prompt": {"x": 1}}, 400, "prompt must be a string"),
-        ("/v1/completions", {"prompt": "x", "max_tokens": 2**40}, 400, "out of range"),
+        ("/v1/completions", {"prompt": "x", "top_k": 2**40}, 400, "out of range"),
         ("/v1/completions", {"prompt": "x", "model": "gpt-4"}, 404, "the model 'gpt-4' does not exist"),
         ("/v1/completions", [1, 2], 400, "must be a JSON object"),
         ("/v1/chat/completions", {"messages": []}, 400, "messages must be a non-empty list"),

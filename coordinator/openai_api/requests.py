@@ -85,8 +85,8 @@ class Fields:
         return values
 
 
-def completion_call(body: Any, decode: Callable[[Sequence[int]], str]) -> ApiCall:
-    """/v1/completions: `decode` spells a token-id prompt for echo."""
+def completion_call(body: Any, max_tokens_limit: int, decode: Callable[[Sequence[int]], str]) -> ApiCall:
+    """/v1/completions: `decode` spells a token-id prompt for echo; max_tokens at most the limit."""
     fields = Fields(body)
     prompts = completion_prompts(fields.body.get("prompt"))
     if fields.body.get("suffix"):
@@ -97,8 +97,8 @@ def completion_call(body: Any, decode: Callable[[Sequence[int]], str]) -> ApiCal
     echo = fields.boolean("echo")
     if echo and top is not None:
         raise InvalidArgumentError("echo with logprobs is not supported (prompt log-probs are not reported)")
-    max_tokens = fields.integer("max_tokens", COMPLETIONS_DEFAULT_MAX_TOKENS)
-    assert max_tokens is not None
+    default = min(COMPLETIONS_DEFAULT_MAX_TOKENS, max_tokens_limit)
+    max_tokens = requested_max_tokens(fields, ("max_tokens",), default, max_tokens_limit)
     requests = tuple(generate_request(fields, prompt, max_tokens, top_logprobs=top) for prompt in prompts)
     echoes = tuple(
         (prompt if isinstance(prompt, str) else decode(prompt)) if echo else "" for prompt in prompts
@@ -106,9 +106,9 @@ def completion_call(body: Any, decode: Callable[[Sequence[int]], str]) -> ApiCal
     return api_call(fields, chat=False, requests=requests, echoes=echoes, logprobs=top is not None)
 
 
-def chat_call(body: Any, default_max_tokens: int) -> ApiCall:
-    """/v1/chat/completions: without max_tokens, the output may run to the server's max_new_tokens (or the
-    context), as vLLM's does."""
+def chat_call(body: Any, max_tokens_limit: int) -> ApiCall:
+    """/v1/chat/completions: without max_tokens, the output may run to the limit (or the context), as vLLM's
+    does."""
     fields = Fields(body)
     if fields.body.get("tools") and fields.body.get("tool_choice") != "none":
         raise InvalidArgumentError("tools are not supported")
@@ -120,8 +120,8 @@ def chat_call(body: Any, default_max_tokens: int) -> ApiCall:
         )
     messages = chat_messages(fields.body.get("messages"))
     top = fields.integer("top_logprobs", 0) if fields.boolean("logprobs") else None
-    max_tokens = fields.integer("max_completion_tokens", fields.integer("max_tokens", default_max_tokens))
-    assert max_tokens is not None
+    names = ("max_completion_tokens", "max_tokens")  # OpenAI's current name, and the older one
+    max_tokens = requested_max_tokens(fields, names, max_tokens_limit, max_tokens_limit)
     request = generate_request(
         fields,
         "",
@@ -131,6 +131,19 @@ def chat_call(body: Any, default_max_tokens: int) -> ApiCall:
         continue_final_message=fields.boolean("continue_final_message"),
     )
     return api_call(fields, chat=True, requests=(request,), echoes=("",), logprobs=top is not None)
+
+
+def requested_max_tokens(fields: Fields, names: tuple[str, ...], default: int, limit: int) -> int:
+    """The first of `names` set, in [1, limit] (the server's --max-new-tokens-limit), else `default`."""
+    for name in names:
+        value = fields.integer(name)
+        if value is not None:
+            if not 1 <= value <= limit:
+                raise InvalidArgumentError(
+                    f"{name} must be in [1, {limit}] (the server's limit), got {value}"
+                )
+            return value
+    return default
 
 
 def api_call(
@@ -229,7 +242,7 @@ def generate_request(
         bias = {int(token_id): float(value) for token_id, value in logit_bias.items()}
     except (TypeError, ValueError):
         raise InvalidArgumentError("logit_bias must map token ids (as strings) to numbers") from None
-    for name in ("max_tokens", "max_completion_tokens", "n", "min_tokens", "top_logprobs"):
+    for name in ("n", "min_tokens", "top_logprobs"):
         if (fields.integer(name) or 0) < 0:
             raise InvalidArgumentError(f"{name} must be >= 0, got {fields.integer(name)}")
     seed = fields.integer("seed")

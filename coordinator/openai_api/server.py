@@ -118,10 +118,12 @@ class OpenAIApi:
         return web.json_response({"object": "list", "data": [model]})
 
     async def completions(self, request: web.Request) -> web.StreamResponse:
-        return await self.serve(request, lambda body: completion_call(body, self.decode))
+        limit = self.servicer.limits.max_new_tokens
+        return await self.serve(request, lambda body: completion_call(body, limit, self.decode))
 
     async def chat_completions(self, request: web.Request) -> web.StreamResponse:
-        return await self.serve(request, lambda body: chat_call(body, self.servicer.limits.max_new_tokens))
+        limit = self.servicer.limits.max_new_tokens
+        return await self.serve(request, lambda body: chat_call(body, limit))
 
     def decode(self, token_ids: Any) -> str:
         return str(self.servicer.generator.tokenizer.decode(list(token_ids)))
