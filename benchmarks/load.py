@@ -11,6 +11,12 @@ did under load, errors included.
     specpipe serve &                      # the embedded stack on 127.0.0.1:50051
     specpipe bench load --num-requests 64 --concurrency 8
     specpipe bench load --address coordinator:50051 --request-rate 4 --num-requests 200 --out load.json
+    specpipe bench load --http-url http://127.0.0.1:8000   # the same load through the OpenAI HTTP API
+
+Over HTTP (`--http-url`, streamed /v1/completions with the usage in its last event, as vLLM's benchmark
+sends them) each event that carries text counts as a chunk, the token count comes from the usage, failures
+are counted by HTTP status (or the gRPC code an error event names), and speculation's figures are not
+reported (the OpenAI API does not carry them).
 
 Prompts: code snippets cut from standard-library files (the demo pair's held-out files where the shipped
 training record is found), sent as text, so the load tester needs no model or tokenizer files.
@@ -20,7 +26,9 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import datetime
+import functools
 import json
 import math
 import random
@@ -32,6 +40,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import aiohttp
 import grpc
 
 from benchmarks.prompts import default_prompts
@@ -81,6 +90,11 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         "end-to-end latency percentiles, throughput, and errors by status code.",
     )
     p.add_argument("--address", default="127.0.0.1:50051", help="the coordinator (default: specpipe serve's)")
+    p.add_argument(
+        "--http-url", default="",
+        help="send the requests to this OpenAI-compatible API instead (e.g. http://127.0.0.1:8000, specpipe "
+        "serve's; streamed /v1/completions)",
+    )  # fmt: skip
     p.add_argument("--num-requests", type=int, default=64, help="default: %(default)s")
     p.add_argument("--concurrency", type=int, default=8, help="most requests in flight at once")
     p.add_argument(
@@ -159,17 +173,68 @@ async def one_request(
     return record
 
 
+async def one_http_request(
+    session: aiohttp.ClientSession, args: argparse.Namespace, index: int, prompt: str
+) -> RequestRecord:
+    """The same request through the OpenAI-compatible API: a streamed /v1/completions."""
+    record = RequestRecord(index)
+    body: dict[str, object] = {
+        "prompt": prompt, "max_tokens": args.max_new_tokens, "temperature": args.temperature,
+        "seed": args.seed + index, "ignore_eos": args.ignore_eos, "stream": True,
+        "stream_options": {"include_usage": True},
+    }  # fmt: skip
+    if args.num_speculative_tokens is not None:
+        body["num_speculative_tokens"] = args.num_speculative_tokens
+    started = time.perf_counter()
+    try:
+        async with session.post(
+            f"{args.http_url.rstrip('/')}/v1/completions",
+            json=body,
+            timeout=aiohttp.ClientTimeout(total=args.timeout),
+        ) as response:
+            if response.status != 200:
+                error = (await response.json(content_type=None)).get("error", {})
+                record.status, record.detail = f"HTTP {response.status}", str(error.get("message", ""))
+            else:
+                async for line in response.content:
+                    event = line.decode().strip().removeprefix("data: ")
+                    if not event or event == "[DONE]":
+                        continue
+                    payload = json.loads(event)
+                    if "error" in payload:
+                        record.status = str(payload["error"].get("code") or "ERROR")
+                        record.detail = str(payload["error"].get("message", ""))
+                    elif payload.get("usage"):
+                        record.output_tokens = int(payload["usage"]["completion_tokens"])
+                    elif payload["choices"] and payload["choices"][0]["text"]:
+                        now = time.perf_counter() - started
+                        if record.first_token_s is None:
+                            record.first_token_s = now
+                        record.token_chunk_s.append(now)
+    except (aiohttp.ClientError, TimeoutError) as exc:
+        record.status, record.detail = type(exc).__name__, str(exc)
+    record.end_s = time.perf_counter() - started
+    return record
+
+
 async def run_load(args: argparse.Namespace, prompts: Sequence[str]) -> tuple[list[RequestRecord], float]:
     """Every request's record (in request order) and the wall time of the whole test."""
     offsets = arrival_offsets(len(prompts), args.request_rate, args.seed)
     in_flight = asyncio.Semaphore(args.concurrency)
-    async with AsyncCoordinatorClient(args.address) as client:
+    async with contextlib.AsyncExitStack() as stack:
+        if args.http_url:
+            connector = aiohttp.TCPConnector(limit=args.concurrency)
+            session = await stack.enter_async_context(aiohttp.ClientSession(connector=connector))
+            send = functools.partial(one_http_request, session, args)
+        else:
+            client = await stack.enter_async_context(AsyncCoordinatorClient(args.address))
+            send = functools.partial(one_request, client, args)
         started = time.perf_counter()
 
         async def scheduled(index: int) -> RequestRecord:
             await asyncio.sleep(max(0.0, offsets[index] - (time.perf_counter() - started)))
             async with in_flight:
-                return await one_request(client, args, index, prompts[index])
+                return await send(index, prompts[index])
 
         records = await asyncio.gather(*(scheduled(i) for i in range(len(prompts))))
         return list(records), time.perf_counter() - started
@@ -234,9 +299,9 @@ def speculation(done: Sequence[RequestRecord]) -> dict[str, float | int] | None:
 def report(summary: dict[str, object], args: argparse.Namespace) -> str:
     rate = "all at once" if math.isinf(args.request_rate) else f"{args.request_rate:g}/s (Poisson)"
     lines = [
-        f"load test of {args.address}: {summary['requests']} requests, arrivals {rate}, concurrency "
-        f"{args.concurrency}, {args.max_new_tokens} new tokens, temperature {args.temperature:g}, "
-        f"client on {resolve(args.event_loop)}",
+        f"load test of {args.http_url or args.address}: {summary['requests']} requests, arrivals {rate}, "
+        f"concurrency {args.concurrency}, {args.max_new_tokens} new tokens, "
+        f"temperature {args.temperature:g}, client on {resolve(args.event_loop)}",
         f"completed {summary['completed']}, failed {summary['failed']}"
         + (f" {summary['failures_by_status']}" if summary["failed"] else ""),
         f"duration {summary['duration_s']:.2f} s; {summary['request_throughput_per_s']:.2f} requests/s, "

@@ -45,6 +45,26 @@ def test_concurrent_streams_against_the_pipeline(pipeline, tmp_path: Path, capsy
     assert "tokens per target pass" in out
 
 
+def test_the_same_load_through_the_openai_http_api(pipeline, tmp_path: Path) -> None:
+    """--http-url: streamed /v1/completions; tokens from the usage event, chunks from the text events, no
+    speculation figures; refusals counted by HTTP status."""
+    args = ["--http-url", pipeline.http_url, "--num-requests", "4", "--concurrency", "2"]
+    payload = _run(tmp_path, *args, "--max-new-tokens", "8", "--ignore-eos")
+    summary = payload["summary"]
+    assert summary["completed"] == 4 and summary["output_tokens"] == 32, payload["requests"]
+    assert (
+        summary["speculation"] is None
+        and 0 < summary["ttft_ms"]["median"] <= summary["e2e_latency_ms"]["p99"]
+    )
+    assert all(
+        r["token_chunk_s"] == sorted(r["token_chunk_s"]) and r["token_chunk_s"] for r in payload["requests"]
+    )
+    summary = _run(tmp_path, *args, "--max-new-tokens", "1000000")["summary"]
+    assert summary["failures_by_status"] == {"HTTP 400": 4}
+    unreachable = ["--http-url", "http://127.0.0.1:1", "--num-requests", "2", "--timeout", "5"]
+    assert _run(tmp_path, *unreachable)["summary"]["failures_by_status"] == {"ClientConnectorError": 2}
+
+
 def test_failed_requests_are_counted_by_status(pipeline, tmp_path: Path) -> None:
     # Beyond the coordinator's max_new_tokens limit: every request is refused, none crashes the test.
     args = ["--address", pipeline.coordinator_addr, "--num-requests", "3", "--max-new-tokens", "1000000"]
