@@ -51,24 +51,25 @@ class ChatTemplate:
     def available(self) -> bool:
         return bool(self.template or self.tokenizer.chat_template)
 
-    def render(self, messages: Sequence[ChatMessage], continue_final_message: bool, max_context: int) -> str:
+    def render(
+        self,
+        messages: Sequence[ChatMessage],
+        continue_final_message: bool,
+        max_context: int,
+        add_generation_prompt: bool = True,
+    ) -> str:
         if not self.available:
             raise FailedPreconditionError(
                 "the served model has no chat template: send a prompt instead of messages, or start the "
                 "coordinator with --chat-template"
             )
         check_length("".join(m.role + m.content for m in messages), max_context, "messages")
-        if continue_final_message and messages[-1].role != "assistant":
-            raise InvalidArgumentError(
-                "continue_final_message continues the last message, which must then be the assistant's "
-                f"(got role {messages[-1].role!r})"
-            )
         try:
             rendered = self.tokenizer.apply_chat_template(
                 [{"role": m.role, "content": m.content} for m in messages],
                 chat_template=self.template or None,
                 tokenize=False,
-                add_generation_prompt=not continue_final_message,
+                add_generation_prompt=add_generation_prompt and not continue_final_message,
                 continue_final_message=continue_final_message,
             )
         except (TemplateError, ValueError) as exc:  # the template's raise_exception ("roles must alternate")

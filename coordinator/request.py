@@ -60,6 +60,7 @@ class GenerationRequest:
     # A conversation the chat template renders into the prompt (coordinator/chat.py), instead of one.
     messages: tuple[ChatMessage, ...] = ()
     continue_final_message: bool = False  # the last message is continued rather than a new turn opened
+    add_generation_prompt: bool = True  # the assistant's turn is opened after the messages
 
     @classmethod
     def from_pb(cls, pb: coordinator_pb2.GenerateRequest, limits: RequestLimits) -> GenerationRequest:
@@ -77,6 +78,11 @@ class GenerationRequest:
             )
         if pb.continue_final_message and not pb.messages:
             raise InvalidArgumentError("continue_final_message needs messages")
+        add_generation_prompt = pb.add_generation_prompt if pb.HasField("add_generation_prompt") else True
+        if pb.continue_final_message and pb.HasField("add_generation_prompt") and add_generation_prompt:
+            raise InvalidArgumentError(
+                "continue_final_message continues the last message: add_generation_prompt cannot open a turn"
+            )
         if not 1 <= pb.max_new_tokens <= limits.max_new_tokens:
             raise InvalidArgumentError(
                 f"max_new_tokens must be in [1, {limits.max_new_tokens}], got {pb.max_new_tokens}"
@@ -137,6 +143,7 @@ class GenerationRequest:
             n=n,
             messages=messages_from_pb(pb.messages),
             continue_final_message=pb.continue_final_message,
+            add_generation_prompt=add_generation_prompt,
         )
 
 

@@ -189,8 +189,9 @@ async def run_coordinator(config: CoordinatorConfig, stop_event: asyncio.Event |
     if config.http_port >= 0:  # listening from the start: 503 until the workers are paired, as gRPC's
         api = OpenAIApi(servicer, config.served_model_name)
         http = HttpServer(api, config.host, config.http_port, config.shutdown_grace_s)
-        await http.start()
     try:
+        if http is not None:
+            await http.start()  # a taken port ends the coordinator here, its clients closed below
         await serve(
             name="coordinator",
             host=config.host,

@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Callable
+import contextlib
+from collections.abc import AsyncIterator, Callable, Iterator
 
 import grpc
 
@@ -21,6 +22,11 @@ from coordinator.speculation import SpeculativeGenerator
 from coordinator.tokenization import Tokenized
 from specpipe.errors import InvalidArgumentError, ResourceExhaustedError, UnavailableError
 from specpipe.v1 import coordinator_pb2, coordinator_pb2_grpc
+
+
+def completion_slots(request: coordinator_pb2.GenerateRequest) -> int:
+    """The concurrency slots a request takes: its n completions (an n out of range is refused by from_pb)."""
+    return min(max(request.n, 1), MAX_COMPLETIONS)
 
 
 class CoordinatorServicer(coordinator_pb2_grpc.CoordinatorServicer):
@@ -70,16 +76,29 @@ class CoordinatorServicer(coordinator_pb2_grpc.CoordinatorServicer):
             yield chunk.to_pb()
 
     async def generate(
-        self, request: coordinator_pb2.GenerateRequest, time_remaining: Callable[[], float | None]
+        self,
+        request: coordinator_pb2.GenerateRequest,
+        time_remaining: Callable[[], float | None],
+        admitted: bool = False,
     ) -> AsyncIterator[GenerationChunk]:
-        """Generate's work, behind the concurrency limit and observed by the metrics; also what the HTTP API
-        calls (coordinator/openai_api), so both count against one limit."""
-        # n completions count as n requests (an n out of range is refused below, by from_pb).
-        slots = min(max(request.n, 1), MAX_COMPLETIONS)
+        """Generate's work, behind the concurrency limit (unless the caller `admitted` it already), observed
+        by the metrics; also what the HTTP API calls (coordinator/openai_api): one limit for both."""
+        with contextlib.nullcontext() if admitted else self.admission(completion_slots(request)):
+            with self.metrics.request() as observed:
+                generation = GenerationRequest.from_pb(request, self.limits)
+                async for chunk in self.chunks(generation, time_remaining):
+                    observed.chunk(chunk, self.metrics)
+                    yield chunk
+
+    @contextlib.contextmanager
+    def admission(self, slots: int) -> Iterator[None]:
+        """Holds `slots` of the concurrency limit (a request's completions), or refuses them at once: more
+        than the limit can ever hold is INVALID_ARGUMENT, more than it holds now RESOURCE_EXHAUSTED."""
         if slots > self.max_concurrent_requests:
             raise InvalidArgumentError(
-                f"n ({slots}) is above the coordinator's limit of {self.max_concurrent_requests} concurrent "
-                "requests (--max-concurrent-requests)"
+                f"{slots} completions at once (n, times the prompts of an HTTP request) are above the "
+                f"coordinator's limit of {self.max_concurrent_requests} concurrent requests "
+                "(--max-concurrent-requests)"
             )
         if self.running + slots > self.max_concurrent_requests:
             # Counted by outcome only: refusals are not requests in flight, nor latencies.
@@ -88,15 +107,11 @@ class CoordinatorServicer(coordinator_pb2_grpc.CoordinatorServicer):
                 f"the coordinator is serving {self.running} of its limit of {self.max_concurrent_requests} "
                 f"concurrent requests (--max-concurrent-requests), too many for {slots} more: retry later"
             )
-        with self.metrics.request() as observed:
-            self.running += slots
-            try:
-                generation = GenerationRequest.from_pb(request, self.limits)
-                async for chunk in self.chunks(generation, time_remaining):
-                    observed.chunk(chunk, self.metrics)
-                    yield chunk
-            finally:
-                self.running -= slots
+        self.running += slots
+        try:
+            yield
+        finally:
+            self.running -= slots
 
     def chunks(
         self, generation: GenerationRequest, time_remaining: Callable[[], float | None]

@@ -118,7 +118,10 @@ class SpeculativeGenerator:
             return ids
         if request.messages:
             text = self.chat.render(
-                request.messages, request.continue_final_message, self.limits.target_context
+                request.messages,
+                request.continue_final_message,
+                self.limits.target_context,
+                request.add_generation_prompt,
             )
             # The template wrote the special tokens it wants (coordinator/chat.py).
             ids = self.tokenizer(text, add_special_tokens=False)["input_ids"]

@@ -45,6 +45,7 @@ def build_request(
     choice: Sequence[str] | None = None,
     messages: Sequence[Mapping[str, str]] = (),
     continue_final_message: bool = False,
+    add_generation_prompt: bool | None = None,
 ) -> coordinator_pb2.GenerateRequest:
     """A GenerateRequest; with `messages` ({"role": ..., "content": ...} each), pass "" as the prompt."""
     rule = (
@@ -68,6 +69,7 @@ def build_request(
         n=n,
         messages=[coordinator_pb2.ChatMessage(role=m["role"], content=m["content"]) for m in messages],
         continue_final_message=continue_final_message,
+        add_generation_prompt=add_generation_prompt,
     )
     if isinstance(prompt, str):
         request.prompt = prompt

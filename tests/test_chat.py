@@ -63,6 +63,15 @@ def test_continue_final_message_extends_the_assistants_prefix(pipeline: Pipeline
     assert session.text.endswith("<|assistant|>    return" + chat.text)
 
 
+def test_add_generation_prompt_false_leaves_the_turn_closed(pipeline: Pipeline) -> None:
+    with CoordinatorClient(pipeline.coordinator_addr) as client:
+        chat = client.generate(build_request("", 4, messages=CONVERSATION, add_generation_prompt=False))
+        session = client.get_session(chat.session_id)
+    prompt = rendered_ids(pipeline, CONVERSATION, add_generation_prompt=False)
+    assert list(session.token_ids)[: len(prompt)] == prompt and session.prompt_tokens == len(prompt)
+    assert prompt != rendered_ids(pipeline, CONVERSATION, add_generation_prompt=True)
+
+
 @pytest.mark.parametrize(
     ("changes", "message"),
     [
@@ -70,7 +79,7 @@ def test_continue_final_message_extends_the_assistants_prefix(pipeline: Pipeline
         ({"session_id": "chat-session"}, "leave session_id empty"),
         ({"messages": [{"role": "", "content": "x"}]}, "messages[0].role"),
         ({"messages": [{"role": "robot", "content": "x"}]}, "unknown role: robot"),
-        ({"continue_final_message": True}, "must then be the assistant's"),
+        ({"continue_final_message": True, "add_generation_prompt": True}, "cannot open a turn"),
         (
             {"messages": [], "continue_final_message": True, "prompt": "x"},
             "continue_final_message needs messages",

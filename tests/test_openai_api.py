@@ -207,6 +207,15 @@ def test_echo_and_structured_output(pipeline: Pipeline, client: openai.OpenAI, m
         ("/v1/chat/completions", {"messages": CONVERSATION, "tools": [{"type": "function"}]}, 400, "tools"),
         ("/v1/chat/completions", {"messages": [{"role": "robot", "content": "x"}]}, 400, "unknown role"),
         ("/v1/chat/completions", {"messages": CONVERSATION, "stream": True, "n": 99}, 400, "n must be in"),
+        ("/v1/chat/completions", {"messages": CONVERSATION, "top_logprobs": 2}, 400, "needs logprobs: true"),
+        (
+            "/v1/chat/completions",
+            {"messages": CONVERSATION, "logprobs": True, "top_logprobs": 21},
+            400,
+            "top_logprobs must be in [0, 20]",
+        ),
+        ("/v1/completions", {"prompt": "x", "stream_options": {"include_usage": True}}, 400, "stream: true"),
+        ("/v1/completions", {"prompt": [-5], "echo": True}, 400, "prompt"),
     ],
 )
 def test_bad_requests_get_openai_errors(
@@ -217,9 +226,39 @@ def test_bad_requests_get_openai_errors(
     assert message in error["error"]["message"] and error["error"]["type"] == "invalid_request_error"
 
 
-def test_a_body_that_is_not_json_is_400(pipeline: Pipeline) -> None:
+def test_a_body_that_is_not_json_is_400_and_an_unknown_route_404_both_as_json(
+    pipeline: Pipeline, client: openai.OpenAI, model: str
+) -> None:
     status, error = post(pipeline, "/v1/completions", None, raw=b"{not json")
     assert status == 400 and "not JSON" in error["error"]["message"]
+    status, error = post(pipeline, "/v1/embeddings", {"input": "x"})
+    assert status == 404 and error["error"]["type"] == "invalid_request_error"
+    assert client.models.retrieve(model).id == model
+    with pytest.raises(openai.NotFoundError):
+        client.models.retrieve("gpt-4")
+
+
+def test_lenient_types_as_vllm_takes_them(pipeline: Pipeline, model: str) -> None:
+    body = {"model": model, "prompt": PROMPTS[0], "max_tokens": 4.0, "temperature": 0, "echo": 0}
+    status, completion = post(pipeline, "/v1/completions", body)
+    assert status == 200 and completion["usage"]["completion_tokens"] <= 4
+
+
+def test_the_sessions_of_http_requests_are_deleted_after_them(pipeline: Pipeline, model: str) -> None:
+    """No HTTP client can name a session again, so none is kept (in the store or the workers' caches)."""
+    import redis
+
+    store = redis.Redis.from_url(pipeline.redis.url)
+    with CoordinatorClient(pipeline.coordinator_addr) as grpc_client:  # a gRPC session is kept, and seen
+        kept = grpc_client.generate(build_request(PROMPTS[0], 2)).session_id
+    before = set(store.scan_iter("specpipe:session:*"))
+    assert any(kept.encode() in key for key in before)
+    body = {"model": model, "prompt": [PROMPTS[0], PROMPTS[1]], "max_tokens": 8, "n": 2, "temperature": 1}
+    assert post(pipeline, "/v1/completions", body)[0] == 200
+    deadline = time.monotonic() + 10
+    while set(store.scan_iter("specpipe:session:*")) - before and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert not set(store.scan_iter("specpipe:session:*")) - before
 
 
 def test_domain_errors_map_to_http_statuses() -> None:
@@ -244,3 +283,23 @@ def test_a_client_that_disconnects_ends_its_generation(pipeline: Pipeline, model
         while grpc_client.server_info().requests_running and time.monotonic() < deadline:
             time.sleep(0.05)
         assert grpc_client.server_info().requests_running == 0
+
+
+def test_a_taken_http_port_ends_the_coordinator_with_its_reason(pipeline: Pipeline, tmp_path) -> None:
+    import socket
+
+    from tests.conftest import start_coordinator
+
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        coordinator = start_coordinator(
+            pipeline.draft.address, pipeline.target.address, pipeline.redis.url, tmp_path,
+            extra=["--http-port", str(port)],
+        )  # fmt: skip
+        try:
+            assert coordinator.popen is not None and coordinator.popen.wait(timeout=60) == 1
+        finally:
+            coordinator.stop()
+    assert "address already in use" in coordinator.log_tail().lower(), coordinator.log_tail()

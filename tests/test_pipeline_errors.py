@@ -105,13 +105,19 @@ def test_requests_over_the_concurrency_limit_get_resource_exhausted(
     end."""
     import asyncio
 
+    import aiohttp
+
     from specpipe.client import AsyncCoordinatorClient
+    from specpipe.launcher import free_port
     from tests.conftest import start_coordinator
 
+    http_port = free_port()
     coordinator = start_coordinator(
         pipeline.draft.address, pipeline.target.address, pipeline.redis.url,
-        tmp_path_factory.mktemp("limited"), extra=["--max-concurrent-requests", "2"],
+        tmp_path_factory.mktemp("limited"),
+        extra=["--max-concurrent-requests", "2", "--http-port", str(http_port)],
     )  # fmt: skip
+    completions_url = f"http://127.0.0.1:{http_port}/v1/completions"
     # Long enough to be in flight while the third call arrives: one target pass per token, 256 of them.
     long_request = build_request("hello", 256, num_speculative_tokens=0, ignore_eos=True)
 
@@ -124,6 +130,11 @@ def test_requests_over_the_concurrency_limit_get_resource_exhausted(
                 await client.generate(build_request("hi", 4), timeout_s=30)
             assert caught.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
             assert "--max-concurrent-requests" in (caught.value.details() or "")
+            # The HTTP API counts against the same limit: 429, OpenAI's "retry later".
+            async with aiohttp.ClientSession() as http:
+                async with http.post(completions_url, json={"prompt": "hi", "max_tokens": 4}) as response:
+                    assert response.status == 429
+                    assert "--max-concurrent-requests" in (await response.json())["error"]["message"]
             for stream in streams:
                 stream.cancel()
             for _ in range(100):  # the cancelled calls end on the server shortly after
@@ -141,6 +152,15 @@ def test_requests_over_the_concurrency_limit_get_resource_exhausted(
             async for chunk in client.stream(build_request("hi", 4, temperature=1.0, n=2), timeout_s=30):
                 if chunk.finish_reason:
                     assert len(chunk.token_ids) <= 4 and chunk.index in (0, 1)
+            # An HTTP body's prompts are admitted together: 2 prompts x n = 2 can never run whole.
+            async with aiohttp.ClientSession() as http:
+                body = {"prompt": ["hi", "ho"], "max_tokens": 4, "n": 2}
+                async with http.post(completions_url, json=body) as response:
+                    assert response.status == 400
+                    assert "4 completions at once" in (await response.json())["error"]["message"]
+                body = {"prompt": ["hi", "ho"], "max_tokens": 4}
+                async with http.post(completions_url, json=body) as response:
+                    assert response.status == 200 and len((await response.json())["choices"]) == 2
 
     try:
         coordinator.wait_serving(120)

@@ -21,7 +21,7 @@ from specpipe.errors import FailedPreconditionError, InvalidArgumentError
 from specpipe.sampling.adjustments import adjust_logits
 from specpipe.sampling.params import SamplingParams
 from specpipe.sampling.structured_output import OutputAutomata
-from specpipe.sampling.token_bytes import token_bytes_vocabulary
+from specpipe.sampling.token_bytes import TokenSpeller, token_bytes_vocabulary
 from specpipe.speculation.rounds import Verification
 from specpipe.v1 import coordinator_pb2
 from tests.conftest import Pipeline
@@ -76,6 +76,20 @@ def test_a_byte_level_tokenizer_with_added_tokens_and_a_sentencepiece_one_spell_
     pieces = token_bytes_vocabulary(sentencepiece)
     spaced = next(t for t, i in sentencepiece.get_vocab().items() if t.startswith("\u2581") and len(t) > 2)
     assert sentencepiece.convert_tokens_to_ids(spaced) in pieces.get((" " + spaced[1:]).encode())
+
+
+def test_the_token_speller_gives_each_tokens_own_bytes(tokenizer: AutoTokenizer) -> None:
+    """Log-probs' token texts (the HTTP API's): joined, a text's tokens spell it, a SentencePiece token keeps
+    its space and split characters keep their bytes, where decoding each token alone loses both."""
+    from tests.test_detokenizer import metaspace_tok
+
+    sentencepiece = metaspace_tok.__wrapped__()  # type: ignore[attr-defined]
+    for tok, text in ((tokenizer, " def héllo(x): return x ✓"), (sentencepiece, " the cat sat")):
+        speller = TokenSpeller(tok)
+        ids = tok(text, add_special_tokens=False)["input_ids"]
+        assert b"".join(speller.bytes_of(i) for i in ids).decode() == text, tok.convert_ids_to_tokens(ids)
+    assert any(tok.decode([i]) != speller.text_of(i) for i in ids)  # a word's space, lost alone
+    assert TokenSpeller(tokenizer).text_of(tokenizer.eos_token_id) == tokenizer.eos_token
 
 
 def test_a_failed_build_leaves_nothing_for_later_requests_to_wait_on() -> None:

@@ -15,8 +15,10 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
+from coordinator.request import MAX_COMPLETIONS
 from specpipe.client import build_request
 from specpipe.errors import InvalidArgumentError
+from specpipe.sampling.params import MAX_TOP_LOGPROBS
 from specpipe.v1 import coordinator_pb2
 
 MAX_PROMPTS = 64  # prompts in one completions body (each is a Generate of its own)
@@ -39,6 +41,12 @@ class ApiCall:
     def choice_index(self, prompt: int, completion: int) -> int:
         return prompt * self.n + completion
 
+    @property
+    def slots(self) -> int:
+        """Of the coordinator's concurrency limit: every prompt's completions (an n out of range is refused
+        by the Generate request itself, with its own message)."""
+        return len(self.requests) * min(max(self.n, 1), MAX_COMPLETIONS)
+
 
 class Fields:
     """Typed reads of a JSON body: a wrong type is INVALID_ARGUMENT naming the field."""
@@ -58,6 +66,9 @@ class Fields:
         return value
 
     def integer(self, name: str, default: int | None = None) -> int | None:
+        value = self.body.get(name)
+        if isinstance(value, float) and value.is_integer():  # 2.0, as pydantic (vLLM's) takes it
+            return int(value)
         return self.value(name, (int,), "an integer", default)
 
     def number(self, name: str, default: float | None = None) -> float | None:
@@ -65,7 +76,16 @@ class Fields:
         return None if value is None else float(value)
 
     def boolean(self, name: str, default: bool = False) -> bool:
+        if self.body.get(name) in (0, 1) and not isinstance(self.body.get(name), bool):
+            return bool(self.body[name])  # 0 and 1, as pydantic (vLLM's) takes them
         return bool(self.value(name, (bool,), "true or false", default))
+
+    def top_logprobs(self, name: str) -> int | None:
+        """A count of likeliest tokens to report, 0..MAX_TOP_LOGPROBS, under the API's own name."""
+        top = self.integer(name)
+        if top is not None and not 0 <= top <= MAX_TOP_LOGPROBS:
+            raise InvalidArgumentError(f"{name} must be in [0, {MAX_TOP_LOGPROBS}], got {top}")
+        return top
 
     def string(self, name: str, default: str | None = None) -> str | None:
         return self.value(name, (str,), "a string", default)
@@ -91,9 +111,7 @@ def completion_call(body: Any, max_tokens_limit: int, decode: Callable[[Sequence
     prompts = completion_prompts(fields.body.get("prompt"))
     if fields.body.get("suffix"):
         raise InvalidArgumentError("suffix is not supported")
-    top = fields.integer("logprobs")
-    if top is not None and top < 0:
-        raise InvalidArgumentError(f"logprobs must be >= 0, got {top}")
+    top = fields.top_logprobs("logprobs")
     echo = fields.boolean("echo")
     if echo and top is not None:
         raise InvalidArgumentError("echo with logprobs is not supported (prompt log-probs are not reported)")
@@ -114,12 +132,13 @@ def chat_call(body: Any, max_tokens_limit: int) -> ApiCall:
         raise InvalidArgumentError("tools are not supported")
     if fields.boolean("echo"):
         raise InvalidArgumentError("echo is not supported for chat completions")
-    if not fields.boolean("add_generation_prompt", True) and not fields.boolean("continue_final_message"):
-        raise InvalidArgumentError(
-            "add_generation_prompt false is supported with continue_final_message only"
-        )
     messages = chat_messages(fields.body.get("messages"))
-    top = fields.integer("top_logprobs", 0) if fields.boolean("logprobs") else None
+    top = fields.top_logprobs("top_logprobs")
+    if not fields.boolean("logprobs"):
+        if top is not None:
+            raise InvalidArgumentError("top_logprobs needs logprobs: true")
+    else:
+        top = top or 0
     names = ("max_completion_tokens", "max_tokens")  # OpenAI's current name, and the older one
     max_tokens = requested_max_tokens(fields, names, max_tokens_limit, max_tokens_limit)
     request = generate_request(
@@ -129,6 +148,7 @@ def chat_call(body: Any, max_tokens_limit: int) -> ApiCall:
         top_logprobs=top,
         messages=messages,
         continue_final_message=fields.boolean("continue_final_message"),
+        add_generation_prompt=fields.value("add_generation_prompt", (bool,), "true or false"),
     )
     return api_call(fields, chat=True, requests=(request,), echoes=("",), logprobs=top is not None)
 
@@ -156,6 +176,8 @@ def api_call(
 ) -> ApiCall:
     stream_options = fields.value("stream_options", (dict,), "an object", {})
     stream = fields.boolean("stream")
+    if stream_options and not stream:
+        raise InvalidArgumentError("stream_options is only for stream: true")
     include_usage = stream and bool(Fields(stream_options).boolean("include_usage"))
     return ApiCall(
         chat=chat,
@@ -231,6 +253,7 @@ def generate_request(
     top_logprobs: int | None,
     messages: Sequence[Mapping[str, str]] = (),
     continue_final_message: bool = False,
+    add_generation_prompt: bool | None = None,
 ) -> coordinator_pb2.GenerateRequest:
     n = fields.integer("n", 1)
     best_of = fields.integer("best_of")
@@ -242,7 +265,7 @@ def generate_request(
         bias = {int(token_id): float(value) for token_id, value in logit_bias.items()}
     except (TypeError, ValueError):
         raise InvalidArgumentError("logit_bias must map token ids (as strings) to numbers") from None
-    for name in ("n", "min_tokens", "top_logprobs"):
+    for name in ("n", "min_tokens"):
         if (fields.integer(name) or 0) < 0:
             raise InvalidArgumentError(f"{name} must be >= 0, got {fields.integer(name)}")
     seed = fields.integer("seed")
@@ -272,6 +295,7 @@ def generate_request(
             n=n,
             messages=messages,
             continue_final_message=continue_final_message,
+            add_generation_prompt=add_generation_prompt,
             **structured_output(fields),
         )
     except ValueError as exc:  # a number beyond its protobuf field (a uint32 above 2^32...)

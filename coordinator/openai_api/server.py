@@ -10,11 +10,12 @@ in the session).
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import json
 import logging
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -28,6 +29,7 @@ from coordinator.request import GenerationChunk
 from coordinator.servicer import CoordinatorServicer
 from specpipe.errors import InvalidArgumentError, NotFoundError, SpecpipeError
 from specpipe.rpc.interceptor import status_for
+from specpipe.sampling.token_bytes import TokenSpeller
 
 logger = logging.getLogger(__name__)
 
@@ -40,6 +42,7 @@ HTTP_STATUS_BY_CODE = {
     grpc.StatusCode.DEADLINE_EXCEEDED: 504,
 }
 EVENT_STREAM_HEADERS = {"Content-Type": "text/event-stream", "Cache-Control": "no-cache"}
+Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 MAX_BODY_BYTES = 64 * 1024 * 1024  # as the gRPC API's message limit
 
 
@@ -76,23 +79,29 @@ def sse(payload: dict[str, Any] | str) -> bytes:
     return f"data: {data}\n\n".encode()
 
 
-@dataclass(frozen=True, slots=True)
 class OpenAIApi:
-    servicer: CoordinatorServicer
-    served_model_name: str = ""  # "" = the target model's name as ServerInfo reports it
+    """The routes, over the coordinator's servicer."""
+
+    def __init__(self, servicer: CoordinatorServicer, served_model_name: str = "") -> None:
+        self.servicer = servicer
+        self.served_model_name = served_model_name  # "" = the target model's name as ServerInfo reports it
+        self._speller: TokenSpeller | None = None
+        self._forgetting: set[asyncio.Task[None]] = set()  # session deletions in flight
 
     def model_name(self) -> str:
         return self.served_model_name or self.servicer.info.target_model
 
-    def token_text(self) -> Callable[[int], str]:
-        tokenizer = self.servicer.generator.tokenizer
-        return lambda token_id: tokenizer.decode([token_id])
+    def speller(self) -> TokenSpeller:
+        if self._speller is None:
+            self._speller = TokenSpeller(self.servicer.generator.tokenizer)
+        return self._speller
 
     def app(self) -> web.Application:
-        app = web.Application(client_max_size=MAX_BODY_BYTES)
+        app = web.Application(client_max_size=MAX_BODY_BYTES, middlewares=[json_errors])
         app.router.add_post("/v1/completions", self.completions)
         app.router.add_post("/v1/chat/completions", self.chat_completions)
         app.router.add_get("/v1/models", self.models)
+        app.router.add_get("/v1/models/{model:.+}", self.model)
         app.router.add_get("/health", self.health)
         return app
 
@@ -103,19 +112,33 @@ class OpenAIApi:
             return error_response(exc)
         return web.json_response({"status": "ok"})
 
-    async def models(self, request: web.Request) -> web.Response:
-        try:
-            info = self.servicer.info
-        except SpecpipeError as exc:
-            return error_response(exc)
-        model = {
+    def model_card(self) -> dict[str, Any]:
+        return {
             "id": self.model_name(),
             "object": "model",
             "created": int(time.time()),
             "owned_by": "specpipe",
-            "max_model_len": info.models.target_context,
+            "max_model_len": self.servicer.info.models.target_context,
         }
-        return web.json_response({"object": "list", "data": [model]})
+
+    async def models(self, request: web.Request) -> web.Response:
+        try:
+            return web.json_response({"object": "list", "data": [self.model_card()]})
+        except SpecpipeError as exc:
+            return error_response(exc)
+
+    async def model(self, request: web.Request) -> web.Response:
+        try:
+            self.check_model(request.match_info["model"])
+            return web.json_response(self.model_card())
+        except SpecpipeError as exc:
+            return error_response(exc)
+
+    def check_model(self, name: str) -> str:
+        model = self.model_name()
+        if name and name != model:
+            raise NotFoundError(f"the model {name!r} does not exist: this server serves {model!r}")
+        return model
 
     async def completions(self, request: web.Request) -> web.StreamResponse:
         limit = self.servicer.limits.max_new_tokens
@@ -125,44 +148,43 @@ class OpenAIApi:
         limit = self.servicer.limits.max_new_tokens
         return await self.serve(request, lambda body: chat_call(body, limit))
 
-    def decode(self, token_ids: Any) -> str:
-        return str(self.servicer.generator.tokenizer.decode(list(token_ids)))
+    def decode(self, token_ids: Sequence[int]) -> str:
+        """A token-id prompt's text, for echo (ids the tokenizer cannot spell are the request's error)."""
+        try:
+            return str(self.servicer.generator.tokenizer.decode(list(token_ids)))
+        except (OverflowError, ValueError, TypeError, IndexError) as exc:
+            raise InvalidArgumentError(f"prompt: token ids the tokenizer cannot decode: {exc}") from None
 
     async def serve(self, request: web.Request, parse: Callable[[Any], ApiCall]) -> web.StreamResponse:
         try:
             call = parse(await self.body(request))
-            model = self.model_name()
-            if call.model and call.model != model:
-                raise NotFoundError(f"the model {call.model!r} does not exist: this server serves {model!r}")
-            builder = ResponseBuilder(call, model, self.token_text())
+            builder = ResponseBuilder(call, self.check_model(call.model), self.speller().text_of)
         except Exception as exc:  # noqa: BLE001 - every failure is an HTTP error, never a dropped connection
             return error_response(exc)
-        # Closed on every way out, a disconnected client's cancellation included: that stops the generations.
-        async with contextlib.aclosing(self.chunks(call)) as chunks:
-            try:
-                if not call.stream:
-                    async for prompt, chunk in chunks:
-                        builder.add(prompt, chunk)
-                    return web.json_response(builder.response(), dumps=unescaped_json)
-                first = await anext(chunks)  # an error before the first token is the response's status
-            except Exception as exc:  # noqa: BLE001
-                return error_response(exc)
-            return await self.stream(request, call, builder, first, chunks)
-
-    async def body(self, request: web.Request) -> Any:
         try:
-            return await request.json()
-        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-            raise InvalidArgumentError(f"the body is not JSON: {exc}") from None
+            # All the prompts' completions are admitted at once, or none: a body that could never run whole
+            # is refused before any of it starts.
+            with self.servicer.admission(call.slots):
+                # Closed on every way out, a disconnected client's cancellation included: that stops them.
+                async with contextlib.aclosing(self.chunks(call)) as chunks:
+                    return await self.respond(request, call, builder, chunks)
+        except Exception as exc:  # noqa: BLE001
+            return error_response(exc)
+        finally:
+            self.forget(builder.session_ids)
 
-    async def stream(
+    async def respond(
         self,
         request: web.Request,
         call: ApiCall,
         builder: ResponseBuilder,
-        first: tuple[int, GenerationChunk],
         chunks: AsyncIterator[tuple[int, GenerationChunk]],
     ) -> web.StreamResponse:
+        if not call.stream:
+            async for prompt, chunk in chunks:
+                builder.add(prompt, chunk)
+            return web.json_response(builder.response(), dumps=unescaped_json)
+        first = await anext(chunks)  # an error before the first token is the response's status
         response = web.StreamResponse(headers=EVENT_STREAM_HEADERS)
         await response.prepare(request)
         try:
@@ -172,20 +194,60 @@ class OpenAIApi:
             if call.include_usage:
                 await response.write(sse(builder.usage_event()))
         except ConnectionError:
-            raise  # the client left: nothing to tell it
+            return response  # the client left; closing the chunks stops the generations
         except Exception as exc:  # noqa: BLE001 - the status was sent: the error is the stream's last event
             await response.write(sse(error_of(exc)[1]))
         await response.write(sse("[DONE]"))
         await response.write_eof()
         return response
 
+    async def body(self, request: web.Request) -> Any:
+        try:
+            return await request.json()
+        except (json.JSONDecodeError, UnicodeDecodeError, LookupError) as exc:
+            raise InvalidArgumentError(f"the body is not JSON: {exc}") from None
+
     def chunks(self, call: ApiCall) -> AsyncIterator[tuple[int, GenerationChunk]]:
-        """Every prompt's Generate, run concurrently: (prompt index, chunk) as they come."""
+        """Every prompt's Generate, run concurrently (admitted together): (prompt index, chunk) as they
+        come."""
         return interleaved(
             [
-                lambda pb=pb: self.servicer.generate(pb, no_deadline)  # type: ignore[misc]
+                lambda pb=pb: self.servicer.generate(pb, no_deadline, admitted=True)  # type: ignore[misc]
                 for pb in call.requests
             ]
+        )
+
+    def forget(self, session_ids: Iterable[str]) -> None:
+        """Deletes the sessions a request made, after it: no HTTP client can name them again, so they would
+        only hold the store's memory for their TTL and the workers' KV caches until evicted."""
+        for session_id in session_ids:
+            task = asyncio.create_task(self.servicer.sessions.delete(session_id))
+            self._forgetting.add(task)
+            task.add_done_callback(self._forgotten)
+
+    def _forgotten(self, task: asyncio.Task[Any]) -> None:
+        self._forgetting.discard(task)
+        if not task.cancelled() and task.exception() is not None:
+            logger.warning("could not delete an HTTP request's session: %s", task.exception())
+
+    async def settle(self, timeout_s: float = 5.0) -> None:
+        """Waits for the session deletions in flight (at shutdown)."""
+        if self._forgetting:
+            await asyncio.wait(set(self._forgetting), timeout=timeout_s)
+
+
+@web.middleware
+async def json_errors(
+    request: web.Request, handler: Callable[[web.Request], Awaitable[web.StreamResponse]]
+) -> web.StreamResponse:
+    """aiohttp's own refusals (an unknown route, a body over the size limit...) with OpenAI's error body."""
+    try:
+        return await handler(request)
+    except web.HTTPException as exc:
+        if exc.status < 400:
+            raise
+        return web.json_response(
+            error_body(exc.status, exc.text or exc.reason, exc.reason), status=exc.status
         )
 
 
@@ -208,7 +270,11 @@ class HttpServer:
             shutdown_timeout=self.shutdown_grace_s,
         )
         await self.runner.setup()
-        await web.TCPSite(self.runner, self.host, self.port).start()
+        try:
+            await web.TCPSite(self.runner, self.host, self.port).start()
+        except BaseException:  # the port is taken: nothing is left set up
+            await self.close()
+            raise
         self.port = int(self.runner.addresses[0][1])
         logger.info("OpenAI-compatible HTTP API on http://%s:%d/v1", self.host, self.port)
 
@@ -220,3 +286,4 @@ class HttpServer:
         if self.runner is not None:
             runner, self.runner = self.runner, None
             await runner.cleanup()
+            await self.api.settle()

@@ -16,7 +16,7 @@ from transformers import PreTrainedTokenizerBase
 
 from specpipe.errors import InvalidArgumentError
 
-__all__ = ["token_bytes_vocabulary"]
+__all__ = ["TokenSpeller", "token_bytes_vocabulary"]
 
 SENTENCEPIECE_SPACE = "\u2581"
 
@@ -75,3 +75,27 @@ def token_bytes_vocabulary(tokenizer: PreTrainedTokenizerBase) -> Vocabulary:
         if encoded:
             by_bytes.setdefault(encoded, []).append(token_id)
     return Vocabulary(tokenizer.eos_token_id, by_bytes)
+
+
+class TokenSpeller:
+    """Each token id's own bytes and text, as log-probs report them (OpenAI's `token` and `bytes`): the
+    bytes it stands for in the vocabulary, so a SentencePiece token keeps its leading space and a token
+    holding part of a character its exact bytes (`tokenizer.decode([id])` drops the first and garbles the
+    second). Added and special tokens are their text."""
+
+    def __init__(self, tokenizer: PreTrainedTokenizerBase) -> None:
+        self.tokenizer = tokenizer
+        self.byte_level = _is_byte_level(tokenizer)
+        self.as_text = set(tokenizer.get_added_vocab().values()) | set(tokenizer.all_special_ids)
+
+    def bytes_of(self, token_id: int) -> bytes:
+        token = self.tokenizer.convert_ids_to_tokens(token_id)
+        if token_id in self.as_text or not isinstance(token, str):
+            return str(self.tokenizer.decode([token_id])).encode()
+        try:
+            return _token_bytes(token, self.byte_level)
+        except KeyError:  # a character outside GPT-2's alphabet in a byte-level vocabulary
+            return str(self.tokenizer.decode([token_id])).encode()
+
+    def text_of(self, token_id: int) -> str:
+        return self.bytes_of(token_id).decode("utf-8", errors="replace")
