@@ -171,6 +171,49 @@ def test_logprobs_spell_the_tokens_of_the_text(pipeline: Pipeline, client: opena
     )
 
 
+def test_echo_with_logprobs_scores_the_prompt_as_lm_evaluation_harness_asks(
+    pipeline: Pipeline, client: openai.OpenAI, model: str
+) -> None:
+    """lm-evaluation-harness's loglikelihood request (echo, logprobs 1, max_tokens 1, token-id prompts in a
+    batch): each choice's log-probs start with its prompt's, the first null, the others the target's own."""
+    from transformers import AutoTokenizer
+
+    from tests.reference import one_pass_logprobs
+
+    tokenizer = AutoTokenizer.from_pretrained(pipeline.pair.target_dir)
+    prompts = [tokenizer(text)["input_ids"][:20] for text in PROMPTS[:2]]
+    completion = client.completions.create(
+        model=model, prompt=prompts, max_tokens=1, temperature=0, logprobs=1, echo=True, seed=1234
+    )
+    for prompt, choice in zip(prompts, completion.choices, strict=True):
+        logprobs = choice.logprobs
+        assert len(logprobs.tokens) == len(prompt) + 1 and logprobs.token_logprobs[0] is None
+        assert logprobs.top_logprobs[0] is None and logprobs.text_offset[0] == 0
+        expected = one_pass_logprobs(pipeline.pair.target_dir, prompt)
+        assert logprobs.token_logprobs[1 : len(prompt)] == pytest.approx(expected, abs=1e-4)
+        assert "".join(logprobs.tokens) == choice.text and choice.text.startswith(tokenizer.decode(prompt))
+    assert completion.usage.prompt_tokens == sum(len(p) for p in prompts)
+    # With n: every choice carries its prompt's log-probs, and completion i is seed + i's (streamed too).
+    body = {"model": model, "prompt": PROMPTS[0], "max_tokens": 4, "logprobs": 0, "echo": True, "n": 2,
+            "temperature": 1.0, "seed": 5, "ignore_eos": True}  # fmt: skip
+    status, whole = post(pipeline, "/v1/completions", body)
+    assert status == 200 and [c["index"] for c in whole["choices"]] == [0, 1]
+    with CoordinatorClient(pipeline.coordinator_addr) as grpc_client:
+        request = build_request(PROMPTS[0], 4, temperature=1.0, seed=5, n=2, ignore_eos=True)
+        expected_texts = [e.text for e in grpc_client.generate_completions(request)]
+    prompt_tokens = len(tokenizer(PROMPTS[0])["input_ids"])
+    for choice, text in zip(whole["choices"], expected_texts, strict=True):
+        assert choice["text"] == PROMPTS[0] + text
+        assert len(choice["logprobs"]["tokens"]) == prompt_tokens + 4
+    assert whole["usage"]["prompt_tokens"] == prompt_tokens
+    streamed = events(pipeline, "/v1/completions", body)
+    firsts = {}
+    for event in streamed[:-1]:
+        part = event["choices"][0]
+        firsts.setdefault(part["index"], part)
+    assert all(len(firsts[i]["logprobs"]["tokens"]) >= prompt_tokens for i in (0, 1))
+
+
 def test_echo_and_structured_output(pipeline: Pipeline, client: openai.OpenAI, model: str) -> None:
     echoed = client.completions.create(model=model, prompt=PROMPTS[0], max_tokens=4, temperature=0, echo=True)
     assert echoed.choices[0].text.startswith(PROMPTS[0])
@@ -198,6 +241,12 @@ def test_echo_and_structured_output(pipeline: Pipeline, client: openai.OpenAI, m
         ),
         ("/v1/completions", {"prompt": "x", "temperature": "hot"}, 400, "temperature must be a number"),
         ("/v1/completions", {"prompt": "x", "suffix": "y"}, 400, "suffix is not supported"),
+        (
+            "/v1/completions",
+            {"prompt": "x", "echo": True, "logprobs": 1, "n": 17},
+            400,
+            "n must be in [1, 16]",
+        ),
         ("/v1/completions", {"prompt": "x", "best_of": 3}, 400, "best_of is not supported"),
         ("/v1/completions", {"prompt": {"x": 1}}, 400, "prompt must be a string"),
         ("/v1/completions", {"prompt": "x", "top_k": 2**40}, 400, "out of range"),

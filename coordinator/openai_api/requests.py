@@ -27,23 +27,28 @@ COMPLETIONS_DEFAULT_MAX_TOKENS = 16  # OpenAI's default for /v1/completions
 
 @dataclass(frozen=True, slots=True)
 class ApiCall:
-    """One HTTP request: a Generate per prompt, each with n completions."""
+    """One HTTP request: Generate requests (one per prompt, or per prompt and completion), each with n
+    completions; choice i is request i // n's completion i % n."""
 
     chat: bool
     model: str  # as the body names it ("" = not named)
     requests: tuple[coordinator_pb2.GenerateRequest, ...]
-    n: int
+    n: int  # completions per request
     stream: bool
     include_usage: bool  # stream_options.include_usage: a last event with the usage
-    echoes: tuple[str, ...]  # per prompt, the text its choices start with (echo), else ""
+    echoes: tuple[str, ...]  # per request, the text its choices start with (echo), else ""
     logprobs: bool  # the choices carry log-probs
+    # Per request, with echo and logprobs: the prompt's first token, whose log-prob is null (nothing comes
+    # before it), ahead of the prompt's scored tokens; else None.
+    first_prompt_tokens: tuple[int | None, ...]
+    counts_prompt: tuple[bool, ...]  # per request: its prompt tokens count in the usage (once per prompt)
 
-    def choice_index(self, prompt: int, completion: int) -> int:
-        return prompt * self.n + completion
+    def choice_index(self, request: int, completion: int) -> int:
+        return request * self.n + completion
 
     @property
     def slots(self) -> int:
-        """Of the coordinator's concurrency limit: every prompt's completions (an n out of range is refused
+        """Of the coordinator's concurrency limit: every request's completions (an n out of range is refused
         by the Generate request itself, with its own message)."""
         return len(self.requests) * min(max(self.n, 1), MAX_COMPLETIONS)
 
@@ -105,23 +110,62 @@ class Fields:
         return values
 
 
-def completion_call(body: Any, max_tokens_limit: int, decode: Callable[[Sequence[int]], str]) -> ApiCall:
-    """/v1/completions: `decode` spells a token-id prompt for echo; max_tokens at most the limit."""
+def completion_call(
+    body: Any,
+    max_tokens_limit: int,
+    decode: Callable[[Sequence[int]], str],
+    encode: Callable[[str], list[int]],
+) -> ApiCall:
+    """/v1/completions: `decode` spells a token-id prompt for echo, `encode` gives a text prompt's tokens (as
+    Generate encodes it) for echo with logprobs; max_tokens at most the limit."""
     fields = Fields(body)
     prompts = completion_prompts(fields.body.get("prompt"))
     if fields.body.get("suffix"):
         raise InvalidArgumentError("suffix is not supported")
     top = fields.top_logprobs("logprobs")
     echo = fields.boolean("echo")
-    if echo and top is not None:
-        raise InvalidArgumentError("echo with logprobs is not supported (prompt log-probs are not reported)")
     default = min(COMPLETIONS_DEFAULT_MAX_TOKENS, max_tokens_limit)
     max_tokens = requested_max_tokens(fields, ("max_tokens",), default, max_tokens_limit)
-    requests = tuple(generate_request(fields, prompt, max_tokens, top_logprobs=top) for prompt in prompts)
-    echoes = tuple(
-        (prompt if isinstance(prompt, str) else decode(prompt)) if echo else "" for prompt in prompts
+    requests: list[coordinator_pb2.GenerateRequest] = []
+    echoes: list[str] = []
+    first_tokens: list[int | None] = []
+    counts_prompt: list[bool] = []
+    for prompt in prompts:
+        request = generate_request(fields, prompt, max_tokens, top_logprobs=top)
+        echoed = (prompt if isinstance(prompt, str) else decode(prompt)) if echo else ""
+        if not echo or top is None:
+            requests.append(request)
+            echoes.append(echoed)
+            first_tokens.append(None)
+            counts_prompt.append(True)
+            continue
+        # Echo with logprobs (how lm-evaluation-harness scores a text): every choice starts with the prompt's
+        # log-probs, which Generate gives to a request's first completion only, so each completion is a
+        # request of its own, completion i with seed + i as Generate's n draws it.
+        n = request.n or 1
+        if not 1 <= n <= MAX_COMPLETIONS:
+            raise InvalidArgumentError(f"n must be in [1, {MAX_COMPLETIONS}] (unset = 1), got {n}")
+        prompt_ids = encode(prompt) if isinstance(prompt, str) else list(prompt)
+        for completion in range(n):
+            single = coordinator_pb2.GenerateRequest()
+            single.CopyFrom(request)
+            single.n = 1
+            single.prompt_logprobs = top
+            if single.sampling.HasField("seed"):
+                single.sampling.seed = (single.sampling.seed + completion) % 2**64
+            requests.append(single)
+            echoes.append(echoed)
+            first_tokens.append(prompt_ids[0] if prompt_ids else None)
+            counts_prompt.append(completion == 0)
+    return api_call(
+        fields,
+        chat=False,
+        requests=tuple(requests),
+        echoes=tuple(echoes),
+        logprobs=top is not None,
+        first_prompt_tokens=tuple(first_tokens),
+        counts_prompt=tuple(counts_prompt),
     )
-    return api_call(fields, chat=False, requests=requests, echoes=echoes, logprobs=top is not None)
 
 
 def chat_call(body: Any, max_tokens_limit: int) -> ApiCall:
@@ -150,7 +194,15 @@ def chat_call(body: Any, max_tokens_limit: int) -> ApiCall:
         continue_final_message=fields.boolean("continue_final_message"),
         add_generation_prompt=fields.value("add_generation_prompt", (bool,), "true or false"),
     )
-    return api_call(fields, chat=True, requests=(request,), echoes=("",), logprobs=top is not None)
+    return api_call(
+        fields,
+        chat=True,
+        requests=(request,),
+        echoes=("",),
+        logprobs=top is not None,
+        first_prompt_tokens=(None,),
+        counts_prompt=(True,),
+    )
 
 
 def requested_max_tokens(fields: Fields, names: tuple[str, ...], default: int, limit: int) -> int:
@@ -173,6 +225,8 @@ def api_call(
     requests: tuple[coordinator_pb2.GenerateRequest, ...],
     echoes: tuple[str, ...],
     logprobs: bool,
+    first_prompt_tokens: tuple[int | None, ...],
+    counts_prompt: tuple[bool, ...],
 ) -> ApiCall:
     stream_options = fields.value("stream_options", (dict,), "an object", {})
     stream = fields.boolean("stream")
@@ -188,6 +242,8 @@ def api_call(
         include_usage=include_usage,
         echoes=echoes,
         logprobs=logprobs,
+        first_prompt_tokens=first_prompt_tokens,
+        counts_prompt=counts_prompt,
     )
 
 

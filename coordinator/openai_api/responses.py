@@ -17,6 +17,8 @@ from coordinator.openai_api.requests import ApiCall
 from coordinator.request import GenerationChunk
 from specpipe.sampling.logprobs import TokenLogprob
 
+# A token and its log-prob, or a bare token id: the prompt's first token, which has none.
+Scored = TokenLogprob | int
 FINISH_REASONS = {"eos": "stop", "stop": "stop", "length": "length"}
 LOWEST_LOGPROB = -9999.0  # for -inf (a token the masks ruled out), which JSON cannot hold; vLLM's value
 
@@ -33,7 +35,7 @@ class ChoiceState:
     echo: str
     started: bool = False  # a chunk of it was seen (the echo and a chat's role go with the first)
     texts: list[str] = field(default_factory=list)
-    logprobs: list[TokenLogprob] = field(default_factory=list)
+    logprobs: list[Scored] = field(default_factory=list)
     text_offset: int = 0  # characters before the next token (completions' logprobs.text_offset)
     finish_reason: str | None = None
 
@@ -57,24 +59,29 @@ class ResponseBuilder:
         self.completion_tokens = 0
         self.session_ids: set[str] = set()  # one per completion: the HTTP API deletes them after the request
 
-    def add(self, prompt: int, chunk: GenerationChunk) -> dict[str, Any]:
-        """Takes a chunk; returns its choice's part, as a stream event carries it."""
-        choice = self.choices[self.call.choice_index(prompt, chunk.index)]
+    def add(self, request: int, chunk: GenerationChunk) -> dict[str, Any]:
+        """Takes a chunk of request `request`; returns its choice's part, as a stream event carries it."""
+        choice = self.choices[self.call.choice_index(request, chunk.index)]
         self.session_ids.add(chunk.session_id)
         text = chunk.text
+        entries: list[Scored] = list(chunk.logprobs)
         first = not choice.started
         if first:
             choice.started = True
             text = choice.echo + text
-            choice.text_offset = len(choice.echo)
+            first_prompt_token = self.call.first_prompt_tokens[request]
+            if first_prompt_token is None:
+                choice.text_offset = len(choice.echo)
+            else:  # echo with logprobs: the prompt's tokens lead, from the start of the text
+                entries = [first_prompt_token, *chunk.prompt_logprobs, *entries]
         choice.texts.append(text)
-        logprobs = self.logprobs(choice, chunk.logprobs) if self.call.logprobs else None
-        choice.logprobs.extend(chunk.logprobs)
+        logprobs = self.logprobs(choice, entries) if self.call.logprobs else None
+        choice.logprobs.extend(entries)
         if chunk.finish_reason:
             choice.finish_reason = FINISH_REASONS[chunk.finish_reason]
         if chunk.usage is not None:
             self.completion_tokens += chunk.usage.generated_tokens
-            if chunk.index == 0:  # the prompt counts once, whatever n
+            if chunk.index == 0 and self.call.counts_prompt[request]:  # a prompt counts once, whatever n
                 self.prompt_tokens += chunk.usage.prompt_tokens
         part: dict[str, Any] = {"index": choice.index}
         if self.call.chat:
@@ -117,7 +124,8 @@ class ResponseBuilder:
                 entry["message"] = {"role": "assistant", "content": text}
             else:
                 entry["text"] = text
-            entry["logprobs"] = self.whole_logprobs(choice) if self.call.logprobs else None
+            request = index // self.call.n
+            entry["logprobs"] = self.whole_logprobs(choice, request) if self.call.logprobs else None
             entry["finish_reason"] = choice.finish_reason
             choices.append(entry)
         return {
@@ -129,31 +137,33 @@ class ResponseBuilder:
             "usage": self.usage(),
         }
 
-    def whole_logprobs(self, choice: ChoiceState) -> dict[str, Any]:
-        choice.text_offset = len(choice.echo)
+    def whole_logprobs(self, choice: ChoiceState, request: int) -> dict[str, Any]:
+        choice.text_offset = len(choice.echo) if self.call.first_prompt_tokens[request] is None else 0
         return self.logprobs(choice, choice.logprobs)
 
-    def logprobs(self, choice: ChoiceState, logprobs: Sequence[TokenLogprob]) -> dict[str, Any]:
-        """OpenAI's log-probs of these tokens: chat's `content` list, or completions' parallel lists."""
+    def logprobs(self, choice: ChoiceState, entries: Sequence[Scored]) -> dict[str, Any]:
+        """OpenAI's log-probs of these tokens: chat's `content` list, or completions' parallel lists (where a
+        bare token id, the prompt's first, has null for its log-prob and its top tokens)."""
         if self.call.chat:
-            return {"content": [self.chat_logprob(logprob) for logprob in logprobs]}
-        tokens, offsets = [], []
-        for logprob in logprobs:
-            token = self.token_text(logprob.token_id)
+            return {"content": [self.chat_logprob(e) for e in entries if isinstance(e, TokenLogprob)]}
+        tokens, offsets, token_logprobs, top_logprobs = [], [], [], []
+        for entry in entries:
+            token = self.token_text(entry if isinstance(entry, int) else entry.token_id)
             tokens.append(token)
             offsets.append(choice.text_offset)
             choice.text_offset += len(token)
+            if isinstance(entry, TokenLogprob):
+                token_logprobs.append(finite(entry.logprob))
+                # The chosen token and the likeliest others, as vLLM reports them.
+                top = {self.token_text(token_id): finite(value) for token_id, value in entry.top}
+                top_logprobs.append({token: finite(entry.logprob), **top})
+            else:
+                token_logprobs.append(None)
+                top_logprobs.append(None)
         return {
             "tokens": tokens,
-            "token_logprobs": [finite(logprob.logprob) for logprob in logprobs],
-            # The chosen token and the likeliest others, as vLLM reports them.
-            "top_logprobs": [
-                {
-                    token: finite(logprob.logprob),
-                    **{self.token_text(token_id): finite(value) for token_id, value in logprob.top},
-                }
-                for token, logprob in zip(tokens, logprobs, strict=True)
-            ],
+            "token_logprobs": token_logprobs,
+            "top_logprobs": top_logprobs,
             "text_offset": offsets,
         }
 

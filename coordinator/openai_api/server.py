@@ -27,6 +27,7 @@ from coordinator.openai_api.requests import ApiCall, chat_call, completion_call
 from coordinator.openai_api.responses import ResponseBuilder
 from coordinator.request import GenerationChunk
 from coordinator.servicer import CoordinatorServicer
+from coordinator.tokenization import check_length
 from specpipe.errors import InvalidArgumentError, NotFoundError, SpecpipeError
 from specpipe.rpc.interceptor import status_for
 from specpipe.sampling.token_bytes import TokenSpeller
@@ -142,7 +143,7 @@ class OpenAIApi:
 
     async def completions(self, request: web.Request) -> web.StreamResponse:
         limit = self.servicer.limits.max_new_tokens
-        return await self.serve(request, lambda body: completion_call(body, limit, self.decode))
+        return await self.serve(request, lambda body: completion_call(body, limit, self.decode, self.encode))
 
     async def chat_completions(self, request: web.Request) -> web.StreamResponse:
         limit = self.servicer.limits.max_new_tokens
@@ -154,6 +155,13 @@ class OpenAIApi:
             return str(self.servicer.generator.tokenizer.decode(list(token_ids)))
         except (OverflowError, ValueError, TypeError, IndexError) as exc:
             raise InvalidArgumentError(f"prompt: token ids the tokenizer cannot decode: {exc}") from None
+
+    def encode(self, text: str) -> list[int]:
+        """A text prompt's tokens as Generate encodes it (for echo with logprobs), its length checked first as
+        Generate checks it (the tokenizer runs on the event loop)."""
+        generator = self.servicer.generator
+        check_length(text, generator.limits.target_context, "prompt")
+        return list(generator.tokenizer(text, add_special_tokens=True)["input_ids"])
 
     async def serve(self, request: web.Request, parse: Callable[[Any], ApiCall]) -> web.StreamResponse:
         try:
