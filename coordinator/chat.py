@@ -76,3 +76,18 @@ class ChatTemplate:
             raise InvalidArgumentError(f"messages: the chat template refused them: {exc}") from exc
         assert isinstance(rendered, str)
         return rendered
+
+    def token_ids(
+        self,
+        messages: Sequence[ChatMessage],
+        continue_final_message: bool,
+        max_context: int,
+        add_generation_prompt: bool = True,
+    ) -> list[int]:
+        """The rendered conversation's tokens, encoded without adding special tokens: the template wrote
+        those it wants."""
+        text = self.render(messages, continue_final_message, max_context, add_generation_prompt)
+        ids = list(self.tokenizer(text, add_special_tokens=False)["input_ids"])
+        if not ids:
+            raise InvalidArgumentError("messages render to no tokens")
+        return ids

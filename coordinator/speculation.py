@@ -117,17 +117,12 @@ class SpeculativeGenerator:
             self.check_in_vocab(ids, "prompt_token_ids")
             return ids
         if request.messages:
-            text = self.chat.render(
+            return self.chat.token_ids(
                 request.messages,
                 request.continue_final_message,
                 self.limits.target_context,
                 request.add_generation_prompt,
             )
-            # The template wrote the special tokens it wants (coordinator/chat.py).
-            ids = self.tokenizer(text, add_special_tokens=False)["input_ids"]
-            if not ids:
-                raise InvalidArgumentError("messages render to no tokens")
-            return list(ids)
         if not request.prompt:
             return []  # a continued session without a new turn
         check_length(request.prompt, self.limits.target_context, "prompt")  # before encoding it, on the loop

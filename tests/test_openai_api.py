@@ -352,3 +352,22 @@ def test_a_taken_http_port_ends_the_coordinator_with_its_reason(pipeline: Pipeli
         finally:
             coordinator.stop()
     assert "address already in use" in coordinator.log_tail().lower(), coordinator.log_tail()
+
+
+def test_tokenize_and_detokenize_as_vllm_serves_them(pipeline: Pipeline, model: str) -> None:
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(pipeline.pair.target_dir)
+    status, tokenized = post(pipeline, "/tokenize", {"model": model, "prompt": PROMPTS[0]})
+    assert status == 200 and tokenized["tokens"] == tokenizer(PROMPTS[0])["input_ids"]
+    assert tokenized["count"] == len(tokenized["tokens"]) and tokenized["max_model_len"] > 0
+    status, chat = post(pipeline, "/tokenize", {"messages": CONVERSATION})
+    with CoordinatorClient(pipeline.coordinator_addr) as grpc_client:
+        session = grpc_client.get_session(
+            grpc_client.generate(build_request("", 1, messages=CONVERSATION)).session_id
+        )
+    assert status == 200 and chat["tokens"] == list(session.token_ids)[: session.prompt_tokens]
+    status, text = post(pipeline, "/detokenize", {"model": model, "tokens": tokenized["tokens"]})
+    assert status == 200 and text == {"prompt": PROMPTS[0]}
+    assert post(pipeline, "/detokenize", {"tokens": [-1]})[0] == 400
+    assert post(pipeline, "/tokenize", {"prompt": 5})[0] == 400

@@ -22,12 +22,13 @@ from typing import Any
 import grpc
 from aiohttp import web
 
+from coordinator.chat import ChatMessage
 from coordinator.completions import interleaved
-from coordinator.openai_api.requests import ApiCall, chat_call, completion_call
+from coordinator.openai_api.requests import ApiCall, Fields, chat_call, chat_messages, completion_call
 from coordinator.openai_api.responses import ResponseBuilder
 from coordinator.request import GenerationChunk
 from coordinator.servicer import CoordinatorServicer
-from coordinator.tokenization import check_length
+from coordinator.tokenization import Tokenized, check_length
 from specpipe.errors import InvalidArgumentError, NotFoundError, SpecpipeError
 from specpipe.rpc.interceptor import status_for
 from specpipe.sampling.token_bytes import TokenSpeller
@@ -103,6 +104,8 @@ class OpenAIApi:
         app.router.add_post("/v1/chat/completions", self.chat_completions)
         app.router.add_get("/v1/models", self.models)
         app.router.add_get("/v1/models/{model:.+}", self.model)
+        app.router.add_post("/tokenize", self.tokenize)
+        app.router.add_post("/detokenize", self.detokenize)
         app.router.add_get("/health", self.health)
         return app
 
@@ -134,6 +137,45 @@ class OpenAIApi:
             return web.json_response(self.model_card())
         except SpecpipeError as exc:
             return error_response(exc)
+
+    async def tokenize(self, request: web.Request) -> web.Response:
+        """vLLM's /tokenize: a prompt's tokens as Generate encodes it, or a conversation's as the chat
+        template renders it."""
+        try:
+            fields = Fields(await self.body(request))
+            self.check_model(fields.string("model", "") or "")
+            generator = self.servicer.generator
+            context = generator.limits.target_context
+            if fields.body.get("messages") is not None:
+                messages = tuple(
+                    ChatMessage(m["role"], m["content"]) for m in chat_messages(fields.body["messages"])
+                )
+                continue_final = fields.boolean("continue_final_message")
+                opened = fields.boolean("add_generation_prompt", not continue_final)
+                ids = generator.chat.token_ids(messages, continue_final, context, opened)
+            else:
+                prompt = fields.string("prompt")
+                if prompt is None:
+                    raise InvalidArgumentError("set prompt (a string) or messages")
+                add_special_tokens = fields.boolean("add_special_tokens", True)
+                ids = Tokenized.of(generator.tokenizer, prompt, add_special_tokens, context).token_ids
+        except SpecpipeError as exc:
+            return error_response(exc)
+        return web.json_response({"count": len(ids), "max_model_len": context, "tokens": ids})
+
+    async def detokenize(self, request: web.Request) -> web.Response:
+        """vLLM's /detokenize: token ids' text."""
+        try:
+            fields = Fields(await self.body(request))
+            self.check_model(fields.string("model", "") or "")
+            ids = fields.integers("tokens")
+            vocab_size = self.servicer.generator.limits.vocab_size
+            if not all(0 <= token_id < vocab_size for token_id in ids):
+                raise InvalidArgumentError(f"tokens must be in [0, {vocab_size})")
+            text = self.decode(ids)
+        except SpecpipeError as exc:
+            return error_response(exc)
+        return web.json_response({"prompt": text})
 
     def check_model(self, name: str) -> str:
         model = self.model_name()
