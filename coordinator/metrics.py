@@ -62,7 +62,7 @@ class CoordinatorMetrics:
         )  # fmt: skip
         self.time_per_output_token = Histogram(
             "specpipe_time_per_output_token_seconds",
-            "Per request, the time after the first token divided by the tokens after it.",
+            "Per completion (each of a request's n), the time after its first token divided by the tokens after it.",
             buckets=PER_TOKEN_BUCKETS, registry=registry,
         )  # fmt: skip
         self.request_duration = Histogram(
@@ -92,9 +92,9 @@ class CoordinatorMetrics:
             self._record(observer)
 
     def _record(self, observer: RequestObserver) -> None:
-        if observer.tokens > 1 and observer.first_token_at is not None and observer.last_token_at is not None:
-            per_token = (observer.last_token_at - observer.first_token_at) / (observer.tokens - 1)
-            self.time_per_output_token.observe(per_token)
+        for stream in observer.streams.values():  # each completion's own, n interleaved ones apart
+            if stream.tokens > 1:
+                self.time_per_output_token.observe((stream.last_at - stream.first_at) / (stream.tokens - 1))
         for usage in observer.usages:
             self.prompt_tokens.inc(usage.prompt_tokens)
             self.draft_tokens.inc(usage.draft_tokens)
@@ -103,11 +103,19 @@ class CoordinatorMetrics:
 
 
 @dataclass(slots=True)
+class StreamTimes:
+    """One completion's tokens and when its first and latest came."""
+
+    first_at: float
+    last_at: float
+    tokens: int = 0
+
+
+@dataclass(slots=True)
 class RequestObserver:
     started: float
-    tokens: int = 0
-    first_token_at: float | None = None
-    last_token_at: float | None = None
+    first_token_at: float | None = None  # the request's, over all its completions
+    streams: dict[int, StreamTimes] = field(default_factory=dict)  # by completion index
     finish_reason: str = ""
     usages: list[Usage] = field(default_factory=list)  # each completion's final chunk's
 
@@ -118,8 +126,9 @@ class RequestObserver:
             if self.first_token_at is None:
                 self.first_token_at = now
                 metrics.time_to_first_token.observe(now - self.started)
-            self.last_token_at = now
-            self.tokens += len(chunk.token_ids)
+            stream = self.streams.setdefault(chunk.index, StreamTimes(now, now))
+            stream.last_at = now
+            stream.tokens += len(chunk.token_ids)
             metrics.generated_tokens.inc(len(chunk.token_ids))
         if chunk.finish_reason:
             self.finish_reason = chunk.finish_reason

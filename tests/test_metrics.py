@@ -55,6 +55,20 @@ def test_a_request_is_counted_with_its_outcome_tokens_and_latencies() -> None:
     assert got[("specpipe_request_duration_seconds_count", ())] == 1
 
 
+def test_each_of_n_interleaved_completions_has_its_own_time_per_output_token() -> None:
+    """Two completions streaming at once, a token each per 20 ms: each one's TPOT is 20 ms, where the
+    request's chunks together arrive every 10 ms."""
+    metrics = CoordinatorMetrics()
+    with metrics.request() as observed:
+        for step in range(4):
+            for index in (0, 1):
+                observed.chunk(GenerationChunk("s", [step], "x", index=index), metrics)
+                time.sleep(0.01)
+    got = registry_samples(metrics)
+    assert got[("specpipe_time_per_output_token_seconds_count", ())] == 2
+    assert got[("specpipe_time_per_output_token_seconds_sum", ())] / 2 >= 0.019
+
+
 def test_failed_and_abandoned_requests_are_counted_by_status() -> None:
     metrics = CoordinatorMetrics()
     with pytest.raises(InvalidArgumentError), metrics.request():
