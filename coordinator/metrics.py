@@ -62,7 +62,8 @@ class CoordinatorMetrics:
         )  # fmt: skip
         self.time_per_output_token = Histogram(
             "specpipe_time_per_output_token_seconds",
-            "Per completion (each of a request's n), the time after its first token divided by the tokens after it.",
+            "Per completion (each of a request's n), the time after its first token divided by the tokens "
+            "after it.",
             buckets=PER_TOKEN_BUCKETS, registry=registry,
         )  # fmt: skip
         self.request_duration = Histogram(
