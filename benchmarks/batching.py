@@ -68,7 +68,8 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
 def embedded_stack(args: argparse.Namespace, flags: Sequence[str], log_dir: Path) -> Iterator[str]:
     """`specpipe serve` with `flags` on a free port, until its coordinator is SERVING; its address."""
     port = free_port()
-    serve_args = ["--port", str(port), "--log-dir", str(log_dir), *flags]
+    # No HTTP API: the load goes over gRPC, and port 8000 may be another stack's.
+    serve_args = ["--port", str(port), "--http-port", "-1", "--log-dir", str(log_dir), *flags]
     for option, value in (("--target-model", args.target_model), ("--draft-model", args.draft_model)):
         if value:
             serve_args += [option, str(value)]

@@ -211,7 +211,7 @@ async def one_http_request(
                         if record.first_token_s is None:
                             record.first_token_s = now
                         record.token_chunk_s.append(now)
-    except (aiohttp.ClientError, TimeoutError) as exc:
+    except (aiohttp.ClientError, TimeoutError, ValueError) as exc:  # ValueError: a body that is not JSON
         record.status, record.detail = type(exc).__name__, str(exc)
     record.end_s = time.perf_counter() - started
     return record

@@ -34,6 +34,18 @@ class ChatMessage:
         return cls(pb.role, pb.content)
 
 
+def opens_generation_prompt(continue_final_message: bool, add_generation_prompt: bool | None) -> bool:
+    """Whether the assistant's turn is opened after the messages: unless asked not to, or continuing the last
+    message (which asking for both contradicts)."""
+    if continue_final_message:
+        if add_generation_prompt:
+            raise InvalidArgumentError(
+                "continue_final_message continues the last message: add_generation_prompt cannot open a turn"
+            )
+        return False
+    return True if add_generation_prompt is None else add_generation_prompt
+
+
 def messages_from_pb(pbs: Sequence[coordinator_pb2.ChatMessage]) -> tuple[ChatMessage, ...]:
     if len(pbs) > MAX_MESSAGES:
         raise InvalidArgumentError(f"messages may hold at most {MAX_MESSAGES} messages, got {len(pbs)}")

@@ -8,7 +8,7 @@ import secrets
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
-from coordinator.chat import ChatMessage, messages_from_pb
+from coordinator.chat import ChatMessage, messages_from_pb, opens_generation_prompt
 from coordinator.structured_requests import output_regex
 from specpipe.errors import InvalidArgumentError
 from specpipe.sampling.logprobs import TokenLogprob
@@ -61,6 +61,9 @@ class GenerationRequest:
     messages: tuple[ChatMessage, ...] = ()
     continue_final_message: bool = False  # the last message is continued rather than a new turn opened
     add_generation_prompt: bool = True  # the assistant's turn is opened after the messages
+    # No next turn (the HTTP API's requests, whose clients cannot name a session): the session is deleted
+    # and the workers' caches freed once the request ends. Not a wire field.
+    ephemeral: bool = False
 
     @classmethod
     def from_pb(cls, pb: coordinator_pb2.GenerateRequest, limits: RequestLimits) -> GenerationRequest:
@@ -78,11 +81,10 @@ class GenerationRequest:
             )
         if pb.continue_final_message and not pb.messages:
             raise InvalidArgumentError("continue_final_message needs messages")
-        add_generation_prompt = pb.add_generation_prompt if pb.HasField("add_generation_prompt") else True
-        if pb.continue_final_message and pb.HasField("add_generation_prompt") and add_generation_prompt:
-            raise InvalidArgumentError(
-                "continue_final_message continues the last message: add_generation_prompt cannot open a turn"
-            )
+        add_generation_prompt = opens_generation_prompt(
+            pb.continue_final_message,
+            pb.add_generation_prompt if pb.HasField("add_generation_prompt") else None,
+        )
         if not 1 <= pb.max_new_tokens <= limits.max_new_tokens:
             raise InvalidArgumentError(
                 f"max_new_tokens must be in [1, {limits.max_new_tokens}], got {pb.max_new_tokens}"

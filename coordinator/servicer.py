@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 from collections.abc import AsyncIterator, Callable, Iterator
 
 import grpc
@@ -72,20 +73,25 @@ class CoordinatorServicer(coordinator_pb2_grpc.CoordinatorServicer):
     async def Generate(
         self, request: coordinator_pb2.GenerateRequest, context: grpc.aio.ServicerContext
     ) -> AsyncIterator[coordinator_pb2.GenerateResponse]:
-        async for chunk in self.generate(request, context.time_remaining):
-            yield chunk.to_pb()
+        # Closed here when the client cancels at a yield, rather than by the generator finalizer.
+        async with contextlib.aclosing(self.generate(request, context.time_remaining)) as chunks:
+            async for chunk in chunks:
+                yield chunk.to_pb()
 
     async def generate(
         self,
         request: coordinator_pb2.GenerateRequest,
         time_remaining: Callable[[], float | None],
         admitted: bool = False,
+        ephemeral: bool = False,
     ) -> AsyncIterator[GenerationChunk]:
         """Generate's work, behind the concurrency limit (unless the caller `admitted` it already), observed
         by the metrics; also what the HTTP API calls (coordinator/openai_api): one limit for both."""
         with contextlib.nullcontext() if admitted else self.admission(completion_slots(request)):
             with self.metrics.request() as observed:
                 generation = GenerationRequest.from_pb(request, self.limits)
+                if ephemeral:  # the HTTP API's: deleted after it (GenerationRequest.ephemeral)
+                    generation = dataclasses.replace(generation, ephemeral=True)
                 async for chunk in self.chunks(generation, time_remaining):
                     observed.chunk(chunk, self.metrics)
                     yield chunk
@@ -96,7 +102,7 @@ class CoordinatorServicer(coordinator_pb2_grpc.CoordinatorServicer):
         than the limit can ever hold is INVALID_ARGUMENT, more than it holds now RESOURCE_EXHAUSTED."""
         if slots > self.max_concurrent_requests:
             raise InvalidArgumentError(
-                f"{slots} completions at once (n, times the prompts of an HTTP request) are above the "
+                f"{slots} completions at once are above the "
                 f"coordinator's limit of {self.max_concurrent_requests} concurrent requests "
                 "(--max-concurrent-requests)"
             )

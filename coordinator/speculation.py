@@ -330,17 +330,21 @@ class SpeculativeGenerator:
         finally:
             if speculative is not None:
                 speculative.cancel()
+            unfinished_commit = None
             if pending is not None:
                 pending.cancel()
+                unfinished_commit = pending.task
             # A finished request keeps the workers' caches warm for the next turn; a cancelled or failed
-            # one frees them at once (the workers release a session whose stream is cancelled).
-            await draft.close(completed)
-            await target.close(completed)
-            if not completed:
+            # one frees them at once (the workers release a session whose stream is cancelled), and so does
+            # an ephemeral one, which has no next turn.
+            keep = completed and not request.ephemeral
+            await draft.close(keep)
+            await target.close(keep)
+            if not keep:
                 # Explicitly too: the workers cannot always tell a cancelled stream from a finished one.
-                release = asyncio.ensure_future(self.release_worker_caches(sid, draft.used | target.used))
-                self._background.add(release)
-                release.add_done_callback(self._background.discard)
+                self.in_background(self.release_worker_caches(sid, draft.used | target.used))
+            if request.ephemeral and session.is_new:
+                self.in_background(self.forget(sid, unfinished_commit))
 
     def settle(
         self,
@@ -563,6 +567,23 @@ class SpeculativeGenerator:
         block = guess.after_guess()
         stream = await target.send_chained(history, block.token_ids, block.draft_probs, sampling)
         return guess, None if stream is None else QueuedBlock(history, stream)
+
+    def in_background(self, work: Coroutine[Any, Any, None]) -> None:
+        """Runs `work` after the request, kept referenced until it ends."""
+        task = asyncio.ensure_future(work)
+        self._background.add(task)
+        task.add_done_callback(self._background.discard)
+
+    async def forget(self, session_id: str, unfinished_commit: asyncio.Future[None] | None) -> None:
+        """Deletes an ephemeral request's session from the store, once a commit cancelled in flight has
+        ended (one whose write Redis already received may still land after: the session then ages out with
+        its TTL)."""
+        if unfinished_commit is not None:
+            await asyncio.wait([unfinished_commit])
+        try:
+            await self.store.delete(session_id)
+        except SpecpipeError as exc:
+            logger.warning("could not delete ephemeral session %s: %s", session_id, exc)
 
     async def release_worker_caches(self, session_id: str, workers: set[WorkerClient]) -> None:
         for worker in workers:

@@ -702,18 +702,23 @@ def test_coordinator_serves_the_http_api_unless_turned_off() -> None:
     assert {"name": "http", "port": 8000, "targetPort": "http", "protocol": "TCP"} in service["spec"]["ports"]
     rules = one(docs, "NetworkPolicy", f"{FULLNAME}-coordinator")["spec"]["ingress"]
     assert {"protocol": "TCP", "port": "http"} in rules[0]["ports"]
-    template = "{% for m in messages %}{{ m['content'] }}{% endfor %}"
+    # Its first line indented more than the next: a YAML block scalar would not hold it.
+    template = "    {% for m in messages %}\n{{ m['content'] }}{% endfor %}\n"
     before = one(docs, "Deployment", f"{FULLNAME}-coordinator")["spec"]["template"]["metadata"]["annotations"]
     docs = render(
-        {"coordinator": {"chatTemplate": template, "servedModelName": "demo", "service": {"httpPort": 80}}}
+        {
+            "coordinator": {
+                "chatTemplate": template,
+                "servedModelName": "org/model: v2",
+                "service": {"httpPort": 80},
+            }
+        }
     )
     deployment = one(docs, "Deployment", f"{FULLNAME}-coordinator")
     c = container(deployment)
     assert args_of(c)["--chat-template"] == "/etc/specpipe/chat_template.jinja"
-    assert args_of(c)["--served-model-name"] == "demo"
-    assert (
-        one(docs, "ConfigMap", f"{FULLNAME}-coordinator")["data"]["chat_template.jinja"].strip() == template
-    )
+    assert "--served-model-name=org/model: v2" in c["args"]
+    assert one(docs, "ConfigMap", f"{FULLNAME}-coordinator")["data"]["chat_template.jinja"] == template
     assert {"name": "cluster-config", "mountPath": "/etc/specpipe/chat_template.jinja",
             "subPath": "chat_template.jinja", "readOnly": True} in c["volumeMounts"]  # fmt: skip
     annotations = deployment["spec"]["template"]["metadata"]["annotations"]

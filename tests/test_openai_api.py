@@ -304,6 +304,14 @@ def test_the_sessions_of_http_requests_are_deleted_after_them(pipeline: Pipeline
     assert any(kept.encode() in key for key in before)
     body = {"model": model, "prompt": [PROMPTS[0], PROMPTS[1]], "max_tokens": 8, "n": 2, "temperature": 1}
     assert post(pipeline, "/v1/completions", body)[0] == 200
+    # Streams left after their first event, some completions' chunks still queued unread: deleted too.
+    for _ in range(4):
+        request = urllib.request.Request(
+            pipeline.http_url + "/v1/completions", headers={"Content-Type": "application/json"},
+            data=json.dumps({**body, "max_tokens": 64, "ignore_eos": True, "stream": True}).encode(),
+        )  # fmt: skip
+        with urllib.request.urlopen(request, timeout=60) as response:
+            assert response.readline().startswith(b"data: ")
     deadline = time.monotonic() + 10
     while set(store.scan_iter("specpipe:session:*")) - before and time.monotonic() < deadline:
         time.sleep(0.05)
@@ -371,3 +379,6 @@ def test_tokenize_and_detokenize_as_vllm_serves_them(pipeline: Pipeline, model: 
     assert status == 200 and text == {"prompt": PROMPTS[0]}
     assert post(pipeline, "/detokenize", {"tokens": [-1]})[0] == 400
     assert post(pipeline, "/tokenize", {"prompt": 5})[0] == 400
+    assert post(pipeline, "/tokenize", {"messages": [{"role": "", "content": "x"}]})[0] == 400
+    both = {"messages": CONVERSATION, "continue_final_message": True, "add_generation_prompt": True}
+    assert post(pipeline, "/tokenize", both)[0] == 400

@@ -57,12 +57,10 @@ class ResponseBuilder:
         }
         self.prompt_tokens = 0
         self.completion_tokens = 0
-        self.session_ids: set[str] = set()  # one per completion: the HTTP API deletes them after the request
 
     def add(self, request: int, chunk: GenerationChunk) -> dict[str, Any]:
         """Takes a chunk of request `request`; returns its choice's part, as a stream event carries it."""
         choice = self.choices[self.call.choice_index(request, chunk.index)]
-        self.session_ids.add(chunk.session_id)
         text = chunk.text
         entries: list[Scored] = list(chunk.logprobs)
         first = not choice.started

@@ -10,19 +10,18 @@ in the session).
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import json
 import logging
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
 import grpc
 from aiohttp import web
 
-from coordinator.chat import ChatMessage
+from coordinator.chat import messages_from_pb, opens_generation_prompt
 from coordinator.completions import interleaved
 from coordinator.openai_api.requests import ApiCall, Fields, chat_call, chat_messages, completion_call
 from coordinator.openai_api.responses import ResponseBuilder
@@ -32,6 +31,7 @@ from coordinator.tokenization import Tokenized, check_length
 from specpipe.errors import InvalidArgumentError, NotFoundError, SpecpipeError
 from specpipe.rpc.interceptor import status_for
 from specpipe.sampling.token_bytes import TokenSpeller
+from specpipe.v1 import coordinator_pb2
 
 logger = logging.getLogger(__name__)
 
@@ -88,7 +88,6 @@ class OpenAIApi:
         self.servicer = servicer
         self.served_model_name = served_model_name  # "" = the target model's name as ServerInfo reports it
         self._speller: TokenSpeller | None = None
-        self._forgetting: set[asyncio.Task[None]] = set()  # session deletions in flight
 
     def model_name(self) -> str:
         return self.served_model_name or self.servicer.info.target_model
@@ -147,11 +146,11 @@ class OpenAIApi:
             generator = self.servicer.generator
             context = generator.limits.target_context
             if fields.body.get("messages") is not None:
-                messages = tuple(
-                    ChatMessage(m["role"], m["content"]) for m in chat_messages(fields.body["messages"])
-                )
+                conversation = chat_messages(fields.body["messages"])
+                messages = messages_from_pb([coordinator_pb2.ChatMessage(**m) for m in conversation])
                 continue_final = fields.boolean("continue_final_message")
-                opened = fields.boolean("add_generation_prompt", not continue_final)
+                asked = fields.value("add_generation_prompt", (bool,), "true or false")
+                opened = opens_generation_prompt(continue_final, asked)
                 ids = generator.chat.token_ids(messages, continue_final, context, opened)
             else:
                 prompt = fields.string("prompt")
@@ -220,8 +219,6 @@ class OpenAIApi:
                     return await self.respond(request, call, builder, chunks)
         except Exception as exc:  # noqa: BLE001
             return error_response(exc)
-        finally:
-            self.forget(builder.session_ids)
 
     async def respond(
         self,
@@ -262,28 +259,13 @@ class OpenAIApi:
         come."""
         return interleaved(
             [
-                lambda pb=pb: self.servicer.generate(pb, no_deadline, admitted=True)  # type: ignore[misc]
+                # Ephemeral: no HTTP client can name the session again, so it is deleted after the request.
+                lambda pb=pb: self.servicer.generate(  # type: ignore[misc]
+                    pb, no_deadline, admitted=True, ephemeral=True
+                )
                 for pb in call.requests
             ]
         )
-
-    def forget(self, session_ids: Iterable[str]) -> None:
-        """Deletes the sessions a request made, after it: no HTTP client can name them again, so they would
-        only hold the store's memory for their TTL and the workers' KV caches until evicted."""
-        for session_id in session_ids:
-            task = asyncio.create_task(self.servicer.sessions.delete(session_id))
-            self._forgetting.add(task)
-            task.add_done_callback(self._forgotten)
-
-    def _forgotten(self, task: asyncio.Task[Any]) -> None:
-        self._forgetting.discard(task)
-        if not task.cancelled() and task.exception() is not None:
-            logger.warning("could not delete an HTTP request's session: %s", task.exception())
-
-    async def settle(self, timeout_s: float = 5.0) -> None:
-        """Waits for the session deletions in flight (at shutdown)."""
-        if self._forgetting:
-            await asyncio.wait(set(self._forgetting), timeout=timeout_s)
 
 
 @web.middleware
@@ -336,4 +318,3 @@ class HttpServer:
         if self.runner is not None:
             runner, self.runner = self.runner, None
             await runner.cleanup()
-            await self.api.settle()
