@@ -31,6 +31,7 @@ import datetime
 import functools
 import json
 import math
+import os
 import random
 import statistics
 import sys
@@ -93,7 +94,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     p.add_argument(
         "--http-url", default="",
         help="send the requests to this OpenAI-compatible API instead (e.g. http://127.0.0.1:8000, specpipe "
-        "serve's; streamed /v1/completions)",
+        "serve's; streamed /v1/completions; env OPENAI_API_KEY, where set, as its bearer token)",
     )  # fmt: skip
     p.add_argument("--num-requests", type=int, default=64, help="default: %(default)s")
     p.add_argument("--concurrency", type=int, default=8, help="most requests in flight at once")
@@ -185,11 +186,14 @@ async def one_http_request(
     }  # fmt: skip
     if args.num_speculative_tokens is not None:
         body["num_speculative_tokens"] = args.num_speculative_tokens
+    api_key = os.environ.get("OPENAI_API_KEY", "")  # what OpenAI's clients read; a server with --api-key-file
+    headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
     started = time.perf_counter()
     try:
         async with session.post(
             f"{args.http_url.rstrip('/')}/v1/completions",
             json=body,
+            headers=headers,
             timeout=aiohttp.ClientTimeout(total=args.timeout),
         ) as response:
             if response.status != 200:

@@ -55,6 +55,8 @@ class CoordinatorConfig:
     http_port: int = -1
     # The model's name in the HTTP API ("" = the target's name as the worker reports it).
     served_model_name: str = ""
+    # The HTTP API's bearer token ("" = none asked), kept out of the command line and the logs.
+    api_key: str = field(default="", repr=False)
 
     def __post_init__(self) -> None:
         if not self.redis_url:

@@ -187,7 +187,7 @@ async def run_coordinator(config: CoordinatorConfig, stop_event: asyncio.Event |
 
     http = None
     if config.http_port >= 0:  # listening from the start: 503 until the workers are paired, as gRPC's
-        api = OpenAIApi(servicer, config.served_model_name)
+        api = OpenAIApi(servicer, config.served_model_name, config.api_key)
         http = HttpServer(api, config.host, config.http_port, config.shutdown_grace_s)
     try:
         if http is not None:

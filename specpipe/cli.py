@@ -212,6 +212,11 @@ def add_serve_parser(subparsers: argparse._SubParsersAction) -> None:
         "/v1/models) on this port (0 = a free port, -1 = not; default: 8000 with no component, else -1)",
     )  # fmt: skip
     serve.add_argument(
+        "--api-key-file", default="",
+        help="all/coordinator: file holding the key the HTTP API asks for as `Authorization: Bearer <key>` "
+        "(else env SPECPIPE_API_KEY; neither: none asked); never logged",
+    )  # fmt: skip
+    serve.add_argument(
         "--served-model-name", default="",
         help="all/coordinator: the model's name in the HTTP API (default: the target model's path)",
     )  # fmt: skip
@@ -407,6 +412,16 @@ def embedded_worker_threads(cores: int | None = None) -> int:
     return max(1, cores // 2)
 
 
+def api_key(args: argparse.Namespace) -> str:
+    """The HTTP API's key: --api-key-file's content, else env SPECPIPE_API_KEY (never a flag's value)."""
+    if args.api_key_file:
+        try:
+            return Path(args.api_key_file).read_text(encoding="utf-8").strip()
+        except OSError as exc:
+            raise FlagError(f"--api-key-file: cannot read {args.api_key_file!r}: {exc.strerror}") from None
+    return os.environ.get("SPECPIPE_API_KEY", "").strip()
+
+
 def redis_password(args: argparse.Namespace) -> str:
     if args.redis_password_file:
         with open(args.redis_password_file, encoding="utf-8") as handle:
@@ -515,6 +530,7 @@ def serve_component(args: argparse.Namespace) -> int:
             chat_template=chat_template(args.chat_template),
             http_port=-1 if args.http_port is None else args.http_port,
             served_model_name=args.served_model_name,
+            api_key=api_key(args),
         )
     )
     try:
@@ -578,6 +594,9 @@ def serve_all(args: argparse.Namespace) -> int:
     ]
     if args.served_model_name:
         extra += ["--served-model-name", args.served_model_name]
+    if args.api_key_file:  # (env SPECPIPE_API_KEY reaches the coordinator as it is)
+        api_key(args)  # an unreadable file is refused here, before anything starts
+        extra += ["--api-key-file", str(Path(args.api_key_file).resolve())]
     if args.chat_template:  # read here: a missing file is refused before anything starts
         extra += ["--chat-template", chat_template(args.chat_template)]
     return run_pipeline(config, extra)

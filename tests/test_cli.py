@@ -156,6 +156,20 @@ def test_embedded_serve_serves_the_http_api_on_8000_unless_told(
         assert main(["serve", *ports, "--log-dir", str(tmp_path)]) == 0
     assert [config.http_port for config in embedded_configs] == [8000, -1, 9000]
     assert main(["serve", "--http-port", "70000", "--log-dir", str(tmp_path)]) == 2
+    assert main(["serve", "--api-key-file", str(tmp_path / "missing"), "--log-dir", str(tmp_path)]) == 2
+
+
+def test_the_api_key_comes_from_a_file_or_the_environment(tmp_path: Path, monkeypatch) -> None:
+    import argparse
+
+    from specpipe.cli import api_key
+
+    monkeypatch.setenv("SPECPIPE_API_KEY", "from-env")
+    assert api_key(argparse.Namespace(api_key_file="")) == "from-env"
+    (tmp_path / "key").write_text("from-file\n")
+    assert api_key(argparse.Namespace(api_key_file=str(tmp_path / "key"))) == "from-file"
+    monkeypatch.delenv("SPECPIPE_API_KEY")
+    assert api_key(argparse.Namespace(api_key_file="")) == ""
 
 
 def test_embedded_serve_splits_the_cores_between_its_workers_unless_told(

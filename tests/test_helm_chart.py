@@ -724,6 +724,14 @@ def test_coordinator_serves_the_http_api_unless_turned_off() -> None:
     annotations = deployment["spec"]["template"]["metadata"]["annotations"]
     assert annotations["checksum/cluster-config"] != before["checksum/cluster-config"]
     assert one(docs, "Service", f"{FULLNAME}-coordinator")["spec"]["ports"][1]["port"] == 80
+    assert "SPECPIPE_API_KEY" not in env_of(c)
+    docs = render({"coordinator": {"http": {"apiKeySecret": {"name": "api-keys"}}}})
+    key_ref = {"secretKeyRef": {"name": "api-keys", "key": "api-key"}}
+    c = container(one(docs, "Deployment", f"{FULLNAME}-coordinator"))
+    assert {"name": "SPECPIPE_API_KEY", "valueFrom": key_ref} in c["env"]
+    (pod,) = find(docs, "Pod")  # helm test sends it too
+    assert {"name": "SPECPIPE_API_KEY", "valueFrom": key_ref} in container(pod)["env"]
+    assert "Authorization" in "\n".join(container(pod)["command"])
     docs = render({"coordinator": {"http": {"enabled": False}}})
     c = container(one(docs, "Deployment", f"{FULLNAME}-coordinator"))
     assert "--http-port" not in args_of(c) and "http" not in [p["name"] for p in c["ports"]]

@@ -11,6 +11,7 @@ import time
 import urllib.error
 import urllib.request
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import grpc
@@ -382,3 +383,45 @@ def test_tokenize_and_detokenize_as_vllm_serves_them(pipeline: Pipeline, model: 
     assert post(pipeline, "/tokenize", {"messages": [{"role": "", "content": "x"}]})[0] == 400
     both = {"messages": CONVERSATION, "continue_final_message": True, "add_generation_prompt": True}
     assert post(pipeline, "/tokenize", both)[0] == 400
+
+
+def test_an_api_key_guards_every_route_but_the_probes_and_metrics(pipeline: Pipeline, tmp_path) -> None:
+    """--api-key-file (or env SPECPIPE_API_KEY): `Authorization: Bearer <key>`, 401 otherwise, as vLLM's
+    --api-key; never on the command line or in the log."""
+    from specpipe.launcher import free_port
+    from tests.conftest import start_coordinator
+
+    secret = "sk-specpipe-test-key"
+    key_file = tmp_path / "api-key"
+    key_file.write_text(secret + "\n")
+    http_port = free_port()
+    coordinator = start_coordinator(
+        pipeline.draft.address, pipeline.target.address, pipeline.redis.url, tmp_path,
+        extra=["--http-port", str(http_port), "--api-key-file", str(key_file)],
+    )  # fmt: skip
+    url = f"http://127.0.0.1:{http_port}"
+    try:
+        coordinator.wait_serving(120)
+        with openai.OpenAI(base_url=f"{url}/v1", api_key=secret, max_retries=0) as client:
+            model = client.models.list().data[0].id
+            completion = client.completions.create(
+                model=model, prompt=PROMPTS[0], max_tokens=4, temperature=0
+            )
+            assert completion.usage.completion_tokens <= 4
+        with openai.OpenAI(base_url=f"{url}/v1", api_key="wrong", max_retries=0) as client:
+            with pytest.raises(openai.AuthenticationError):
+                client.models.list()
+        for path in ("/health", "/metrics", "/version"):  # probes and scrapers need no key
+            with urllib.request.urlopen(url + path, timeout=10) as response:
+                assert response.status == 200
+        with urllib.request.urlopen(url + "/metrics", timeout=10) as response:
+            assert b"specpipe_requests_total" in response.read()
+        request = urllib.request.Request(url + "/tokenize", data=b'{"prompt": "x"}', method="POST")
+        with pytest.raises(urllib.error.HTTPError) as refused:
+            urllib.request.urlopen(request, timeout=10)
+        assert refused.value.code == 401 and "API key" in json.loads(refused.value.read())["error"]["message"]
+        assert coordinator.popen is not None
+        assert secret not in Path(f"/proc/{coordinator.popen.pid}/cmdline").read_bytes().decode()
+    finally:
+        coordinator.stop()
+    assert secret not in coordinator.log_path.read_text()

@@ -11,6 +11,7 @@ in the session).
 from __future__ import annotations
 
 import contextlib
+import hmac
 import json
 import logging
 import time
@@ -20,6 +21,7 @@ from typing import Any
 
 import grpc
 from aiohttp import web
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from coordinator.chat import messages_from_pb, opens_generation_prompt
 from coordinator.completions import interleaved
@@ -28,6 +30,7 @@ from coordinator.openai_api.responses import ResponseBuilder
 from coordinator.request import GenerationChunk
 from coordinator.servicer import CoordinatorServicer
 from coordinator.tokenization import Tokenized, check_length
+from specpipe import __version__
 from specpipe.errors import InvalidArgumentError, NotFoundError, SpecpipeError
 from specpipe.rpc.interceptor import status_for
 from specpipe.sampling.token_bytes import TokenSpeller
@@ -45,6 +48,7 @@ HTTP_STATUS_BY_CODE = {
 }
 EVENT_STREAM_HEADERS = {"Content-Type": "text/event-stream", "Cache-Control": "no-cache"}
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+OPEN_PATHS = frozenset({"/health", "/metrics", "/version"})  # never behind the API key
 MAX_BODY_BYTES = 64 * 1024 * 1024  # as the gRPC API's message limit
 
 
@@ -84,9 +88,10 @@ def sse(payload: dict[str, Any] | str) -> bytes:
 class OpenAIApi:
     """The routes, over the coordinator's servicer."""
 
-    def __init__(self, servicer: CoordinatorServicer, served_model_name: str = "") -> None:
+    def __init__(self, servicer: CoordinatorServicer, served_model_name: str = "", api_key: str = "") -> None:
         self.servicer = servicer
         self.served_model_name = served_model_name  # "" = the target model's name as ServerInfo reports it
+        self.api_key = api_key  # "" = none asked (vLLM's --api-key): `Authorization: Bearer <key>`
         self._speller: TokenSpeller | None = None
 
     def model_name(self) -> str:
@@ -98,7 +103,7 @@ class OpenAIApi:
         return self._speller
 
     def app(self) -> web.Application:
-        app = web.Application(client_max_size=MAX_BODY_BYTES, middlewares=[json_errors])
+        app = web.Application(client_max_size=MAX_BODY_BYTES, middlewares=[json_errors, self.authorized])
         app.router.add_post("/v1/completions", self.completions)
         app.router.add_post("/v1/chat/completions", self.chat_completions)
         app.router.add_get("/v1/models", self.models)
@@ -106,7 +111,33 @@ class OpenAIApi:
         app.router.add_post("/tokenize", self.tokenize)
         app.router.add_post("/detokenize", self.detokenize)
         app.router.add_get("/health", self.health)
+        app.router.add_get("/metrics", self.metrics)
+        app.router.add_get("/version", self.version)
         return app
+
+    @web.middleware
+    async def authorized(self, request: web.Request, handler: Handler) -> web.StreamResponse:
+        """With an API key, every route but the probes' and the scrapers' (/health, /metrics, /version) asks
+        for it as a bearer token; 401 otherwise, as vLLM's --api-key."""
+        if not self.api_key or request.path in OPEN_PATHS:
+            return await handler(request)
+        scheme, _, token = request.headers.get("Authorization", "").partition(" ")
+        if scheme.lower() != "bearer" or not hmac.compare_digest(
+            token.strip().encode(), self.api_key.encode()
+        ):
+            body = error_body(
+                401, "a valid API key is required (Authorization: Bearer <key>)", "UNAUTHENTICATED"
+            )
+            return web.json_response(body, status=401)
+        return await handler(request)
+
+    async def metrics(self, request: web.Request) -> web.Response:
+        """The coordinator's Prometheus metrics, also on the API's port (where vLLM serves them)."""
+        body = generate_latest(self.servicer.metrics.registry)
+        return web.Response(body=body, headers={"Content-Type": CONTENT_TYPE_LATEST})
+
+    async def version(self, request: web.Request) -> web.Response:
+        return web.json_response({"version": __version__})
 
     async def health(self, request: web.Request) -> web.Response:
         try:
