@@ -7,6 +7,7 @@ import logging
 import socket
 import time
 
+from coordinator.api_key import ApiKeyInterceptor
 from coordinator.cluster import Cluster
 from coordinator.config import CoordinatorConfig
 from coordinator.cost_profile import measure_cost_profile
@@ -204,6 +205,7 @@ async def run_coordinator(config: CoordinatorConfig, stop_event: asyncio.Event |
             metrics=metrics.registry if config.metrics_port >= 0 else None,
             metrics_port=config.metrics_port,
             drains=[http.drain] if http is not None else [],
+            interceptors=[ApiKeyInterceptor(config.api_key)] if config.api_key else [],
         )
     finally:
         if http is not None:

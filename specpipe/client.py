@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from collections.abc import AsyncIterator, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 
@@ -146,18 +147,26 @@ class Completions:
         return [self.results[index] for index in sorted(self.results)]
 
 
+def key_metadata(api_key: str | None) -> tuple[tuple[str, str], ...] | None:
+    """The call metadata that carries a coordinator's API key (`authorization: Bearer <key>`); None: env
+    SPECPIPE_API_KEY's, where set."""
+    key = os.environ.get("SPECPIPE_API_KEY", "") if api_key is None else api_key
+    return (("authorization", f"Bearer {key.strip()}"),) if key.strip() else None
+
+
 class CoordinatorClient:
     """Blocking client."""
 
-    def __init__(self, address: str) -> None:
+    def __init__(self, address: str, api_key: str | None = None) -> None:
         # gRPC's default 4 MB receive limit is below a long prompt's prompt_logprobs (~160 B per token at 20).
         self.channel = grpc.insecure_channel(address, options=server_options())
         self.stub = coordinator_pb2_grpc.CoordinatorStub(self.channel)
+        self.metadata = key_metadata(api_key)
 
     def stream(
         self, request: coordinator_pb2.GenerateRequest, timeout_s: float | None = None
     ) -> Iterator[coordinator_pb2.GenerateResponse]:
-        yield from self.stub.Generate(request, timeout=timeout_s)
+        yield from self.stub.Generate(request, timeout=timeout_s, metadata=self.metadata)
 
     def generate(
         self, request: coordinator_pb2.GenerateRequest, timeout_s: float | None = None
@@ -177,22 +186,22 @@ class CoordinatorClient:
         return results.by_index()
 
     def get_session(self, session_id: str, timeout_s: float = 10.0) -> coordinator_pb2.SessionInfo:
-        return self.stub.GetSession(
-            coordinator_pb2.GetSessionRequest(session_id=session_id), timeout=timeout_s
-        )
+        request = coordinator_pb2.GetSessionRequest(session_id=session_id)
+        return self.stub.GetSession(request, timeout=timeout_s, metadata=self.metadata)
 
     def server_info(self, timeout_s: float = 10.0) -> coordinator_pb2.ServerInfo:
-        return self.stub.GetServerInfo(coordinator_pb2.GetServerInfoRequest(), timeout=timeout_s)
+        request = coordinator_pb2.GetServerInfoRequest()
+        return self.stub.GetServerInfo(request, timeout=timeout_s, metadata=self.metadata)
 
     def tokenize(
         self, text: str, add_special_tokens: bool = True, timeout_s: float = 10.0
     ) -> coordinator_pb2.TokenizeResponse:
         request = coordinator_pb2.TokenizeRequest(text=text, add_special_tokens=add_special_tokens)
-        return self.stub.Tokenize(request, timeout=timeout_s)
+        return self.stub.Tokenize(request, timeout=timeout_s, metadata=self.metadata)
 
     def delete_session(self, session_id: str, timeout_s: float = 10.0) -> bool:
         request = coordinator_pb2.DeleteSessionRequest(session_id=session_id)
-        return self.stub.DeleteSession(request, timeout=timeout_s).deleted
+        return self.stub.DeleteSession(request, timeout=timeout_s, metadata=self.metadata).deleted
 
     def close(self) -> None:
         self.channel.close()
@@ -207,14 +216,15 @@ class CoordinatorClient:
 class AsyncCoordinatorClient:
     """asyncio client, for many concurrent streams from one process."""
 
-    def __init__(self, address: str) -> None:
+    def __init__(self, address: str, api_key: str | None = None) -> None:
         self.channel = grpc.aio.insecure_channel(address, options=server_options())
         self.stub = coordinator_pb2_grpc.CoordinatorStub(self.channel)
+        self.metadata = key_metadata(api_key)
 
     async def stream(
         self, request: coordinator_pb2.GenerateRequest, timeout_s: float | None = None
     ) -> AsyncIterator[coordinator_pb2.GenerateResponse]:
-        async for chunk in self.stub.Generate(request, timeout=timeout_s):
+        async for chunk in self.stub.Generate(request, timeout=timeout_s, metadata=self.metadata):
             yield chunk
 
     async def generate(

@@ -171,6 +171,12 @@ def test_the_api_key_comes_from_a_file_or_the_environment(tmp_path: Path, monkey
     monkeypatch.delenv("SPECPIPE_API_KEY")
     assert api_key(argparse.Namespace(api_key_file="")) == ""
 
+    from specpipe.client import key_metadata  # what `specpipe generate` and the clients send
+
+    monkeypatch.setenv("SPECPIPE_API_KEY", "from-env")
+    assert key_metadata(None) == (("authorization", "Bearer from-env"),)
+    assert key_metadata("given") == (("authorization", "Bearer given"),) and key_metadata("") is None
+
 
 def test_embedded_serve_splits_the_cores_between_its_workers_unless_told(
     embedded_configs: list[PipelineConfig], tmp_path: Path

@@ -725,7 +725,7 @@ def test_coordinator_serves_the_http_api_unless_turned_off() -> None:
     assert annotations["checksum/cluster-config"] != before["checksum/cluster-config"]
     assert one(docs, "Service", f"{FULLNAME}-coordinator")["spec"]["ports"][1]["port"] == 80
     assert "SPECPIPE_API_KEY" not in env_of(c)
-    docs = render({"coordinator": {"http": {"apiKeySecret": {"name": "api-keys"}}}})
+    docs = render({"coordinator": {"apiKeySecret": {"name": "api-keys"}}})
     key_ref = {"secretKeyRef": {"name": "api-keys", "key": "api-key"}}
     c = container(one(docs, "Deployment", f"{FULLNAME}-coordinator"))
     assert {"name": "SPECPIPE_API_KEY", "valueFrom": key_ref} in c["env"]

@@ -385,9 +385,9 @@ def test_tokenize_and_detokenize_as_vllm_serves_them(pipeline: Pipeline, model: 
     assert post(pipeline, "/tokenize", both)[0] == 400
 
 
-def test_an_api_key_guards_every_route_but_the_probes_and_metrics(pipeline: Pipeline, tmp_path) -> None:
-    """--api-key-file (or env SPECPIPE_API_KEY): `Authorization: Bearer <key>`, 401 otherwise, as vLLM's
-    --api-key; never on the command line or in the log."""
+def test_an_api_key_guards_both_apis_but_the_probes_and_metrics(pipeline: Pipeline, tmp_path) -> None:
+    """--api-key-file (or env SPECPIPE_API_KEY): `Authorization: Bearer <key>`, 401 (HTTP) or
+    UNAUTHENTICATED (gRPC) otherwise, as vLLM's --api-key; never on the command line or in the log."""
     from specpipe.launcher import free_port
     from tests.conftest import start_coordinator
 
@@ -420,6 +420,17 @@ def test_an_api_key_guards_every_route_but_the_probes_and_metrics(pipeline: Pipe
         with pytest.raises(urllib.error.HTTPError) as refused:
             urllib.request.urlopen(request, timeout=10)
         assert refused.value.code == 401 and "API key" in json.loads(refused.value.read())["error"]["message"]
+        # The gRPC API asks for the same key (`authorization` metadata); grpc.health.v1 stays open.
+        with CoordinatorClient(coordinator.address, api_key=secret) as grpc_client:
+            assert len(grpc_client.generate(build_request(PROMPTS[0], 3)).token_ids) == 3
+        for key in ("", "wrong"):
+            with CoordinatorClient(coordinator.address, api_key=key) as grpc_client:
+                with pytest.raises(grpc.RpcError) as refused:
+                    grpc_client.generate(build_request(PROMPTS[0], 3))
+                assert refused.value.code() == grpc.StatusCode.UNAUTHENTICATED
+                with pytest.raises(grpc.RpcError) as refused:
+                    grpc_client.server_info()
+                assert refused.value.code() == grpc.StatusCode.UNAUTHENTICATED
         assert coordinator.popen is not None
         assert secret not in Path(f"/proc/{coordinator.popen.pid}/cmdline").read_bytes().decode()
     finally:

@@ -11,7 +11,6 @@ in the session).
 from __future__ import annotations
 
 import contextlib
-import hmac
 import json
 import logging
 import time
@@ -23,6 +22,7 @@ import grpc
 from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
+from coordinator.api_key import REFUSAL, bearer_matches
 from coordinator.chat import messages_from_pb, opens_generation_prompt
 from coordinator.completions import interleaved
 from coordinator.openai_api.requests import ApiCall, Fields, chat_call, chat_messages, completion_call
@@ -121,14 +121,8 @@ class OpenAIApi:
         for it as a bearer token; 401 otherwise, as vLLM's --api-key."""
         if not self.api_key or request.path in OPEN_PATHS:
             return await handler(request)
-        scheme, _, token = request.headers.get("Authorization", "").partition(" ")
-        if scheme.lower() != "bearer" or not hmac.compare_digest(
-            token.strip().encode(), self.api_key.encode()
-        ):
-            body = error_body(
-                401, "a valid API key is required (Authorization: Bearer <key>)", "UNAUTHENTICATED"
-            )
-            return web.json_response(body, status=401)
+        if not bearer_matches(request.headers.get("Authorization", ""), self.api_key):
+            return web.json_response(error_body(401, REFUSAL, "UNAUTHENTICATED"), status=401)
         return await handler(request)
 
     async def metrics(self, request: web.Request) -> web.Response:

@@ -39,6 +39,7 @@ async def serve(
     drains: Sequence[Callable[[float], Awaitable[None]]] = (),
     metrics: CollectorRegistry | None = None,
     metrics_port: int = 0,
+    interceptors: Sequence[grpc.aio.ServerInterceptor] = (),
 ) -> None:
     """Runs until SIGTERM/SIGINT (or stop_event): NOT_SERVING until warm-up finishes, then SERVING.
 
@@ -46,7 +47,10 @@ async def serve(
     `shutdown_grace_s` to finish; `drains` (other listeners' stop, given the grace) run alongside. A
     `metrics` registry is served at http://host:metrics_port/metrics from start to exit (port 0: a free one).
     """
-    server = grpc.aio.server(interceptors=[ErrorMappingInterceptor()], options=server_options())
+    # `interceptors` first: they see a call before the error mapping does (the coordinator's API key).
+    server = grpc.aio.server(
+        interceptors=[*interceptors, ErrorMappingInterceptor()], options=server_options()
+    )
     register(server)
     health_servicer = health.aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
