@@ -186,7 +186,9 @@ async def one_http_request(
     }  # fmt: skip
     if args.num_speculative_tokens is not None:
         body["num_speculative_tokens"] = args.num_speculative_tokens
-    api_key = os.environ.get("OPENAI_API_KEY", "")  # what OpenAI's clients read; a server with --api-key-file
+    api_key = os.environ.get(
+        "OPENAI_API_KEY", ""
+    ).strip()  # what OpenAI's clients read; a server with --api-key-file
     headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
     started = time.perf_counter()
     try:

@@ -20,7 +20,8 @@ REFUSAL = "a valid API key is required (Authorization: Bearer <key>)"
 def bearer_matches(authorization: str, api_key: str) -> bool:
     """Whether an `Authorization` value is `Bearer <api_key>` (compared in constant time)."""
     scheme, _, token = authorization.partition(" ")
-    matches = hmac.compare_digest(token.strip().encode(), api_key.encode())
+    # surrogateescape: aiohttp keeps a header's undecodable bytes as surrogates, which must not raise here.
+    matches = hmac.compare_digest(token.strip().encode("utf-8", "surrogateescape"), api_key.encode())
     return scheme.lower() == "bearer" and matches
 
 

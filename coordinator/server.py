@@ -186,6 +186,7 @@ async def run_coordinator(config: CoordinatorConfig, stop_event: asyncio.Event |
         )
         servicer.attach(generator, sessions, info)
 
+    logger.info("API key: %s", "asked on both APIs" if config.api_key else "none (the APIs are open)")
     http = None
     if config.http_port >= 0:  # listening from the start: 503 until the workers are paired, as gRPC's
         api = OpenAIApi(servicer, config.served_model_name, config.api_key)
@@ -210,6 +211,8 @@ async def run_coordinator(config: CoordinatorConfig, stop_event: asyncio.Event |
     finally:
         if http is not None:
             await http.close()
+        if servicer.attached:  # what the drained requests left behind, before the store and workers go
+            await servicer.generator.settle_background(timeout_s=5.0)
         await cluster.close()
         try:
             await store.close()

@@ -53,6 +53,10 @@ class CoordinatorServicer(coordinator_pb2_grpc.CoordinatorServicer):
         self._info = info
 
     @property
+    def attached(self) -> bool:
+        return self._generator is not None
+
+    @property
     def info(self) -> ServerInfo:
         if self._info is None:
             raise UnavailableError("the coordinator is still starting (waiting for its workers)")

@@ -58,6 +58,8 @@ class OpenSession:
     # Where the output begins: the history's length after the latest prompt, for a resumed session the one
     # its interrupted request began at, so the presence and frequency penalties count the same tokens.
     output_start: int = -1
+    # The latest commit's task, whichever loop started it: an ephemeral session is deleted only after it.
+    commit_task: asyncio.Task[Any] | None = None
 
     def __post_init__(self) -> None:
         self.opening_history = list(self.history)
@@ -167,6 +169,7 @@ class SpeculativeGenerator:
     async def commit(
         self, session: OpenSession, request: GenerationRequest, new_ids: list[int], delta: SessionStats
     ) -> None:
+        session.commit_task = asyncio.current_task()
         if not session.persisted:
             # The session (or this turn's prompt) is written with the first round, in one store write, so a
             # request that fails before producing a token leaves nothing behind.
@@ -330,10 +333,8 @@ class SpeculativeGenerator:
         finally:
             if speculative is not None:
                 speculative.cancel()
-            unfinished_commit = None
             if pending is not None:
                 pending.cancel()
-                unfinished_commit = pending.task
             # A finished request keeps the workers' caches warm for the next turn; a cancelled or failed
             # one frees them at once (the workers release a session whose stream is cancelled), and so does
             # an ephemeral one, which has no next turn.
@@ -344,7 +345,7 @@ class SpeculativeGenerator:
                 # Explicitly too: the workers cannot always tell a cancelled stream from a finished one.
                 self.in_background(self.release_worker_caches(sid, draft.used | target.used))
             if request.ephemeral and session.is_new:
-                self.in_background(self.forget(sid, unfinished_commit))
+                self.in_background(self.forget(sid, session.commit_task))
 
     def settle(
         self,
@@ -574,16 +575,22 @@ class SpeculativeGenerator:
         self._background.add(task)
         task.add_done_callback(self._background.discard)
 
-    async def forget(self, session_id: str, unfinished_commit: asyncio.Future[None] | None) -> None:
-        """Deletes an ephemeral request's session from the store, once a commit cancelled in flight has
-        ended (one whose write Redis already received may still land after: the session then ages out with
-        its TTL)."""
-        if unfinished_commit is not None:
-            await asyncio.wait([unfinished_commit])
+    async def forget(self, session_id: str, last_commit: asyncio.Task[Any] | None) -> None:
+        """Deletes an ephemeral request's session from the store, once its latest commit (cancelled in flight,
+        perhaps, by either loop) has ended; a write Redis already received may still land after, and the
+        session then ages out with its TTL."""
+        if last_commit is not None and not last_commit.done():
+            await asyncio.wait([last_commit])
         try:
             await self.store.delete(session_id)
         except SpecpipeError as exc:
             logger.warning("could not delete ephemeral session %s: %s", session_id, exc)
+
+    async def settle_background(self, timeout_s: float) -> None:
+        """Waits (at shutdown) for the work requests left behind: cache releases, ephemeral sessions'
+        deletions."""
+        if self._background:
+            await asyncio.wait(set(self._background), timeout=timeout_s)
 
     async def release_worker_caches(self, session_id: str, workers: set[WorkerClient]) -> None:
         for worker in workers:

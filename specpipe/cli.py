@@ -416,10 +416,16 @@ def api_key(args: argparse.Namespace) -> str:
     """The HTTP API's key: --api-key-file's content, else env SPECPIPE_API_KEY (never a flag's value)."""
     if args.api_key_file:
         try:
-            return Path(args.api_key_file).read_text(encoding="utf-8").strip()
+            key = Path(args.api_key_file).read_text(encoding="utf-8").strip()
         except OSError as exc:
             raise FlagError(f"--api-key-file: cannot read {args.api_key_file!r}: {exc.strerror}") from None
-    return os.environ.get("SPECPIPE_API_KEY", "").strip()
+        if not key:  # a key was asked for: an empty one must not leave the APIs open
+            raise FlagError(f"--api-key-file: {args.api_key_file!r} is empty")
+        return key
+    key = os.environ.get("SPECPIPE_API_KEY")
+    if key is not None and not key.strip():
+        raise FlagError("SPECPIPE_API_KEY is set but empty: unset it for no key, or give one")
+    return (key or "").strip()
 
 
 def redis_password(args: argparse.Namespace) -> str:
@@ -594,8 +600,8 @@ def serve_all(args: argparse.Namespace) -> int:
     ]
     if args.served_model_name:
         extra += ["--served-model-name", args.served_model_name]
+    api_key(args)  # an unreadable or empty key is refused here, before anything starts
     if args.api_key_file:  # (env SPECPIPE_API_KEY reaches the coordinator as it is)
-        api_key(args)  # an unreadable file is refused here, before anything starts
         extra += ["--api-key-file", str(Path(args.api_key_file).resolve())]
     if args.chat_template:  # read here: a missing file is refused before anything starts
         extra += ["--chat-template", chat_template(args.chat_template)]

@@ -162,7 +162,7 @@ def test_embedded_serve_serves_the_http_api_on_8000_unless_told(
 def test_the_api_key_comes_from_a_file_or_the_environment(tmp_path: Path, monkeypatch) -> None:
     import argparse
 
-    from specpipe.cli import api_key
+    from specpipe.cli import FlagError, api_key
 
     monkeypatch.setenv("SPECPIPE_API_KEY", "from-env")
     assert api_key(argparse.Namespace(api_key_file="")) == "from-env"
@@ -170,6 +170,14 @@ def test_the_api_key_comes_from_a_file_or_the_environment(tmp_path: Path, monkey
     assert api_key(argparse.Namespace(api_key_file=str(tmp_path / "key"))) == "from-file"
     monkeypatch.delenv("SPECPIPE_API_KEY")
     assert api_key(argparse.Namespace(api_key_file="")) == ""
+    # A key asked for but empty must not leave the APIs open.
+    (tmp_path / "empty").write_text("\n")
+    with pytest.raises(FlagError, match="is empty"):
+        api_key(argparse.Namespace(api_key_file=str(tmp_path / "empty")))
+    monkeypatch.setenv("SPECPIPE_API_KEY", " ")
+    with pytest.raises(FlagError, match="set but empty"):
+        api_key(argparse.Namespace(api_key_file=""))
+    monkeypatch.delenv("SPECPIPE_API_KEY")
 
     from specpipe.client import key_metadata  # what `specpipe generate` and the clients send
 

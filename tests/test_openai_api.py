@@ -379,6 +379,7 @@ def test_tokenize_and_detokenize_as_vllm_serves_them(pipeline: Pipeline, model: 
     status, text = post(pipeline, "/detokenize", {"model": model, "tokens": tokenized["tokens"]})
     assert status == 200 and text == {"prompt": PROMPTS[0]}
     assert post(pipeline, "/detokenize", {"tokens": [-1]})[0] == 400
+    assert post(pipeline, "/detokenize", {})[0] == 400
     assert post(pipeline, "/tokenize", {"prompt": 5})[0] == 400
     assert post(pipeline, "/tokenize", {"messages": [{"role": "", "content": "x"}]})[0] == 400
     both = {"messages": CONVERSATION, "continue_final_message": True, "add_generation_prompt": True}
@@ -416,6 +417,11 @@ def test_an_api_key_guards_both_apis_but_the_probes_and_metrics(pipeline: Pipeli
                 assert response.status == 200
         with urllib.request.urlopen(url + "/metrics", timeout=10) as response:
             assert b"specpipe_requests_total" in response.read()
+        # A header of undecodable bytes is refused as any wrong key, not a server error.
+        odd = urllib.request.Request(url + "/v1/models", headers={"Authorization": "Bearer \xff"})
+        with pytest.raises(urllib.error.HTTPError) as refused:
+            urllib.request.urlopen(odd, timeout=10)
+        assert refused.value.code == 401
         request = urllib.request.Request(url + "/tokenize", data=b'{"prompt": "x"}', method="POST")
         with pytest.raises(urllib.error.HTTPError) as refused:
             urllib.request.urlopen(request, timeout=10)

@@ -193,7 +193,10 @@ class OpenAIApi:
             fields = Fields(await self.body(request))
             self.check_model(fields.string("model", "") or "")
             ids = fields.integers("tokens")
-            vocab_size = self.servicer.generator.limits.vocab_size
+            limits = self.servicer.generator.limits
+            if not ids or len(ids) > limits.target_context:  # the tokenizer runs on the event loop
+                raise InvalidArgumentError(f"tokens must hold 1..{limits.target_context} token ids")
+            vocab_size = limits.vocab_size
             if not all(0 <= token_id < vocab_size for token_id in ids):
                 raise InvalidArgumentError(f"tokens must be in [0, {vocab_size})")
             text = self.decode(ids)
