@@ -37,6 +37,13 @@ class CoordinatorMetrics:
             registry=registry,
         )
         self.running = Gauge("specpipe_requests_running", "Generate requests in flight.", registry=registry)
+        self.http_requests = Counter(
+            "specpipe_http_requests",
+            "The OpenAI-compatible HTTP API's requests by route and HTTP status (refusals before any "
+            "Generate included; a streamed response counts its status when its stream ends).",
+            ["route", "status"],
+            registry=registry,
+        )
         self.prompt_tokens = Counter(
             "specpipe_prompt_tokens", "Prompt tokens of finished requests (session history included).",
             registry=registry,

@@ -276,6 +276,28 @@ def test_bad_requests_get_openai_errors(
     assert message in error["error"]["message"] and error["error"]["type"] == "invalid_request_error"
 
 
+def test_http_requests_are_counted_by_route_and_status(pipeline: Pipeline, model: str) -> None:
+    def counts() -> dict[tuple[str, str], float]:
+        with urllib.request.urlopen(f"{pipeline.http_url}/metrics", timeout=10) as response:
+            text = response.read().decode()
+        from prometheus_client.parser import text_string_to_metric_families
+
+        return {
+            (sample.labels["route"], sample.labels["status"]): sample.value
+            for family in text_string_to_metric_families(text)
+            for sample in family.samples
+            if sample.name == "specpipe_http_requests_total"
+        }
+
+    before = counts()
+    assert post(pipeline, "/v1/completions", {"prompt": "x", "max_tokens": 1, "model": model})[0] == 200
+    assert post(pipeline, "/v1/completions", None, raw=b"{not json")[0] == 400
+    assert post(pipeline, "/v1/nothing-here", {})[0] == 404
+    after = counts()
+    for key in (("/v1/completions", "200"), ("/v1/completions", "400"), ("unmatched", "404")):
+        assert after.get(key, 0) - before.get(key, 0) == 1, (key, before, after)
+
+
 def test_a_body_that_is_not_json_is_400_and_an_unknown_route_404_both_as_json(
     pipeline: Pipeline, client: openai.OpenAI, model: str
 ) -> None:

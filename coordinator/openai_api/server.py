@@ -103,7 +103,8 @@ class OpenAIApi:
         return self._speller
 
     def app(self) -> web.Application:
-        app = web.Application(client_max_size=MAX_BODY_BYTES, middlewares=[json_errors, self.authorized])
+        middlewares = [self.counted, json_errors, self.authorized]
+        app = web.Application(client_max_size=MAX_BODY_BYTES, middlewares=middlewares)
         app.router.add_post("/v1/completions", self.completions)
         app.router.add_post("/v1/chat/completions", self.chat_completions)
         app.router.add_get("/v1/models", self.models)
@@ -114,6 +115,23 @@ class OpenAIApi:
         app.router.add_get("/metrics", self.metrics)
         app.router.add_get("/version", self.version)
         return app
+
+    @web.middleware
+    async def counted(self, request: web.Request, handler: Handler) -> web.StreamResponse:
+        """specpipe_http_requests_total{route, status}: the route's pattern (not the path, whose ids would
+        grow the label set), "unmatched" for none."""
+        resource = request.match_info.route.resource
+        route = resource.canonical if resource is not None else "unmatched"
+        status = 500  # an exception that escapes every handler is aiohttp's 500
+        try:
+            response = await handler(request)
+            status = response.status
+            return response
+        except web.HTTPException as exc:
+            status = exc.status
+            raise
+        finally:
+            self.servicer.metrics.http_requests.labels(route=route, status=str(status)).inc()
 
     @web.middleware
     async def authorized(self, request: web.Request, handler: Handler) -> web.StreamResponse:
