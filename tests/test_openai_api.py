@@ -121,10 +121,13 @@ def test_chat_completions_are_the_grpc_chat(pipeline: Pipeline, client: openai.O
     assert chat.usage.prompt_tokens == expected.usage.prompt_tokens
     stream = client.chat.completions.create(
         model=model, messages=CONVERSATION, max_tokens=24, temperature=0, stream=True,
-        extra_body={"ignore_eos": True},
+        stream_options={"include_usage": True}, extra_body={"ignore_eos": True},
     )  # fmt: skip
-    deltas = [chunk.choices[0].delta for chunk in stream]
+    chunks = list(stream)
+    deltas = [chunk.choices[0].delta for chunk in chunks if chunk.choices]
     assert deltas[0].role == "assistant" and "".join(d.content or "" for d in deltas) == expected.text
+    assert chunks[-1].choices == [] and chunks[-1].usage.completion_tokens == 24
+    assert chunks[-1].usage.prompt_tokens == expected.usage.prompt_tokens
 
 
 def test_seeded_n_and_several_prompts_are_the_grpc_completions(
