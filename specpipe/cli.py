@@ -103,6 +103,11 @@ def add_serve_parser(subparsers: argparse._SubParsersAction) -> None:
         "1 = none). GPT-2 and Llama models pack them through the lean forward, others run them one by one",
     )  # fmt: skip
     serve.add_argument(
+        "--prefix-sharing", action=argparse.BooleanOptionalAction, default=True,
+        help="all/draft/target: a new history starts from the longest prefix another session's KV cache "
+        "holds (a shared system prompt, n completions of one prompt) instead of computing it again",
+    )  # fmt: skip
+    serve.add_argument(
         "--max-batch-tokens", type=int, default=512,
         help="draft/target: the most new tokens one batched pass takes (a longer request runs alone)",
     )  # fmt: skip
@@ -379,13 +384,16 @@ BENCHMARKS = {
     "floor": "benchmarks.forward_floor",
     "load": "benchmarks.load",
     "batching": "benchmarks.batching",
+    "prefix-sharing": "benchmarks.prefix_sharing",
     "random-pair": "benchmarks.random_pair",
 }
 
 
 def add_bench_parser(subparsers: argparse._SubParsersAction) -> None:
     bench = subparsers.add_parser(
-        "bench", help="run a benchmark (latency, floor, load, batching; random-pair makes a pair to profile)",
+        "bench",
+        help="run a benchmark (latency, floor, load, batching, prefix-sharing; random-pair makes a pair to "
+        "profile)",
         add_help=False,
     )  # fmt: skip
     bench.add_argument("benchmark", choices=sorted(BENCHMARKS))
@@ -473,6 +481,7 @@ def serve_component(args: argparse.Namespace) -> int:
                 metrics_port=args.metrics_port,
                 max_batch_sessions=args.max_batch_sessions,
                 max_batch_tokens=args.max_batch_tokens,
+                prefix_sharing=args.prefix_sharing,
                 controlled_acceptance=args.controlled_acceptance if args.component == "draft" else None,
                 reference_file=args.reference_file if args.component == "draft" else "",
             )
@@ -578,6 +587,7 @@ def serve_all(args: argparse.Namespace) -> int:
             cuda_graphs=args.cuda_graphs,
             event_loop=args.event_loop,
             http_port=8000 if args.http_port is None else args.http_port,
+            prefix_sharing=args.prefix_sharing,
         )
     )
     extra = [

@@ -51,6 +51,9 @@ class WorkerConfig:
     # longer request, such as a prefill, runs alone).
     max_batch_sessions: int = 1
     max_batch_tokens: int = 512
+    # A new history starts from another session's cached prefix where one holds it (specpipe/runtime/
+    # kv_cache.py): a shared system prompt or n completions of one prompt are computed once.
+    prefix_sharing: bool = True
     # Draft workers, for cost profiling (draft_service/controlled.py): greedy drafts propose the target's
     # token from reference_file with this probability per position, another token otherwise (None = off).
     controlled_acceptance: float | None = None

@@ -130,6 +130,8 @@ class PipelineConfig:
     cuda_graphs: bool = True
     # Every component's event loop (specpipe/rpc/event_loop.py).
     event_loop: str = "auto"
+    # The workers start a new history from another session's cached prefix (specpipe/runtime/kv_cache.py).
+    prefix_sharing: bool = True
     # The coordinator's OpenAI-compatible HTTP API (coordinator/openai_api): vLLM's port by default, 0 = a
     # free one, -1 = none.
     http_port: int = 8000
@@ -159,8 +161,10 @@ class PipelineConfig:
             raise ValueError(f"drafter must be one of {DRAFTERS}, got {self.drafter!r}")
 
     def forward_args(self) -> list[str]:
-        """The model workers' batching and static KV slots (a prompt-lookup draft has no model: none)."""
+        """The model workers' batching, static KV slots and prefix sharing (a prompt-lookup draft has no
+        model: none)."""
         args = ["--max-batch-sessions", str(self.max_batch_sessions)] if self.max_batch_sessions > 1 else []
+        args += [] if self.prefix_sharing else ["--no-prefix-sharing"]
         if self.static_kv_slots:
             args += ["--static-kv-slots", str(self.static_kv_slots)]
             args += [] if self.cuda_graphs else ["--no-cuda-graphs"]

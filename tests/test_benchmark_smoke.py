@@ -298,3 +298,25 @@ def test_services_that_fail_to_start_cost_the_specpipe_rows_only(
     by_variant = {run.variant: run for run in runs}
     assert not by_variant["plain-1t"].error and by_variant["plain-1t"].tokens > 0
     assert by_variant["specpipe-k2"].error.startswith("services failed to start: RuntimeError: target worker")
+
+
+@pytest.mark.slow
+def test_bench_prefix_sharing_quick(tmp_path: Path) -> None:
+    """`specpipe bench prefix-sharing --quick` on a tiny pair: both stacks timed both workloads, and the table
+    and the JSON give each one's times and sharing's speedup."""
+    target_dir, draft_dir = build_tiny_pair(tmp_path / "pair")
+    out_dir = tmp_path / "out"
+    cmd = [
+        sys.executable, "-m", "specpipe", "bench", "prefix-sharing", "--quick", "--prefix-chars", "400",
+        "--target-model", str(target_dir), "--draft-model", str(draft_dir), "--out-dir", str(out_dir),
+    ]  # fmt: skip
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONUNBUFFERED": "1"}
+    proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=240)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    assert "speedup" in proc.stdout and "shared prefix" in proc.stdout, proc.stdout
+    result = json.loads((out_dir / "prefix_sharing.json").read_text(encoding="utf-8"))
+    assert (
+        result["command"].startswith("specpipe bench prefix-sharing --quick") and result["prefix_tokens"] > 16
+    )
+    for stack in ("sharing", "no-sharing"):
+        assert all(len(times) == 1 and times[0] > 0 for times in result["seconds"][stack].values())

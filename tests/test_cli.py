@@ -305,6 +305,7 @@ def test_every_serve_and_generate_option_says_what_it_does() -> None:
         "benchmarks.latency",
         "benchmarks.load",
         "benchmarks.batching",
+        "benchmarks.prefix_sharing",
         "benchmarks.forward_floor",
         "benchmarks.random_pair",
     ],

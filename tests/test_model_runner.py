@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from specpipe.runtime.kv_cache import SessionKVCacheStore, common_prefix_length
+from specpipe.runtime.kv_cache import MIN_SHARED_PREFIX, SessionKVCacheStore, common_prefix_length
 from specpipe.runtime.model_runner import CausalLMRunner
 from tests.conftest import ModelPair
 
@@ -41,6 +41,37 @@ def test_prefix_reuse_and_rollback_match_a_fresh_forward(model_pair: ModelPair, 
     third = runner.forward("s", rolled_back, num_rows=2)
     assert third.cached_tokens == len(ids) - 1
     torch.testing.assert_close(third.logits, fresh_logits(runner, rolled_back, 2), rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("lean_forward", [False, True], ids=["transformers", "lean"])
+def test_a_new_session_starts_from_another_sessions_cached_prefix(
+    model_pair: ModelPair, lean_forward: bool
+) -> None:
+    """A shared system prompt (or n completions of one prompt) is computed once: a new history copies the
+    longest prefix another session holds (at least MIN_SHARED_PREFIX positions), with the logits a fresh
+    forward gives, and the donor's own cache stays as it was."""
+    runner = CausalLMRunner.load(
+        model_pair.target_dir, "cpu", "float32", max_cached_sessions=4, lean_forward=lean_forward
+    )
+    shared = list(range(3, 3 + 2 * MIN_SHARED_PREFIX))
+    runner.forward("a", [*shared, 90, 91], num_rows=1)
+    b_ids = [*shared, 70, 71, 72]
+    b = runner.forward("b", b_ids, num_rows=2)
+    assert b.cached_tokens == len(shared) and runner.caches.shared_tokens == len(shared)
+    torch.testing.assert_close(b.logits, fresh_logits(runner, b_ids, 2), rtol=1e-4, atol=1e-4)
+    a_ids = [*shared, 90, 91, 92]
+    a = runner.forward("a", a_ids, num_rows=1)  # the donor's cache is its own still
+    assert a.cached_tokens == len(a_ids) - 1
+    torch.testing.assert_close(a.logits, fresh_logits(runner, a_ids, 1), rtol=1e-4, atol=1e-4)
+    steps = runner.decode("c", [*shared, 5], 3, lambda logits: int(logits.argmax()))  # a draft's path too
+    assert steps.cached_tokens == len(shared)
+    short = runner.forward("d", [*shared[: MIN_SHARED_PREFIX - 1], 8, 9], num_rows=1)
+    assert short.cached_tokens == 0  # too short a prefix to copy
+    alone = CausalLMRunner.load(
+        model_pair.target_dir, "cpu", "float32", 4, lean_forward=lean_forward, prefix_sharing=False
+    )
+    alone.forward("a", [*shared, 90, 91], num_rows=1)
+    assert alone.forward("b", b_ids, num_rows=2).cached_tokens == 0
 
 
 @pytest.mark.parametrize("lean_forward", [False, True], ids=["transformers", "lean"])

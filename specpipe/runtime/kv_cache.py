@@ -1,17 +1,32 @@
-"""Per-session KV caches with longest-common-prefix reuse and LRU eviction.
+"""Per-session KV caches with longest-common-prefix reuse and LRU eviction, and prefixes shared across
+sessions.
 
 Workers receive the committed history on every call. Each session keeps the token ids whose keys/values are
 in its cache; a call reuses the longest common prefix and recomputes only the rest, so a rejected draft
 suffix is dropped by cropping, and a session that was evicted (or never seen, e.g. after failover) is
 rebuilt from the history it sends. A wrong token is impossible by construction: the cache is only used for
 positions whose ids match.
+
+A session that would compute a long prefix another session's cache already holds (the same system prompt,
+n completions of one prompt, a conversation forked) starts from a copy of those positions instead
+(`shared_prefix` and `copy_prefix`): the keys and values of a position depend only on the tokens up to it, so
+the copy is what its own forward would compute, up to the float rounding that different chunkings of the
+same tokens already give.
 """
 
 from __future__ import annotations
 
 from collections import OrderedDict
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
+
+from transformers import DynamicCache
+
+from specpipe.runtime.packing import PreallocatedKVCache
+
+# Shorter shared prefixes are computed rather than copied: the scan and the copy would cost about as much.
+MIN_SHARED_PREFIX = 16
 
 
 @dataclass(slots=True)
@@ -67,6 +82,8 @@ class SessionKVCacheStore:
         self._sessions: OrderedDict[str, SessionKV] = OrderedDict()
         self.total_bytes = 0
         self.evictions = 0
+        self.shared_prefixes = 0  # caches started from another session's prefix, and their positions
+        self.shared_tokens = 0
 
     def get_or_create(self, session_id: str) -> SessionKV:
         entry = self._sessions.get(session_id)
@@ -93,6 +110,22 @@ class SessionKVCacheStore:
                 break
             self._evict_oldest()
 
+    def shared_prefix(self, session_id: str, ids: Sequence[int], limit: int) -> tuple[SessionKV, int] | None:
+        """Another session's cache holding the longest prefix of `ids` (at most `limit` positions, at least
+        MIN_SHARED_PREFIX), and that prefix's length; None where none does."""
+        ids = list(ids)
+        best: tuple[SessionKV, int] | None = None
+        for other_id, entry in self._sessions.items():
+            if other_id == session_id or entry.past is None:
+                continue
+            shared = min(common_prefix_length(entry.token_ids, ids), entry.past.get_seq_length(), limit)
+            if shared >= MIN_SHARED_PREFIX and (best is None or shared > best[1]):
+                best = (entry, shared)
+        if best is not None:
+            self.shared_prefixes += 1
+            self.shared_tokens += best[1]
+        return best
+
     def release(self, session_id: str) -> bool:
         entry = self._sessions.pop(session_id, None)
         if entry is None:
@@ -116,3 +149,26 @@ class SessionKVCacheStore:
 
     def __contains__(self, session_id: str) -> bool:
         return session_id in self._sessions
+
+
+def copy_prefix(past: Any, length: int, new_cache: Callable[[], Any]) -> Any | None:
+    """A new cache holding the first `length` positions of `past` (a transformers DynamicCache or the lean
+    forwards' PreallocatedKVCache; `new_cache` makes an empty one of the kind this runner uses); None for a
+    kind that cannot be copied so (static KV slots, sliding-window layers...)."""
+    if isinstance(past, PreallocatedKVCache):
+        copy = new_cache()
+        copy.reserve(length)
+        for source, target in ((past.keys, copy.keys), (past.values, copy.values)):
+            for layer, buffer in enumerate(source):
+                target[layer][:, :length] = buffer[:, :length]  # [heads, length, head_dim]
+        copy.length = length
+        return copy
+    if type(past) is DynamicCache and all(type(layer).__name__ == "DynamicLayer" for layer in past.layers):
+        copy = new_cache()
+        for index, layer in enumerate(past.layers):
+            # [batch, heads, length, head_dim]
+            keys = layer.keys[..., :length, :].clone()
+            values = layer.values[..., :length, :].clone()
+            copy.update(keys, values, index)
+        return copy
+    return None

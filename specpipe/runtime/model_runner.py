@@ -16,7 +16,13 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, DynamicCache, PreT
 
 from specpipe.runtime import lean_gpt2, lean_llama
 from specpipe.runtime.graphed_forward import GraphedForward, SlotKVCache
-from specpipe.runtime.kv_cache import SessionKV, SessionKVCacheStore, common_prefix_length
+from specpipe.runtime.kv_cache import (
+    MIN_SHARED_PREFIX,
+    SessionKV,
+    SessionKVCacheStore,
+    common_prefix_length,
+    copy_prefix,
+)
 
 if TYPE_CHECKING:
     from specpipe.config import WorkerConfig
@@ -80,6 +86,7 @@ class CausalLMRunner:
         lean_forward: bool = False,
         static_kv_slots: int = 0,
         cuda_graphs: bool = True,
+        prefix_sharing: bool = True,
     ) -> None:
         self.model = model
         self.tokenizer = tokenizer
@@ -98,6 +105,9 @@ class CausalLMRunner:
                 name = type(model).__name__
                 raise ValueError(f"static KV slots need a lean forward (GPT-2, Llama), not {name}")
             self.lean = GraphedForward(lean, static_kv_slots, max_context, cuda_graphs=cuda_graphs)
+        # A new history starts from another session's cached prefix where one holds it (kv_cache.py); not over
+        # static KV slots, whose caches are slots of one buffer.
+        self.prefix_sharing = prefix_sharing and not static_kv_slots
         self._cache_kwarg = cache_argument(model)
         # Only the last num_rows positions need logits: on a prefill the LM head over every prompt position
         # is ~10% of the forward. Architectures without the argument compute them all and we slice.
@@ -131,6 +141,7 @@ class CausalLMRunner:
             lean_forward=config.lean_forward,
             static_kv_slots=config.static_kv_slots,
             cuda_graphs=config.cuda_graphs,
+            prefix_sharing=config.prefix_sharing,
         )
         runner.torch_threads = config.torch_threads
         runner.capture_graphs()  # a worker's: before it serves
@@ -148,6 +159,7 @@ class CausalLMRunner:
         lean_forward: bool = False,
         static_kv_slots: int = 0,
         cuda_graphs: bool = True,
+        prefix_sharing: bool = True,
     ) -> CausalLMRunner:
         if dtype not in DTYPES:
             raise ValueError(f"dtype must be one of {sorted(DTYPES)}, got {dtype!r}")
@@ -173,6 +185,7 @@ class CausalLMRunner:
             lean_forward=lean_forward,
             static_kv_slots=static_kv_slots,
             cuda_graphs=cuda_graphs,
+            prefix_sharing=prefix_sharing,
         )
         if isinstance(runner.lean, GraphedForward):
             graphed = runner.lean
@@ -343,9 +356,19 @@ class CausalLMRunner:
         if isinstance(entry.past, SlotKVCache) and entry.past.owned and reuse == 0:
             entry.past.crop(0)  # a new history for the session: it keeps its slot
         elif entry.past is None or reuse == 0:
-            entry.past = self.lean.new_cache() if self.lean else DynamicCache(config=self.model.config)
+            entry.past = self._new_cache()
             reuse = 0
         elif entry.past.get_seq_length() > reuse:
             entry.past.crop(reuse - entry.past.get_seq_length())  # negative: drop that many positions
+        limit = len(ids) - num_rows
+        if self.prefix_sharing and limit - reuse >= MIN_SHARED_PREFIX:  # a prefill: is it cached elsewhere?
+            shared = self.caches.shared_prefix(session_id, ids, limit)
+            if shared is not None and shared[1] > reuse:
+                copy = copy_prefix(shared[0].past, shared[1], self._new_cache)
+                if copy is not None:
+                    entry.past, reuse = copy, shared[1]
         entry.token_ids = ids[:reuse]
         return ids, entry, reuse
+
+    def _new_cache(self) -> Any:
+        return self.lean.new_cache() if self.lean else DynamicCache(config=self.model.config)
