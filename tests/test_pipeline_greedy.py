@@ -45,3 +45,19 @@ def test_prompt_token_ids_equal_text_prompt(pipeline: Pipeline, target_greedy: d
     with CoordinatorClient(pipeline.coordinator_addr) as client:
         result = client.generate(build_request(tokenizer(prompt)["input_ids"], MAX_NEW_TOKENS), timeout_s=60)
     assert result.token_ids == target_greedy[prompt]
+
+
+def test_greedy_requests_sharing_a_long_prefix_equal_target_alone(pipeline: Pipeline) -> None:
+    """The workers start each new session from the prefix another session cached (prefix sharing, on by
+    default): concurrent completions and later requests with the same system prompt stay token-identical."""
+    system = "".join(PROMPTS)  # long enough to share (tens of tokens)
+    prompts = [system + suffix for suffix in ("\n# one\n", "\n# two\n", "\n# three\n")]
+    expected = target_alone(pipeline.pair.target_dir, prompts, MAX_NEW_TOKENS)
+    with CoordinatorClient(pipeline.coordinator_addr) as client:
+        for prompt in prompts:
+            result = client.generate(build_request(prompt, MAX_NEW_TOKENS), timeout_s=60)
+            assert result.token_ids == expected[prompt], prompt
+        completions = client.generate_completions(
+            build_request(prompts[0], MAX_NEW_TOKENS, n=3), timeout_s=60
+        )
+    assert all(completion.token_ids == expected[prompts[0]] for completion in completions)
