@@ -163,6 +163,10 @@ class Services:
             *worker_args(str(model), port, self.device, self.dtype, threads),
             "--max-speculative-tokens",
             str(self.max_k),
+            # Every variant sends the same prompts to these workers: without this, later variants would copy
+            # the prompt's keys and values from an earlier one's session and skip the prefill that the
+            # baselines (and the first variant) pay.
+            "--no-prefix-sharing",
             *extra,
         ]
         log = self.log_dir / f"{log_name or role}.log"
