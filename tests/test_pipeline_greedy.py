@@ -6,7 +6,8 @@ import pytest
 from transformers import AutoTokenizer
 
 from specpipe.client import CoordinatorClient, build_request
-from tests.conftest import Pipeline
+from specpipe.rpc.worker_clients import TargetClient
+from tests.conftest import Pipeline, with_target_client
 from tests.prompts import PROMPTS
 from tests.reference import target_alone
 
@@ -61,3 +62,9 @@ def test_greedy_requests_sharing_a_long_prefix_equal_target_alone(pipeline: Pipe
             build_request(prompts[0], MAX_NEW_TOKENS, n=3), timeout_s=60
         )
     assert all(completion.token_ids == expected[prompts[0]] for completion in completions)
+    with_target_client(pipeline, check_target_shared_prefixes)
+
+
+async def check_target_shared_prefixes(client: TargetClient) -> None:
+    stats = await client.stats()
+    assert stats.shared_prefixes > 0 and stats.shared_prefix_tokens > stats.shared_prefixes

@@ -30,6 +30,14 @@ GAUGES = {
 }
 COUNTERS = {
     "evictions": ("specpipe_worker_cache_evictions", "Session caches evicted to respect the budget."),
+    "shared_prefixes": (
+        "specpipe_worker_shared_prefixes",
+        "Prefix sharing: session caches started from another session's cached prefix.",
+    ),
+    "shared_prefix_tokens": (
+        "specpipe_worker_shared_prefix_tokens",
+        "Prefix sharing: positions copied from another session's cache rather than computed.",
+    ),
     "kv_slot_takeovers": (
         "specpipe_worker_kv_slot_takeovers",
         "Workers with static KV slots: slots taken from a session that still held one (it is rebuilt).",
@@ -79,7 +87,8 @@ class WorkerStatsCollector(Collector):
         )
         jobs.add_metric([self.role], float(self.model_jobs()))
         yield jobs
-        for field in ("evictions", "kv_slot_takeovers", *ROLE_COUNTERS.get(self.role, ())):
+        shared = ("shared_prefixes", "shared_prefix_tokens")
+        for field in ("evictions", "kv_slot_takeovers", *shared, *ROLE_COUNTERS.get(self.role, ())):
             name, documentation = COUNTERS[field]
             counter = CounterMetricFamily(name, documentation, labels=["role"])
             counter.add_metric([self.role], float(getattr(stats, field)))

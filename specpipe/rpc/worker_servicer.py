@@ -256,6 +256,8 @@ class WorkerServicerBase(Generic[EngineT]):
             cached_sessions=len(caches),
             cache_bytes=caches.total_bytes,
             evictions=caches.evictions,
+            shared_prefixes=getattr(caches, "shared_prefixes", 0),
+            shared_prefix_tokens=getattr(caches, "shared_tokens", 0),
             session_cached=bool(session_id) and session_id in caches,
             open_streams=self.open_streams,
         )

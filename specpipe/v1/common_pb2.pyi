@@ -145,7 +145,7 @@ class GetStatsRequest(_message.Message):
     def __init__(self, session_id: _Optional[str] = ...) -> None: ...
 
 class WorkerStats(_message.Message):
-    __slots__ = ("cached_sessions", "cache_bytes", "evictions", "session_cached", "open_streams", "chained_verifies", "chained_skips", "delegated_rounds", "direct_streams", "batched_passes", "batched_blocks", "largest_batch", "kv_slot_takeovers", "cuda_graphs")
+    __slots__ = ("cached_sessions", "cache_bytes", "evictions", "session_cached", "open_streams", "chained_verifies", "chained_skips", "delegated_rounds", "direct_streams", "batched_passes", "batched_blocks", "largest_batch", "kv_slot_takeovers", "cuda_graphs", "shared_prefixes", "shared_prefix_tokens")
     CACHED_SESSIONS_FIELD_NUMBER: _ClassVar[int]
     CACHE_BYTES_FIELD_NUMBER: _ClassVar[int]
     EVICTIONS_FIELD_NUMBER: _ClassVar[int]
@@ -160,6 +160,8 @@ class WorkerStats(_message.Message):
     LARGEST_BATCH_FIELD_NUMBER: _ClassVar[int]
     KV_SLOT_TAKEOVERS_FIELD_NUMBER: _ClassVar[int]
     CUDA_GRAPHS_FIELD_NUMBER: _ClassVar[int]
+    SHARED_PREFIXES_FIELD_NUMBER: _ClassVar[int]
+    SHARED_PREFIX_TOKENS_FIELD_NUMBER: _ClassVar[int]
     cached_sessions: int
     cache_bytes: int
     evictions: int
@@ -174,4 +176,6 @@ class WorkerStats(_message.Message):
     largest_batch: int
     kv_slot_takeovers: int
     cuda_graphs: int
-    def __init__(self, cached_sessions: _Optional[int] = ..., cache_bytes: _Optional[int] = ..., evictions: _Optional[int] = ..., session_cached: _Optional[bool] = ..., open_streams: _Optional[int] = ..., chained_verifies: _Optional[int] = ..., chained_skips: _Optional[int] = ..., delegated_rounds: _Optional[int] = ..., direct_streams: _Optional[int] = ..., batched_passes: _Optional[int] = ..., batched_blocks: _Optional[int] = ..., largest_batch: _Optional[int] = ..., kv_slot_takeovers: _Optional[int] = ..., cuda_graphs: _Optional[int] = ...) -> None: ...
+    shared_prefixes: int
+    shared_prefix_tokens: int
+    def __init__(self, cached_sessions: _Optional[int] = ..., cache_bytes: _Optional[int] = ..., evictions: _Optional[int] = ..., session_cached: _Optional[bool] = ..., open_streams: _Optional[int] = ..., chained_verifies: _Optional[int] = ..., chained_skips: _Optional[int] = ..., delegated_rounds: _Optional[int] = ..., direct_streams: _Optional[int] = ..., batched_passes: _Optional[int] = ..., batched_blocks: _Optional[int] = ..., largest_batch: _Optional[int] = ..., kv_slot_takeovers: _Optional[int] = ..., cuda_graphs: _Optional[int] = ..., shared_prefixes: _Optional[int] = ..., shared_prefix_tokens: _Optional[int] = ...) -> None: ...
