@@ -132,7 +132,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
     out_dir = args.out_dir or default_out_dir()
     out_dir.mkdir(parents=True, exist_ok=True)
-    stacks = {UNBATCHED: [], BATCHED: ["--max-batch-sessions", str(args.max_batch_sessions)]}
+    # Both without prefix sharing: each concurrency level sends the same prompts to the same stack, which
+    # would otherwise copy them from the level before (and the figures would not compare with earlier runs).
+    unshared = ["--no-prefix-sharing"]
+    stacks = {UNBATCHED: unshared, BATCHED: [*unshared, "--max-batch-sessions", str(args.max_batch_sessions)]}
     results: dict[str, dict[int, list[dict[str, object]]]] = {
         name: {c: [] for c in args.concurrencies} for name in stacks
     }

@@ -67,6 +67,13 @@ def test_a_new_session_starts_from_another_sessions_cached_prefix(
     assert steps.cached_tokens == len(shared)
     short = runner.forward("d", [*shared[: MIN_SHARED_PREFIX - 1], 8, 9], num_rows=1)
     assert short.cached_tokens == 0  # too short a prefix to copy
+    # A session whose own cache gives most of its history keeps it: a donor holding a few positions more is
+    # not worth a copy of every layer.
+    counted = (runner.caches.shared_prefixes, runner.caches.shared_tokens)
+    runner.forward("e", [*a_ids, 93], num_rows=1)  # e: a's history and one more token (copied from a)
+    later = runner.forward("a", [*a_ids, 93, *range(100, 120)], num_rows=1)
+    assert later.cached_tokens == len(a_ids)  # its own prefix, though e holds one more
+    assert runner.caches.shared_prefixes == counted[0] + 1
     alone = CausalLMRunner.load(
         model_pair.target_dir, "cpu", "float32", 4, lean_forward=lean_forward, prefix_sharing=False
     )

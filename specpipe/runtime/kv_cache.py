@@ -17,7 +17,7 @@ same tokens already give.
 from __future__ import annotations
 
 from collections import OrderedDict
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -110,21 +110,26 @@ class SessionKVCacheStore:
                 break
             self._evict_oldest()
 
-    def shared_prefix(self, session_id: str, ids: Sequence[int], limit: int) -> tuple[SessionKV, int] | None:
-        """Another session's cache holding the longest prefix of `ids` (at most `limit` positions, at least
-        MIN_SHARED_PREFIX), and that prefix's length; None where none does."""
-        ids = list(ids)
+    def shared_prefix(
+        self, session_id: str, ids: list[int], reuse: int, limit: int
+    ) -> tuple[SessionKV, int] | None:
+        """Another session's cache holding the longest prefix of `ids` (at most `limit` positions), where it
+        holds at least MIN_SHARED_PREFIX more than the `reuse` positions the session's own cache gives; and
+        that prefix's length. None where none does."""
+        head = ids[:MIN_SHARED_PREFIX]
         best: tuple[SessionKV, int] | None = None
         for other_id, entry in self._sessions.items():
-            if other_id == session_id or entry.past is None:
-                continue
+            if other_id == session_id or entry.past is None or entry.token_ids[:MIN_SHARED_PREFIX] != head:
+                continue  # most sessions differ within their first tokens: no full comparison
             shared = min(common_prefix_length(entry.token_ids, ids), entry.past.get_seq_length(), limit)
-            if shared >= MIN_SHARED_PREFIX and (best is None or shared > best[1]):
+            if shared - reuse >= MIN_SHARED_PREFIX and (best is None or shared > best[1]):
                 best = (entry, shared)
-        if best is not None:
-            self.shared_prefixes += 1
-            self.shared_tokens += best[1]
         return best
+
+    def count_shared(self, positions: int) -> None:
+        """A session's cache started from another's prefix, `positions` of it not computed."""
+        self.shared_prefixes += 1
+        self.shared_tokens += positions
 
     def release(self, session_id: str) -> bool:
         entry = self._sessions.pop(session_id, None)
@@ -151,24 +156,30 @@ class SessionKVCacheStore:
         return session_id in self._sessions
 
 
-def copy_prefix(past: Any, length: int, new_cache: Callable[[], Any]) -> Any | None:
+def copyable(past: Any) -> bool:
+    """Whether `copy_prefix` copies caches of this kind (a runner's empty one tells for all of them)."""
+    if isinstance(past, PreallocatedKVCache):
+        return True
+    return type(past) is DynamicCache and all(type(layer).__name__ == "DynamicLayer" for layer in past.layers)
+
+
+def copy_prefix(past: Any, length: int, capacity: int, new_cache: Callable[[], Any]) -> Any | None:
     """A new cache holding the first `length` positions of `past` (a transformers DynamicCache or the lean
-    forwards' PreallocatedKVCache; `new_cache` makes an empty one of the kind this runner uses); None for a
-    kind that cannot be copied so (static KV slots, sliding-window layers...)."""
+    forwards' PreallocatedKVCache; `new_cache` makes an empty one of the kind this runner uses), with room
+    for `capacity` positions where the kind preallocates; None for a cache that cannot be copied so (static
+    KV slots, sliding-window layers, a layer not yet filled...)."""
     if isinstance(past, PreallocatedKVCache):
         copy = new_cache()
-        copy.reserve(length)
+        copy.reserve(max(length, capacity))  # once: the forward that follows fills up to capacity
         for source, target in ((past.keys, copy.keys), (past.values, copy.values)):
             for layer, buffer in enumerate(source):
                 target[layer][:, :length] = buffer[:, :length]  # [heads, length, head_dim]
         copy.length = length
         return copy
-    if type(past) is DynamicCache and all(type(layer).__name__ == "DynamicLayer" for layer in past.layers):
-        copy = new_cache()
-        for index, layer in enumerate(past.layers):
-            # [batch, heads, length, head_dim]
-            keys = layer.keys[..., :length, :].clone()
-            values = layer.values[..., :length, :].clone()
-            copy.update(keys, values, index)
-        return copy
-    return None
+    if not copyable(past) or any(layer.keys is None for layer in past.layers):
+        return None
+    copy = new_cache()
+    for index, layer in enumerate(past.layers):
+        # [batch, heads, length, head_dim] views: the update's concatenation copies them.
+        copy.update(layer.keys[..., :length, :], layer.values[..., :length, :], index)
+    return copy

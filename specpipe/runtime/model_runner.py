@@ -22,6 +22,7 @@ from specpipe.runtime.kv_cache import (
     SessionKVCacheStore,
     common_prefix_length,
     copy_prefix,
+    copyable,
 )
 
 if TYPE_CHECKING:
@@ -107,8 +108,10 @@ class CausalLMRunner:
             self.lean = GraphedForward(lean, static_kv_slots, max_context, cuda_graphs=cuda_graphs)
         # A new history starts from another session's cached prefix where one holds it (kv_cache.py); not over
         # static KV slots, whose caches are slots of one buffer.
-        self.prefix_sharing = prefix_sharing and not static_kv_slots
         self._cache_kwarg = cache_argument(model)
+        self.prefix_sharing = prefix_sharing and not static_kv_slots and copyable(self._new_cache())
+        if prefix_sharing and not static_kv_slots and not self.prefix_sharing:
+            logger.info("prefix sharing off: %s's caches cannot be copied by prefix", type(model).__name__)
         # Only the last num_rows positions need logits: on a prefill the LM head over every prompt position
         # is ~10% of the forward. Architectures without the argument compute them all and we slice.
         self._keeps_logits = "logits_to_keep" in inspect.signature(model.forward).parameters
@@ -353,6 +356,16 @@ class CausalLMRunner:
         if entry.past is not None:
             # A static KV slot another session has taken over reads as empty: rebuilt from the history.
             reuse = min(reuse, entry.past.get_seq_length())
+        limit = len(ids) - num_rows
+        if self.prefix_sharing and limit - reuse >= MIN_SHARED_PREFIX:  # a prefill: is it cached elsewhere?
+            shared = self.caches.shared_prefix(session_id, ids, reuse, limit)
+            if shared is not None:
+                donor, length = shared
+                copy = copy_prefix(donor.past, length, len(ids), self._new_cache)
+                if copy is not None:  # the session's own cache goes: the copy holds more of the history
+                    self.caches.count_shared(length - reuse)
+                    entry.past, entry.token_ids = copy, ids[:length]
+                    return ids, entry, length
         if isinstance(entry.past, SlotKVCache) and entry.past.owned and reuse == 0:
             entry.past.crop(0)  # a new history for the session: it keeps its slot
         elif entry.past is None or reuse == 0:
@@ -360,13 +373,6 @@ class CausalLMRunner:
             reuse = 0
         elif entry.past.get_seq_length() > reuse:
             entry.past.crop(reuse - entry.past.get_seq_length())  # negative: drop that many positions
-        limit = len(ids) - num_rows
-        if self.prefix_sharing and limit - reuse >= MIN_SHARED_PREFIX:  # a prefill: is it cached elsewhere?
-            shared = self.caches.shared_prefix(session_id, ids, limit)
-            if shared is not None and shared[1] > reuse:
-                copy = copy_prefix(shared[0].past, shared[1], self._new_cache)
-                if copy is not None:
-                    entry.past, reuse = copy, shared[1]
         entry.token_ids = ids[:reuse]
         return ids, entry, reuse
 
