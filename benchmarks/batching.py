@@ -43,12 +43,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         "--max-batch-sessions", type=int, default=8, help="the batched stack's --max-batch-sessions"
     )
     p.add_argument("--rounds", type=int, default=1, help="alternations of the two stacks")
-    p.add_argument("--target-model", help="default: the shipped demo pair")
-    p.add_argument("--draft-model", help="default: the shipped demo pair")
-    p.add_argument("--out-dir", type=Path, help="default: a new directory under /tmp/specpipe-bench/")
-    p.add_argument(
-        "--startup-timeout", type=float, default=300.0, help="seconds to wait for each stack to serve"
-    )
+    add_stack_options(p)
     p.add_argument("--quick", action="store_true", help="smoke-test settings: concurrency 2, 2 requests of 8")
     args = p.parse_args(argv)
     if args.quick:
@@ -62,6 +57,16 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     if args.num_requests < 1 or args.max_new_tokens < 1 or args.rounds < 1 or args.max_batch_sessions < 2:
         p.error("--num-requests, --max-new-tokens and --rounds must be >= 1, --max-batch-sessions >= 2")
     return args
+
+
+def add_stack_options(p: argparse.ArgumentParser) -> None:
+    """The options of a benchmark that starts embedded stacks (`embedded_stack`)."""
+    p.add_argument("--target-model", help="default: the shipped demo pair")
+    p.add_argument("--draft-model", help="default: the shipped demo pair")
+    p.add_argument("--out-dir", type=Path, help="default: a new directory under /tmp/specpipe-bench/")
+    p.add_argument(
+        "--startup-timeout", type=float, default=300.0, help="seconds to wait for each stack to serve"
+    )
 
 
 @contextlib.contextmanager

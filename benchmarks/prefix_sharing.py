@@ -21,9 +21,8 @@ import statistics
 import sys
 import time
 from collections.abc import Sequence
-from pathlib import Path
 
-from benchmarks.batching import embedded_stack
+from benchmarks.batching import add_stack_options, embedded_stack
 from benchmarks.latency import default_out_dir
 from benchmarks.load import SHIPPED_RECORD
 from benchmarks.prompts import default_prompts
@@ -43,12 +42,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     p.add_argument("--prefix-chars", type=int, default=1500, help="the shared prefix's length in characters")
     p.add_argument("--repeats", type=int, default=6, help="timed repetitions per workload, stack and round")
     p.add_argument("--rounds", type=int, default=2, help="alternations of the two stacks")
-    p.add_argument("--target-model", help="default: the shipped demo pair")
-    p.add_argument("--draft-model", help="default: the shipped demo pair")
-    p.add_argument("--out-dir", type=Path, help="default: a new directory under /tmp/specpipe-bench/")
-    p.add_argument(
-        "--startup-timeout", type=float, default=300.0, help="seconds to wait for each stack to serve"
-    )
+    add_stack_options(p)
     p.add_argument("--quick", action="store_true", help="smoke-test settings: 1 round, 1 repeat, n = 2")
     args = p.parse_args(argv)
     if args.quick:
