@@ -127,11 +127,16 @@ class SpeculativeGenerator:
             )
         if not request.prompt:
             return []  # a continued session without a new turn
-        check_length(request.prompt, self.limits.target_context, "prompt")  # before encoding it, on the loop
-        ids = self.tokenizer(request.prompt, add_special_tokens=True)["input_ids"]
+        ids = self.encode_prompt(request.prompt)
         if not ids:
             raise InvalidArgumentError("prompt encodes to no tokens")
-        return list(ids)
+        return ids
+
+    def encode_prompt(self, text: str) -> list[int]:
+        """A text prompt's tokens, as Generate encodes it (the HTTP API's echo with logprobs too); its length
+        checked first, as the tokenizer runs on the event loop."""
+        check_length(text, self.limits.target_context, "prompt")
+        return list(self.tokenizer(text, add_special_tokens=True)["input_ids"])
 
     async def open_session(self, request: GenerationRequest) -> OpenSession:
         self.check_in_vocab(request.stop_token_ids, "stop_token_ids")

@@ -29,7 +29,7 @@ from coordinator.openai_api.requests import ApiCall, Fields, chat_call, chat_mes
 from coordinator.openai_api.responses import ResponseBuilder
 from coordinator.request import GenerationChunk
 from coordinator.servicer import CoordinatorServicer
-from coordinator.tokenization import Tokenized, check_length
+from coordinator.tokenization import Tokenized
 from specpipe import __version__
 from specpipe.errors import InvalidArgumentError, NotFoundError, SpecpipeError
 from specpipe.rpc.interceptor import status_for
@@ -230,7 +230,11 @@ class OpenAIApi:
 
     async def completions(self, request: web.Request) -> web.StreamResponse:
         limit = self.servicer.limits.max_new_tokens
-        return await self.serve(request, lambda body: completion_call(body, limit, self.decode, self.encode))
+
+        def parse(body: Any) -> ApiCall:  # the generator is asked for here: 503 until the workers are paired
+            return completion_call(body, limit, self.decode, self.servicer.generator.encode_prompt)
+
+        return await self.serve(request, parse)
 
     async def chat_completions(self, request: web.Request) -> web.StreamResponse:
         limit = self.servicer.limits.max_new_tokens
@@ -242,13 +246,6 @@ class OpenAIApi:
             return str(self.servicer.generator.tokenizer.decode(list(token_ids)))
         except (OverflowError, ValueError, TypeError, IndexError) as exc:
             raise InvalidArgumentError(f"prompt: token ids the tokenizer cannot decode: {exc}") from None
-
-    def encode(self, text: str) -> list[int]:
-        """A text prompt's tokens as Generate encodes it (for echo with logprobs), its length checked first as
-        Generate checks it (the tokenizer runs on the event loop)."""
-        generator = self.servicer.generator
-        check_length(text, generator.limits.target_context, "prompt")
-        return list(generator.tokenizer(text, add_special_tokens=True)["input_ids"])
 
     async def serve(self, request: web.Request, parse: Callable[[Any], ApiCall]) -> web.StreamResponse:
         try:
