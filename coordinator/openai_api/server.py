@@ -152,10 +152,7 @@ class OpenAIApi:
         return web.json_response({"version": __version__})
 
     async def health(self, request: web.Request) -> web.Response:
-        try:
-            self.servicer.info  # noqa: B018 - raises UnavailableError until the workers are paired
-        except SpecpipeError as exc:
-            return error_response(exc)
+        self.servicer.info  # noqa: B018 - raises UnavailableError (503) until the workers are paired
         return web.json_response({"status": "ok"})
 
     def model_card(self) -> dict[str, Any]:
@@ -168,58 +165,46 @@ class OpenAIApi:
         }
 
     async def models(self, request: web.Request) -> web.Response:
-        try:
-            return web.json_response({"object": "list", "data": [self.model_card()]})
-        except SpecpipeError as exc:
-            return error_response(exc)
+        return web.json_response({"object": "list", "data": [self.model_card()]})
 
     async def model(self, request: web.Request) -> web.Response:
-        try:
-            self.check_model(request.match_info["model"])
-            return web.json_response(self.model_card())
-        except SpecpipeError as exc:
-            return error_response(exc)
+        self.check_model(request.match_info["model"])
+        return web.json_response(self.model_card())
 
     async def tokenize(self, request: web.Request) -> web.Response:
         """vLLM's /tokenize: a prompt's tokens as Generate encodes it, or a conversation's as the chat
         template renders it."""
-        try:
-            fields = Fields(await self.body(request))
-            self.check_model(fields.string("model", "") or "")
-            generator = self.servicer.generator
-            context = generator.limits.target_context
-            if fields.body.get("messages") is not None:
-                conversation = chat_messages(fields.body["messages"])
-                messages = messages_from_pb([coordinator_pb2.ChatMessage(**m) for m in conversation])
-                continue_final = fields.boolean("continue_final_message")
-                asked = fields.value("add_generation_prompt", (bool,), "true or false")
-                opened = opens_generation_prompt(continue_final, asked)
-                ids = generator.chat.token_ids(messages, continue_final, context, opened)
-            else:
-                prompt = fields.string("prompt")
-                if prompt is None:
-                    raise InvalidArgumentError("set prompt (a string) or messages")
-                add_special_tokens = fields.boolean("add_special_tokens", True)
-                ids = Tokenized.of(generator.tokenizer, prompt, add_special_tokens, context).token_ids
-        except SpecpipeError as exc:
-            return error_response(exc)
+        fields = Fields(await self.body(request))
+        self.check_model(fields.string("model", "") or "")
+        generator = self.servicer.generator
+        context = generator.limits.target_context
+        if fields.body.get("messages") is not None:
+            conversation = chat_messages(fields.body["messages"])
+            messages = messages_from_pb([coordinator_pb2.ChatMessage(**m) for m in conversation])
+            continue_final = fields.boolean("continue_final_message")
+            asked = fields.value("add_generation_prompt", (bool,), "true or false")
+            opened = opens_generation_prompt(continue_final, asked)
+            ids = generator.chat.token_ids(messages, continue_final, context, opened)
+        else:
+            prompt = fields.string("prompt")
+            if prompt is None:
+                raise InvalidArgumentError("set prompt (a string) or messages")
+            add_special_tokens = fields.boolean("add_special_tokens", True)
+            ids = Tokenized.of(generator.tokenizer, prompt, add_special_tokens, context).token_ids
         return web.json_response({"count": len(ids), "max_model_len": context, "tokens": ids})
 
     async def detokenize(self, request: web.Request) -> web.Response:
         """vLLM's /detokenize: token ids' text."""
-        try:
-            fields = Fields(await self.body(request))
-            self.check_model(fields.string("model", "") or "")
-            ids = fields.integers("tokens")
-            limits = self.servicer.generator.limits
-            if not ids or len(ids) > limits.target_context:  # the tokenizer runs on the event loop
-                raise InvalidArgumentError(f"tokens must hold 1..{limits.target_context} token ids")
-            vocab_size = limits.vocab_size
-            if not all(0 <= token_id < vocab_size for token_id in ids):
-                raise InvalidArgumentError(f"tokens must be in [0, {vocab_size})")
-            text = self.decode(ids)
-        except SpecpipeError as exc:
-            return error_response(exc)
+        fields = Fields(await self.body(request))
+        self.check_model(fields.string("model", "") or "")
+        ids = fields.integers("tokens")
+        limits = self.servicer.generator.limits
+        if not ids or len(ids) > limits.target_context:  # the tokenizer runs on the event loop
+            raise InvalidArgumentError(f"tokens must hold 1..{limits.target_context} token ids")
+        vocab_size = limits.vocab_size
+        if not all(0 <= token_id < vocab_size for token_id in ids):
+            raise InvalidArgumentError(f"tokens must be in [0, {vocab_size})")
+        text = self.decode(ids)
         return web.json_response({"prompt": text})
 
     def check_model(self, name: str) -> str:
@@ -248,20 +233,15 @@ class OpenAIApi:
             raise InvalidArgumentError(f"prompt: token ids the tokenizer cannot decode: {exc}") from None
 
     async def serve(self, request: web.Request, parse: Callable[[Any], ApiCall]) -> web.StreamResponse:
-        try:
-            call = parse(await self.body(request))
-            builder = ResponseBuilder(call, self.check_model(call.model), self.speller().text_of)
-        except Exception as exc:  # noqa: BLE001 - every failure is an HTTP error, never a dropped connection
-            return error_response(exc)
-        try:
-            # All the prompts' completions are admitted at once, or none: a body that could never run whole
-            # is refused before any of it starts.
-            with self.servicer.admission(call.slots):
-                # Closed on every way out, a disconnected client's cancellation included: that stops them.
-                async with contextlib.aclosing(self.chunks(call)) as chunks:
-                    return await self.respond(request, call, builder, chunks)
-        except Exception as exc:  # noqa: BLE001
-            return error_response(exc)
+        """A (chat) completion's request; its failures before a stream begins are `json_errors`'."""
+        call = parse(await self.body(request))
+        builder = ResponseBuilder(call, self.check_model(call.model), self.speller().text_of)
+        # All the prompts' completions are admitted at once, or none: a body that could never run whole is
+        # refused before any of it starts.
+        with self.servicer.admission(call.slots):
+            # Closed on every way out, a disconnected client's cancellation included: that stops them.
+            async with contextlib.aclosing(self.chunks(call)) as chunks:
+                return await self.respond(request, call, builder, chunks)
 
     async def respond(
         self,
@@ -315,7 +295,10 @@ class OpenAIApi:
 async def json_errors(
     request: web.Request, handler: Callable[[web.Request], Awaitable[web.StreamResponse]]
 ) -> web.StreamResponse:
-    """aiohttp's own refusals (an unknown route, a body over the size limit...) with OpenAI's error body."""
+    """Every refusal with OpenAI's error body: aiohttp's own (an unknown route, a body over the size limit...)
+    and a handler's exception (a domain error with its gRPC code's status, anything else a logged 500), so a
+    failure is always an HTTP error, never a dropped connection. (A stream's errors after its status was sent
+    are its last event: `OpenAIApi.respond`.)"""
     try:
         return await handler(request)
     except web.HTTPException as exc:
@@ -324,6 +307,8 @@ async def json_errors(
         return web.json_response(
             error_body(exc.status, exc.text or exc.reason, exc.reason), status=exc.status
         )
+    except Exception as exc:  # noqa: BLE001
+        return error_response(exc)
 
 
 @dataclass(slots=True)
