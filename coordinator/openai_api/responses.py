@@ -17,6 +17,8 @@ from coordinator.openai_api.requests import ApiCall
 from coordinator.request import GenerationChunk
 from specpipe.sampling.logprobs import TokenLogprob
 
+# The lists of OpenAI's log-probs object, by whether it is chat's.
+LOGPROB_LISTS = {True: ("content",), False: ("tokens", "token_logprobs", "top_logprobs", "text_offset")}
 # A token and its log-prob, or a bare token id: the prompt's first token, which has none.
 Scored = TokenLogprob | int
 FINISH_REASONS = {"eos": "stop", "stop": "stop", "length": "length"}
@@ -35,7 +37,7 @@ class ChoiceState:
     echo: str
     started: bool = False  # a chunk of it was seen (the echo and a chat's role go with the first)
     texts: list[str] = field(default_factory=list)
-    logprobs: list[Scored] = field(default_factory=list)
+    logprobs: list[dict[str, Any]] = field(default_factory=list)  # each chunk's, as its event carries them
     text_offset: int = 0  # characters before the next token (completions' logprobs.text_offset)
     finish_reason: str | None = None
 
@@ -74,7 +76,8 @@ class ResponseBuilder:
                 entries = [first_prompt_token, *chunk.prompt_logprobs, *entries]
         choice.texts.append(text)
         logprobs = self.logprobs(choice, entries) if self.call.logprobs else None
-        choice.logprobs.extend(entries)
+        if logprobs is not None:
+            choice.logprobs.append(logprobs)
         if chunk.finish_reason:
             choice.finish_reason = FINISH_REASONS[chunk.finish_reason]
         if chunk.usage is not None:
@@ -122,8 +125,7 @@ class ResponseBuilder:
                 entry["message"] = {"role": "assistant", "content": text}
             else:
                 entry["text"] = text
-            request = index // self.call.n
-            entry["logprobs"] = self.whole_logprobs(choice, request) if self.call.logprobs else None
+            entry["logprobs"] = self.whole_logprobs(choice) if self.call.logprobs else None
             entry["finish_reason"] = choice.finish_reason
             choices.append(entry)
         return {
@@ -135,9 +137,10 @@ class ResponseBuilder:
             "usage": self.usage(),
         }
 
-    def whole_logprobs(self, choice: ChoiceState, request: int) -> dict[str, Any]:
-        choice.text_offset = len(choice.echo) if self.call.first_prompt_tokens[request] is None else 0
-        return self.logprobs(choice, choice.logprobs)
+    def whole_logprobs(self, choice: ChoiceState) -> dict[str, Any]:
+        """A choice's log-probs: its chunks' joined (each list of them, one after the other)."""
+        keys = LOGPROB_LISTS[self.call.chat]
+        return {key: [item for part in choice.logprobs for item in part[key]] for key in keys}
 
     def logprobs(self, choice: ChoiceState, entries: Sequence[Scored]) -> dict[str, Any]:
         """OpenAI's log-probs of these tokens: chat's `content` list, or completions' parallel lists (where a
