@@ -88,6 +88,18 @@ def embedded_stack(args: argparse.Namespace, flags: Sequence[str], log_dir: Path
         stack.stop(timeout_s=60.0)  # SIGTERM: the launcher drains and stops every component
 
 
+def alternated_stacks(
+    args: argparse.Namespace, stacks: dict[str, list[str]], out_dir: Path
+) -> Iterator[tuple[int, str, str]]:
+    """For each of `args.rounds` rounds, each stack (its name and `specpipe serve` flags) started in turn and
+    SERVING: (round, name, address); the order alternates from round to round, so drift cancels."""
+    names = list(stacks)
+    for round_ in range(args.rounds):
+        for name in names if round_ % 2 == 0 else names[::-1]:
+            with embedded_stack(args, stacks[name], out_dir / "logs" / f"{name}-{round_}") as address:
+                yield round_, name, address
+
+
 def run_load(address: str, args: argparse.Namespace, concurrency: int) -> dict[str, object]:
     load_args = load.parse_args(
         ["--address", address, "--num-requests", str(args.num_requests), "--concurrency", str(concurrency),
@@ -145,18 +157,15 @@ def main(argv: Sequence[str] | None = None) -> int:
         name: {c: [] for c in args.concurrencies} for name in stacks
     }
     started = time.perf_counter()
-    for round_ in range(args.rounds):
-        order = [UNBATCHED, BATCHED] if round_ % 2 == 0 else [BATCHED, UNBATCHED]  # alternate: drift cancels
-        for name in order:
-            with embedded_stack(args, stacks[name], out_dir / "logs" / f"{name}-{round_}") as address:
-                for concurrency in args.concurrencies:
-                    summary = run_load(address, args, concurrency)
-                    results[name][concurrency].append(summary)
-                    print(
-                        f"[{time.perf_counter() - started:6.1f}s] round {round_ + 1} {name}, concurrency "
-                        f"{concurrency}: {summary['output_token_throughput_per_s']:.1f} output tokens/s",
-                        flush=True,
-                    )
+    for round_, name, address in alternated_stacks(args, stacks, out_dir):
+        for concurrency in args.concurrencies:
+            summary = run_load(address, args, concurrency)
+            results[name][concurrency].append(summary)
+            print(
+                f"[{time.perf_counter() - started:6.1f}s] round {round_ + 1} {name}, concurrency "
+                f"{concurrency}: {summary['output_token_throughput_per_s']:.1f} output tokens/s",
+                flush=True,
+            )
     text = report(results, args)
     print(text)
     payload = {

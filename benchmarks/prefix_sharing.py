@@ -22,7 +22,7 @@ import sys
 import time
 from collections.abc import Sequence
 
-from benchmarks.batching import add_stack_options, embedded_stack
+from benchmarks.batching import add_stack_options, alternated_stacks
 from benchmarks.latency import default_out_dir
 from benchmarks.load import SHIPPED_RECORD
 from benchmarks.prompts import default_prompts
@@ -103,17 +103,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     stacks = {SHARING: [], NO_SHARING: ["--no-prefix-sharing"]}
     results: dict[str, dict[str, list[float]]] = {name: {w: [] for w in WORKLOADS} for name in stacks}
     prefix_tokens = 0
-    for round_ in range(args.rounds):
-        order = (
-            [SHARING, NO_SHARING] if round_ % 2 == 0 else [NO_SHARING, SHARING]
-        )  # alternate: drift cancels
-        for name in order:
-            with embedded_stack(args, stacks[name], out_dir / "logs" / f"{name}-{round_}") as address:
-                with CoordinatorClient(address) as client:
-                    prefix_tokens = len(client.tokenize(prefix).token_ids)
-                for workload, times in time_workloads(address, args, prefix, round_).items():
-                    results[name][workload].extend(times)
-                print(f"round {round_ + 1} {name}: done", flush=True)
+    for round_, name, address in alternated_stacks(args, stacks, out_dir):
+        with CoordinatorClient(address) as client:
+            prefix_tokens = len(client.tokenize(prefix).token_ids)
+        for workload, times in time_workloads(address, args, prefix, round_).items():
+            results[name][workload].extend(times)
+        print(f"round {round_ + 1} {name}: done", flush=True)
     text = report(results, args, prefix_tokens)
     print(text)
     payload = {
