@@ -25,6 +25,14 @@ FINISH_REASONS = {
 }
 
 
+def completions_asked(pb: coordinator_pb2.GenerateRequest) -> int:
+    """GenerateRequest.n, checked: 1..MAX_COMPLETIONS, unset = 1."""
+    n = pb.n if pb.HasField("n") else 1
+    if not 1 <= n <= MAX_COMPLETIONS:
+        raise InvalidArgumentError(f"n must be in [1, {MAX_COMPLETIONS}] (unset = 1), got {n}")
+    return n
+
+
 def validate_session_id(session_id: str) -> str:
     if not SESSION_ID_PATTERN.match(session_id):
         raise InvalidArgumentError("session_id must be 1-128 characters of letters, digits, '_', '.' or '-'")
@@ -97,9 +105,7 @@ class GenerationRequest:
             raise InvalidArgumentError(
                 f"bad_words may hold at most {MAX_BAD_WORDS} words, got {len(pb.bad_words)}"
             )
-        n = pb.n if pb.HasField("n") else 1
-        if not 1 <= n <= MAX_COMPLETIONS:
-            raise InvalidArgumentError(f"n must be in [1, {MAX_COMPLETIONS}] (unset = 1), got {n}")
+        n = completions_asked(pb)
         if pb.session_id:
             validate_session_id(pb.session_id)
             if n > 1:

@@ -251,6 +251,12 @@ def test_echo_and_structured_output(pipeline: Pipeline, client: openai.OpenAI, m
             400,
             "n must be in [1, 16]",
         ),
+        (
+            "/v1/completions",
+            {"prompt": "x", "echo": True, "logprobs": 1, "n": 0},
+            400,
+            "n must be in [1, 16]",
+        ),
         ("/v1/completions", {"prompt": "x", "best_of": 3}, 400, "best_of is not supported"),
         ("/v1/completions", {"prompt": {"x": 1}}, 400, "prompt must be a string"),
         ("/v1/completions", {"prompt": "x", "top_k": 2**40}, 400, "out of range"),

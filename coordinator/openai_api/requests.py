@@ -15,7 +15,7 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from coordinator.request import MAX_COMPLETIONS
+from coordinator.request import MAX_COMPLETIONS, completions_asked
 from specpipe.client import build_request
 from specpipe.errors import InvalidArgumentError
 from specpipe.sampling.params import MAX_TOP_LOGPROBS
@@ -142,9 +142,7 @@ def completion_call(
         # Echo with logprobs (how lm-evaluation-harness scores a text): every choice starts with the prompt's
         # log-probs, which Generate gives to a request's first completion only, so each completion is a
         # request of its own, completion i with seed + i as Generate's n draws it.
-        n = request.n or 1
-        if not 1 <= n <= MAX_COMPLETIONS:
-            raise InvalidArgumentError(f"n must be in [1, {MAX_COMPLETIONS}] (unset = 1), got {n}")
+        n = completions_asked(request)
         prompt_ids = encode(prompt) if isinstance(prompt, str) else list(prompt)
         for completion in range(n):
             single = coordinator_pb2.GenerateRequest()
