@@ -25,6 +25,12 @@ FINISH_REASONS = {
 }
 
 
+def completion_slots(pb: coordinator_pb2.GenerateRequest) -> int:
+    """The concurrency slots a request takes: its n completions (an n out of range is refused by from_pb,
+    with completions_asked's message)."""
+    return min(max(pb.n, 1), MAX_COMPLETIONS)
+
+
 def completions_asked(pb: coordinator_pb2.GenerateRequest) -> int:
     """GenerateRequest.n, checked: 1..MAX_COMPLETIONS, unset = 1."""
     n = pb.n if pb.HasField("n") else 1

@@ -11,10 +11,10 @@ import grpc
 from coordinator.completions import completion_requests, interleaved_completions
 from coordinator.metrics import CoordinatorMetrics
 from coordinator.request import (
-    MAX_COMPLETIONS,
     GenerationChunk,
     GenerationRequest,
     RequestLimits,
+    completion_slots,
     validate_session_id,
 )
 from coordinator.server_info import ServerInfo
@@ -23,11 +23,6 @@ from coordinator.speculation import SpeculativeGenerator
 from coordinator.tokenization import Tokenized
 from specpipe.errors import InvalidArgumentError, ResourceExhaustedError, UnavailableError
 from specpipe.v1 import coordinator_pb2, coordinator_pb2_grpc
-
-
-def completion_slots(request: coordinator_pb2.GenerateRequest) -> int:
-    """The concurrency slots a request takes: its n completions (an n out of range is refused by from_pb)."""
-    return min(max(request.n, 1), MAX_COMPLETIONS)
 
 
 class CoordinatorServicer(coordinator_pb2_grpc.CoordinatorServicer):

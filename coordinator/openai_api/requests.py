@@ -15,7 +15,7 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from coordinator.request import MAX_COMPLETIONS, completions_asked
+from coordinator.request import completion_slots, completions_asked
 from specpipe.client import build_request
 from specpipe.errors import InvalidArgumentError
 from specpipe.sampling.params import MAX_TOP_LOGPROBS
@@ -48,9 +48,8 @@ class ApiCall:
 
     @property
     def slots(self) -> int:
-        """Of the coordinator's concurrency limit: every request's completions (an n out of range is refused
-        by the Generate request itself, with its own message)."""
-        return len(self.requests) * min(max(self.n, 1), MAX_COMPLETIONS)
+        """Of the coordinator's concurrency limit: every request's completions."""
+        return sum(completion_slots(request) for request in self.requests)
 
 
 class Fields:
