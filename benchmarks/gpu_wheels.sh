@@ -1,7 +1,12 @@
 #!/usr/bin/env bash
-# Fetches, here, the wheels benchmarks/gpu_checks.sh needs on the lent GPU machine, whose image has PyTorch,
-# transformers, uvloop and prometheus-client but not these (or not these versions: the generated gRPC code
-# needs grpcio >= 1.85.1 and protobuf >= 7.35.1; structured output needs outlines-core), and which cannot download anything. Python 3.12, x86-64.
+# Fetches, here, the wheels benchmarks/gpu_checks.sh needs on the lent GPU machine, which cannot download
+# anything (Python 3.12, x86-64). Each of pyproject.toml's dependencies is in one of three lists, and
+# tests/test_gpu_scripts.py fails when one is in none (the first H200 run failed on outlines-core's import):
+#   fetched below: the image lacks them, or has versions the services cannot use (the generated gRPC code
+#     needs grpcio >= 1.85.1 and protobuf >= 7.35.1);
+#   in the image (its package list, ../.library/device/KINDS.md): torch transformers tokenizers safetensors
+#     pyyaml aiohttp prometheus-client uvloop
+#   not needed there (imported only on paths the checks do not take): kubernetes (Kubernetes discovery)
 # They go to .whl/ (ignored by git through .git/info/exclude); pass carry=[".whl"] to the device run.
 # Usage: bash benchmarks/gpu_wheels.sh
 set -euo pipefail
