@@ -9,8 +9,10 @@ among them), so it is encoded without adding them again, as vLLM encodes a chat 
 
 from __future__ import annotations
 
+import json
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Any
 
 from jinja2 import TemplateError
 from transformers import PreTrainedTokenizerBase
@@ -20,18 +22,113 @@ from specpipe.errors import FailedPreconditionError, InvalidArgumentError
 from specpipe.v1 import coordinator_pb2
 
 MAX_MESSAGES = 1024
+MAX_TOOLS = 128
+
+
+def json_object(text: str, what: str) -> dict[str, Any]:
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise InvalidArgumentError(f"{what} must be a JSON object: {exc}") from None
+    if not isinstance(value, dict):
+        raise InvalidArgumentError(f"{what} must be a JSON object")
+    return value
+
+
+@dataclass(frozen=True, slots=True)
+class ToolCall:
+    """A function call an assistant's turn made; its arguments are a JSON object's text."""
+
+    id: str
+    name: str
+    arguments: str
+
+    @classmethod
+    def from_pb(cls, pb: coordinator_pb2.ToolCall, what: str) -> ToolCall:
+        if not pb.name:
+            raise InvalidArgumentError(f"{what}.name must not be empty")
+        json_object(pb.arguments or "{}", f"{what}.arguments")
+        return cls(pb.id, pb.name, pb.arguments or "{}")
+
+    def to_pb(self) -> coordinator_pb2.ToolCall:
+        return coordinator_pb2.ToolCall(id=self.id, name=self.name, arguments=self.arguments)
+
+    def for_template(self) -> dict[str, Any]:
+        """As transformers' chat templates read a call: the arguments as an object (templates write them
+        with `tojson`)."""
+        function = {"name": self.name, "arguments": json.loads(self.arguments)}
+        return {"id": self.id, "type": "function", "function": function}
+
+
+@dataclass(frozen=True, slots=True)
+class ToolDefinition:
+    """A function the model may call: its name, description and arguments' JSON Schema."""
+
+    name: str
+    description: str = ""
+    parameters: str = ""  # JSON Schema text, "" = none given
+
+    @classmethod
+    def from_pb(cls, pb: coordinator_pb2.ToolDefinition, index: int) -> ToolDefinition:
+        if not pb.name:
+            raise InvalidArgumentError(f"tools[{index}].name must not be empty")
+        if pb.parameters_json:
+            json_object(pb.parameters_json, f"tools[{index}].parameters")
+        return cls(pb.name, pb.description, pb.parameters_json)
+
+    def to_pb(self) -> coordinator_pb2.ToolDefinition:
+        return coordinator_pb2.ToolDefinition(
+            name=self.name, description=self.description, parameters_json=self.parameters
+        )
+
+    def for_template(self) -> dict[str, Any]:
+        """OpenAI's tool object, which transformers passes to the template as `tools`."""
+        function: dict[str, Any] = {"name": self.name}
+        if self.description:
+            function["description"] = self.description
+        if self.parameters:
+            function["parameters"] = json.loads(self.parameters)
+        return {"type": "function", "function": function}
+
+
+def tools_from_pb(pbs: Sequence[coordinator_pb2.ToolDefinition]) -> tuple[ToolDefinition, ...]:
+    if len(pbs) > MAX_TOOLS:
+        raise InvalidArgumentError(f"tools may hold at most {MAX_TOOLS} functions, got {len(pbs)}")
+    tools = tuple(ToolDefinition.from_pb(pb, index) for index, pb in enumerate(pbs))
+    if len({tool.name for tool in tools}) < len(tools):
+        raise InvalidArgumentError("tools must name each function once")
+    return tools
 
 
 @dataclass(frozen=True, slots=True)
 class ChatMessage:
     role: str
     content: str
+    tool_calls: tuple[ToolCall, ...] = ()  # an assistant's turn that called functions
+    tool_call_id: str = ""  # a "tool" message: the call it answers
+    name: str = ""  # a "tool" message: the function's name
 
     @classmethod
     def from_pb(cls, pb: coordinator_pb2.ChatMessage, index: int) -> ChatMessage:
         if not pb.role:
             raise InvalidArgumentError(f"messages[{index}].role must not be empty")
-        return cls(pb.role, pb.content)
+        calls = tuple(
+            ToolCall.from_pb(call, f"messages[{index}].tool_calls[{number}]")
+            for number, call in enumerate(pb.tool_calls)
+        )
+        return cls(pb.role, pb.content, calls, pb.tool_call_id, pb.name)
+
+    def for_template(self) -> dict[str, Any]:
+        """The message as transformers' chat templates read it: role and content, and the tool fields where
+        set (a template tests for them with `in` or `is defined`)."""
+        message: dict[str, Any] = {"role": self.role, "content": self.content}
+        if self.tool_calls:
+            message["tool_calls"] = [call.for_template() for call in self.tool_calls]
+        if self.tool_call_id:
+            message["tool_call_id"] = self.tool_call_id
+        if self.name:
+            message["name"] = self.name
+        return message
 
 
 def opens_generation_prompt(continue_final_message: bool, add_generation_prompt: bool | None) -> bool:
@@ -69,16 +166,25 @@ class ChatTemplate:
         continue_final_message: bool,
         max_context: int,
         add_generation_prompt: bool = True,
+        tools: Sequence[ToolDefinition] = (),
     ) -> str:
         if not self.available:
             raise FailedPreconditionError(
                 "the served model has no chat template: send a prompt instead of messages, or start the "
                 "coordinator with --chat-template"
             )
-        check_length("".join(m.role + m.content for m in messages), max_context, "messages")
+        check_length(
+            "".join(
+                [m.role + m.content + "".join(c.arguments for c in m.tool_calls) for m in messages]
+                + [t.description + t.parameters for t in tools]
+            ),
+            max_context,
+            "messages",
+        )
         try:
             rendered = self.tokenizer.apply_chat_template(
-                [{"role": m.role, "content": m.content} for m in messages],
+                [message.for_template() for message in messages],
+                tools=[tool.for_template() for tool in tools] or None,
                 chat_template=self.template or None,
                 tokenize=False,
                 add_generation_prompt=add_generation_prompt and not continue_final_message,
@@ -95,10 +201,11 @@ class ChatTemplate:
         continue_final_message: bool,
         max_context: int,
         add_generation_prompt: bool = True,
+        tools: Sequence[ToolDefinition] = (),
     ) -> list[int]:
         """The rendered conversation's tokens, encoded without adding special tokens: the template wrote
         those it wants."""
-        text = self.render(messages, continue_final_message, max_context, add_generation_prompt)
+        text = self.render(messages, continue_final_message, max_context, add_generation_prompt, tools)
         ids = list(self.tokenizer(text, add_special_tokens=False)["input_ids"])
         if not ids:
             raise InvalidArgumentError("messages render to no tokens")

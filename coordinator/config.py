@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from coordinator.cluster_config import ClusterConfig
+from coordinator.openai_api.tools import TOOL_CALL_PARSERS
 
 ADAPTIVE_K_RULES = ("cost", "hf-heuristic")
 
@@ -57,6 +58,8 @@ class CoordinatorConfig:
     served_model_name: str = ""
     # The HTTP API's bearer token ("" = none asked), kept out of the command line and the logs.
     api_key: str = field(default="", repr=False)
+    # How a chat output's tool calls are written, for tool_choice "auto" ("" = none: "auto" is refused).
+    tool_call_parser: str = ""
 
     def __post_init__(self) -> None:
         if not self.redis_url:
@@ -85,5 +88,10 @@ class CoordinatorConfig:
         for name in ("metrics_port", "http_port"):
             if not -1 <= getattr(self, name) < 65536:
                 raise ValueError(f"{name} must be in [-1, 65535], got {getattr(self, name)}")
+        if self.tool_call_parser and self.tool_call_parser not in TOOL_CALL_PARSERS:
+            raise ValueError(
+                f"tool_call_parser must be one of {TOOL_CALL_PARSERS} (or empty), "
+                f"got {self.tool_call_parser!r}"
+            )
         if self.session_ttl_s < 1:
             raise ValueError(f"session_ttl_s must be >= 1, got {self.session_ttl_s}")

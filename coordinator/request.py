@@ -8,7 +8,13 @@ import secrets
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
-from coordinator.chat import ChatMessage, messages_from_pb, opens_generation_prompt
+from coordinator.chat import (
+    ChatMessage,
+    ToolDefinition,
+    messages_from_pb,
+    opens_generation_prompt,
+    tools_from_pb,
+)
 from coordinator.structured_requests import output_regex
 from specpipe.errors import InvalidArgumentError
 from specpipe.sampling.logprobs import TokenLogprob
@@ -75,6 +81,7 @@ class GenerationRequest:
     messages: tuple[ChatMessage, ...] = ()
     continue_final_message: bool = False  # the last message is continued rather than a new turn opened
     add_generation_prompt: bool = True  # the assistant's turn is opened after the messages
+    tools: tuple[ToolDefinition, ...] = ()  # functions the chat template describes to the model
     # No next turn (the HTTP API's requests, whose clients cannot name a session): the session is deleted
     # and the workers' caches freed once the request ends. Not a wire field.
     ephemeral: bool = False
@@ -95,6 +102,8 @@ class GenerationRequest:
             )
         if pb.continue_final_message and not pb.messages:
             raise InvalidArgumentError("continue_final_message needs messages")
+        if pb.tools and not pb.messages:
+            raise InvalidArgumentError("tools are for messages (the chat template describes them)")
         add_generation_prompt = opens_generation_prompt(
             pb.continue_final_message,
             pb.add_generation_prompt if pb.HasField("add_generation_prompt") else None,
@@ -158,6 +167,7 @@ class GenerationRequest:
             messages=messages_from_pb(pb.messages),
             continue_final_message=pb.continue_final_message,
             add_generation_prompt=add_generation_prompt,
+            tools=tools_from_pb(pb.tools),
         )
 
 

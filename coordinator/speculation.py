@@ -124,6 +124,7 @@ class SpeculativeGenerator:
                 request.continue_final_message,
                 self.limits.target_context,
                 request.add_generation_prompt,
+                request.tools,
             )
         if not request.prompt:
             return []  # a continued session without a new turn

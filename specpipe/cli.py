@@ -14,6 +14,7 @@ from typing import TYPE_CHECKING, TypeVar
 import grpc
 
 from coordinator.config import ADAPTIVE_K_RULES
+from coordinator.openai_api.tools import TOOL_CALL_PARSERS
 from specpipe.rpc.event_loop import EVENT_LOOPS, run_event_loop
 from specpipe.rpc.event_loop import resolve as resolve_event_loop
 
@@ -224,6 +225,12 @@ def add_serve_parser(subparsers: argparse._SubParsersAction) -> None:
     serve.add_argument(
         "--served-model-name", default="",
         help="all/coordinator: the model's name in the HTTP API (default: the target model's path)",
+    )  # fmt: skip
+    serve.add_argument(
+        "--tool-call-parser", choices=TOOL_CALL_PARSERS, default="",
+        help="all/coordinator: how the model writes tool calls, for chat requests with tool_choice \"auto\" "
+        "(hermes: <tool_call>{...}</tool_call>, Qwen 2.5+ and Hermes models); without it \"auto\" is refused "
+        "(\"required\" and a named function need none)",
     )  # fmt: skip
     serve.add_argument(
         "--event-loop", choices=EVENT_LOOPS, default="auto",
@@ -545,6 +552,7 @@ def serve_component(args: argparse.Namespace) -> int:
             chat_template=chat_template(args.chat_template),
             http_port=-1 if args.http_port is None else args.http_port,
             served_model_name=args.served_model_name,
+            tool_call_parser=args.tool_call_parser,
             api_key=api_key(args),
         )
     )
@@ -610,6 +618,8 @@ def serve_all(args: argparse.Namespace) -> int:
     ]
     if args.served_model_name:
         extra += ["--served-model-name", args.served_model_name]
+    if args.tool_call_parser:
+        extra += ["--tool-call-parser", args.tool_call_parser]
     api_key(args)  # an unreadable or empty key is refused here, before anything starts
     if args.api_key_file:  # (env SPECPIPE_API_KEY reaches the coordinator as it is)
         extra += ["--api-key-file", str(Path(args.api_key_file).resolve())]

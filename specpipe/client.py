@@ -44,11 +44,13 @@ def build_request(
     json_object: bool = False,
     regex: str | None = None,
     choice: Sequence[str] | None = None,
-    messages: Sequence[Mapping[str, str]] = (),
+    messages: Sequence[Mapping[str, str] | coordinator_pb2.ChatMessage] = (),
     continue_final_message: bool = False,
     add_generation_prompt: bool | None = None,
+    tools: Sequence[coordinator_pb2.ToolDefinition] = (),
 ) -> coordinator_pb2.GenerateRequest:
-    """A GenerateRequest; with `messages` ({"role": ..., "content": ...} each), pass "" as the prompt."""
+    """A GenerateRequest; with `messages` ({"role": ..., "content": ...} each, or ChatMessages), pass "" as
+    the prompt."""
     rule = (
         common_pb2.ACCEPTANCE_RULE_COUPLED
         if acceptance == "coupled"
@@ -68,7 +70,11 @@ def build_request(
         include_stop_str_in_output=include_stop_str_in_output,
         skip_special_tokens=skip_special_tokens,
         n=n,
-        messages=[coordinator_pb2.ChatMessage(role=m["role"], content=m["content"]) for m in messages],
+        messages=[
+            m if isinstance(m, coordinator_pb2.ChatMessage) else coordinator_pb2.ChatMessage(**m)
+            for m in messages
+        ],
+        tools=tools,
         continue_final_message=continue_final_message,
         add_generation_prompt=add_generation_prompt,
     )

@@ -171,7 +171,7 @@ def start_pipeline(
     http_port = free_port()
     coordinator_args = [
         "--metrics-port", str(ports["coordinator"]), "--chat-template", str(CHAT_TEMPLATE),
-        "--http-port", str(http_port),
+        "--http-port", str(http_port), "--tool-call-parser", "hermes",
     ]  # fmt: skip
     coordinator = start_coordinator(draft.address, target.address, redis.url, log_dir, extra=coordinator_args)
     pipeline = Pipeline(coordinator.address, draft, target, coordinator, redis, pair, ports, http_port)

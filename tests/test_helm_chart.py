@@ -711,12 +711,14 @@ def test_coordinator_serves_the_http_api_unless_turned_off() -> None:
                 "chatTemplate": template,
                 "servedModelName": "org/model: v2",
                 "service": {"httpPort": 80},
+                "toolCallParser": "hermes",
             }
         }
     )
     deployment = one(docs, "Deployment", f"{FULLNAME}-coordinator")
     c = container(deployment)
     assert args_of(c)["--chat-template"] == "/etc/specpipe/chat_template.jinja"
+    assert args_of(c)["--tool-call-parser"] == "hermes"
     assert "--served-model-name=org/model: v2" in c["args"]
     assert one(docs, "ConfigMap", f"{FULLNAME}-coordinator")["data"]["chat_template.jinja"] == template
     assert {"name": "cluster-config", "mountPath": "/etc/specpipe/chat_template.jinja",
@@ -991,6 +993,7 @@ def test_schema_rejects_a_pool_without_a_model() -> None:
         ),
         ({"target": {"directStreamPort": 70000}}, "at '/target/directStreamPort'"),
         ({"coordinator": {"metrics": {"port": 0}}}, "at '/coordinator/metrics/port'"),
+        ({"coordinator": {"toolCallParser": "mistral"}}, "at '/coordinator/toolCallParser'"),
         ({"draft": {"directStreamPort": 50063}}, "at '/draft'"),
         ({"draft": {"maxBatchSessions": 0}}, "at '/draft/maxBatchSessions'"),
         ({"target": {"maxBatchSessions": 0}}, "at '/target/maxBatchSessions'"),

@@ -3,18 +3,20 @@
 The fields are OpenAI's, with their defaults (temperature 1, max_tokens 16 for completions), plus vLLM's
 sampling extensions under vLLM's names (top_k, min_p, repetition_penalty, min_tokens, ignore_eos,
 stop_token_ids, include_stop_str_in_output, skip_special_tokens, allowed_token_ids, bad_words,
-guided_json/guided_regex/guided_choice) and specpipe's num_speculative_tokens. A field that specpipe cannot
-honour (suffix, best_of above n, tools, echo with log-probs) is refused, never ignored; unknown fields are
+guided_json/guided_regex/guided_choice) and specpipe's num_speculative_tokens; chat's tools and tool_choice
+(coordinator/openai_api/tools.py). A field that specpipe cannot honour (suffix, best_of above n) is refused,
+never ignored; unknown fields are
 ignored, as vLLM and OpenAI do. Ranges are checked by the Generate request itself, with the same messages.
 """
 
 from __future__ import annotations
 
 import json
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
+from coordinator.openai_api.tools import NO_TOOLS, ToolChoice, tool_choice_of, tool_definitions
 from coordinator.request import completion_slots, completions_asked
 from specpipe.client import build_request
 from specpipe.errors import InvalidArgumentError
@@ -42,6 +44,7 @@ class ApiCall:
     # before it), ahead of the prompt's scored tokens; else None.
     first_prompt_tokens: tuple[int | None, ...]
     counts_prompt: tuple[bool, ...]  # per request: its prompt tokens count in the usage (once per prompt)
+    tool_choice: ToolChoice = NO_TOOLS  # chat: how the output becomes tool calls
 
     def choice_index(self, request: int, completion: int) -> int:
         return request * self.n + completion
@@ -165,12 +168,12 @@ def completion_call(
     )
 
 
-def chat_call(body: Any, max_tokens_limit: int) -> ApiCall:
+def chat_call(body: Any, max_tokens_limit: int, tool_call_parser: str = "") -> ApiCall:
     """/v1/chat/completions: without max_tokens, the output may run to the limit (or the context), as vLLM's
     does."""
     fields = Fields(body)
-    if fields.body.get("tools") and fields.body.get("tool_choice") != "none":
-        raise InvalidArgumentError("tools are not supported")
+    tools = tool_definitions(fields.body.get("tools"))
+    choice, tool_schema = tool_choice_of(fields.body.get("tool_choice"), tools, tool_call_parser)
     if fields.boolean("echo"):
         raise InvalidArgumentError("echo is not supported for chat completions")
     messages = chat_messages(fields.body.get("messages"))
@@ -190,6 +193,8 @@ def chat_call(body: Any, max_tokens_limit: int) -> ApiCall:
         messages=messages,
         continue_final_message=fields.boolean("continue_final_message"),
         add_generation_prompt=fields.value("add_generation_prompt", (bool,), "true or false"),
+        tools=tools,
+        tool_schema=tool_schema,
     )
     return api_call(
         fields,
@@ -199,6 +204,7 @@ def chat_call(body: Any, max_tokens_limit: int) -> ApiCall:
         logprobs=top is not None,
         first_prompt_tokens=(None,),
         counts_prompt=(True,),
+        tool_choice=choice,
     )
 
 
@@ -224,6 +230,7 @@ def api_call(
     logprobs: bool,
     first_prompt_tokens: tuple[int | None, ...],
     counts_prompt: tuple[bool, ...],
+    tool_choice: ToolChoice = NO_TOOLS,
 ) -> ApiCall:
     stream_options = fields.value("stream_options", (dict,), "an object", {})
     stream = fields.boolean("stream")
@@ -241,6 +248,7 @@ def api_call(
         logprobs=logprobs,
         first_prompt_tokens=first_prompt_tokens,
         counts_prompt=counts_prompt,
+        tool_choice=tool_choice,
     )
 
 
@@ -265,17 +273,52 @@ def completion_prompts(prompt: Any) -> list[str | list[int]]:
     )
 
 
-def chat_messages(messages: Any) -> list[dict[str, str]]:
-    """OpenAI's messages; a content given as parts must be text parts (no images here)."""
+def chat_messages(messages: Any) -> list[coordinator_pb2.ChatMessage]:
+    """OpenAI's messages; a content given as parts must be text parts (no images here). An assistant's
+    tool_calls and a tool message's tool_call_id and name go to the chat template."""
     if not isinstance(messages, list) or not messages:
         raise InvalidArgumentError("messages must be a non-empty list of {role, content} objects")
-    converted: list[dict[str, str]] = []
+    converted: list[coordinator_pb2.ChatMessage] = []
     for index, message in enumerate(messages):
         if not isinstance(message, dict) or not isinstance(message.get("role"), str):
             raise InvalidArgumentError(f"messages[{index}] must be an object with a string role")
-        if message.get("tool_calls"):
-            raise InvalidArgumentError(f"messages[{index}].tool_calls: tools are not supported")
-        converted.append({"role": message["role"], "content": message_text(message.get("content"), index)})
+        fields = Fields(message)
+        converted.append(
+            coordinator_pb2.ChatMessage(
+                role=message["role"],
+                content=message_text(message.get("content"), index),
+                tool_calls=message_tool_calls(message.get("tool_calls"), index),
+                tool_call_id=fields.string("tool_call_id", "") or "",
+                name=fields.string("name", "") or "",
+            )
+        )
+    return converted
+
+
+def message_tool_calls(calls: Any, index: int) -> list[coordinator_pb2.ToolCall]:
+    """An assistant message's tool_calls: `{id, type: function, function: {name, arguments}}` each, the
+    arguments a JSON object's text (as OpenAI returns them) or the object."""
+    if not calls:
+        return []
+    if not isinstance(calls, list):
+        raise InvalidArgumentError(f"messages[{index}].tool_calls must be a list")
+    converted = []
+    for number, call in enumerate(calls):
+        function = call.get("function") if isinstance(call, dict) else None
+        if not isinstance(function, dict) or not isinstance(function.get("name"), str):
+            raise InvalidArgumentError(
+                f"messages[{index}].tool_calls[{number}] must be {{id, type: function, function: {{name, "
+                "arguments}}}}"
+            )
+        arguments = function.get("arguments", "{}")
+        if not isinstance(arguments, str):
+            arguments = json.dumps(arguments)
+        call_id = call.get("id", "")
+        converted.append(
+            coordinator_pb2.ToolCall(
+                id=call_id if isinstance(call_id, str) else "", name=function["name"], arguments=arguments
+            )
+        )
     return converted
 
 
@@ -304,9 +347,11 @@ def generate_request(
     max_tokens: int,
     *,
     top_logprobs: int | None,
-    messages: Sequence[Mapping[str, str]] = (),
+    messages: Sequence[coordinator_pb2.ChatMessage] = (),
     continue_final_message: bool = False,
     add_generation_prompt: bool | None = None,
+    tools: Sequence[coordinator_pb2.ToolDefinition] = (),
+    tool_schema: str | None = None,
 ) -> coordinator_pb2.GenerateRequest:
     n = fields.integer("n", 1)
     best_of = fields.integer("best_of")
@@ -322,6 +367,14 @@ def generate_request(
         if (fields.integer(name) or 0) < 0:
             raise InvalidArgumentError(f"{name} must be >= 0, got {fields.integer(name)}")
     seed = fields.integer("seed")
+    constraint = structured_output(fields)
+    if tool_schema is not None:  # tool_choice "required" or a named function: the output is the call
+        if constraint:
+            raise InvalidArgumentError(
+                "tool_choice (required or a named function) constrains the output: leave response_format "
+                "and guided_* unset"
+            )
+        constraint = {"json_schema": tool_schema}
     try:
         return build_request(
             prompt,
@@ -349,7 +402,8 @@ def generate_request(
             messages=messages,
             continue_final_message=continue_final_message,
             add_generation_prompt=add_generation_prompt,
-            **structured_output(fields),
+            tools=tools,
+            **constraint,
         )
     except ValueError as exc:  # a number beyond its protobuf field (a uint32 above 2^32...)
         raise InvalidArgumentError(f"a field is out of range: {exc}") from None

@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from coordinator.openai_api.requests import ApiCall
+from coordinator.openai_api.tools import ToolOutput
 from coordinator.request import GenerationChunk
 from specpipe.sampling.logprobs import TokenLogprob
 
@@ -40,6 +41,7 @@ class ChoiceState:
     logprobs: list[dict[str, Any]] = field(default_factory=list)  # each chunk's, as its event carries them
     text_offset: int = 0  # characters before the next token (completions' logprobs.text_offset)
     finish_reason: str | None = None
+    tools: ToolOutput | None = None  # chat under a tool choice: its output as calls
 
 
 class ResponseBuilder:
@@ -57,6 +59,9 @@ class ResponseBuilder:
             for prompt, echo in enumerate(call.echoes)
             for completion in range(call.n)
         }
+        if call.chat and call.tool_choice.active:
+            for choice in self.choices.values():
+                choice.tools = ToolOutput(call.tool_choice)
         self.prompt_tokens = 0
         self.completion_tokens = 0
 
@@ -78,19 +83,24 @@ class ResponseBuilder:
         logprobs = self.logprobs(choice, entries) if self.call.logprobs else None
         if logprobs is not None:
             choice.logprobs.append(logprobs)
-        if chunk.finish_reason:
-            choice.finish_reason = FINISH_REASONS[chunk.finish_reason]
         if chunk.usage is not None:
             self.completion_tokens += chunk.usage.generated_tokens
             if chunk.index == 0 and self.call.counts_prompt[request]:  # a prompt counts once, whatever n
                 self.prompt_tokens += chunk.usage.prompt_tokens
         part: dict[str, Any] = {"index": choice.index}
-        if self.call.chat:
+        if choice.tools is not None:
+            part["delta"] = tool_delta(choice.tools, text, first, last=bool(chunk.finish_reason))
+        elif self.call.chat:
             part["delta"] = {"role": "assistant", "content": text} if first else {"content": text}
         else:
             part["text"] = text
         part["logprobs"] = logprobs
-        part["finish_reason"] = FINISH_REASONS.get(chunk.finish_reason)
+        finish_reason = FINISH_REASONS.get(chunk.finish_reason)
+        if choice.tools is not None and finish_reason:  # (after the last text reached the tool output)
+            finish_reason = choice.tools.finish_reason(finish_reason)
+        if finish_reason:
+            choice.finish_reason = finish_reason
+        part["finish_reason"] = finish_reason
         return part
 
     def event(self, part: dict[str, Any]) -> dict[str, Any]:
@@ -121,7 +131,12 @@ class ResponseBuilder:
             choice = self.choices[index]
             text = "".join(choice.texts) or choice.echo
             entry: dict[str, Any] = {"index": index}
-            if self.call.chat:
+            if choice.tools is not None:
+                content, calls = choice.tools.final()
+                entry["message"] = {"role": "assistant", "content": content}
+                if calls:
+                    entry["message"]["tool_calls"] = [call.to_openai() for call in calls]
+            elif self.call.chat:
                 entry["message"] = {"role": "assistant", "content": text}
             else:
                 entry["text"] = text
@@ -177,3 +192,13 @@ class ResponseBuilder:
     def token_entry(self, token_id: int, logprob: float) -> dict[str, Any]:
         token = self.token_text(token_id)
         return {"token": token, "logprob": finite(logprob), "bytes": list(token.encode("utf-8"))}
+
+
+def tool_delta(tools: ToolOutput, text: str, first: bool, last: bool) -> dict[str, Any]:
+    """A stream event's delta under a tool choice: what the output may show so far, and on its last chunk
+    the calls (with any content held back ahead of them)."""
+    delta = tools.stream_delta(text, first)
+    if last:
+        for key, value in tools.final_delta().items():
+            delta[key] = delta.get(key, "") + value if key == "content" else value
+    return delta

@@ -23,10 +23,11 @@ from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from coordinator.api_key import REFUSAL, bearer_matches
-from coordinator.chat import messages_from_pb, opens_generation_prompt
+from coordinator.chat import messages_from_pb, opens_generation_prompt, tools_from_pb
 from coordinator.completions import interleaved
 from coordinator.openai_api.requests import ApiCall, Fields, chat_call, chat_messages, completion_call
 from coordinator.openai_api.responses import ResponseBuilder
+from coordinator.openai_api.tools import tool_definitions
 from coordinator.request import GenerationChunk
 from coordinator.servicer import CoordinatorServicer
 from coordinator.tokenization import Tokenized
@@ -34,7 +35,6 @@ from specpipe import __version__
 from specpipe.errors import InvalidArgumentError, NotFoundError, SpecpipeError
 from specpipe.rpc.interceptor import status_for
 from specpipe.sampling.token_bytes import TokenSpeller
-from specpipe.v1 import coordinator_pb2
 
 logger = logging.getLogger(__name__)
 
@@ -88,10 +88,17 @@ def sse(payload: dict[str, Any] | str) -> bytes:
 class OpenAIApi:
     """The routes, over the coordinator's servicer."""
 
-    def __init__(self, servicer: CoordinatorServicer, served_model_name: str = "", api_key: str = "") -> None:
+    def __init__(
+        self,
+        servicer: CoordinatorServicer,
+        served_model_name: str = "",
+        api_key: str = "",
+        tool_call_parser: str = "",
+    ) -> None:
         self.servicer = servicer
         self.served_model_name = served_model_name  # "" = the target model's name as ServerInfo reports it
         self.api_key = api_key  # "" = none asked (vLLM's --api-key): `Authorization: Bearer <key>`
+        self.tool_call_parser = tool_call_parser  # tool_choice "auto": how the output's calls are written
         self._speller: TokenSpeller | None = None
 
     def model_name(self) -> str:
@@ -179,12 +186,12 @@ class OpenAIApi:
         generator = self.servicer.generator
         context = generator.limits.target_context
         if fields.body.get("messages") is not None:
-            conversation = chat_messages(fields.body["messages"])
-            messages = messages_from_pb([coordinator_pb2.ChatMessage(**m) for m in conversation])
+            messages = messages_from_pb(chat_messages(fields.body["messages"]))
+            tools = tools_from_pb(tool_definitions(fields.body.get("tools")))
             continue_final = fields.boolean("continue_final_message")
             asked = fields.value("add_generation_prompt", (bool,), "true or false")
             opened = opens_generation_prompt(continue_final, asked)
-            ids = generator.chat.token_ids(messages, continue_final, context, opened)
+            ids = generator.chat.token_ids(messages, continue_final, context, opened, tools)
         else:
             prompt = fields.string("prompt")
             if prompt is None:
@@ -223,7 +230,7 @@ class OpenAIApi:
 
     async def chat_completions(self, request: web.Request) -> web.StreamResponse:
         limit = self.servicer.limits.max_new_tokens
-        return await self.serve(request, lambda body: chat_call(body, limit))
+        return await self.serve(request, lambda body: chat_call(body, limit, self.tool_call_parser))
 
     def decode(self, token_ids: Sequence[int]) -> str:
         """A token-id prompt's text, for echo (ids the tokenizer cannot spell are the request's error)."""

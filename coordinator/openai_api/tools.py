@@ -1,0 +1,264 @@
+"""OpenAI's function calling: `tools` and `tool_choice` in, `tool_calls` out.
+
+The tools go to the chat template (GenerateRequest.tools), which describes them in the prompt. What makes the
+output a call is the choice, as vLLM does it:
+
+- a named function (`{"type": "function", "function": {"name": ...}}`): the output is constrained to a JSON
+  object of that function's parameters' schema (structured output), and is the call's arguments;
+- "required": the output is constrained to a non-empty JSON array of `{"name": ..., "parameters": ...}`, one
+  item per call, each naming one of the tools;
+- "auto" (the default with tools): the model decides, and its text is parsed for calls in the format the
+  server's `--tool-call-parser` names (Hermes' `<tool_call>{"name": ..., "arguments": ...}</tool_call>`, which
+  Qwen 2.5+ and Hermes models write). Without a parser it is refused, as vLLM refuses it;
+- "none": the tools are described, and the output is text.
+
+A choice whose output holds calls ends with finish reason "tool_calls" (a named function's, "stop", as
+OpenAI's forced call does); output that does not parse as calls (cut short by max_tokens, say) is returned as
+content. In a stream a named function's arguments stream as they come; "required" and "auto" send their calls
+once parsed, at the end, and "auto" streams the text before a call as content.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import uuid
+from dataclasses import dataclass, field
+from typing import Any
+
+from specpipe.errors import InvalidArgumentError
+from specpipe.v1 import coordinator_pb2
+
+TOOL_CALL_PARSERS = ("hermes",)
+HERMES_OPEN, HERMES_CLOSE = "<tool_call>", "</tool_call>"
+HERMES_CALL = re.compile(r"<tool_call>(.*?)(?:</tool_call>|$)", re.DOTALL)
+
+
+def call_id() -> str:
+    return f"call_{uuid.uuid4().hex[:24]}"
+
+
+@dataclass(frozen=True, slots=True)
+class ParsedCall:
+    """A call the output made: its function's name and its arguments as a JSON object's text."""
+
+    name: str
+    arguments: str
+    id: str = field(default_factory=call_id)
+
+    def to_openai(self, index: int | None = None) -> dict[str, Any]:
+        entry: dict[str, Any] = {
+            "id": self.id,
+            "type": "function",
+            "function": {"name": self.name, "arguments": self.arguments},
+        }
+        return entry if index is None else {"index": index, **entry}
+
+
+@dataclass(frozen=True, slots=True)
+class ToolChoice:
+    """How a chat request's output becomes calls: mode none, auto, required or named (`name`)."""
+
+    mode: str = "none"
+    name: str = ""  # the named function
+    parser: str = ""  # auto: the --tool-call-parser
+
+    @property
+    def active(self) -> bool:
+        return self.mode != "none"
+
+
+NO_TOOLS = ToolChoice()
+
+
+def tool_definitions(tools: Any) -> list[coordinator_pb2.ToolDefinition]:
+    """OpenAI's tools: a list of `{"type": "function", "function": {name, description?, parameters?}}`."""
+    if tools is None:
+        return []
+    if not isinstance(tools, list):
+        raise InvalidArgumentError("tools must be a list of {type: function, function: {...}} objects")
+    definitions = []
+    for index, tool in enumerate(tools):
+        function = tool.get("function") if isinstance(tool, dict) else None
+        if not isinstance(tool, dict) or tool.get("type") != "function" or not isinstance(function, dict):
+            raise InvalidArgumentError(f"tools[{index}] must be {{type: function, function: {{name, ...}}}}")
+        name, description = function.get("name"), function.get("description", "")
+        if not isinstance(name, str) or not name or not isinstance(description, str | None):
+            raise InvalidArgumentError(f"tools[{index}].function needs a string name (and description)")
+        parameters = function.get("parameters")
+        if parameters is not None and not isinstance(parameters, dict):
+            raise InvalidArgumentError(f"tools[{index}].function.parameters must be a JSON Schema object")
+        definitions.append(
+            coordinator_pb2.ToolDefinition(
+                name=name,
+                description=description or "",
+                parameters_json=json.dumps(parameters) if parameters is not None else "",
+            )
+        )
+    return definitions
+
+
+def tool_choice_of(
+    value: Any, tools: list[coordinator_pb2.ToolDefinition], parser: str
+) -> tuple[ToolChoice, str | None]:
+    """OpenAI's tool_choice, and the JSON Schema (text) the output is held to, if any."""
+    if value is None:
+        value = "auto" if tools else "none"
+    if value == "none":
+        return NO_TOOLS, None
+    if not tools:
+        raise InvalidArgumentError("tool_choice needs tools")
+    if value == "auto":
+        if not parser:
+            raise InvalidArgumentError(
+                '"auto" tool choice needs the server\'s --tool-call-parser (or ask for "required", a named '
+                'function, or "none")'
+            )
+        return ToolChoice("auto", parser=parser), None
+    if value == "required":
+        return ToolChoice("required"), json.dumps(required_schema(tools))
+    function = value.get("function") if isinstance(value, dict) else None
+    if isinstance(function, dict) and value.get("type") == "function":
+        name = function.get("name")
+        chosen = next((tool for tool in tools if tool.name == name), None)
+        if chosen is None:
+            raise InvalidArgumentError(f"tool_choice names {json.dumps(name)}, which is not among the tools")
+        return ToolChoice("named", name=chosen.name), parameters_schema(chosen)
+    raise InvalidArgumentError(
+        'tool_choice must be "none", "auto", "required" or {type: function, function: {name}}'
+    )
+
+
+def parameters_schema(tool: coordinator_pb2.ToolDefinition) -> str:
+    return tool.parameters_json or '{"type": "object"}'
+
+
+def required_schema(tools: list[coordinator_pb2.ToolDefinition]) -> dict[str, Any]:
+    """One or more calls, each of one of the tools with its parameters (vLLM's schema for "required")."""
+    calls = [
+        {
+            "type": "object",
+            "properties": {"name": {"const": tool.name}, "parameters": json.loads(parameters_schema(tool))},
+            "required": ["name", "parameters"],
+            "additionalProperties": False,
+        }
+        for tool in tools
+    ]
+    return {"type": "array", "minItems": 1, "items": calls[0] if len(calls) == 1 else {"anyOf": calls}}
+
+
+def parse_required(text: str) -> list[ParsedCall]:
+    """The calls of a "required" output (a JSON array of {name, parameters}); none where it does not parse."""
+    try:
+        items = json.loads(text)
+    except json.JSONDecodeError:
+        return []
+    if not isinstance(items, list):
+        return []
+    calls = []
+    for item in items:
+        if not isinstance(item, dict) or not isinstance(item.get("name"), str):
+            return []
+        calls.append(ParsedCall(item["name"], json.dumps(item.get("parameters", {}), ensure_ascii=False)))
+    return calls
+
+
+def parse_hermes(text: str) -> tuple[str, list[ParsedCall]]:
+    """Hermes' format: text, then `<tool_call>{"name": ..., "arguments": {...}}</tool_call>` blocks (the last
+    may be unclosed where the output ended). The text before the first block is the content; output whose
+    blocks do not all parse is content alone, as vLLM's parser returns it."""
+    start = text.find(HERMES_OPEN)
+    if start < 0:
+        return text, []
+    calls = []
+    for body in HERMES_CALL.findall(text[start:]):
+        try:
+            call = json.loads(body.strip())
+        except json.JSONDecodeError:
+            return text, []
+        if not isinstance(call, dict) or not isinstance(call.get("name"), str):
+            return text, []
+        arguments = call.get("arguments", {})
+        if isinstance(arguments, str):  # some models write the arguments' text
+            arguments = json.loads(arguments) if arguments.strip() else {}
+        calls.append(ParsedCall(call["name"], json.dumps(arguments, ensure_ascii=False)))
+    return text[:start].strip(), calls
+
+
+@dataclass(slots=True)
+class ToolOutput:
+    """One choice's output under a tool choice: what a stream may send now, and the calls at the end."""
+
+    choice: ToolChoice
+    text: str = ""  # everything so far
+    sent: int = 0  # characters of `text` sent as content ("auto") or as arguments (named)
+    named_call: ParsedCall | None = None
+
+    def __post_init__(self) -> None:
+        if self.choice.mode == "named":
+            self.named_call = ParsedCall(self.choice.name, "")
+
+    def stream_delta(self, text: str, first: bool) -> dict[str, Any]:
+        """The delta of a stream event for `text`, the next piece of output."""
+        self.text += text
+        delta: dict[str, Any] = {"role": "assistant"} if first else {}
+        if self.choice.mode == "named":
+            assert self.named_call is not None
+            call: dict[str, Any] = {"index": 0, "function": {"arguments": text}}
+            if first:  # the call's id, type and name go with its first piece, as OpenAI streams them
+                call = self.named_call.to_openai(0)
+                call["function"]["arguments"] = text
+            delta["tool_calls"] = [call]
+        elif self.choice.mode == "auto":
+            # Content up to a call's opening tag, holding back an end that could be the tag's beginning.
+            tag = self.text.find(HERMES_OPEN)
+            end = tag if tag >= 0 else len(self.text) - partial_tag(self.text)
+            if end > self.sent:
+                delta["content"] = self.text[self.sent : end]
+                self.sent = end
+            elif first:
+                delta["content"] = ""
+        elif first:
+            delta["content"] = ""
+        return delta
+
+    def final(self) -> tuple[str | None, list[ParsedCall]]:
+        """The whole output's content (None where calls are all it holds) and calls."""
+        if self.choice.mode == "named":
+            assert self.named_call is not None
+            return None, [ParsedCall(self.choice.name, self.text, self.named_call.id)]
+        if self.choice.mode == "required":
+            calls = parse_required(self.text)
+            return (None, calls) if calls else (self.text, [])
+        content, calls = parse_hermes(self.text)
+        return (content or None) if calls else content, calls
+
+    def final_delta(self) -> dict[str, Any]:
+        """The last stream event's delta: the calls (a named function's were streamed), or the content held
+        back where the output holds none."""
+        if self.choice.mode == "named":
+            return {}
+        calls = self.final()[1]
+        delta: dict[str, Any] = {}
+        if calls:
+            tag = self.text.find(HERMES_OPEN) if self.choice.mode == "auto" else 0
+            if self.sent < tag:
+                delta["content"] = self.text[self.sent : tag]
+            delta["tool_calls"] = [call.to_openai(index) for index, call in enumerate(calls)]
+        elif self.sent < len(self.text):
+            delta["content"] = self.text[self.sent :]
+        self.sent = len(self.text)
+        return delta
+
+    def finish_reason(self, reason: str | None) -> str | None:
+        if reason == "stop" and self.choice.mode != "named" and self.final()[1]:
+            return "tool_calls"
+        return reason
+
+
+def partial_tag(text: str) -> int:
+    """The length of the longest end of `text` that begins the opening tag (held back in a stream)."""
+    for length in range(min(len(HERMES_OPEN) - 1, len(text)), 0, -1):
+        if HERMES_OPEN.startswith(text[-length:]):
+            return length
+    return 0
