@@ -76,11 +76,20 @@ def test_hermes_calls_are_parsed_after_the_content() -> None:
         ("get_time", {"zone": "CET"}),
     ]
     assert len({c.id for c in calls}) == 2 and all(c.id.startswith("call_") for c in calls)
+    _, (call,) = parse_hermes('<tool_call>{"name": "f", "arguments": "{\\"a\\": 1}"}</tool_call>')
+    assert (call.name, json.loads(call.arguments)) == ("f", {"a": 1})  # the arguments' text, as some write
 
 
 @pytest.mark.parametrize(
     "text",
-    ["no call here", "<tool_call>{not json}</tool_call>", '<tool_call>{"arguments": {}}</tool_call>'],
+    [
+        "no call here",
+        "<tool_call>{not json}</tool_call>",
+        '<tool_call>{"arguments": {}}</tool_call>',
+        '<tool_call>{"name": "f", "arguments": "{cut sho"}</tool_call>',
+        '<tool_call>{"name": "f", "arguments": [1]}</tool_call>',
+        "<tool_call>[1, 2]</tool_call>",
+    ],
 )
 def test_output_that_is_not_hermes_calls_is_content(text: str) -> None:
     assert parse_hermes(text) == (text, [])

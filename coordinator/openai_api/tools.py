@@ -174,13 +174,13 @@ def parse_hermes(text: str) -> tuple[str, list[ParsedCall]]:
     for body in HERMES_CALL.findall(text[start:]):
         try:
             call = json.loads(body.strip())
+            arguments = call.get("arguments", {}) if isinstance(call, dict) else None
+            if isinstance(arguments, str):  # some models write the arguments' text
+                arguments = json.loads(arguments) if arguments.strip() else {}
         except json.JSONDecodeError:
             return text, []
-        if not isinstance(call, dict) or not isinstance(call.get("name"), str):
+        if not isinstance(arguments, dict) or not isinstance(call.get("name"), str):
             return text, []
-        arguments = call.get("arguments", {})
-        if isinstance(arguments, str):  # some models write the arguments' text
-            arguments = json.loads(arguments) if arguments.strip() else {}
         calls.append(ParsedCall(call["name"], json.dumps(arguments, ensure_ascii=False)))
     return text[:start].strip(), calls
 
