@@ -28,7 +28,7 @@ MAX_TOOLS = 128
 def json_object(text: str, what: str) -> dict[str, Any]:
     try:
         value = json.loads(text)
-    except json.JSONDecodeError as exc:
+    except (ValueError, RecursionError) as exc:  # not JSON, or nested past the decoder's depth
         raise InvalidArgumentError(f"{what} must be a JSON object: {exc}") from None
     if not isinstance(value, dict):
         raise InvalidArgumentError(f"{what} must be a JSON object")

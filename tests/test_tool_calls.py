@@ -70,7 +70,7 @@ def test_hermes_calls_are_parsed_after_the_content() -> None:
         '<tool_call>{"name": "get_time", "arguments": {"zone": "CET"}}'  # unclosed: the output ended
     )
     content, calls = parse_hermes(text)
-    assert content == "Let me look."
+    assert content == "Let me look.\n"  # as a stream shows it, before the tag
     assert [(c.name, json.loads(c.arguments)) for c in calls] == [
         ("get_weather", {"city": "Paris"}),
         ("get_time", {"zone": "CET"}),
@@ -151,6 +151,28 @@ def test_a_named_function_streams_its_arguments_as_they_come() -> None:
     assert output.finish_reason("stop") == "stop"  # as OpenAI's forced call ends
 
 
+def test_calls_cut_short_after_they_parse_still_end_as_tool_calls() -> None:
+    output = ToolOutput(ToolChoice("auto", parser="hermes"))
+    output.stream_delta('<tool_call>{"name": "f", "arguments": {}}</tool_call>\n<tool', first=True)
+    assert output.finish_reason("length") == "tool_calls"
+    named = ToolOutput(ToolChoice("named", name="f"))
+    named.stream_delta('{"a": ', first=True)
+    assert named.finish_reason("length") == "length"  # its arguments cut short, as OpenAI's are
+
+
+def test_one_call_only_without_parallel_tool_calls() -> None:
+    output = ToolOutput(ToolChoice("auto", parser="hermes", parallel=False))
+    output.stream_delta('<tool_call>{"name": "f", "arguments": {}}</tool_call><tool_call>{"name": "g"}', True)
+    assert [call.name for call in output.final()[1]] == ["f"]
+    assert required_schema(tool_definitions([WEATHER, TIME]), parallel=False)["maxItems"] == 1
+
+
+def test_output_nested_past_the_decoders_depth_is_no_call() -> None:
+    deep = "[" * 100_000
+    assert parse_required(deep) == []
+    assert parse_hermes(f"<tool_call>{deep}</tool_call>") == (f"<tool_call>{deep}</tool_call>", [])
+
+
 # --- the request ---
 
 
@@ -169,6 +191,35 @@ def test_tool_choice_sets_the_output_schema() -> None:
     assert tool_choice_of(None, tools, "hermes") == (ToolChoice("auto", parser="hermes"), None)
 
 
+def test_schemas_of_tools_without_a_type_or_with_shared_definitions() -> None:
+    bare = {"type": "function", "function": {"name": "now", "parameters": {}}}  # no arguments
+    now = {"type": "function", "function": {"name": "now"}}
+    _, schema = tool_choice_of(now, tool_definitions([bare]), "")
+    assert json.loads(schema) == {"type": "object"}  # not any JSON value
+    city = {"type": "string", "maxLength": 8}
+    place = {"type": "object", "properties": {"city": city}, "required": ["city"]}
+    nested = {
+        "type": "function",
+        "function": {
+            "name": "trip",
+            "parameters": {
+                "type": "object",
+                "properties": {"start": {"$ref": "#/$defs/Place"}, "end": {"$ref": "#/$defs/Place"}},
+                "required": ["start", "end"],
+                "$defs": {"Place": place},
+            },
+        },
+    }
+    schema = required_schema(tool_definitions([nested, TIME]))
+    assert schema["$defs"] == {"Place": place}  # at the root, where "#/$defs/Place" points
+    assert output_regex(coordinator_pb2.StructuredOutput(json_schema=json.dumps(schema)))
+    other = json.loads(json.dumps(nested))
+    other["function"]["name"] = "trip2"
+    other["function"]["parameters"]["$defs"]["Place"] = {"type": "string"}
+    with pytest.raises(errors.InvalidArgumentError, match="differently"):
+        required_schema(tool_definitions([nested, other]))
+
+
 @pytest.mark.parametrize(
     ("body", "message"),
     [
@@ -183,11 +234,25 @@ def test_tool_choice_sets_the_output_schema() -> None:
             "leave response_format",
         ),
         ({"messages": [{"role": "assistant", "tool_calls": [{"function": {}}]}]}, "tool_calls[0]"),
+        (
+            {"tools": [WEATHER], "tool_choice": "required", "continue_final_message": True},
+            "continue_final_message",
+        ),
+        ({"tools": [WEATHER], "tool_choice": "required", "parallel_tool_calls": "no"}, "parallel_tool_calls"),
     ],
 )
 def test_bad_tool_requests_are_refused(body: dict[str, Any], message: str) -> None:
     with pytest.raises(errors.InvalidArgumentError, match=message.replace("[", r"\[").replace("(", r"\(")):
         chat_call({"messages": ASK, **body}, 256)
+
+
+def test_a_past_call_with_arguments_nested_too_deep_is_refused_not_a_crash(pipeline: Pipeline) -> None:
+    call = {"id": "c1", "type": "function", "function": {"name": "f", "arguments": "[" * 100_000}}
+    conversation = [*ASK, {"role": "assistant", "tool_calls": [call]}]
+    status, body = post(pipeline, "/v1/chat/completions", {"messages": conversation, "max_tokens": 4})
+    assert status == 400 and "must be a JSON object" in body["error"]["message"], body
+    status, body = post(pipeline, "/v1/chat/completions", None, raw=b"[" * 100_000)
+    assert status == 400 and "not JSON" in body["error"]["message"], body
 
 
 # --- the chat template ---

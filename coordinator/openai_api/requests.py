@@ -173,7 +173,12 @@ def chat_call(body: Any, max_tokens_limit: int, tool_call_parser: str = "") -> A
     does."""
     fields = Fields(body)
     tools = tool_definitions(fields.body.get("tools"))
-    choice, tool_schema = tool_choice_of(fields.body.get("tool_choice"), tools, tool_call_parser)
+    parallel = fields.value("parallel_tool_calls", (bool,), "true or false", True)
+    choice, tool_schema = tool_choice_of(fields.body.get("tool_choice"), tools, tool_call_parser, parallel)
+    if choice.active and fields.boolean("continue_final_message"):
+        raise InvalidArgumentError(
+            "continue_final_message continues a message as text: set tool_choice to none to use it with tools"
+        )
     if fields.boolean("echo"):
         raise InvalidArgumentError("echo is not supported for chat completions")
     messages = chat_messages(fields.body.get("messages"))

@@ -281,7 +281,7 @@ class OpenAIApi:
     async def body(self, request: web.Request) -> Any:
         try:
             return await request.json()
-        except (json.JSONDecodeError, UnicodeDecodeError, LookupError) as exc:
+        except (ValueError, RecursionError, LookupError) as exc:  # (nested past the decoder's depth)
             raise InvalidArgumentError(f"the body is not JSON: {exc}") from None
 
     def chunks(self, call: ApiCall) -> AsyncIterator[tuple[int, GenerationChunk]]:

@@ -12,10 +12,14 @@ output a call is the choice, as vLLM does it:
   Qwen 2.5+ and Hermes models write). Without a parser it is refused, as vLLM refuses it;
 - "none": the tools are described, and the output is text.
 
-A choice whose output holds calls ends with finish reason "tool_calls" (a named function's, "stop", as
-OpenAI's forced call does); output that does not parse as calls (cut short by max_tokens, say) is returned as
-content. In a stream a named function's arguments stream as they come; "required" and "auto" send their calls
-once parsed, at the end, and "auto" streams the text before a call as content.
+A choice whose output holds calls ends with finish reason "tool_calls" (a named function's with "stop", or
+"length" where max_tokens cut its arguments short, as OpenAI's forced call and vLLM do: the output is the
+arguments, whole or not). "required" or "auto" output that does not parse as calls (cut short by max_tokens,
+say) is returned as content. In a stream a named function's arguments stream as they come; "required" and
+"auto" send their calls once parsed, at the end, and "auto" streams the text before a call as content.
+`parallel_tool_calls: false` allows one call ("required": the schema's maxItems; "auto": the first call).
+A model whose `<tool_call>` is a special token needs the request's `skip_special_tokens: false` for "auto"
+to see it.
 """
 
 from __future__ import annotations
@@ -62,6 +66,7 @@ class ToolChoice:
     mode: str = "none"
     name: str = ""  # the named function
     parser: str = ""  # auto: the --tool-call-parser
+    parallel: bool = True  # auto: more than one call kept (OpenAI's parallel_tool_calls)
 
     @property
     def active(self) -> bool:
@@ -99,9 +104,10 @@ def tool_definitions(tools: Any) -> list[coordinator_pb2.ToolDefinition]:
 
 
 def tool_choice_of(
-    value: Any, tools: list[coordinator_pb2.ToolDefinition], parser: str
+    value: Any, tools: list[coordinator_pb2.ToolDefinition], parser: str, parallel: bool = True
 ) -> tuple[ToolChoice, str | None]:
-    """OpenAI's tool_choice, and the JSON Schema (text) the output is held to, if any."""
+    """OpenAI's tool_choice, and the JSON Schema (text) the output is held to, if any; with `parallel` false
+    (OpenAI's parallel_tool_calls), at most one call."""
     if value is None:
         value = "auto" if tools else "none"
     if value == "none":
@@ -114,9 +120,9 @@ def tool_choice_of(
                 '"auto" tool choice needs the server\'s --tool-call-parser (or ask for "required", a named '
                 'function, or "none")'
             )
-        return ToolChoice("auto", parser=parser), None
+        return ToolChoice("auto", parser=parser, parallel=parallel), None
     if value == "required":
-        return ToolChoice("required"), json.dumps(required_schema(tools))
+        return ToolChoice("required"), json.dumps(required_schema(tools, parallel))
     function = value.get("function") if isinstance(value, dict) else None
     if isinstance(function, dict) and value.get("type") == "function":
         name = function.get("name")
@@ -129,29 +135,58 @@ def tool_choice_of(
     )
 
 
+def parameters(tool: coordinator_pb2.ToolDefinition) -> dict[str, Any]:
+    """The schema of a call's arguments: an object's, also where the tool's schema names no type (`{}` for a
+    function without arguments)."""
+    schema: dict[str, Any] = json.loads(tool.parameters_json) if tool.parameters_json else {}
+    return schema if "type" in schema else {"type": "object", **schema}
+
+
 def parameters_schema(tool: coordinator_pb2.ToolDefinition) -> str:
-    return tool.parameters_json or '{"type": "object"}'
+    return json.dumps(parameters(tool))
 
 
-def required_schema(tools: list[coordinator_pb2.ToolDefinition]) -> dict[str, Any]:
-    """One or more calls, each of one of the tools with its parameters (vLLM's schema for "required")."""
-    calls = [
-        {
-            "type": "object",
-            "properties": {"name": {"const": tool.name}, "parameters": json.loads(parameters_schema(tool))},
-            "required": ["name", "parameters"],
-            "additionalProperties": False,
-        }
-        for tool in tools
-    ]
-    return {"type": "array", "minItems": 1, "items": calls[0] if len(calls) == 1 else {"anyOf": calls}}
+def required_schema(tools: list[coordinator_pb2.ToolDefinition], parallel: bool = True) -> dict[str, Any]:
+    """One or more calls (one where `parallel` is false), each of one of the tools with its parameters
+    (vLLM's schema for "required"). Each tool's `$defs` move to the root, where its `#/$defs/...`
+    references point (as vLLM moves them); two tools defining one name differently are refused."""
+    definitions: dict[str, Any] = {}
+    calls = []
+    for tool in tools:
+        schema = dict(parameters(tool))
+        shared = schema.pop("$defs", {})
+        if not isinstance(shared, dict):
+            raise InvalidArgumentError(f"tools: {tool.name}'s parameters.$defs must be an object")
+        for name, definition in shared.items():
+            if definitions.setdefault(name, definition) != definition:
+                raise InvalidArgumentError(
+                    f'tools define "$defs/{name}" differently: tool_choice "required" needs them to agree'
+                )
+        calls.append(
+            {
+                "type": "object",
+                "properties": {"name": {"const": tool.name}, "parameters": schema},
+                "required": ["name", "parameters"],
+                "additionalProperties": False,
+            }
+        )
+    required: dict[str, Any] = {
+        "type": "array",
+        "minItems": 1,
+        "items": calls[0] if len(calls) == 1 else {"anyOf": calls},
+    }
+    if not parallel:
+        required["maxItems"] = 1
+    if definitions:
+        required["$defs"] = definitions
+    return required
 
 
 def parse_required(text: str) -> list[ParsedCall]:
     """The calls of a "required" output (a JSON array of {name, parameters}); none where it does not parse."""
     try:
         items = json.loads(text)
-    except json.JSONDecodeError:
+    except (ValueError, RecursionError):  # not JSON, or nested past the decoder's depth
         return []
     if not isinstance(items, list):
         return []
@@ -177,12 +212,13 @@ def parse_hermes(text: str) -> tuple[str, list[ParsedCall]]:
             arguments = call.get("arguments", {}) if isinstance(call, dict) else None
             if isinstance(arguments, str):  # some models write the arguments' text
                 arguments = json.loads(arguments) if arguments.strip() else {}
-        except json.JSONDecodeError:
+        except (ValueError, RecursionError):
             return text, []
         if not isinstance(arguments, dict) or not isinstance(call.get("name"), str):
             return text, []
         calls.append(ParsedCall(call["name"], json.dumps(arguments, ensure_ascii=False)))
-    return text[:start].strip(), calls
+    content = text[:start]
+    return (content if content.strip() else ""), calls
 
 
 @dataclass(slots=True)
@@ -216,10 +252,6 @@ class ToolOutput:
             if end > self.sent:
                 delta["content"] = self.text[self.sent : end]
                 self.sent = end
-            elif first:
-                delta["content"] = ""
-        elif first:
-            delta["content"] = ""
         return delta
 
     def final(self) -> tuple[str | None, list[ParsedCall]]:
@@ -231,6 +263,8 @@ class ToolOutput:
             calls = parse_required(self.text)
             return (None, calls) if calls else (self.text, [])
         content, calls = parse_hermes(self.text)
+        if calls and not self.choice.parallel:
+            calls = calls[:1]
         return (content or None) if calls else content, calls
 
     def final_delta(self) -> dict[str, Any]:
@@ -251,7 +285,9 @@ class ToolOutput:
         return delta
 
     def finish_reason(self, reason: str | None) -> str | None:
-        if reason == "stop" and self.choice.mode != "named" and self.final()[1]:
+        """ "tool_calls" where the output's calls were parsed out ("required", "auto"), also where max_tokens
+        cut it after them, as vLLM reports it; a named function's call ends as OpenAI's forced call does."""
+        if reason and self.choice.mode != "named" and self.final()[1]:
             return "tool_calls"
         return reason
 
