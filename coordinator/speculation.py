@@ -369,6 +369,11 @@ class SpeculativeGenerator:
         new_ids, finish_reason = progress.limits.round_tokens(
             draft_ids, verdict.num_accepted, verdict.next_token_id, remaining, len(history)
         )
+        # The token that ended the output (EOS, or one of stop_token_ids) is kept, but its text is not
+        # shown unless include_stop_str_in_output asks for it, as vLLM's detokenizer leaves it out (with
+        # skip_special_tokens off, EOS would otherwise end the text as "</s>").
+        hides_end = finish_reason == "eos" and not request.include_stop_str_in_output
+        text_ids = new_ids[:-1] if hides_end else new_ids
         if finish_reason == "eos" and new_ids[-1] in request.stop_token_ids:
             finish_reason = "stop"  # a stop token id: kept, and the text flushed, as after EOS
         if verdict.repetition_penalty != request.sampling.repetition_penalty:
@@ -394,7 +399,7 @@ class SpeculativeGenerator:
                 "coordinator?)"
             )
         first_chunk = not generated
-        text = detokenizer.push(new_ids)
+        text = detokenizer.push(text_ids)
         if detokenizer.stopped:
             # Keep the tokens up to the one that completed the stop string.
             new_ids = new_ids[: detokenizer.stop_token_index - len(generated)]

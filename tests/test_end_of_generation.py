@@ -1,6 +1,7 @@
 """Where generation ends. `GenerateRequest.ignore_eos`: the rounds run past end-of-sequence tokens to
 max_new_tokens, delegated and on the coordinator, and the tokens up to the EOS are the ones a request
-without it gives. `stop_token_ids`: generation ends after the first of them, kept, as after EOS."""
+without it gives. `stop_token_ids`: generation ends after the first of them, kept, as after EOS (its text
+shown only with include_stop_str_in_output, as vLLM)."""
 
 from __future__ import annotations
 
@@ -66,10 +67,18 @@ def test_stop_token_ids_end_generation_after_the_first_of_them(
                 )
                 assert stopped.token_ids == free.token_ids[:end], (k, ignore_eos)
                 assert stopped.finish_reason == "stop", (k, ignore_eos)
-                # The text is flushed as after EOS: all of the kept tokens' text, the stop token's included.
+                # The text is flushed as after EOS: the kept tokens' text but the stop token's, as vLLM.
                 assert stopped.text == tokenizer.decode(
-                    stopped.token_ids, skip_special_tokens=True, clean_up_tokenization_spaces=False
+                    stopped.token_ids[:-1], skip_special_tokens=True, clean_up_tokenization_spaces=False
                 ), (k, ignore_eos)
+        # include_stop_str_in_output shows it.
+        shown = client.generate(
+            build_request(PROMPTS[0], 24, stop_token_ids=[stop_id], include_stop_str_in_output=True), 60
+        )
+        assert shown.token_ids == free.token_ids[:end]
+        assert shown.text == tokenizer.decode(
+            shown.token_ids, skip_special_tokens=True, clean_up_tokenization_spaces=False
+        )
         with pytest.raises(grpc.RpcError) as caught:
             client.generate(build_request(PROMPTS[0], 4, stop_token_ids=[10**6]), 30)
     assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT
@@ -100,3 +109,24 @@ def test_the_text_can_hold_the_stop_string_and_special_tokens(pipeline: Pipeline
                 60,
             )
             assert forced.token_ids == [eos] * 3 and forced.text == text, skip
+
+
+def test_the_end_of_sequence_text_is_left_out_also_where_special_tokens_are_shown(
+    pipeline: Pipeline,
+) -> None:
+    """skip_special_tokens false shows special tokens, but not the EOS that ended the output (vLLM's
+    detokenizer leaves the stopping token out), unless include_stop_str_in_output asks for it."""
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(pipeline.pair.target_dir)
+    eos = tokenizer.eos_token_id
+    with CoordinatorClient(pipeline.coordinator_addr) as client:
+        for include, expected in ((False, ""), (True, tokenizer.eos_token)):
+            ended = client.generate(
+                build_request(
+                    PROMPTS[0], 4, logit_bias={eos: 100.0}, skip_special_tokens=False,
+                    include_stop_str_in_output=include,
+                ),
+                60,
+            )  # fmt: skip
+            assert (ended.token_ids, ended.finish_reason, ended.text) == ([eos], "eos", expected)

@@ -191,6 +191,13 @@ def test_tool_choice_sets_the_output_schema() -> None:
     assert tool_choice_of(None, tools, "hermes") == (ToolChoice("auto", parser="hermes"), None)
 
 
+def test_auto_shows_special_tokens_unless_the_request_says_otherwise() -> None:
+    body = {"messages": ASK, "tools": [WEATHER]}
+    assert not chat_call(body, 64, "hermes").requests[0].skip_special_tokens
+    assert chat_call({**body, "skip_special_tokens": True}, 64, "hermes").requests[0].skip_special_tokens
+    assert not chat_call({**body, "tool_choice": "required"}, 64).requests[0].HasField("skip_special_tokens")
+
+
 def test_schemas_of_tools_without_a_type_or_with_shared_definitions() -> None:
     bare = {"type": "function", "function": {"name": "now", "parameters": {}}}  # no arguments
     now = {"type": "function", "function": {"name": "now"}}

@@ -200,6 +200,9 @@ def chat_call(body: Any, max_tokens_limit: int, tool_call_parser: str = "") -> A
         add_generation_prompt=fields.value("add_generation_prompt", (bool,), "true or false"),
         tools=tools,
         tool_schema=tool_schema,
+        # A Hermes call's tags are special tokens in some models: the parser must see them (vLLM's hermes
+        # parser turns skip_special_tokens off likewise, unless the request set it).
+        skip_special_tokens_default=False if choice.mode == "auto" else None,
     )
     return api_call(
         fields,
@@ -357,6 +360,7 @@ def generate_request(
     add_generation_prompt: bool | None = None,
     tools: Sequence[coordinator_pb2.ToolDefinition] = (),
     tool_schema: str | None = None,
+    skip_special_tokens_default: bool | None = None,
 ) -> coordinator_pb2.GenerateRequest:
     n = fields.integer("n", 1)
     best_of = fields.integer("best_of")
@@ -402,7 +406,9 @@ def generate_request(
             allowed_token_ids=fields.integers("allowed_token_ids"),
             bad_words=fields.strings("bad_words"),
             include_stop_str_in_output=fields.boolean("include_stop_str_in_output"),
-            skip_special_tokens=fields.value("skip_special_tokens", (bool,), "true or false"),
+            skip_special_tokens=fields.value(
+                "skip_special_tokens", (bool,), "true or false", skip_special_tokens_default
+            ),
             n=n,
             messages=messages,
             continue_final_message=continue_final_message,

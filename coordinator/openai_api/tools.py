@@ -18,8 +18,8 @@ arguments, whole or not). "required" or "auto" output that does not parse as cal
 say) is returned as content. In a stream a named function's arguments stream as they come; "required" and
 "auto" send their calls once parsed, at the end, and "auto" streams the text before a call as content.
 `parallel_tool_calls: false` allows one call ("required": the schema's maxItems; "auto": the first call).
-A model whose `<tool_call>` is a special token needs the request's `skip_special_tokens: false` for "auto"
-to see it.
+Under "auto" `skip_special_tokens` defaults to false, as vLLM's Hermes parser sets it: some models'
+`<tool_call>` is a special token.
 """
 
 from __future__ import annotations
