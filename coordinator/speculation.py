@@ -375,7 +375,7 @@ class SpeculativeGenerator:
         hides_end = finish_reason == "eos" and not request.include_stop_str_in_output
         text_ids = new_ids[:-1] if hides_end else new_ids
         if finish_reason == "eos" and new_ids[-1] in request.stop_token_ids:
-            finish_reason = "stop"  # a stop token id: kept, and the text flushed, as after EOS
+            finish_reason = "stop"  # a stop token id: kept, and the text before it flushed, as after EOS
         if verdict.repetition_penalty != request.sampling.repetition_penalty:
             # A worker from before the penalty drops it (a draft worker on the way to the target, or the
             # target): its tokens are not the ones asked for, so none of them reach the client.
