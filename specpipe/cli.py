@@ -66,6 +66,10 @@ def add_serve_parser(subparsers: argparse._SubParsersAction) -> None:
     serve.add_argument("--draft-model", help="all: draft model directory (default: a small local pair)")
     serve.add_argument("--device", default="cpu", help="cpu or cuda[:N]")
     serve.add_argument(
+        "--draft-device", default="",
+        help="all: the draft worker's device (default: --device), e.g. cuda:1 for a GPU of its own",
+    )  # fmt: skip
+    serve.add_argument(
         "--dtype", default="float32", choices=("float32", "float16", "bfloat16"),
         help="the models' weights and compute (default: float32, where greedy outputs match exactly)",
     )  # fmt: skip
@@ -583,6 +587,7 @@ def serve_all(args: argparse.Namespace) -> int:
             port=args.port if args.port is not None else 50051,
             redis_url=args.redis_url,
             device=args.device,
+            draft_device=args.draft_device,
             dtype=args.dtype,
             num_speculative_tokens=args.num_speculative_tokens,
             torch_threads=args.threads or embedded_worker_threads(),

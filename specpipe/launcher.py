@@ -110,6 +110,9 @@ class PipelineConfig:
     port: int = 50051
     redis_url: str = ""  # empty = start an embedded Redis-protocol server
     device: str = "cpu"
+    # The draft worker's device ("" = `device`): a GPU of its own (cuda:1), since a draft and a target
+    # sharing one GPU from two processes take turns on it (docs/benchmarks.md, "GPU: an NVIDIA H200").
+    draft_device: str = ""
     dtype: str = "float32"
     num_speculative_tokens: int = 4
     torch_threads: int = 0
@@ -199,7 +202,8 @@ def draft_worker_args(config: PipelineConfig, port: int) -> list[str]:
     if config.drafter == "prompt-lookup":
         args = worker_args(config.target_model, port, config.device, config.dtype, config.torch_threads)
         return [*args, *config.component_args("draft"), "--drafter", "prompt-lookup"]
-    args = worker_args(config.draft_model, port, config.device, config.dtype, config.torch_threads)
+    device = config.draft_device or config.device
+    args = worker_args(config.draft_model, port, device, config.dtype, config.torch_threads)
     return [*args, *config.component_args("draft"), *config.forward_args()]
 
 

@@ -334,3 +334,22 @@ def test_generate_refuses_a_negative_count_in_one_line(capsys: pytest.CaptureFix
     assert main(["generate", "x", "--addr", "127.0.0.1:1", "--logprobs", "-1"]) == 2
     err = capsys.readouterr().err
     assert err.startswith("specpipe generate:") and len(err.strip().splitlines()) == 1
+
+
+def test_the_draft_worker_may_run_on_a_device_of_its_own(
+    embedded_configs: list[PipelineConfig], tmp_path: Path
+) -> None:
+    """`specpipe serve --draft-device D` starts the draft worker on D and the target on --device."""
+    import specpipe.launcher
+    from specpipe.cli import main
+
+    assert main(["serve", "--device", "cuda:0", "--draft-device", "cuda:1", "--log-dir", str(tmp_path)]) == 0
+    assert main(["serve", "--log-dir", str(tmp_path)]) == 0
+    apart, together = embedded_configs
+
+    def device(args: list[str]) -> str:
+        return args[args.index("--device") + 1]
+
+    assert device(specpipe.launcher.draft_worker_args(apart, 1234)) == "cuda:1"
+    assert device(specpipe.launcher.target_worker_args(apart, 1234)) == "cuda:0"
+    assert device(specpipe.launcher.draft_worker_args(together, 1234)) == "cpu"
