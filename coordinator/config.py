@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from coordinator.cluster_config import ClusterConfig
+from coordinator.openai_api.reasoning import REASONING_PARSERS
 from coordinator.openai_api.tools import TOOL_CALL_PARSERS
 
 ADAPTIVE_K_RULES = ("cost", "hf-heuristic")
@@ -60,6 +61,8 @@ class CoordinatorConfig:
     api_key: str = field(default="", repr=False)
     # How a chat output's tool calls are written, for tool_choice "auto" ("" = none: "auto" is refused).
     tool_call_parser: str = ""
+    # How a reasoning model's thinking is split from its answer in chat responses ("" = not split).
+    reasoning_parser: str = ""
 
     def __post_init__(self) -> None:
         if not self.redis_url:
@@ -92,6 +95,11 @@ class CoordinatorConfig:
             raise ValueError(
                 f"tool_call_parser must be one of {TOOL_CALL_PARSERS} (or empty), "
                 f"got {self.tool_call_parser!r}"
+            )
+        if self.reasoning_parser and self.reasoning_parser not in REASONING_PARSERS:
+            raise ValueError(
+                f"reasoning_parser must be one of {REASONING_PARSERS} (or empty), "
+                f"got {self.reasoning_parser!r}"
             )
         if self.session_ttl_s < 1:
             raise ValueError(f"session_ttl_s must be >= 1, got {self.session_ttl_s}")

@@ -189,7 +189,13 @@ async def run_coordinator(config: CoordinatorConfig, stop_event: asyncio.Event |
     logger.info("API key: %s", "asked on both APIs" if config.api_key else "none (the APIs are open)")
     http = None
     if config.http_port >= 0:  # listening from the start: 503 until the workers are paired, as gRPC's
-        api = OpenAIApi(servicer, config.served_model_name, config.api_key, config.tool_call_parser)
+        api = OpenAIApi(
+            servicer,
+            config.served_model_name,
+            config.api_key,
+            config.tool_call_parser,
+            config.reasoning_parser,
+        )
         http = HttpServer(api, config.host, config.http_port, config.shutdown_grace_s)
     try:
         if http is not None:

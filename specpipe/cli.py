@@ -14,6 +14,7 @@ from typing import TYPE_CHECKING, TypeVar
 import grpc
 
 from coordinator.config import ADAPTIVE_K_RULES
+from coordinator.openai_api.reasoning import REASONING_PARSERS
 from coordinator.openai_api.tools import TOOL_CALL_PARSERS
 from specpipe.rpc.event_loop import EVENT_LOOPS, run_event_loop
 from specpipe.rpc.event_loop import resolve as resolve_event_loop
@@ -235,6 +236,12 @@ def add_serve_parser(subparsers: argparse._SubParsersAction) -> None:
         help="all/coordinator: how the model writes tool calls, for chat requests with tool_choice \"auto\" "
         "(hermes: <tool_call>{...}</tool_call>, Qwen 2.5+ and Hermes models); without it \"auto\" is refused "
         "(\"required\" and a named function need none)",
+    )  # fmt: skip
+    serve.add_argument(
+        "--reasoning-parser", choices=REASONING_PARSERS, default="",
+        help="all/coordinator: return a reasoning model's <think>...</think> as the chat message's "
+        "reasoning_content, apart from its content (deepseek_r1: the output starts inside the thinking; "
+        "qwen3: where it starts with <think>)",
     )  # fmt: skip
     serve.add_argument(
         "--event-loop", choices=EVENT_LOOPS, default="auto",
@@ -557,6 +564,7 @@ def serve_component(args: argparse.Namespace) -> int:
             http_port=-1 if args.http_port is None else args.http_port,
             served_model_name=args.served_model_name,
             tool_call_parser=args.tool_call_parser,
+            reasoning_parser=args.reasoning_parser,
             api_key=api_key(args),
         )
     )
@@ -625,6 +633,8 @@ def serve_all(args: argparse.Namespace) -> int:
         extra += ["--served-model-name", args.served_model_name]
     if args.tool_call_parser:
         extra += ["--tool-call-parser", args.tool_call_parser]
+    if args.reasoning_parser:
+        extra += ["--reasoning-parser", args.reasoning_parser]
     api_key(args)  # an unreadable or empty key is refused here, before anything starts
     if args.api_key_file:  # (env SPECPIPE_API_KEY reaches the coordinator as it is)
         extra += ["--api-key-file", str(Path(args.api_key_file).resolve())]

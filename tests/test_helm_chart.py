@@ -712,6 +712,7 @@ def test_coordinator_serves_the_http_api_unless_turned_off() -> None:
                 "servedModelName": "org/model: v2",
                 "service": {"httpPort": 80},
                 "toolCallParser": "hermes",
+                "reasoningParser": "qwen3",
             }
         }
     )
@@ -719,6 +720,7 @@ def test_coordinator_serves_the_http_api_unless_turned_off() -> None:
     c = container(deployment)
     assert args_of(c)["--chat-template"] == "/etc/specpipe/chat_template.jinja"
     assert args_of(c)["--tool-call-parser"] == "hermes"
+    assert args_of(c)["--reasoning-parser"] == "qwen3"
     assert "--served-model-name=org/model: v2" in c["args"]
     assert one(docs, "ConfigMap", f"{FULLNAME}-coordinator")["data"]["chat_template.jinja"] == template
     assert {"name": "cluster-config", "mountPath": "/etc/specpipe/chat_template.jinja",
@@ -994,6 +996,7 @@ def test_schema_rejects_a_pool_without_a_model() -> None:
         ({"target": {"directStreamPort": 70000}}, "at '/target/directStreamPort'"),
         ({"coordinator": {"metrics": {"port": 0}}}, "at '/coordinator/metrics/port'"),
         ({"coordinator": {"toolCallParser": "mistral"}}, "at '/coordinator/toolCallParser'"),
+        ({"coordinator": {"reasoningParser": "o1"}}, "at '/coordinator/reasoningParser'"),
         ({"draft": {"directStreamPort": 50063}}, "at '/draft'"),
         ({"draft": {"maxBatchSessions": 0}}, "at '/draft/maxBatchSessions'"),
         ({"target": {"maxBatchSessions": 0}}, "at '/target/maxBatchSessions'"),

@@ -45,6 +45,7 @@ class ApiCall:
     first_prompt_tokens: tuple[int | None, ...]
     counts_prompt: tuple[bool, ...]  # per request: its prompt tokens count in the usage (once per prompt)
     tool_choice: ToolChoice = NO_TOOLS  # chat: how the output becomes tool calls
+    reasoning_parser: str = ""  # chat: how thinking is split from the answer ("" = not)
 
     def choice_index(self, request: int, completion: int) -> int:
         return request * self.n + completion
@@ -168,9 +169,11 @@ def completion_call(
     )
 
 
-def chat_call(body: Any, max_tokens_limit: int, tool_call_parser: str = "") -> ApiCall:
+def chat_call(
+    body: Any, max_tokens_limit: int, tool_call_parser: str = "", reasoning_parser: str = ""
+) -> ApiCall:
     """/v1/chat/completions: without max_tokens, the output may run to the limit (or the context), as vLLM's
-    does."""
+    does. With a reasoning parser, an unconstrained output's thinking is split from its answer."""
     fields = Fields(body)
     tools = tool_definitions(fields.body.get("tools"))
     parallel = fields.value("parallel_tool_calls", (bool,), "true or false", True)
@@ -213,6 +216,8 @@ def chat_call(body: Any, max_tokens_limit: int, tool_call_parser: str = "") -> A
         first_prompt_tokens=(None,),
         counts_prompt=(True,),
         tool_choice=choice,
+        # A constrained output is the constrained value, not thinking and an answer.
+        reasoning_parser="" if tool_schema or structured_output(fields) else reasoning_parser,
     )
 
 
@@ -239,6 +244,7 @@ def api_call(
     first_prompt_tokens: tuple[int | None, ...],
     counts_prompt: tuple[bool, ...],
     tool_choice: ToolChoice = NO_TOOLS,
+    reasoning_parser: str = "",
 ) -> ApiCall:
     stream_options = fields.value("stream_options", (dict,), "an object", {})
     stream = fields.boolean("stream")
@@ -257,6 +263,7 @@ def api_call(
         first_prompt_tokens=first_prompt_tokens,
         counts_prompt=counts_prompt,
         tool_choice=tool_choice,
+        reasoning_parser=reasoning_parser,
     )
 
 

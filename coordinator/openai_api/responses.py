@@ -13,6 +13,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+from coordinator.openai_api.reasoning import ReasoningSplit, split_reasoning
 from coordinator.openai_api.requests import ApiCall
 from coordinator.openai_api.tools import ToolOutput
 from coordinator.request import GenerationChunk
@@ -42,6 +43,7 @@ class ChoiceState:
     text_offset: int = 0  # characters before the next token (completions' logprobs.text_offset)
     finish_reason: str | None = None
     tools: ToolOutput | None = None  # chat under a tool choice: its output as calls
+    reasoning: ReasoningSplit | None = None  # chat with a reasoning parser: thinking split from the answer
 
 
 class ResponseBuilder:
@@ -59,9 +61,11 @@ class ResponseBuilder:
             for prompt, echo in enumerate(call.echoes)
             for completion in range(call.n)
         }
-        if call.chat and call.tool_choice.active:
-            for choice in self.choices.values():
+        for choice in self.choices.values() if call.chat else ():
+            if call.tool_choice.active:
                 choice.tools = ToolOutput(call.tool_choice)
+            if call.reasoning_parser:
+                choice.reasoning = ReasoningSplit(call.reasoning_parser)
         self.prompt_tokens = 0
         self.completion_tokens = 0
 
@@ -88,12 +92,23 @@ class ResponseBuilder:
             if chunk.index == 0 and self.call.counts_prompt[request]:  # a prompt counts once, whatever n
                 self.prompt_tokens += chunk.usage.prompt_tokens
         part: dict[str, Any] = {"index": choice.index}
+        last = bool(chunk.finish_reason)
+        reasoning = ""
+        if choice.reasoning is not None:  # the answer's part of the text goes on as `text`
+            reasoning, text = choice.reasoning.push(text)
+            if last:
+                held_reasoning, held_text = choice.reasoning.finish()
+                reasoning, text = reasoning + held_reasoning, text + held_text
         if choice.tools is not None:
-            part["delta"] = tool_delta(choice.tools, text, first, last=bool(chunk.finish_reason))
+            part["delta"] = tool_delta(choice.tools, text, first, last)
         elif self.call.chat:
-            part["delta"] = {"role": "assistant", "content": text} if first else {"content": text}
+            part["delta"] = {"role": "assistant"} if first else {}
+            if text or not reasoning:
+                part["delta"]["content"] = text
         else:
             part["text"] = text
+        if reasoning:
+            part["delta"]["reasoning_content"] = reasoning
         part["logprobs"] = logprobs
         finish_reason = FINISH_REASONS.get(chunk.finish_reason)
         if choice.tools is not None and finish_reason:  # (after the last text reached the tool output)
@@ -138,6 +153,11 @@ class ResponseBuilder:
                     entry["message"]["tool_calls"] = [call.to_openai() for call in calls]
             elif self.call.chat:
                 entry["message"] = {"role": "assistant", "content": text}
+            if self.call.chat and self.call.reasoning_parser:
+                reasoning, answer = split_reasoning(self.call.reasoning_parser, text)
+                if choice.tools is None:
+                    entry["message"]["content"] = answer or None  # all thinking: no answer (yet)
+                entry["message"]["reasoning_content"] = reasoning or None
             else:
                 entry["text"] = text
             entry["logprobs"] = self.whole_logprobs(choice) if self.call.logprobs else None

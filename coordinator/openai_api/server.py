@@ -94,11 +94,13 @@ class OpenAIApi:
         served_model_name: str = "",
         api_key: str = "",
         tool_call_parser: str = "",
+        reasoning_parser: str = "",
     ) -> None:
         self.servicer = servicer
         self.served_model_name = served_model_name  # "" = the target model's name as ServerInfo reports it
         self.api_key = api_key  # "" = none asked (vLLM's --api-key): `Authorization: Bearer <key>`
         self.tool_call_parser = tool_call_parser  # tool_choice "auto": how the output's calls are written
+        self.reasoning_parser = reasoning_parser  # chat: how thinking is split from the answer ("" = not)
         self._speller: TokenSpeller | None = None
 
     def model_name(self) -> str:
@@ -230,7 +232,8 @@ class OpenAIApi:
 
     async def chat_completions(self, request: web.Request) -> web.StreamResponse:
         limit = self.servicer.limits.max_new_tokens
-        return await self.serve(request, lambda body: chat_call(body, limit, self.tool_call_parser))
+        parsers = (self.tool_call_parser, self.reasoning_parser)
+        return await self.serve(request, lambda body: chat_call(body, limit, *parsers))
 
     def decode(self, token_ids: Sequence[int]) -> str:
         """A token-id prompt's text, for echo (ids the tokenizer cannot spell are the request's error)."""
