@@ -91,6 +91,26 @@ class ToolDefinition:
         return {"type": "function", "function": function}
 
 
+# The template's variables that the rendering itself sets: a request's chat_template_kwargs may not.
+RESERVED_TEMPLATE_KWARGS = frozenset(
+    {"messages", "tools", "documents", "add_generation_prompt", "continue_final_message", "chat_template",
+     "tokenize", "return_dict", "return_tensors", "tokenizer_kwargs", "conversation"}
+)  # fmt: skip
+
+
+def template_kwargs_from_pb(text: str) -> tuple[tuple[str, object], ...]:
+    """GenerateRequest.chat_template_kwargs_json: the extra variables, in their order."""
+    if not text:
+        return ()
+    kwargs = json_object(text, "chat_template_kwargs")
+    reserved = sorted(RESERVED_TEMPLATE_KWARGS & kwargs.keys())
+    if reserved:
+        raise InvalidArgumentError(
+            f"chat_template_kwargs may not set {', '.join(reserved)}: the request's own fields do"
+        )
+    return tuple(kwargs.items())
+
+
 def tools_from_pb(pbs: Sequence[coordinator_pb2.ToolDefinition]) -> tuple[ToolDefinition, ...]:
     if len(pbs) > MAX_TOOLS:
         raise InvalidArgumentError(f"tools may hold at most {MAX_TOOLS} functions, got {len(pbs)}")
@@ -167,6 +187,7 @@ class ChatTemplate:
         max_context: int,
         add_generation_prompt: bool = True,
         tools: Sequence[ToolDefinition] = (),
+        template_kwargs: Sequence[tuple[str, object]] = (),
     ) -> str:
         if not self.available:
             raise FailedPreconditionError(
@@ -189,6 +210,7 @@ class ChatTemplate:
                 tokenize=False,
                 add_generation_prompt=add_generation_prompt and not continue_final_message,
                 continue_final_message=continue_final_message,
+                **dict(template_kwargs),
             )
         except (TemplateError, ValueError) as exc:  # the template's raise_exception ("roles must alternate")
             raise InvalidArgumentError(f"messages: the chat template refused them: {exc}") from exc
@@ -202,10 +224,13 @@ class ChatTemplate:
         max_context: int,
         add_generation_prompt: bool = True,
         tools: Sequence[ToolDefinition] = (),
+        template_kwargs: Sequence[tuple[str, object]] = (),
     ) -> list[int]:
         """The rendered conversation's tokens, encoded without adding special tokens: the template wrote
         those it wants."""
-        text = self.render(messages, continue_final_message, max_context, add_generation_prompt, tools)
+        text = self.render(
+            messages, continue_final_message, max_context, add_generation_prompt, tools, template_kwargs
+        )
         ids = list(self.tokenizer(text, add_special_tokens=False)["input_ids"])
         if not ids:
             raise InvalidArgumentError("messages render to no tokens")

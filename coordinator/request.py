@@ -13,6 +13,7 @@ from coordinator.chat import (
     ToolDefinition,
     messages_from_pb,
     opens_generation_prompt,
+    template_kwargs_from_pb,
     tools_from_pb,
 )
 from coordinator.structured_requests import output_regex
@@ -82,6 +83,7 @@ class GenerationRequest:
     continue_final_message: bool = False  # the last message is continued rather than a new turn opened
     add_generation_prompt: bool = True  # the assistant's turn is opened after the messages
     tools: tuple[ToolDefinition, ...] = ()  # functions the chat template describes to the model
+    template_kwargs: tuple[tuple[str, object], ...] = ()  # more variables for the chat template
     # No next turn (the HTTP API's requests, whose clients cannot name a session): the session is deleted
     # and the workers' caches freed once the request ends. Not a wire field.
     ephemeral: bool = False
@@ -104,6 +106,8 @@ class GenerationRequest:
             raise InvalidArgumentError("continue_final_message needs messages")
         if pb.tools and not pb.messages:
             raise InvalidArgumentError("tools are for messages (the chat template describes them)")
+        if pb.chat_template_kwargs_json and not pb.messages:
+            raise InvalidArgumentError("chat_template_kwargs are for messages (the chat template reads them)")
         add_generation_prompt = opens_generation_prompt(
             pb.continue_final_message,
             pb.add_generation_prompt if pb.HasField("add_generation_prompt") else None,
@@ -168,6 +172,7 @@ class GenerationRequest:
             continue_final_message=pb.continue_final_message,
             add_generation_prompt=add_generation_prompt,
             tools=tools_from_pb(pb.tools),
+            template_kwargs=template_kwargs_from_pb(pb.chat_template_kwargs_json),
         )
 
 

@@ -125,6 +125,7 @@ class SpeculativeGenerator:
                 self.limits.target_context,
                 request.add_generation_prompt,
                 request.tools,
+                request.template_kwargs,
             )
         if not request.prompt:
             return []  # a continued session without a new turn

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 from collections.abc import AsyncIterator, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -48,6 +49,7 @@ def build_request(
     continue_final_message: bool = False,
     add_generation_prompt: bool | None = None,
     tools: Sequence[coordinator_pb2.ToolDefinition] = (),
+    chat_template_kwargs: Mapping[str, object] | None = None,
 ) -> coordinator_pb2.GenerateRequest:
     """A GenerateRequest; with `messages` ({"role": ..., "content": ...} each, or ChatMessages), pass "" as
     the prompt."""
@@ -75,6 +77,7 @@ def build_request(
             for m in messages
         ],
         tools=tools,
+        chat_template_kwargs_json=json.dumps(dict(chat_template_kwargs)) if chat_template_kwargs else "",
         continue_final_message=continue_final_message,
         add_generation_prompt=add_generation_prompt,
     )

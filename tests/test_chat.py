@@ -106,3 +106,29 @@ def test_chat_template_flag_takes_a_file_or_the_template_itself(tmp_path) -> Non
 
     with pytest.raises(FlagError, match="cannot read"):
         chat_template(str(tmp_path / "missing.jinja"))
+
+
+def test_chat_template_kwargs_reach_the_template(pipeline: Pipeline) -> None:
+    """vLLM's chat_template_kwargs: more variables for the template, over HTTP and gRPC alike; the names the
+    rendering sets itself are refused."""
+    from tests.test_openai_api import post
+
+    conversation = [{"role": "user", "content": "def parse(text):"}]
+    status, body = post(
+        pipeline, "/tokenize", {"messages": conversation, "chat_template_kwargs": {"greeting": "hi"}}
+    )
+    assert status == 200, body
+    status, text = post(pipeline, "/detokenize", {"tokens": body["tokens"]})
+    assert text["prompt"].startswith("<|greeting|>hi\n<|user|>def parse(text):")
+    for kwargs, message in (({"messages": []}, "may not set messages"), ([1], "an object")):
+        status, body = post(
+            pipeline, "/v1/chat/completions", {"messages": conversation, "chat_template_kwargs": kwargs}
+        )
+        assert status == 400 and message in body["error"]["message"], body
+    with CoordinatorClient(pipeline.coordinator_addr) as client:
+        chat = build_request("", 4, messages=conversation, chat_template_kwargs={"greeting": "hi"})
+        session = client.get_session(client.generate(chat).session_id)
+        assert session.text.startswith("<|greeting|>hi\n<|user|>")
+        with pytest.raises(grpc.RpcError) as refused:
+            client.generate(build_request("hello", 4, chat_template_kwargs={"greeting": "hi"}))
+        assert refused.value.code() == grpc.StatusCode.INVALID_ARGUMENT

@@ -12,7 +12,7 @@ ignored, as vLLM and OpenAI do. Ranges are checked by the Generate request itsel
 from __future__ import annotations
 
 import json
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -203,6 +203,7 @@ def chat_call(
         add_generation_prompt=fields.value("add_generation_prompt", (bool,), "true or false"),
         tools=tools,
         tool_schema=tool_schema,
+        chat_template_kwargs=template_kwargs(fields),
         # A Hermes call's tags are special tokens in some models: the parser must see them (vLLM's hermes
         # parser turns skip_special_tokens off likewise, unless the request set it).
         skip_special_tokens_default=False if choice.mode == "auto" else None,
@@ -219,6 +220,11 @@ def chat_call(
         # A constrained output is the constrained value, not thinking and an answer.
         reasoning_parser="" if tool_schema or structured_output(fields) else reasoning_parser,
     )
+
+
+def template_kwargs(fields: Fields) -> dict[str, object]:
+    """vLLM's chat_template_kwargs: more variables for the chat template (an object)."""
+    return fields.value("chat_template_kwargs", (dict,), "an object of template variables", {}) or {}
 
 
 def requested_max_tokens(fields: Fields, names: tuple[str, ...], default: int, limit: int) -> int:
@@ -368,6 +374,7 @@ def generate_request(
     tools: Sequence[coordinator_pb2.ToolDefinition] = (),
     tool_schema: str | None = None,
     skip_special_tokens_default: bool | None = None,
+    chat_template_kwargs: Mapping[str, object] | None = None,
 ) -> coordinator_pb2.GenerateRequest:
     n = fields.integer("n", 1)
     best_of = fields.integer("best_of")
@@ -421,6 +428,7 @@ def generate_request(
             continue_final_message=continue_final_message,
             add_generation_prompt=add_generation_prompt,
             tools=tools,
+            chat_template_kwargs=chat_template_kwargs,
             **constraint,
         )
     except ValueError as exc:  # a number beyond its protobuf field (a uint32 above 2^32...)

@@ -23,9 +23,16 @@ from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from coordinator.api_key import REFUSAL, bearer_matches
-from coordinator.chat import messages_from_pb, opens_generation_prompt, tools_from_pb
+from coordinator.chat import messages_from_pb, opens_generation_prompt, template_kwargs_from_pb, tools_from_pb
 from coordinator.completions import interleaved
-from coordinator.openai_api.requests import ApiCall, Fields, chat_call, chat_messages, completion_call
+from coordinator.openai_api.requests import (
+    ApiCall,
+    Fields,
+    chat_call,
+    chat_messages,
+    completion_call,
+    template_kwargs,
+)
 from coordinator.openai_api.responses import ResponseBuilder
 from coordinator.openai_api.tools import tool_definitions
 from coordinator.request import GenerationChunk
@@ -193,7 +200,8 @@ class OpenAIApi:
             continue_final = fields.boolean("continue_final_message")
             asked = fields.value("add_generation_prompt", (bool,), "true or false")
             opened = opens_generation_prompt(continue_final, asked)
-            ids = generator.chat.token_ids(messages, continue_final, context, opened, tools)
+            extra = template_kwargs_from_pb(json.dumps(template_kwargs(fields)))
+            ids = generator.chat.token_ids(messages, continue_final, context, opened, tools, extra)
         else:
             prompt = fields.string("prompt")
             if prompt is None:
