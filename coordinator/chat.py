@@ -92,9 +92,12 @@ class ToolDefinition:
 
 
 # The template's variables that the rendering itself sets: a request's chat_template_kwargs may not.
+# Jinja's and transformers' globals (namespace(), raise_exception()...) are not overridden either.
 RESERVED_TEMPLATE_KWARGS = frozenset(
     {"messages", "tools", "documents", "add_generation_prompt", "continue_final_message", "chat_template",
-     "tokenize", "return_dict", "return_tensors", "tokenizer_kwargs", "conversation"}
+     "tokenize", "return_dict", "return_tensors", "tokenizer_kwargs", "conversation", "conversations",
+     "padding", "truncation", "max_length", "return_assistant_tokens_mask", "sanitize_control_tokens",
+     "namespace", "raise_exception", "strftime_now", "range", "dict", "lipsum", "cycler", "joiner"}
 )  # fmt: skip
 
 
@@ -106,7 +109,8 @@ def template_kwargs_from_pb(text: str) -> tuple[tuple[str, object], ...]:
     reserved = sorted(RESERVED_TEMPLATE_KWARGS & kwargs.keys())
     if reserved:
         raise InvalidArgumentError(
-            f"chat_template_kwargs may not set {', '.join(reserved)}: the request's own fields do"
+            f"chat_template_kwargs may not set {', '.join(reserved)}: the request's fields or the rendering "
+            "set them"
         )
     return tuple(kwargs.items())
 
@@ -198,6 +202,7 @@ class ChatTemplate:
             "".join(
                 [m.role + m.content + "".join(c.arguments for c in m.tool_calls) for m in messages]
                 + [t.description + t.parameters for t in tools]
+                + [json.dumps(value) for _, value in template_kwargs]  # (a template may print them)
             ),
             max_context,
             "messages",
@@ -214,6 +219,8 @@ class ChatTemplate:
             )
         except (TemplateError, ValueError) as exc:  # the template's raise_exception ("roles must alternate")
             raise InvalidArgumentError(f"messages: the chat template refused them: {exc}") from exc
+        except (TypeError, RecursionError) as exc:  # a chat_template_kwargs value the template cannot use
+            raise InvalidArgumentError(f"the chat template failed on the request's values: {exc}") from None
         assert isinstance(rendered, str)
         return rendered
 

@@ -162,6 +162,8 @@ class PipelineConfig:
 
         if self.drafter not in DRAFTERS:
             raise ValueError(f"drafter must be one of {DRAFTERS}, got {self.drafter!r}")
+        if self.draft_device and self.drafter != "model":
+            raise ValueError("draft_device places a draft model: a prompt-lookup draft runs none")
 
     def forward_args(self) -> list[str]:
         """The model workers' batching, static KV slots and prefix sharing (a prompt-lookup draft has no

@@ -120,7 +120,16 @@ def test_chat_template_kwargs_reach_the_template(pipeline: Pipeline) -> None:
     assert status == 200, body
     status, text = post(pipeline, "/detokenize", {"tokens": body["tokens"]})
     assert text["prompt"].startswith("<|greeting|>hi\n<|user|>def parse(text):")
-    for kwargs, message in (({"messages": []}, "may not set messages"), ([1], "an object")):
+    deep: object = "x"
+    for _ in range(700):  # deeper than transformers' copy of the template's data can recurse
+        deep = [deep]
+    refusals = (
+        ({"messages": []}, "may not set messages"),
+        ({"conversations": 1, "namespace": 0}, "may not set conversations, namespace"),
+        ([1], "an object"),
+        ({"greeting": deep}, "the chat template failed on the request's values"),
+    )
+    for kwargs, message in refusals:
         status, body = post(
             pipeline, "/v1/chat/completions", {"messages": conversation, "chat_template_kwargs": kwargs}
         )

@@ -353,3 +353,5 @@ def test_the_draft_worker_may_run_on_a_device_of_its_own(
     assert device(specpipe.launcher.draft_worker_args(apart, 1234)) == "cuda:1"
     assert device(specpipe.launcher.target_worker_args(apart, 1234)) == "cuda:0"
     assert device(specpipe.launcher.draft_worker_args(together, 1234)) == "cpu"
+    with pytest.raises(ValueError, match="prompt-lookup draft runs none"):
+        specpipe.launcher.PipelineConfig("t", "d", drafter="prompt-lookup", draft_device="cuda:1")

@@ -13,6 +13,7 @@ from coordinator.openai_api.reasoning import ReasoningSplit, split_reasoning
 from coordinator.openai_api.requests import chat_call
 from specpipe.launcher import free_port
 from tests.conftest import CHAT_TEMPLATE, Pipeline, start_coordinator
+from tests.test_openai_api import post
 
 ASK = [{"role": "user", "content": "def parse(text):"}]
 
@@ -101,3 +102,19 @@ def test_the_thinking_comes_back_as_reasoning_content(pipeline: Pipeline, reason
         assert content and constrained.choices[0].message.model_extra.get("reasoning_content") is None
         if constrained.choices[0].finish_reason == "stop":
             json.loads(content)
+
+
+def test_a_chat_choice_has_openai_keys_only(pipeline: Pipeline, reasoning_api: str) -> None:
+    """A message, no completion's "text": without a reasoning parser and with one (reasoning_content)."""
+    body = {"messages": ASK, "max_tokens": 4, "n": 2}
+    status, plain = post(pipeline, "/v1/chat/completions", body)
+    assert status == 200, plain
+    for choice in plain["choices"]:
+        assert set(choice) == {"index", "message", "logprobs", "finish_reason"}
+        assert set(choice["message"]) == {"role", "content"}
+    client = openai.OpenAI(base_url=reasoning_api, api_key="unused", max_retries=0, timeout=60)
+    with client:
+        raw = client.chat.completions.with_raw_response.create(model="", messages=ASK, max_tokens=4, n=2)
+    for choice in json.loads(raw.text)["choices"]:
+        assert set(choice) == {"index", "message", "logprobs", "finish_reason"}
+        assert set(choice["message"]) == {"role", "content", "reasoning_content"}

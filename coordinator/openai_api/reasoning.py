@@ -8,7 +8,8 @@ the chat API returns the thinking as the message's (or a stream delta's) `reason
   a leading `<think>` in the output is dropped too); everything before `</think>` is reasoning, and an output
   without `</think>` (cut short by max_tokens) is reasoning alone;
 - `qwen3`: reasoning only where the output starts with `<think>` (Qwen3 writes it; with thinking turned off
-  its template leaves the output without one): up to `</think>`, and the rest is content.
+  its template leaves the output without one): up to `</think>`, and the rest is content. A template that
+  opens `<think>` in the prompt itself (Qwen3's thinking-only models of 2507) wants `deepseek_r1`.
 
 A stream holds back an end of the text that could begin a tag, so a tag is never split between events. A
 request whose output is constrained (a JSON schema, a regex, a choice, a tool choice of a function or

@@ -153,13 +153,15 @@ class ResponseBuilder:
                     entry["message"]["tool_calls"] = [call.to_openai() for call in calls]
             elif self.call.chat:
                 entry["message"] = {"role": "assistant", "content": text}
-            if self.call.chat and self.call.reasoning_parser:
-                reasoning, answer = split_reasoning(self.call.reasoning_parser, text)
-                if choice.tools is None:
-                    entry["message"]["content"] = answer or None  # all thinking: no answer (yet)
-                entry["message"]["reasoning_content"] = reasoning or None
             else:
                 entry["text"] = text
+            if self.call.chat and self.call.reasoning_parser:
+                reasoning, answer = split_reasoning(self.call.reasoning_parser, text)
+                message = entry["message"]
+                if choice.tools is None:
+                    message["content"] = answer
+                message["content"] = message["content"] or None  # all thinking: no answer (yet)
+                message["reasoning_content"] = reasoning or None
             entry["logprobs"] = self.whole_logprobs(choice) if self.call.logprobs else None
             entry["finish_reason"] = choice.finish_reason
             choices.append(entry)
