@@ -234,7 +234,8 @@ def add_serve_parser(subparsers: argparse._SubParsersAction) -> None:
     serve.add_argument(
         "--tool-call-parser", choices=TOOL_CALL_PARSERS, default="",
         help="all/coordinator: how the model writes tool calls, for chat requests with tool_choice \"auto\" "
-        "(hermes: <tool_call>{...}</tool_call>, Qwen 2.5+ and Hermes models); without it \"auto\" is refused "
+        "(hermes: <tool_call>{...}</tool_call>, Qwen 2.5+ and Hermes models; llama3_json: Llama 3.1+'s JSON "
+        "calls); without it \"auto\" is refused "
         "(\"required\" and a named function need none)",
     )  # fmt: skip
     serve.add_argument(

@@ -21,6 +21,7 @@ from coordinator.openai_api.tools import (
     ToolChoice,
     ToolOutput,
     parse_hermes,
+    parse_llama3_json,
     parse_required,
     required_schema,
     tool_choice_of,
@@ -93,6 +94,33 @@ def test_hermes_calls_are_parsed_after_the_content() -> None:
 )
 def test_output_that_is_not_hermes_calls_is_content(text: str) -> None:
     assert parse_hermes(text) == (text, [])
+
+
+def test_llama3_json_calls_are_the_whole_output() -> None:
+    _, (call,) = parse_llama3_json('{"name": "get_time", "parameters": {"zone": "UTC"}}')
+    assert (call.name, json.loads(call.arguments)) == ("get_time", {"zone": "UTC"})
+    content, calls = parse_llama3_json(
+        '<|python_tag|>{"name": "f", "parameters": {}}; {"name": "g", "arguments": "{\\"a\\": 1}"}'
+    )
+    assert content == ""
+    assert [(c.name, json.loads(c.arguments)) for c in calls] == [("f", {}), ("g", {"a": 1})]
+    not_calls = ('Sure: {"name": "f"}', '{"name": "f", "parameters": {}} more', '{"nam', "[1]", "{" * 5000)
+    for text in not_calls:
+        assert parse_llama3_json(text) == (text, []), text
+
+
+def test_llama3_json_streams_text_unless_it_may_be_a_call() -> None:
+    content, calls, finish = stream(
+        ToolOutput(ToolChoice("auto", parser="llama3_json")), [" ", '{"name": "f", ', '"parameters": {}}']
+    )
+    assert (content, [c["function"]["name"] for c in calls], finish) == ("", ["f"], "tool_calls")
+    output = ToolOutput(ToolChoice("auto", parser="llama3_json"))
+    assert output.stream_delta("<|pyth", first=True) == {"role": "assistant"}  # may open a call: held
+    assert stream(ToolOutput(ToolChoice("auto", parser="llama3_json")), ["It is ", "sunny."]) == (
+        "It is sunny.",
+        [],
+        "stop",
+    )
 
 
 def test_required_output_is_a_list_of_calls_or_nothing() -> None:

@@ -8,8 +8,10 @@ output a call is the choice, as vLLM does it:
 - "required": the output is constrained to a non-empty JSON array of `{"name": ..., "parameters": ...}`, one
   item per call, each naming one of the tools;
 - "auto" (the default with tools): the model decides, and its text is parsed for calls in the format the
-  server's `--tool-call-parser` names (Hermes' `<tool_call>{"name": ..., "arguments": ...}</tool_call>`, which
-  Qwen 2.5+ and Hermes models write). Without a parser it is refused, as vLLM refuses it;
+  server's `--tool-call-parser` names: `hermes` (`<tool_call>{"name": ..., "arguments": ...}</tool_call>`
+  after any text, as Qwen 2.5+ and Hermes models write) or `llama3_json` (the whole output one or more
+  `{"name": ..., "parameters": ...}` objects, as Llama 3.1+ writes). Without a parser it is refused, as vLLM
+  refuses it;
 - "none": the tools are described, and the output is text.
 
 A choice whose output holds calls ends with finish reason "tool_calls" (a named function's with "stop", or
@@ -30,12 +32,14 @@ import uuid
 from dataclasses import dataclass, field
 from typing import Any
 
+from coordinator.openai_api.reasoning import partial_end
 from specpipe.errors import InvalidArgumentError
 from specpipe.v1 import coordinator_pb2
 
-TOOL_CALL_PARSERS = ("hermes",)
+TOOL_CALL_PARSERS = ("hermes", "llama3_json")
 HERMES_OPEN, HERMES_CLOSE = "<tool_call>", "</tool_call>"
 HERMES_CALL = re.compile(r"<tool_call>(.*?)(?:</tool_call>|$)", re.DOTALL)
+PYTHON_TAG = "<|python_tag|>"  # Llama 3.1+ may open its calls with it
 
 
 def call_id() -> str:
@@ -221,6 +225,54 @@ def parse_hermes(text: str) -> tuple[str, list[ParsedCall]]:
     return (content if content.strip() else ""), calls
 
 
+def parse_llama3_json(text: str) -> tuple[str, list[ParsedCall]]:
+    """Llama 3.x's JSON calls: the output is `{"name": ..., "parameters": {...}}` objects (separated by `;`,
+    after an optional `<|python_tag|>`), and nothing else; any other output is content alone, as vLLM's
+    llama3_json parser reads it."""
+    body = text.strip()
+    if body.startswith(PYTHON_TAG):
+        body = body[len(PYTHON_TAG) :].lstrip()
+    if not body.startswith("{"):
+        return text, []
+    decoder, calls, position = json.JSONDecoder(), [], 0
+    try:
+        while position < len(body):
+            call, position = decoder.raw_decode(body, position)
+            arguments = call.get("parameters", call.get("arguments", {})) if isinstance(call, dict) else None
+            if isinstance(arguments, str):
+                arguments = json.loads(arguments) if arguments.strip() else {}
+            if not isinstance(arguments, dict) or not isinstance(call.get("name"), str):
+                return text, []
+            calls.append(ParsedCall(call["name"], json.dumps(arguments, ensure_ascii=False)))
+            rest = body[position:].lstrip()
+            if rest.startswith(";"):
+                rest = rest[1:].lstrip()
+            elif rest:
+                return text, []
+            position = len(body) - len(rest)
+    except (ValueError, RecursionError):
+        return text, []
+    return "", calls
+
+
+def parse_auto(parser: str, text: str) -> tuple[str, list[ParsedCall]]:
+    """A "auto" output's content and calls, in the format `parser` names."""
+    return parse_hermes(text) if parser == "hermes" else parse_llama3_json(text)
+
+
+def streamable_content(parser: str, text: str) -> int:
+    """How much of an "auto" output a stream may send as content now: before a Hermes call's tag (holding
+    back an end that could begin it), or, for Llama's calls (which are the whole output), nothing while the
+    output may still be one."""
+    if parser == "hermes":
+        tag = text.find(HERMES_OPEN)
+        return tag if tag >= 0 else len(text) - partial_end(text, HERMES_OPEN)
+    start = text.lstrip()
+    if not start or start.startswith(("{", PYTHON_TAG)) or PYTHON_TAG.startswith(start):
+        return 0
+    return len(text)
+
+
 @dataclass(slots=True)
 class ToolOutput:
     """One choice's output under a tool choice: what a stream may send now, and the calls at the end."""
@@ -246,9 +298,7 @@ class ToolOutput:
                 call["function"]["arguments"] = text
             delta["tool_calls"] = [call]
         elif self.choice.mode == "auto":
-            # Content up to a call's opening tag, holding back an end that could be the tag's beginning.
-            tag = self.text.find(HERMES_OPEN)
-            end = tag if tag >= 0 else len(self.text) - partial_tag(self.text)
+            end = streamable_content(self.choice.parser, self.text)
             if end > self.sent:
                 delta["content"] = self.text[self.sent : end]
                 self.sent = end
@@ -262,7 +312,7 @@ class ToolOutput:
         if self.choice.mode == "required":
             calls = parse_required(self.text)
             return (None, calls) if calls else (self.text, [])
-        content, calls = parse_hermes(self.text)
+        content, calls = parse_auto(self.choice.parser, self.text)
         if calls and not self.choice.parallel:
             calls = calls[:1]
         return (content or None) if calls else content, calls
@@ -272,12 +322,12 @@ class ToolOutput:
         back where the output holds none."""
         if self.choice.mode == "named":
             return {}
-        calls = self.final()[1]
+        content, calls = self.final()
         delta: dict[str, Any] = {}
         if calls:
-            tag = self.text.find(HERMES_OPEN) if self.choice.mode == "auto" else 0
-            if self.sent < tag:
-                delta["content"] = self.text[self.sent : tag]
+            held_back = (content or "")[self.sent :]  # the content before the calls not sent yet
+            if held_back:
+                delta["content"] = held_back
             delta["tool_calls"] = [call.to_openai(index) for index, call in enumerate(calls)]
         elif self.sent < len(self.text):
             delta["content"] = self.text[self.sent :]
@@ -290,11 +340,3 @@ class ToolOutput:
         if reason and self.choice.mode != "named" and self.final()[1]:
             return "tool_calls"
         return reason
-
-
-def partial_tag(text: str) -> int:
-    """The length of the longest end of `text` that begins the opening tag (held back in a stream)."""
-    for length in range(min(len(HERMES_OPEN) - 1, len(text)), 0, -1):
-        if HERMES_OPEN.startswith(text[-length:]):
-            return length
-    return 0
