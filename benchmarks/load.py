@@ -96,6 +96,11 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         help="send the requests to this OpenAI-compatible API instead (e.g. http://127.0.0.1:8000, specpipe "
         "serve's; streamed /v1/completions; env OPENAI_API_KEY, where set, as its bearer token)",
     )  # fmt: skip
+    p.add_argument(
+        "--chat", action="store_true",
+        help="with --http-url: streamed /v1/chat/completions, each prompt as the user's message (the server "
+        "needs a chat template: specpipe serve --chat-template)",
+    )  # fmt: skip
     p.add_argument("--num-requests", type=int, default=64, help="default: %(default)s")
     p.add_argument("--concurrency", type=int, default=8, help="most requests in flight at once")
     p.add_argument(
@@ -125,6 +130,8 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         p.error("--num-requests, --concurrency and --max-new-tokens must be >= 1")
     if not args.request_rate > 0:
         p.error("--request-rate must be > 0")
+    if args.chat and not args.http_url:
+        p.error("--chat is for --http-url (the gRPC API's chat requests are GenerateRequest.messages)")
     return args
 
 
@@ -177,13 +184,18 @@ async def one_request(
 async def one_http_request(
     session: aiohttp.ClientSession, args: argparse.Namespace, index: int, prompt: str
 ) -> RequestRecord:
-    """The same request through the OpenAI-compatible API: a streamed /v1/completions."""
+    """The same request through the OpenAI-compatible API: a streamed /v1/completions, or with --chat a
+    streamed /v1/chat/completions of the prompt as the user's message."""
     record = RequestRecord(index)
     body: dict[str, object] = {
-        "prompt": prompt, "max_tokens": args.max_new_tokens, "temperature": args.temperature,
+        "max_tokens": args.max_new_tokens, "temperature": args.temperature,
         "seed": args.seed + index, "ignore_eos": args.ignore_eos, "stream": True,
         "stream_options": {"include_usage": True},
     }  # fmt: skip
+    if args.chat:
+        body["messages"] = [{"role": "user", "content": prompt}]
+    else:
+        body["prompt"] = prompt
     if args.num_speculative_tokens is not None:
         body["num_speculative_tokens"] = args.num_speculative_tokens
     api_key = os.environ.get(
@@ -193,7 +205,7 @@ async def one_http_request(
     started = time.perf_counter()
     try:
         async with session.post(
-            f"{args.http_url.rstrip('/')}/v1/completions",
+            f"{args.http_url.rstrip('/')}/v1/{'chat/completions' if args.chat else 'completions'}",
             json=body,
             headers=headers,
             timeout=aiohttp.ClientTimeout(total=args.timeout),
@@ -212,7 +224,7 @@ async def one_http_request(
                         record.detail = str(payload["error"].get("message", ""))
                     elif payload.get("usage"):
                         record.output_tokens = int(payload["usage"]["completion_tokens"])
-                    elif payload["choices"] and payload["choices"][0]["text"]:
+                    elif payload["choices"] and shows_output(payload["choices"][0]):
                         now = time.perf_counter() - started
                         if record.first_token_s is None:
                             record.first_token_s = now
@@ -221,6 +233,15 @@ async def one_http_request(
         record.status, record.detail = type(exc).__name__, str(exc)
     record.end_s = time.perf_counter() - started
     return record
+
+
+def shows_output(choice: dict[str, object]) -> bool:
+    """Whether a stream event's choice carries output: a completion's text, or a chat delta's content, its
+    thinking (reasoning_content) or a tool call."""
+    delta = choice.get("delta")
+    if isinstance(delta, dict):
+        return bool(delta.get("content") or delta.get("reasoning_content") or delta.get("tool_calls"))
+    return bool(choice.get("text"))
 
 
 async def run_load(args: argparse.Namespace, prompts: Sequence[str]) -> tuple[list[RequestRecord], float]:

@@ -63,6 +63,10 @@ def test_the_same_load_through_the_openai_http_api(pipeline, tmp_path: Path) -> 
     assert summary["failures_by_status"] == {"HTTP 400": 4}
     unreachable = ["--http-url", "http://127.0.0.1:1", "--num-requests", "2", "--timeout", "5"]
     assert _run(tmp_path, *unreachable)["summary"]["failures_by_status"] == {"ClientConnectorError": 2}
+    # --chat: the prompts as users' messages, through the chat template.
+    chat = _run(tmp_path, *args, "--chat", "--max-new-tokens", "8", "--ignore-eos")
+    assert chat["summary"]["completed"] == 4 and chat["summary"]["output_tokens"] == 32, chat["requests"]
+    assert all(r["token_chunk_s"] for r in chat["requests"])
 
 
 def test_failed_requests_are_counted_by_status(pipeline, tmp_path: Path) -> None:
