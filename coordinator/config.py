@@ -38,6 +38,8 @@ class CoordinatorConfig:
     # Generate calls served at once; one more gets RESOURCE_EXHAUSTED at once rather than queueing behind
     # them (as TGI's --max-concurrent-requests): clients retry, or a load balancer moves them elsewhere.
     max_concurrent_requests: int = 256
+    # Requests that may wait for a slot once the limit is full (first come, first served; 0: refused at once).
+    max_waiting_requests: int = 0
     # Upper bound on one worker RPC; the client's own deadline is applied when shorter.
     worker_timeout_s: float = 30.0
     # How long start-up waits for the workers and the session store to answer.
@@ -83,6 +85,8 @@ class CoordinatorConfig:
             )
         if self.max_concurrent_requests < 1:
             raise ValueError(f"max_concurrent_requests must be >= 1, got {self.max_concurrent_requests}")
+        if self.max_waiting_requests < 0:
+            raise ValueError(f"max_waiting_requests must be >= 0, got {self.max_waiting_requests}")
         if self.max_new_tokens_limit < 1:
             raise ValueError(f"max_new_tokens_limit must be >= 1, got {self.max_new_tokens_limit}")
         for name in ("worker_timeout_s", "startup_timeout_s", "shutdown_grace_s"):

@@ -37,6 +37,11 @@ class CoordinatorMetrics:
             registry=registry,
         )
         self.running = Gauge("specpipe_requests_running", "Generate requests in flight.", registry=registry)
+        self.waiting = Gauge(
+            "specpipe_requests_waiting",
+            "Requests waiting for a slot of the concurrency limit (--max-waiting-requests).",
+            registry=registry,
+        )
         self.http_requests = Counter(
             "specpipe_http_requests",
             "The OpenAI-compatible HTTP API's requests by route and HTTP status (refusals before any "

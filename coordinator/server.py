@@ -168,7 +168,9 @@ async def run_coordinator(config: CoordinatorConfig, stop_event: asyncio.Event |
         max_speculative_tokens=config.max_speculative_tokens,
         default_speculative_tokens=None if config.adaptive_k else config.num_speculative_tokens,
     )
-    servicer = CoordinatorServicer(request_limits, metrics, config.max_concurrent_requests)
+    servicer = CoordinatorServicer(
+        request_limits, metrics, config.max_concurrent_requests, config.max_waiting_requests
+    )
 
     async def warmup() -> None:
         cluster.start()

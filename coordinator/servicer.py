@@ -4,10 +4,11 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-from collections.abc import AsyncIterator, Callable, Iterator
+from collections.abc import AsyncIterator, Callable
 
 import grpc
 
+from coordinator.admission import ConcurrencyLimit
 from coordinator.completions import completion_requests, interleaved_completions
 from coordinator.metrics import CoordinatorMetrics
 from coordinator.request import (
@@ -21,7 +22,7 @@ from coordinator.server_info import ServerInfo
 from coordinator.sessions import SessionService
 from coordinator.speculation import SpeculativeGenerator
 from coordinator.tokenization import Tokenized
-from specpipe.errors import InvalidArgumentError, ResourceExhaustedError, UnavailableError
+from specpipe.errors import ResourceExhaustedError, UnavailableError
 from specpipe.v1 import coordinator_pb2, coordinator_pb2_grpc
 
 
@@ -31,11 +32,12 @@ class CoordinatorServicer(coordinator_pb2_grpc.CoordinatorServicer):
         limits: RequestLimits,
         metrics: CoordinatorMetrics | None = None,
         max_concurrent_requests: int = 256,
+        max_waiting_requests: int = 0,
     ) -> None:
         self.limits = limits
         self.metrics = metrics or CoordinatorMetrics()
-        self.max_concurrent_requests = max_concurrent_requests
-        self.running = 0  # Generate calls in flight
+        self.concurrency = ConcurrencyLimit(max_concurrent_requests, max_waiting_requests)
+        self.metrics.waiting.set_function(lambda: self.concurrency.waiting)
         self._generator: SpeculativeGenerator | None = None
 
         self._sessions: SessionService | None = None
@@ -86,7 +88,8 @@ class CoordinatorServicer(coordinator_pb2_grpc.CoordinatorServicer):
     ) -> AsyncIterator[GenerationChunk]:
         """Generate's work, behind the concurrency limit (unless the caller `admitted` it already), observed
         by the metrics; also what the HTTP API calls (coordinator/openai_api): one limit for both."""
-        with contextlib.nullcontext() if admitted else self.admission(completion_slots(request)):
+        slots = completion_slots(request)
+        async with contextlib.nullcontext() if admitted else self.admission(slots, time_remaining):
             with self.metrics.request() as observed:
                 generation = GenerationRequest.from_pb(request, self.limits)
                 if ephemeral:  # the HTTP API's: deleted after it (GenerationRequest.ephemeral)
@@ -95,28 +98,23 @@ class CoordinatorServicer(coordinator_pb2_grpc.CoordinatorServicer):
                     observed.chunk(chunk, self.metrics)
                     yield chunk
 
-    @contextlib.contextmanager
-    def admission(self, slots: int) -> Iterator[None]:
-        """Holds `slots` of the concurrency limit (a request's completions), or refuses them at once: more
-        than the limit can ever hold is INVALID_ARGUMENT, more than it holds now RESOURCE_EXHAUSTED."""
-        if slots > self.max_concurrent_requests:
-            raise InvalidArgumentError(
-                f"{slots} completions at once are above the "
-                f"coordinator's limit of {self.max_concurrent_requests} concurrent requests "
-                "(--max-concurrent-requests)"
-            )
-        if self.running + slots > self.max_concurrent_requests:
+    @contextlib.asynccontextmanager
+    async def admission(self, slots: int, time_remaining: Callable[[], float | None]) -> AsyncIterator[None]:
+        """Holds `slots` of the concurrency limit (a request's completions), after a wait in line where one is
+        configured, or refuses them: more than the limit can ever hold is INVALID_ARGUMENT, more than it
+        holds now (and its line) RESOURCE_EXHAUSTED (coordinator/admission.py)."""
+        try:
+            async with self.concurrency.hold(slots, time_remaining):
+                yield
+        except ResourceExhaustedError:
             # Counted by outcome only: refusals are not requests in flight, nor latencies.
             self.metrics.requests.labels(outcome=grpc.StatusCode.RESOURCE_EXHAUSTED.name).inc()
-            raise ResourceExhaustedError(
-                f"the coordinator is serving {self.running} of its limit of {self.max_concurrent_requests} "
-                f"concurrent requests (--max-concurrent-requests), too many for {slots} more: retry later"
-            )
-        self.running += slots
-        try:
-            yield
-        finally:
-            self.running -= slots
+            raise
+
+    @property
+    def running(self) -> int:
+        """Slots of the concurrency limit held now (a request's completions each hold one)."""
+        return self.concurrency.running
 
     def chunks(
         self, generation: GenerationRequest, time_remaining: Callable[[], float | None]

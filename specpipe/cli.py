@@ -204,7 +204,14 @@ def add_serve_parser(subparsers: argparse._SubParsersAction) -> None:
     )
     serve.add_argument(
         "--max-concurrent-requests", type=int, default=256,
-        help="Generate calls served at once; more get RESOURCE_EXHAUSTED at once (default: %(default)s)",
+        help="Generate calls served at once; more get RESOURCE_EXHAUSTED at once (default: %(default)s), "
+        "unless --max-waiting-requests lets them wait",
+    )  # fmt: skip
+    serve.add_argument(
+        "--max-waiting-requests", type=int, default=0,
+        help="all/coordinator: requests that may wait, first come first served, for a slot once "
+        "--max-concurrent-requests are running (each until its deadline); more are refused (default: 0, "
+        "refused at once)",
     )  # fmt: skip
     serve.add_argument("--worker-timeout", type=float, default=30.0, help="seconds per worker RPC")
     serve.add_argument(
@@ -553,6 +560,7 @@ def serve_component(args: argparse.Namespace) -> int:
             delegation=args.delegation,
             max_new_tokens_limit=args.max_new_tokens_limit,
             max_concurrent_requests=args.max_concurrent_requests,
+            max_waiting_requests=args.max_waiting_requests,
             worker_timeout_s=args.worker_timeout,
             startup_timeout_s=args.startup_timeout,
             session_ttl_s=args.session_ttl,
@@ -619,6 +627,8 @@ def serve_all(args: argparse.Namespace) -> int:
         str(args.max_new_tokens_limit),
         "--max-concurrent-requests",
         str(args.max_concurrent_requests),
+        "--max-waiting-requests",
+        str(args.max_waiting_requests),
         "--worker-timeout",
         str(args.worker_timeout),
         "--session-ttl",

@@ -381,6 +381,13 @@ def test_worker_ports_and_args() -> None:
         == "32"
     )
     assert "maxConcurrentRequests" in schema_error({"coordinator": {"maxConcurrentRequests": 0}})
+    assert args["--max-waiting-requests"] == "0"
+    waiting = render({"coordinator": {"maxWaitingRequests": 64}})
+    assert (
+        args_of(container(one(waiting, "Deployment", f"{FULLNAME}-coordinator")))["--max-waiting-requests"]
+        == "64"
+    )
+    assert "maxWaitingRequests" in schema_error({"coordinator": {"maxWaitingRequests": -1}})
 
 
 @pytest.mark.parametrize("value_set", VALUE_SETS)

@@ -98,6 +98,55 @@ def test_deadline_exceeded(pipeline: Pipeline) -> None:
     assert caught.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
 
 
+def test_requests_over_the_limit_wait_in_line_where_one_is_configured(
+    pipeline: Pipeline, tmp_path_factory: pytest.TempPathFactory
+) -> None:
+    """--max-waiting-requests: a request finding the limit full waits for a slot and is served once one
+    frees; one finding the line full too is refused (gRPC and HTTP share both)."""
+    import asyncio
+
+    import aiohttp
+
+    from specpipe.client import AsyncCoordinatorClient
+    from specpipe.launcher import free_port
+    from tests.conftest import start_coordinator
+
+    http_port = free_port()
+    coordinator = start_coordinator(
+        pipeline.draft.address, pipeline.target.address, pipeline.redis.url,
+        tmp_path_factory.mktemp("waiting"),
+        extra=["--max-concurrent-requests", "1", "--max-waiting-requests", "1",
+               "--http-port", str(http_port)],
+    )  # fmt: skip
+    long_request = build_request("hello", 256, num_speculative_tokens=0, ignore_eos=True)
+
+    async def main() -> None:
+        async with AsyncCoordinatorClient(coordinator.address) as client, aiohttp.ClientSession() as http:
+            running = client.stub.Generate(long_request, timeout=60)
+            await running.read()
+            waiting = asyncio.create_task(client.generate(build_request("hi", 4), timeout_s=60))
+            for _ in range(100):
+                async with http.get(f"http://127.0.0.1:{http_port}/metrics") as response:
+                    if "specpipe_requests_waiting 1.0" in await response.text():
+                        break
+                await asyncio.sleep(0.05)
+            else:
+                raise AssertionError("the second request never waited")
+            body = {"prompt": "hi", "max_tokens": 4}
+            async with http.post(f"http://127.0.0.1:{http_port}/v1/completions", json=body) as response:
+                assert response.status == 429  # the line is full
+                assert "1 waiting" in (await response.json())["error"]["message"]
+            assert not waiting.done()
+            running.cancel()
+            assert len((await waiting).token_ids) == 4  # served once the slot freed
+
+    try:
+        coordinator.wait_serving(120)
+        asyncio.run(main())
+    finally:
+        coordinator.stop()
+
+
 def test_requests_over_the_concurrency_limit_get_resource_exhausted(
     pipeline: Pipeline, tmp_path_factory: pytest.TempPathFactory
 ) -> None:
