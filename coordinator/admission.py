@@ -78,10 +78,12 @@ class ConcurrencyLimit:
         handed on."""
         if waiter.granted.done():
             self.running -= waiter.slots
-            self.hand_on()
         else:
             waiter.granted.cancel()
             self.line.remove(waiter)
+        # Either way those behind it may fit now (the head of the line never fits after any change: what
+        # `hold`'s way past the line relies on).
+        self.hand_on()
 
     def hand_on(self) -> None:
         """Grants the longest-waiting requests their slots while they fit (first come, first served: one

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import dataclasses
 from collections.abc import AsyncIterator, Callable
@@ -22,7 +23,8 @@ from coordinator.server_info import ServerInfo
 from coordinator.sessions import SessionService
 from coordinator.speculation import SpeculativeGenerator
 from coordinator.tokenization import Tokenized
-from specpipe.errors import ResourceExhaustedError, UnavailableError
+from specpipe.errors import DeadlineExceededError, ResourceExhaustedError, UnavailableError
+from specpipe.rpc.interceptor import status_for
 from specpipe.v1 import coordinator_pb2, coordinator_pb2_grpc
 
 
@@ -103,12 +105,17 @@ class CoordinatorServicer(coordinator_pb2_grpc.CoordinatorServicer):
         """Holds `slots` of the concurrency limit (a request's completions), after a wait in line where one is
         configured, or refuses them: more than the limit can ever hold is INVALID_ARGUMENT, more than it
         holds now (and its line) RESOURCE_EXHAUSTED (coordinator/admission.py)."""
+        entered = False
         try:
             async with self.concurrency.hold(slots, time_remaining):
+                entered = True
                 yield
-        except ResourceExhaustedError:
-            # Counted by outcome only: refusals are not requests in flight, nor latencies.
-            self.metrics.requests.labels(outcome=grpc.StatusCode.RESOURCE_EXHAUSTED.name).inc()
+        except (ResourceExhaustedError, DeadlineExceededError, asyncio.CancelledError) as exc:
+            # A request refused, past its deadline or cancelled before it held its slots: counted by outcome
+            # only (not a request in flight, nor a latency). Its generation's own errors count there.
+            if not entered:
+                outcome = "CANCELLED" if isinstance(exc, asyncio.CancelledError) else status_for(exc).name
+                self.metrics.requests.labels(outcome=outcome).inc()
             raise
 
     @property

@@ -106,3 +106,54 @@ def test_a_waiter_that_gives_up_leaves_no_slot_behind() -> None:
         assert (limit.running, limit.waiting) == (0, 0)
 
     run(test)
+
+
+def test_a_head_of_line_that_gives_up_lets_those_behind_it_in() -> None:
+    """A large request at the head that leaves (its deadline) hands the free slots to the smaller ones
+    behind it, rather than leaving them to wait for a running request to end."""
+
+    async def test() -> None:
+        limit, release, log = ConcurrencyLimit(4, max_waiting=2), asyncio.Event(), list[str]()
+        running = asyncio.create_task(hold_until(limit, 2, release, log, "running"))
+        await asyncio.sleep(0)
+        big = asyncio.create_task(limit.hold(4, lambda: 0.05).__aenter__())
+        await asyncio.sleep(0)
+        small = asyncio.create_task(hold_until(limit, 1, asyncio.Event(), log, "small"))
+        with pytest.raises(DeadlineExceededError):
+            await big
+        await asyncio.sleep(0.01)
+        assert log == ["running", "small"] and (limit.running, limit.waiting) == (3, 0)
+        small.cancel()
+        release.set()
+        await running
+        with pytest.raises(asyncio.CancelledError):
+            await small
+        assert (limit.running, limit.waiting) == (0, 0)
+
+    run(test)
+
+
+def test_only_requests_that_never_held_their_slots_count_as_refused() -> None:
+    """The servicer counts a refusal, a deadline or a cancellation met in line by outcome; a generation's own
+    RESOURCE_EXHAUSTED (a worker's) is its request's outcome, counted once by the request's observer."""
+    from coordinator.metrics import CoordinatorMetrics
+    from coordinator.request import RequestLimits
+    from coordinator.servicer import CoordinatorServicer
+
+    def count(servicer: CoordinatorServicer, outcome: str) -> float:
+        return servicer.metrics.requests.labels(outcome=outcome)._value.get()
+
+    async def test() -> None:
+        limits = RequestLimits(max_new_tokens=16, max_speculative_tokens=4, default_speculative_tokens=None)
+        servicer = CoordinatorServicer(limits, CoordinatorMetrics(), max_concurrent_requests=1)
+        with pytest.raises(ResourceExhaustedError):
+            async with servicer.admission(1, no_deadline):
+                raise ResourceExhaustedError("a worker's: its KV cache budget")
+        assert count(servicer, "RESOURCE_EXHAUSTED") == 0
+        async with servicer.admission(1, no_deadline):
+            with pytest.raises(ResourceExhaustedError):
+                async with servicer.admission(1, no_deadline):
+                    pass
+        assert count(servicer, "RESOURCE_EXHAUSTED") == 1 and servicer.running == 0
+
+    run(test)
