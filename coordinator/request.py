@@ -208,8 +208,17 @@ class GenerationChunk:
     logprobs: Sequence[TokenLogprob] = ()  # one per token where the request's sampling asks
     prompt_logprobs: Sequence[TokenLogprob] = ()  # the first chunk's, where the request asks
     index: int = 0  # which of the request's n completions
+    # What stopped a "stop" finish: the stop string, or the stop token id (vLLM's stop_reason).
+    stop_reason: str | int | None = None
 
     def to_pb(self) -> coordinator_pb2.GenerateResponse:
+        stop = (
+            {"stop_string": self.stop_reason}
+            if isinstance(self.stop_reason, str)
+            else {"stop_token_id": self.stop_reason}
+            if self.stop_reason is not None
+            else {}
+        )
         return coordinator_pb2.GenerateResponse(
             session_id=self.session_id,
             token_ids=self.token_ids,
@@ -219,4 +228,5 @@ class GenerationChunk:
             logprobs=[logprob.to_pb() for logprob in self.logprobs],
             prompt_logprobs=[logprob.to_pb() for logprob in self.prompt_logprobs],
             index=self.index,
+            **stop,
         )

@@ -429,6 +429,11 @@ class SpeculativeGenerator:
         usage.target_passes += 1
         usage.target_forward_ns += verdict.forward_ns
         progress.finish_reason = finish_reason
+        stop_reason: str | int | None = None
+        if detokenizer.stopped:
+            stop_reason = detokenizer.stop_string
+        elif finish_reason == "stop":  # (a stop token id: a stop string would have stopped the text)
+            stop_reason = new_ids[-1]
         chunk = GenerationChunk(
             session.session_id,
             new_ids,
@@ -437,6 +442,7 @@ class SpeculativeGenerator:
             usage if finish_reason else None,
             verdict.logprobs[: len(new_ids)],
             progress.prompt_logprobs if first_chunk else (),
+            stop_reason=stop_reason,
         )
         return PendingChunk(commit, chunk)
 

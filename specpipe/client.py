@@ -126,6 +126,7 @@ class GenerationResult:
     logprobs: list[common_pb2.TokenLogprob] = field(default_factory=list)
     # Where the request's prompt_logprobs asked: one per prompt token that has one (the first chunk's).
     prompt_logprobs: list[common_pb2.TokenLogprob] = field(default_factory=list)
+    stop_reason: str | int | None = None  # what stopped a "stop" finish: a stop string or token id
 
     def add(self, chunk: coordinator_pb2.GenerateResponse) -> None:
         self.session_id = chunk.session_id
@@ -138,6 +139,8 @@ class GenerationResult:
             self.finish_reason = coordinator_pb2.FinishReason.Name(chunk.finish_reason)
             self.finish_reason = self.finish_reason.removeprefix("FINISH_REASON_").lower()
             self.usage = chunk.usage
+            stop = chunk.WhichOneof("stop_reason")
+            self.stop_reason = getattr(chunk, stop) if stop else None
 
 
 @dataclass

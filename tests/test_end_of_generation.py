@@ -67,6 +67,7 @@ def test_stop_token_ids_end_generation_after_the_first_of_them(
                 )
                 assert stopped.token_ids == free.token_ids[:end], (k, ignore_eos)
                 assert stopped.finish_reason == "stop", (k, ignore_eos)
+                assert stopped.stop_reason == stop_id, (k, ignore_eos)  # vLLM's stop_reason
                 # The text is flushed as after EOS: the kept tokens' text but the stop token's, as vLLM.
                 assert stopped.text == tokenizer.decode(
                     stopped.token_ids[:-1], skip_special_tokens=True, clean_up_tokenization_spaces=False
@@ -130,3 +131,4 @@ def test_the_end_of_sequence_text_is_left_out_also_where_special_tokens_are_show
                 60,
             )  # fmt: skip
             assert (ended.token_ids, ended.finish_reason, ended.text) == ([eos], "eos", expected)
+            assert ended.stop_reason is None

@@ -80,7 +80,17 @@ def test_stop_string_ends_generation(pipeline: Pipeline, tokenizer) -> None:
         stop = baseline.text[5:8]
         assert stop
         stopped = client.generate(build_request(PROMPTS[0], 40, stop=[stop]), timeout_s=60)
-    assert stopped.finish_reason == "stop"
+    assert stopped.finish_reason == "stop" and stopped.stop_reason == stop  # vLLM's stop_reason
     assert stopped.text == baseline.text[: baseline.text.index(stop)]
     assert baseline.token_ids[: len(stopped.token_ids)] == stopped.token_ids
     assert stop in tokenizer.decode(stopped.token_ids)
+    # The HTTP API's choices carry it too; null where the length limit ended the output.
+    from tests.test_openai_api import post
+
+    body = {"prompt": PROMPTS[0], "max_tokens": 40, "temperature": 0, "stop": [stop, "never seen"]}
+    status, response = post(pipeline, "/v1/completions", body)
+    assert status == 200 and response["choices"][0]["stop_reason"] == stop, response
+    length_limited = {**body, "stop": [], "max_tokens": 4, "ignore_eos": True}
+    status, response = post(pipeline, "/v1/completions", length_limited)
+    choice = response["choices"][0]
+    assert (choice["finish_reason"], choice["stop_reason"]) == ("length", None)

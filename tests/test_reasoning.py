@@ -104,11 +104,11 @@ def test_a_chat_choice_has_openai_keys_only(pipeline: Pipeline, reasoning_api: s
     status, plain = post(pipeline, "/v1/chat/completions", body)
     assert status == 200, plain
     for choice in plain["choices"]:
-        assert set(choice) == {"index", "message", "logprobs", "finish_reason"}
+        assert set(choice) == {"index", "message", "logprobs", "finish_reason", "stop_reason"}
         assert set(choice["message"]) == {"role", "content"}
     client = openai.OpenAI(base_url=reasoning_api, api_key="unused", max_retries=0, timeout=60)
     with client:
         raw = client.chat.completions.with_raw_response.create(model="", messages=ASK, max_tokens=4, n=2)
     for choice in json.loads(raw.text)["choices"]:
-        assert set(choice) == {"index", "message", "logprobs", "finish_reason"}
+        assert set(choice) == {"index", "message", "logprobs", "finish_reason", "stop_reason"}
         assert set(choice["message"]) == {"role", "content", "reasoning_content"}

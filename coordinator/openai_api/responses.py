@@ -1,7 +1,8 @@
 """Generate's chunks as OpenAI's objects: a whole (chat) completion, or the chunks of its event stream.
 
 Choice i of a body with several prompts is prompt i // n's completion i % n, as OpenAI numbers them. A
-finish reason of "eos" (the model ended) and "stop" (a stop string or stop token) are both OpenAI's "stop".
+finish reason of "eos" (the model ended) and "stop" (a stop string or stop token) are both OpenAI's "stop";
+vLLM's `stop_reason` tells them apart (the stop string or token id, null for end-of-sequence).
 Usage counts each prompt once and every completion's tokens.
 """
 
@@ -42,6 +43,7 @@ class ChoiceState:
     logprobs: list[dict[str, Any]] = field(default_factory=list)  # each chunk's, as its event carries them
     text_offset: int = 0  # characters before the next token (completions' logprobs.text_offset)
     finish_reason: str | None = None
+    stop_reason: str | int | None = None  # vLLM's: the stop string or stop token id that ended it
     tools: ToolOutput | None = None  # chat under a tool choice: its output as calls
     reasoning: ReasoningSplit | None = None  # chat with a reasoning parser: thinking split from the answer
 
@@ -114,8 +116,9 @@ class ResponseBuilder:
         if choice.tools is not None and finish_reason:  # (after the last text reached the tool output)
             finish_reason = choice.tools.finish_reason(finish_reason)
         if finish_reason:
-            choice.finish_reason = finish_reason
+            choice.finish_reason, choice.stop_reason = finish_reason, chunk.stop_reason
         part["finish_reason"] = finish_reason
+        part["stop_reason"] = chunk.stop_reason
         return part
 
     def event(self, part: dict[str, Any]) -> dict[str, Any]:
@@ -164,6 +167,7 @@ class ResponseBuilder:
                 message["reasoning_content"] = reasoning or None
             entry["logprobs"] = self.whole_logprobs(choice) if self.call.logprobs else None
             entry["finish_reason"] = choice.finish_reason
+            entry["stop_reason"] = choice.stop_reason
             choices.append(entry)
         return {
             "id": self.id,

@@ -55,6 +55,7 @@ class IncrementalDetokenizer:
         self._stopped = False
         self._finished = False
         self._stop_token_index: int | None = None
+        self._stop_string: str | None = None
         # A stop string completed by fewer pushed tokens than this is text like any other (min_tokens: vLLM
         # does not check stop strings before the output holds that many tokens).
         self._stops_from_token = stops_from_token
@@ -70,6 +71,11 @@ class IncrementalDetokenizer:
     def stop_token_index(self) -> int | None:
         """How many of the pushed tokens it took to produce the stop string (None before a stop)."""
         return self._stop_token_index
+
+    @property
+    def stop_string(self) -> str | None:
+        """The stop string that stopped the text (None before a stop)."""
+        return self._stop_string
 
     @property
     def text(self) -> str:
@@ -137,6 +143,7 @@ class IncrementalDetokenizer:
             self._pending = ""
             self._stopped = True
             self._stop_token_index = tokens
+            self._stop_string = stop
             return out
         keep = 0 if final else self._stop_prefix_len(self._pending)
         cut = len(self._pending) - keep
