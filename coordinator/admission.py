@@ -2,8 +2,10 @@
 
 A request holds one slot per completion (n completions: n slots) while it runs. Where the limit is full it
 is refused at once with RESOURCE_EXHAUSTED (TGI's `--max-concurrent-requests`), unless a waiting line is
-configured (`--max-waiting-requests`): then up to that many requests wait, first come first served, for
-their slots (as vLLM queues requests beyond its batch), and only a request finding the line full is refused.
+configured (`--max-waiting-requests`): then up to that many requests wait for their slots, by priority
+(lower first, vLLM's request priority) and first come first served among equals (as vLLM queues requests
+beyond its batch), and only a request finding the line full is refused. The line's head is served first: a
+request too large to fit yet keeps those behind it waiting.
 A waiting request leaves the line when its client cancels it or when its deadline passes
 (DEADLINE_EXCEEDED); the slots it was granted but could not take are handed on.
 """
@@ -23,6 +25,7 @@ from specpipe.errors import DeadlineExceededError, InvalidArgumentError, Resourc
 class Waiter:
     slots: int
     granted: asyncio.Future[None]
+    priority: int = 0  # lower first; equal: first come first served
 
 
 @dataclass(slots=True)
@@ -37,8 +40,11 @@ class ConcurrencyLimit:
         return len(self.line)
 
     @contextlib.asynccontextmanager
-    async def hold(self, slots: int, time_remaining: Callable[[], float | None]) -> AsyncIterator[None]:
-        """Holds `slots` while the body runs: at once, after a wait in line, or refused."""
+    async def hold(
+        self, slots: int, time_remaining: Callable[[], float | None], priority: int = 0
+    ) -> AsyncIterator[None]:
+        """Holds `slots` while the body runs: at once, after a wait in line (by `priority`, lower first), or
+        refused."""
         if slots > self.limit:
             raise InvalidArgumentError(
                 f"{slots} completions at once are above the coordinator's limit of {self.limit} concurrent "
@@ -47,23 +53,26 @@ class ConcurrencyLimit:
         if not self.line and self.running + slots <= self.limit:
             self.running += slots
         else:
-            await self.wait(slots, time_remaining)
+            await self.wait(slots, time_remaining, priority)
         try:
             yield
         finally:
             self.running -= slots
             self.hand_on()
 
-    async def wait(self, slots: int, time_remaining: Callable[[], float | None]) -> None:
-        """Waits in line until `slots` are granted (hand_on adds them to `running`)."""
+    async def wait(self, slots: int, time_remaining: Callable[[], float | None], priority: int = 0) -> None:
+        """Waits in line, behind every waiter of a lower or equal priority value, until `slots` are granted
+        (hand_on adds them to `running`)."""
         if len(self.line) >= self.max_waiting:
             waiting = f" and {len(self.line)} waiting" if self.max_waiting else ""
             raise ResourceExhaustedError(
                 f"the coordinator is serving {self.running} of its limit of {self.limit} concurrent requests "
                 f"(--max-concurrent-requests){waiting}, too many for {slots} more: retry later"
             )
-        waiter = Waiter(slots, asyncio.get_running_loop().create_future())
-        self.line.append(waiter)
+        waiter = Waiter(slots, asyncio.get_running_loop().create_future(), priority)
+        # Behind every waiter of a lower or equal value (the line is short: a scan is enough).
+        place = next((i for i, other in enumerate(self.line) if other.priority > priority), len(self.line))
+        self.line.insert(place, waiter)
         try:
             done, _ = await asyncio.wait({waiter.granted}, timeout=time_remaining())
         except asyncio.CancelledError:

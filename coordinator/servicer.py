@@ -90,8 +90,12 @@ class CoordinatorServicer(coordinator_pb2_grpc.CoordinatorServicer):
     ) -> AsyncIterator[GenerationChunk]:
         """Generate's work, behind the concurrency limit (unless the caller `admitted` it already), observed
         by the metrics; also what the HTTP API calls (coordinator/openai_api): one limit for both."""
-        slots = completion_slots(request)
-        async with contextlib.nullcontext() if admitted else self.admission(slots, time_remaining):
+        admission = (
+            contextlib.nullcontext()
+            if admitted
+            else self.admission(completion_slots(request), time_remaining, request.priority)
+        )
+        async with admission:
             with self.metrics.request() as observed:
                 generation = GenerationRequest.from_pb(request, self.limits)
                 if ephemeral:  # the HTTP API's: deleted after it (GenerationRequest.ephemeral)
@@ -101,13 +105,16 @@ class CoordinatorServicer(coordinator_pb2_grpc.CoordinatorServicer):
                     yield chunk
 
     @contextlib.asynccontextmanager
-    async def admission(self, slots: int, time_remaining: Callable[[], float | None]) -> AsyncIterator[None]:
-        """Holds `slots` of the concurrency limit (a request's completions), after a wait in line where one is
-        configured, or refuses them: more than the limit can ever hold is INVALID_ARGUMENT, more than it
-        holds now (and its line) RESOURCE_EXHAUSTED (coordinator/admission.py)."""
+    async def admission(
+        self, slots: int, time_remaining: Callable[[], float | None], priority: int = 0
+    ) -> AsyncIterator[None]:
+        """Holds `slots` of the concurrency limit (a request's completions), after a wait in line (by
+        `priority`) where one is configured, or refuses them: more than the limit can ever hold is
+        INVALID_ARGUMENT, more than it holds now (and its line) RESOURCE_EXHAUSTED
+        (coordinator/admission.py)."""
         entered = False
         try:
-            async with self.concurrency.hold(slots, time_remaining):
+            async with self.concurrency.hold(slots, time_remaining, priority):
                 entered = True
                 yield
         except (ResourceExhaustedError, DeadlineExceededError, asyncio.CancelledError) as exc:

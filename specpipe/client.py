@@ -50,6 +50,7 @@ def build_request(
     add_generation_prompt: bool | None = None,
     tools: Sequence[coordinator_pb2.ToolDefinition] = (),
     chat_template_kwargs: Mapping[str, object] | None = None,
+    priority: int = 0,
 ) -> coordinator_pb2.GenerateRequest:
     """A GenerateRequest; with `messages` ({"role": ..., "content": ...} each, or ChatMessages), pass "" as
     the prompt."""
@@ -78,6 +79,7 @@ def build_request(
         ],
         tools=tools,
         chat_template_kwargs_json=json.dumps(dict(chat_template_kwargs)) if chat_template_kwargs else "",
+        priority=priority,
         continue_final_message=continue_final_message,
         add_generation_prompt=add_generation_prompt,
     )

@@ -157,3 +157,36 @@ def test_only_requests_that_never_held_their_slots_count_as_refused() -> None:
         assert count(servicer, "RESOURCE_EXHAUSTED") == 1 and servicer.running == 0
 
     run(test)
+
+
+def test_a_lower_priority_value_waits_ahead() -> None:
+    """vLLM's request priority: lower values first, equal ones first come first served."""
+
+    async def test() -> None:
+        limit, release, log = ConcurrencyLimit(1, max_waiting=3), asyncio.Event(), list[str]()
+        tasks = [asyncio.create_task(hold_until(limit, 1, release, log, "running"))]
+        await asyncio.sleep(0)
+        for name, priority in (("a", 0), ("urgent", -1), ("b", 0)):
+
+            async def waiter(name: str = name, priority: int = priority) -> None:
+                async with limit.hold(1, no_deadline, priority):
+                    log.append(name)
+
+            tasks.append(asyncio.create_task(waiter()))
+            await asyncio.sleep(0)
+        release.set()
+        await asyncio.gather(*tasks)
+        assert log == ["running", "urgent", "a", "b"]
+
+    run(test)
+
+
+def test_the_http_api_passes_a_bodys_priority_on() -> None:
+    from coordinator.openai_api.requests import chat_call, completion_call
+
+    body = {"messages": [{"role": "user", "content": "hi"}], "priority": -5}
+    assert chat_call(body, 64).priority == -5
+    call = completion_call({"prompt": ["a", "b"], "priority": 3}, 64, str, lambda text: [1])
+    assert call.priority == 3 and {request.priority for request in call.requests} == {3}
+    with pytest.raises(InvalidArgumentError, match="priority"):
+        chat_call({**body, "priority": 2**40}, 64)

@@ -47,6 +47,11 @@ class ApiCall:
     tool_choice: ToolChoice = NO_TOOLS  # chat: how the output becomes tool calls
     reasoning_parser: str = ""  # chat: how thinking is split from the answer ("" = not)
 
+    @property
+    def priority(self) -> int:
+        """Where the body waits for the concurrency limit (vLLM's priority: lower first)."""
+        return self.requests[0].priority
+
     def choice_index(self, request: int, completion: int) -> int:
         return request * self.n + completion
 
@@ -390,6 +395,9 @@ def generate_request(
         if (fields.integer(name) or 0) < 0:
             raise InvalidArgumentError(f"{name} must be >= 0, got {fields.integer(name)}")
     seed = fields.integer("seed")
+    priority = fields.integer("priority", 0) or 0
+    if not -(2**31) <= priority < 2**31:
+        raise InvalidArgumentError(f"priority must be a 32-bit integer, got {priority}")
     constraint = structured_output(fields)
     if tool_schema is not None:  # tool_choice "required" or a named function: the output is the call
         if constraint:
@@ -429,6 +437,7 @@ def generate_request(
             add_generation_prompt=add_generation_prompt,
             tools=tools,
             chat_template_kwargs=chat_template_kwargs,
+            priority=priority,
             **constraint,
         )
     except ValueError as exc:  # a number beyond its protobuf field (a uint32 above 2^32...)

@@ -256,7 +256,7 @@ class OpenAIApi:
         builder = ResponseBuilder(call, self.check_model(call.model), self.speller().text_of)
         # All the prompts' completions are admitted at once, or none: a body that could never run whole is
         # refused before any of it starts.
-        async with self.servicer.admission(call.slots, no_deadline):
+        async with self.servicer.admission(call.slots, no_deadline, call.priority):
             # Closed on every way out, a disconnected client's cancellation included: that stops them.
             async with contextlib.aclosing(self.chunks(call)) as chunks:
                 return await self.respond(request, call, builder, chunks)

@@ -25,47 +25,47 @@ _sym_db = _symbol_database.Default()
 from specpipe.v1 import common_pb2 as specpipe_dot_v1_dot_common__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1dspecpipe/v1/coordinator.proto\x12\x0bspecpipe.v1\x1a\x18specpipe/v1/common.proto\"\xdc\x05\n\x0fGenerateRequest\x12\x0e\n\x06prompt\x18\x01 \x01(\t\x12\x18\n\x10prompt_token_ids\x18\x02 \x03(\x05\x12\x16\n\x0emax_new_tokens\x18\x03 \x01(\r\x12-\n\x08sampling\x18\x04 \x01(\x0b\x32\x1b.specpipe.v1.SamplingParams\x12\x0c\n\x04stop\x18\x05 \x03(\t\x12\x12\n\nsession_id\x18\x06 \x01(\t\x12#\n\x16num_speculative_tokens\x18\x07 \x01(\rH\x00\x88\x01\x01\x12\x12\n\nignore_eos\x18\x08 \x01(\x08\x12\x16\n\x0estop_token_ids\x18\t \x03(\x05\x12\x1c\n\x0fprompt_logprobs\x18\n \x01(\rH\x01\x88\x01\x01\x12\x11\n\tbad_words\x18\x0b \x03(\t\x12\"\n\x1ainclude_stop_str_in_output\x18\x0c \x01(\x08\x12 \n\x13skip_special_tokens\x18\r \x01(\x08H\x02\x88\x01\x01\x12\x0e\n\x01n\x18\x0e \x01(\rH\x03\x88\x01\x01\x12\x38\n\x11structured_output\x18\x0f \x01(\x0b\x32\x1d.specpipe.v1.StructuredOutput\x12*\n\x08messages\x18\x10 \x03(\x0b\x32\x18.specpipe.v1.ChatMessage\x12\x1e\n\x16\x63ontinue_final_message\x18\x11 \x01(\x08\x12\"\n\x15\x61\x64\x64_generation_prompt\x18\x12 \x01(\x08H\x04\x88\x01\x01\x12*\n\x05tools\x18\x13 \x03(\x0b\x32\x1b.specpipe.v1.ToolDefinition\x12!\n\x19\x63hat_template_kwargs_json\x18\x14 \x01(\tB\x19\n\x17_num_speculative_tokensB\x12\n\x10_prompt_logprobsB\x16\n\x14_skip_special_tokensB\x04\n\x02_nB\x18\n\x16_add_generation_prompt\"{\n\x0b\x43hatMessage\x12\x0c\n\x04role\x18\x01 \x01(\t\x12\x0f\n\x07\x63ontent\x18\x02 \x01(\t\x12)\n\ntool_calls\x18\x03 \x03(\x0b\x32\x15.specpipe.v1.ToolCall\x12\x14\n\x0ctool_call_id\x18\x04 \x01(\t\x12\x0c\n\x04name\x18\x05 \x01(\t\"L\n\x0eToolDefinition\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x13\n\x0b\x64\x65scription\x18\x02 \x01(\t\x12\x17\n\x0fparameters_json\x18\x03 \x01(\t\"7\n\x08ToolCall\x12\n\n\x02id\x18\x01 \x01(\t\x12\x0c\n\x04name\x18\x02 \x01(\t\x12\x11\n\targuments\x18\x03 \x01(\t\"\x87\x01\n\x10StructuredOutput\x12\x15\n\x0bjson_schema\x18\x01 \x01(\tH\x00\x12\x15\n\x0bjson_object\x18\x02 \x01(\x08H\x00\x12\x0f\n\x05regex\x18\x03 \x01(\tH\x00\x12&\n\x06\x63hoice\x18\x04 \x01(\x0b\x32\x14.specpipe.v1.ChoicesH\x00\x42\x0c\n\nconstraint\"\x1a\n\x07\x43hoices\x12\x0f\n\x07\x63hoices\x18\x01 \x03(\t\"\xb3\x01\n\x05Usage\x12\x15\n\rprompt_tokens\x18\x01 \x01(\r\x12\x18\n\x10generated_tokens\x18\x02 \x01(\r\x12\x14\n\x0c\x64raft_tokens\x18\x03 \x01(\r\x12\x17\n\x0f\x61\x63\x63\x65pted_tokens\x18\x04 \x01(\r\x12\x15\n\rtarget_passes\x18\x05 \x01(\r\x12\x19\n\x11target_forward_ns\x18\x06 \x01(\x04\x12\x18\n\x10\x64raft_forward_ns\x18\x07 \x01(\x04\"\xcb\x02\n\x10GenerateResponse\x12\x12\n\nsession_id\x18\x01 \x01(\t\x12\x11\n\ttoken_ids\x18\x02 \x03(\x05\x12\x0c\n\x04text\x18\x03 \x01(\t\x12\x30\n\rfinish_reason\x18\x04 \x01(\x0e\x32\x19.specpipe.v1.FinishReason\x12!\n\x05usage\x18\x05 \x01(\x0b\x32\x12.specpipe.v1.Usage\x12+\n\x08logprobs\x18\x06 \x03(\x0b\x32\x19.specpipe.v1.TokenLogprob\x12\x32\n\x0fprompt_logprobs\x18\x07 \x03(\x0b\x32\x19.specpipe.v1.TokenLogprob\x12\r\n\x05index\x18\x08 \x01(\r\x12\x15\n\x0bstop_string\x18\t \x01(\tH\x00\x12\x17\n\rstop_token_id\x18\n \x01(\x05H\x00\x42\r\n\x0bstop_reason\"\'\n\x11GetSessionRequest\x12\x12\n\nsession_id\x18\x01 \x01(\t\"\xca\x01\n\x0bSessionInfo\x12\x12\n\nsession_id\x18\x01 \x01(\t\x12\x11\n\ttoken_ids\x18\x02 \x03(\x05\x12\x15\n\rprompt_tokens\x18\x03 \x01(\r\x12\x0c\n\x04text\x18\x04 \x01(\t\x12!\n\x05usage\x18\x05 \x01(\x0b\x32\x12.specpipe.v1.Usage\x12\x0f\n\x07version\x18\x06 \x01(\x04\x12\x12\n\ncreated_at\x18\x07 \x01(\x01\x12\x12\n\nupdated_at\x18\x08 \x01(\x01\x12\x13\n\x0bttl_seconds\x18\t \x01(\x01\"*\n\x14\x44\x65leteSessionRequest\x12\x12\n\nsession_id\x18\x01 \x01(\t\"(\n\x15\x44\x65leteSessionResponse\x12\x0f\n\x07\x64\x65leted\x18\x01 \x01(\x08\"\x16\n\x14GetServerInfoRequest\"\xe3\x02\n\nServerInfo\x12\x0f\n\x07version\x18\x01 \x01(\t\x12\x14\n\x0ctarget_model\x18\x02 \x01(\t\x12\x13\n\x0b\x64raft_model\x18\x03 \x01(\t\x12\x13\n\x0bmax_context\x18\x04 \x01(\r\x12\x12\n\nvocab_size\x18\x05 \x01(\r\x12\x15\n\reos_token_ids\x18\x06 \x03(\x05\x12\x16\n\x0emax_new_tokens\x18\x07 \x01(\r\x12\x1e\n\x16max_speculative_tokens\x18\x08 \x01(\r\x12\x12\n\nadaptive_k\x18\t \x01(\x08\x12\"\n\x1a\x64\x65\x66\x61ult_speculative_tokens\x18\n \x01(\r\x12\x1f\n\x17max_concurrent_requests\x18\x0b \x01(\r\x12\x18\n\x10requests_running\x18\x0c \x01(\r\x12\x17\n\x0fmax_completions\x18\r \x01(\r\x12\x15\n\rchat_template\x18\x0e \x01(\x08\"W\n\x0fTokenizeRequest\x12\x0c\n\x04text\x18\x01 \x01(\t\x12\x1f\n\x12\x61\x64\x64_special_tokens\x18\x02 \x01(\x08H\x00\x88\x01\x01\x42\x15\n\x13_add_special_tokens\"5\n\x10TokenizeResponse\x12\x11\n\ttoken_ids\x18\x01 \x03(\x05\x12\x0e\n\x06tokens\x18\x02 \x03(\t*v\n\x0c\x46inishReason\x12\x1d\n\x19\x46INISH_REASON_UNSPECIFIED\x10\x00\x12\x18\n\x14\x46INISH_REASON_LENGTH\x10\x01\x12\x16\n\x12\x46INISH_REASON_STOP\x10\x02\x12\x15\n\x11\x46INISH_REASON_EOS\x10\x03\x32\x8e\x03\n\x0b\x43oordinator\x12I\n\x08Generate\x12\x1c.specpipe.v1.GenerateRequest\x1a\x1d.specpipe.v1.GenerateResponse0\x01\x12\x46\n\nGetSession\x12\x1e.specpipe.v1.GetSessionRequest\x1a\x18.specpipe.v1.SessionInfo\x12V\n\rDeleteSession\x12!.specpipe.v1.DeleteSessionRequest\x1a\".specpipe.v1.DeleteSessionResponse\x12K\n\rGetServerInfo\x12!.specpipe.v1.GetServerInfoRequest\x1a\x17.specpipe.v1.ServerInfo\x12G\n\x08Tokenize\x12\x1c.specpipe.v1.TokenizeRequest\x1a\x1d.specpipe.v1.TokenizeResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1dspecpipe/v1/coordinator.proto\x12\x0bspecpipe.v1\x1a\x18specpipe/v1/common.proto\"\xee\x05\n\x0fGenerateRequest\x12\x0e\n\x06prompt\x18\x01 \x01(\t\x12\x18\n\x10prompt_token_ids\x18\x02 \x03(\x05\x12\x16\n\x0emax_new_tokens\x18\x03 \x01(\r\x12-\n\x08sampling\x18\x04 \x01(\x0b\x32\x1b.specpipe.v1.SamplingParams\x12\x0c\n\x04stop\x18\x05 \x03(\t\x12\x12\n\nsession_id\x18\x06 \x01(\t\x12#\n\x16num_speculative_tokens\x18\x07 \x01(\rH\x00\x88\x01\x01\x12\x12\n\nignore_eos\x18\x08 \x01(\x08\x12\x16\n\x0estop_token_ids\x18\t \x03(\x05\x12\x1c\n\x0fprompt_logprobs\x18\n \x01(\rH\x01\x88\x01\x01\x12\x11\n\tbad_words\x18\x0b \x03(\t\x12\"\n\x1ainclude_stop_str_in_output\x18\x0c \x01(\x08\x12 \n\x13skip_special_tokens\x18\r \x01(\x08H\x02\x88\x01\x01\x12\x0e\n\x01n\x18\x0e \x01(\rH\x03\x88\x01\x01\x12\x38\n\x11structured_output\x18\x0f \x01(\x0b\x32\x1d.specpipe.v1.StructuredOutput\x12*\n\x08messages\x18\x10 \x03(\x0b\x32\x18.specpipe.v1.ChatMessage\x12\x1e\n\x16\x63ontinue_final_message\x18\x11 \x01(\x08\x12\"\n\x15\x61\x64\x64_generation_prompt\x18\x12 \x01(\x08H\x04\x88\x01\x01\x12*\n\x05tools\x18\x13 \x03(\x0b\x32\x1b.specpipe.v1.ToolDefinition\x12!\n\x19\x63hat_template_kwargs_json\x18\x14 \x01(\t\x12\x10\n\x08priority\x18\x15 \x01(\x05\x42\x19\n\x17_num_speculative_tokensB\x12\n\x10_prompt_logprobsB\x16\n\x14_skip_special_tokensB\x04\n\x02_nB\x18\n\x16_add_generation_prompt\"{\n\x0b\x43hatMessage\x12\x0c\n\x04role\x18\x01 \x01(\t\x12\x0f\n\x07\x63ontent\x18\x02 \x01(\t\x12)\n\ntool_calls\x18\x03 \x03(\x0b\x32\x15.specpipe.v1.ToolCall\x12\x14\n\x0ctool_call_id\x18\x04 \x01(\t\x12\x0c\n\x04name\x18\x05 \x01(\t\"L\n\x0eToolDefinition\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x13\n\x0b\x64\x65scription\x18\x02 \x01(\t\x12\x17\n\x0fparameters_json\x18\x03 \x01(\t\"7\n\x08ToolCall\x12\n\n\x02id\x18\x01 \x01(\t\x12\x0c\n\x04name\x18\x02 \x01(\t\x12\x11\n\targuments\x18\x03 \x01(\t\"\x87\x01\n\x10StructuredOutput\x12\x15\n\x0bjson_schema\x18\x01 \x01(\tH\x00\x12\x15\n\x0bjson_object\x18\x02 \x01(\x08H\x00\x12\x0f\n\x05regex\x18\x03 \x01(\tH\x00\x12&\n\x06\x63hoice\x18\x04 \x01(\x0b\x32\x14.specpipe.v1.ChoicesH\x00\x42\x0c\n\nconstraint\"\x1a\n\x07\x43hoices\x12\x0f\n\x07\x63hoices\x18\x01 \x03(\t\"\xb3\x01\n\x05Usage\x12\x15\n\rprompt_tokens\x18\x01 \x01(\r\x12\x18\n\x10generated_tokens\x18\x02 \x01(\r\x12\x14\n\x0c\x64raft_tokens\x18\x03 \x01(\r\x12\x17\n\x0f\x61\x63\x63\x65pted_tokens\x18\x04 \x01(\r\x12\x15\n\rtarget_passes\x18\x05 \x01(\r\x12\x19\n\x11target_forward_ns\x18\x06 \x01(\x04\x12\x18\n\x10\x64raft_forward_ns\x18\x07 \x01(\x04\"\xcb\x02\n\x10GenerateResponse\x12\x12\n\nsession_id\x18\x01 \x01(\t\x12\x11\n\ttoken_ids\x18\x02 \x03(\x05\x12\x0c\n\x04text\x18\x03 \x01(\t\x12\x30\n\rfinish_reason\x18\x04 \x01(\x0e\x32\x19.specpipe.v1.FinishReason\x12!\n\x05usage\x18\x05 \x01(\x0b\x32\x12.specpipe.v1.Usage\x12+\n\x08logprobs\x18\x06 \x03(\x0b\x32\x19.specpipe.v1.TokenLogprob\x12\x32\n\x0fprompt_logprobs\x18\x07 \x03(\x0b\x32\x19.specpipe.v1.TokenLogprob\x12\r\n\x05index\x18\x08 \x01(\r\x12\x15\n\x0bstop_string\x18\t \x01(\tH\x00\x12\x17\n\rstop_token_id\x18\n \x01(\x05H\x00\x42\r\n\x0bstop_reason\"\'\n\x11GetSessionRequest\x12\x12\n\nsession_id\x18\x01 \x01(\t\"\xca\x01\n\x0bSessionInfo\x12\x12\n\nsession_id\x18\x01 \x01(\t\x12\x11\n\ttoken_ids\x18\x02 \x03(\x05\x12\x15\n\rprompt_tokens\x18\x03 \x01(\r\x12\x0c\n\x04text\x18\x04 \x01(\t\x12!\n\x05usage\x18\x05 \x01(\x0b\x32\x12.specpipe.v1.Usage\x12\x0f\n\x07version\x18\x06 \x01(\x04\x12\x12\n\ncreated_at\x18\x07 \x01(\x01\x12\x12\n\nupdated_at\x18\x08 \x01(\x01\x12\x13\n\x0bttl_seconds\x18\t \x01(\x01\"*\n\x14\x44\x65leteSessionRequest\x12\x12\n\nsession_id\x18\x01 \x01(\t\"(\n\x15\x44\x65leteSessionResponse\x12\x0f\n\x07\x64\x65leted\x18\x01 \x01(\x08\"\x16\n\x14GetServerInfoRequest\"\xe3\x02\n\nServerInfo\x12\x0f\n\x07version\x18\x01 \x01(\t\x12\x14\n\x0ctarget_model\x18\x02 \x01(\t\x12\x13\n\x0b\x64raft_model\x18\x03 \x01(\t\x12\x13\n\x0bmax_context\x18\x04 \x01(\r\x12\x12\n\nvocab_size\x18\x05 \x01(\r\x12\x15\n\reos_token_ids\x18\x06 \x03(\x05\x12\x16\n\x0emax_new_tokens\x18\x07 \x01(\r\x12\x1e\n\x16max_speculative_tokens\x18\x08 \x01(\r\x12\x12\n\nadaptive_k\x18\t \x01(\x08\x12\"\n\x1a\x64\x65\x66\x61ult_speculative_tokens\x18\n \x01(\r\x12\x1f\n\x17max_concurrent_requests\x18\x0b \x01(\r\x12\x18\n\x10requests_running\x18\x0c \x01(\r\x12\x17\n\x0fmax_completions\x18\r \x01(\r\x12\x15\n\rchat_template\x18\x0e \x01(\x08\"W\n\x0fTokenizeRequest\x12\x0c\n\x04text\x18\x01 \x01(\t\x12\x1f\n\x12\x61\x64\x64_special_tokens\x18\x02 \x01(\x08H\x00\x88\x01\x01\x42\x15\n\x13_add_special_tokens\"5\n\x10TokenizeResponse\x12\x11\n\ttoken_ids\x18\x01 \x03(\x05\x12\x0e\n\x06tokens\x18\x02 \x03(\t*v\n\x0c\x46inishReason\x12\x1d\n\x19\x46INISH_REASON_UNSPECIFIED\x10\x00\x12\x18\n\x14\x46INISH_REASON_LENGTH\x10\x01\x12\x16\n\x12\x46INISH_REASON_STOP\x10\x02\x12\x15\n\x11\x46INISH_REASON_EOS\x10\x03\x32\x8e\x03\n\x0b\x43oordinator\x12I\n\x08Generate\x12\x1c.specpipe.v1.GenerateRequest\x1a\x1d.specpipe.v1.GenerateResponse0\x01\x12\x46\n\nGetSession\x12\x1e.specpipe.v1.GetSessionRequest\x1a\x18.specpipe.v1.SessionInfo\x12V\n\rDeleteSession\x12!.specpipe.v1.DeleteSessionRequest\x1a\".specpipe.v1.DeleteSessionResponse\x12K\n\rGetServerInfo\x12!.specpipe.v1.GetServerInfoRequest\x1a\x17.specpipe.v1.ServerInfo\x12G\n\x08Tokenize\x12\x1c.specpipe.v1.TokenizeRequest\x1a\x1d.specpipe.v1.TokenizeResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'specpipe.v1.coordinator_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_FINISHREASON']._serialized_start=2607
-  _globals['_FINISHREASON']._serialized_end=2725
+  _globals['_FINISHREASON']._serialized_start=2625
+  _globals['_FINISHREASON']._serialized_end=2743
   _globals['_GENERATEREQUEST']._serialized_start=73
-  _globals['_GENERATEREQUEST']._serialized_end=805
-  _globals['_CHATMESSAGE']._serialized_start=807
-  _globals['_CHATMESSAGE']._serialized_end=930
-  _globals['_TOOLDEFINITION']._serialized_start=932
-  _globals['_TOOLDEFINITION']._serialized_end=1008
-  _globals['_TOOLCALL']._serialized_start=1010
-  _globals['_TOOLCALL']._serialized_end=1065
-  _globals['_STRUCTUREDOUTPUT']._serialized_start=1068
-  _globals['_STRUCTUREDOUTPUT']._serialized_end=1203
-  _globals['_CHOICES']._serialized_start=1205
-  _globals['_CHOICES']._serialized_end=1231
-  _globals['_USAGE']._serialized_start=1234
-  _globals['_USAGE']._serialized_end=1413
-  _globals['_GENERATERESPONSE']._serialized_start=1416
-  _globals['_GENERATERESPONSE']._serialized_end=1747
-  _globals['_GETSESSIONREQUEST']._serialized_start=1749
-  _globals['_GETSESSIONREQUEST']._serialized_end=1788
-  _globals['_SESSIONINFO']._serialized_start=1791
-  _globals['_SESSIONINFO']._serialized_end=1993
-  _globals['_DELETESESSIONREQUEST']._serialized_start=1995
-  _globals['_DELETESESSIONREQUEST']._serialized_end=2037
-  _globals['_DELETESESSIONRESPONSE']._serialized_start=2039
-  _globals['_DELETESESSIONRESPONSE']._serialized_end=2079
-  _globals['_GETSERVERINFOREQUEST']._serialized_start=2081
-  _globals['_GETSERVERINFOREQUEST']._serialized_end=2103
-  _globals['_SERVERINFO']._serialized_start=2106
-  _globals['_SERVERINFO']._serialized_end=2461
-  _globals['_TOKENIZEREQUEST']._serialized_start=2463
-  _globals['_TOKENIZEREQUEST']._serialized_end=2550
-  _globals['_TOKENIZERESPONSE']._serialized_start=2552
-  _globals['_TOKENIZERESPONSE']._serialized_end=2605
-  _globals['_COORDINATOR']._serialized_start=2728
-  _globals['_COORDINATOR']._serialized_end=3126
+  _globals['_GENERATEREQUEST']._serialized_end=823
+  _globals['_CHATMESSAGE']._serialized_start=825
+  _globals['_CHATMESSAGE']._serialized_end=948
+  _globals['_TOOLDEFINITION']._serialized_start=950
+  _globals['_TOOLDEFINITION']._serialized_end=1026
+  _globals['_TOOLCALL']._serialized_start=1028
+  _globals['_TOOLCALL']._serialized_end=1083
+  _globals['_STRUCTUREDOUTPUT']._serialized_start=1086
+  _globals['_STRUCTUREDOUTPUT']._serialized_end=1221
+  _globals['_CHOICES']._serialized_start=1223
+  _globals['_CHOICES']._serialized_end=1249
+  _globals['_USAGE']._serialized_start=1252
+  _globals['_USAGE']._serialized_end=1431
+  _globals['_GENERATERESPONSE']._serialized_start=1434
+  _globals['_GENERATERESPONSE']._serialized_end=1765
+  _globals['_GETSESSIONREQUEST']._serialized_start=1767
+  _globals['_GETSESSIONREQUEST']._serialized_end=1806
+  _globals['_SESSIONINFO']._serialized_start=1809
+  _globals['_SESSIONINFO']._serialized_end=2011
+  _globals['_DELETESESSIONREQUEST']._serialized_start=2013
+  _globals['_DELETESESSIONREQUEST']._serialized_end=2055
+  _globals['_DELETESESSIONRESPONSE']._serialized_start=2057
+  _globals['_DELETESESSIONRESPONSE']._serialized_end=2097
+  _globals['_GETSERVERINFOREQUEST']._serialized_start=2099
+  _globals['_GETSERVERINFOREQUEST']._serialized_end=2121
+  _globals['_SERVERINFO']._serialized_start=2124
+  _globals['_SERVERINFO']._serialized_end=2479
+  _globals['_TOKENIZEREQUEST']._serialized_start=2481
+  _globals['_TOKENIZEREQUEST']._serialized_end=2568
+  _globals['_TOKENIZERESPONSE']._serialized_start=2570
+  _globals['_TOKENIZERESPONSE']._serialized_end=2623
+  _globals['_COORDINATOR']._serialized_start=2746
+  _globals['_COORDINATOR']._serialized_end=3144
 # @@protoc_insertion_point(module_scope)
