@@ -50,9 +50,6 @@ class ToolCall:
         json_object(pb.arguments or "{}", f"{what}.arguments")
         return cls(pb.id, pb.name, pb.arguments or "{}")
 
-    def to_pb(self) -> coordinator_pb2.ToolCall:
-        return coordinator_pb2.ToolCall(id=self.id, name=self.name, arguments=self.arguments)
-
     def for_template(self) -> dict[str, Any]:
         """As transformers' chat templates read a call: the arguments as an object (templates write them
         with `tojson`)."""
@@ -75,11 +72,6 @@ class ToolDefinition:
         if pb.parameters_json:
             json_object(pb.parameters_json, f"tools[{index}].parameters")
         return cls(pb.name, pb.description, pb.parameters_json)
-
-    def to_pb(self) -> coordinator_pb2.ToolDefinition:
-        return coordinator_pb2.ToolDefinition(
-            name=self.name, description=self.description, parameters_json=self.parameters
-        )
 
     def for_template(self) -> dict[str, Any]:
         """OpenAI's tool object, which transformers passes to the template as `tools`."""
@@ -174,6 +166,41 @@ def messages_from_pb(pbs: Sequence[coordinator_pb2.ChatMessage]) -> tuple[ChatMe
 
 
 @dataclass(frozen=True, slots=True)
+class Conversation:
+    """GenerateRequest.messages and what goes with them: all the chat template renders."""
+
+    messages: tuple[ChatMessage, ...]
+    continue_final_message: bool = False  # the last message is continued rather than a new turn opened
+    add_generation_prompt: bool = True  # the assistant's turn is opened after the messages
+    tools: tuple[ToolDefinition, ...] = ()  # functions the template describes to the model
+    template_kwargs: tuple[tuple[str, object], ...] = ()  # more variables for the template
+
+    @classmethod
+    def from_pb(cls, pb: coordinator_pb2.GenerateRequest) -> Conversation | None:
+        """The request's conversation, None where it has no messages (then the fields that only go with
+        messages are refused)."""
+        if pb.continue_final_message and not pb.messages:
+            raise InvalidArgumentError("continue_final_message needs messages")
+        if pb.tools and not pb.messages:
+            raise InvalidArgumentError("tools are for messages (the chat template describes them)")
+        if pb.chat_template_kwargs_json and not pb.messages:
+            raise InvalidArgumentError("chat_template_kwargs are for messages (the chat template reads them)")
+        add_generation_prompt = opens_generation_prompt(
+            pb.continue_final_message,
+            pb.add_generation_prompt if pb.HasField("add_generation_prompt") else None,
+        )
+        if not pb.messages:
+            return None
+        return cls(
+            messages_from_pb(pb.messages),
+            pb.continue_final_message,
+            add_generation_prompt,
+            tools_from_pb(pb.tools),
+            template_kwargs_from_pb(pb.chat_template_kwargs_json),
+        )
+
+
+@dataclass(frozen=True, slots=True)
 class ChatTemplate:
     """Renders conversations with `template`, or the tokenizer's own where it is empty."""
 
@@ -184,25 +211,19 @@ class ChatTemplate:
     def available(self) -> bool:
         return bool(self.template or self.tokenizer.chat_template)
 
-    def render(
-        self,
-        messages: Sequence[ChatMessage],
-        continue_final_message: bool,
-        max_context: int,
-        add_generation_prompt: bool = True,
-        tools: Sequence[ToolDefinition] = (),
-        template_kwargs: Sequence[tuple[str, object]] = (),
-    ) -> str:
+    def render(self, conversation: Conversation, max_context: int) -> str:
         if not self.available:
             raise FailedPreconditionError(
                 "the served model has no chat template: send a prompt instead of messages, or start the "
                 "coordinator with --chat-template"
             )
+        messages, tools = conversation.messages, conversation.tools
+        # The texts a template prints: the messages, the calls, the tools and any extra variables.
         check_length(
             "".join(
                 [m.role + m.content + "".join(c.arguments for c in m.tool_calls) for m in messages]
                 + [t.description + t.parameters for t in tools]
-                + [json.dumps(value) for _, value in template_kwargs]  # (a template may print them)
+                + [json.dumps(value) for _, value in conversation.template_kwargs]
             ),
             max_context,
             "messages",
@@ -213,9 +234,10 @@ class ChatTemplate:
                 tools=[tool.for_template() for tool in tools] or None,
                 chat_template=self.template or None,
                 tokenize=False,
-                add_generation_prompt=add_generation_prompt and not continue_final_message,
-                continue_final_message=continue_final_message,
-                **dict(template_kwargs),
+                add_generation_prompt=conversation.add_generation_prompt
+                and not conversation.continue_final_message,
+                continue_final_message=conversation.continue_final_message,
+                **dict(conversation.template_kwargs),
             )
         except (TemplateError, ValueError) as exc:  # the template's raise_exception ("roles must alternate")
             raise InvalidArgumentError(f"messages: the chat template refused them: {exc}") from exc
@@ -224,20 +246,10 @@ class ChatTemplate:
         assert isinstance(rendered, str)
         return rendered
 
-    def token_ids(
-        self,
-        messages: Sequence[ChatMessage],
-        continue_final_message: bool,
-        max_context: int,
-        add_generation_prompt: bool = True,
-        tools: Sequence[ToolDefinition] = (),
-        template_kwargs: Sequence[tuple[str, object]] = (),
-    ) -> list[int]:
+    def token_ids(self, conversation: Conversation, max_context: int) -> list[int]:
         """The rendered conversation's tokens, encoded without adding special tokens: the template wrote
         those it wants."""
-        text = self.render(
-            messages, continue_final_message, max_context, add_generation_prompt, tools, template_kwargs
-        )
+        text = self.render(conversation, max_context)
         ids = list(self.tokenizer(text, add_special_tokens=False)["input_ids"])
         if not ids:
             raise InvalidArgumentError("messages render to no tokens")

@@ -8,14 +8,7 @@ import secrets
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
-from coordinator.chat import (
-    ChatMessage,
-    ToolDefinition,
-    messages_from_pb,
-    opens_generation_prompt,
-    template_kwargs_from_pb,
-    tools_from_pb,
-)
+from coordinator.chat import Conversation
 from coordinator.structured_requests import output_regex
 from specpipe.errors import InvalidArgumentError
 from specpipe.sampling.logprobs import TokenLogprob
@@ -79,11 +72,7 @@ class GenerationRequest:
     skip_special_tokens: bool = True  # special tokens' text is left out of the text
     n: int = 1  # completions of the prompt, each a new session (coordinator/completions.py)
     # A conversation the chat template renders into the prompt (coordinator/chat.py), instead of one.
-    messages: tuple[ChatMessage, ...] = ()
-    continue_final_message: bool = False  # the last message is continued rather than a new turn opened
-    add_generation_prompt: bool = True  # the assistant's turn is opened after the messages
-    tools: tuple[ToolDefinition, ...] = ()  # functions the chat template describes to the model
-    template_kwargs: tuple[tuple[str, object], ...] = ()  # more variables for the chat template
+    conversation: Conversation | None = None
     # No next turn (the HTTP API's requests, whose clients cannot name a session): the session is deleted
     # and the workers' caches freed once the request ends. Not a wire field.
     ephemeral: bool = False
@@ -102,16 +91,7 @@ class GenerationRequest:
                 "messages start a new conversation: leave session_id empty (a session's next turn is a "
                 "prompt)"
             )
-        if pb.continue_final_message and not pb.messages:
-            raise InvalidArgumentError("continue_final_message needs messages")
-        if pb.tools and not pb.messages:
-            raise InvalidArgumentError("tools are for messages (the chat template describes them)")
-        if pb.chat_template_kwargs_json and not pb.messages:
-            raise InvalidArgumentError("chat_template_kwargs are for messages (the chat template reads them)")
-        add_generation_prompt = opens_generation_prompt(
-            pb.continue_final_message,
-            pb.add_generation_prompt if pb.HasField("add_generation_prompt") else None,
-        )
+        conversation = Conversation.from_pb(pb)
         if not 1 <= pb.max_new_tokens <= limits.max_new_tokens:
             raise InvalidArgumentError(
                 f"max_new_tokens must be in [1, {limits.max_new_tokens}], got {pb.max_new_tokens}"
@@ -168,11 +148,7 @@ class GenerationRequest:
             include_stop_str_in_output=pb.include_stop_str_in_output,
             skip_special_tokens=pb.skip_special_tokens if pb.HasField("skip_special_tokens") else True,
             n=n,
-            messages=messages_from_pb(pb.messages),
-            continue_final_message=pb.continue_final_message,
-            add_generation_prompt=add_generation_prompt,
-            tools=tools_from_pb(pb.tools),
-            template_kwargs=template_kwargs_from_pb(pb.chat_template_kwargs_json),
+            conversation=conversation,
         )
 
 

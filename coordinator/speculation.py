@@ -118,15 +118,8 @@ class SpeculativeGenerator:
             ids = list(request.prompt_token_ids)
             self.check_in_vocab(ids, "prompt_token_ids")
             return ids
-        if request.messages:
-            return self.chat.token_ids(
-                request.messages,
-                request.continue_final_message,
-                self.limits.target_context,
-                request.add_generation_prompt,
-                request.tools,
-                request.template_kwargs,
-            )
+        if request.conversation is not None:
+            return self.chat.token_ids(request.conversation, self.limits.target_context)
         if not request.prompt:
             return []  # a continued session without a new turn
         ids = self.encode_prompt(request.prompt)

@@ -15,7 +15,7 @@ import openai
 import pytest
 from transformers import AutoTokenizer
 
-from coordinator.chat import ChatTemplate, messages_from_pb, tools_from_pb
+from coordinator.chat import ChatTemplate, Conversation, messages_from_pb, tools_from_pb
 from coordinator.openai_api.requests import chat_call, chat_messages
 from coordinator.openai_api.tools import (
     ToolChoice,
@@ -311,13 +311,10 @@ def test_the_template_renders_tools_calls_and_tool_results(pipeline: Pipeline) -
         {"role": "tool", "tool_call_id": "call_1", "name": "get_weather", "content": "sunny"},
     ]
     template = ChatTemplate(tokenizer, CHAT_TEMPLATE.read_text())
-    text = template.render(
-        messages_from_pb(chat_messages(conversation)),
-        False,
-        4096,
-        True,
-        tools_from_pb(tool_definitions([WEATHER])),
+    rendered = Conversation(
+        messages_from_pb(chat_messages(conversation)), tools=tools_from_pb(tool_definitions([WEATHER]))
     )
+    text = template.render(rendered, 4096)
     assert text.startswith('<|tools|>[{"type": "function", "function": {"name": "get_weather"')
     assert (
         '<|assistant|><tool_call>{"name": "get_weather", "arguments": {"city": "Paris"}}</tool_call>\n'

@@ -23,7 +23,7 @@ from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from coordinator.api_key import REFUSAL, bearer_matches
-from coordinator.chat import messages_from_pb, opens_generation_prompt, template_kwargs_from_pb, tools_from_pb
+from coordinator.chat import Conversation
 from coordinator.completions import interleaved
 from coordinator.openai_api.requests import (
     ApiCall,
@@ -39,6 +39,7 @@ from coordinator.request import GenerationChunk
 from coordinator.servicer import CoordinatorServicer
 from coordinator.tokenization import Tokenized
 from specpipe import __version__
+from specpipe.client import build_request
 from specpipe.errors import InvalidArgumentError, NotFoundError, SpecpipeError
 from specpipe.rpc.interceptor import status_for
 from specpipe.sampling.token_bytes import TokenSpeller
@@ -195,13 +196,19 @@ class OpenAIApi:
         generator = self.servicer.generator
         context = generator.limits.target_context
         if fields.body.get("messages") is not None:
-            messages = messages_from_pb(chat_messages(fields.body["messages"]))
-            tools = tools_from_pb(tool_definitions(fields.body.get("tools")))
-            continue_final = fields.boolean("continue_final_message")
-            asked = fields.value("add_generation_prompt", (bool,), "true or false")
-            opened = opens_generation_prompt(continue_final, asked)
-            extra = template_kwargs_from_pb(json.dumps(template_kwargs(fields)))
-            ids = generator.chat.token_ids(messages, continue_final, context, opened, tools, extra)
+            # The conversation as Generate would take it: the same request, the same conversion.
+            pb = build_request(
+                "",
+                1,
+                messages=chat_messages(fields.body["messages"]),
+                tools=tool_definitions(fields.body.get("tools")),
+                chat_template_kwargs=template_kwargs(fields),
+                continue_final_message=fields.boolean("continue_final_message"),
+                add_generation_prompt=fields.value("add_generation_prompt", (bool,), "true or false"),
+            )
+            conversation = Conversation.from_pb(pb)
+            assert conversation is not None  # (it has messages)
+            ids = generator.chat.token_ids(conversation, context)
         else:
             prompt = fields.string("prompt")
             if prompt is None:
