@@ -223,7 +223,7 @@ def chat_call(
         counts_prompt=(True,),
         tool_choice=choice,
         # A constrained output is the constrained value, not thinking and an answer.
-        reasoning_parser="" if tool_schema or structured_output(fields) else reasoning_parser,
+        reasoning_parser="" if request.HasField("structured_output") else reasoning_parser,
     )
 
 
