@@ -52,10 +52,9 @@ class IncrementalDetokenizer:
         self._read_offset = 0
         self._text = ""  # sent to the caller
         self._pending = ""  # released by the decoder but held back: it may start a stop string
-        self._stopped = False
         self._finished = False
         self._stop_token_index: int | None = None
-        self._stop_string: str | None = None
+        self._stop_string: str | None = None  # the stop string found: stopped once it is set
         # A stop string completed by fewer pushed tokens than this is text like any other (min_tokens: vLLM
         # does not check stop strings before the output holds that many tokens).
         self._stops_from_token = stops_from_token
@@ -65,7 +64,7 @@ class IncrementalDetokenizer:
     @property
     def stopped(self) -> bool:
         """True once a stop string has appeared; the text sent ends right before it (or with it)."""
-        return self._stopped
+        return self._stop_string is not None
 
     @property
     def stop_token_index(self) -> int | None:
@@ -86,7 +85,7 @@ class IncrementalDetokenizer:
         """Adds generated ids; returns the text delta that is now safe to send (maybe "")."""
         if self._finished:
             raise RuntimeError("push() after finish()")
-        if self._stopped or len(token_ids) == 0:
+        if self.stopped or len(token_ids) == 0:
             return ""
         read_before = self._read_offset
         self._ids.extend(int(t) for t in token_ids)
@@ -95,7 +94,7 @@ class IncrementalDetokenizer:
 
     def finish(self) -> str:
         """Ends the stream: returns the held-back text, including an incomplete trailing character."""
-        if self._finished or self._stopped:
+        if self._finished or self.stopped:
             self._finished = True
             return ""
         read_before = self._read_offset
@@ -141,7 +140,6 @@ class IncrementalDetokenizer:
             out = self._pending[: start + len(stop) if self._include_stop else start]
             self._text += out
             self._pending = ""
-            self._stopped = True
             self._stop_token_index = tokens
             self._stop_string = stop
             return out
