@@ -95,8 +95,8 @@ class ConcurrencyLimit:
         self.hand_on()
 
     def hand_on(self) -> None:
-        """Grants the longest-waiting requests their slots while they fit (first come, first served: one
-        that does not fit yet keeps those behind it waiting)."""
+        """Grants the head of the line its slots while they fit (by priority, then first come first served:
+        one that does not fit yet keeps those behind it waiting)."""
         while self.line and self.running + self.line[0].slots <= self.limit:
             waiter = self.line.popleft()
             self.running += waiter.slots

@@ -38,7 +38,8 @@ class CoordinatorConfig:
     # Generate calls served at once; one more gets RESOURCE_EXHAUSTED at once rather than queueing behind
     # them (as TGI's --max-concurrent-requests): clients retry, or a load balancer moves them elsewhere.
     max_concurrent_requests: int = 256
-    # Requests that may wait for a slot once the limit is full (first come, first served; 0: refused at once).
+    # Requests that may wait for a slot once the limit is full (by priority, then first come first served;
+    # 0: refused at once).
     max_waiting_requests: int = 0
     # Upper bound on one worker RPC; the client's own deadline is applied when shorter.
     worker_timeout_s: float = 30.0

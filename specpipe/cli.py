@@ -209,9 +209,9 @@ def add_serve_parser(subparsers: argparse._SubParsersAction) -> None:
     )  # fmt: skip
     serve.add_argument(
         "--max-waiting-requests", type=int, default=0,
-        help="all/coordinator: requests that may wait, first come first served, for a slot once "
-        "--max-concurrent-requests are running (each until its deadline); more are refused (default: 0, "
-        "refused at once)",
+        help="all/coordinator: requests that may wait for a slot once --max-concurrent-requests are running "
+        "(by their priority, lower first, then first come first served; each until its deadline); more are "
+        "refused (default: 0, refused at once)",
     )  # fmt: skip
     serve.add_argument("--worker-timeout", type=float, default=30.0, help="seconds per worker RPC")
     serve.add_argument(
